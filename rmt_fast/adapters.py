@@ -1,0 +1,121 @@
+"""The only place that knows model families: which layout a model uses and how to run it on one segment."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# model_type -> family facts. Every family here routes attention through transformers' AttentionInterface,
+# which is how the RMT mask reaches the model's own layers. position_offset: first position id the model uses.
+DECODER_FAMILIES = {
+    "gpt2": {}, "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "opt": {}, "gpt_neox": {}, "phi3": {},
+}
+ENCODER_FAMILIES = {
+    "bert": {}, "distilbert": {}, "electra": {},
+    "roberta": {"position_offset": "pad+1"}, "xlm-roberta": {"position_offset": "pad+1"},
+}
+SUPPORTED = {"decoder": sorted(DECODER_FAMILIES), "encoder": sorted(ENCODER_FAMILIES)}
+
+
+@dataclass
+class Adapter:
+    """How to drive one backbone: mode, head kind, usable positions and the per-segment call."""
+
+    model: torch.nn.Module
+    mode: str  # "decoder" | "encoder"
+    head: str  # "lm" | "classifier" | "none"
+    max_positions: int
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def run_segment(self, inputs_embeds: torch.Tensor, output_hidden_states: bool = False, **kwargs):
+        """Run the backbone on one segment; returns (last_hidden [B, N, d], model output)."""
+        if self.head == "classifier":
+            out = self.model(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **kwargs)
+            return out.hidden_states[-1], out
+        base = self.model.base_model if self.head == "lm" else self.model
+        out = base(inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+        return out.last_hidden_state, out
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden)
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss HF's ...ForSequenceClassification heads compute (problem_type rules)."""
+        cfg = self.model.config
+        problem = cfg.problem_type
+        if problem is None:
+            if cfg.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            if cfg.num_labels == 1:
+                return F.mse_loss(logits.squeeze().float(), labels.squeeze().float())
+            return F.mse_loss(logits.float(), labels.float())
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, cfg.num_labels).float(), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+def _max_positions(model, mode: str, model_type: str) -> int:
+    cfg = model.config
+    n = None
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        n = getattr(cfg, name, None)
+        if n:
+            break
+    if not n:
+        raise ValueError(f"cannot tell how many positions {type(model).__name__} embeds (no max_position_embeddings)")
+    fam = ENCODER_FAMILIES.get(model_type, {}) if mode == "encoder" else DECODER_FAMILIES.get(model_type, {})
+    if fam.get("position_offset") == "pad+1":
+        n -= (cfg.pad_token_id or 0) + 1
+    return int(n)
+
+
+def detect_mode(model) -> str:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "decoder"
+    mt = getattr(model.config, "model_type", None)
+    if mt in DECODER_FAMILIES:
+        return "decoder"
+    if mt in ENCODER_FAMILIES:
+        return "encoder"
+    raise ValueError(f"model: cannot detect encoder or decoder for {name} (model_type={mt!r}); supported families: "
+                     f"decoders {SUPPORTED['decoder']}, encoders {SUPPORTED['encoder']}")
+
+
+def make_adapter(model, mode: str = "auto") -> Adapter:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if mode not in ("auto", "decoder", "encoder"):
+        raise ValueError(f"mode must be 'auto', 'decoder' or 'encoder', got {mode!r}")
+    if mode == "auto":
+        mode = detect_mode(model)
+    mt = getattr(model.config, "model_type", None)
+    families = DECODER_FAMILIES if mode == "decoder" else ENCODER_FAMILIES
+    if mt not in families:
+        raise ValueError(f"model: {type(model).__name__} (model_type={mt!r}) is not a supported {mode}; "
+                         f"supported: {SUPPORTED[mode]}")
+    name = type(model).__name__
+    if mode == "decoder":
+        head = "lm" if model.get_output_embeddings() is not None and model.base_model is not model else "none"
+    elif name.endswith("ForSequenceClassification"):
+        head = "classifier"
+    elif model.base_model is model:
+        head = "none"
+    else:
+        raise ValueError(f"model: encoder head {name} is not supported; use the bare encoder "
+                         f"(e.g. BertModel) or a ...ForSequenceClassification model")
+    return Adapter(model=model, mode=mode, head=head, max_positions=_max_positions(model, mode, mt))

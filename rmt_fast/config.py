@@ -1,0 +1,96 @@
+"""RMTConfig: every knob of a recurrent memory model, validated once and saved with the model."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from .ops import BACKENDS
+
+MODES = ("decoder", "encoder")
+ALIGNMENTS = ("left", "right")
+
+
+@dataclass
+class RMTConfig:
+    """Configuration of a :class:`~rmt_fast.RecurrentMemoryModel`.
+
+    Attributes:
+        mode: "decoder" (causal LM layout ``[mem | tokens | mem]``) or "encoder" (``[CLS] mem [SEP] tokens [SEP]``).
+        num_mem_tokens: memory slots ``m`` (>= 0).
+        segment_size: tokens per segment, memory and special tokens excluded (> 0).
+        bptt_depth: None for full BPTT; k >= 0: gradients cross at most k memory handoffs.
+        checkpoint_segments: recompute each segment in backward (flat peak memory, identical gradients).
+        memory_bidirectional: the NeurIPS-2022 mask (memory blocks attend bidirectionally).
+        segment_alignment: "left" (last segment short) or "right" (first segment short).
+        backend: "auto" | "reference" | "triton" | "cuda" for memory attention and the handoff.
+        keep_logits: return full logits (decoders: ``[B, T, V]``); False keeps memory flat in the length.
+        cls_token_id, sep_token_id, pad_token_id: special tokens (encoders need CLS and SEP).
+        max_positions: positions the backbone can embed in one segment.
+        cuda_graphs: capture the segment step in CUDA graphs (inference on CUDA; falls back to eager).
+    """
+
+    mode: str
+    num_mem_tokens: int
+    segment_size: int
+    max_positions: int
+    bptt_depth: int | None = None
+    checkpoint_segments: bool = False
+    memory_bidirectional: bool = False
+    segment_alignment: str = "left"
+    backend: str = "auto"
+    keep_logits: bool = True
+    cuda_graphs: bool = False
+    cls_token_id: int | None = None
+    sep_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def slots_per_segment(self) -> int:
+        """Positions a segment uses besides its tokens (memory slots and special tokens)."""
+        if self.mode == "decoder":
+            return 2 * self.num_mem_tokens
+        return self.num_mem_tokens + 3
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if isinstance(self.num_mem_tokens, bool) or not isinstance(self.num_mem_tokens, int):
+            raise TypeError(f"num_mem_tokens must be an int, got {type(self.num_mem_tokens).__name__}")
+        if self.num_mem_tokens < 0:
+            raise ValueError(f"num_mem_tokens must be >= 0, got {self.num_mem_tokens}")
+        if isinstance(self.segment_size, bool) or not isinstance(self.segment_size, int):
+            raise TypeError(f"segment_size must be an int, got {type(self.segment_size).__name__}")
+        if self.segment_size <= 0:
+            raise ValueError(f"segment_size must be > 0, got {self.segment_size}")
+        need = self.segment_size + self.slots_per_segment
+        if need > self.max_positions:
+            raise ValueError(
+                f"segment_size={self.segment_size} with num_mem_tokens={self.num_mem_tokens} needs {need} positions "
+                f"per segment but the model has {self.max_positions}; use segment_size <= "
+                f"{self.max_positions - self.slots_per_segment}")
+        if self.bptt_depth is not None and (not isinstance(self.bptt_depth, int) or self.bptt_depth < 0):
+            raise ValueError(f"bptt_depth must be None or an int >= 0, got {self.bptt_depth!r}")
+        if self.segment_alignment not in ALIGNMENTS:
+            raise ValueError(f"segment_alignment must be one of {ALIGNMENTS}, got {self.segment_alignment!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.mode == "encoder" and (self.cls_token_id is None or self.sep_token_id is None):
+            raise ValueError("encoder mode needs cls_token_id and sep_token_id: pass tokenizer= or cls_token_id=/sep_token_id=")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RMTConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown RMTConfig fields: {sorted(unknown)}")
+        return cls(**d)

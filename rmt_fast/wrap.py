@@ -1,0 +1,62 @@
+"""wrap(): inspect a HuggingFace model, pick its adapter, and return a RecurrentMemoryModel."""
+from __future__ import annotations
+
+from .adapters import make_adapter
+from .config import RMTConfig
+from .integrations import hf
+from .model import RecurrentMemoryModel
+
+
+def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, tokenizer=None, mode: str = "auto",
+         bptt_depth: int | None = None, checkpoint_segments: bool = False, memory_bidirectional: bool = False,
+         segment_alignment: str | None = None, backend: str = "auto", keep_logits: bool = True,
+         cuda_graphs: bool = False, cls_token_id: int | None = None, sep_token_id: int | None = None,
+         pad_token_id: int | None = None) -> RecurrentMemoryModel:
+    """Turn a HuggingFace encoder or decoder into a Recurrent Memory Transformer.
+
+    Args:
+        model: a transformers PreTrainedModel. Decoders: GPT-2, Llama, Mistral, Qwen2/3, OPT, GPT-NeoX, Phi-3
+            (``...ForCausalLM`` or the bare model). Encoders: BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA (bare or
+            ``...ForSequenceClassification``).
+        num_mem_tokens: memory slots m (>= 0).
+        segment_size: tokens per segment, memory and special tokens excluded; default: the largest that fits the
+            model's positions (encoders: positions - m - 3, e.g. 499 for 512 and m=10; decoders: positions - 2m).
+        tokenizer: supplies cls/sep/pad ids (or pass them explicitly).
+        mode: "auto" | "decoder" | "encoder".
+        bptt_depth: None = full BPTT; k: gradients cross at most k memory handoffs.
+        checkpoint_segments: recompute each segment in backward; same gradients, flat peak memory.
+        memory_bidirectional: the NeurIPS-2022 mask (memory blocks bidirectional).
+        segment_alignment: "left" (decoder default) or "right" (encoder default).
+        backend: "auto" | "reference" | "triton" | "cuda"; changes speed only.
+        keep_logits: return full decoder logits; False keeps memory flat in the number of segments.
+        cuda_graphs: capture the segment step in CUDA graphs (inference on CUDA).
+    """
+    adapter = make_adapter(model, mode)
+    if tokenizer is not None:
+        cls_token_id = tokenizer.cls_token_id if cls_token_id is None else cls_token_id
+        sep_token_id = tokenizer.sep_token_id if sep_token_id is None else sep_token_id
+        pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+    mc = model.config
+    cls_token_id = getattr(mc, "cls_token_id", None) if cls_token_id is None else cls_token_id
+    sep_token_id = getattr(mc, "sep_token_id", None) if sep_token_id is None else sep_token_id
+    pad_token_id = getattr(mc, "pad_token_id", None) if pad_token_id is None else pad_token_id
+    if isinstance(num_mem_tokens, bool) or not isinstance(num_mem_tokens, int):
+        raise TypeError(f"num_mem_tokens must be an int, got {type(num_mem_tokens).__name__}")
+    if num_mem_tokens < 0:
+        raise ValueError(f"num_mem_tokens must be >= 0, got {num_mem_tokens}")
+    slots = 2 * num_mem_tokens if adapter.mode == "decoder" else num_mem_tokens + 3
+    if segment_size is None:
+        segment_size = adapter.max_positions - slots
+        if segment_size <= 0:
+            raise ValueError(f"num_mem_tokens={num_mem_tokens} leaves no room for tokens in "
+                             f"{adapter.max_positions} positions")
+    config = RMTConfig(
+        mode=adapter.mode, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
+        max_positions=adapter.max_positions, bptt_depth=bptt_depth, checkpoint_segments=checkpoint_segments,
+        memory_bidirectional=memory_bidirectional,
+        segment_alignment=segment_alignment or ("left" if adapter.mode == "decoder" else "right"),
+        backend=backend, keep_logits=keep_logits, cuda_graphs=cuda_graphs, cls_token_id=cls_token_id,
+        sep_token_id=sep_token_id, pad_token_id=pad_token_id,
+    )
+    hf.register()
+    return RecurrentMemoryModel(model, config, adapter)
