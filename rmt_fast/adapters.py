@@ -31,6 +31,14 @@ class Adapter:
     def hidden_size(self) -> int:
         return self.model.get_input_embeddings().weight.shape[1]
 
+    @property
+    def cache_kwarg(self) -> str:
+        """Name of the KV-cache argument (transformers renamed ``past_key_values`` to ``cache``)."""
+        import inspect
+
+        base = self.model.base_model if self.head == "lm" else self.model
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 

@@ -46,7 +46,7 @@ class _SegmentDecoder:
         with rmt_attention(a.model, self.cfg.backend), segment_layout(layout):
             if self.cache is None:
                 self.cache = DynamicCache(config=a.model.config)
-            h, _ = a.run_segment(inputs_embeds, past_key_values=self.cache, use_cache=True)
+            h, _ = a.run_segment(inputs_embeds, use_cache=True, **{a.cache_kwarg: self.cache})
         return a.lm_logits(h[:, -1])
 
     def start(self, tokens: torch.Tensor) -> torch.Tensor:

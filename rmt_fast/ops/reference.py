@@ -95,7 +95,8 @@ def memory_attention_ref(
     b, hq, n, d = q.shape
     groups = hq // k.shape[1]
     scale = d ** -0.5 if scale is None else scale
-    qf, kf, vf = q.float(), k.float(), v.float()
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp32 math (fp64 kept for gradcheck)
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     if groups > 1:
         kf = kf.repeat_interleave(groups, dim=1)
         vf = vf.repeat_interleave(groups, dim=1)
