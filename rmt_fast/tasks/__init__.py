@@ -1,0 +1,23 @@
+"""Synthetic long-context memory tasks of the RMT paper (arXiv 2304.11062): Memorize, Detect & Memorize
+and Reasoning, with exact token budgets, deterministic samples and pluggable noise.
+
+Quick start::
+
+    from rmt_fast.tasks import make_task, collate, CharTokenizer
+    ds = make_task("detect_memorize", CharTokenizer(), num_segments=4, segment_size=128)
+    batch = collate([ds[0], ds[1]])      # input_ids [2, 512], labels [2] (index into ds.answers)
+"""
+from .dataset import SPLITS, TASKS, MemoryTaskDataset, collate, default_noise, make_task
+from .facts import (ANSWERS, DIRECTIONS, NAMES, OPPOSITE, PLACES, VERBS, Example, answer_qa4,
+                    read_babi)
+from .noise import (HFDatasetNoise, NoiseSource, PydocNoise, SentencesNoise, TaskFileNotFoundError,
+                    TextFilesNoise, TokenPool, clean_text, split_sentences)
+from .tokenization import CharTokenizer, encode_batch, piece_prefix
+
+__all__ = [
+    "TASKS", "SPLITS", "ANSWERS", "NAMES", "VERBS", "PLACES", "DIRECTIONS", "OPPOSITE",
+    "make_task", "collate", "MemoryTaskDataset", "default_noise", "Example", "read_babi", "answer_qa4",
+    "NoiseSource", "PydocNoise", "TextFilesNoise", "HFDatasetNoise", "SentencesNoise", "TokenPool",
+    "TaskFileNotFoundError", "clean_text", "split_sentences",
+    "CharTokenizer", "encode_batch", "piece_prefix",
+]
