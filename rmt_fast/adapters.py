@@ -48,6 +48,8 @@ class Adapter:
             out = self.model(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **kwargs)
             return out.hidden_states[-1], out
         base = self.model.base_model if self.head == "lm" else self.model
+        if self.mode == "decoder":
+            kwargs.setdefault("use_cache", False)
         out = base(inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
         return out.last_hidden_state, out
 

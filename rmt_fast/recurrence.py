@@ -83,60 +83,87 @@ def gather_span(src: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, wid
 
 
 class SegmentRunner:
-    """Runs the recurrence of one forward pass. Stateless between calls; built per model."""
+    """Runs the recurrence of one forward pass (eagerly, or through :mod:`rmt_fast.graphs` on CUDA)."""
 
     def __init__(self, adapter: Adapter, config: RMTConfig):
         self.adapter = adapter
         self.config = config
+        self.graphs = None  # a rmt_fast.graphs.GraphedSegments, built on first CUDA use with cuda_graphs=True
 
     # ---- per-segment inputs -------------------------------------------------------------------------
-    def segment_ids(self, plan: SegmentPlan, g: int) -> tuple[torch.Tensor, SegmentLayout, torch.Tensor | None]:
-        """Token ids of global segment g ``[B, N]`` (memory slots hold a placeholder), its layout, write offsets."""
+    def segment_params(self, plan: SegmentPlan) -> torch.Tensor:
+        """``[G, 5, B]`` per segment: token start, token count, write offset, gather offset (-1: row idle),
+        and 1 where the segment is the row's last. Built once per forward, read by every step."""
+        m = self.config.num_mem_tokens
+        active = plan.lens > 0
+        if self.config.mode == "decoder":
+            write_off, gather_off = plan.lens + m, torch.where(active, plan.lens + m, -1)
+        else:
+            write_off, gather_off = torch.zeros_like(plan.lens), torch.where(active, 1, -1)
+        g = torch.arange(plan.num_segments, device=plan.lens.device).view(-1, 1)
+        is_last = (plan.last.view(1, -1) == g).long()
+        return torch.stack([plan.starts, plan.lens, write_off, gather_off, is_last], 1)
+
+    def segment_inputs(self, content: torch.Tensor, params: torch.Tensor, width: int):
+        """Token ids ``[B, N]`` of one segment (memory slots hold a placeholder) and its layout.
+
+        params: one ``[5, B]`` slice of :meth:`segment_params`; width: token columns (>= the longest row).
+        No host synchronisation, so it can run inside a CUDA graph.
+        """
         cfg, m = self.config, self.config.num_mem_tokens
-        starts, lens = plan.starts[g], plan.lens[g]
-        width = int(lens.max())
+        starts, lens = params[0], params[1]
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-        toks = gather_span(plan.content, starts, lens, width, pad)
+        toks = gather_span(content, starts, lens, width, pad)
         b = toks.shape[0]
         if cfg.mode == "decoder":
             slots = torch.full((b, m), pad, dtype=toks.dtype, device=toks.device)
             ids = torch.cat([slots, toks, slots], 1)
-            layout = SegmentLayout(m, m, lens, causal=True, memory_bidirectional=cfg.memory_bidirectional)
-            return ids, layout, lens + m
+            return ids, SegmentLayout(m, m, lens, causal=True, memory_bidirectional=cfg.memory_bidirectional)
         head = torch.full((b, m + 2), pad, dtype=toks.dtype, device=toks.device)
         head[:, 0] = cfg.cls_token_id
         head[:, m + 1] = cfg.sep_token_id
         tail = torch.full((b, 1), pad, dtype=toks.dtype, device=toks.device)
         ids = torch.cat([head, toks, tail], 1)
         ids.scatter_(1, (lens + m + 2).view(-1, 1), cfg.sep_token_id)  # [SEP] right after each row's tokens
-        layout = SegmentLayout(m + 2, 0, lens + 1, causal=False)
-        return ids, layout, None
+        return ids, SegmentLayout(m + 2, 0, lens + 1, causal=False)
+
+    def shifted_labels(self, plan: SegmentPlan, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Decoder targets in content coordinates: ``[B, Tc]``, target of token c is token c+1 (-100 at ends)."""
+        if labels is None or self.config.mode != "decoder":
+            return None
+        lab = labels.gather(1, plan.orig_pos)
+        c = torch.arange(lab.shape[1], device=lab.device).view(1, -1)
+        lab = torch.where(c < plan.lengths.view(-1, 1), lab, torch.full_like(lab, IGNORE_INDEX))
+        return torch.cat([lab[:, 1:], torch.full_like(lab[:, :1], IGNORE_INDEX)], 1)
 
     # ---- one segment ----------------------------------------------------------------------------------
-    def step(self, memory, ids, layout, write_offsets, gather_offsets, targets, want_logits, want_hidden):
-        """memory [B, m, d] -> (new memory, loss_sum, n_targets, logits, hidden states)."""
+    def step(self, memory, content, shifted, params, width, want_logits, want_hidden):
+        """memory ``[B, m, d]`` -> (new memory, loss_sum, n_targets, logits, last hidden, hidden states)."""
         a, cfg = self.adapter, self.config
         m = cfg.num_mem_tokens
         read_offset = 0 if cfg.mode == "decoder" else 1
+        ids, layout = self.segment_inputs(content, params, width)
+        write_offsets = params[2] if cfg.mode == "decoder" else None
         with rmt_attention(a.model, cfg.backend), segment_layout(layout):
             emb = a.embed(ids)
             _, x = segment_handoff(None, memory, None, emb, read_offset, write_offsets, backend=cfg.backend)
             h, out = a.run_segment(x, output_hidden_states=want_hidden)
-        new_memory, _ = segment_handoff(h, memory, gather_offsets, None, read_offset, None, backend=cfg.backend)
+        new_memory, _ = segment_handoff(h, memory, params[3], None, read_offset, None, backend=cfg.backend)
         loss_sum = h.new_zeros((), dtype=torch.float32)
         count = torch.zeros((), dtype=torch.long, device=h.device)
         logits = None
         hidden = out.hidden_states if want_hidden else None
         if a.head == "lm":
-            tok_h = h[:, m:m + ids.shape[1] - 2 * m]
-            if targets is not None or want_logits:
+            tok_h = h[:, m:m + width]
+            if shifted is not None or want_logits:
                 logits = a.lm_logits(tok_h)
-            if targets is not None:
+            if shifted is not None:
+                targets = gather_span(shifted, params[0], params[1], width, IGNORE_INDEX)
                 loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                            ignore_index=IGNORE_INDEX, reduction="sum")
                 count = (targets != IGNORE_INDEX).sum()
             if hidden is not None:
-                hidden = tuple(s[:, m:m + tok_h.shape[1]] for s in hidden)
+                hidden = tuple(s[:, m:m + width] for s in hidden)
             if not want_logits:
                 logits = None
         elif a.head == "classifier":
@@ -145,16 +172,24 @@ class SegmentRunner:
 
     # ---- the whole sequence ---------------------------------------------------------------------------
     def run(self, memory, plan: SegmentPlan, labels, keep_logits: bool, output_hidden_states: bool, progress=None):
-        cfg, a = self.config, self.adapter
-        b, tc = plan.content.shape
+        cfg = self.config
+        shifted = self.shifted_labels(plan, labels)
+        params = self.segment_params(plan)
+        if (cfg.cuda_graphs and memory.is_cuda and not torch.is_grad_enabled() and not output_hidden_states):
+            from .graphs import GraphedSegments
+
+            if self.graphs is None:
+                self.graphs = GraphedSegments(self)
+            res = self.graphs.run(memory, plan, shifted, params, keep_logits, progress)
+            if res is not None:
+                return res
+        return self.run_eager(memory, plan, shifted, params, keep_logits, output_hidden_states, progress)
+
+    def run_eager(self, memory, plan, shifted, params, keep_logits, output_hidden_states, progress=None):
+        cfg = self.config
         g_total = plan.num_segments
         depth = cfg.bptt_depth
-        shifted = None
-        if labels is not None and cfg.mode == "decoder":
-            lab = labels.gather(1, plan.orig_pos)
-            c = torch.arange(tc, device=lab.device).view(1, -1)
-            lab = torch.where(c < plan.lengths.view(-1, 1), lab, torch.full_like(lab, IGNORE_INDEX))
-            shifted = torch.cat([lab[:, 1:], torch.full_like(lab[:, :1], IGNORE_INDEX)], 1)
+        widths = plan.lens.max(1).values.tolist()  # one host sync for all segments
         loss_sum = torch.zeros((), dtype=torch.float32, device=memory.device)
         count = torch.zeros((), dtype=torch.long, device=memory.device)
         dec_logits, dec_hidden = [], []
@@ -163,17 +198,7 @@ class SegmentRunner:
         for g in rng:
             if depth is not None and g > 0 and g < g_total - depth:
                 memory = memory.detach()
-            ids, layout, write_off = self.segment_ids(plan, g)
-            active = plan.lens[g] > 0
-            if cfg.mode == "decoder":
-                gather_off = torch.where(active, plan.lens[g] + cfg.num_mem_tokens, -1)
-            else:
-                gather_off = torch.where(active, 1, -1)
-            targets = None
-            if shifted is not None:
-                targets = gather_span(shifted, plan.starts[g], plan.lens[g], ids.shape[1] - 2 * cfg.num_mem_tokens,
-                                      IGNORE_INDEX)
-            args = (memory, ids, layout, write_off, gather_off, targets, keep_logits, output_hidden_states)
+            args = (memory, plan.content, shifted, params[g], widths[g], keep_logits, output_hidden_states)
             if cfg.checkpoint_segments and torch.is_grad_enabled():
                 outs = checkpoint(self.step, *args, use_reentrant=False)
             else:
@@ -187,7 +212,7 @@ class SegmentRunner:
                 if hidden is not None:
                     dec_hidden.append((g, hidden))
             else:
-                ends = (plan.last == g)
+                ends = params[g, 4].bool()
                 final_logits = _record(final_logits, logits, ends)
                 final_h = _record(final_h, h, ends)
                 if hidden is not None:

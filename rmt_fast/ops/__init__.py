@@ -6,6 +6,7 @@ sm_80+ GPU when triton imports, else the CUDA extension, else the reference with
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -25,6 +26,7 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
         from .triton import attention  # noqa: F401
@@ -60,7 +62,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     # auto
     if device.type != "cuda":
         return "reference"
-    major, _ = torch.cuda.get_device_capability(device)
+    return _auto_cuda_backend(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_cuda_backend(index: int) -> str:
+    major, _ = torch.cuda.get_device_capability(index)
     if major >= 8 and triton_available():
         return "triton"
     if cuda_ext_available():
