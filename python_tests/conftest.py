@@ -1,12 +1,14 @@
-"""Test-wide settings: Triton kernels run in the interpreter on CPU; nothing downloads from a hub."""
+"""Test-wide settings: without a GPU, Triton kernels run in the interpreter; nothing downloads from a hub."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton, so the interpreter can still be chosen here
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device call: build the extension, run the test suite on the GPU, then the chosen benchmarks.
+# usage: scripts/gpu_session.sh "<stages>"   stages: build tests attention handoff e2e[:parts]
+# Results go to $OUT (CSV, PNG, logs) and benchmarks/RESULTS.md sections to $OUT/RESULTS_part.md.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+stages=${1:-"build tests attention handoff"}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} HF_HUB_OFFLINE=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+for st in $stages; do
+  t0=$(date +%s)
+  case $st in
+    build)
+      # build in place so PYTHONPATH=$PWD picks up rmt_fast/_C*.so
+      python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$? ($(( $(date +%s) - t0 )) s)"
+      tail -3 "$OUT/build.log"
+      python3 -c "import rmt_fast.ops.cuda as c; print('cuda ext available:', c.available())" ;;
+    tests)
+      python3 -m pytest python_tests -q -x -p no:cacheprovider --timeout=400 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
+    attention)
+      python3 benchmarks/attention.py --out "$OUT" --append-results "$OUT/RESULTS_part.md" 2>&1 | tail -40 ;;
+    handoff)
+      python3 benchmarks/handoff.py --out "$OUT" --append-results "$OUT/RESULTS_part.md" 2>&1 | tail -20 ;;
+    e2e*)
+      parts=${st#e2e}; parts=${parts#:}
+      python3 benchmarks/e2e.py ${parts:+--parts $parts} --out "$OUT" --append-results "$OUT/RESULTS_part.md" 2>&1 | tail -40 ;;
+  esac
+  echo "== stage $st took $(( $(date +%s) - t0 )) s"
+done
