@@ -52,8 +52,8 @@ def extension_modules():
     wanted = os.environ.get("TORCH_CUDA_ARCH_LIST", ";".join(DEFAULT_ARCHS)).replace(" ", ";").split(";")
     wanted = [a.replace("+PTX", "") for a in wanted if a]
     can = _nvcc_archs(nvcc)
-    archs = [a for a in wanted if a in can]
-    dropped = [a for a in wanted if a not in can]
+    archs = [a for a in wanted if a.rstrip("af") in can]  # "9.0a" needs an nvcc that targets 9.0
+    dropped = [a for a in wanted if a.rstrip("af") not in can]
     if dropped:
         _say(f"{nvcc} cannot target {', '.join(dropped)}; building for {', '.join(archs) or 'nothing'}")
     if not archs:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import rmt_fast
+import rmt_fast.ops.cuda
 from models import CLS, PAD, SEP, bert_cls, gpt2, llama, tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -19,9 +19,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def _gather_memory_kernel(hidden_ptr, memory_ptr, offsets_ptr, out_ptr, m, d,
                           s_hb, s_hn, s_mb, s_mn, s_ob, s_on,
                           BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
-    i = tl.program_id(1)
-    off = tl.load(offsets_ptr + b)
+    b = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1).to(tl.int64)
+    off = tl.load(offsets_ptr + b).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     for d0 in range(0, d, BLOCK_D):
         c = d0 + cols
@@ -37,15 +37,12 @@ def _gather_memory_kernel(hidden_ptr, memory_ptr, offsets_ptr, out_ptr, m, d,
 def _place_memory_kernel(tok_ptr, mem_ptr, write_ptr, out_ptr, n, m, d, read_offset,
                          s_tb, s_tn, s_mb, s_mn, s_ob, s_on,
                          HAS_WRITE: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
-    j = tl.program_id(1)
-    slot = -1
-    if (j >= read_offset) & (j < read_offset + m):
-        slot = j - read_offset
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    slot = tl.where((j >= read_offset) & (j < read_offset + m), j - read_offset, -1).to(tl.int64)
     if HAS_WRITE:
-        w = tl.load(write_ptr + b)
-        if (j >= w) & (j < w + m):
-            slot = j - w
+        w = tl.load(write_ptr + b).to(tl.int64)
+        slot = tl.where((j >= w) & (j < w + m), j - w, slot).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     for d0 in range(0, d, BLOCK_D):
         c = d0 + cols
