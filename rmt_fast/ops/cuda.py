@@ -143,10 +143,10 @@ def segment_handoff_cuda(
     hidden: torch.Tensor | None,
     memory: torch.Tensor,
     gather_offsets: torch.Tensor | None,
-    token_embeds: torch.Tensor,
+    token_embeds: torch.Tensor | None,
     read_offset: int,
     write_offsets: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`rmt_fast.ops.reference.segment_handoff_ref` on the CUDA extension, in one fused kernel each way.
 
     Same shapes and semantics; float32 / float16 / bfloat16, any mix. No device-side checks (no syncs): a
@@ -154,6 +154,10 @@ def segment_handoff_cuda(
     Where a read and a write block overlap, the read slot's value is written.
     """
     _require("segment_handoff")
+    if token_embeds is None:  # the read half alone (last segment) is one gather: no kernel of its own
+        from .reference import segment_handoff_ref
+
+        return segment_handoff_ref(hidden, memory, gather_offsets, None, read_offset, None)
     if memory.dim() != 3 or token_embeds.dim() != 3:
         raise ValueError(f"memory must be [B, m, d] and token_embeds [B, N, d], got {tuple(memory.shape)} "
                          f"and {tuple(token_embeds.shape)}")
