@@ -104,11 +104,11 @@ class SegmentRunner:
         is_last = (plan.last.view(1, -1) == g).long()
         return torch.stack([plan.starts, plan.lens, write_off, gather_off, is_last], 1)
 
-    def segment_inputs(self, content: torch.Tensor, params: torch.Tensor, width: int):
+    def segment_inputs(self, content: torch.Tensor, params: torch.Tensor, width: int, dense: bool = False):
         """Token ids ``[B, N]`` of one segment (memory slots hold a placeholder) and its layout.
 
-        params: one ``[5, B]`` slice of :meth:`segment_params`; width: token columns (>= the longest row).
-        No host synchronisation, so it can run inside a CUDA graph.
+        params: one ``[5, B]`` slice of :meth:`segment_params`; width: token columns (>= the longest row);
+        dense: every row has exactly ``width`` tokens. No host synchronisation (it can run in a CUDA graph).
         """
         cfg, m = self.config, self.config.num_mem_tokens
         starts, lens = params[0], params[1]
@@ -118,14 +118,15 @@ class SegmentRunner:
         if cfg.mode == "decoder":
             slots = torch.full((b, m), pad, dtype=toks.dtype, device=toks.device)
             ids = torch.cat([slots, toks, slots], 1)
-            return ids, SegmentLayout(m, m, lens, causal=True, memory_bidirectional=cfg.memory_bidirectional)
+            return ids, SegmentLayout(m, m, lens, causal=True, memory_bidirectional=cfg.memory_bidirectional,
+                                      dense=dense)
         head = torch.full((b, m + 2), pad, dtype=toks.dtype, device=toks.device)
         head[:, 0] = cfg.cls_token_id
         head[:, m + 1] = cfg.sep_token_id
         tail = torch.full((b, 1), pad, dtype=toks.dtype, device=toks.device)
         ids = torch.cat([head, toks, tail], 1)
         ids.scatter_(1, (lens + m + 2).view(-1, 1), cfg.sep_token_id)  # [SEP] right after each row's tokens
-        return ids, SegmentLayout(m + 2, 0, lens + 1, causal=False)
+        return ids, SegmentLayout(m + 2, 0, lens + 1, causal=False, dense=dense)
 
     def shifted_labels(self, plan: SegmentPlan, labels: torch.Tensor | None) -> torch.Tensor | None:
         """Decoder targets in content coordinates: ``[B, Tc]``, target of token c is token c+1 (-100 at ends)."""
@@ -137,12 +138,12 @@ class SegmentRunner:
         return torch.cat([lab[:, 1:], torch.full_like(lab[:, :1], IGNORE_INDEX)], 1)
 
     # ---- one segment ----------------------------------------------------------------------------------
-    def step(self, memory, content, shifted, params, width, want_logits, want_hidden):
+    def step(self, memory, content, shifted, params, width, want_logits, want_hidden, dense=False):
         """memory ``[B, m, d]`` -> (new memory, loss_sum, n_targets, logits, last hidden, hidden states)."""
         a, cfg = self.adapter, self.config
         m = cfg.num_mem_tokens
         read_offset = 0 if cfg.mode == "decoder" else 1
-        ids, layout = self.segment_inputs(content, params, width)
+        ids, layout = self.segment_inputs(content, params, width, dense)
         write_offsets = params[2] if cfg.mode == "decoder" else None
         with rmt_attention(a.model, cfg.backend), segment_layout(layout):
             emb = a.embed(ids)
@@ -189,7 +190,9 @@ class SegmentRunner:
         cfg = self.config
         g_total = plan.num_segments
         depth = cfg.bptt_depth
-        widths = plan.lens.max(1).values.tolist()  # one host sync for all segments
+        lens_host = plan.lens.tolist()  # one host sync for all segments
+        widths = [max(row) for row in lens_host]
+        dense = [min(row) == w for row, w in zip(lens_host, widths)]
         loss_sum = torch.zeros((), dtype=torch.float32, device=memory.device)
         count = torch.zeros((), dtype=torch.long, device=memory.device)
         dec_logits, dec_hidden = [], []
@@ -198,7 +201,7 @@ class SegmentRunner:
         for g in rng:
             if depth is not None and g > 0 and g < g_total - depth:
                 memory = memory.detach()
-            args = (memory, plan.content, shifted, params[g], widths[g], keep_logits, output_hidden_states)
+            args = (memory, plan.content, shifted, params[g], widths[g], keep_logits, output_hidden_states, dense[g])
             if cfg.checkpoint_segments and torch.is_grad_enabled():
                 outs = checkpoint(self.step, *args, use_reentrant=False)
             else:

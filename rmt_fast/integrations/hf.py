@@ -35,7 +35,11 @@ def rmt_attention_forward(module, query, key, value, attention_mask, dropout: fl
         warnings.warn("rmt_fast: attention-probability dropout is not applied by memory_attention "
                       "(hidden-state dropout still is)", RuntimeWarning, stacklevel=2)
     if layout is not None and query.shape[2] == key.shape[2]:
-        out = memory_attention(query, key, value, layout, scale=scaling, backend=backend)
+        if backend == "auto" and _is_plain(layout):
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=layout.causal, scale=scaling,
+                                                 enable_gqa=query.shape[1] != key.shape[1])
+        else:
+            out = memory_attention(query, key, value, layout, scale=scaling, backend=backend)
     elif query.shape[2] == 1:
         # one decoding step against a KV cache: the new token sees every cached position
         groups = query.shape[1] // key.shape[1]
@@ -46,6 +50,19 @@ def rmt_attention_forward(module, query, key, value, attention_mask, dropout: fl
     else:
         raise RuntimeError("rmt_fast attention was called outside an RMT segment (no layout is active)")
     return out.transpose(1, 2).contiguous(), None
+
+
+def _is_plain(layout: SegmentLayout) -> bool:
+    """True when, inside the recurrence, the layout's mask is plain causal or plain full attention.
+
+    Decoders put each row's write slots right after its last token and the padding after them, so valid
+    queries never reach padding under a causal mask, and nothing reads the padding's outputs: with
+    ``memory_bidirectional=False`` the mask is exactly ``is_causal``. Encoders are plain when no row is
+    padded. Then SDPA's fused (flash) kernels give the same results with fewer launches.
+    """
+    if layout.causal:
+        return not layout.memory_bidirectional
+    return layout.dense
 
 
 def register() -> None:

@@ -27,6 +27,7 @@ class SegmentLayout:
         seq_lens: int tensor ``[B]``, tokens per row (between the read and the write slots), >= 0.
         causal: decoder (True) or encoder (False) attention.
         memory_bidirectional: the NeurIPS-2022 mask variant (only meaningful with ``causal=True``).
+        dense: a promise that every row fills all N positions (no padding); lets callers pick dense kernels.
     """
 
     num_read: int
@@ -34,6 +35,7 @@ class SegmentLayout:
     seq_lens: torch.Tensor
     causal: bool
     memory_bidirectional: bool = False
+    dense: bool = False
 
     def __post_init__(self):
         if not isinstance(self.num_read, int) or self.num_read < 0:
