@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import SegmentLayout
+from .reference import SegmentLayout, check_attention_inputs
 
 try:
     from rmt_fast import _C  # type: ignore[attr-defined]
@@ -58,19 +58,8 @@ class _MemoryAttention(torch.autograd.Function):
 
 
 def _check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout) -> None:
-    """reference.check_attention_inputs without its ``valid_lens.max() <= N`` check, which would sync the
-    device (the kernels clamp each row's valid length to N instead)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    b, hq, n, d = q.shape
-    if k.shape[0] != b or k.shape[2] != n or k.shape[3] != d:
-        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in B, N or D")
-    if k.shape[1] == 0 or hq % k.shape[1] != 0:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({k.shape[1]})")
-    if layout.seq_lens.shape[0] != b:
-        raise ValueError(f"layout.seq_lens has {layout.seq_lens.shape[0]} rows, q has batch {b}")
+    check_attention_inputs(q, k, v, layout, check_lengths=False)
+    d = q.shape[-1]
     if not 1 <= d <= 128:
         raise ValueError(f"the CUDA kernels take head dims 1..128, got {d}")
     if not (q.dtype == k.dtype == v.dtype):

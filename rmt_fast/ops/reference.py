@@ -69,7 +69,10 @@ class SegmentLayout:
         return ok & rule
 
 
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout) -> None:
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout,
+                           check_lengths: bool = True) -> None:
+    """Shape checks shared by every backend. ``check_lengths`` also checks ``valid_lens <= N``, which reads the
+    lengths back (a device sync); the fused kernels skip it and clamp each row's valid length to N instead."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape:
@@ -77,12 +80,12 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     b, hq, n, d = q.shape
     if k.shape[0] != b or k.shape[2] != n or k.shape[3] != d:
         raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in B, N or D")
-    if hq % k.shape[1] != 0:
+    if k.shape[1] == 0 or hq % k.shape[1] != 0:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({k.shape[1]})")
     if layout.seq_lens.shape[0] != b:
         raise ValueError(f"layout.seq_lens has {layout.seq_lens.shape[0]} rows, q has batch {b}")
-    if layout.seq_lens.is_cuda and torch.cuda.is_current_stream_capturing():
-        return  # reading lengths back would synchronise; capture runs on buffers checked by the caller
+    if not check_lengths or (layout.seq_lens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
     if int(layout.valid_lens.max()) > n:
         raise ValueError(f"layout needs {int(layout.valid_lens.max())} positions, q has only {n}")
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import SegmentLayout
+from ..reference import SegmentLayout, check_attention_inputs
 
 __all__ = ["memory_attention_triton"]
 
@@ -474,21 +474,12 @@ def memory_attention_triton(
 
     No host synchronisation (CUDA-graph friendly): ``valid[b]`` is not checked against N but clamped to it.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_attention_inputs(q, k, v, layout, check_lengths=False)
     b, h, n, d = q.shape
-    if k.shape[0] != b or k.shape[2] != n or k.shape[3] != d:
-        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in B, N or D")
-    if h % k.shape[1] != 0:
-        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({k.shape[1]})")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q.dtype must be float16, bfloat16 or float32, got {q.dtype}")
     if d > _MAX_HEAD_DIM:
         raise ValueError(f"head dim must be <= {_MAX_HEAD_DIM} for the triton backend, got {d}")
-    if layout.seq_lens.shape[0] != b:
-        raise ValueError(f"layout.seq_lens has {layout.seq_lens.shape[0]} rows, q has batch {b}")
     scale = d ** -0.5 if scale is None else float(scale)
     seq_lens = layout.seq_lens
     if seq_lens.device != q.device or seq_lens.dtype not in (torch.int32, torch.int64):
