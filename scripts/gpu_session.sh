@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # One device call: build the extension, run the test suite on the GPU, then the chosen benchmarks.
-# usage: scripts/gpu_session.sh "<stages>"   stages: build tests attention handoff e2e[:parts]
+# usage: scripts/gpu_session.sh "<stages>"   stages: build|pipinstall tests attention handoff e2e[:parts]
 # Results go to $OUT (CSV, PNG, logs) and benchmarks/RESULTS.md sections to $OUT/RESULTS_part.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 stages=${1:-"build tests attention handoff"}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 HF_HUB_OFFLINE=1
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+case " $stages " in
+  *" pipinstall "*) ;;  # use the installed package
+  *) export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} ;;  # use the in-place build
+esac
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 for st in $stages; do
@@ -18,6 +21,10 @@ for st in $stages; do
       python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$? ($(( $(date +%s) - t0 )) s)"
       tail -3 "$OUT/build.log"
       python3 -c "import rmt_fast.ops.cuda as c; print('cuda ext available:', c.available())" ;;
+    pipinstall)
+      # the documented install: builds rmt_fast._C into site-packages
+      pip install --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1; echo "pip install rc=$? ($(( $(date +%s) - t0 )) s)"
+      (cd /tmp && python3 -c "import rmt_fast, rmt_fast.ops.cuda as c; print('installed', rmt_fast.__file__, 'cuda ext available:', c.available())") ;;
     tests)
       python3 -m pytest ${TESTS:-python_tests} -q -p no:cacheprovider --timeout=300 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
     attention)
