@@ -26,7 +26,7 @@ for st in $stages; do
       pip install --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1; echo "pip install rc=$? ($(( $(date +%s) - t0 )) s)"
       (cd /tmp && python3 -c "import rmt_fast, rmt_fast.ops.cuda as c; print('installed', rmt_fast.__file__, 'cuda ext available:', c.available())") ;;
     tests)
-      python3 -m pytest ${TESTS:-python_tests} -q -p no:cacheprovider --timeout=300 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
+      python3 -P -m pytest ${TESTS:-python_tests} -q -p no:cacheprovider --timeout=300 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
     attention)
       python3 benchmarks/attention.py --out "$OUT" --append-results "$OUT/RESULTS_part.md" 2>&1 | tail -40 ;;
     handoff)
