@@ -284,8 +284,8 @@ def main(argv=None):
         sync()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    write_csv(os.path.join(args.out, "e2e.csv"), rows)
+        os.makedirs(args.out, exist_ok=True)
+        write_csv(os.path.join(args.out, "e2e.csv"), rows)  # after every part: a cut-off run keeps its figures
     plot(rows, os.path.join(args.out, "e2e.png"))
     cols = ["part", "mode", "path", "segments", "tokens", "seconds", "tok_per_s", "vs_reference", "vs_bound",
             "vs_rmt", "peak_gib", "peak_vs_1seg", "throughput_vs_reference"]
