@@ -23,7 +23,7 @@ for st in $stages; do
       python3 -c "import rmt_fast.ops.cuda as c; print('cuda ext available:', c.available())" ;;
     pipinstall)
       # the documented install: builds rmt_fast._C into site-packages
-      pip install --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1; echo "pip install rc=$? ($(( $(date +%s) - t0 )) s)"
+      python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1; echo "pip install rc=$? ($(( $(date +%s) - t0 )) s)"
       (cd /tmp && python3 -c "import rmt_fast, rmt_fast.ops.cuda as c; print('installed', rmt_fast.__file__, 'cuda ext available:', c.available())") ;;
     tests)
       python3 -P -m pytest ${TESTS:-python_tests} -q -p no:cacheprovider --timeout=300 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
