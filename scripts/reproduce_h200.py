@@ -1,0 +1,190 @@
+"""Reproduce the RMT paper's memory-task experiments (arXiv 2304.11062, Fig. 1 and Fig. 5) on one H200.
+
+Per task (memorize, detect_memorize, reasoning): MiniLM-L6 (pretrained, 6-way classifier head), m=10 memory
+tokens, 499-token segments; curriculum 1 -> 2 -> ... -> 5 segments (a stage ends at the validation threshold or
+its step limit or its share of --train-time seconds); then accuracy at 1, 2, 4, ..., 4096
+segments (4096 x 499 = 2,043,904 tokens) on --eval-samples test samples per length (default 64: one batch of
+64; the paper does not say how many it used), and every curriculum stage at 1..--heatmap-max segments for the
+train x eval heatmap (Fig. 5). Budget per task: ~5 min training + ~1-2 min evaluation, under 10 minutes.
+
+Deviations from the paper, for the 10-minute budget: MiniLM-L6 instead of bert-base-cased, lr 1e-4 instead of
+1e-5, a few hundred steps per stage instead of 3000 (memorize/detect) or 20000 (reasoning), 5 stages.
+
+Writes OUT/<task>/ (checkpoints, results.json, results.csv, accuracy.png, heatmap.png) and OUT/results.json,
+OUT/results.csv, OUT/accuracy.png (all tasks, as Fig. 1); the summary table is printed last.
+
+    python scripts/reproduce_h200.py --out runs/h200                 # all three tasks
+    python scripts/reproduce_h200.py --out runs/h200 --tasks memorize
+    python scripts/reproduce_h200.py --out /tmp/x --dry-run          # tiny CPU configuration of the same code
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TASK_LR = {"memorize": 1e-4, "detect_memorize": 1e-4, "reasoning": 1e-4}
+PAPER = {  # Fig. 1, accuracy (%) at 16 / 64 / 256 / 1024 / 4096 segments
+    "memorize": {16: 100.0, 64: 98.2, 256: 95.2, 1024: 92.7, 4096: 90.6},
+    "detect_memorize": {16: 99.9, 64: 99.7, 256: 98.5, 1024: 97.1, 4096: 96.1},
+    "reasoning": {16: 93.2, 64: 89.3, 256: 87.6, 1024: 83.5, 4096: 81.9},
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tasks", default="memorize,detect_memorize,reasoning", help="comma-separated (%(default)s)")
+    p.add_argument("--max-segments", type=int, default=5, help="last curriculum stage (%(default)s)")
+    p.add_argument("--train-time", type=float, default=300.0,
+                   help="training time per task in seconds, split evenly over the stages (%(default)s)")
+    p.add_argument("--max-steps-per-stage", type=int, default=400, help="(%(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch (%(default)s)")
+    p.add_argument("--lr", type=float, default=None, help="peak lr (default: per task, 1e-4)")
+    p.add_argument("--threshold", type=float, default=0.98, help="validation accuracy ending a stage (%(default)s)")
+    p.add_argument("--mix-prob", type=float, default=0.5, help="batches of random length 1..n (%(default)s)")
+    p.add_argument("--lengths", default="1-4096", help="evaluation lengths in segments (%(default)s)")
+    p.add_argument("--eval-samples", type=int, default=64, help="test samples per length (%(default)s)")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="(%(default)s)")
+    p.add_argument("--heatmap-max", type=int, default=64, help="stage heatmap up to this many segments (%(default)s)")
+    p.add_argument("--heatmap-samples", type=int, default=32, help="(%(default)s)")
+    p.add_argument("--cuda-graphs", action="store_true", help="evaluate with CUDA-graph replay of the segment step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="resume each task's training from OUT/<task>")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny CPU configuration (tiny-bert, 16-token segments, a few steps, lengths 1-4): checks the "
+                   "pipeline, not the result")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p.parse_args(argv)
+
+
+def task_config(a, task: str):
+    from rmt_fast.train import TrainConfig
+
+    if a.dry_run:
+        from rmt_fast.backbones import _minilm_available
+
+        seg = 32 if _minilm_available() else 128  # the reasoning facts + question fit in one segment
+        return TrainConfig(task=task, backbone="tiny-bert", num_mem_tokens=2, segment_size=seg, hidden_size=32, max_segments=2,
+                           max_steps_per_stage=3, eval_every=3, eval_samples=8, eval_batch_size=8, batch_size=4,
+                           lr=1e-3, warmup_steps=1, threshold=1.01, device="cpu", seed=a.seed,
+                           out_dir=os.path.join(a.out, task), resume=a.resume, progress=a.progress)
+    from rmt_fast.train import build_schedule
+
+    stages = build_schedule(1, a.max_segments)
+    return TrainConfig(task=task, backbone="minilm", num_mem_tokens=10, segment_size=499, max_segments=a.max_segments,
+                       max_steps_per_stage=a.max_steps_per_stage, eval_every=50, eval_samples=128,
+                       eval_batch_size=128, batch_size=a.batch_size, lr=a.lr or TASK_LR[task],
+                       warmup_steps=min(50, a.max_steps_per_stage // 10 or 1), threshold=a.threshold,
+                       mix_prob=a.mix_prob, max_stage_time_s=a.train_time / len(stages),
+                       max_time_s=1.2 * a.train_time, seed=a.seed, out_dir=os.path.join(a.out, task),
+                       resume=a.resume, progress=a.progress)
+
+
+def run_task(a, task: str) -> dict:
+    from rmt_fast.evaluate import evaluate_run, parse_lengths
+    from rmt_fast.train import train
+
+    t0 = time.time()
+    cfg = task_config(a, task)
+    print(f"=== {task}: {cfg.backbone}, m={cfg.num_mem_tokens}, {cfg.segment_size}-token segments, curriculum "
+          f"{cfg.stages()}, lr {cfg.lr}, batch {cfg.batch_size}, training capped at {cfg.max_time_s} s", flush=True)
+    res = train(cfg)
+    t_train = time.time() - t0
+    lengths = parse_lengths("1-4" if a.dry_run else a.lengths)
+    heat_lengths = [n for n in lengths if n <= (2 if a.dry_run else a.heatmap_max)]
+    samples = 8 if a.dry_run else a.eval_samples
+    batch = 8 if a.dry_run else a.eval_batch_size
+    if a.cuda_graphs:
+        res.model.rmt_config.cuda_graphs = True
+    train_info = {"stages": res.stages, "seconds": res.seconds, "trained_segments": res.trained_segments}
+    doc = evaluate_run(cfg.out_dir, lengths=lengths, num_samples=samples, batch_size=batch, stages=True,
+                       stage_lengths=heat_lengths, stage_samples=8 if a.dry_run else a.heatmap_samples,
+                       model=res.model, tokenizer=res.tokenizer, kind=res.kind, train_info=train_info,
+                       out_dir=cfg.out_dir, progress=a.progress)
+    doc["wall_seconds"] = {"train": round(t_train, 1), "total": round(time.time() - t0, 1)}
+    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+        json.dump(doc, f, indent=2, default=str)
+    print(f"=== {task}: train {t_train:.0f}s, total {time.time() - t0:.0f}s", flush=True)
+    return doc
+
+
+def summary(out: str, docs: dict) -> str:
+    from rmt_fast.evaluate import plot_accuracy
+
+    lengths = sorted({int(k) for d in docs.values() for k in d["accuracy"]})
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"tasks": docs, "paper_fig1": PAPER}, f, indent=2, default=str)
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "segments", "tokens", "accuracy", "samples", "peak_memory_gb", "seconds", "paper_accuracy"])
+        for task, d in docs.items():
+            for k in sorted(d["accuracy"], key=int):
+                w.writerow([task, k, d["tokens"][k], d["accuracy"][k], d["samples"][k], d["peak_memory_gb"][k],
+                            d["seconds"][k], PAPER.get(task, {}).get(int(k), "")])
+    first = next(iter(docs.values()))
+    mem = {k: max(d["peak_memory_gb"].get(k, 0) for d in docs.values()) for k in first["peak_memory_gb"]}
+    plot_accuracy(os.path.join(out, "accuracy.png"), {t: d["accuracy"] for t, d in docs.items()}, memory=mem,
+                  segment_size=first["config"].get("segment_size"),
+                  trained_segments=first.get("train", {}).get("trained_segments"),
+                  title="RMT (MiniLM-L6, m=10) accuracy vs input length", memory_label="peak memory (GB)")
+    head = f"{'segments':>8} {'tokens':>11} " + " ".join(f"{t[:15]:>15}" for t in docs) + f" {'peak GB':>8}"
+    lines = [head, "-" * len(head)]
+    for n in lengths:
+        k = str(n)
+        cells = []
+        for t, d in docs.items():
+            acc = d["accuracy"].get(k)
+            ref = PAPER.get(t, {}).get(n)
+            cell = "" if acc is None else f"{100 * acc:.1f}" + (f" ({ref:.1f})" if ref is not None else "")
+            cells.append(f"{cell:>15}")
+        tok = first["tokens"].get(k, "")
+        lines.append(f"{n:>8} {tok:>11,} " + " ".join(cells) + f" {mem.get(k, 0):>8.2f}")
+    lines.append("accuracy % (paper's Fig. 1 in parentheses); trained segments: "
+                 + ", ".join(f"{t} {d.get('train', {}).get('trained_segments')} in "
+                             f"{d.get('wall_seconds', {}).get('train', '?')}s" for t, d in docs.items()))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    from rmt_fast.tasks import TASKS
+
+    tasks = [t for t in a.tasks.split(",") if t]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        print(f"unknown task(s) {bad}; choose from {list(TASKS)}", file=sys.stderr)
+        return 2
+    if not a.dry_run and not torch.cuda.is_available():
+        print("warning: no CUDA device; this configuration is meant for an H200 (use --dry-run on a CPU)",
+              file=sys.stderr)
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
+              f"{transformers.__version__}", flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    docs = {}
+    t0 = time.time()
+    for t in tasks:
+        docs[t] = run_task(a, t)
+    table = summary(a.out, docs)
+    print()
+    print(f"all tasks done in {time.time() - t0:.0f}s; wrote {a.out}/results.json, results.csv, accuracy.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
