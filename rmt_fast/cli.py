@@ -26,9 +26,10 @@ def demo_config(device: str = "auto", quick: bool = False):
     """(TrainConfig, eval lengths, eval samples, eval batch) of the demo for this device.
 
     CPU: a 2-layer, 128-wide random BERT with the MiniLM WordPiece tokenizer, 4 memory tokens, 16-token
-    segments, memorize, curriculum 1 -> 2 -> ... -> 8 segments (150 steps each, batches of random length
-    1..n half of the time), evaluated up to 32 segments (4x the training length); ~4 minutes on 2 cores.
-    CUDA: pretrained MiniLM-L6, m=10, 499-token segments, curriculum 1 -> 5, evaluated up to 64 segments.
+    segments, memorize, curriculum 1 -> 2 -> ... -> 8 segments (250 steps each at lr 3e-4, batches of random length
+    1..n half of the time), evaluated up to 32 segments (4x the training length); ~5 minutes on 2 cores.
+    CUDA: pretrained MiniLM-L6, m=10, 499-token segments, curriculum 1 -> 5 (at most 60 s per stage),
+    evaluated up to 64 segments.
     quick: a few steps only (tests).
     """
     import torch
@@ -38,18 +39,23 @@ def demo_config(device: str = "auto", quick: bool = False):
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
         cfg = TrainConfig(task="memorize", backbone="minilm", num_mem_tokens=10, segment_size=499, max_segments=5,
-                          lr=5e-5, batch_size=32, max_steps_per_stage=400, eval_every=50, eval_samples=128,
-                          threshold=0.98, mix_prob=0.5, device=device, warmup_steps=40)
+                          lr=1e-4, batch_size=32, max_steps_per_stage=400, eval_every=50, eval_samples=128,
+                          eval_batch_size=128, threshold=0.98, mix_prob=0.5, device=device, warmup_steps=40,
+                          max_stage_time_s=60.0)
         lengths, samples, batch = [1, 2, 4, 8, 16, 32, 64], 128, 64
     else:
+        from .backbones import minilm_available
+
+        # the memorize fact + question is 11 WordPiece tokens but 51 characters (CharTokenizer fallback)
         cfg = TrainConfig(task="memorize", backbone="tiny-bert", hidden_size=128, num_layers=2, num_mem_tokens=4,
-                          segment_size=16, max_segments=8, lr=1e-3, batch_size=32, min_steps_per_stage=150,
-                          max_steps_per_stage=150, eval_every=50, eval_samples=128, threshold=0.99, mix_prob=0.5,
-                          device=device, warmup_steps=15)
+                          segment_size=16 if minilm_available() else 64, max_segments=8, lr=3e-4,
+                          batch_size=32, min_steps_per_stage=250,
+                          max_steps_per_stage=250, eval_every=50, eval_samples=128, threshold=0.99, mix_prob=0.5,
+                          device=device, warmup_steps=25)
         lengths, samples, batch = [1, 2, 4, 8, 16, 32], 256, 128
     if quick:
         cfg.max_segments, cfg.max_steps_per_stage, cfg.eval_every, cfg.eval_samples = 2, 4, 2, 8
-        cfg.warmup_steps = 1
+        cfg.warmup_steps, cfg.min_steps_per_stage = 1, 0
         lengths, samples = [1, 2, 4], 8
     return cfg, lengths, samples, batch
 
@@ -163,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a small RMT with the curriculum and evaluate it past its training length",
                        description="Curriculum-train an RMT on the memorize task and evaluate it on inputs longer "
                        "than it was trained on. CPU: a tiny BERT, 16-token segments, 1..8 segments, evaluated up to "
-                       "32 segments (about 4 minutes on 2 cores). GPU: MiniLM-L6, m=10, 499-token segments. Writes "
+                       "32 segments (about 5 minutes on 2 cores). GPU: MiniLM-L6, m=10, 499-token segments. Writes "
                        "OUT/results.json, results.csv, accuracy.png, heatmap.png and the checkpoints.")
     d.add_argument("--out", default="runs/demo", help="output directory (%(default)s)")
     d.add_argument("--device", default="auto", help="auto | cpu | cuda (%(default)s)")
@@ -231,9 +237,7 @@ def _cmd_train(a) -> int:
     kw = {k: v for k, v in vars(a).items() if k in fields}
     kw["out_dir"] = a.out
     res = train(TrainConfig(**kw))
-    from .train import dist_info
-
-    rank = dist_info()[0]
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports and evaluates
     if rank == 0:
         print(f"trained stages: " + ", ".join(f"{s['num_segments']} seg: {s['val_accuracy']:.3f} ({s['reason']})"
                                               for s in res.stages))

@@ -75,30 +75,52 @@ def peak_memory_gb(device) -> float:
 # ------------------------------------------------------------------------------------------------------
 # one batch
 # ------------------------------------------------------------------------------------------------------
-def predict_correct(rmt, input_ids: torch.Tensor, labels: torch.Tensor, kind: str, progress=None) -> torch.Tensor:
+def predict_correct(rmt, input_ids: torch.Tensor, labels: torch.Tensor, kind: str, progress=None,
+                    chunk_segments: int | None = 256) -> torch.Tensor:
     """Bool ``[B]``: is each row's answer right? (call under no_grad; rows must share one length).
 
     encoder: argmax of the class logits == label. decoder: greedy argmax at every answer token (labels !=
     -100) equals the token; only the last segment's logits are computed.
+
+    ``input_ids`` may stay on the CPU: when the length is a whole number of segments, the input is fed in
+    chunks of ``chunk_segments`` segments with the memory carried between calls (the same segments, so the
+    same result), so device memory does not grow with the length. ``progress`` wraps each call's segment
+    range (as the forward's ``progress=``).
     """
     device = rmt.device
-    input_ids = input_ids.to(device)
+    cfg = rmt.rmt_config
+    s = cfg.segment_size
+    b, t = input_ids.shape
     labels = labels.to(device)
+    whole = t % s == 0
+    n = -(-t // s)
+    chunk = chunk_segments if (chunk_segments and whole) else n
+
+    def carry(ids, memory):  # run whole segments, return the memory after them
+        for a in range(0, ids.shape[1] // s, chunk):
+            x = ids[:, a * s:(a + chunk) * s].to(device, non_blocking=True)
+            memory = rmt(input_ids=x, memory=memory, return_logits=False, progress=progress).memory
+        return memory
+
     if kind == "encoder":
-        out = rmt(input_ids=input_ids, progress=progress)
+        if chunk >= n:
+            out = rmt(input_ids=input_ids.to(device), progress=progress)
+        else:
+            cut = ((n - 1) // chunk) * chunk * s  # the last chunk gives the logits
+            mem = carry(input_ids[:, :cut], None)
+            out = rmt(input_ids=input_ids[:, cut:].to(device), memory=mem, progress=progress)
         return out.logits.argmax(-1) == labels
-    s = rmt.rmt_config.segment_size
-    t = input_ids.shape[1]
     cut = ((t - 1) // s) * s  # start of the last (left-aligned) segment
-    if rmt.rmt_config.segment_alignment != "left" or (cut > 0 and bool((labels[:, cut] != -100).any())):
-        out = rmt(input_ids=input_ids, return_logits=True, progress=progress)
-        logits, lab = out.logits, labels
+    if cfg.segment_alignment != "left" or (cut > 0 and bool((labels[:, cut] != -100).any())):
+        logits = rmt(input_ids=input_ids.to(device), return_logits=True, progress=progress).logits
+        lab = labels
     elif cut > 0:
-        mem = rmt(input_ids=input_ids[:, :cut], return_logits=False, progress=progress).memory
-        logits = rmt(input_ids=input_ids[:, cut:], memory=mem, return_logits=True).logits
+        mem = carry(input_ids[:, :cut], None) if whole else rmt(
+            input_ids=input_ids[:, :cut].to(device), return_logits=False, progress=progress).memory
+        logits = rmt(input_ids=input_ids[:, cut:].to(device), memory=mem, return_logits=True).logits
         lab = labels[:, cut:]
     else:
-        logits = rmt(input_ids=input_ids, return_logits=True, progress=progress).logits
+        logits = rmt(input_ids=input_ids.to(device), return_logits=True, progress=progress).logits
         lab = labels
     pred = logits[:, :-1].argmax(-1)
     target = lab[:, 1:]
@@ -107,18 +129,32 @@ def predict_correct(rmt, input_ids: torch.Tensor, labels: torch.Tensor, kind: st
     return ok.all(1) & mask.any(1)
 
 
+def _ticker(bar):
+    """A forward ``progress=`` callable that advances one shared bar (over several chunked calls)."""
+    def wrap(r):
+        for i in r:
+            yield i
+            bar.update(1)
+
+    return wrap
+
+
 def dataset_accuracy(rmt, dataset, kind: str, indices, batch_size: int, device=None, rank: int = 0,
-                     world: int = 1, progress=None) -> tuple[int, int]:
+                     world: int = 1, progress=None, chunk_segments: int | None = 256) -> tuple[int, int]:
     """(correct, total) over ``dataset[i]`` for ``i`` in ``indices`` (this rank takes every world-th sample;
-    the counts are all-reduced when world > 1). ``progress``: a callable(range, batch_no) -> iterable or None."""
+    the counts are all-reduced when world > 1). ``progress``: None or a callable(batch_no) returning a bar
+    (anything with ``update(k)`` and ``close()``, e.g. tqdm) that counts the batch's segments."""
     from .tasks import collate
 
     idx = list(indices)[rank::world]
     correct = total = 0
     for b, start in enumerate(range(0, len(idx), batch_size)):
         batch = collate([dataset[i] for i in idx[start:start + batch_size]])
-        prog = None if progress is None else (lambda r, b=b: progress(r, b))
-        ok = predict_correct(rmt, batch["input_ids"], batch["labels"], kind, progress=prog)
+        bar = progress(b) if progress is not None else None
+        ok = predict_correct(rmt, batch["input_ids"], batch["labels"], kind,
+                             progress=_ticker(bar) if bar is not None else None, chunk_segments=chunk_segments)
+        if bar is not None:
+            bar.close()
         correct += int(ok.sum().item())
         total += int(ok.numel())
     if world > 1:
@@ -136,10 +172,12 @@ def dataset_accuracy(rmt, dataset, kind: str, indices, batch_size: int, device=N
 def evaluate_lengths(rmt, tokenizer, kind: str, task: str = "memorize", lengths=DEFAULT_LENGTHS,
                      num_samples: int = 128, batch_size: int = 32, seed: int = 0, split: str = "test",
                      noise=None, babi_path=None, bf16: bool = True, progress: bool = True,
-                     rank: int = 0, world: int = 1, desc: str = "") -> dict:
+                     rank: int = 0, world: int = 1, desc: str = "", chunk_segments: int | None = 256) -> dict:
     """Accuracy at each length (segments of ``rmt.rmt_config.segment_size`` tokens).
 
-    Returns ``{segments: {"accuracy", "correct", "samples", "tokens", "peak_memory_gb", "seconds"}}``.
+    The input stays on the CPU and goes to the device ``chunk_segments`` segments at a time (memory carried), so
+    peak device memory is flat in the length. Returns ``{segments: {"accuracy", "correct", "samples", "tokens",
+    "peak_memory_gb", "seconds"}}``.
     """
     from tqdm.auto import tqdm
 
@@ -158,15 +196,15 @@ def evaluate_lengths(rmt, tokenizer, kind: str, task: str = "memorize", lengths=
                        for_decoder=(kind == "decoder"), length=num_samples)
         nb = -(-len(range(rank, num_samples, world)) // batch_size)
 
-        def bar(r, b, n=n, nb=nb):
-            return tqdm(r, desc=f"{desc}eval {n} seg x {s} tok, batch {b + 1}/{nb}", disable=not show or n < 64,
-                        leave=False, dynamic_ncols=True, mininterval=1.0)
+        def bar(b, n=n, nb=nb):
+            return tqdm(total=n, desc=f"{desc}eval {n} seg x {s} tok, batch {b + 1}/{nb}", unit="seg",
+                        disable=not show or n < 64, leave=False, dynamic_ncols=True, mininterval=1.0)
 
         reset_peak_memory(device)
         t0 = time.time()
         with torch.no_grad(), autocast_ctx(device, bf16):
             correct, total = dataset_accuracy(rmt, ds, kind, range(num_samples), batch_size, device, rank, world,
-                                              progress=bar)
+                                              progress=bar, chunk_segments=chunk_segments)
         dt = time.time() - t0
         results[n] = {"accuracy": correct / max(total, 1), "correct": correct, "samples": total, "tokens": n * s,
                       "peak_memory_gb": round(peak_memory_gb(device), 4), "seconds": round(dt, 3)}
@@ -198,6 +236,9 @@ def load_checkpoint(path: str, device="auto"):
         raise ValueError(f"checkpoint: no {CONFIG_FILE} at {path!r} or its parent (which backbone/tokenizer?)")
     with open(cfg_path) as f:
         tcfg = json.load(f)
+    from .integrations import hf
+
+    hf.register()  # from_pretrained does not register the attention function (wrap() does)
     device = resolve_device(device)
     rmt = from_pretrained(path).to(device).eval()
     tok = load_tokenizer(tcfg["backbone"], tcfg.get("tokenizer", "auto"))
@@ -281,8 +322,13 @@ def write_results(out_dir: str | None, results: dict, config: dict | None = None
                 w.writerow([n, r["tokens"], f"{r['accuracy']:.6f}", r["correct"], r["samples"],
                             r["peak_memory_gb"], r["seconds"]])
         trained = (train or {}).get("trained_segments")
-        name = label or (config or {}).get("task", "accuracy")
-        plot_accuracy(os.path.join(out_dir, "accuracy.png"), {name: doc["accuracy"]},
+        c = config or {}
+        name = label or c.get("task", "accuracy")
+        title = None
+        if c.get("backbone"):
+            title = (f"RMT ({c['backbone']}, m={c.get('num_mem_tokens')}, {c.get('segment_size')}-token segments): "
+                     f"{c.get('task')} accuracy vs length")
+        plot_accuracy(os.path.join(out_dir, "accuracy.png"), {name: doc["accuracy"]}, title=title,
                       memory=doc["peak_memory_gb"], segment_size=(config or {}).get("segment_size"),
                       trained_segments=trained, memory_label=_memory_label(config))
         if heatmap is not None:
@@ -343,7 +389,7 @@ def plot_accuracy(path: str, curves: dict, memory: dict | None = None, segment_s
         ax.text(trained_segments, 2, f" trained on {trained_segments}", color="gray", fontsize=8, va="bottom")
     ax.set_ylim(0, 108)
     ax.set_ylabel("accuracy (%)")
-    ax.legend(loc="lower left")
+    ax.legend(loc="best")
     if segment_size:
         top = ax.secondary_xaxis("top")
         top.set_xticks(xs)

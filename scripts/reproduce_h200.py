@@ -41,7 +41,8 @@ PAPER = {  # Fig. 1, accuracy (%) at 16 / 64 / 256 / 1024 / 4096 segments
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tasks", default="memorize,detect_memorize,reasoning", help="comma-separated (%(default)s)")
     p.add_argument("--max-segments", type=int, default=5, help="last curriculum stage (%(default)s)")
@@ -71,11 +72,11 @@ def task_config(a, task: str):
     from rmt_fast.train import TrainConfig
 
     if a.dry_run:
-        from rmt_fast.backbones import _minilm_available
+        from rmt_fast.backbones import minilm_available
 
-        seg = 32 if _minilm_available() else 128  # the reasoning facts + question fit in one segment
-        return TrainConfig(task=task, backbone="tiny-bert", num_mem_tokens=2, segment_size=seg, hidden_size=32, max_segments=2,
-                           max_steps_per_stage=3, eval_every=3, eval_samples=8, eval_batch_size=8, batch_size=4,
+        seg = 32 if minilm_available() else 128  # the reasoning facts + question fit in one segment
+        return TrainConfig(task=task, backbone="tiny-bert", num_mem_tokens=2, segment_size=seg, hidden_size=32,
+                           max_segments=2, max_steps_per_stage=3, eval_every=3, eval_samples=8, eval_batch_size=8, batch_size=4,
                            lr=1e-3, warmup_steps=1, threshold=1.01, device="cpu", seed=a.seed,
                            out_dir=os.path.join(a.out, task), resume=a.resume, progress=a.progress)
     from rmt_fast.train import build_schedule
@@ -97,7 +98,8 @@ def run_task(a, task: str) -> dict:
     t0 = time.time()
     cfg = task_config(a, task)
     print(f"=== {task}: {cfg.backbone}, m={cfg.num_mem_tokens}, {cfg.segment_size}-token segments, curriculum "
-          f"{cfg.stages()}, lr {cfg.lr}, batch {cfg.batch_size}, training capped at {cfg.max_time_s} s", flush=True)
+          f"{cfg.stages()}, lr {cfg.lr}, batch {cfg.batch_size}, at most {cfg.max_steps_per_stage} steps and "
+          f"{cfg.max_stage_time_s or 0:.0f} s per stage", flush=True)
     res = train(cfg)
     t_train = time.time() - t0
     lengths = parse_lengths("1-4" if a.dry_run else a.lengths)
@@ -136,7 +138,9 @@ def summary(out: str, docs: dict) -> str:
     plot_accuracy(os.path.join(out, "accuracy.png"), {t: d["accuracy"] for t, d in docs.items()}, memory=mem,
                   segment_size=first["config"].get("segment_size"),
                   trained_segments=first.get("train", {}).get("trained_segments"),
-                  title="RMT (MiniLM-L6, m=10) accuracy vs input length", memory_label="peak memory (GB)")
+                  title=f"RMT ({first['config'].get('backbone')}, m={first['config'].get('num_mem_tokens')}, "
+                        f"{first['config'].get('segment_size')}-token segments) accuracy vs input length",
+                  memory_label="peak memory (GB)")
     head = f"{'segments':>8} {'tokens':>11} " + " ".join(f"{t[:15]:>15}" for t in docs) + f" {'peak GB':>8}"
     lines = [head, "-" * len(head)]
     for n in lengths:
