@@ -190,6 +190,9 @@ def from_pretrained(directory: str, model_class=None, **backbone_kwargs) -> Recu
         model_class = _auto_class(bdir)
     model = model_class.from_pretrained(bdir, **backbone_kwargs)
     memory = load_file(os.path.join(directory, MEMORY_NAME))["memory"]
+    from .integrations import hf
+
+    hf.register()  # a fresh process may load a checkpoint without ever calling wrap()
     emb = model.get_input_embeddings().weight
     return RecurrentMemoryModel(model, config, memory=memory.to(device=emb.device, dtype=emb.dtype))
 
