@@ -12,7 +12,7 @@ path runs instead (same results).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -30,7 +30,6 @@ class _Captured:
     logits: torch.Tensor | None = None  # decoder logits of the current segment (static output)
     final_logits: torch.Tensor | None = None  # classifier logits of each row's last segment
     final_h: torch.Tensor | None = None  # bare encoder: last segment's states
-    extra: dict = field(default_factory=dict)
 
 
 class GraphedSegments:

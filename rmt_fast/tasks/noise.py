@@ -21,6 +21,7 @@ of ...".  Sentences are kept in source order so pools (and therefore samples) ar
 """
 from __future__ import annotations
 
+import abc
 import os
 import re
 import threading
@@ -187,7 +188,7 @@ class TokenPool:
 # ----------------------------------------------------------------------------------------------------
 # Sources
 # ----------------------------------------------------------------------------------------------------
-class NoiseSource:
+class NoiseSource(abc.ABC):
     """Base class: subclasses implement :meth:`documents` (raw text documents).
 
     Args (common to all sources):
@@ -213,8 +214,9 @@ class NoiseSource:
         self._lock = threading.Lock()
 
     # -- to implement ------------------------------------------------------------------------------
+    @abc.abstractmethod
     def documents(self) -> Iterable[str]:
-        raise NotImplementedError
+        """The raw texts of this source (each subclass says where they come from)."""
 
     # -- shared ------------------------------------------------------------------------------------
     def sentences(self) -> List[str]:
