@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .integrations import hf
+
 # model_type -> family facts. Every family here routes attention through transformers' AttentionInterface,
 # which is how the RMT mask reaches the model's own layers. position_offset: first position id the model uses.
 DECODER_FAMILIES = {
@@ -42,15 +44,20 @@ class Adapter:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
-    def run_segment(self, inputs_embeds: torch.Tensor, output_hidden_states: bool = False, **kwargs):
-        """Run the backbone on one segment; returns (last_hidden [B, N, d], model output)."""
-        if self.head == "classifier":
-            out = self.model(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **kwargs)
-            return out.hidden_states[-1], out
-        base = self.model.base_model if self.head == "lm" else self.model
-        if self.mode == "decoder":
-            kwargs.setdefault("use_cache", False)
-        out = base(inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+    def run_segment(self, inputs_embeds: torch.Tensor, layout, backend: str = "auto",
+                    output_hidden_states: bool = False, **kwargs):
+        """Run the backbone on one segment under ``layout`` (a SegmentLayout, or None for a decoding step against
+        a KV cache). Returns (last hidden ``[B, N, d]``, the model's output)."""
+        kwargs.update(hf.attention_kwargs(layout, backend))
+        with hf.segment_call(self.model):
+            if self.head == "classifier":
+                out = self.model(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **kwargs)
+                return out.hidden_states[-1], out
+            base = self.model.base_model if self.head == "lm" else self.model
+            if self.mode == "decoder":
+                kwargs.setdefault("use_cache", False)
+            out = base(inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, return_dict=True,
+                       **kwargs)
         return out.last_hidden_state, out
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,7 @@ import json
 from dataclasses import dataclass
 
 from .ops import BACKENDS
-
-MODES = ("decoder", "encoder")
+from .schemes import scheme_class
 ALIGNMENTS = ("left", "right")
 
 
@@ -51,13 +50,10 @@ class RMTConfig:
     @property
     def slots_per_segment(self) -> int:
         """Positions a segment uses besides its tokens (memory slots and special tokens)."""
-        if self.mode == "decoder":
-            return 2 * self.num_mem_tokens
-        return self.num_mem_tokens + 3
+        return scheme_class(self.mode).slots(self.num_mem_tokens)
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        scheme_class(self.mode)  # raises for an unknown mode
         if isinstance(self.num_mem_tokens, bool) or not isinstance(self.num_mem_tokens, int):
             raise TypeError(f"num_mem_tokens must be an int, got {type(self.num_mem_tokens).__name__}")
         if self.num_mem_tokens < 0:
@@ -78,8 +74,10 @@ class RMTConfig:
             raise ValueError(f"segment_alignment must be one of {ALIGNMENTS}, got {self.segment_alignment!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.mode == "encoder" and (self.cls_token_id is None or self.sep_token_id is None):
-            raise ValueError("encoder mode needs cls_token_id and sep_token_id: pass tokenizer= or cls_token_id=/sep_token_id=")
+        missing = [name for name in scheme_class(self.mode).special_tokens if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"{self.mode} mode needs {' and '.join(missing)}: pass tokenizer= or "
+                             f"{'=/'.join(missing)}=")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from .integrations.hf import rmt_attention, segment_layout
 from .ops import SegmentLayout
 
 
@@ -43,10 +42,9 @@ class _SegmentDecoder:
         from transformers import DynamicCache
 
         a = self.rmt.adapter
-        with rmt_attention(a.model, self.cfg.backend), segment_layout(layout):
-            if self.cache is None:
-                self.cache = DynamicCache(config=a.model.config)
-            h, _ = a.run_segment(inputs_embeds, use_cache=True, **{a.cache_kwarg: self.cache})
+        if self.cache is None:
+            self.cache = DynamicCache(config=a.model.config)
+        h, _ = a.run_segment(inputs_embeds, layout, self.cfg.backend, use_cache=True, **{a.cache_kwarg: self.cache})
         return a.lm_logits(h[:, -1])
 
     def start(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from transformers.utils import ModelOutput
 
 from .adapters import Adapter, make_adapter
 from .config import RMTConfig
-from .recurrence import SegmentRunner, compact_rows, place_tokens, plan_segments
+from .recurrence import SegmentRunner, compact_rows, plan_segments
 
 CONFIG_NAME = "rmt_config.json"
 MEMORY_NAME = "rmt_memory.safetensors"
@@ -84,12 +84,7 @@ class RecurrentMemoryModel(nn.Module):
                 raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
                                  f"{tuple(input_ids.shape)}")
             keep = attention_mask.to(input_ids.device).bool()
-        cfg = self.rmt_config
-        if cfg.mode == "encoder":
-            # as the official RMT encoder: special tokens in the input are dropped, the layout adds its own
-            for t in (cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id):
-                if t is not None:
-                    keep = keep & (input_ids != t)
+        keep = self.runner.scheme.content_mask(input_ids, keep)
         if not bool(keep.any(1).all()):
             bad = (~keep.any(1)).nonzero().flatten().tolist()
             raise ValueError(f"attention_mask/input_ids: rows {bad} have no tokens (all padding or special tokens)")
@@ -122,31 +117,14 @@ class RecurrentMemoryModel(nn.Module):
         elif memory.shape != (b, cfg.num_mem_tokens, self.memory.shape[1]):
             raise ValueError(f"memory must have shape {(b, cfg.num_mem_tokens, self.memory.shape[1])}, "
                              f"got {tuple(memory.shape)}")
+        scheme = self.runner.scheme
         if labels is not None:
             labels = labels.to(self.device)
-            if cfg.mode == "decoder" and labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(labels.shape)}")
-        res = self.runner.run(memory, plan, labels, keep_logits, output_hidden_states, progress)
-        loss = logits = hidden = last_h = None
-        if cfg.mode == "decoder":
-            t = input_ids.shape[1]
-            if labels is not None:
-                loss = res["loss_sum"] / res["count"].clamp(min=1)
-            if res["dec_logits"]:
-                logits = place_tokens(res["dec_logits"], plan, t)
-            if res["dec_hidden"]:
-                n_layers = len(res["dec_hidden"][0][1])
-                hidden = tuple(place_tokens([(g, hs[i]) for g, hs in res["dec_hidden"]], plan, t)
-                               for i in range(n_layers))
-        else:
-            logits = res["final_logits"]
-            last_h = res["final_h"]
-            hidden = res["final_hidden"]
-            if labels is not None and logits is not None:
-                loss = self.adapter.classification_loss(logits, labels)
-        return RMTOutput(loss=loss, logits=logits, memory=res["memory"], last_hidden_state=last_h,
-                         hidden_states=hidden, num_segments=plan.num_segments)
+            scheme.check_labels(labels, input_ids)
+        targets = scheme.targets(plan, labels)
+        res = self.runner.run(memory, plan, targets, keep_logits, output_hidden_states, input_ids.shape[1], progress)
+        return RMTOutput(memory=res["memory"], num_segments=plan.num_segments,
+                         **scheme.finish(self.adapter, res, labels))
 
     # ---- generation -----------------------------------------------------------------------------------
     def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
@@ -190,9 +168,6 @@ def from_pretrained(directory: str, model_class=None, **backbone_kwargs) -> Recu
         model_class = _auto_class(bdir)
     model = model_class.from_pretrained(bdir, **backbone_kwargs)
     memory = load_file(os.path.join(directory, MEMORY_NAME))["memory"]
-    from .integrations import hf
-
-    hf.register()  # a fresh process may load a checkpoint without ever calling wrap()
     emb = model.get_input_embeddings().weight
     return RecurrentMemoryModel(model, config, memory=memory.to(device=emb.device, dtype=emb.dtype))
 

@@ -1,23 +1,21 @@
-"""The segment loop: plan the segments, then per segment place memory -> run backbone -> read memory.
+"""The segment loop, mode-free: plan the segments, then per segment place memory -> run backbone -> read memory.
 
-Each row is segmented on its own (variable lengths come from ``attention_mask``; left or right padding).
-Inside a segment, decoders use ``[memory | tokens | memory]`` with the write slots right after the row's last
-token; encoders ``[CLS] memory [SEP] tokens [SEP]``. Rows without a segment at some step keep their memory.
+Each row is segmented on its own (variable lengths come from ``attention_mask``; left or right padding). What a
+segment looks like, where memory is read and written and what a segment records is the
+:class:`~rmt_fast.schemes.Scheme`'s business. Rows without a segment at some step keep their memory.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import Adapter
 from .config import RMTConfig
-from .integrations.hf import rmt_attention, segment_layout
-from .ops import SegmentLayout, segment_handoff
-
-IGNORE_INDEX = -100
+from .ops import segment_handoff
+from .schemes import P_GATHER, Scheme
 
 
 @dataclass
@@ -74,12 +72,15 @@ def plan_segments(content, lengths, orig_pos, segment_size: int, alignment: str)
     return SegmentPlan(content, lengths, orig_pos, starts, lens, offset + n - 1)
 
 
-def gather_span(src: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, width: int, fill) -> torch.Tensor:
-    """``out[b, j] = src[b, starts[b] + j]`` for ``j < lens[b]``, else ``fill``. src: [B, T]."""
-    j = torch.arange(width, device=src.device).view(1, -1)
-    idx = (starts.view(-1, 1) + j).clamp(max=src.shape[1] - 1)
-    out = src.gather(1, idx)
-    return torch.where(j < lens.view(-1, 1), out, torch.full_like(out, fill))
+class StepResult(NamedTuple):
+    """What one segment gives back: the next memory ``[B, m, d]``, the summed loss (fp32 scalar) and the number of
+    targets it covers, the segment's recorded output (see the scheme) and per-layer hidden states (on request)."""
+
+    memory: torch.Tensor
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+    output: torch.Tensor | None
+    hidden: tuple | None
 
 
 class SegmentRunner:
@@ -88,105 +89,40 @@ class SegmentRunner:
     def __init__(self, adapter: Adapter, config: RMTConfig):
         self.adapter = adapter
         self.config = config
+        self.scheme = Scheme.from_config(config)
         self.graphs = None  # a rmt_fast.graphs.GraphedSegments, built on first CUDA use with cuda_graphs=True
 
-    # ---- per-segment inputs -------------------------------------------------------------------------
-    def segment_params(self, plan: SegmentPlan) -> torch.Tensor:
-        """``[G, 5, B]`` per segment: token start, token count, write offset, gather offset (-1: row idle),
-        and 1 where the segment is the row's last. Built once per forward, read by every step."""
-        m = self.config.num_mem_tokens
-        active = plan.lens > 0
-        if self.config.mode == "decoder":
-            write_off, gather_off = plan.lens + m, torch.where(active, plan.lens + m, -1)
-        else:
-            write_off, gather_off = torch.zeros_like(plan.lens), torch.where(active, 1, -1)
-        g = torch.arange(plan.num_segments, device=plan.lens.device).view(-1, 1)
-        is_last = (plan.last.view(1, -1) == g).long()
-        return torch.stack([plan.starts, plan.lens, write_off, gather_off, is_last], 1)
-
-    def segment_inputs(self, content: torch.Tensor, params: torch.Tensor, width: int, dense: bool = False):
-        """Token ids ``[B, N]`` of one segment (memory slots hold a placeholder) and its layout.
-
-        params: one ``[5, B]`` slice of :meth:`segment_params`; width: token columns (>= the longest row);
-        dense: every row has exactly ``width`` tokens. No host synchronisation (it can run in a CUDA graph).
-        """
-        cfg, m = self.config, self.config.num_mem_tokens
-        starts, lens = params[0], params[1]
-        pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-        toks = gather_span(content, starts, lens, width, pad)
-        b = toks.shape[0]
-        if cfg.mode == "decoder":
-            slots = torch.full((b, m), pad, dtype=toks.dtype, device=toks.device)
-            ids = torch.cat([slots, toks, slots], 1)
-            return ids, SegmentLayout(m, m, lens, causal=True, memory_bidirectional=cfg.memory_bidirectional,
-                                      dense=dense)
-        head = torch.full((b, m + 2), pad, dtype=toks.dtype, device=toks.device)
-        head[:, 0] = cfg.cls_token_id
-        head[:, m + 1] = cfg.sep_token_id
-        tail = torch.full((b, 1), pad, dtype=toks.dtype, device=toks.device)
-        ids = torch.cat([head, toks, tail], 1)
-        ids.scatter_(1, (lens + m + 2).view(-1, 1), cfg.sep_token_id)  # [SEP] right after each row's tokens
-        return ids, SegmentLayout(m + 2, 0, lens + 1, causal=False, dense=dense)
-
-    def shifted_labels(self, plan: SegmentPlan, labels: torch.Tensor | None) -> torch.Tensor | None:
-        """Decoder targets in content coordinates: ``[B, Tc]``, target of token c is token c+1 (-100 at ends)."""
-        if labels is None or self.config.mode != "decoder":
-            return None
-        lab = labels.gather(1, plan.orig_pos)
-        c = torch.arange(lab.shape[1], device=lab.device).view(1, -1)
-        lab = torch.where(c < plan.lengths.view(-1, 1), lab, torch.full_like(lab, IGNORE_INDEX))
-        return torch.cat([lab[:, 1:], torch.full_like(lab[:, :1], IGNORE_INDEX)], 1)
-
-    # ---- one segment ----------------------------------------------------------------------------------
-    def step(self, memory, content, shifted, params, width, want_logits, want_hidden, dense=False):
-        """memory ``[B, m, d]`` -> (new memory, loss_sum, n_targets, logits, last hidden, hidden states)."""
-        a, cfg = self.adapter, self.config
-        m = cfg.num_mem_tokens
-        read_offset = 0 if cfg.mode == "decoder" else 1
-        ids, layout = self.segment_inputs(content, params, width, dense)
-        write_offsets = params[2] if cfg.mode == "decoder" else None
-        with rmt_attention(a.model, cfg.backend), segment_layout(layout):
-            emb = a.embed(ids)
-            _, x = segment_handoff(None, memory, None, emb, read_offset, write_offsets, backend=cfg.backend)
-            h, out = a.run_segment(x, output_hidden_states=want_hidden)
-        new_memory, _ = segment_handoff(h, memory, params[3], None, read_offset, None, backend=cfg.backend)
-        loss_sum = h.new_zeros((), dtype=torch.float32)
-        count = torch.zeros((), dtype=torch.long, device=h.device)
-        logits = None
-        hidden = out.hidden_states if want_hidden else None
-        if a.head == "lm":
-            tok_h = h[:, m:m + width]
-            if shifted is not None or want_logits:
-                logits = a.lm_logits(tok_h)
-            if shifted is not None:
-                targets = gather_span(shifted, params[0], params[1], width, IGNORE_INDEX)
-                loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                           ignore_index=IGNORE_INDEX, reduction="sum")
-                count = (targets != IGNORE_INDEX).sum()
-            if hidden is not None:
-                hidden = tuple(s[:, m:m + width] for s in hidden)
-            if not want_logits:
-                logits = None
-        elif a.head == "classifier":
-            logits = out.logits
-        return new_memory, loss_sum, count, logits, (h if a.mode == "encoder" else None), hidden
+    def step(self, memory, content, targets, params, width, want_output, want_hidden, dense=False) -> StepResult:
+        """One segment: memory ``[B, m, d]`` -> :class:`StepResult`. params: the segment's ``[5, B]`` block."""
+        a, s, backend = self.adapter, self.scheme, self.config.backend
+        ids, layout = s.segment_inputs(content, params, width, dense)
+        emb = a.embed(ids)
+        _, x = segment_handoff(None, memory, None, emb, s.read_offset, s.write_offsets(params), backend=backend)
+        h, out = a.run_segment(x, layout, backend, output_hidden_states=want_hidden)
+        new_memory, _ = segment_handoff(h, memory, params[P_GATHER], None, s.read_offset, None, backend=backend)
+        output, loss_sum, count = s.segment_outputs(a, h, out, targets, params, width, want_output)
+        hidden = s.segment_hidden(out.hidden_states, width) if want_hidden else None
+        return StepResult(new_memory, loss_sum, count, output, hidden)
 
     # ---- the whole sequence ---------------------------------------------------------------------------
-    def run(self, memory, plan: SegmentPlan, labels, keep_logits: bool, output_hidden_states: bool, progress=None):
+    def run(self, memory, plan: SegmentPlan, targets, keep_output: bool, output_hidden_states: bool, total_len: int,
+            progress=None) -> dict:
+        """Every segment of ``plan`` from ``memory``. Returns ``dict(memory, loss_sum, count, output, hidden)``:
+        output is the scheme's record of the segment outputs, hidden a tuple of per-layer records (or None)."""
         cfg = self.config
-        shifted = self.shifted_labels(plan, labels)
-        params = self.segment_params(plan)
-        if (cfg.cuda_graphs and memory.is_cuda and not torch.is_grad_enabled() and not output_hidden_states):
+        want_output = self.scheme.wants_output(keep_output)
+        params = self.scheme.segment_params(plan)
+        if cfg.cuda_graphs and memory.is_cuda and not torch.is_grad_enabled() and not output_hidden_states:
             from .graphs import GraphedSegments
 
             if self.graphs is None:
                 self.graphs = GraphedSegments(self)
-            res = self.graphs.run(memory, plan, shifted, params, keep_logits, progress)
+            res = self.graphs.run(memory, plan, targets, params, want_output, total_len, progress)
             if res is not None:
                 return res
-        return self.run_eager(memory, plan, shifted, params, keep_logits, output_hidden_states, progress)
+        return self.run_eager(memory, plan, targets, params, want_output, output_hidden_states, total_len, progress)
 
-    def run_eager(self, memory, plan, shifted, params, keep_logits, output_hidden_states, progress=None):
+    def run_eager(self, memory, plan, targets, params, want_output, output_hidden_states, total_len, progress=None):
         cfg = self.config
         g_total = plan.num_segments
         depth = cfg.bptt_depth
@@ -195,61 +131,26 @@ class SegmentRunner:
         dense = [min(row) == w for row, w in zip(lens_host, widths)]
         loss_sum = torch.zeros((), dtype=torch.float32, device=memory.device)
         count = torch.zeros((), dtype=torch.long, device=memory.device)
-        dec_logits, dec_hidden = [], []
-        final_logits = final_h = final_hidden = None
+        record = self.scheme.new_record(plan, total_len)
+        hidden_records = None
         rng = range(g_total) if progress is None else progress(range(g_total))
         for g in rng:
             if depth is not None and g > 0 and g < g_total - depth:
                 memory = memory.detach()
-            args = (memory, plan.content, shifted, params[g], widths[g], keep_logits, output_hidden_states, dense[g])
+            args = (memory, plan.content, targets, params[g], widths[g], want_output, output_hidden_states, dense[g])
             if cfg.checkpoint_segments and torch.is_grad_enabled():
-                outs = checkpoint(self.step, *args, use_reentrant=False)
+                res = StepResult(*checkpoint(self.step, *args, use_reentrant=False))
             else:
-                outs = self.step(*args)
-            memory, seg_loss, seg_count, logits, h, hidden = outs
-            loss_sum = loss_sum + seg_loss
-            count = count + seg_count
-            if cfg.mode == "decoder":
-                if logits is not None:
-                    dec_logits.append((g, logits))
-                if hidden is not None:
-                    dec_hidden.append((g, hidden))
-            else:
-                ends = params[g, 4].bool()
-                final_logits = _record(final_logits, logits, ends)
-                final_h = _record(final_h, h, ends)
-                if hidden is not None:
-                    final_hidden = hidden if final_hidden is None else tuple(
-                        _record(o, n, ends) for o, n in zip(final_hidden, hidden))
-        return dict(memory=memory, loss_sum=loss_sum, count=count, dec_logits=dec_logits, dec_hidden=dec_hidden,
-                    final_logits=final_logits, final_h=final_h, final_hidden=final_hidden)
-
-
-def _record(old, new, ends):
-    """Keep ``new`` for rows that end in this segment, ``old`` for the others (pads the position dim)."""
-    if new is None:
-        return old
-    if old is None:
-        old = torch.zeros_like(new)
-    if new.dim() == 3 and new.shape[1] != old.shape[1]:
-        width = max(new.shape[1], old.shape[1])
-        new = F.pad(new, (0, 0, 0, width - new.shape[1]))
-        old = F.pad(old, (0, 0, 0, width - old.shape[1]))
-    return torch.where(ends.view(-1, *([1] * (new.dim() - 1))), new, old)
-
-
-def place_tokens(pieces, plan: SegmentPlan, total_len: int) -> torch.Tensor:
-    """Scatter per-segment token outputs ``[(g, [B, W, ...])]`` back to the input's columns ``[B, T, ...]``."""
-    g0, first = pieces[0]
-    b = first.shape[0]
-    out = first.new_zeros((b, total_len) + tuple(first.shape[2:]))
-    rows = torch.arange(b, device=first.device).view(-1, 1)
-    for g, piece in pieces:
-        w = piece.shape[1]
-        j = torch.arange(w, device=piece.device).view(1, -1)
-        c = (plan.starts[g].view(-1, 1) + j).clamp(max=plan.orig_pos.shape[1] - 1)
-        valid = j < plan.lens[g].view(-1, 1)
-        cols = plan.orig_pos.gather(1, c)
-        r, cc = rows.expand_as(cols)[valid], cols[valid]
-        out = out.index_put((r, cc), piece[valid])
-    return out
+                res = self.step(*args)
+            memory = res.memory
+            loss_sum = loss_sum + res.loss_sum
+            count = count + res.count
+            if res.output is not None:
+                record.add(params[g], res.output)
+            if res.hidden is not None:
+                if hidden_records is None:
+                    hidden_records = [self.scheme.new_record(plan, total_len) for _ in res.hidden]
+                for r, hs in zip(hidden_records, res.hidden):
+                    r.add(params[g], hs)
+        hidden = None if hidden_records is None else tuple(r.result() for r in hidden_records)
+        return dict(memory=memory, loss_sum=loss_sum, count=count, output=record.result(), hidden=hidden)

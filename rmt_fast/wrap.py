@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from .adapters import make_adapter
 from .config import RMTConfig
-from .integrations import hf
 from .model import RecurrentMemoryModel
+from .schemes import scheme_class
 
 
 def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, tokenizer=None, mode: str = "auto",
@@ -44,7 +44,8 @@ def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, to
         raise TypeError(f"num_mem_tokens must be an int, got {type(num_mem_tokens).__name__}")
     if num_mem_tokens < 0:
         raise ValueError(f"num_mem_tokens must be >= 0, got {num_mem_tokens}")
-    slots = 2 * num_mem_tokens if adapter.mode == "decoder" else num_mem_tokens + 3
+    scheme = scheme_class(adapter.mode)
+    slots = scheme.slots(num_mem_tokens)
     if segment_size is None:
         segment_size = adapter.max_positions - slots
         if segment_size <= 0:
@@ -54,9 +55,8 @@ def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, to
         mode=adapter.mode, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
         max_positions=adapter.max_positions, bptt_depth=bptt_depth, checkpoint_segments=checkpoint_segments,
         memory_bidirectional=memory_bidirectional,
-        segment_alignment=segment_alignment or ("left" if adapter.mode == "decoder" else "right"),
+        segment_alignment=segment_alignment or scheme.default_alignment,
         backend=backend, keep_logits=keep_logits, cuda_graphs=cuda_graphs, cls_token_id=cls_token_id,
         sep_token_id=sep_token_id, pad_token_id=pad_token_id,
     )
-    hf.register()
     return RecurrentMemoryModel(model, config, adapter)

@@ -1,0 +1,312 @@
+"""One class per RMT mode: how a segment is laid out, where memory is read and written, what a segment records.
+
+This is the only module that branches on the mode. The recurrence (:mod:`rmt_fast.recurrence`), the CUDA-graph
+runner and the model ask a :class:`Scheme` instead:
+
+- decoder (:class:`DecoderScheme`): ``[memory (read, m) | tokens (L_b) | memory (write, m) | padding]``, causal
+  attention; the next memory is the last layer at the write slots, which sit right after each row's last token;
+  each segment records its token logits (and the LM loss on them).
+- encoder (:class:`EncoderScheme`): ``[CLS] memory [SEP] tokens [SEP] padding``, full attention; the next memory is
+  the last layer at positions ``1..m``; each row records the head's output of its last segment.
+
+Per segment the recurrence builds one ``[5, B]`` parameter block (:meth:`Scheme.segment_params`): token start,
+token count, write offset, gather offset (-1: the row has no tokens in this segment and keeps its memory) and 1
+where the segment is the row's last. Everything here is index arithmetic without host synchronisation, so it can
+run inside a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ops import SegmentLayout
+
+IGNORE_INDEX = -100
+MODES = ("decoder", "encoder")
+
+# rows of the [5, B] per-segment parameter block
+P_START, P_LEN, P_WRITE, P_GATHER, P_LAST = range(5)
+
+
+def gather_span(src: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """``out[b, j] = src[b, starts[b] + j]`` for ``j < lens[b]``, else ``fill``. src: ``[B, T]`` -> ``[B, width]``."""
+    j = torch.arange(width, device=src.device).view(1, -1)
+    idx = (starts.view(-1, 1) + j).clamp(max=src.shape[1] - 1)
+    out = src.gather(1, idx)
+    return torch.where(j < lens.view(-1, 1), out, torch.full_like(out, fill))
+
+
+class Scheme:
+    """What differs between modes. Subclasses set :attr:`mode`, :attr:`read_offset`, :attr:`default_alignment`."""
+
+    mode: str
+    read_offset: int  # first read slot of every row
+    default_alignment: str
+    special_tokens: tuple[str, ...] = ()  # RMTConfig fields the layout needs
+
+    def __init__(self, num_mem_tokens: int, *, memory_bidirectional: bool = False, cls_token_id: int | None = None,
+                 sep_token_id: int | None = None, pad_token_id: int | None = None):
+        self.m = num_mem_tokens
+        self.memory_bidirectional = memory_bidirectional
+        self.cls_token_id, self.sep_token_id = cls_token_id, sep_token_id
+        self.pad_token_id = pad_token_id
+        self.pad = pad_token_id if pad_token_id is not None else 0  # what fills memory slots and padding
+
+    @classmethod
+    def from_config(cls, config) -> Scheme:
+        return SCHEMES[config.mode](config.num_mem_tokens, memory_bidirectional=config.memory_bidirectional,
+                                    cls_token_id=config.cls_token_id, sep_token_id=config.sep_token_id,
+                                    pad_token_id=config.pad_token_id)
+
+    @staticmethod
+    def slots(num_mem_tokens: int) -> int:
+        """Positions a segment uses besides its tokens (memory slots and special tokens)."""
+        raise NotImplementedError
+
+    def content_mask(self, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Which input positions are content tokens (``keep`` comes from the attention mask)."""
+        return keep
+
+    def segment_params(self, plan) -> torch.Tensor:
+        """``[G, 5, B]``: token start, token count, write offset, gather offset, is-last (see module doc)."""
+        active = plan.lens > 0
+        write_off, gather_off = self._offsets(plan.lens, active)
+        g = torch.arange(plan.num_segments, device=plan.lens.device).view(-1, 1)
+        is_last = (plan.last.view(1, -1) == g).long()
+        return torch.stack([plan.starts, plan.lens, write_off, gather_off, is_last], 1)
+
+    def _offsets(self, lens: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def segment_inputs(self, content: torch.Tensor, params: torch.Tensor, width: int, dense: bool = False):
+        """Token ids ``[B, N]`` of one segment (memory slots hold a placeholder) and its :class:`SegmentLayout`.
+
+        params: one ``[5, B]`` block; width: token columns (>= the longest row); dense: every row has ``width``
+        tokens.
+        """
+        raise NotImplementedError
+
+    def write_offsets(self, params: torch.Tensor) -> torch.Tensor | None:
+        """``[B]`` first write slot of each row, or None when the layout has no write slots."""
+        return None
+
+    def check_labels(self, labels: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """Raise a ValueError naming ``labels`` when they cannot belong to ``input_ids``."""
+
+    def targets(self, plan, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-token training targets in content coordinates ``[B, Tc]``, or None (the loss is taken at the end)."""
+        return None
+
+    def token_span(self, width: int) -> slice:
+        """Positions of the segment's token columns in the backbone's sequence."""
+        return slice(self.m, self.m + width)
+
+    def wants_output(self, keep_logits: bool) -> bool:
+        """Whether segments record their output (see :meth:`segment_outputs`) for this call."""
+        raise NotImplementedError
+
+    def segment_outputs(self, adapter, h, out, targets, params, width, want_output):
+        """``(output, loss_sum, count)`` of one segment from the backbone's last states ``h`` ``[B, N, d]`` and
+        output ``out``. loss_sum: fp32 scalar; count: the number of targets it sums over (long scalar)."""
+        raise NotImplementedError
+
+    def segment_hidden(self, hidden_states: tuple, width: int) -> tuple:
+        """The per-layer states a segment records when hidden states are requested."""
+        return hidden_states
+
+    def finish(self, adapter, res: dict, labels) -> dict:
+        """RMTOutput fields (loss, logits, last_hidden_state, hidden_states) from the recurrence's result."""
+        raise NotImplementedError
+
+
+class DecoderScheme(Scheme):
+    mode = "decoder"
+    read_offset = 0
+    default_alignment = "left"
+
+    @staticmethod
+    def slots(num_mem_tokens: int) -> int:
+        return 2 * num_mem_tokens
+
+    def _offsets(self, lens, active):
+        return lens + self.m, torch.where(active, lens + self.m, -1)
+
+    def segment_inputs(self, content, params, width, dense=False):
+        m = self.m
+        toks = gather_span(content, params[P_START], params[P_LEN], width, self.pad)
+        slots = torch.full((toks.shape[0], m), self.pad, dtype=toks.dtype, device=toks.device)
+        ids = torch.cat([slots, toks, slots], 1)
+        return ids, SegmentLayout(m, m, params[P_LEN], causal=True, memory_bidirectional=self.memory_bidirectional,
+                                  dense=dense)
+
+    def write_offsets(self, params):
+        return params[P_WRITE]
+
+    def check_labels(self, labels, input_ids):
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(labels.shape)}")
+
+    def targets(self, plan, labels):
+        """Target of content token c is token c+1 of the row (-100 at the row's end and where labels say so)."""
+        if labels is None:
+            return None
+        lab = labels.gather(1, plan.orig_pos)
+        c = torch.arange(lab.shape[1], device=lab.device).view(1, -1)
+        lab = torch.where(c < plan.lengths.view(-1, 1), lab, torch.full_like(lab, IGNORE_INDEX))
+        return torch.cat([lab[:, 1:], torch.full_like(lab[:, :1], IGNORE_INDEX)], 1)
+
+    def new_record(self, plan, total_len: int) -> TokenRecord:
+        return TokenRecord(plan, total_len)
+
+    def wants_output(self, keep_logits):
+        return keep_logits
+
+    def segment_outputs(self, adapter, h, out, targets, params, width, want_output):
+        """Token logits ``[B, W, V]`` (LM head; bare decoders: token states ``[B, W, d]``) and the LM loss."""
+        tok_h = h[:, self.token_span(width)]
+        loss_sum = h.new_zeros((), dtype=torch.float32)
+        count = torch.zeros((), dtype=torch.long, device=h.device)
+        if adapter.head != "lm":
+            return (tok_h if want_output else None), loss_sum, count
+        logits = adapter.lm_logits(tok_h) if (targets is not None or want_output) else None
+        if targets is not None:
+            tgt = gather_span(targets, params[P_START], params[P_LEN], width, IGNORE_INDEX)
+            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="sum")
+            count = (tgt != IGNORE_INDEX).sum()
+        return (logits if want_output else None), loss_sum, count
+
+    def segment_hidden(self, hidden_states, width):
+        return tuple(x[:, self.token_span(width)] for x in hidden_states)
+
+    def finish(self, adapter, res, labels):
+        loss = res["loss_sum"] / res["count"].clamp(min=1) if labels is not None else None
+        name = "logits" if adapter.head == "lm" else "last_hidden_state"
+        return {"loss": loss, name: res["output"], "hidden_states": res["hidden"]}
+
+
+class EncoderScheme(Scheme):
+    mode = "encoder"
+    read_offset = 1  # after [CLS]
+    default_alignment = "right"
+    special_tokens = ("cls_token_id", "sep_token_id")
+
+    @staticmethod
+    def slots(num_mem_tokens: int) -> int:
+        return num_mem_tokens + 3
+
+    def content_mask(self, input_ids, keep):
+        # as the official RMT encoder: special tokens in the input are dropped, the layout adds its own
+        for t in (self.cls_token_id, self.sep_token_id, self.pad_token_id):
+            if t is not None:
+                keep = keep & (input_ids != t)
+        return keep
+
+    def _offsets(self, lens, active):
+        return torch.zeros_like(lens), torch.where(active, 1, -1)
+
+    def segment_inputs(self, content, params, width, dense=False):
+        m, lens = self.m, params[P_LEN]
+        toks = gather_span(content, params[P_START], lens, width, self.pad)
+        b = toks.shape[0]
+        head = torch.full((b, m + 2), self.pad, dtype=toks.dtype, device=toks.device)
+        head[:, 0] = self.cls_token_id
+        head[:, m + 1] = self.sep_token_id
+        tail = torch.full((b, 1), self.pad, dtype=toks.dtype, device=toks.device)
+        ids = torch.cat([head, toks, tail], 1)
+        ids.scatter_(1, (lens + m + 2).view(-1, 1), self.sep_token_id)  # [SEP] right after each row's tokens
+        return ids, SegmentLayout(m + 2, 0, lens + 1, causal=False, dense=dense)
+
+    def token_span(self, width):
+        return slice(self.m + 2, self.m + 2 + width)
+
+    def new_record(self, plan, total_len: int) -> LastSegmentRecord:
+        return LastSegmentRecord()
+
+    def wants_output(self, keep_logits):
+        return True  # the last segment's output is the model's output; it is small
+
+    def segment_outputs(self, adapter, h, out, targets, params, width, want_output):
+        """``(head logits [B, C], last states [B, N, d])`` with a classifier head, else the last states."""
+        zero = h.new_zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.long, device=h.device)
+        output = (out.logits, h) if adapter.head == "classifier" else h
+        return (output if want_output else None), *zero
+
+    def finish(self, adapter, res, labels):
+        output = res["output"]
+        logits, last_h = output if isinstance(output, tuple) else (None, output)
+        loss = None
+        if labels is not None and logits is not None:
+            loss = adapter.classification_loss(logits, labels)
+        return {"loss": loss, "logits": logits, "last_hidden_state": last_h, "hidden_states": res["hidden"]}
+
+
+class TokenRecord:
+    """Collects per-token outputs ``[B, W, ...]`` of every segment into ``[B, T, ...]`` at the input's columns.
+
+    Index arithmetic only (no boolean masks, no host synchronisation): positions of a segment that hold no token
+    of the row are sent to a discard column ``T`` that is cut off at the end.
+    """
+
+    def __init__(self, plan, total_len: int):
+        self.plan, self.total_len = plan, total_len
+        self.out: torch.Tensor | None = None
+
+    def _columns(self, params: torch.Tensor, width: int, device) -> torch.Tensor:
+        plan = self.plan
+        j = torch.arange(width, device=device).view(1, -1)
+        c = (params[P_START].view(-1, 1) + j).clamp(max=plan.orig_pos.shape[1] - 1)
+        cols = plan.orig_pos.gather(1, c)
+        return torch.where(j < params[P_LEN].view(-1, 1), cols, self.total_len)
+
+    def add(self, params: torch.Tensor, piece: torch.Tensor) -> None:
+        """piece: ``[B, W, ...]`` outputs at the segment's token columns."""
+        b, w = piece.shape[:2]
+        if self.out is None:
+            self.out = piece.new_zeros((b, self.total_len + 1) + tuple(piece.shape[2:]))
+        cols = self._columns(params, w, piece.device)
+        idx = cols.view(b, w, *([1] * (piece.dim() - 2))).expand_as(piece)
+        self.out.scatter_(1, idx, piece)
+
+    def result(self) -> torch.Tensor | None:
+        return None if self.out is None else self.out[:, :self.total_len]
+
+
+class LastSegmentRecord:
+    """Keeps, for every row, the output of the segment that is the row's last (pads the position dim)."""
+
+    def __init__(self):
+        self.out: torch.Tensor | None = None
+
+    def add(self, params: torch.Tensor, new) -> None:
+        """new: a tensor ``[B, ...]`` or a tuple of them (kept element-wise)."""
+        ends = params[P_LAST].bool()
+        if isinstance(new, tuple):
+            old = self.out if self.out is not None else (None,) * len(new)
+            self.out = tuple(_keep_where(ends, n, o) for n, o in zip(new, old))
+        else:
+            self.out = _keep_where(ends, new, self.out)
+
+    def result(self) -> torch.Tensor | None:
+        return self.out
+
+
+def _keep_where(ends: torch.Tensor, new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+    """``new`` in rows that end here, ``old`` elsewhere; pads the position dim of ``[B, N, d]`` states."""
+    if old is None:
+        old = torch.zeros_like(new)
+    if new.dim() == 3 and new.shape[1] != old.shape[1]:
+        width = max(new.shape[1], old.shape[1])
+        new = F.pad(new, (0, 0, 0, width - new.shape[1]))
+        old = F.pad(old, (0, 0, 0, width - old.shape[1]))
+    return torch.where(ends.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+SCHEMES: dict[str, type[Scheme]] = {"decoder": DecoderScheme, "encoder": EncoderScheme}
+
+
+def scheme_class(mode: str) -> type[Scheme]:
+    if mode not in SCHEMES:
+        raise ValueError(f"mode must be one of {tuple(SCHEMES)}, got {mode!r}")
+    return SCHEMES[mode]
