@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters import Adapter
 from .config import RMTConfig
+from .bptt import run_two_sweep
 from .ops import segment_handoff
 from .schemes import P_GATHER, Scheme
 
@@ -120,6 +121,8 @@ class SegmentRunner:
             res = self.graphs.run(memory, plan, targets, params, want_output, total_len, progress)
             if res is not None:
                 return res
+        if cfg.checkpoint_segments and torch.is_grad_enabled() and not output_hidden_states:
+            return run_two_sweep(self, memory, plan, targets, params, want_output, total_len, progress)
         return self.run_eager(memory, plan, targets, params, want_output, output_hidden_states, total_len, progress)
 
     def run_eager(self, memory, plan, targets, params, want_output, output_hidden_states, total_len, progress=None):
@@ -138,7 +141,7 @@ class SegmentRunner:
             if depth is not None and g > 0 and g < g_total - depth:
                 memory = memory.detach()
             args = (memory, plan.content, targets, params[g], widths[g], want_output, output_hidden_states, dense[g])
-            if cfg.checkpoint_segments and torch.is_grad_enabled():
+            if cfg.checkpoint_segments and torch.is_grad_enabled():  # with hidden states: per-segment checkpoints
                 res = StepResult(*checkpoint(self.step, *args, use_reentrant=False))
             else:
                 res = self.step(*args)

@@ -43,6 +43,7 @@ class Scheme:
     read_offset: int  # first read slot of every row
     default_alignment: str
     special_tokens: tuple[str, ...] = ()  # RMTConfig fields the layout needs
+    output_per_segment: bool  # every segment contributes to the output (else only each row's last segment)
 
     def __init__(self, num_mem_tokens: int, *, memory_bidirectional: bool = False, cls_token_id: int | None = None,
                  sep_token_id: int | None = None, pad_token_id: int | None = None):
@@ -123,6 +124,7 @@ class DecoderScheme(Scheme):
     mode = "decoder"
     read_offset = 0
     default_alignment = "left"
+    output_per_segment = True
 
     @staticmethod
     def slots(num_mem_tokens: int) -> int:
@@ -191,6 +193,7 @@ class EncoderScheme(Scheme):
     read_offset = 1  # after [CLS]
     default_alignment = "right"
     special_tokens = ("cls_token_id", "sep_token_id")
+    output_per_segment = False
 
     @staticmethod
     def slots(num_mem_tokens: int) -> int:

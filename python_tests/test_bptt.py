@@ -1,0 +1,113 @@
+"""The two-sweep checkpointed BPTT (rmt_fast/bptt.py) against full BPTT: same loss, same gradients, flat memory."""
+import pytest
+import torch
+
+import rmt_fast
+from models import CLS, PAD, SEP, bert_cls, gpt2, llama, tokens
+
+
+def _grads(model, ids, labels, mask=None, seed=None, **kw):
+    """(loss, memory grad, {param name: grad}) of one backward, for checkpoint_segments False and True."""
+    out = []
+    mem0 = None
+    for ckpt in (False, True):
+        rmt = rmt_fast.wrap(model, checkpoint_segments=ckpt, backend="reference", **kw)
+        if mem0 is None:
+            mem0 = rmt.memory.detach().clone()
+        rmt.memory.data.copy_(mem0)
+        rmt.train()
+        model.zero_grad(set_to_none=True)
+        if seed is not None:
+            torch.manual_seed(seed)
+        res = rmt(ids, attention_mask=mask, labels=labels)
+        loss = res.loss
+        if res.logits is not None and res.logits.dim() == 3:  # also pull on the recorded logits
+            loss = loss + res.logits.float().pow(2).mean() * 1e-2
+        loss = loss + res.memory.float().pow(2).mean() * 1e-2  # and on the final memory
+        loss.backward()
+        mem_grad = rmt.memory.grad if rmt.memory.grad is not None else torch.zeros_like(rmt.memory)
+        out.append((res.loss.detach(), mem_grad.clone(),
+                    {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    return out
+
+
+def _assert_same(a, b):
+    (l0, m0, p0), (l1, m1, p1) = a, b
+    torch.testing.assert_close(l0, l1, atol=0, rtol=0)  # the forward sweep computes the same thing
+    torch.testing.assert_close(m0, m1, atol=1e-6, rtol=1e-4)
+    assert p0.keys() == p1.keys() and len(p0) > 0
+    for n in p0:
+        torch.testing.assert_close(p0[n], p1[n], atol=1e-6, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("depth", [None, 1, 3])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_decoder_gradients_equal_full_bptt(depth, dropout):
+    model = gpt2(tie_word_embeddings=False) if dropout else gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ids = tokens(2, 45)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # one left-padded row: rows end in different segments
+    a, b = _grads(model, ids, ids, mask=mask, seed=7 if dropout else None, num_mem_tokens=3, segment_size=8,
+                  bptt_depth=depth)
+    _assert_same(a, b)
+
+
+@pytest.mark.parametrize("depth", [None, 1])
+def test_llama_gqa_gradients_equal_full_bptt(depth):
+    model = llama()
+    ids = tokens(2, 37)
+    a, b = _grads(model, ids, ids, num_mem_tokens=2, segment_size=10, bptt_depth=depth, keep_logits=False)
+    _assert_same(a, b)
+
+
+@pytest.mark.parametrize("depth", [None, 1, 3])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_encoder_classifier_gradients_equal_full_bptt(depth, dropout):
+    model = bert_cls() if dropout else bert_cls(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids = tokens(3, 50)
+    mask = torch.ones_like(ids)
+    mask[0, -9:] = 0
+    a, b = _grads(model, ids, torch.tensor([1, 4, 2]), mask=mask, seed=3 if dropout else None, num_mem_tokens=2,
+                  segment_size=9, bptt_depth=depth, cls_token_id=CLS, sep_token_id=SEP, pad_token_id=PAD)
+    _assert_same(a, b)
+
+
+def test_frozen_memory_still_trains_the_backbone():
+    model = gpt2(resid_pdrop=0.0, embd_pdrop=0.0)
+    rmt = rmt_fast.wrap(model, num_mem_tokens=2, segment_size=8, checkpoint_segments=True, keep_logits=False)
+    rmt.memory.requires_grad_(False)
+    ids = tokens(2, 30)
+    rmt(ids, labels=ids).loss.backward()
+    assert model.get_input_embeddings().weight.grad is not None
+
+
+def _saved_bytes(rmt, ids, labels):
+    """Bytes of the distinct storages autograd keeps for backward after one forward (input ids excepted)."""
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if not (t.dtype in (torch.long, torch.int) and t.numel() >= ids.numel()):
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = rmt(ids, labels=labels)
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("ckpt", [True, False])
+def test_checkpointed_forward_keeps_a_few_memory_states_per_segment(ckpt):
+    model = gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    b, m, d, s = 2, 3, 32, 8
+    rmt = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=s, checkpoint_segments=ckpt, keep_logits=False)
+    rmt.train()
+    small, _ = _saved_bytes(rmt, *([tokens(b, 4 * s)] * 2))
+    large, out = _saved_bytes(rmt, *([tokens(b, 20 * s)] * 2))
+    per_segment = (large - small) / 16
+    state = b * m * d * 4
+    if ckpt:
+        assert per_segment <= 3 * state, (per_segment, state)
+        out.loss.backward()  # and the backward still works from what was kept
+    else:
+        assert per_segment > 20 * state, (per_segment, state)

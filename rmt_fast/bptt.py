@@ -1,0 +1,172 @@
+"""Checkpointed BPTT as an explicit two-sweep schedule, behind the ordinary ``loss.backward()``.
+
+Full BPTT keeps every segment's activations until the backward pass: memory grows with the number of segments.
+Here (``checkpoint_segments=True``):
+
+1. **forward sweep** without autograd: run every segment once, keep only the memory entering each segment
+   (``[G, B, m, d]``), the RNG state before it (dropout is replayed exactly) and what the caller asked for
+   (the loss sum, the final memory, the recorded outputs);
+2. **backward sweep**, from the last segment to the first: recompute segment ``g`` with autograd from its saved
+   memory and backpropagate its loss, its recorded outputs and its new memory (whose gradient came from segment
+   ``g + 1``); parameter gradients accumulate into ``.grad`` as they go, and ``d memory_g`` is handed back to
+   segment ``g - 1`` (dropped where ``bptt_depth`` cuts the graph, as full BPTT's ``detach`` does).
+
+The gradients equal full BPTT's (up to the order of floating-point summation). Peak memory is one segment's
+activations plus the saved memories. Like reentrant checkpointing, the parameter gradients are accumulated
+inside the backward pass, so use ``loss.backward()`` (not ``torch.autograd.grad`` on parameters).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .schemes import P_LAST
+
+
+@dataclass
+class _Sweep:
+    """Everything the two sweeps share (non-differentiable inputs and host-side facts about the segments)."""
+
+    runner: object
+    plan: object
+    targets: torch.Tensor | None
+    params: torch.Tensor
+    widths: list
+    dense: list
+    records: list  # per segment: whether its output is recorded (returned)
+    want_output: bool
+    progress: object = None
+    structure: list | None = None  # per recorded segment: number of tensors in its output (tuple or single)
+    rng: list | None = None
+    autocast: tuple | None = None
+
+
+def _autocast_state(device_type: str) -> tuple:
+    return (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+
+def _flat(output) -> tuple:
+    return output if isinstance(output, tuple) else (output,)
+
+
+class _TwoSweep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sweep: _Sweep, memory, _dummy):
+        r = sweep.runner
+        device = memory.device
+        sweep.autocast = _autocast_state(device.type)
+        keep_rng = r.adapter.model.training
+        sweep.rng = [] if keep_rng else None
+        states, outputs, structure = [], [], []
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        count = torch.zeros((), dtype=torch.long, device=device)
+        g_total = sweep.plan.num_segments
+        for g in (range(g_total) if sweep.progress is None else sweep.progress(range(g_total))):
+            states.append(memory)
+            if keep_rng:
+                sweep.rng.append(_rng_state(device))
+            res = r.step(memory, sweep.plan.content, sweep.targets, sweep.params[g], sweep.widths[g],
+                         sweep.want_output and sweep.records[g], False, sweep.dense[g])
+            memory = res.memory
+            loss_sum = loss_sum + res.loss_sum
+            count = count + res.count
+            if res.output is not None and sweep.records[g]:
+                flat = _flat(res.output)
+                structure.append(len(flat))
+                outputs.extend(flat)
+        sweep.structure = structure
+        ctx.sweep = sweep
+        ctx.save_for_backward(*states)
+        ctx.mark_non_differentiable(count)
+        return (memory, loss_sum, count, *outputs)
+
+    @staticmethod
+    def backward(ctx, grad_memory, grad_loss, _grad_count, *grad_outputs):
+        sweep = ctx.sweep
+        r = sweep.runner
+        states = ctx.saved_tensors
+        g_total = sweep.plan.num_segments
+        depth = r.config.bptt_depth
+        # which recorded outputs belong to which segment
+        per_segment, k, i = {}, 0, 0
+        for g in range(g_total):
+            if sweep.records[g] and sweep.want_output:
+                n = sweep.structure[i]
+                per_segment[g] = grad_outputs[k:k + n]
+                k, i = k + n, i + 1
+        grad_first = None
+        device_type, autocast_on, autocast_dtype = sweep.autocast
+        for g in reversed(range(g_total)):
+            seg_grads = per_segment.get(g, ())
+            has_out_grad = any(t is not None for t in seg_grads)
+            if grad_memory is None and grad_loss is None and not has_out_grad:
+                continue  # nothing downstream of this segment needs a gradient
+            cut = depth is not None and 0 < g < g_total - depth  # full BPTT detaches the memory entering g
+            mem_in = states[g].detach().requires_grad_(not cut)
+            with contextlib.ExitStack() as stack:
+                if sweep.rng is not None:
+                    stack.enter_context(torch.random.fork_rng(devices=_rng_devices(mem_in.device)))
+                    _set_rng_state(mem_in.device, sweep.rng[g])
+                stack.enter_context(torch.enable_grad())
+                stack.enter_context(torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on))
+                res = r.step(mem_in, sweep.plan.content, sweep.targets, sweep.params[g], sweep.widths[g],
+                             bool(seg_grads), False, sweep.dense[g])
+            outs, grads = [], []
+            if grad_memory is not None and res.memory.requires_grad:
+                outs.append(res.memory)
+                grads.append(grad_memory)
+            if grad_loss is not None and res.loss_sum.requires_grad:
+                outs.append(res.loss_sum)
+                grads.append(grad_loss)
+            if has_out_grad:
+                for out, grad in zip(_flat(res.output), seg_grads):
+                    if grad is not None and out.requires_grad:
+                        outs.append(out)
+                        grads.append(grad)
+            if outs:
+                torch.autograd.backward(outs, grads)
+            if g == 0:
+                grad_first = mem_in.grad
+            else:
+                grad_memory = None if cut else mem_in.grad
+        return None, grad_first, None
+
+
+def _rng_devices(device: torch.device) -> list:
+    return [device] if device.type == "cuda" else []
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The generator state dropout draws from on ``device`` (CUDA: 16 bytes; CPU: about 5 KB)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, total_len: int, progress=None) -> dict:
+    """The recurrence with the two-sweep schedule; returns what :meth:`SegmentRunner.run_eager` returns."""
+    lens_host = plan.lens.tolist()  # one host sync for all segments
+    widths = [max(row) for row in lens_host]
+    dense = [min(row) == w for row, w in zip(lens_host, widths)]
+    ends = params[:, P_LAST].any(1).tolist()
+    records = [bool(want_output and (e or runner.scheme.output_per_segment)) for e in ends]
+    sweep = _Sweep(runner, plan, targets, params, widths, dense, records, want_output, progress)
+    dummy = torch.empty(0, device=memory.device, requires_grad=True)
+    memory, loss_sum, count, *outputs = _TwoSweep.apply(sweep, memory, dummy)
+    record = runner.scheme.new_record(plan, total_len)
+    it = iter(outputs)
+    j = 0
+    for g in range(plan.num_segments):
+        if records[g]:
+            n = sweep.structure[j]
+            j += 1
+            flat = tuple(next(it) for _ in range(n))
+            record.add(params[g], flat if n > 1 else flat[0])
+    return dict(memory=memory, loss_sum=loss_sum, count=count, output=record.result(), hidden=None)
