@@ -63,6 +63,17 @@ class Adapter:
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
 
+    def lm_head_linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight ``[V, d]``, bias) when the LM head is a plain linear map (so a fused linear + cross-entropy
+        computes the same loss), else None."""
+        head = self.model.get_output_embeddings()
+        if type(head) is not torch.nn.Linear:
+            return None
+        cfg = self.model.config
+        if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+            return None
+        return head.weight, head.bias
+
     def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss HF's ...ForSequenceClassification heads compute (problem_type rules)."""
         cfg = self.model.config

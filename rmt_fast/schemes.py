@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import SegmentLayout
+from .ops.linear_cross_entropy import linear_cross_entropy
 
 IGNORE_INDEX = -100
 MODES = ("decoder", "encoder")
@@ -171,11 +172,15 @@ class DecoderScheme(Scheme):
         count = torch.zeros((), dtype=torch.long, device=h.device)
         if adapter.head != "lm":
             return (tok_h if want_output else None), loss_sum, count
-        logits = adapter.lm_logits(tok_h) if (targets is not None or want_output) else None
+        head = None if want_output or targets is None else adapter.lm_head_linear()
+        logits = adapter.lm_logits(tok_h) if (want_output or (targets is not None and head is None)) else None
         if targets is not None:
             tgt = gather_span(targets, params[P_START], params[P_LEN], width, IGNORE_INDEX)
-            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction="sum")
+            if logits is not None:
+                loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=IGNORE_INDEX,
+                                           reduction="sum")
+            else:  # only the loss is needed: [B, W, V] fp32 logits never exist
+                loss_sum = linear_cross_entropy(tok_h.flatten(0, 1), *head, tgt.flatten(), IGNORE_INDEX)
             count = (tgt != IGNORE_INDEX).sum()
         return (logits if want_output else None), loss_sum, count
 

@@ -1,0 +1,63 @@
+"""Fused linear + cross-entropy (rmt_fast/ops/linear_cross_entropy) against the plain logits + cross-entropy."""
+import pytest
+import torch
+
+import rmt_fast
+from rmt_fast.ops.linear_cross_entropy import chunked, linear_cross_entropy
+from models import gpt2, llama, tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [7 * 50, 1 << 24])  # several chunks (ragged last one), or one
+def test_chunked_equals_reference(dtype, bias, chunk, monkeypatch):
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", chunk)
+    n, d, v = 33, 16, 50
+    h0 = torch.randn(n, d, dtype=dtype)
+    w0 = torch.randn(v, d, dtype=dtype) * 0.3
+    b0 = torch.randn(v, dtype=dtype) if bias else None
+    t = torch.randint(0, v, (n,))
+    t[::5] = -100
+    res = []
+    for backend in ("reference", "chunked"):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = b0.clone().requires_grad_() if bias else None
+        loss = linear_cross_entropy(h, w, b, t, backend=backend)
+        (loss * 0.37).backward()
+        res.append((loss.detach(), h.grad, w.grad, None if b is None else b.grad))
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    for a, b in zip(*res):
+        if a is not None:
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_no_grad_and_bad_backend():
+    h, w, t = torch.randn(5, 4), torch.randn(7, 4), torch.randint(0, 7, (5,))
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, None, t, backend="chunked"),
+                                   linear_cross_entropy(h, w, None, t, backend="reference"))
+    with pytest.raises(ValueError, match="backend"):
+        linear_cross_entropy(h, w, None, t, backend="nope")
+
+
+@pytest.mark.parametrize("make", [gpt2, llama])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_model_loss_fused_equals_plain(make, ckpt):
+    """keep_logits=False takes the fused loss; keep_logits=True takes logits then cross-entropy."""
+    model = make(tie_word_embeddings=False)
+    ids = tokens(2, 37)
+    res = []
+    mem0 = None
+    for keep in (True, False):
+        rmt = rmt_fast.wrap(model, num_mem_tokens=2, segment_size=10, keep_logits=keep, checkpoint_segments=ckpt)
+        if mem0 is None:
+            mem0 = rmt.memory.detach().clone()
+        rmt.memory.data.copy_(mem0)
+        model.zero_grad(set_to_none=True)
+        out = rmt(ids, labels=ids)
+        out.loss.backward()
+        res.append((out.loss.detach(), rmt.memory.grad, model.get_output_embeddings().weight.grad,
+                    model.get_input_embeddings().weight.grad))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
