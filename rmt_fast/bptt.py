@@ -18,6 +18,7 @@ inside the backward pass, so use ``loss.backward()`` (not ``torch.autograd.grad`
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +39,10 @@ class _Sweep:
     records: list  # per segment: whether its output is recorded (returned)
     want_output: bool
     progress: object = None
+    graphs: object = None  # a rmt_fast.graphs.TrainingGraphs replaying both sweeps, or None (eager)
     structure: list | None = None  # per recorded segment: number of tensors in its output (tuple or single)
     rng: list | None = None
+    rng_after: object = None
     autocast: tuple | None = None
 
 
@@ -57,7 +60,7 @@ class _TwoSweep(torch.autograd.Function):
         r = sweep.runner
         device = memory.device
         sweep.autocast = _autocast_state(device.type)
-        keep_rng = r.adapter.model.training
+        keep_rng = r.adapter.model.training or sweep.graphs is not None
         sweep.rng = [] if keep_rng else None
         states, outputs, structure = [], [], []
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -67,16 +70,21 @@ class _TwoSweep(torch.autograd.Function):
             states.append(memory)
             if keep_rng:
                 sweep.rng.append(_rng_state(device))
-            res = r.step(memory, sweep.plan.content, sweep.targets, sweep.params[g], sweep.widths[g],
-                         sweep.want_output and sweep.records[g], False, sweep.dense[g])
-            memory = res.memory
-            loss_sum = loss_sum + res.loss_sum
-            count = count + res.count
-            if res.output is not None and sweep.records[g]:
-                flat = _flat(res.output)
+            if sweep.graphs is not None:
+                res = sweep.graphs.forward(memory, sweep.params[g])
+            else:
+                res = r.step(memory, sweep.plan.content, sweep.targets, sweep.params[g], sweep.widths[g],
+                             sweep.want_output and sweep.records[g], False, sweep.dense[g])
+            memory = res[0]
+            loss_sum = loss_sum + res[1]
+            count = count + res[2]
+            if res[3] is not None and sweep.records[g]:
+                flat = _flat(res[3])
                 structure.append(len(flat))
                 outputs.extend(flat)
         sweep.structure = structure
+        if sweep.rng is not None:
+            sweep.rng_after = _rng_state(device)
         ctx.sweep = sweep
         ctx.save_for_backward(*states)
         ctx.mark_non_differentiable(count)
@@ -104,6 +112,14 @@ class _TwoSweep(torch.autograd.Function):
             if grad_memory is None and grad_loss is None and not has_out_grad:
                 continue  # nothing downstream of this segment needs a gradient
             cut = depth is not None and 0 < g < g_total - depth  # full BPTT detaches the memory entering g
+            if sweep.graphs is not None:
+                _set_rng_state(states[g].device, sweep.rng[g])
+                grad_in = sweep.graphs.backward(states[g], sweep.params[g], grad_memory, grad_loss, seg_grads)
+                if g == 0:
+                    grad_first = grad_in
+                else:
+                    grad_memory = None if cut else grad_in
+                continue
             mem_in = states[g].detach().requires_grad_(not cut)
             with contextlib.ExitStack() as stack:
                 if sweep.rng is not None:
@@ -131,7 +147,40 @@ class _TwoSweep(torch.autograd.Function):
                 grad_first = mem_in.grad
             else:
                 grad_memory = None if cut else mem_in.grad
+        if sweep.graphs is not None:
+            sweep.graphs.finish()
+            _set_rng_state(states[0].device, sweep.rng_after)
         return None, grad_first, None
+
+
+def _training_graphs(runner, memory, plan, targets, want_output):
+    """The runner's captured training graphs for this call's shape (captured on first use), or None when capture
+    is impossible (one warning; the eager sweeps run instead)."""
+    from .graphs import TrainingGraphs
+
+    b, tc = plan.content.shape
+    device_type = memory.device.type
+    autocast = _autocast_state(device_type)
+    key = ("train", b, want_output, targets is not None, memory.dtype, memory.device, autocast,
+           tuple(id(p) for p in runner.adapter.model.parameters() if p.requires_grad))
+    cache = runner.__dict__.setdefault("training_graphs", {})
+    if key in cache and cache[key] is None:
+        return None
+    graphs = cache.get(key)
+    if graphs is None or graphs.content.shape[1] < tc:
+        capacity = max(tc, 2 * graphs.content.shape[1] if graphs is not None else tc)
+        cache.pop(key, None)
+        try:
+            graphs = TrainingGraphs(runner, b, capacity, memory, want_output, targets, plan.content.dtype, autocast)
+        except Exception as e:  # capture is impossible for this model/shape: train eagerly
+            cache[key] = None
+            warnings.warn(f"rmt_fast: CUDA graph capture of the training step failed ({type(e).__name__}: {e}); "
+                          "training eagerly", RuntimeWarning, stacklevel=4)
+            torch.cuda.synchronize()
+            return None
+        cache[key] = graphs
+    graphs.load(plan.content, targets)
+    return graphs
 
 
 def _rng_devices(device: torch.device) -> list:
@@ -158,6 +207,8 @@ def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, tota
     ends = params[:, P_LAST].any(1).tolist()
     records = [bool(want_output and (e or runner.scheme.output_per_segment)) for e in ends]
     sweep = _Sweep(runner, plan, targets, params, widths, dense, records, want_output, progress)
+    if runner.config.cuda_graphs and memory.is_cuda and not (want_output and runner.scheme.output_per_segment):
+        sweep.graphs = _training_graphs(runner, memory, plan, targets, want_output)
     dummy = torch.empty(0, device=memory.device, requires_grad=True)
     memory, loss_sum, count, *outputs = _TwoSweep.apply(sweep, memory, dummy)
     record = runner.scheme.new_record(plan, total_len)

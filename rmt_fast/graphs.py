@@ -106,3 +106,141 @@ class GraphedSegments:
                 record.add(params[g], c.output)  # copies out of the static buffers before the next replay
         return dict(memory=c.memory.clone(), loss_sum=c.loss_sum.clone(), count=c.count.clone(),
                     output=record.result(), hidden=None)
+
+
+class TrainingGraphs:
+    """Captured segment steps for checkpointed training (:mod:`rmt_fast.bptt`) on CUDA.
+
+    Two graphs over shared static buffers, every segment at the full width:
+
+    - ``forward``: the no-grad step (memory in -> memory out, loss, count, recorded output);
+    - ``backward``: the step recomputed with autograd and differentiated, ``torch.autograd.grad`` of (new memory,
+      loss, recorded output) against (memory in, every trainable backbone parameter) with the incoming gradients
+      from static buffers; parameter gradients are added into static accumulators, the memory gradient is written
+      to a static output. :meth:`finish` adds the accumulators into the parameters' ``.grad``.
+
+    Dropout draws the same numbers in both graphs of a segment: the generator state saved before the forward
+    replay is restored before the backward replay.
+    """
+
+    def __init__(self, runner, b: int, capacity: int, memory: torch.Tensor, want_output: bool,
+                 targets: torch.Tensor | None, content_dtype, autocast: tuple):
+        self.runner, self.want_output, self.autocast = runner, want_output, autocast
+        dev = memory.device
+        self.width = runner.config.segment_size
+        self.content = torch.zeros(b, capacity, dtype=content_dtype, device=dev)
+        self.targets = None if targets is None else torch.full((b, capacity), -100, dtype=torch.long, device=dev)
+        self.params = torch.zeros(5, b, dtype=torch.long, device=dev)
+        self.params[P_GATHER] = -1
+        self.memory = memory.detach().clone()  # forward: memory in (and out, written in place)
+        self.mem_in = memory.detach().clone().requires_grad_(True)  # backward: the leaf differentiated against
+        self.grad_memory = torch.zeros_like(self.memory)  # backward: d(new memory), in
+        self.grad_mem_in = torch.zeros_like(self.memory)  # backward: d(memory in), out
+        self.grad_loss = torch.zeros((), dtype=torch.float32, device=dev)
+        self.parameters = [p for p in runner.adapter.model.parameters() if p.requires_grad]
+        self.accum = [torch.zeros_like(p) for p in self.parameters]
+        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy inits, autotuning, allocator
+                self._forward_body()
+                self._backward_body()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        with torch.cuda.graph(self.fwd):
+            self.loss, self.count, self.output = self._forward_body()
+        self.grad_outputs = [torch.zeros_like(t) for t in _flat_outputs(self.output)]
+        with torch.cuda.graph(self.bwd):
+            self._backward_body()
+        for t in self.accum:
+            t.zero_()
+        self.memory.copy_(memory)
+
+    def _autocast(self):
+        device_type, enabled, dtype = self.autocast
+        # no cast cache: a cached bf16 copy of a weight would outlive the optimizer step that changes the weight
+        return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False)
+
+    def _forward_body(self):
+        with torch.no_grad(), self._autocast():
+            res = self.runner.step(self.memory, self.content, self.targets, self.params, self.width,
+                                   self.want_output, False)
+            self.memory.copy_(res.memory)
+        return res.loss_sum, res.count, res.output
+
+    def _backward_body(self):
+        with torch.enable_grad(), self._autocast():
+            res = self.runner.step(self.mem_in, self.content, self.targets, self.params, self.width,
+                                   self.want_output, False)
+        outs, grads = [], []
+        if res.memory.requires_grad:
+            outs.append(res.memory)
+            grads.append(self.grad_memory)
+        if res.loss_sum.requires_grad:
+            outs.append(res.loss_sum)
+            grads.append(self.grad_loss)
+        grad_outputs = getattr(self, "grad_outputs", None) or [torch.zeros_like(t) for t in _flat_outputs(res.output)]
+        for out, grad in zip(_flat_outputs(res.output), grad_outputs):
+            if out.requires_grad:
+                outs.append(out)
+                grads.append(grad)
+        got = torch.autograd.grad(outs, [self.mem_in] + self.parameters, grads, allow_unused=True)
+        _copy_or_zero(self.grad_mem_in, got[0])
+        for acc, g in zip(self.accum, got[1:]):
+            if g is not None:
+                acc.add_(g)
+
+    def load(self, content: torch.Tensor, targets: torch.Tensor | None) -> None:
+        """Copy one call's token ids (and targets) into the static buffers."""
+        tc = content.shape[1]
+        self.content[:, :tc].copy_(content)
+        if targets is not None:
+            self.targets.fill_(-100)
+            self.targets[:, :tc].copy_(targets)
+
+    def forward(self, memory: torch.Tensor, params: torch.Tensor):
+        """One segment without autograd: ``(new memory, loss_sum, count, output)`` (fresh tensors)."""
+        self.memory.copy_(memory)
+        self.params.copy_(params)
+        self.fwd.replay()
+        output = None if self.output is None else tuple(t.clone() for t in _flat_outputs(self.output))
+        if output is not None and not isinstance(self.output, tuple):
+            output = output[0]
+        return self.memory.clone(), self.loss.clone(), self.count.clone(), output
+
+    def backward(self, memory_in: torch.Tensor, params: torch.Tensor, grad_memory, grad_loss, grad_outputs):
+        """Backpropagate one segment; returns d(memory in) (a fresh tensor). None gradients count as zeros."""
+        with torch.no_grad():
+            self.mem_in.copy_(memory_in)
+        self.params.copy_(params)
+        _copy_or_zero(self.grad_memory, grad_memory)
+        _copy_or_zero(self.grad_loss, grad_loss)
+        for buf, g in zip(self.grad_outputs, grad_outputs or ()):
+            _copy_or_zero(buf, g)
+        if not grad_outputs:
+            for buf in self.grad_outputs:
+                buf.zero_()
+        self.bwd.replay()
+        return self.grad_mem_in.clone()
+
+    def finish(self) -> None:
+        """Add the accumulated parameter gradients into ``.grad`` and reset the accumulators."""
+        for p, acc in zip(self.parameters, self.accum):
+            if p.grad is None:
+                p.grad = acc.clone()
+            else:
+                p.grad.add_(acc)
+            acc.zero_()
+
+
+def _flat_outputs(output) -> tuple:
+    if output is None:
+        return ()
+    return output if isinstance(output, tuple) else (output,)
+
+
+def _copy_or_zero(buf: torch.Tensor, value) -> None:
+    if value is None:
+        buf.zero_()
+    else:
+        buf.copy_(value)

@@ -1,0 +1,221 @@
+"""Training-step benchmarks (issue: training at graph speed with flat memory), side by side in one run.
+
+Paths per configuration (bf16 autocast, AdamW step included only in the memory-task part):
+  official      the official loop restated (rmt_fast/experiments/official.py): full BPTT, all activations kept
+  default       rmt_fast.wrap(model) with no flags (full BPTT; decoders keep logits)
+  no_logits     decoders: keep_logits=False (the fused linear + cross-entropy loss)
+  ckpt_eager    checkpoint_segments=True, cuda_graphs=False: the two-sweep schedule, eager
+  ckpt_graphed  checkpoint_segments=True, cuda_graphs=True: both sweeps replay CUDA graphs
+
+Parts (``--parts``): gpt2 (GPT-2 small, B=4, m=16, 16 x 512 tokens; peaks at 1/16/256 segments), bert (BERT-base
+classifier, B=8, m=10, 16 x 499 tokens; peaks at 1/16/256), task (the memory-task configuration: MiniLM-L6-shaped
+BERT, m=10, 499-token segments, 5 segments, batch 32, AdamW: the old trainer settings vs the new ones).
+Writes CSV and PNG under --out and, with --append-results, a section of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import append_results, markdown_table, peak_gib, timeit, write_csv  # noqa: E402
+
+import rmt_fast  # noqa: E402
+from rmt_fast.experiments.official import official_decoder, official_encoder  # noqa: E402
+
+PATHS = {
+    "default": dict(),
+    "no_logits": dict(keep_logits=False),
+    "ckpt_eager": dict(checkpoint_segments=True, cuda_graphs=False, keep_logits=False),
+    "ckpt_graphed": dict(checkpoint_segments=True, cuda_graphs=True, keep_logits=False),
+}
+
+
+def _autocast(dev):
+    return torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
+
+
+def bench_paths(args, rows, part, model, make_ids, labels_of, wrap_kw, official_step, seg_tokens, paths, batch):
+    dev = args.device
+    n_main = args.segments
+    results = {}
+    for name in ["official"] + paths:
+        for n_seg in ([1, n_main] + ([args.long] if name == "ckpt_graphed" and args.long else [])):
+            ids = make_ids(n_seg)
+            labels = labels_of(ids)
+            if name == "official":
+                def step():
+                    with _autocast(dev):
+                        loss = official_step(ids, labels)
+                    loss.backward()
+                    model.zero_grad(set_to_none=True)
+            else:
+                rmt = rmt_fast.wrap(model, **wrap_kw, **PATHS[name]).to(dev)
+                rmt.train()
+
+                def step():
+                    with _autocast(dev):
+                        loss = rmt(ids, labels=labels).loss
+                    loss.backward()
+                    rmt.zero_grad(set_to_none=True)
+            try:
+                peak = peak_gib(step)
+                t = timeit(step, warmup=1, reps=1 if n_seg > n_main else args.reps)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                rows.append(dict(part=part, path=name, segments=n_seg, error="out of memory"))
+                continue
+            tok = batch * n_seg * seg_tokens
+            row = dict(part=part, path=name, segments=n_seg, seconds=t, tok_per_s=tok / t, peak_gib=peak)
+            results[(name, n_seg)] = row
+            rows.append(row)
+            print(f"{part:5s} {name:13s} {n_seg:4d} seg  {tok / t / 1e3:8.1f}k tok/s  {peak:6.2f} GiB", flush=True)
+    for (name, n_seg), row in results.items():
+        ref = results.get(("official", n_seg))
+        one = results.get((name, 1))
+        if ref:
+            row["speed_vs_official"] = row["tok_per_s"] / ref["tok_per_s"]
+        if one and one["peak_gib"]:
+            row["peak_vs_1seg"] = row["peak_gib"] / one["peak_gib"]
+
+
+def part_gpt2(args, rows):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config() if not args.smoke else GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128)
+    cfg.n_positions = max(cfg.n_positions, args.gpt2_seg + 2 * 16)
+    model = GPT2LMHeadModel(cfg).to(args.device).train()
+    seg, m, b = args.gpt2_seg, 16, 4
+    mem = torch.randn(m, cfg.n_embd, device=args.device) * 0.02
+
+    def make_ids(n):
+        return torch.randint(0, cfg.vocab_size, (b, n * seg), device=args.device)
+
+    bench_paths(args, rows, "gpt2", model, make_ids, lambda ids: ids, dict(num_mem_tokens=m, segment_size=seg),
+                lambda ids, labels: official_decoder(model, mem, ids, seg, labels=labels)[2], seg,
+                list(PATHS), b)
+
+
+def part_bert(args, rows):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(num_labels=6) if not args.smoke else BertConfig(num_labels=6, num_hidden_layers=2, hidden_size=64,
+                                                                     num_attention_heads=4, intermediate_size=128,
+                                                                     max_position_embeddings=64)
+    model = BertForSequenceClassification(cfg).to(args.device).train()
+    b, m = 8, 10
+    seg = cfg.max_position_embeddings - m - 3
+    mem = torch.randn(m, cfg.hidden_size, device=args.device) * 0.02
+    labels = torch.randint(0, 6, (b,), device=args.device)
+
+    def make_ids(n):
+        return torch.randint(1000, cfg.vocab_size, (b, n * seg), device=args.device)
+
+    def official_step(ids, lab):
+        out, _ = official_encoder(model, mem, ids, seg, 101, 102, 0)
+        return torch.nn.functional.cross_entropy(out.logits.float(), lab)
+
+    bench_paths(args, rows, "bert", model, make_ids, lambda ids: labels,
+                dict(num_mem_tokens=m, cls_token_id=101, sep_token_id=102, pad_token_id=0), official_step, seg,
+                ["default", "ckpt_eager", "ckpt_graphed"], b)
+
+
+def part_task(args, rows):
+    """One optimizer step of the memory-task configuration: the old trainer settings vs the new ones."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, num_labels=6)
+    if args.smoke:
+        cfg = BertConfig(num_labels=6, num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=64)
+    model = BertForSequenceClassification(cfg).to(args.device).train()
+    m, b, n_seg = 10, 32 if not args.smoke else 4, 5
+    seg = cfg.max_position_embeddings - m - 3
+    ids = torch.randint(1000, cfg.vocab_size, (b, n_seg * seg), device=args.device)
+    labels = torch.randint(0, 6, (b,), device=args.device)
+    kw = dict(num_mem_tokens=m, cls_token_id=101, sep_token_id=102, pad_token_id=0, segment_size=seg)
+    settings = {"before (full BPTT, AdamW)": (dict(keep_logits=False), False),
+                "now (graphed two-sweep, fused AdamW)": (dict(checkpoint_segments=True, cuda_graphs=True,
+                                                              keep_logits=False), True)}
+    times = {}
+    for name, (wkw, fused) in settings.items():
+        rmt = rmt_fast.wrap(model, **kw, **wkw).to(args.device)
+        opt = torch.optim.AdamW(rmt.parameters(), lr=1e-5, weight_decay=1e-3,
+                                fused=fused and args.device == "cuda")
+
+        def step():
+            with _autocast(args.device):
+                loss = rmt(ids, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(rmt.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        peak = peak_gib(step)
+        t = timeit(step, warmup=1, reps=args.reps)
+        times[name] = t
+        rows.append(dict(part="task", path=name, segments=n_seg, seconds=t, tok_per_s=b * n_seg * seg / t,
+                         peak_gib=peak))
+        print(f"task  {name:40s} {t * 1e3:8.1f} ms/step  {peak:6.2f} GiB", flush=True)
+    names = list(times)
+    rows[-1]["speed_vs_before"] = times[names[0]] / times[names[1]]
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [p for p in ("gpt2", "bert") if any(r["part"] == p for r in rows)]
+    if not parts:
+        return
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        sel = [r for r in rows if r["part"] == part and "tok_per_s" in r and r["segments"] > 1]
+        sel = [r for r in sel if r["segments"] == min(x["segments"] for x in sel)]
+        names = [r["path"] for r in sel]
+        ax.bar(names, [r["tok_per_s"] / 1e3 for r in sel], color="tab:blue")
+        for i, r in enumerate(sel):
+            ax.text(i, r["tok_per_s"] / 1e3, f"{r['peak_gib']:.1f} GiB", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{part}: training, {sel[0]['segments']} segments (label: peak memory)")
+        ax.set_ylabel("k tokens / s")
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="gpt2,bert,task")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--segments", type=int, default=16)
+    p.add_argument("--long", type=int, default=256, help="segments of the long flat-memory check (0: skip)")
+    p.add_argument("--gpt2-seg", type=int, default=512)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="tiny models (CPU check of the script)")
+    p.add_argument("--append-results", action="store_true")
+    args = p.parse_args(argv)
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        args.gpt2_seg, args.segments, args.long, args.reps = 16, 3, 0, 1
+    rows = []
+    for part in args.parts.split(","):
+        {"gpt2": part_gpt2, "bert": part_bert, "task": part_task}[part](args, rows)
+        write_csv(os.path.join(args.out, "train.csv"), rows)
+    plot(rows, os.path.join(args.out, "train.png"))
+    cols = ["part", "path", "segments", "tok_per_s", "speed_vs_official", "peak_gib", "peak_vs_1seg", "seconds",
+            "speed_vs_before", "error"]
+    table = markdown_table(rows, cols)
+    print(table)
+    if args.append_results:
+        append_results(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+                       "Training steps (benchmarks/train.py)", table + "\n\n![train](results/train.png)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Plain restatements of the official RMT loops (booydar/recurrent-memory-transformer), the yardstick that tests
+and benchmarks compare rmt_fast with: the backbone's own attention, one HF forward per segment, all activations
+kept for the backward pass (full BPTT).
+
+- :func:`official_decoder`: ``MemoryCell`` + ``RecurrentWrapper``: ``[mem | segment | mem]``, the next memory is the
+  last layer at the last ``m`` positions, logits are sliced at the token positions and concatenated.
+- :func:`official_encoder`: ``RMTEncoderForSequenceClassification``: right-aligned segments,
+  ``[CLS] mem [SEP] segment [SEP]``, memory from positions ``1..m``, the head reads the last segment.
+
+Rows must share one length (the official code pads rows differently, see RMT.md).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def official_decoder(model, memory: torch.Tensor, input_ids: torch.Tensor, segment_size: int, labels=None,
+                     keep_logits: bool = True):
+    """Returns ``(logits [B, T, V] or None, final memory [B, m, d], loss or None)``; ``memory``: ``[m, d]``.
+
+    The loss is the shifted LM cross-entropy over the whole sequence (mean over targets)."""
+    m = memory.shape[0]
+    mem = memory[None].expand(input_ids.shape[0], -1, -1)
+    logits = []
+    for seg in input_ids.split(segment_size, dim=1):
+        x = torch.cat([mem, model.get_input_embeddings()(seg), mem], 1)
+        out = model(inputs_embeds=x, output_hidden_states=True)
+        mem = out.hidden_states[-1][:, -m:] if m else mem
+        seg_logits = out.logits[:, m:m + seg.shape[1]]
+        if keep_logits:
+            logits.append(seg_logits)
+    if labels is not None and not keep_logits:
+        raise ValueError("official_decoder: labels need keep_logits=True (the loss spans segment borders)")
+    if not keep_logits:
+        return None, mem, None
+    logits = torch.cat(logits, 1)
+    loss = None
+    if labels is not None:
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return logits, mem, loss
+
+
+def official_encoder(model, memory: torch.Tensor, input_ids: torch.Tensor, segment_size: int, cls_token_id: int,
+                     sep_token_id: int, pad_token_id: int = 0):
+    """Returns ``(the last segment's HF output, final memory [B, m, d])``; ``memory``: ``[m, d]``."""
+    m = memory.shape[0]
+    b, t = input_ids.shape
+    dev = input_ids.device
+    bounds = (list(range(t, 0, -segment_size)) + [0])[::-1]
+    mem = memory[None].expand(b, -1, -1)
+    out = None
+    for start, end in zip(bounds, bounds[1:]):
+        seg = input_ids[:, start:end]
+        ids = torch.cat([torch.full((b, 1), cls_token_id, device=dev), torch.full((b, m), pad_token_id, device=dev),
+                         torch.full((b, 1), sep_token_id, device=dev), seg,
+                         torch.full((b, 1), sep_token_id, device=dev)], 1)
+        emb = model.get_input_embeddings()(ids)
+        emb = torch.cat([emb[:, :1], mem.to(emb.dtype), emb[:, 1 + m:]], 1)
+        out = model(inputs_embeds=emb, output_hidden_states=True)
+        mem = out.hidden_states[-1][:, 1:1 + m]
+    return out, mem
