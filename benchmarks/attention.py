@@ -5,7 +5,7 @@ Compares, forward and forward+backward, under the RMT decoder mask (16 read + 16
 - ``reference``: ``memory_attention_ref`` (fp32 math, dense mask);
 - ``sdpa_mask``: ``F.scaled_dot_product_attention`` with the boolean mask ``layout.allowed(N)``;
 - ``flex``: compiled FlexAttention with a block mask built from a ``mask_mod`` that reads ``seq_lens``;
-- ``triton``: ours (``rmt_fast.ops.triton.attention``);
+- ``triton``: ours (``rmt_fast/ops/memory_attention/triton.py``);
 - ``cuda``: the ``rmt_fast._C`` kernel, fp16 inputs (only when the extension is built and has the op);
 - ``sdpa_causal``: SDPA ``is_causal=True`` without memory semantics: the ceiling to aim for.
 
@@ -87,7 +87,7 @@ class Problem:
     def __init__(self, args, shape, bidir, torch):
         import torch.nn.functional as F
 
-        from rmt_fast.ops.reference import SegmentLayout
+        from rmt_fast.ops import SegmentLayout
 
         self.torch = torch
         b, h, n, d = shape
@@ -144,16 +144,14 @@ class Problem:
             return
         b, _, n, _ = self.shape
         r, w = args.num_read, args.num_write
+        from rmt_fast.ops.memory_attention.spec import mask_rule
+
         lens = self.layout.seq_lens
         valid, write_start = lens + (r + w), lens + r
         bidir = self.bidir
 
         def mask_mod(bi, hi, qi, ki):
-            ok = (qi < valid[bi]) & (ki < valid[bi]) & (ki <= qi)
-            if bidir:
-                ok = ok | ((qi < r) & (ki < r)) | (
-                    (qi >= write_start[bi]) & (ki >= write_start[bi]) & (qi < valid[bi]) & (ki < valid[bi]))
-            return ok
+            return mask_rule(qi, ki, valid[bi], r, write_start[bi], True, bidir)
 
         block_mask = create_block_mask(mask_mod, b, None, n, n, device="cuda")
         flex = _compiled_flex(torch, flex_attention)
@@ -162,16 +160,16 @@ class Problem:
 
     def _add_cuda(self):
         from rmt_fast.ops import cuda as cuda_ops
+        from rmt_fast.ops import memory_attention
 
-        fn = getattr(cuda_ops, "memory_attention_cuda", None)
-        if not (cuda_ops.available() and cuda_ops.has_op("memory_attention") and fn is not None):
+        if not cuda_ops.has_op("memory_attention"):
             self.skipped["cuda"] = "rmt_fast._C not built or has no memory_attention op"
             return
         half = self.torch.float16
         self.q16, self.k16, self.v16 = (x.detach().to(half).requires_grad_(True) for x in (self.q, self.k, self.v))
         self.do16 = self.do.to(half)
         lay, scale = self.layout, self.scale
-        self.fns["cuda"] = lambda q, k, v: fn(q, k, v, lay, scale)
+        self.fns["cuda"] = lambda q, k, v: memory_attention(q, k, v, lay, scale, backend="cuda")
 
     def inputs(self, method):
         if method == "cuda":
@@ -194,15 +192,15 @@ def _compiled_flex(torch, flex_attention):
 
 
 def _ref(q, k, v, layout, scale):
-    from rmt_fast.ops.reference import memory_attention_ref
+    from rmt_fast.ops.memory_attention.reference import memory_attention_ref
 
     return memory_attention_ref(q, k, v, layout, scale)
 
 
 def _triton(q, k, v, layout, scale):
-    from rmt_fast.ops.triton.attention import memory_attention_triton
+    from rmt_fast.ops import memory_attention
 
-    return memory_attention_triton(q, k, v, layout, scale)
+    return memory_attention(q, k, v, layout, scale, backend="triton")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,7 +391,7 @@ def sweep(args, torch):
     """Time each candidate config of one kernel (others at their defaults): fwd alone, or the backward alone."""
     from triton.testing import do_bench
 
-    from rmt_fast.ops.triton import attention
+    import rmt_fast.ops.memory_attention.triton as attention
 
     default = attention._launch_config
     for shape_txt in args.shapes:
@@ -407,7 +405,7 @@ def sweep(args, torch):
             for bm, bn, warps, stages in candidates:
                 cand = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
                 attention._launch_config = lambda kn, d, dt, cand=cand, kernel=kernel: (
-                    cand if kn == kernel else default(kn, d, dt))
+                    {**default(kn, d, dt), **cand} if kn == kernel else default(kn, d, dt))
                 try:
                     if kernel == "fwd":
                         with torch.no_grad():

@@ -38,8 +38,7 @@ def main(argv=None):
     dt = getattr(torch, args.dtype)
     from rmt_fast.ops import cuda as cuda_ext
 
-    backends = ["reference", "triton"] + (["cuda"] if cuda_ext.has_op("segment_handoff_fwd") or
-                                          cuda_ext.has_op("segment_handoff") else [])
+    backends = ["reference", "triton"] + (["cuda"] if cuda_ext.has_op("segment_handoff") else [])
     rows = []
     for b, s, m, d in SHAPES:
         n = s + 2 * m

@@ -1,5 +1,6 @@
 // rmt_fast._C: the only translation unit that sees torch. Checks arguments, allocates outputs and calls the
-// torch-free launchers of rmt_fast_kernels.h on the current CUDA stream. Autograd lives in rmt_fast/ops/cuda.py.
+// torch-free launchers of rmt_fast_kernels.h on the current CUDA stream. Autograd and the torch.library custom ops
+// live in rmt_fast/ops/memory_attention/__init__.py and rmt_fast/ops/segment_handoff/__init__.py.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -13,13 +14,14 @@ namespace {
 
 using at::Tensor;
 
-rmt_fast::DType kernel_dtype(const Tensor& t, const char* name) {
-  const at::ScalarType st = t.scalar_type();
+rmt_fast::DType kernel_dtype(at::ScalarType st, const char* name) {
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, name,
               " must be float32, float16 or bfloat16, got ", st);
   return st == at::kFloat ? rmt_fast::DType::kFloat32
                           : (st == at::kHalf ? rmt_fast::DType::kFloat16 : rmt_fast::DType::kBFloat16);
 }
+
+rmt_fast::DType kernel_dtype(const Tensor& t, const char* name) { return kernel_dtype(t.scalar_type(), name); }
 
 void check_cuda(const Tensor& t, const Tensor& like, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
@@ -128,138 +130,128 @@ std::vector<Tensor> memory_attention_bwd(const Tensor& dout_in, const Tensor& q_
   return {dq, dk, dv};
 }
 
-rmt_fast::HandoffArgs handoff_args(const std::optional<Tensor>& hidden, const Tensor& memory,
-                                   const Tensor& token_embeds, int64_t read_offset) {
-  TORCH_CHECK(memory.dim() == 3 && token_embeds.dim() == 3, "memory must be [B, m, d] and token_embeds [B, N, d]");
-  TORCH_CHECK(token_embeds.size(0) == memory.size(0) && token_embeds.size(2) == memory.size(2),
-              "token_embeds ", token_embeds.sizes(), " does not match memory ", memory.sizes(), " in B or d");
-  TORCH_CHECK(read_offset >= 0 && read_offset + memory.size(1) <= token_embeds.size(1), "read_offset (",
-              read_offset, ") + m (", memory.size(1), ") must lie in token_embeds' ", token_embeds.size(1),
-              " positions");
-  TORCH_CHECK(token_embeds.size(0) <= INT32_MAX && token_embeds.size(1) <= INT32_MAX &&
-                  token_embeds.size(2) <= INT32_MAX && (!hidden || hidden->size(1) <= INT32_MAX),
-              "every dimension must be < 2^31 for the CUDA kernels");
+void check_handoff_dims(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, name, " must be 3-D [B, rows, d], got ", t.sizes());
+  TORCH_CHECK(t.size(0) <= INT32_MAX && t.size(1) <= INT32_MAX && t.size(2) <= INT32_MAX &&
+                  t.size(0) * t.size(1) <= INT32_MAX,
+              name, ": B * rows and d must be < 2^31 for the CUDA kernels, got ", t.sizes());
+}
+
+rmt_fast::HandoffArgs handoff_args(const Tensor& memory) {
   rmt_fast::HandoffArgs a{};
   a.batch = static_cast<int>(memory.size(0));
   a.slots = static_cast<int>(memory.size(1));
   a.width = static_cast<int>(memory.size(2));
-  a.seq = static_cast<int>(token_embeds.size(1));
-  a.read_offset = static_cast<int>(read_offset);
-  a.has_hidden = hidden.has_value();
-  a.memory_dtype = kernel_dtype(memory, "memory");
-  a.embeds_dtype = kernel_dtype(token_embeds, "token_embeds");
-  a.hidden_dtype = a.memory_dtype;
-  if (hidden) {
-    TORCH_CHECK(hidden->dim() == 3 && hidden->size(0) == memory.size(0) && hidden->size(2) == memory.size(2),
-                "hidden must be [B, N_prev, d] matching memory ", memory.sizes(), ", got ", hidden->sizes());
-    a.hidden_seq = static_cast<int>(hidden->size(1));
-    a.hidden_dtype = kernel_dtype(*hidden, "hidden");
-  }
   return a;
 }
 
-// Returns (new_memory [B, m, d] in hidden's dtype (memory's without hidden), embeds [B, N, d]).
-std::vector<Tensor> segment_handoff_fwd(const std::optional<Tensor>& hidden_in, const Tensor& memory_in,
-                                        const std::optional<Tensor>& gather_offsets, const Tensor& token_embeds_in,
-                                        int64_t read_offset, const std::optional<Tensor>& write_offsets) {
+// new_memory [B, m, d] in hidden's dtype: hidden[b, g_b : g_b + m], or memory[b] where g_b < 0.
+Tensor gather_memory_fwd(const Tensor& hidden_in, const Tensor& memory_in, const Tensor& gather_offsets) {
+  check_cuda(hidden_in, hidden_in, "hidden");
+  check_cuda(memory_in, hidden_in, "memory");
+  check_handoff_dims(hidden_in, "hidden");
+  check_handoff_dims(memory_in, "memory");
+  TORCH_CHECK(hidden_in.size(0) == memory_in.size(0) && hidden_in.size(2) == memory_in.size(2), "hidden ",
+              hidden_in.sizes(), " does not match memory ", memory_in.sizes(), " in B or d");
+  const Tensor hidden = hidden_in.contiguous(), memory = memory_in.contiguous();
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  rmt_fast::HandoffArgs a = handoff_args(memory);
+  a.hidden_seq = static_cast<int>(hidden.size(1));
+  a.hidden_dtype = kernel_dtype(hidden, "hidden");
+  a.memory_dtype = kernel_dtype(memory, "memory");
+  const Tensor gather = index_tensor(gather_offsets, hidden, "gather_offsets", a.batch);
+  a.gather_offsets = gather.data_ptr<int32_t>();
+  Tensor new_memory = at::empty(memory.sizes(), hidden.options());
+  check_launch(rmt_fast::gather_memory_forward(a, hidden.data_ptr(), memory.data_ptr(), new_memory.data_ptr(),
+                                               c10::cuda::getCurrentCUDAStream()),
+               "gather_memory_forward");
+  return new_memory;
+}
+
+// (grad_hidden [B, hidden_seq, d] of hidden_dtype, grad_memory [B, m, d] of memory_dtype) for grad [B, m, d].
+std::vector<Tensor> gather_memory_bwd(const Tensor& grad_in, const Tensor& gather_offsets, int64_t hidden_seq,
+                                      at::ScalarType hidden_dtype, at::ScalarType memory_dtype) {
+  check_cuda(grad_in, grad_in, "grad");
+  check_handoff_dims(grad_in, "grad");
+  TORCH_CHECK(grad_in.scalar_type() == hidden_dtype, "grad must have hidden's dtype ", hidden_dtype, ", got ",
+              grad_in.scalar_type());
+  TORCH_CHECK(hidden_seq >= 0 && grad_in.size(0) * hidden_seq <= INT32_MAX, "hidden_seq out of range");
+  const Tensor grad = grad_in.contiguous();
+  const c10::cuda::CUDAGuard guard(grad.device());
+  rmt_fast::HandoffArgs a = handoff_args(grad);
+  a.hidden_seq = static_cast<int>(hidden_seq);
+  a.hidden_dtype = kernel_dtype(hidden_dtype, "hidden_dtype");
+  a.memory_dtype = kernel_dtype(memory_dtype, "memory_dtype");
+  const Tensor gather = index_tensor(gather_offsets, grad, "gather_offsets", a.batch);
+  a.gather_offsets = gather.data_ptr<int32_t>();
+  Tensor grad_hidden = at::empty({grad.size(0), hidden_seq, grad.size(2)}, grad.options().dtype(hidden_dtype));
+  Tensor grad_memory = at::empty(grad.sizes(), grad.options().dtype(memory_dtype));
+  check_launch(rmt_fast::gather_memory_backward(a, grad.data_ptr(), grad_hidden.data_ptr(), grad_memory.data_ptr(),
+                                                c10::cuda::getCurrentCUDAStream()),
+               "gather_memory_backward");
+  return {grad_hidden, grad_memory};
+}
+
+// embeds [B, N, d] in token_embeds' dtype: token_embeds with memory at the read slots and the write slots.
+Tensor place_memory_fwd(const Tensor& memory_in, const Tensor& token_embeds_in, int64_t read_offset,
+                        const std::optional<Tensor>& write_offsets) {
   check_cuda(token_embeds_in, token_embeds_in, "token_embeds");
   check_cuda(memory_in, token_embeds_in, "memory");
+  check_handoff_dims(token_embeds_in, "token_embeds");
+  check_handoff_dims(memory_in, "memory");
+  TORCH_CHECK(token_embeds_in.size(0) == memory_in.size(0) && token_embeds_in.size(2) == memory_in.size(2),
+              "token_embeds ", token_embeds_in.sizes(), " does not match memory ", memory_in.sizes(), " in B or d");
+  TORCH_CHECK(read_offset >= 0 && read_offset + memory_in.size(1) <= token_embeds_in.size(1), "read_offset (",
+              read_offset, ") + m (", memory_in.size(1), ") must lie in token_embeds' ", token_embeds_in.size(1),
+              " positions");
   const Tensor memory = memory_in.contiguous(), token_embeds = token_embeds_in.contiguous();
-  std::optional<Tensor> hidden;
-  if (hidden_in) {
-    check_cuda(*hidden_in, token_embeds, "hidden");
-    TORCH_CHECK(gather_offsets.has_value(), "gather_offsets is required when hidden is given");
-    hidden = hidden_in->contiguous();
-  }
-  rmt_fast::HandoffArgs a = handoff_args(hidden, memory, token_embeds, read_offset);
   const c10::cuda::CUDAGuard guard(token_embeds.device());
-  Tensor gather, write;
-  if (hidden) {
-    gather = index_tensor(*gather_offsets, token_embeds, "gather_offsets", a.batch);
-    a.gather_offsets = gather.data_ptr<int32_t>();
-  }
+  rmt_fast::HandoffArgs a = handoff_args(memory);
+  a.seq = static_cast<int>(token_embeds.size(1));
+  a.read_offset = static_cast<int>(read_offset);
+  a.memory_dtype = kernel_dtype(memory, "memory");
+  a.embeds_dtype = kernel_dtype(token_embeds, "token_embeds");
+  Tensor write;
   if (write_offsets) {
     write = index_tensor(*write_offsets, token_embeds, "write_offsets", a.batch);
     a.write_offsets = write.data_ptr<int32_t>();
   }
-  Tensor new_memory = at::empty(memory.sizes(), memory.options().dtype(hidden ? hidden->scalar_type()
-                                                                                : memory.scalar_type()));
   Tensor embeds = at::empty(token_embeds.sizes(), token_embeds.options());
-  check_launch(rmt_fast::segment_handoff_forward(a, hidden ? hidden->data_ptr() : nullptr, memory.data_ptr(),
-                                                 token_embeds.data_ptr(), new_memory.data_ptr(), embeds.data_ptr(),
-                                                 c10::cuda::getCurrentCUDAStream()),
-               "segment_handoff_forward");
-  return {new_memory, embeds};
+  check_launch(rmt_fast::place_memory_forward(a, memory.data_ptr(), token_embeds.data_ptr(), embeds.data_ptr(),
+                                              c10::cuda::getCurrentCUDAStream()),
+               "place_memory_forward");
+  return embeds;
 }
 
-// Writes the wanted gradients into preallocated contiguous outputs; an output passed as None is not wanted,
-// a gradient passed as None is zero. dims = (B, m, d, N_prev, N); dtypes = codes (0 fp32, 1 fp16, 2 bf16) of
-// (hidden, memory, token_embeds); the forward had hidden iff gather_offsets is given.
-void segment_handoff_bwd(const std::optional<Tensor>& grad_new_memory_in, const std::optional<Tensor>& grad_embeds_in,
-                         const std::optional<Tensor>& gather_offsets, const std::optional<Tensor>& write_offsets,
-                         int64_t read_offset, std::vector<int64_t> dims, std::vector<int64_t> dtypes,
-                         const std::optional<Tensor>& grad_hidden, const std::optional<Tensor>& grad_memory,
-                         const std::optional<Tensor>& grad_token_embeds) {
-  TORCH_CHECK(dims.size() == 5 && dtypes.size() == 3, "dims must be (B, m, d, N_prev, N), dtypes 3 codes");
-  for (int64_t c : dtypes) TORCH_CHECK(c >= 0 && c <= 2, "dtype codes are 0 (fp32), 1 (fp16), 2 (bf16)");
+// (grad_memory [B, slots, d] of memory_dtype, grad_token_embeds [B, N, d]) for grad [B, N, d].
+std::vector<Tensor> place_memory_bwd(const Tensor& grad_in, int64_t read_offset,
+                                     const std::optional<Tensor>& write_offsets, int64_t slots,
+                                     at::ScalarType memory_dtype) {
+  check_cuda(grad_in, grad_in, "grad");
+  check_handoff_dims(grad_in, "grad");
+  TORCH_CHECK(slots >= 0 && read_offset >= 0 && read_offset + slots <= grad_in.size(1), "read_offset (", read_offset,
+              ") + slots (", slots, ") must lie in the ", grad_in.size(1), " positions");
+  const Tensor grad = grad_in.contiguous();
+  const c10::cuda::CUDAGuard guard(grad.device());
   rmt_fast::HandoffArgs a{};
-  a.batch = static_cast<int>(dims[0]);
-  a.slots = static_cast<int>(dims[1]);
-  a.width = static_cast<int>(dims[2]);
-  a.hidden_seq = static_cast<int>(dims[3]);
-  a.seq = static_cast<int>(dims[4]);
+  a.batch = static_cast<int>(grad.size(0));
+  a.slots = static_cast<int>(slots);
+  a.width = static_cast<int>(grad.size(2));
+  a.seq = static_cast<int>(grad.size(1));
   a.read_offset = static_cast<int>(read_offset);
-  a.has_hidden = gather_offsets.has_value();
-  a.hidden_dtype = static_cast<rmt_fast::DType>(dtypes[0]);
-  a.memory_dtype = static_cast<rmt_fast::DType>(dtypes[1]);
-  a.embeds_dtype = static_cast<rmt_fast::DType>(dtypes[2]);
-  TORCH_CHECK(read_offset >= 0 && read_offset + a.slots <= a.seq, "read_offset out of range");
-
-  // Every tensor argument must sit on one CUDA device; take it from the first one present.
-  std::optional<Tensor> anchor;
-  for (const auto* t : {&grad_memory, &grad_token_embeds, &grad_hidden, &grad_new_memory_in, &grad_embeds_in})
-    if (t->has_value() && !anchor) anchor = **t;
-  if (!anchor) return;  // nothing wanted
-  check_cuda(*anchor, *anchor, "gradient");
-  const c10::cuda::CUDAGuard guard(anchor->device());
-
-  auto check_out = [&](const std::optional<Tensor>& t, std::vector<int64_t> shape, rmt_fast::DType dt,
-                       const char* name) -> void* {
-    if (!t) return nullptr;
-    check_cuda(*t, *anchor, name);
-    TORCH_CHECK(t->is_contiguous() && t->sizes() == at::IntArrayRef(shape) && kernel_dtype(*t, name) == dt, name,
-                " must be a contiguous ", at::IntArrayRef(shape), " tensor of the declared dtype");
-    return t->data_ptr();
-  };
-  const rmt_fast::DType new_dtype = a.has_hidden ? a.hidden_dtype : a.memory_dtype;
-  Tensor grad_new_memory, grad_embeds;
-  if (grad_new_memory_in) {
-    check_cuda(*grad_new_memory_in, *anchor, "grad_new_memory");
-    grad_new_memory = grad_new_memory_in->contiguous();
-    check_out(grad_new_memory, {a.batch, a.slots, a.width}, new_dtype, "grad_new_memory");
-  }
-  if (grad_embeds_in) {
-    check_cuda(*grad_embeds_in, *anchor, "grad_embeds");
-    grad_embeds = grad_embeds_in->contiguous();
-    check_out(grad_embeds, {a.batch, a.seq, a.width}, a.embeds_dtype, "grad_embeds");
-  }
-  void* gh = a.has_hidden ? check_out(grad_hidden, {a.batch, a.hidden_seq, a.width}, a.hidden_dtype, "grad_hidden")
-                          : nullptr;
-  void* gm = check_out(grad_memory, {a.batch, a.slots, a.width}, a.memory_dtype, "grad_memory");
-  void* ge = check_out(grad_token_embeds, {a.batch, a.seq, a.width}, a.embeds_dtype, "grad_token_embeds");
-  Tensor gather, write;
-  if (gather_offsets) {
-    gather = index_tensor(*gather_offsets, *anchor, "gather_offsets", a.batch);
-    a.gather_offsets = gather.data_ptr<int32_t>();
-  }
+  a.memory_dtype = kernel_dtype(memory_dtype, "memory_dtype");
+  a.embeds_dtype = kernel_dtype(grad, "grad");
+  Tensor write;
   if (write_offsets) {
-    write = index_tensor(*write_offsets, *anchor, "write_offsets", a.batch);
+    write = index_tensor(*write_offsets, grad, "write_offsets", a.batch);
     a.write_offsets = write.data_ptr<int32_t>();
   }
-  check_launch(rmt_fast::segment_handoff_backward(a, grad_new_memory.defined() ? grad_new_memory.data_ptr() : nullptr,
-                                                  grad_embeds.defined() ? grad_embeds.data_ptr() : nullptr, gh, gm, ge,
-                                                  c10::cuda::getCurrentCUDAStream()),
-               "segment_handoff_backward");
+  Tensor grad_memory = at::empty({grad.size(0), slots, grad.size(2)}, grad.options().dtype(memory_dtype));
+  Tensor grad_token_embeds = at::empty(grad.sizes(), grad.options());
+  check_launch(rmt_fast::place_memory_backward(a, grad.data_ptr(), grad_memory.data_ptr(),
+                                               grad_token_embeds.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "place_memory_backward");
+  return {grad_memory, grad_token_embeds};
 }
 
 }  // namespace
@@ -273,11 +265,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("seq_lens"), py::arg("num_read"), py::arg("num_write"), py::arg("causal"),
         py::arg("memory_bidirectional"), py::arg("scale"));
-  m.def("segment_handoff_fwd", &segment_handoff_fwd, "segment handoff forward -> (new_memory, embeds)",
-        py::arg("hidden"), py::arg("memory"), py::arg("gather_offsets"), py::arg("token_embeds"),
-        py::arg("read_offset"), py::arg("write_offsets"));
-  m.def("segment_handoff_bwd", &segment_handoff_bwd, "segment handoff backward, into preallocated gradients",
-        py::arg("grad_new_memory"), py::arg("grad_embeds"), py::arg("gather_offsets"), py::arg("write_offsets"),
-        py::arg("read_offset"), py::arg("dims"), py::arg("dtypes"), py::arg("grad_hidden"), py::arg("grad_memory"),
-        py::arg("grad_token_embeds"));
+  m.def("gather_memory_fwd", &gather_memory_fwd, "segment handoff, gather half -> new_memory", py::arg("hidden"),
+        py::arg("memory"), py::arg("gather_offsets"));
+  m.def("gather_memory_bwd", &gather_memory_bwd, "gather half backward -> (grad_hidden, grad_memory)",
+        py::arg("grad"), py::arg("gather_offsets"), py::arg("hidden_seq"), py::arg("hidden_dtype"),
+        py::arg("memory_dtype"));
+  m.def("place_memory_fwd", &place_memory_fwd, "segment handoff, place half -> embeds", py::arg("memory"),
+        py::arg("token_embeds"), py::arg("read_offset"), py::arg("write_offsets"));
+  m.def("place_memory_bwd", &place_memory_bwd, "place half backward -> (grad_memory, grad_token_embeds)",
+        py::arg("grad"), py::arg("read_offset"), py::arg("write_offsets"), py::arg("slots"), py::arg("memory_dtype"));
 }

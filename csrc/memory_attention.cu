@@ -35,7 +35,8 @@ static_assert((2 * kRowTile + 2 * kStreamTile) * kMaxHeadDim * sizeof(float) <= 
 // reading d = lane + 32t at a fixed p, both hit 32 distinct banks.
 __device__ __forceinline__ int swizzle(int d, int p) { return d * kStreamTile + (p ^ (d & (kStreamTile - 1))); }
 
-// One batch row's mask (SegmentLayout.allowed) and the tile bounds it implies.
+// One batch row's mask and the tile bounds it implies. allowed() restates mask_rule of
+// rmt_fast/ops/memory_attention/spec.py, the specification.
 struct RowMask {
   int valid;        // positions < valid are real
   int num_read;     // read block [0, num_read)

@@ -13,10 +13,10 @@ namespace rmt_fast {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// The RMT segment mask of SegmentLayout (rmt_fast/ops/reference.py). Row b holds num_read read slots,
-// seq_lens[b] tokens, num_write write slots; valid[b] = num_read + seq_lens[b] + num_write (clamped to
-// [0, seq]). Query i may attend key j (both < valid[b]) when !causal, or j <= i, or (memory_bidirectional)
-// both lie in [0, num_read) or both lie in [num_read + seq_lens[b], valid[b]).
+// The RMT segment mask, restating mask_rule of rmt_fast/ops/memory_attention/spec.py (the specification). Row b
+// holds num_read read slots, seq_lens[b] tokens, num_write write slots; valid[b] = num_read + seq_lens[b] +
+// num_write (clamped to [0, seq]). Query i may attend key j (both < valid[b]) when !causal, or j <= i, or
+// (memory_bidirectional) both lie in [0, num_read) or both lie in [num_read + seq_lens[b], valid[b]).
 struct SegmentMask {
   const int32_t* seq_lens;  // [batch], device memory
   int num_read;
@@ -59,37 +59,41 @@ cudaError_t memory_attention_backward(DType dtype, const void* dout, Strides3 do
                                       void* dq, void* dk, void* dv, AttentionDims dims, SegmentMask mask,
                                       float scale, cudaStream_t stream);
 
-// segment_handoff_ref (rmt_fast/ops/reference.py) on contiguous tensors of any of the three dtypes.
-// new_memory[b] = hidden[b, gather[b] : gather[b] + m] when has_hidden and gather[b] >= 0, else
-// memory[b]; its dtype is hidden's (memory's when !has_hidden). embeds = token_embeds with
-// new_memory (converted to embeds' dtype) at [read_offset, read_offset + m) and, when write_offsets is
-// given, at [write_offsets[b], write_offsets[b] + m). No device-side checks: a gathered slot outside
-// hidden reads as NaN, a write slot outside [0, seq) is skipped.
+// The segment handoff (rmt_fast/ops/segment_handoff/reference.py) in its two halves, on contiguous tensors of any
+// of the three dtypes. Outputs are fully written; no device-side checks.
 struct HandoffArgs {
   int batch;
   int slots;        // m
   int width;        // d
-  int hidden_seq;   // N_prev (ignored when !has_hidden)
-  int seq;          // N of token_embeds
-  int read_offset;  // 0 <= read_offset, read_offset + m <= seq
-  bool has_hidden;  // false: first segment, new_memory = memory
-  const int32_t* gather_offsets;  // [batch], read when has_hidden
-  const int32_t* write_offsets;   // [batch] or null
+  int hidden_seq;   // N_prev of hidden (gather)
+  int seq;          // N of token_embeds (place)
+  int read_offset;  // place: first read slot, 0 <= read_offset, read_offset + m <= seq
+  const int32_t* gather_offsets;  // gather: [batch]
+  const int32_t* write_offsets;   // place: [batch] first write slot of each row, or null (no write slots)
   DType hidden_dtype, memory_dtype, embeds_dtype;
 };
 
-// hidden [B, N_prev, d] (read when has_hidden); memory [B, m, d]; token_embeds [B, N, d];
-// new_memory [B, m, d] (hidden_dtype, or memory_dtype when !has_hidden); embeds [B, N, d] (embeds_dtype).
-cudaError_t segment_handoff_forward(const HandoffArgs& args, const void* hidden, const void* memory,
-                                    const void* token_embeds, void* new_memory, void* embeds,
-                                    cudaStream_t stream);
+// Gather: new_memory[b] = hidden[b, g_b : g_b + m] where g_b = gather_offsets[b] >= 0, else memory[b] (converted).
+// hidden [B, N_prev, d] (hidden_dtype), memory [B, m, d] (memory_dtype) -> new_memory [B, m, d] (hidden_dtype).
+// A gathered row at or past N_prev reads as NaN.
+cudaError_t gather_memory_forward(const HandoffArgs& args, const void* hidden, const void* memory, void* new_memory,
+                                  cudaStream_t stream);
 
-// grad_new_memory [B, m, d] (new_memory's dtype) and grad_embeds [B, N, d] (embeds_dtype) may each be null
-// (zero). Writes every element of each non-null output: grad_hidden [B, N_prev, d] (hidden_dtype),
-// grad_memory [B, m, d] (memory_dtype), grad_token_embeds [B, N, d] (embeds_dtype); null = not wanted.
-// A new-memory slot that was written to both a read and a write position gets both positions' gradients.
-cudaError_t segment_handoff_backward(const HandoffArgs& args, const void* grad_new_memory,
-                                     const void* grad_embeds, void* grad_hidden, void* grad_memory,
-                                     void* grad_token_embeds, cudaStream_t stream);
+// The gather's gradient: grad_new_memory [B, m, d] (hidden_dtype; null = zero) -> grad_hidden [B, N_prev, d]
+// (hidden_dtype, the gathered rows, zero elsewhere) and grad_memory [B, m, d] (memory_dtype, the kept rows).
+cudaError_t gather_memory_backward(const HandoffArgs& args, const void* grad_new_memory, void* grad_hidden,
+                                   void* grad_memory, cudaStream_t stream);
+
+// Place: embeds [B, N, d] (embeds_dtype) = token_embeds [B, N, d] (embeds_dtype) with memory [B, m, d]
+// (memory_dtype, converted) at [read_offset, read_offset + m) and, with write_offsets, at [w_b, w_b + m).
+// Write slots outside [0, seq) are skipped; where the two blocks overlap, the read slot's value is written.
+cudaError_t place_memory_forward(const HandoffArgs& args, const void* memory, const void* token_embeds, void* embeds,
+                                 cudaStream_t stream);
+
+// The placement's gradient: grad_embeds [B, N, d] (embeds_dtype; null = zero) -> grad_memory [B, m, d]
+// (memory_dtype, each slot's gradient summed over its read and write positions) and grad_token_embeds [B, N, d]
+// (embeds_dtype, zero at every slot position).
+cudaError_t place_memory_backward(const HandoffArgs& args, const void* grad_embeds, void* grad_memory,
+                                  void* grad_token_embeds, cudaStream_t stream);
 
 }  // namespace rmt_fast

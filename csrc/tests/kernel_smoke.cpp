@@ -140,8 +140,10 @@ bool attention_case(bool causal, bool bidirectional) {
   return pass;
 }
 
-bool handoff_case() {
-  const int B = 2, m = 3, d = 5, n_prev = 12, n = 16;
+// Both halves of the handoff and their gradients, fp32, at width d (d = 16 takes the 16-byte path, d = 5 the
+// scalar one). Values are distinct integers, so every comparison is exact.
+bool handoff_case(int d) {
+  const int B = 2, m = 3, n_prev = 12, n = 16;
   std::vector<float> hidden(B * n_prev * d), memory(B * m * d), embeds(B * n * d);
   for (size_t i = 0; i < hidden.size(); ++i) hidden[i] = 1000.f + i;
   for (size_t i = 0; i < memory.size(); ++i) memory[i] = 2000.f + i;
@@ -149,7 +151,8 @@ bool handoff_case() {
   const std::vector<int32_t> gather = {4, -1}, write = {9, 12};
   DeviceBuffer<int32_t> d_gather(gather), d_write(write);
   DeviceBuffer<float> d_hidden(hidden), d_memory(memory), d_embeds(embeds), d_new(memory.size()),
-      d_out(embeds.size());
+      d_out(embeds.size()), d_grad_hidden(hidden.size()), d_grad_memory(memory.size()),
+      d_grad_memory2(memory.size()), d_grad_tok(embeds.size());
   rmt_fast::HandoffArgs a{};
   a.batch = B;
   a.slots = m;
@@ -157,27 +160,49 @@ bool handoff_case() {
   a.hidden_seq = n_prev;
   a.seq = n;
   a.read_offset = 1;
-  a.has_hidden = true;
   a.gather_offsets = d_gather.ptr;
   a.write_offsets = d_write.ptr;
   a.hidden_dtype = a.memory_dtype = a.embeds_dtype = rmt_fast::DType::kFloat32;
-  if (!ok(rmt_fast::segment_handoff_forward(a, d_hidden.ptr, d_memory.ptr, d_embeds.ptr, d_new.ptr, d_out.ptr,
-                                            nullptr),
-          "handoff launch") ||
-      !ok(cudaDeviceSynchronize(), "handoff kernel"))
+  // the placement's and the gather's gradients, fed with the forward outputs as output gradients
+  if (!ok(rmt_fast::gather_memory_forward(a, d_hidden.ptr, d_memory.ptr, d_new.ptr, nullptr), "gather launch") ||
+      !ok(rmt_fast::place_memory_forward(a, d_new.ptr, d_embeds.ptr, d_out.ptr, nullptr), "place launch") ||
+      !ok(rmt_fast::place_memory_backward(a, d_out.ptr, d_grad_memory.ptr, d_grad_tok.ptr, nullptr),
+          "place backward launch") ||
+      !ok(rmt_fast::gather_memory_backward(a, d_new.ptr, d_grad_hidden.ptr, d_grad_memory2.ptr, nullptr),
+          "gather backward launch") ||
+      !ok(cudaDeviceSynchronize(), "handoff kernels"))
     return false;
-  const std::vector<float> got_new = d_new.host(), got_out = d_out.host();
+  const std::vector<float> got_new = d_new.host(), got_out = d_out.host(), got_grad_memory = d_grad_memory.host(),
+                           got_grad_tok = d_grad_tok.host(), got_grad_hidden = d_grad_hidden.host(),
+                           got_grad_memory2 = d_grad_memory2.host();
   bool pass = true;
-  for (int b = 0; b < B; ++b)
+  for (int b = 0; b < B; ++b) {
     for (int s = 0; s < m; ++s)
       for (int c = 0; c < d; ++c) {
         const float want = gather[b] >= 0 ? hidden[(b * n_prev + gather[b] + s) * d + c] : memory[(b * m + s) * d + c];
         pass &= got_new[(b * m + s) * d + c] == want;
         pass &= got_out[(b * n + a.read_offset + s) * d + c] == want;
-        pass &= got_out[(b * n + write[b] + s) * d + c] == want;
+        const bool write_fits = write[b] + s < n;
+        if (write_fits) pass &= got_out[(b * n + write[b] + s) * d + c] == want;
+        pass &= got_grad_memory[(b * m + s) * d + c] == (write_fits ? 2 * want : want);
+        pass &= got_grad_memory2[(b * m + s) * d + c] == (gather[b] >= 0 ? 0.f : want);
       }
-  pass &= got_out[0] == embeds[0] && got_out[(n - 1) * d] == embeds[(n - 1) * d];
-  if (!pass) std::printf("FAIL: segment handoff forward\n");
+    for (int pos = 0; pos < n; ++pos) {
+      const bool slot = (pos >= a.read_offset && pos < a.read_offset + m) || (pos >= write[b] && pos < write[b] + m);
+      for (int c = 0; c < d; ++c) {
+        const size_t i = (b * n + pos) * d + c;
+        if (!slot) pass &= got_out[i] == embeds[i];
+        pass &= got_grad_tok[i] == (slot ? 0.f : got_out[i]);
+      }
+    }
+    for (int pos = 0; pos < n_prev; ++pos)
+      for (int c = 0; c < d; ++c) {
+        const bool gathered = gather[b] >= 0 && pos >= gather[b] && pos < gather[b] + m;
+        const size_t i = (b * n_prev + pos) * d + c;
+        pass &= got_grad_hidden[i] == (gathered ? hidden[i] : 0.f);
+      }
+  }
+  if (!pass) std::printf("FAIL: segment handoff, d = %d\n", d);
   return pass;
 }
 
@@ -193,7 +218,8 @@ int main() {
   pass &= attention_case(false, false);
   pass &= attention_case(true, false);
   pass &= attention_case(true, true);
-  pass &= handoff_case();
+  pass &= handoff_case(16);
+  pass &= handoff_case(5);
   std::printf("%s: rmt_fast kernel smoke test\n", pass ? "PASS" : "FAIL");
   return pass ? 0 : 1;
 }

@@ -1,9 +1,8 @@
 """Memory-token attention in Triton: FlashAttention-2 style forward and backward under the RMT segment mask.
 
-The mask (see :class:`rmt_fast.ops.reference.SegmentLayout`) is never materialised: every tile computes it from
-its row/column indices and the row's ``valid = num_read + seq_lens[b] + num_write``. Query tiles visit only the
-key tiles that can hold an allowed key (and key tiles only the query tiles that can), and tiles that are fully
-allowed skip the mask arithmetic altogether.
+The mask is never materialised: every tile computes it from its row/column indices and the row's
+``valid = num_read + seq_lens[b] + num_write``. Query tiles visit only the key tiles that can hold an allowed key
+(and key tiles only the query tiles that can), and tiles that are fully allowed skip the mask arithmetic.
 
 Kernels (all accumulate in fp32; scores are kept in the log2 domain, ``s2 = q.k * scale * log2(e)``):
 
@@ -16,12 +15,12 @@ Kernels (all accumulate in fp32; scores are kept in the log2 domain, ``s2 = q.k 
 
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU tensors with one fixed
 small tile config, and every loaded tile is upcast to fp32 (the interpreter's bf16/fp16 dot is not reliable).
-On a GPU the tile sizes come from a fixed table per head dim (``_launch_config``). Each call launches one kernel
-forward and three backward from Python; at small shapes that launch overhead exceeds the GPU time unless the
-step is captured in a CUDA graph (the op never synchronises with the host, so it can be).
+On a GPU the tile sizes come from a fixed table per head dim (``_launch_config``). The op never synchronises with
+the host, so it can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -29,13 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import SegmentLayout, check_attention_inputs
-
-__all__ = ["memory_attention_triton"]
-
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = math.log2(math.e)
-_MAX_HEAD_DIM = 128
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -45,8 +39,9 @@ _MAX_HEAD_DIM = 128
 
 @triton.jit
 def _allowed(i, j, valid, num_read, write_start, CAUSAL: tl.constexpr, BIDIR: tl.constexpr):
-    """May query ``i`` attend key ``j`` (index tensors that broadcast to the tile; query validity is not
-    checked: padding queries are zeroed at the end of the forward and have probability 0 in the backward)."""
+    """May query ``i`` attend key ``j``: ``mask_rule`` of spec.py (the specification) restated for tiles. Query
+    validity is not checked: padding queries are zeroed at the end of the forward and have probability 0 in the
+    backward."""
     ok = j < valid
     if CAUSAL:
         rule = j <= i
@@ -368,35 +363,41 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_LENS,
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes, warps and pipeline stages for ``kernel`` ("fwd" | "dkdv" | "dq").
+    """Tile sizes, warps and pipeline stages for ``kernel`` ("fwd" | "dkdv" | "dq"), with the head-dim constants.
 
     Fixed per head dim rather than autotuned: no first-call tuning pause, and the op can be captured in a CUDA
     graph on its first call. Picked from a sweep on an H200 (bf16; B8 H12 N544 D64, B4 H16 N2080 D128,
     B1 H16 N8224 D128): each choice is within a few percent of the best at every one of those shapes.
     ``python benchmarks/attention.py --sweep`` re-measures the candidates on another GPU.
     """
+    dims = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "UPCAST": _INTERPRET,
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
     if _INTERPRET:  # the interpreter runs one program at a time on numpy: small tiles
-        return {"BLOCK_M": 16, "BLOCK_N": 16}
+        return {**dims, "BLOCK_M": 16, "BLOCK_N": 16}
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: smaller tiles, fewer stages (shared memory)
         table = {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)}
     elif head_dim > 64:
         table = {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3), "dq": (64, 32, 4, 3)}
     else:
         table = {"fwd": (64, 64, 4, 3), "dkdv": (16, 128, 4, 3), "dq": (64, 32, 4, 4)}
-    if kernel in table:
-        block_m, block_n, warps, stages = table[kernel]
-        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
-    raise ValueError(f"kernel must be 'fwd', 'dkdv' or 'dq', got {kernel!r}")
+    if kernel not in table:
+        raise ValueError(f"kernel must be 'fwd', 'dkdv' or 'dq', got {kernel!r}")
+    block_m, block_n, warps, stages = table[kernel]
+    return {**dims, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
 
 
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+_PRE_BLOCK = 16 if _INTERPRET else 64
 
 
-def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+def _strides(x: torch.Tensor) -> tuple[int, ...]:
     """(batch, head, row) strides; the kernels index the head dim as contiguous."""
-    return x.stride(0), x.stride(1), x.stride(2)
+    return x.stride()[:3]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr function: several microseconds per host call
 
 
 def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -404,90 +405,53 @@ def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autograd
+# Entry points (called by the rmt_fast::memory_attention custom ops)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _MemoryAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, seq_lens, num_read, num_write, causal, bidir, scale):
-        b, h, n, d = q.shape
-        h_kv = k.shape[1]
-        o = torch.empty_like(q)
-        lse = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
-        dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        cfg = _launch_config("fwd", d, q.dtype)
-        _fwd_kernel[(b * h, triton.cdiv(n, cfg["BLOCK_M"]))](
-            q, k, v, o, lse, seq_lens, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            h, h // h_kv, n, num_read, num_write, scale * _LOG2E,
-            HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, BIDIR=bidir, UPCAST=_INTERPRET,
-            DOT_PRECISION=dot_precision, **cfg,
-        )
-        ctx.save_for_backward(q, k, v, o, lse, seq_lens)
-        ctx.layout_args = (num_read, num_write, causal, bidir, scale, dot_precision)
-        return o
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, num_read: int,
+            num_write: int, causal: bool, bidirectional: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q ``[B, Hq, N, D]``, k/v ``[B, Hkv, N, D]`` (one dtype, any strides), seq_lens ``[B]`` int32/int64.
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, seq_lens = ctx.saved_tensors
-        num_read, num_write, causal, bidir, scale, dot_precision = ctx.layout_args
-        do = _inner_contiguous(do)
-        b, h, n, d = q.shape
-        h_kv = k.shape[1]
-        block_d = _block_d(d)
-
-        delta = torch.empty_like(lse)
-        pre_block = 16 if _INTERPRET else 64
-        _bwd_preprocess_kernel[(b * h, triton.cdiv(n, pre_block))](
-            o, do, delta, *_strides(o), *_strides(do), h, n, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_block,
-        )
-
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        common = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, BIDIR=bidir, UPCAST=_INTERPRET,
-                      DOT_PRECISION=dot_precision)
-        cfg = _launch_config("dkdv", d, q.dtype)
-        _bwd_dkdv_kernel[(b * h_kv, triton.cdiv(n, cfg["BLOCK_N"]))](
-            q, k, v, do, lse, delta, dk, dv, seq_lens,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            h, h_kv, h // h_kv, n, num_read, num_write, scale, scale * _LOG2E, **common, **cfg,
-        )
-        cfg = _launch_config("dq", d, q.dtype)
-        _bwd_dq_kernel[(b * h, triton.cdiv(n, cfg["BLOCK_M"]))](
-            q, k, v, do, lse, delta, dq, seq_lens,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            h, h // h_kv, n, num_read, num_write, scale, scale * _LOG2E, **common, **cfg,
-        )
-        return dq, dk, dv, None, None, None, None, None, None
-
-
-def memory_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout, scale: float | None = None
-) -> torch.Tensor:
-    """Softmax attention under the RMT segment mask, fused (Triton), differentiable in q, k and v.
-
-    q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]`` with ``Hq % Hkv == 0``; any strides (the head dim is made
-    contiguous if it is not); fp16, bf16 or fp32, ``D <= 128``. k and v are cast to q's dtype.
-    Returns ``[B, Hq, N, D]`` in q's dtype with q's memory layout; 0 at padding queries (``>= valid[b]``),
-    and the gradients into padding k/v are exactly 0.
-
-    No host synchronisation (CUDA-graph friendly): ``valid[b]`` is not checked against N but clamped to it.
+    Returns ``(out, lse)``: out ``[B, Hq, N, D]`` like q (dtype and memory layout; zeros at padding queries),
+    lse ``[B, Hq, N]`` fp32, the base-2 log-sum-exp (``+inf`` at padding queries). No host synchronisation:
+    ``valid[b]`` is clamped to N, not checked.
     """
-    check_attention_inputs(q, k, v, layout, check_lengths=False)
+    q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
     b, h, n, d = q.shape
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q.dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    if d > _MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be <= {_MAX_HEAD_DIM} for the triton backend, got {d}")
-    scale = d ** -0.5 if scale is None else float(scale)
-    seq_lens = layout.seq_lens
-    if seq_lens.device != q.device or seq_lens.dtype not in (torch.int32, torch.int64):
-        seq_lens = seq_lens.to(device=q.device, dtype=torch.int32)
-    seq_lens = seq_lens.contiguous()
-    k = _inner_contiguous(k.to(q.dtype))
-    v = _inner_contiguous(v.to(q.dtype))
-    q = _inner_contiguous(q)
-    causal = bool(layout.causal)
-    bidir = causal and bool(layout.memory_bidirectional)
-    return _MemoryAttention.apply(q, k, v, seq_lens, layout.num_read, layout.num_write, causal, bidir, scale)
+    o = torch.empty_like(q)
+    lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    cfg = _launch_config("fwd", d, q.dtype)
+    _fwd_kernel[(b * h, _cdiv(n, cfg["BLOCK_M"]))](
+        q, k, v, o, lse, seq_lens, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        h, h // k.shape[1], n, num_read, num_write, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, **cfg,
+    )
+    return o, lse
+
+
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, seq_lens: torch.Tensor, num_read: int, num_write: int, causal: bool,
+             bidirectional: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` shaped, typed and laid out like q, k, v; exactly 0 at padding positions."""
+    q, k, v, do = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v), _inner_contiguous(dout)
+    b, h, n, d = q.shape
+    h_kv = k.shape[1]
+    delta = torch.empty_like(lse)
+    cfg = _launch_config("fwd", d, q.dtype)
+    _bwd_preprocess_kernel[(b * h, _cdiv(n, _PRE_BLOCK))](
+        out, do, delta, *_strides(out), *_strides(do), h, n, HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=_PRE_BLOCK,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    cfg = _launch_config("dkdv", d, q.dtype)
+    _bwd_dkdv_kernel[(b * h_kv, _cdiv(n, cfg["BLOCK_N"]))](
+        q, k, v, do, lse, delta, dk, dv, seq_lens,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        h, h_kv, h // h_kv, n, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, **cfg,
+    )
+    cfg = _launch_config("dq", d, q.dtype)
+    _bwd_dq_kernel[(b * h, _cdiv(n, cfg["BLOCK_M"]))](
+        q, k, v, do, lse, delta, dq, seq_lens,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        h, h // h_kv, n, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, **cfg,
+    )
+    return dq, dk, dv

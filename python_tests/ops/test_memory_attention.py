@@ -1,0 +1,332 @@
+"""Conformance of memory_attention: every backend on this machine against the reference, forward and backward.
+
+Backends: "reference" (the specification, itself checked against a brute-force restatement of the mask),
+"sdpa" (plain layouts only), "triton" (compiled on a GPU; on the CPU under ``TRITON_INTERPRET=1``, which
+conftest.py sets before anything imports triton), "cuda" (the rmt_fast._C extension and a GPU). Outputs are
+compared at valid query positions only (padding outputs are unspecified); gradients are compared everywhere for
+an output gradient that is zero at padding queries (nothing downstream reads them).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rmt_fast.ops import SegmentLayout, memory_attention, resolve_backend
+from rmt_fast.ops import cuda as cuda_ext
+from rmt_fast.ops.memory_attention import fused_attention, mask_rule
+from rmt_fast.ops.memory_attention.reference import memory_attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_usable() -> bool:
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        resolve_backend("triton", torch.device(DEVICE))
+    except ValueError:
+        return False
+    return True
+
+
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(
+    not _triton_usable(), reason="triton needs a GPU, or TRITON_INTERPRET=1 set before triton is imported"))
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(
+    not cuda_ext.has_op("memory_attention"), reason="rmt_fast._C not built or no CUDA device"))
+FUSED = [TRITON, CUDA]
+ALL = ["reference", "sdpa", TRITON, CUDA]
+MASKS = [(False, False), (True, False), (True, True)]
+MASK_IDS = ["encoder", "causal", "bidirectional"]
+TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 3e-2)}  # atol, rtol
+
+
+# ---- the specification ---------------------------------------------------------------------------------------
+
+
+def brute_mask(layout: SegmentLayout, n: int) -> torch.Tensor:
+    """RMT.md's mask, one pair at a time."""
+    b = layout.seq_lens.shape[0]
+    out = torch.zeros(b, n, n, dtype=torch.bool)
+    r, w = layout.num_read, layout.num_write
+    for row in range(b):
+        length = int(layout.seq_lens[row])
+        valid = r + length + w
+        for i in range(valid):
+            for j in range(valid):
+                ok = not layout.causal or j <= i
+                if layout.causal and layout.memory_bidirectional:
+                    ok = ok or (i < r and j < r) or (i >= r + length and j >= r + length)
+                out[row, i, j] = ok
+    return out
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(r=st.integers(0, 4), w=st.integers(0, 4), lens=st.lists(st.integers(0, 9), min_size=1, max_size=3),
+       causal=st.booleans(), bidir=st.booleans(), extra=st.integers(0, 3))
+def test_mask_rule_is_rmt_mask(r, w, lens, causal, bidir, extra):
+    layout = SegmentLayout(r, w, torch.tensor(lens), causal, bidir)
+    n = r + w + max(lens) + extra
+    assert torch.equal(layout.allowed(n), brute_mask(layout, n))
+    # the rule on plain ints, as a FlexAttention mask_mod calls it one pair at a time
+    valid, write_start = r + lens[0] + w, r + lens[0]
+    on_ints = [[bool(mask_rule(i, j, valid, r, write_start, causal, causal and bidir)) for j in range(n)]
+               for i in range(n)]
+    assert on_ints == layout.allowed(n)[0].tolist()
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(r=st.integers(0, 3), w=st.integers(0, 3), lens=st.lists(st.integers(0, 7), min_size=1, max_size=3),
+       causal=st.booleans(), bidir=st.booleans(), groups=st.sampled_from([1, 2]))
+def test_reference_is_masked_softmax(r, w, lens, causal, bidir, groups):
+    layout = SegmentLayout(r, w, torch.tensor(lens), causal, bidir)
+    n = r + w + max(lens) + 1
+    b, hkv, d = len(lens), 2, 8
+    q = torch.randn(b, hkv * groups, n, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, hkv, n, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, hkv, n, d, dtype=torch.float64, requires_grad=True)
+    out = memory_attention_ref(q, k, v, layout)
+    mask = brute_mask(layout, n)
+    for row in range(b):
+        for h in range(hkv * groups):
+            s = (q[row, h] @ k[row, h // groups].T) / d ** 0.5
+            for i in range(int(layout.valid_lens[row])):
+                p = torch.softmax(s[i][mask[row, i]], -1)
+                torch.testing.assert_close(out[row, h, i], p @ v[row, h // groups][mask[row, i]])
+    out.sum().backward()
+    for row in range(b):
+        valid = int(layout.valid_lens[row])
+        assert torch.all(k.grad[row, :, valid:] == 0) and torch.all(v.grad[row, :, valid:] == 0)
+
+
+def test_layout_and_input_errors():
+    layout = SegmentLayout(1, 1, torch.tensor([2]), causal=True)
+    q = torch.randn(1, 3, 4, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        memory_attention(q, torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), layout, backend="reference")
+    with pytest.raises(ValueError, match="positions"):
+        memory_attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8),
+                         SegmentLayout(1, 1, torch.tensor([2]), causal=True, memory_bidirectional=True))
+    with pytest.raises(ValueError, match="backend"):
+        memory_attention(q, q, q, layout, backend="flash")
+    with pytest.raises(ValueError, match="num_read"):
+        SegmentLayout(-1, 0, torch.tensor([1]), causal=True)
+    with pytest.raises(TypeError, match="seq_lens"):
+        SegmentLayout(1, 0, torch.tensor([1.0]), causal=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            memory_attention(q, q, q, layout, backend="cuda")
+
+
+# ---- the dispatcher --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal,dense", [(True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_on_plain_layouts_is_exactly_sdpa(causal, dense, dtype):
+    """What transformers' own SDPA path computes, bit for bit: "auto" sends plain layouts there on every device."""
+    q = torch.randn(2, 4, 12, 16, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(2, 2, 12, 16, device=DEVICE, dtype=dtype) for _ in range(2))
+    lens = torch.tensor([8, 8] if dense else [8, 3], device=DEVICE)
+    layout = SegmentLayout(2 if causal else 4, 2 if causal else 0, lens, causal=causal, dense=dense)
+    for scale in (None, 0.3):
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+        assert torch.equal(memory_attention(q, k, v, layout, scale=scale), want)
+        assert torch.equal(memory_attention(q, k, v, layout, scale=scale, backend="sdpa"), want)
+
+
+def test_sdpa_needs_a_plain_layout():
+    q = torch.randn(1, 2, 8, 8)
+    for layout in (SegmentLayout(2, 2, torch.tensor([4]), causal=True, memory_bidirectional=True),
+                   SegmentLayout(2, 0, torch.tensor([4]), causal=False)):
+        assert not layout.is_plain
+        with pytest.raises(ValueError, match="layout"):
+            memory_attention(q, q, q, layout, backend="sdpa")
+        # "auto" takes the masked path instead: same values as the reference
+        torch.testing.assert_close(memory_attention(q, q, q, layout), memory_attention_ref(q, q, q, layout))
+
+
+# ---- every backend against the reference ------------------------------------------------------------------------
+
+
+def _inputs(b, hq, hkv, n, d, dtype, transposed=False, seed=0):
+    """Leaf q, k, v; ``transposed`` stores them as [B, N, H, D] viewed as [B, H, N, D] (as HF hands them over)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def one(h):
+        x = torch.randn((b, n, h, d) if transposed else (b, h, n, d), generator=gen).to(DEVICE, dtype)
+        return (x.transpose(1, 2) if transposed else x).requires_grad_(True)
+
+    return one(hq), one(hkv), one(hkv)
+
+
+def _valid_rows(layout: SegmentLayout, n: int) -> torch.Tensor:
+    """[B, 1, N, 1]: True at valid query positions."""
+    pos = torch.arange(n, device=DEVICE)
+    return (pos[None, :] < layout.valid_lens.to(DEVICE)[:, None])[:, None, :, None]
+
+
+def check_backend(backend, q, k, v, layout, scale=None):
+    """``backend`` against the reference: outputs at valid queries, and all gradients for an output gradient that is
+    zero at padding queries; gradients into padded k/v must be exactly zero."""
+    n = q.shape[2]
+    valid = _valid_rows(layout, n)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(n)).to(DEVICE, q.dtype) * valid
+    out = memory_attention(q, k, v, layout, scale, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = memory_attention_ref(q, k, v, layout, scale)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    atol, rtol = TOL[q.dtype]
+    torch.testing.assert_close(torch.where(valid, out, 0).float(), torch.where(valid, ref, 0).float(),
+                               atol=atol, rtol=rtol)
+    assert torch.isfinite(out).all(), "padding outputs may be anything, but finite"
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert g.shape == rg.shape and g.dtype == rg.dtype
+        assert torch.isfinite(g).all(), f"d{name} has non-finite values"
+        torch.testing.assert_close(g.float(), rg.float(), atol=atol, rtol=rtol, msg=lambda m: f"d{name}: {m}")
+        if name != "q":
+            assert torch.all(g.masked_fill(valid, 0) == 0), f"d{name} must be exactly 0 at padding positions"
+
+
+def _layout(num_read, num_write, lens, causal, bidir, dense=False):
+    return SegmentLayout(num_read, num_write, torch.tensor(lens, device=DEVICE), causal, bidir, dense=dense)
+
+
+def _skip_if_unsupported(backend, layout, dtype):
+    if backend == "sdpa" and not layout.is_plain:
+        pytest.skip("sdpa takes plain layouts only")
+    if backend == "sdpa" and DEVICE == "cpu" and dtype == torch.float16:
+        pytest.skip("CPU SDPA in float16 is not a path anything takes")
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("causal,bidir", MASKS, ids=MASK_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_padded_rows_gqa(backend, causal, bidir, dtype):
+    """Ragged rows (one full, one short, one with memory slots only), 4 query heads on 2 kv heads."""
+    layout = _layout(3, 3, [27, 9, 0], causal, bidir)
+    _skip_if_unsupported(backend, layout, dtype)
+    check_backend(backend, *_inputs(3, 4, 2, 33, 32, dtype, transposed=True, seed=1), layout)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("causal,bidir", MASKS, ids=MASK_IDS)
+def test_dense_rows(backend, causal, bidir):
+    """Every row full: encoders are plain here (sdpa runs), causal layouts too without the bidirectional blocks."""
+    layout = _layout(4, 0 if not causal else 4, [20, 20], causal, bidir, dense=True)
+    _skip_if_unsupported(backend, layout, torch.float32)
+    n = 24 if not causal else 28
+    check_backend(backend, *_inputs(2, 2, 2, n, 16, torch.float32, seed=2), layout, scale=0.3)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_row_without_valid_position(backend):
+    """A row with no slot and no token is all padding: finite outputs, zero gradients into it."""
+    layout = _layout(0, 0, [0, 20], True, False)
+    check_backend(backend, *_inputs(2, 2, 2, 20, 16, torch.float32, seed=3), layout)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("d", [24, 80, 128])
+def test_head_dims_not_a_power_of_two(backend, d):
+    layout = _layout(4, 4, [30, 9], True, True)
+    check_backend(backend, *_inputs(2, 2, 1, 41, d, torch.float16, seed=d), layout)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_padding_gradients_are_zero_for_any_output_gradient(backend):
+    """Stronger than the contract: the masked kernels give padding queries probability 0, so even a gradient
+    arriving at padding outputs leaves padded k/v untouched."""
+    layout = _layout(2, 2, [11, 3], True, True)
+    q, k, v = _inputs(2, 2, 2, 19, 16, torch.float32, seed=5)
+    out = memory_attention(q, k, v, layout, backend=backend)
+    _, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    pad = ~_valid_rows(layout, 19)
+    assert torch.all(dk.masked_fill(~pad, 0) == 0) and torch.all(dv.masked_fill(~pad, 0) == 0)
+
+
+@st.composite
+def _cases(draw):
+    num_read = draw(st.sampled_from([0, 1, 3, 16]))
+    num_write = draw(st.sampled_from([0, 1, 3, 16]))
+    n = draw(st.integers(max(1, num_read + num_write), 64))
+    b = draw(st.integers(1, 2))
+    lens = draw(st.lists(st.integers(0, n - num_read - num_write), min_size=b, max_size=b))
+    causal = draw(st.booleans())
+    hkv = draw(st.integers(1, 2))
+    return dict(b=b, hq=hkv * draw(st.integers(1, 2)), hkv=hkv, n=n, d=draw(st.sampled_from([16, 32, 64])),
+                layout=(num_read, num_write, lens, causal, causal and draw(st.booleans())),
+                dtype=draw(st.sampled_from([torch.float32, torch.float16])), transposed=draw(st.booleans()),
+                seed=draw(st.integers(0, 2 ** 16)))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_cases())
+def test_random_layouts(backend, case):
+    layout = _layout(*case["layout"])
+    check_backend(backend, *_inputs(case["b"], case["hq"], case["hkv"], case["n"], case["d"], case["dtype"],
+                                    case["transposed"], case["seed"]), layout)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_input_errors(backend):
+    layout = _layout(0, 0, [8], True, False)
+    q, k, v = _inputs(1, 3, 2, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="multiple"):
+        memory_attention(q, k, v, layout, backend=backend)
+    q = torch.zeros(1, 2, 8, 160, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim"):
+        memory_attention(q, q, q, layout, backend=backend)
+    q = torch.zeros(1, 2, 8, 16, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dtype"):
+        memory_attention(q, q, q, layout, backend=backend)
+
+
+# ---- the custom op and torch.compile -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_custom_op_registration(backend):
+    """Schema, fake (meta) implementation, autograd registration and AOT tracing of rmt_fast::memory_attention."""
+    q, k, v = _inputs(2, 2, 1, 20, 16, torch.float32, transposed=True, seed=6)
+    seq_lens = torch.tensor([12, 3], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(fused_attention, (q, k, v, seq_lens, 2, 2, True, True, 0.25, backend),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_fullgraph_compile(backend):
+    """torch.compile traces a function that builds a layout and calls memory_attention in one graph, through the
+    custom op for the fused backends, with the eager results and gradients."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(q, k, v, lens):
+        layout = SegmentLayout(3, 3, lens, causal=True, memory_bidirectional=True)
+        return memory_attention(q, k, v, layout, backend=backend)
+
+    q, k, v = _inputs(2, 2, 2, 20, 16, torch.float32, seed=7)
+    lens = torch.tensor([12, 4], device=DEVICE)
+    out = torch.compile(f, fullgraph=True, backend=record)(q, k, v, lens)
+    ops = {node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    if backend != "reference":
+        assert torch.ops.rmt_fast.memory_attention.default in ops
+    want = f(q, k, v, lens)
+    valid = _valid_rows(SegmentLayout(3, 3, lens, causal=True), 20)
+    torch.testing.assert_close(torch.where(valid, out, 0), torch.where(valid, want, 0))
+    grads = torch.autograd.grad(out, (q, k, v), valid.expand_as(out).float())
+    want_grads = torch.autograd.grad(want, (q, k, v), valid.expand_as(out).float())
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
+    aot = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, lens)
+    torch.testing.assert_close(torch.where(valid, aot, 0), torch.where(valid, want, 0))

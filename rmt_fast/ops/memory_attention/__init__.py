@@ -1,0 +1,119 @@
+"""Memory-token attention: ``spec.py`` (layout, mask rule, checks), ``reference.py`` and ``sdpa.py`` (plain
+PyTorch), and the fused kernels ``triton.py`` and ``cuda.py`` behind the custom ops ``rmt_fast::memory_attention``
+and ``rmt_fast::memory_attention_backward`` (defined here, so ``torch.compile`` traces through them).
+
+The entry point that picks a backend is :func:`rmt_fast.ops.memory_attention`.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import types
+
+import torch
+from torch import Tensor
+
+from .spec import SegmentLayout, check_attention_inputs, mask_rule
+
+__all__ = ["SegmentLayout", "check_attention_inputs", "mask_rule", "check_fused_inputs", "fused_memory_attention",
+           "kernels"]
+
+MAX_HEAD_DIM = 128  # of both fused backends
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # cuda computes bfloat16 in float32
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(backend: str) -> types.ModuleType:
+    """The module of a fused backend ("triton" | "cuda"): ``forward``, ``backward``."""
+    return importlib.import_module(f"{__name__}.{backend}")
+
+
+def check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, backend: str) -> None:
+    """What the fused kernels take beyond the shape rules: one dtype of fp16 / bf16 / fp32, head dim 1..128."""
+    if q.dtype not in _FUSED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype of float16, bfloat16 or float32 for backend={backend!r}, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"the head dim must be in [1, {MAX_HEAD_DIM}] for backend={backend!r}, got {q.shape[-1]}")
+
+
+@torch.library.custom_op("rmt_fast::memory_attention", mutates_args=())
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor, num_read: int, num_write: int, causal: bool,
+                    bidirectional: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    """Memory attention on the fused kernels of ``backend`` ("triton" | "cuda"), inputs already checked.
+
+    q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]`` of q's dtype; seq_lens: ``[B]`` int32 on q's device.
+    Returns ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)``; lse (base-2 log-sum-exp of each query's
+    scores) is kept for the backward.
+    """
+    return kernels(backend).forward(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale)
+
+
+def _like(x: Tensor, backend: str) -> Tensor:
+    """An output shaped like ``x`` with the strides the backend gives it (Triton keeps x's layout)."""
+    return torch.empty_like(x) if backend == "triton" and x.stride(-1) == 1 else x.new_empty(x.shape)
+
+
+@fused_attention.register_fake
+def _(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale, backend):
+    return _like(q, backend), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("rmt_fast::memory_attention_backward", mutates_args=())
+def fused_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             seq_lens: Tensor, num_read: int, num_write: int, causal: bool, bidirectional: bool,
+                             scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` of :func:`fused_attention` for the output gradient ``dout`` ``[B, Hq, N, D]``."""
+    return kernels(backend).backward(dout, q, k, v, out, lse, seq_lens, num_read, num_write, causal, bidirectional,
+                                     scale)
+
+
+@fused_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, backend):
+    return _like(q, backend), _like(k, backend), _like(v, backend)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seq_lens, *mask_args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seq_lens)
+    ctx.mask_args = mask_args
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    dq, dk, dv = fused_attention_backward(dout, *ctx.saved_tensors, *ctx.mask_args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+fused_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The autograd of the custom op above, calling the kernels without the custom-op dispatch, which costs more
+    Python per call than the rest of the op (see fused_memory_attention)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = kernels(inputs[-1]).forward(*inputs[:-1])
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        *mask_args, backend = ctx.mask_args
+        dq, dk, dv = kernels(backend).backward(dout, *ctx.saved_tensors, *mask_args)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def fused_memory_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor, num_read: int, num_write: int,
+                           causal: bool, bidirectional: bool, scale: float, backend: str) -> Tensor:
+    """The output of :func:`fused_attention` (same arguments).
+
+    Under ``torch.compile`` this is the custom op, which the compiler traces; eagerly the same kernels and the same
+    backward run through a plain ``autograd.Function``: the custom op's dispatch and its generated autograd
+    (``register_autograd``) add tens of microseconds of Python per call.
+    """
+    if torch.compiler.is_compiling():
+        return fused_attention(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale, backend)[0]
+    return _EagerAttention.apply(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale, backend)[0]
