@@ -165,6 +165,72 @@ def part_task(args, rows):
     rows[-1]["speed_vs_before"] = times[names[0]] / times[names[1]]
 
 
+def _replay_ms(graph, reps=20) -> float:
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _bare_fwd_bwd_graph(base, x, with_head=None, labels=None):
+    """A captured forward+backward of the bare backbone on ``x`` (optionally with LM head + cross-entropy)."""
+    params = [p for p in base.parameters() if p.requires_grad] + ([with_head.weight] if with_head is not None else [])
+
+    def body():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            h = base(inputs_embeds=x).last_hidden_state
+            if with_head is None:
+                loss = h.float().square().mean()
+            else:
+                loss = torch.nn.functional.cross_entropy(with_head(h).flatten(0, 1).float(), labels.flatten())
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        body()
+    return g
+
+
+def part_breakdown(args, rows):
+    """Where a graphed checkpointed GPT-2 segment spends its time: the forward-sweep graph, the backward graph,
+    with and without the LM loss, beside the bare backbone's captured forward+backward."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config() if not args.smoke else GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128)
+    cfg.n_positions = max(cfg.n_positions, args.gpt2_seg + 32)
+    model = GPT2LMHeadModel(cfg).to(args.device).train()
+    seg, m, b = args.gpt2_seg, 16, 4
+    ids = torch.randint(0, cfg.vocab_size, (b, 2 * seg), device=args.device)
+    for name, labels in (("with LM loss", ids), ("no LM head", None)):
+        rmt = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg, checkpoint_segments=True, cuda_graphs=True,
+                            keep_logits=False).to(args.device)
+        with _autocast(args.device):
+            out = rmt(ids, labels=labels)
+        (out.loss if labels is not None else out.memory.float().square().mean()).backward()
+        graphs = next(iter(rmt.runner.training_graphs.values()))
+        fwd, bwd = _replay_ms(graphs.fwd), _replay_ms(graphs.bwd)
+        rows.append(dict(part="breakdown", path=f"forward-sweep graph, {name}", seconds=fwd / 1e3))
+        rows.append(dict(part="breakdown", path=f"backward graph, {name}", seconds=bwd / 1e3))
+        print(f"breakdown {name:14s} forward {fwd:6.2f} ms  backward {bwd:6.2f} ms per segment", flush=True)
+        model.zero_grad(set_to_none=True)
+    x = torch.randn(b, seg + 2 * m, cfg.n_embd, device=args.device, requires_grad=False)
+    lab = torch.randint(0, cfg.vocab_size, (b, seg + 2 * m), device=args.device)
+    for name, head in (("bare backbone fwd+bwd", None), ("bare backbone + LM head + CE fwd+bwd", model.lm_head)):
+        ms = _replay_ms(_bare_fwd_bwd_graph(model.transformer, x, head, lab))
+        rows.append(dict(part="breakdown", path=name, seconds=ms / 1e3))
+        print(f"breakdown {name:40s} {ms:6.2f} ms", flush=True)
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -191,7 +257,7 @@ def plot(rows, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="gpt2,bert,task")
+    p.add_argument("--parts", default="gpt2,bert,task", help="comma list of gpt2, bert, task, breakdown (CUDA)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--segments", type=int, default=16)
     p.add_argument("--long", type=int, default=256, help="segments of the long flat-memory check (0: skip)")
@@ -205,7 +271,7 @@ def main(argv=None):
         args.gpt2_seg, args.segments, args.long, args.reps = 16, 3, 0, 1
     rows = []
     for part in args.parts.split(","):
-        {"gpt2": part_gpt2, "bert": part_bert, "task": part_task}[part](args, rows)
+        {"gpt2": part_gpt2, "bert": part_bert, "task": part_task, "breakdown": part_breakdown}[part](args, rows)
         write_csv(os.path.join(args.out, "train.csv"), rows)
     plot(rows, os.path.join(args.out, "train.png"))
     cols = ["part", "path", "segments", "tok_per_s", "speed_vs_official", "peak_gib", "peak_vs_1seg", "seconds",

@@ -26,8 +26,14 @@ class Adapter:
 
     model: torch.nn.Module
     mode: str  # "decoder" | "encoder"
-    head: str  # "lm" | "classifier" | "none"
+    head: str  # "lm" | "classifier" | "token_classifier" | "none"
     max_positions: int
+
+    @property
+    def runs_whole_model(self) -> bool:
+        """Encoder heads run as the HF model (its head on every position); decoders run the base model and
+        apply their head where the scheme says (LM head on tokens, ``score`` on each row's last token)."""
+        return self.mode == "encoder" and self.head != "none"
 
     @property
     def hidden_size(self) -> int:
@@ -50,10 +56,10 @@ class Adapter:
         a KV cache). Returns (last hidden ``[B, N, d]``, the model's output)."""
         kwargs.update(hf.attention_kwargs(layout, backend))
         with hf.segment_call(self.model):
-            if self.head == "classifier":
+            if self.runs_whole_model:
                 out = self.model(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **kwargs)
                 return out.hidden_states[-1], out
-            base = self.model.base_model if self.head == "lm" else self.model
+            base = self.model.base_model
             if self.mode == "decoder":
                 kwargs.setdefault("use_cache", False)
             out = base(inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, return_dict=True,
@@ -62,6 +68,10 @@ class Adapter:
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
+
+    def sequence_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A decoder classifier's ``score`` head on each row's last-token state ``[B, d]`` -> ``[B, C]``."""
+        return self.model.score(hidden)
 
     def lm_head_linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(weight ``[V, d]``, bias) when the LM head is a plain linear map (so a fused linear + cross-entropy
@@ -137,13 +147,18 @@ def make_adapter(model, mode: str = "auto") -> Adapter:
         raise ValueError(f"model: {type(model).__name__} (model_type={mt!r}) is not a supported {mode}; "
                          f"supported: {SUPPORTED[mode]}")
     name = type(model).__name__
-    if mode == "decoder":
-        head = "lm" if model.get_output_embeddings() is not None and model.base_model is not model else "none"
+    if model.base_model is model:
+        head = "none"
     elif name.endswith("ForSequenceClassification"):
         head = "classifier"
-    elif model.base_model is model:
-        head = "none"
+    elif mode == "decoder" and model.get_output_embeddings() is not None:
+        head = "lm"
+    elif mode == "encoder" and name.endswith("ForTokenClassification"):
+        head = "token_classifier"
     else:
-        raise ValueError(f"model: encoder head {name} is not supported; use the bare encoder "
-                         f"(e.g. BertModel) or a ...ForSequenceClassification model")
+        allowed = ("...ForCausalLM, ...ForSequenceClassification or the bare model" if mode == "decoder" else
+                   "...ForSequenceClassification, ...ForTokenClassification or the bare encoder (e.g. BertModel)")
+        raise ValueError(f"model: {mode} head {name} is not supported; use {allowed}")
+    if mode == "decoder" and head == "classifier" and not isinstance(getattr(model, "score", None), torch.nn.Module):
+        raise ValueError(f"model: {name} has no `score` head to read the last token with")
     return Adapter(model=model, mode=mode, head=head, max_positions=_max_positions(model, mode, mt))

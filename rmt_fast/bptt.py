@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .graphs import MAX_CAPTURES, TrainingGraphs, autocast_state
 from .schemes import P_LAST
 
 
@@ -46,10 +47,6 @@ class _Sweep:
     autocast: tuple | None = None
 
 
-def _autocast_state(device_type: str) -> tuple:
-    return (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-
-
 def _flat(output) -> tuple:
     return output if isinstance(output, tuple) else (output,)
 
@@ -59,7 +56,7 @@ class _TwoSweep(torch.autograd.Function):
     def forward(ctx, sweep: _Sweep, memory, _dummy):
         r = sweep.runner
         device = memory.device
-        sweep.autocast = _autocast_state(device.type)
+        sweep.autocast = autocast_state(device.type)
         keep_rng = r.adapter.model.training or sweep.graphs is not None
         sweep.rng = [] if keep_rng else None
         states, outputs, structure = [], [], []
@@ -156,14 +153,12 @@ class _TwoSweep(torch.autograd.Function):
 def _training_graphs(runner, memory, plan, targets, want_output):
     """The runner's captured training graphs for this call's shape (captured on first use), or None when capture
     is impossible (one warning; the eager sweeps run instead)."""
-    from .graphs import TrainingGraphs
-
     b, tc = plan.content.shape
     device_type = memory.device.type
-    autocast = _autocast_state(device_type)
+    autocast = autocast_state(device_type)
     key = ("train", b, want_output, targets is not None, memory.dtype, memory.device, autocast,
            tuple(id(p) for p in runner.adapter.model.parameters() if p.requires_grad))
-    cache = runner.__dict__.setdefault("training_graphs", {})
+    cache = runner.training_graphs
     if key in cache and cache[key] is None:
         return None
     graphs = cache.get(key)
@@ -179,6 +174,10 @@ def _training_graphs(runner, memory, plan, targets, want_output):
             torch.cuda.synchronize()
             return None
         cache[key] = graphs
+        while len(cache) > MAX_CAPTURES:
+            cache.pop(next(iter(cache)))
+    else:
+        cache[key] = cache.pop(key)  # most recently used last
     graphs.load(plan.content, targets)
     return graphs
 
@@ -207,7 +206,7 @@ def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, tota
     ends = params[:, P_LAST].any(1).tolist()
     records = [bool(want_output and (e or runner.scheme.output_per_segment)) for e in ends]
     sweep = _Sweep(runner, plan, targets, params, widths, dense, records, want_output, progress)
-    if runner.config.cuda_graphs and memory.is_cuda and not (want_output and runner.scheme.output_per_segment):
+    if runner.config.graphs_enabled and memory.is_cuda and not (want_output and runner.scheme.output_per_segment):
         sweep.graphs = _training_graphs(runner, memory, plan, targets, want_output)
     dummy = torch.empty(0, device=memory.device, requires_grad=True)
     memory, loss_sum, count, *outputs = _TwoSweep.apply(sweep, memory, dummy)

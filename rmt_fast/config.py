@@ -26,7 +26,9 @@ class RMTConfig:
         keep_logits: return full logits (decoders: ``[B, T, V]``); False keeps memory flat in the length.
         cls_token_id, sep_token_id, pad_token_id: special tokens (encoders need CLS and SEP).
         max_positions: positions the backbone can embed in one segment.
-        cuda_graphs: capture the segment step in CUDA graphs (inference on CUDA; falls back to eager).
+        cuda_graphs: "auto" (default) | True | False. On CUDA, replay the segment step as a CUDA graph under
+            ``torch.no_grad`` and, with ``checkpoint_segments``, both training sweeps; False: always eager. A
+            capture failure falls back to eager with one warning (True and "auto" alike).
     """
 
     mode: str
@@ -39,7 +41,7 @@ class RMTConfig:
     segment_alignment: str = "left"
     backend: str = "auto"
     keep_logits: bool = True
-    cuda_graphs: bool = False
+    cuda_graphs: bool | str = "auto"
     cls_token_id: int | None = None
     sep_token_id: int | None = None
     pad_token_id: int | None = None
@@ -51,6 +53,11 @@ class RMTConfig:
     def slots_per_segment(self) -> int:
         """Positions a segment uses besides its tokens (memory slots and special tokens)."""
         return scheme_class(self.mode).slots(self.num_mem_tokens)
+
+    @property
+    def graphs_enabled(self) -> bool:
+        """Whether CUDA graphs may be used (True or "auto"); they are only ever used on CUDA tensors."""
+        return self.cuda_graphs is not False
 
     def validate(self) -> None:
         scheme_class(self.mode)  # raises for an unknown mode
@@ -72,6 +79,8 @@ class RMTConfig:
             raise ValueError(f"bptt_depth must be None or an int >= 0, got {self.bptt_depth!r}")
         if self.segment_alignment not in ALIGNMENTS:
             raise ValueError(f"segment_alignment must be one of {ALIGNMENTS}, got {self.segment_alignment!r}")
+        if self.cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"cuda_graphs must be True, False or 'auto', got {self.cuda_graphs!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         missing = [name for name in scheme_class(self.mode).special_tokens if getattr(self, name) is None]

@@ -6,8 +6,9 @@ memory read, decoder loss or classifier record) is captured once into a CUDA gra
 segment the host copies one ``[5, B]`` parameter block and replays. Every segment runs at the full width
 (the ragged last segment is padded into the same bucket), so one graph serves the whole sequence.
 
-Used for inference (``torch.no_grad``) when ``cuda_graphs=True``; if capture fails, one warning and the eager
-path runs instead (same results).
+Used for inference (``torch.no_grad``) on CUDA unless ``cuda_graphs=False``; if capture fails, one warning and
+the eager path runs instead (same results). One capture per (batch, recorded output, targets, dtype, device,
+autocast state); the :data:`MAX_CAPTURES` most recently used are kept.
 """
 from __future__ import annotations
 
@@ -17,6 +18,21 @@ from dataclasses import dataclass
 import torch
 
 from .schemes import P_GATHER
+
+
+MAX_CAPTURES = 8
+
+
+def autocast_state(device_type: str) -> tuple:
+    """What a capture must reproduce of the caller's autocast: (device type, enabled, dtype)."""
+    return (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+
+def captured_autocast(state: tuple):
+    """The autocast a captured body runs under. No cast cache: a cached bf16 copy of a weight made during the
+    warm-up would be baked into the graph and outlive the optimizer step that changes the weight."""
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False)
 
 
 @dataclass
@@ -29,6 +45,7 @@ class _Captured:
     memory: torch.Tensor
     loss_sum: torch.Tensor
     count: torch.Tensor
+    autocast: tuple = ()
     output: object = None  # the segment's recorded output (static tensors written by every replay), or None
 
 
@@ -42,7 +59,8 @@ class GraphedSegments:
 
     def _body(self, c: _Captured, want_output: bool):
         r = self.runner
-        res = r.step(c.memory, c.content, c.targets, c.params, r.config.segment_size, want_output, False)
+        with captured_autocast(c.autocast):
+            res = r.step(c.memory, c.content, c.targets, c.params, r.config.segment_size, want_output, False)
         c.memory.copy_(res.memory)
         c.loss_sum.add_(res.loss_sum)
         c.count.add_(res.count)
@@ -59,7 +77,7 @@ class GraphedSegments:
             targets=torch.full((b, capacity), -100, dtype=torch.long, device=dev) if has_targets else None,
             params=params, memory=memory.detach().clone(),
             loss_sum=torch.zeros((), dtype=torch.float32, device=dev),
-            count=torch.zeros((), dtype=torch.long, device=dev))
+            count=torch.zeros((), dtype=torch.long, device=dev), autocast=autocast_state(dev.type))
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -74,7 +92,7 @@ class GraphedSegments:
         """Replay the captured step over every segment; returns the eager runner's result dict, or None when
         this shape cannot be captured (the caller then runs eagerly)."""
         b, tc = plan.content.shape
-        key = (b, want_output, targets is not None, memory.dtype, memory.device)
+        key = (b, want_output, targets is not None, memory.dtype, memory.device, autocast_state(memory.device.type))
         if key in self.failed:
             return None
         c = self.captured.get(key)
@@ -90,6 +108,10 @@ class GraphedSegments:
                 torch.cuda.synchronize()
                 return None
             self.captured[key] = c
+            while len(self.captured) > MAX_CAPTURES:
+                self.captured.pop(next(iter(self.captured)))
+        else:
+            self.captured[key] = self.captured.pop(key)  # most recently used last
         c.content[:, :tc].copy_(plan.content)
         if targets is not None:
             c.targets[:, :tc].copy_(targets)
@@ -157,9 +179,7 @@ class TrainingGraphs:
         self.memory.copy_(memory)
 
     def _autocast(self):
-        device_type, enabled, dtype = self.autocast
-        # no cast cache: a cached bf16 copy of a weight would outlive the optimizer step that changes the weight
-        return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False)
+        return captured_autocast(self.autocast)
 
     def _forward_body(self):
         with torch.no_grad(), self._autocast():

@@ -90,8 +90,9 @@ class SegmentRunner:
     def __init__(self, adapter: Adapter, config: RMTConfig):
         self.adapter = adapter
         self.config = config
-        self.scheme = Scheme.from_config(config)
-        self.graphs = None  # a rmt_fast.graphs.GraphedSegments, built on first CUDA use with cuda_graphs=True
+        self.scheme = Scheme.from_config(config, adapter.head)
+        self.graphs = None  # a rmt_fast.graphs.GraphedSegments, built on first CUDA use (cuda_graphs True or "auto")
+        self.training_graphs: dict = {}  # rmt_fast.graphs.TrainingGraphs per call shape (checkpointed training)
 
     def step(self, memory, content, targets, params, width, want_output, want_hidden, dense=False) -> StepResult:
         """One segment: memory ``[B, m, d]`` -> :class:`StepResult`. params: the segment's ``[5, B]`` block."""
@@ -113,7 +114,7 @@ class SegmentRunner:
         cfg = self.config
         want_output = self.scheme.wants_output(keep_output)
         params = self.scheme.segment_params(plan)
-        if cfg.cuda_graphs and memory.is_cuda and not torch.is_grad_enabled() and not output_hidden_states:
+        if cfg.graphs_enabled and memory.is_cuda and not torch.is_grad_enabled() and not output_hidden_states:
             from .graphs import GraphedSegments
 
             if self.graphs is None:

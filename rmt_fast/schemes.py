@@ -44,10 +44,16 @@ class Scheme:
     read_offset: int  # first read slot of every row
     default_alignment: str
     special_tokens: tuple[str, ...] = ()  # RMTConfig fields the layout needs
-    output_per_segment: bool  # every segment contributes to the output (else only each row's last segment)
+    heads: tuple[str, ...]  # the adapter head kinds this scheme drives
+    per_token_heads: tuple[str, ...]  # heads whose output is per token (recorded from every segment)
 
-    def __init__(self, num_mem_tokens: int, *, memory_bidirectional: bool = False, cls_token_id: int | None = None,
-                 sep_token_id: int | None = None, pad_token_id: int | None = None):
+    def __init__(self, num_mem_tokens: int, *, head: str = "none", memory_bidirectional: bool = False,
+                 cls_token_id: int | None = None, sep_token_id: int | None = None, pad_token_id: int | None = None):
+        if head not in self.heads:
+            raise ValueError(f"{self.mode} scheme: head must be one of {self.heads}, got {head!r}")
+        self.head = head
+        # every segment contributes to the output (per-token heads), or only each row's last segment
+        self.output_per_segment = head in self.per_token_heads
         self.m = num_mem_tokens
         self.memory_bidirectional = memory_bidirectional
         self.cls_token_id, self.sep_token_id = cls_token_id, sep_token_id
@@ -55,10 +61,39 @@ class Scheme:
         self.pad = pad_token_id if pad_token_id is not None else 0  # what fills memory slots and padding
 
     @classmethod
-    def from_config(cls, config) -> Scheme:
-        return SCHEMES[config.mode](config.num_mem_tokens, memory_bidirectional=config.memory_bidirectional,
+    def from_config(cls, config, head: str = "none") -> Scheme:
+        return SCHEMES[config.mode](config.num_mem_tokens, head=head, memory_bidirectional=config.memory_bidirectional,
                                     cls_token_id=config.cls_token_id, sep_token_id=config.sep_token_id,
                                     pad_token_id=config.pad_token_id)
+
+    def new_record(self, plan, total_len: int):
+        """Where the segment outputs of one call are collected (see :class:`TokenRecord`, :class:`LastSegmentRecord`)."""
+        return TokenRecord(plan, total_len) if self.output_per_segment else LastSegmentRecord()
+
+    def check_labels(self, labels: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """Raise a ValueError naming ``labels`` when they cannot belong to ``input_ids`` and this head."""
+        if self.head == "none":
+            raise ValueError(f"labels: a bare {self.mode} (no head) has no loss; wrap a model with a head "
+                             f"(e.g. ...ForCausalLM, ...ForSequenceClassification) or drop labels=")
+        if self.output_per_segment and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(labels.shape)}")
+        if not self.output_per_segment and labels.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"labels must have one entry per row ({input_ids.shape[0]}), got shape "
+                             f"{tuple(labels.shape)}")
+
+    def _token_loss(self, logits, targets, params, width):
+        """Summed fp32 cross-entropy of per-token ``logits [B, W, C]`` and its target count."""
+        tgt = gather_span(targets, params[P_START], params[P_LEN], width, IGNORE_INDEX)
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+        return loss_sum, (tgt != IGNORE_INDEX).sum()
+
+    def _finish_classifier(self, adapter, res, labels) -> dict:
+        output = res["output"]
+        logits, last_h = output if isinstance(output, tuple) else (output, None)
+        loss = adapter.classification_loss(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits, "last_hidden_state": last_h, "hidden_states": res["hidden"]}
 
     @staticmethod
     def slots(num_mem_tokens: int) -> int:
@@ -92,9 +127,6 @@ class Scheme:
         """``[B]`` first write slot of each row, or None when the layout has no write slots."""
         return None
 
-    def check_labels(self, labels: torch.Tensor, input_ids: torch.Tensor) -> None:
-        """Raise a ValueError naming ``labels`` when they cannot belong to ``input_ids``."""
-
     def targets(self, plan, labels: torch.Tensor | None) -> torch.Tensor | None:
         """Per-token training targets in content coordinates ``[B, Tc]``, or None (the loss is taken at the end)."""
         return None
@@ -125,7 +157,8 @@ class DecoderScheme(Scheme):
     mode = "decoder"
     read_offset = 0
     default_alignment = "left"
-    output_per_segment = True
+    heads = ("lm", "classifier", "none")
+    per_token_heads = ("lm", "none")
 
     @staticmethod
     def slots(num_mem_tokens: int) -> int:
@@ -145,51 +178,49 @@ class DecoderScheme(Scheme):
     def write_offsets(self, params):
         return params[P_WRITE]
 
-    def check_labels(self, labels, input_ids):
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {tuple(labels.shape)}")
-
     def targets(self, plan, labels):
-        """Target of content token c is token c+1 of the row (-100 at the row's end and where labels say so)."""
-        if labels is None:
+        """LM head: the target of content token c is token c+1 of the row (-100 at the row's end and where labels
+        say so). Other heads: None."""
+        if labels is None or self.head != "lm":
             return None
         lab = labels.gather(1, plan.orig_pos)
         c = torch.arange(lab.shape[1], device=lab.device).view(1, -1)
         lab = torch.where(c < plan.lengths.view(-1, 1), lab, torch.full_like(lab, IGNORE_INDEX))
         return torch.cat([lab[:, 1:], torch.full_like(lab[:, :1], IGNORE_INDEX)], 1)
 
-    def new_record(self, plan, total_len: int) -> TokenRecord:
-        return TokenRecord(plan, total_len)
-
     def wants_output(self, keep_logits):
-        return keep_logits
+        return keep_logits or self.head == "classifier"
 
     def segment_outputs(self, adapter, h, out, targets, params, width, want_output):
-        """Token logits ``[B, W, V]`` (LM head; bare decoders: token states ``[B, W, d]``) and the LM loss."""
+        """LM head: token logits ``[B, W, V]`` and the LM loss; classifier: ``score`` of each row's last token
+        ``[B, C]``; bare decoder: token states ``[B, W, d]``."""
         tok_h = h[:, self.token_span(width)]
         loss_sum = h.new_zeros((), dtype=torch.float32)
         count = torch.zeros((), dtype=torch.long, device=h.device)
-        if adapter.head != "lm":
+        if self.head == "classifier":
+            last = (self.m + params[P_LEN] - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
+            return adapter.sequence_head(h.gather(1, last).squeeze(1)), loss_sum, count
+        if self.head == "none":
             return (tok_h if want_output else None), loss_sum, count
         head = None if want_output or targets is None else adapter.lm_head_linear()
         logits = adapter.lm_logits(tok_h) if (want_output or (targets is not None and head is None)) else None
         if targets is not None:
-            tgt = gather_span(targets, params[P_START], params[P_LEN], width, IGNORE_INDEX)
             if logits is not None:
-                loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=IGNORE_INDEX,
-                                           reduction="sum")
+                loss_sum, count = self._token_loss(logits, targets, params, width)
             else:  # only the loss is needed: [B, W, V] fp32 logits never exist
+                tgt = gather_span(targets, params[P_START], params[P_LEN], width, IGNORE_INDEX)
                 loss_sum = linear_cross_entropy(tok_h.flatten(0, 1), *head, tgt.flatten(), IGNORE_INDEX)
-            count = (tgt != IGNORE_INDEX).sum()
+                count = (tgt != IGNORE_INDEX).sum()
         return (logits if want_output else None), loss_sum, count
 
     def segment_hidden(self, hidden_states, width):
         return tuple(x[:, self.token_span(width)] for x in hidden_states)
 
     def finish(self, adapter, res, labels):
+        if self.head == "classifier":
+            return self._finish_classifier(adapter, res, labels)
         loss = res["loss_sum"] / res["count"].clamp(min=1) if labels is not None else None
-        name = "logits" if adapter.head == "lm" else "last_hidden_state"
+        name = "logits" if self.head == "lm" else "last_hidden_state"
         return {"loss": loss, name: res["output"], "hidden_states": res["hidden"]}
 
 
@@ -198,7 +229,8 @@ class EncoderScheme(Scheme):
     read_offset = 1  # after [CLS]
     default_alignment = "right"
     special_tokens = ("cls_token_id", "sep_token_id")
-    output_per_segment = False
+    heads = ("classifier", "token_classifier", "none")
+    per_token_heads = ("token_classifier",)
 
     @staticmethod
     def slots(num_mem_tokens: int) -> int:
@@ -229,25 +261,38 @@ class EncoderScheme(Scheme):
     def token_span(self, width):
         return slice(self.m + 2, self.m + 2 + width)
 
-    def new_record(self, plan, total_len: int) -> LastSegmentRecord:
-        return LastSegmentRecord()
+    def targets(self, plan, labels):
+        """Token classifier: each content token's own label in content coordinates ``[B, Tc]``. Others: None."""
+        if labels is None or self.head != "token_classifier":
+            return None
+        lab = labels.gather(1, plan.orig_pos)
+        c = torch.arange(lab.shape[1], device=lab.device).view(1, -1)
+        return torch.where(c < plan.lengths.view(-1, 1), lab, torch.full_like(lab, IGNORE_INDEX))
 
     def wants_output(self, keep_logits):
-        return True  # the last segment's output is the model's output; it is small
+        # the last segment's output is the model's output (small); per-token logits only when kept
+        return keep_logits or self.head != "token_classifier"
 
     def segment_outputs(self, adapter, h, out, targets, params, width, want_output):
-        """``(head logits [B, C], last states [B, N, d])`` with a classifier head, else the last states."""
-        zero = h.new_zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.long, device=h.device)
-        output = (out.logits, h) if adapter.head == "classifier" else h
-        return (output if want_output else None), *zero
+        """Classifier: ``(head logits [B, C], last states [B, N, d])``; token classifier: token logits
+        ``[B, W, C]`` and their loss; bare encoder: the last states ``[B, N, d]``."""
+        loss_sum = h.new_zeros((), dtype=torch.float32)
+        count = torch.zeros((), dtype=torch.long, device=h.device)
+        if self.head == "token_classifier":
+            logits = out.logits[:, self.token_span(width)]
+            if targets is not None:
+                loss_sum, count = self._token_loss(logits, targets, params, width)
+            return (logits if want_output else None), loss_sum, count
+        output = (out.logits, h) if self.head == "classifier" else h
+        return (output if want_output else None), loss_sum, count
 
     def finish(self, adapter, res, labels):
-        output = res["output"]
-        logits, last_h = output if isinstance(output, tuple) else (None, output)
-        loss = None
-        if labels is not None and logits is not None:
-            loss = adapter.classification_loss(logits, labels)
-        return {"loss": loss, "logits": logits, "last_hidden_state": last_h, "hidden_states": res["hidden"]}
+        if self.head == "classifier":
+            return self._finish_classifier(adapter, res, labels)
+        if self.head == "token_classifier":
+            loss = res["loss_sum"] / res["count"].clamp(min=1) if labels is not None else None
+            return {"loss": loss, "logits": res["output"], "hidden_states": res["hidden"]}
+        return {"loss": None, "last_hidden_state": res["output"], "hidden_states": res["hidden"]}
 
 
 class TokenRecord:

@@ -10,7 +10,7 @@ from .schemes import scheme_class
 def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, tokenizer=None, mode: str = "auto",
          bptt_depth: int | None = None, checkpoint_segments: bool = False, memory_bidirectional: bool = False,
          segment_alignment: str | None = None, backend: str = "auto", keep_logits: bool = True,
-         cuda_graphs: bool = False, cls_token_id: int | None = None, sep_token_id: int | None = None,
+         cuda_graphs: bool | str = "auto", cls_token_id: int | None = None, sep_token_id: int | None = None,
          pad_token_id: int | None = None) -> RecurrentMemoryModel:
     """Turn a HuggingFace encoder or decoder into a Recurrent Memory Transformer.
 
@@ -29,7 +29,8 @@ def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, to
         segment_alignment: "left" (decoder default) or "right" (encoder default).
         backend: "auto" | "reference" | "triton" | "cuda"; changes speed only.
         keep_logits: return full decoder logits; False keeps memory flat in the number of segments.
-        cuda_graphs: capture the segment step in CUDA graphs (inference on CUDA).
+        cuda_graphs: "auto" (default): on CUDA, inference under ``torch.no_grad`` and checkpointed training
+            replay captured CUDA graphs; False: always eager.
     """
     adapter = make_adapter(model, mode)
     if tokenizer is not None:
