@@ -1,21 +1,17 @@
 """RecurrentMemoryModel: a HuggingFace backbone plus a learned memory, run segment by segment."""
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from . import persistence
 from .adapters import Adapter, make_adapter
 from .config import RMTConfig
+from .persistence import from_pretrained  # noqa: F401  (rmt_fast.from_pretrained)
 from .recurrence import SegmentRunner, compact_rows, plan_segments
-
-CONFIG_NAME = "rmt_config.json"
-MEMORY_NAME = "rmt_memory.safetensors"
-BACKBONE_DIR = "backbone"
 
 
 @dataclass
@@ -127,58 +123,104 @@ class RecurrentMemoryModel(nn.Module):
                          **scheme.finish(self.adapter, res, labels))
 
     # ---- generation -----------------------------------------------------------------------------------
-    def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None, generator=None,
+    def generate(self, input_ids, generation_config=None, *, attention_mask=None, max_new_tokens: int | None = None,
+                 max_length: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, generator=None,
                  progress=None) -> torch.Tensor:
-        """Decode ``max_new_tokens`` after ``input_ids`` (see :mod:`rmt_fast.generation`). Returns prompt + new."""
+        """Decode after ``input_ids`` ``[B, T]`` as transformers' ``generate`` does (see :mod:`rmt_fast.generation`).
+
+        Returns ``[B, T + k]``: the prompt block as given (left or right padding kept) and the new tokens
+        ``out[:, T:]``; after its eos a row gets ``pad_token_id``; k < max_new_tokens when every row finished.
+        generation_config: a transformers GenerationConfig (explicit arguments override it). max_length counts
+        the prompt (default: 20 new tokens). eos/pad ids default to the backbone's ``generation_config``.
+        repetition_penalty: transformers' (tokens already in the row: positive logits divided, negative ones
+        multiplied). generator: a torch.Generator for sampling. progress: wraps the step range (e.g. ``tqdm``).
+        """
         from .generation import generate
 
-        return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
-                        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, generator=generator, progress=progress)
+        return generate(self, input_ids, attention_mask, generation_config, generator, progress,
+                        max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
     # ---- persistence ----------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, safe_serialization: bool = True, **kwargs) -> None:
-        """Write the backbone (HF format, safetensors), the memory and the RMT config to ``save_directory``."""
-        from safetensors.torch import save_file
+    def save_pretrained(self, save_directory, state_dict: dict | None = None, is_main_process: bool = True,
+                        **kwargs) -> None:
+        """Write the RMT config, the memory and the backbone (transformers' format; for a PEFT backbone the base
+        model, with the adapters beside it in PEFT's format) to ``save_directory``, for
+        :func:`rmt_fast.from_pretrained`.
 
-        os.makedirs(save_directory, exist_ok=True)
-        self.model.save_pretrained(os.path.join(save_directory, BACKBONE_DIR), safe_serialization=True, **kwargs)
-        save_file({"memory": self.memory.detach().contiguous().cpu()}, os.path.join(save_directory, MEMORY_NAME))
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            f.write(self.rmt_config.to_json_string())
+        state_dict: a ``state_dict()`` of this model to save instead of its current weights. is_main_process and
+        kwargs (e.g. ``max_shard_size``) go to the backbone's ``save_pretrained``.
+        """
+        persistence.save_pretrained(self, save_directory, state_dict, is_main_process, **kwargs)
 
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """nn.Module's, with two differences that make the ``model.safetensors`` transformers.Trainer writes for
+        this module (checkpoints, ``save_model``) work: each tied parameter appears once, under its first name
+        (``load_state_dict`` fills in the others), and ``_extra_state`` describes the model, so that
+        :func:`rmt_fast.from_pretrained` can rebuild it from that file alone."""
+        sd = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for alias in persistence.tied_aliases(self):
+            sd.pop(prefix + alias, None)
+        return sd
 
-def from_pretrained(directory: str, model_class=None, **backbone_kwargs) -> RecurrentMemoryModel:
-    """Load a model written by :meth:`RecurrentMemoryModel.save_pretrained`.
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        persistence.fill_tied(persistence.tied_aliases(self), state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    model_class: the transformers class of the backbone (default: the Auto class matching the saved mode and
-    head). backbone_kwargs go to its ``from_pretrained`` (e.g. ``torch_dtype``, ``device_map``).
-    """
-    from safetensors.torch import load_file
+    def get_extra_state(self) -> torch.Tensor:
+        return persistence.describe(self)
 
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise ValueError(f"directory: {directory!r} holds no {CONFIG_NAME}; was it written by save_pretrained?")
-    with open(path) as f:
-        config = RMTConfig.from_dict(json.load(f))
-    bdir = os.path.join(directory, BACKBONE_DIR)
-    if model_class is None:
-        model_class = _auto_class(bdir)
-    model = model_class.from_pretrained(bdir, **backbone_kwargs)
-    memory = load_file(os.path.join(directory, MEMORY_NAME))["memory"]
-    emb = model.get_input_embeddings().weight
-    return RecurrentMemoryModel(model, config, memory=memory.to(device=emb.device, dtype=emb.dtype))
+    def set_extra_state(self, state) -> None:
+        persistence.read_description(state, "state_dict")  # a check only: this model is what it describes
 
+    # ---- activation checkpointing inside segments ------------------------------------------------------
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute the backbone's layers in backward (transformers' activation checkpointing, inside every
+        segment); what ``TrainingArguments(gradient_checkpointing=True)`` turns on. Same loss and gradients.
+        ``wrap(checkpoint_segments=True)`` is the coarser alternative (whole segments)."""
+        base = self.adapter.model
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers=every_n_layers,
+                                             offload=offload)
+        # The recompute runs in backward, after the segment call has restored the backbone's own attention
+        # implementation: replay each layer under the implementation its forward ran with ("rmt_fast").
+        config = base.config
+        layers = [m for m in base.modules() if hasattr(m, "_gradient_checkpointing_func")]
+        checkpoint = layers[0]._gradient_checkpointing_func
 
-def _auto_class(backbone_dir: str):
-    import transformers
+        def checkpoint_in_segment(function, *args, **kwargs):
+            impl = config._attn_implementation
 
-    with open(os.path.join(backbone_dir, "config.json")) as f:
-        archs = json.load(f).get("architectures") or []
-    for name in archs:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel
+            def replay(*a, **k):
+                before = config._attn_implementation
+                config._attn_implementation = impl
+                try:
+                    return function(*a, **k)
+                finally:
+                    config._attn_implementation = before
+
+            return checkpoint(replay, *args, **kwargs)
+
+        for m in layers:
+            m._gradient_checkpointing_func = checkpoint_in_segment
+
+    def activation_checkpointing_disable(self) -> None:
+        self.adapter.model.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.adapter.model.is_activation_checkpointing
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """:meth:`activation_checkpointing_enable` under its older transformers name (Trainer and PEFT call it)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.is_activation_checkpointing
