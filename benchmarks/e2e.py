@@ -6,6 +6,7 @@ Parts (``--parts``, default all):
        and full attention; eval and train mode.
   p1b  inference peak memory at 16 and 64 segments: official loop (keeps every segment's outputs) vs rmt_fast
        (loss computed per segment, logits not kept).
+  p10  `wrap(model)` with no flags (CUDA graphs by default) vs the official loop at 16 and 64 segments.
   p2   Llama 12 layers / 768 hidden, B=1: full attention (SDPA) vs rmt_fast at 16k, 64k, 1M tokens.
   p3   BERT-base B=8 training with segment checkpointing at 1, 16, 256 segments: peak memory; throughput vs
        the reference loop without checkpointing.
@@ -24,39 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_results, markdown_table, peak_gib, sync, timeit, write_csv  # noqa: E402
 
 import rmt_fast  # noqa: E402
-
-
-def official_decoder_loop(model, memory, ids, seg, keep=True):
-    """The official MemoryCell/RecurrentWrapper algorithm: cat, HF forward, slice; keeps all outputs."""
-    m = memory.shape[0]
-    mem = memory[None].expand(ids.shape[0], -1, -1)
-    kept, loss_sum = [], 0.0
-    for s in ids.split(seg, dim=1):
-        x = torch.cat([mem, model.get_input_embeddings()(s), mem], 1)
-        out = model(inputs_embeds=x, output_hidden_states=True)
-        mem = out.hidden_states[-1][:, -m:]
-        logits = out.logits[:, m:-m]
-        loss_sum = loss_sum + torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), s[:, 1:].flatten(), reduction="sum")
-        if keep:
-            kept.append(out)
-    return loss_sum, kept
-
-
-def official_encoder_loop(model, memory, ids, seg, cls, sep):
-    m = memory.shape[0]
-    b = ids.shape[0]
-    mem = memory[None].expand(b, -1, -1)
-    out = None
-    for s in ids.split(seg, dim=1):
-        full = torch.cat([torch.full((b, 1), cls, device=ids.device), torch.zeros(b, m, dtype=ids.dtype,
-                          device=ids.device), torch.full((b, 1), sep, device=ids.device), s,
-                          torch.full((b, 1), sep, device=ids.device)], 1)
-        emb = model.get_input_embeddings()(full)
-        emb = torch.cat([emb[:, :1], mem, emb[:, 1 + m:]], 1)
-        out = model(inputs_embeds=emb, output_hidden_states=True)
-        mem = out.hidden_states[-1][:, 1:1 + m]
-    return out
+from rmt_fast.experiments.official import official_decoder, official_encoder  # noqa: E402
 
 
 def graphed_bare(model, x):
@@ -98,7 +67,7 @@ def p1(args, rows):
     rmt.to(dev)
     tokens = b * n_seg * seg
     with torch.no_grad():
-        t_ref = timeit(lambda: official_decoder_loop(model, rmt.memory, ids, seg), reps=3)
+        t_ref = timeit(lambda: official_decoder(model, rmt.memory, ids, seg, labels=ids), reps=3)
         t_fast = timeit(lambda: rmt(ids, labels=ids), reps=3)
         rmt_eager = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg, keep_logits=False)
         rmt_eager.memory = rmt.memory
@@ -118,8 +87,7 @@ def p1(args, rows):
     rmt_t = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg, keep_logits=False)
 
     def ref_train():
-        loss, _ = official_decoder_loop(model, rmt_t.memory, ids, seg, keep=False)
-        loss.backward()
+        official_decoder(model, rmt_t.memory, ids, seg, labels=ids)[2].backward()
 
     def fast_train():
         rmt_t(ids, labels=ids).loss.backward()
@@ -143,10 +111,43 @@ def p1b(args, rows):
     for n_seg in (16, 64):
         ids = torch.randint(0, model.config.vocab_size, (b, n_seg * seg), device=dev)
         with torch.no_grad():
-            p_off = peak_gib(lambda: official_decoder_loop(model, rmt.memory, ids, seg))
+            p_off = peak_gib(lambda: official_decoder(model, rmt.memory, ids, seg, labels=ids))
             p_fast = peak_gib(lambda: rmt(ids, labels=ids))
         rows.append(dict(part="p1b", path="official loop", segments=n_seg, peak_gib=p_off))
         rows.append(dict(part="p1b", path="rmt_fast", segments=n_seg, peak_gib=p_fast))
+
+
+def p10(args, rows):
+    """Issue "fast by default": ``wrap(model)`` with no flags against the official loop, eval under no_grad, with
+    labels (both compute the LM loss), GPT-2 small B=4 m=16 512-token segments, 16 and 64 segments."""
+    from transformers import GPT2LMHeadModel
+
+    dev, dt = args.device, torch.bfloat16
+    b, seg, m = 4, size(args, 512, 32), 16
+    model = GPT2LMHeadModel(gpt2_config(args)).to(dev, dt).eval()
+    default = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg).to(dev)
+    lean = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg, keep_logits=False).to(dev)
+    lean.memory = default.memory
+    x = torch.randn(b, seg + 2 * m, model.config.n_embd, device=dev, dtype=dt)
+    with torch.no_grad():
+        t_bound_seg = graphed_bare(model, x)
+    for n_seg in size(args, (16, 64), (4,)):
+        ids = torch.randint(0, model.config.vocab_size, (b, n_seg * seg), device=dev)
+        tokens = b * n_seg * seg
+        paths = {"official loop": lambda: official_decoder(model, default.memory, ids, seg, labels=ids),
+                 "wrap(model) default": lambda: default(ids, labels=ids),
+                 "keep_logits=False": lambda: lean(ids, labels=ids)}
+        res = {}
+        with torch.no_grad():
+            for name, fn in paths.items():
+                peak = peak_gib(fn)
+                res[name] = (timeit(fn, warmup=1, reps=3), peak)
+        t_ref = res["official loop"][0]
+        for name, (t, peak) in res.items():
+            rows.append(dict(part="p10", path=name, segments=n_seg, seconds=t, tok_per_s=tokens / t,
+                             vs_reference=t_ref / t, vs_bound=t_bound_seg * n_seg / t, peak_gib=peak))
+        rows.append(dict(part="p10", path="bare backbone graphed (bound)", segments=n_seg,
+                         seconds=t_bound_seg * n_seg, tok_per_s=tokens / (t_bound_seg * n_seg)))
 
 
 def p2(args, rows):
@@ -205,7 +206,7 @@ def p3(args, rows):
         if n_seg == 16:
             def ref_step():
                 with torch.autocast(dev, dtype=torch.bfloat16):
-                    out = official_encoder_loop(model, rmt.memory, ids, seg, 101, 102)
+                    out, _ = official_encoder(model, rmt.memory, ids, seg, 101, 102, 0)
                     loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
                 loss.backward()
 
@@ -241,7 +242,7 @@ def p6(args, rows):
                      tok_per_s=b * n_seg * 499 / t, peak_gib=p))
 
 
-PARTS = {"p1": p1, "p1b": p1b, "p2": p2, "p3": p3, "p6": p6}
+PARTS = {"p1": p1, "p1b": p1b, "p10": p10, "p2": p2, "p3": p3, "p6": p6}
 
 
 def plot(rows, path):
@@ -263,7 +264,7 @@ def plot(rows, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="p1,p1b,p2,p3,p6", help="comma-separated subset of " + ",".join(PARTS))
+    ap.add_argument("--parts", default="p1,p1b,p10,p2,p3,p6", help="comma-separated subset of " + ",".join(PARTS))
     ap.add_argument("--out", default="benchmarks/results", help="directory for CSV and PNG")
     ap.add_argument("--append-results", default=None, help="append a section to this RESULTS.md")
     ap.add_argument("--p2-full-max", type=int, default=262144, help="largest length to run full attention at")

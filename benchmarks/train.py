@@ -223,6 +223,30 @@ def part_breakdown(args, rows):
         rows.append(dict(part="breakdown", path=f"backward graph, {name}", seconds=bwd / 1e3))
         print(f"breakdown {name:14s} forward {fwd:6.2f} ms  backward {bwd:6.2f} ms per segment", flush=True)
         model.zero_grad(set_to_none=True)
+    from rmt_fast.ops.linear_cross_entropy import chunked, linear_cross_entropy
+
+    h0 = torch.randn(b * seg, cfg.n_embd, device=args.device, dtype=torch.bfloat16)
+    w0 = (torch.randn(cfg.vocab_size, cfg.n_embd, device=args.device) * 0.02).to(torch.bfloat16)
+    tgt = torch.randint(0, cfg.vocab_size, (b * seg,), device=args.device)
+    default_chunk = chunked.CHUNK_ELEMENTS
+    for name, backend, chunk in (("reference", "reference", None), ("chunked 2^24", "chunked", 1 << 24),
+                                 ("chunked 2^27", "chunked", 1 << 27), ("liger", "liger", None)):
+        if chunk:
+            chunked.CHUNK_ELEMENTS = chunk
+        hh, ww = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+
+        def lce():
+            linear_cross_entropy(hh, ww, None, tgt, backend=backend).backward()
+
+        try:
+            t = timeit(lce, warmup=2, reps=5)
+        except Exception as e:  # liger missing or failing: say so
+            print(f"breakdown LCE {name}: {type(e).__name__}: {e}", flush=True)
+            continue
+        finally:
+            chunked.CHUNK_ELEMENTS = default_chunk
+        rows.append(dict(part="breakdown", path=f"linear+CE fwd+bwd {name} [{b * seg}x{cfg.vocab_size}]", seconds=t))
+        print(f"breakdown LCE {name:14s} {t * 1e3:6.2f} ms", flush=True)
     x = torch.randn(b, seg + 2 * m, cfg.n_embd, device=args.device, requires_grad=False)
     lab = torch.randint(0, cfg.vocab_size, (b, seg + 2 * m), device=args.device)
     for name, head in (("bare backbone fwd+bwd", None), ("bare backbone + LM head + CE fwd+bwd", model.lm_head)):

@@ -19,13 +19,15 @@ def official_decoder(model, memory: torch.Tensor, input_ids: torch.Tensor, segme
                      keep_logits: bool = True):
     """Returns ``(logits [B, T, V] or None, final memory [B, m, d], loss or None)``; ``memory``: ``[m, d]``.
 
-    The loss is the shifted LM cross-entropy over the whole sequence (mean over targets)."""
+    The loss is the shifted LM cross-entropy over the whole sequence (mean over targets). As the official
+    ``RecurrentWrapper``, every segment's HF output (logits and hidden states) is kept until the end."""
     m = memory.shape[0]
     mem = memory[None].expand(input_ids.shape[0], -1, -1)
-    logits = []
+    logits, cell_outputs = [], []
     for seg in input_ids.split(segment_size, dim=1):
         x = torch.cat([mem, model.get_input_embeddings()(seg), mem], 1)
         out = model(inputs_embeds=x, output_hidden_states=True)
+        cell_outputs.append(out)
         mem = out.hidden_states[-1][:, -m:] if m else mem
         seg_logits = out.logits[:, m:m + seg.shape[1]]
         if keep_logits:
