@@ -1,9 +1,9 @@
-"""Segment handoff throughput (P5): memory read + next input write, against the device copy bandwidth.
+"""Segment handoff throughput: memory gather + next input placement, against the device copy bandwidth.
 
-For each shape, times ``segment_handoff`` (gather the memory from the last hidden states and write
-``[memory | tokens | memory]`` into the next segment's input) per backend, counts the bytes it must move
-(read token embeddings + write the input + read/write the memory rows), and compares with a plain
-device-to-device copy of the same input tensor. Also reports the handoff's share of a GPT-2-small segment step.
+For each shape, times ``segment_handoff`` per backend (gather the memory from the last hidden states and place
+it into the next segment's input, ``[memory | tokens | memory]``: the two halves the recurrence calls), counts
+the bytes it must move (read token embeddings + write the input + read/write the memory rows), and compares with
+a plain device-to-device copy of the same input tensor. Also reports the handoff's share of a GPT-2-small segment step.
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16:
 
 
 def brute_mask(layout: SegmentLayout, n: int) -> torch.Tensor:
-    """RMT.md's mask, one pair at a time."""
+    """The RMT segment mask restated from its definition, one pair at a time."""
     b = layout.seq_lens.shape[0]
     out = torch.zeros(b, n, n, dtype=torch.bool)
     r, w = layout.num_read, layout.num_write

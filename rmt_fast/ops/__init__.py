@@ -42,7 +42,7 @@ _warned: set[str] = set()
 def _warn_once(key: str, msg: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        warnings.warn(msg, RuntimeWarning, stacklevel=5)  # the op's caller
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,9 +55,10 @@ def triton_available() -> bool:
 
 
 def cuda_ext_available() -> bool:
+    """Whether the rmt_fast._C extension is built (with both ops: not a stale build) and a GPU is present."""
     from . import cuda
 
-    return cuda.available()
+    return cuda.has_op("memory_attention") and cuda.has_op("segment_handoff")
 
 
 @torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant instead of tracing it
@@ -87,7 +88,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise ValueError("backend='cuda' needs CUDA tensors")
         if not cuda_ext_available():
-            raise ValueError("backend='cuda' requested but the rmt_fast._C extension is not built")
+            raise ValueError("backend='cuda' requested but the rmt_fast._C extension is not built (or predates "
+                             "these ops: rebuild it)")
         return backend
     if device.type != "cuda":
         return "reference"

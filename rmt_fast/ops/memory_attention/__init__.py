@@ -79,6 +79,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, seq_lens)
     ctx.mask_args = mask_args
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zeros tensor for lse's (absent) gradient
 
 
 def _backward(ctx, dout, _dlse):
