@@ -59,6 +59,18 @@ __device__ __forceinline__ void store_pack(void* row, DType t, int col, const fl
   }
 }
 
+// Elements [col, col + VEC) copied bit for bit between two rows of dtype t.
+template <int VEC>
+__device__ __forceinline__ void copy_pack(const void* src, void* dst, DType t, int col) {
+  if (t == DType::kFloat32) {
+    *reinterpret_cast<Pack<float, VEC>*>(static_cast<float*>(dst) + col) =
+        *reinterpret_cast<const Pack<float, VEC>*>(static_cast<const float*>(src) + col);
+  } else {
+    *reinterpret_cast<Pack<uint16_t, VEC>*>(static_cast<uint16_t*>(dst) + col) =
+        *reinterpret_cast<const Pack<uint16_t, VEC>*>(static_cast<const uint16_t*>(src) + col);
+  }
+}
+
 // What one output row is: src0 (+ src1), or `fill` everywhere when src0 is null.
 struct RowCopy {
   void* dst;
@@ -207,6 +219,10 @@ __global__ void __launch_bounds__(kHandoffThreads) copy_rows_kernel(const Plan p
   if (row >= rows || vec >= vecs_per_row) return;
   const RowCopy c = plan.row(static_cast<int>(row));
   const int col = vec * VEC;
+  if (c.src0 != nullptr && c.src1 == nullptr && c.src0_type == c.dst_type) {  // the common case: a plain copy
+    copy_pack<VEC>(c.src0, c.dst, c.dst_type, col);
+    return;
+  }
   float x[VEC];
   if (c.src0 == nullptr) {
 #pragma unroll
