@@ -132,7 +132,10 @@ def memory_attention(
     check_attention_inputs(q, k, v, layout)
     check_fused_inputs(q, k, v, impl)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return fused_memory_attention(q, k, v, layout.seq_lens_int32, layout.num_read, layout.num_write, layout.causal,
+    seq_lens = layout.seq_lens_int32
+    if seq_lens.device != q.device:  # a layout built on another device: copied on every call
+        seq_lens = seq_lens.to(q.device)
+    return fused_memory_attention(q, k, v, seq_lens, layout.num_read, layout.num_write, layout.causal,
                                   layout.bidirectional, scale, impl)
 
 
