@@ -84,7 +84,7 @@ def test_bf16_fast_path_close_to_reference():
 def test_generate_on_gpu_matches_slow_loop():
     rmt = rmt_fast.wrap(llama().cuda(), num_mem_tokens=2, segment_size=6).cuda()
     prompt = tokens(2, 9).cuda()
-    fast = rmt.generate(prompt, max_new_tokens=10)
+    fast = rmt.generate(prompt, max_new_tokens=10, eos_token_id=[])
     seq = prompt
     with torch.no_grad():
         for _ in range(10):

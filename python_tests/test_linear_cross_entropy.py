@@ -61,3 +61,43 @@ def test_model_loss_fused_equals_plain(make, ckpt):
                     model.get_input_embeddings().weight.grad))
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_bytes", [4 * 7 * 50, 1 << 28])  # several chunks, or one
+def test_triton_equals_reference(dtype, bias, chunk_bytes, monkeypatch):
+    """The Triton row kernel (interpreted on the CPU) against the plain path, forward and backward."""
+    from rmt_fast.ops.linear_cross_entropy import triton as lce_triton
+
+    monkeypatch.setattr(lce_triton, "CHUNK_BYTES", chunk_bytes * torch.finfo(dtype).bits // 32)
+    monkeypatch.setattr(lce_triton, "BLOCK_V", 16)  # several vocabulary blocks per row (ragged last one)
+    n, d, v = 21, 8, 50
+    h0 = torch.randn(n, d).to(dtype)
+    w0 = (torch.randn(v, d) * 0.3).to(dtype)
+    b0 = torch.randn(v).to(dtype) if bias else None
+    t = torch.randint(0, v, (n,))
+    t[::4] = -100
+    res = []
+    for backend in ("reference", "triton"):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = b0.clone().requires_grad_() if bias else None
+        loss = linear_cross_entropy(h, w, b, t, backend=backend)
+        (loss * 0.37).backward()
+        res.append((loss.detach(), h.grad, w.grad, None if b is None else b.grad))
+        with torch.no_grad():
+            torch.testing.assert_close(linear_cross_entropy(h, w, b, t, backend=backend), loss.detach())
+    tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.float16 else dict(atol=1e-5, rtol=1e-5)
+    for a, b in zip(*res):
+        if a is not None:
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_cross_entropy_sum_matches_reference():
+    from rmt_fast.ops.linear_cross_entropy import cross_entropy_sum
+
+    logits = torch.randn(9, 30)
+    t = torch.randint(0, 30, (9,))
+    t[2] = -100
+    torch.testing.assert_close(cross_entropy_sum(logits, t),
+                               torch.nn.functional.cross_entropy(logits, t, reduction="sum"))

@@ -165,39 +165,6 @@ def test_hidden_states_on_request():
     torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("make,m,s,bidir", [(gpt2, 2, 5, False), (llama, 3, 4, False), (gpt2, 2, 5, True)])
-def test_generate_greedy_equals_slow_loop(make, m, s, bidir):
-    rmt = rmt_fast.wrap(make(), num_mem_tokens=m, segment_size=s, memory_bidirectional=bidir)
-    prompt = tokens(2, 7)
-    fast = rmt.generate(prompt, max_new_tokens=12)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(12):
-            nxt = rmt(seq).logits[:, -1].argmax(-1)
-            seq = torch.cat([seq, nxt[:, None]], 1)
-    assert fast.shape == (2, 19)
-    assert torch.equal(fast, seq)
-
-
-def test_generate_padded_rows_and_eos_and_sampling():
-    rmt = rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=5)
-    ids = tokens(2, 8)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    out = rmt.generate(ids, max_new_tokens=4, attention_mask=mask, pad_token_id=0)
-    alone = rmt.generate(ids[1:, :6], max_new_tokens=4)
-    assert torch.equal(out[1, :10], alone[0])
-    g = torch.Generator().manual_seed(0)
-    s1 = rmt.generate(ids, max_new_tokens=6, do_sample=True, top_k=5, top_p=0.9, generator=g)
-    g = torch.Generator().manual_seed(0)
-    s2 = rmt.generate(ids, max_new_tokens=6, do_sample=True, top_k=5, top_p=0.9, generator=g)
-    assert torch.equal(s1, s2) and s1.shape == (2, 14)
-    greedy = rmt.generate(ids[:1], max_new_tokens=3)
-    eos = int(greedy[0, 8])
-    stopped = rmt.generate(ids[:1], max_new_tokens=3, eos_token_id=eos)
-    assert stopped.shape[1] == 9 and int(stopped[0, -1]) == eos
-
-
 @pytest.mark.parametrize("make,kw", [(gpt2, dict(num_mem_tokens=3, segment_size=6)),
                                      (llama, dict(num_mem_tokens=2, segment_size=6, memory_bidirectional=True)),
                                      (bert_cls, dict(num_mem_tokens=2, cls_token_id=CLS, sep_token_id=SEP,

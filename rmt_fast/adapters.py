@@ -1,6 +1,7 @@
 """The only place that knows model families: which layout a model uses and how to run it on one segment."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -132,9 +133,17 @@ def detect_mode(model) -> str:
                      f"decoders {SUPPORTED['decoder']}, encoders {SUPPORTED['encoder']}")
 
 
+def backbone_of(model):
+    """The transformers model that runs: ``model``, or the base model of a PEFT ``PeftModel`` (whose layers hold
+    the adapters; the PeftModel stays the module that owns them). A PeftModel exists only once peft is imported."""
+    peft = sys.modules.get("peft")
+    return model.get_base_model() if peft is not None and isinstance(model, peft.PeftModel) else model
+
+
 def make_adapter(model, mode: str = "auto") -> Adapter:
     from transformers import PreTrainedModel
 
+    model = backbone_of(model)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if mode not in ("auto", "decoder", "encoder"):

@@ -10,6 +10,7 @@ from transformers.utils import ModelOutput
 from . import persistence
 from .adapters import Adapter, make_adapter
 from .config import RMTConfig
+from .integrations import hf
 from .persistence import from_pretrained  # noqa: F401  (rmt_fast.from_pretrained)
 from .recurrence import SegmentRunner, compact_rows, plan_segments
 
@@ -24,7 +25,9 @@ class RMTOutput(ModelOutput):
     last_hidden_state: encoders: last-layer states of each row's last segment ``[B, N, d]``.
     hidden_states: on request; decoders: per layer ``[B, T, d]`` at token positions; encoders: per layer, the
         last segment's states.
-    num_segments: segments processed.
+
+    ``out.num_segments`` (an int, the number of segments processed) is an attribute, not a field: tools that
+    gather every field of an output across batches (``Trainer.evaluate``/``predict``) see tensors only.
     """
 
     loss: torch.Tensor | None = None
@@ -32,7 +35,6 @@ class RMTOutput(ModelOutput):
     memory: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple | None = None
-    num_segments: int | None = None
 
 
 class RecurrentMemoryModel(nn.Module):
@@ -81,9 +83,15 @@ class RecurrentMemoryModel(nn.Module):
                                  f"{tuple(input_ids.shape)}")
             keep = attention_mask.to(input_ids.device).bool()
         keep = self.runner.scheme.content_mask(input_ids, keep)
-        if not bool(keep.any(1).all()):
+        vocab = self.adapter.model.get_input_embeddings().num_embeddings
+        out_of_vocab = keep & ((input_ids < 0) | (input_ids >= vocab))
+        rows_ok, ids_ok = torch.stack([keep.any(1).all(), ~out_of_vocab.any()]).tolist()  # one host sync
+        if not rows_ok:
             bad = (~keep.any(1)).nonzero().flatten().tolist()
             raise ValueError(f"attention_mask/input_ids: rows {bad} have no tokens (all padding or special tokens)")
+        if not ids_ok:
+            bad = input_ids[out_of_vocab].unique()[:8].tolist()
+            raise ValueError(f"input_ids: ids {bad} are outside the vocabulary [0, {vocab})")
         return input_ids, keep
 
     def initial_memory(self, batch_size: int) -> torch.Tensor:
@@ -91,16 +99,23 @@ class RecurrentMemoryModel(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, memory=None, output_hidden_states=False,
-                return_logits=None, progress=None, **kwargs) -> RMTOutput:
+                return_logits=None, progress=None, token_type_ids=None, num_items_in_batch=None,
+                **kwargs) -> RMTOutput:
         """Run the recurrence over ``input_ids`` ``[B, T]``.
 
-        attention_mask: ``[B, T]`` 1 for tokens (left or right padding). labels: decoders ``[B, T]`` (-100 =
-        ignore; the shift is done here), classifiers ``[B]``. memory: ``[B, m, d]`` to continue from instead of
-        the learned initial memory. return_logits: override ``keep_logits`` of the config. progress: a callable
-        wrapping the segment range (e.g. ``tqdm``).
+        attention_mask: ``[B, T]`` 1 for tokens (left or right padding). labels: LM ``[B, T]`` (-100 = ignore; the
+        shift is done here), token classifiers ``[B, T]``, sequence classifiers ``[B]``. memory: ``[B, m, d]`` to
+        continue from instead of the learned initial memory. return_logits: override ``keep_logits`` of the
+        config. progress: a callable wrapping the segment range (e.g. ``tqdm``). token_type_ids: accepted as a
+        tokenizer returns them; the segment layout gives every token type 0, so nonzero types (sentence pairs) are
+        refused. num_items_in_batch: as transformers' Trainer passes it; per-token losses are then summed and
+        divided by it (exact under gradient accumulation).
         """
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        if token_type_ids is not None and bool((token_type_ids != 0).any()):
+            raise ValueError("token_type_ids: nonzero token types (sentence pairs) are not supported; every segment "
+                             "is one sequence [CLS] memory [SEP] tokens [SEP] of type 0")
         input_ids, keep = self._content_mask(input_ids, attention_mask)
         cfg = self.rmt_config
         keep_logits = cfg.keep_logits if return_logits is None else bool(return_logits)
@@ -119,8 +134,11 @@ class RecurrentMemoryModel(nn.Module):
             scheme.check_labels(labels, input_ids)
         targets = scheme.targets(plan, labels)
         res = self.runner.run(memory, plan, targets, keep_logits, output_hidden_states, input_ids.shape[1], progress)
-        return RMTOutput(memory=res["memory"], num_segments=plan.num_segments,
-                         **scheme.finish(self.adapter, res, labels))
+        if num_items_in_batch is not None and targets is not None:
+            res["count"] = torch.as_tensor(num_items_in_batch, device=res["loss_sum"].device)
+        out = RMTOutput(memory=res["memory"], **scheme.finish(self.adapter, res, labels))
+        out.num_segments = plan.num_segments
+        return out
 
     # ---- generation -----------------------------------------------------------------------------------
     def generate(self, input_ids, generation_config=None, *, attention_mask=None, max_new_tokens: int | None = None,
@@ -185,27 +203,10 @@ class RecurrentMemoryModel(nn.Module):
         base = self.adapter.model
         base.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers=every_n_layers,
                                              offload=offload)
-        # The recompute runs in backward, after the segment call has restored the backbone's own attention
-        # implementation: replay each layer under the implementation its forward ran with ("rmt_fast").
-        config = base.config
         layers = [m for m in base.modules() if hasattr(m, "_gradient_checkpointing_func")]
-        checkpoint = layers[0]._gradient_checkpointing_func
-
-        def checkpoint_in_segment(function, *args, **kwargs):
-            impl = config._attn_implementation
-
-            def replay(*a, **k):
-                before = config._attn_implementation
-                config._attn_implementation = impl
-                try:
-                    return function(*a, **k)
-                finally:
-                    config._attn_implementation = before
-
-            return checkpoint(replay, *args, **kwargs)
-
+        replay = hf.recompute_in_segment(layers[0]._gradient_checkpointing_func, base.config)
         for m in layers:
-            m._gradient_checkpointing_func = checkpoint_in_segment
+            m._gradient_checkpointing_func = replay
 
     def activation_checkpointing_disable(self) -> None:
         self.adapter.model.activation_checkpointing_disable()

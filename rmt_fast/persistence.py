@@ -24,7 +24,7 @@ from itertools import chain
 
 import torch
 
-from .adapters import make_adapter
+from .adapters import backbone_of, make_adapter
 from .config import RMTConfig
 
 CONFIG_NAME = "rmt_config.json"
@@ -41,13 +41,6 @@ def peft_model_of(model):
     """``model`` when it is a PEFT ``PeftModel``, else None. (A PeftModel exists only once peft is imported.)"""
     peft = sys.modules.get("peft")
     return model if peft is not None and isinstance(model, peft.PeftModel) else None
-
-
-def backbone_of(model):
-    """The transformers model that runs: ``model``, or the base model of a PeftModel (its layers hold the
-    adapters)."""
-    pm = peft_model_of(model)
-    return model if pm is None else pm.get_base_model()
 
 
 def _original_module(module):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import SegmentLayout
-from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.linear_cross_entropy import cross_entropy_sum, linear_cross_entropy
 
 IGNORE_INDEX = -100
 MODES = ("decoder", "encoder")
@@ -85,8 +85,7 @@ class Scheme:
     def _token_loss(self, logits, targets, params, width):
         """Summed fp32 cross-entropy of per-token ``logits [B, W, C]`` and its target count."""
         tgt = gather_span(targets, params[P_START], params[P_LEN], width, IGNORE_INDEX)
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
+        loss_sum = cross_entropy_sum(logits.flatten(0, 1), tgt.flatten(), IGNORE_INDEX)
         return loss_sum, (tgt != IGNORE_INDEX).sum()
 
     def _finish_classifier(self, adapter, res, labels) -> dict:

@@ -72,3 +72,24 @@ def segment_call(model: torch.nn.Module):
         yield
     finally:
         cfg._attn_implementation = before
+
+
+def recompute_in_segment(checkpoint, config):
+    """Wrap a layer's activation-checkpoint function so that its recompute, which runs in backward after
+    :func:`segment_call` has restored the backbone's own attention, runs under the implementation the layer's
+    forward ran with (the segment's layout travels in the checkpointed keyword arguments)."""
+
+    def checkpoint_in_segment(function, *args, **kwargs):
+        impl = config._attn_implementation
+
+        def replay(*a, **k):
+            before = config._attn_implementation
+            config._attn_implementation = impl
+            try:
+                return function(*a, **k)
+            finally:
+                config._attn_implementation = before
+
+        return checkpoint(replay, *args, **kwargs)
+
+    return checkpoint_in_segment

@@ -1,19 +1,24 @@
 """Fused linear + cross-entropy for the decoder loss: ``[N, V]`` fp32 logits never exist when only the loss is needed.
 
-Backends: "liger" (liger-kernel's Triton fused linear cross-entropy; CUDA, when ``liger_kernel`` imports: install
-``rmt_fast[gpu]``), "chunked" (PyTorch over row chunks, any device), "reference" (plain logits + cross-entropy, the
-specification). "auto": liger on CUDA when available, else chunked. All return the fp32 summed loss.
+Backends: "triton" (cuBLAS logits in the model's dtype + a Triton row kernel for the loss and its gradient; CUDA,
+or CPU under ``TRITON_INTERPRET=1``), "chunked" (PyTorch over row chunks, any device), "liger" (liger-kernel's
+fused linear cross-entropy, when ``liger_kernel`` imports), "reference" (plain logits + cross-entropy, the
+specification). "auto": triton on CUDA, else chunked. All return the fp32 summed loss.
+
+Measured on an H200 (GPT-2 vocabulary, 2048 rows, bf16, forward + backward; benchmarks/train.py breakdown):
+reference 5.5 ms, chunked 6.6-9.6 ms, liger 23.5 ms: liger is not the default.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from .chunked import linear_cross_entropy_chunked
 from .reference import linear_cross_entropy_ref
 
-LCE_BACKENDS = ("auto", "liger", "chunked", "reference")
+LCE_BACKENDS = ("auto", "triton", "chunked", "liger", "reference")
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,7 +47,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     if backend not in LCE_BACKENDS:
         raise ValueError(f"backend must be one of {LCE_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "liger" if hidden.is_cuda and liger_available() and not _capturing() else "chunked"
+        backend = "triton" if hidden.is_cuda and _triton_available() else "chunked"
+    if backend == "triton":
+        from .triton import linear_cross_entropy_triton
+
+        return linear_cross_entropy_triton(hidden, weight, bias, targets, ignore_index)
     if backend == "liger":
         if not liger_available():
             raise ValueError("backend='liger' requested but liger_kernel does not import (pip install liger-kernel)")
@@ -52,6 +61,22 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     return linear_cross_entropy_ref(hidden, weight, bias, targets, ignore_index)
 
 
-def _capturing() -> bool:
-    """liger reads counts back to the host, which a CUDA graph capture cannot do: use the chunked path there."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    try:
+        from . import triton  # noqa: F401
+    except Exception:  # triton missing or broken: the chunked path runs
+        return False
+    return True
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Summed fp32 cross-entropy of ``logits [N, V]`` (any float dtype) against ``targets [N]``.
+
+    Without autograd on CUDA one Triton pass reads the logits in their own dtype (no fp32 copy); otherwise
+    ``F.cross_entropy`` on the fp32 logits (the reference)."""
+    if logits.is_cuda and not (torch.is_grad_enabled() and logits.requires_grad) and _triton_available():
+        from .triton import cross_entropy_rows
+
+        return cross_entropy_rows(logits.contiguous(), targets.contiguous(), ignore_index).sum()
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")

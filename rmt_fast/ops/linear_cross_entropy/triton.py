@@ -1,0 +1,119 @@
+"""Linear + cross-entropy with a Triton row kernel: logits exist only in the model's dtype, chunk by chunk.
+
+Per row chunk: the logits ``h @ W.T + b`` come from one cuBLAS matmul in hidden's dtype; one kernel pass per row
+computes the fp32 log-sum-exp (online, in blocks of the vocabulary) and the row's loss, and, when gradients are
+needed, overwrites the logits in place with ``dlogits = softmax - onehot`` (zero at ignored rows), from which two
+matmuls give the gradients of hidden and weight. The fp32 ``[N, V]`` tensor of the plain path never exists; the
+loss equals the reference's up to the order of fp32 summation.
+
+Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (tests); every load is upcast to fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+CHUNK_BYTES = 1 << 28  # logits per chunk, in hidden's dtype (256 MiB)
+BLOCK_V = 4096
+
+
+@triton.jit
+def _cross_entropy_rows(LOGITS, stride_row, TARGETS, LOSS, n_cols, ignore_index,
+                        WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = LOGITS + row.to(tl.int64) * stride_row
+    target = tl.load(TARGETS + row).to(tl.int32)
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.full([], 0.0, tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    valid = target != ignore_index
+    picked = tl.load(base + tl.where(valid, target, 0)).to(tl.float32)
+    tl.store(LOSS + row, tl.where(valid, lse - picked, 0.0))
+    if WRITE_GRAD:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            p = tl.exp(x - lse)
+            p = tl.where(cols == target, p - 1.0, p)
+            p = tl.where(valid, p, 0.0)
+            tl.store(base + cols, p.to(LOGITS.dtype.element_ty), mask=cols < n_cols)
+
+
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                       write_grad: bool = False) -> torch.Tensor:
+    """Per-row fp32 cross-entropy of ``logits [N, V]`` (unit stride along V) against ``targets [N]`` (0 at ignored
+    rows). With ``write_grad`` the logits are overwritten with ``softmax - onehot`` (0 at ignored rows)."""
+    n, v = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n:
+        _cross_entropy_rows[(n,)](logits, logits.stride(0), targets, loss, v, ignore_index, WRITE_GRAD=write_grad,
+                                  BLOCK=min(BLOCK_V, triton.next_power_of_2(v)))
+    return loss
+
+
+class _TritonLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index):
+        n, v = hidden.shape[0], weight.shape[0]
+        rows = max(1, min(n, CHUNK_BYTES // max(v * hidden.element_size(), 1)))
+        single = rows >= n
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grads = need_h or need_w or (need_b and bias is not None)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = None
+        if need_w and not single:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_b = torch.zeros(v, dtype=torch.float32, device=weight.device) if (need_b and bias is not None) else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        targets = targets.contiguous()
+        for s in range(0, n, rows):
+            h = hidden[s:s + rows]
+            logits = F.linear(h, weight, bias).contiguous()
+            loss += cross_entropy_rows(logits, targets[s:s + rows], ignore_index, write_grad=grads).sum()
+            if not grads:
+                continue
+            if grad_h is not None:
+                torch.matmul(logits, weight.to(logits.dtype), out=grad_h[s:s + rows])
+            if need_w:
+                if single:
+                    grad_w = logits.t() @ h
+                else:
+                    grad_w += (logits.t() @ h).float()
+            if grad_b is not None:
+                grad_b += logits.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_loss).to(w_dtype),
+                None if grad_b is None else (grad_b * grad_loss).to(b_dtype), None, None)
+
+
+def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Same contract as :func:`~rmt_fast.ops.linear_cross_entropy.reference.linear_cross_entropy_ref`."""
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not wants_grad:
+        with torch.no_grad():
+            n, v = hidden.shape[0], weight.shape[0]
+            rows = max(1, min(n, CHUNK_BYTES // max(v * hidden.element_size(), 1)))
+            targets = targets.contiguous()
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for s in range(0, n, rows):
+                logits = F.linear(hidden[s:s + rows], weight, bias).contiguous()
+                loss += cross_entropy_rows(logits, targets[s:s + rows], ignore_index).sum()
+            return loss
+    return _TritonLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index)
