@@ -40,7 +40,7 @@ class _Sweep:
     records: list  # per segment: whether its output is recorded (returned)
     want_output: bool
     progress: object = None
-    graphs: object = None  # a rmt_fast.graphs.TrainingGraphs replaying both sweeps, or None (eager)
+    graphs: list | None = None  # per segment, the rmt_fast.graphs.TrainingGraphs that replays it; None: eager
     structure: list | None = None  # per recorded segment: number of tensors in its output (tuple or single)
     rng: list | None = None
     rng_after: object = None
@@ -68,7 +68,7 @@ class _TwoSweep(torch.autograd.Function):
             if keep_rng:
                 sweep.rng.append(_rng_state(device))
             if sweep.graphs is not None:
-                res = sweep.graphs.forward(memory, sweep.params[g])
+                res = sweep.graphs[g].forward(memory, sweep.params[g])
             else:
                 res = r.step(memory, sweep.plan.content, sweep.targets, sweep.params[g], sweep.widths[g],
                              sweep.want_output and sweep.records[g], False, sweep.dense[g])
@@ -111,7 +111,7 @@ class _TwoSweep(torch.autograd.Function):
             cut = depth is not None and 0 < g < g_total - depth  # full BPTT detaches the memory entering g
             if sweep.graphs is not None:
                 _set_rng_state(states[g].device, sweep.rng[g])
-                grad_in = sweep.graphs.backward(states[g], sweep.params[g], grad_memory, grad_loss, seg_grads)
+                grad_in = sweep.graphs[g].backward(states[g], sweep.params[g], grad_memory, grad_loss, seg_grads)
                 if g == 0:
                     grad_first = grad_in
                 else:
@@ -145,18 +145,19 @@ class _TwoSweep(torch.autograd.Function):
             else:
                 grad_memory = None if cut else mem_in.grad
         if sweep.graphs is not None:
-            sweep.graphs.finish()
+            for graphs in {id(x): x for x in sweep.graphs}.values():
+                graphs.finish()
             _set_rng_state(states[0].device, sweep.rng_after)
         return None, grad_first, None
 
 
-def _training_graphs(runner, memory, plan, targets, want_output):
+def _training_graphs(runner, memory, plan, targets, want_output, dense):
     """The runner's captured training graphs for this call's shape (captured on first use), or None when capture
     is impossible (one warning; the eager sweeps run instead)."""
     b, tc = plan.content.shape
     device_type = memory.device.type
     autocast = autocast_state(device_type)
-    key = ("train", b, want_output, targets is not None, memory.dtype, memory.device, autocast,
+    key = ("train", b, want_output, targets is not None, memory.dtype, memory.device, autocast, dense,
            tuple(id(p) for p in runner.adapter.model.parameters() if p.requires_grad))
     cache = runner.training_graphs
     if key in cache and cache[key] is None:
@@ -166,7 +167,8 @@ def _training_graphs(runner, memory, plan, targets, want_output):
         capacity = max(tc, 2 * graphs.content.shape[1] if graphs is not None else tc)
         cache.pop(key, None)
         try:
-            graphs = TrainingGraphs(runner, b, capacity, memory, want_output, targets, plan.content.dtype, autocast)
+            graphs = TrainingGraphs(runner, b, capacity, memory, want_output, targets, plan.content.dtype, autocast,
+                                    dense)
         except Exception as e:  # capture is impossible for this model/shape: train eagerly
             cache[key] = None
             warnings.warn(f"rmt_fast: CUDA graph capture of the training step failed ({type(e).__name__}: {e}); "
@@ -207,7 +209,11 @@ def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, tota
     records = [bool(want_output and (e or runner.scheme.output_per_segment)) for e in ends]
     sweep = _Sweep(runner, plan, targets, params, widths, dense, records, want_output, progress)
     if runner.config.graphs_enabled and memory.is_cuda and not (want_output and runner.scheme.output_per_segment):
-        sweep.graphs = _training_graphs(runner, memory, plan, targets, want_output)
+        # segments whose rows are all full replay captures with the plain-layout kernels
+        full = [min(row) == runner.config.segment_size for row in lens_host]
+        variants = {f: _training_graphs(runner, memory, plan, targets, want_output, f) for f in set(full)}
+        if all(v is not None for v in variants.values()):
+            sweep.graphs = [variants[f] for f in full]
     dummy = torch.empty(0, device=memory.device, requires_grad=True)
     memory, loss_sum, count, *outputs = _TwoSweep.apply(sweep, memory, dummy)
     record = runner.scheme.new_record(plan, total_len)

@@ -46,6 +46,7 @@ class _Captured:
     loss_sum: torch.Tensor
     count: torch.Tensor
     autocast: tuple = ()
+    dense: bool = False  # captured for segments whose rows all hold segment_size tokens (plain-layout kernels)
     output: object = None  # the segment's recorded output (static tensors written by every replay), or None
 
 
@@ -60,14 +61,15 @@ class GraphedSegments:
     def _body(self, c: _Captured, want_output: bool):
         r = self.runner
         with captured_autocast(c.autocast):
-            res = r.step(c.memory, c.content, c.targets, c.params, r.config.segment_size, want_output, False)
+            res = r.step(c.memory, c.content, c.targets, c.params, r.config.segment_size, want_output, False,
+                         c.dense)
         c.memory.copy_(res.memory)
         c.loss_sum.add_(res.loss_sum)
         c.count.add_(res.count)
         return res.output
 
     def _capture(self, b: int, capacity: int, memory: torch.Tensor, want_output: bool, has_targets: bool,
-                 content_dtype) -> _Captured:
+                 content_dtype, dense: bool) -> _Captured:
         dev = memory.device
         params = torch.zeros(5, b, dtype=torch.long, device=dev)
         params[P_GATHER] = -1  # warm-up and capture run with every row idle: memory stays as it is
@@ -77,7 +79,7 @@ class GraphedSegments:
             targets=torch.full((b, capacity), -100, dtype=torch.long, device=dev) if has_targets else None,
             params=params, memory=memory.detach().clone(),
             loss_sum=torch.zeros((), dtype=torch.float32, device=dev),
-            count=torch.zeros((), dtype=torch.long, device=dev), autocast=autocast_state(dev.type))
+            count=torch.zeros((), dtype=torch.long, device=dev), autocast=autocast_state(dev.type), dense=dense)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -88,11 +90,10 @@ class GraphedSegments:
             c.output = self._body(c, want_output)
         return c
 
-    def run(self, memory, plan, targets, params, want_output: bool, total_len: int, progress=None):
-        """Replay the captured step over every segment; returns the eager runner's result dict, or None when
-        this shape cannot be captured (the caller then runs eagerly)."""
+    def _get(self, memory, plan, want_output: bool, has_targets: bool, dense: bool) -> _Captured | None:
+        """The capture for this call's shape (captured on first use), or None when capture is impossible."""
         b, tc = plan.content.shape
-        key = (b, want_output, targets is not None, memory.dtype, memory.device, autocast_state(memory.device.type))
+        key = (b, want_output, has_targets, memory.dtype, memory.device, autocast_state(memory.device.type), dense)
         if key in self.failed:
             return None
         c = self.captured.get(key)
@@ -100,11 +101,11 @@ class GraphedSegments:
             capacity = max(tc, 2 * c.capacity if c is not None else tc)
             self.captured.pop(key, None)
             try:
-                c = self._capture(b, capacity, memory, want_output, targets is not None, plan.content.dtype)
+                c = self._capture(b, capacity, memory, want_output, has_targets, plan.content.dtype, dense)
             except Exception as e:  # capture is impossible for this model/shape: run eagerly
                 self.failed.add(key)
                 warnings.warn(f"rmt_fast: CUDA graph capture failed ({type(e).__name__}: {e}); running eagerly",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=4)
                 torch.cuda.synchronize()
                 return None
             self.captured[key] = c
@@ -112,21 +113,40 @@ class GraphedSegments:
                 self.captured.pop(next(iter(self.captured)))
         else:
             self.captured[key] = self.captured.pop(key)  # most recently used last
-        c.content[:, :tc].copy_(plan.content)
-        if targets is not None:
-            c.targets[:, :tc].copy_(targets)
-        c.memory.copy_(memory)
-        c.loss_sum.zero_()
-        c.count.zero_()
+        return c
+
+    def run(self, memory, plan, targets, params, want_output: bool, total_len: int, progress=None):
+        """Replay the captured step over every segment; returns the eager runner's result dict, or None when
+        this shape cannot be captured (the caller then runs eagerly). Segments whose rows are all full replay
+        a capture with the plain-layout kernels (one host read of the segment lengths per call)."""
+        full = (plan.lens == self.runner.config.segment_size).all(1).tolist()
+        variants = {}
+        for dense in set(full):
+            variants[dense] = self._get(memory, plan, want_output, targets is not None, dense)
+            if variants[dense] is None:
+                return None
+        tc = plan.content.shape[1]
+        for c in variants.values():
+            c.content[:, :tc].copy_(plan.content)
+            if targets is not None:
+                c.targets[:, :tc].copy_(targets)
+            c.loss_sum.zero_()
+            c.count.zero_()
         record = self.runner.scheme.new_record(plan, total_len)
         g_total = plan.num_segments
         rng = range(g_total) if progress is None else progress(range(g_total))
+        current = memory
         for g in rng:
+            c = variants[full[g]]
+            if c.memory is not current:
+                c.memory.copy_(current)
             c.params.copy_(params[g])
             c.graph.replay()
+            current = c.memory
             if c.output is not None:
                 record.add(params[g], c.output)  # copies out of the static buffers before the next replay
-        return dict(memory=c.memory.clone(), loss_sum=c.loss_sum.clone(), count=c.count.clone(),
+        cs = list(variants.values())
+        return dict(memory=current.clone(), loss_sum=sum(c.loss_sum for c in cs), count=sum(c.count for c in cs),
                     output=record.result(), hidden=None)
 
 
@@ -146,8 +166,8 @@ class TrainingGraphs:
     """
 
     def __init__(self, runner, b: int, capacity: int, memory: torch.Tensor, want_output: bool,
-                 targets: torch.Tensor | None, content_dtype, autocast: tuple):
-        self.runner, self.want_output, self.autocast = runner, want_output, autocast
+                 targets: torch.Tensor | None, content_dtype, autocast: tuple, dense: bool = False):
+        self.runner, self.want_output, self.autocast, self.dense = runner, want_output, autocast, dense
         dev = memory.device
         self.width = runner.config.segment_size
         self.content = torch.zeros(b, capacity, dtype=content_dtype, device=dev)
@@ -184,14 +204,14 @@ class TrainingGraphs:
     def _forward_body(self):
         with torch.no_grad(), self._autocast():
             res = self.runner.step(self.memory, self.content, self.targets, self.params, self.width,
-                                   self.want_output, False)
+                                   self.want_output, False, self.dense)
             self.memory.copy_(res.memory)
         return res.loss_sum, res.count, res.output
 
     def _backward_body(self):
         with torch.enable_grad(), self._autocast():
             res = self.runner.step(self.mem_in, self.content, self.targets, self.params, self.width,
-                                   self.want_output, False)
+                                   self.want_output, False, self.dense)
         outs, grads = [], []
         if res.memory.requires_grad:
             outs.append(res.memory)
