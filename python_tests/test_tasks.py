@@ -1,4 +1,4 @@
-"""Tests of rmt_fast.tasks: the RMT paper's synthetic memory tasks (fast, CPU, offline)."""
+"""Tests of rmt_fast.experiments.tasks: the RMT paper's synthetic memory tasks (fast, CPU, offline)."""
 import importlib.util
 import os
 import pickle
@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from rmt_fast.tasks import (ANSWERS, DIRECTIONS, NAMES, OPPOSITE, PLACES, TASKS, VERBS, CharTokenizer,
-                            HFDatasetNoise, PydocNoise, SentencesNoise, TextFilesNoise, TokenPool,
-                            collate, make_task, read_babi, split_sentences)
+from rmt_fast.experiments.tasks import (ANSWERS, DIRECTIONS, NAMES, OPPOSITE, PLACES, TASKS, VERBS, CharTokenizer,
+                                        HFDatasetNoise, PydocNoise, SentencesNoise, TextFilesNoise, TokenPool,
+                                        WordTokenizer, collate, load_saved_tokenizer, make_task, read_babi,
+                                        split_sentences)
+from rmt_fast.experiments.tasks import facts as F
 
 
 # --------------------------------------------------------------------------------------------------
@@ -23,6 +25,11 @@ from rmt_fast.tasks import (ANSWERS, DIRECTIONS, NAMES, OPPOSITE, PLACES, TASKS,
 @pytest.fixture(scope="module")
 def char_tok():
     return CharTokenizer()
+
+
+@pytest.fixture(scope="module")
+def word_tok():
+    return WordTokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +208,8 @@ def test_reasoning_answer_derivable(char_tok):
     assert forms == {True, False} and dirs == set(DIRECTIONS)
 
 
-def test_decoder_labels_mask(char_tok, minilm_tok):
-    for tok in (char_tok, minilm_tok):
+def test_decoder_labels_mask(char_tok, word_tok, minilm_tok):
+    for tok in (char_tok, word_tok, minilm_tok):
         ds = make_task("reasoning", tok, 2, 200, for_decoder=True, length=10)
         for i in range(10):
             s = ds[i]
@@ -259,6 +266,35 @@ def test_char_tokenizer():
                                                                         tok.encode("b", False)[0]],
                                                                        tok.encode("c", False)]
     assert max(max(tok.encode(s, False)) for s in PydocNoise().sentences()[:200]) < len(tok)
+
+
+def test_word_tokenizer(word_tok, tmp_path):
+    tok = word_tok
+    unk = tok.unk_token_id
+    assert tok.encode("Where is Mary?", add_special_tokens=False) == [tok.get_vocab()[w] for w in
+                                                                     ("where", "is", "mary", "?")]
+    assert tok.decode(tok.encode("Mary went back to the kitchen."), skip_special_tokens=True) == \
+        "mary went back to the kitchen ."
+    # every word of the tasks is one known token: memorize's fact + question fit in 16 tokens
+    texts = F.all_qa1_facts() + F.all_qa1_questions() + F.all_qa4_facts() + F.all_qa4_questions()
+    for t in texts:
+        ids = tok.encode(t, add_special_tokens=False)
+        assert unk not in ids and len(ids) == len(re.findall(r"\w+|[^\w\s]", t)), t
+    assert max(len(tok.encode(f, False)) for f in F.all_qa1_facts()) + 4 <= 16
+    for a in ANSWERS:
+        assert len(tok.encode(a, False)) == 1
+    # a closed vocabulary: unknown words are [UNK]; the default noise is mostly known words
+    assert tok.encode("zyzzyva quux", add_special_tokens=False) == [unk, unk]
+    pool = PydocNoise().pool(tok)
+    assert pool.ids.max() < len(tok) and (pool.ids == unk).mean() < 0.1
+    # saved and loaded: the same vocabulary and ids
+    tok.save_pretrained(str(tmp_path))
+    again = load_saved_tokenizer(str(tmp_path))
+    assert type(again) is WordTokenizer and again.get_vocab() == tok.get_vocab()
+    ds1, ds2 = (make_task("detect_memorize", t, 3, 16, split="test", length=2) for t in (tok, again))
+    assert torch.equal(ds1[1]["input_ids"], ds2[1]["input_ids"])
+    CharTokenizer().save_pretrained(str(tmp_path / "c"))
+    assert load_saved_tokenizer(str(tmp_path / "c")).get_vocab() == CharTokenizer().get_vocab()
 
 
 def test_minilm_sentences_concatenate(minilm_tok):

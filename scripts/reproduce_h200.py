@@ -62,24 +62,22 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="resume each task's training from OUT/<task>")
     p.add_argument("--dry-run", action="store_true",
-                   help="tiny CPU configuration (tiny-bert, 16-token segments, a few steps, lengths 1-4): checks the "
+                   help="tiny CPU configuration (tiny-bert, 32-token segments, a few steps, lengths 1-4): checks the "
                    "pipeline, not the result")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p.parse_args(argv)
 
 
 def task_config(a, task: str):
-    from rmt_fast.train import TrainConfig
+    from rmt_fast.experiments.trainer import TrainConfig
 
     if a.dry_run:
-        from rmt_fast.backbones import minilm_available
-
-        seg = 32 if minilm_available() else 128  # the reasoning facts + question fit in one segment
-        return TrainConfig(task=task, backbone="tiny-bert", num_mem_tokens=2, segment_size=seg, hidden_size=32,
-                           max_segments=2, max_steps_per_stage=3, eval_every=3, eval_samples=8, eval_batch_size=8, batch_size=4,
-                           lr=1e-3, warmup_steps=1, threshold=1.01, device="cpu", seed=a.seed,
+        # 32 tokens: the reasoning facts + question fit in one segment (built-in word tokenizer)
+        return TrainConfig(task=task, backbone="tiny-bert", num_mem_tokens=2, segment_size=32, hidden_size=32,
+                           max_segments=2, max_steps_per_stage=3, eval_every=3, eval_samples=8, eval_batch_size=8,
+                           batch_size=4, lr=1e-3, warmup_steps=1, threshold=1.01, device="cpu", seed=a.seed,
                            out_dir=os.path.join(a.out, task), resume=a.resume, progress=a.progress)
-    from rmt_fast.train import build_schedule
+    from rmt_fast.experiments.trainer import build_schedule
 
     stages = build_schedule(1, a.max_segments)
     return TrainConfig(task=task, backbone="minilm", num_mem_tokens=10, segment_size=499, max_segments=a.max_segments,
@@ -92,8 +90,8 @@ def task_config(a, task: str):
 
 
 def run_task(a, task: str) -> dict:
-    from rmt_fast.evaluate import evaluate_run, parse_lengths
-    from rmt_fast.train import train
+    from rmt_fast.experiments.evaluate import evaluate_run, parse_lengths
+    from rmt_fast.experiments.trainer import train
 
     t0 = time.time()
     cfg = task_config(a, task)
@@ -109,8 +107,8 @@ def run_task(a, task: str) -> dict:
     if a.cuda_graphs:
         res.model.rmt_config.cuda_graphs = True
     train_info = {"stages": res.stages, "seconds": res.seconds, "trained_segments": res.trained_segments}
-    doc = evaluate_run(cfg.out_dir, lengths=lengths, num_samples=samples, batch_size=batch, stages=True,
-                       stage_lengths=heat_lengths, stage_samples=8 if a.dry_run else a.heatmap_samples,
+    doc = evaluate_run(cfg.out_dir, lengths=lengths, num_samples=samples, batch_size=batch, split="test",
+                       stages=True, stage_lengths=heat_lengths, stage_samples=8 if a.dry_run else a.heatmap_samples,
                        model=res.model, tokenizer=res.tokenizer, kind=res.kind, train_info=train_info,
                        out_dir=cfg.out_dir, progress=a.progress)
     doc["wall_seconds"] = {"train": round(t_train, 1), "total": round(time.time() - t0, 1)}
@@ -121,27 +119,28 @@ def run_task(a, task: str) -> dict:
 
 
 def summary(out: str, docs: dict) -> str:
-    from rmt_fast.evaluate import plot_accuracy
+    from rmt_fast.experiments.plots import plot_accuracy
 
     lengths = sorted({int(k) for d in docs.values() for k in d["accuracy"]})
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"tasks": docs, "paper_fig1": PAPER}, f, indent=2, default=str)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["task", "segments", "tokens", "accuracy", "samples", "peak_memory_gb", "seconds", "paper_accuracy"])
+        w.writerow(["task", "segments", "tokens", "accuracy", "ci95_low", "ci95_high", "samples", "peak_memory_mib",
+                    "seconds", "paper_accuracy"])
         for task, d in docs.items():
             for k in sorted(d["accuracy"], key=int):
-                w.writerow([task, k, d["tokens"][k], d["accuracy"][k], d["samples"][k], d["peak_memory_gb"][k],
-                            d["seconds"][k], PAPER.get(task, {}).get(int(k), "")])
+                w.writerow([task, k, d["tokens"][k], d["accuracy"][k], *d["ci95"][k], d["samples"][k],
+                            d["peak_memory_mib"][k], d["seconds"][k], PAPER.get(task, {}).get(int(k), "")])
     first = next(iter(docs.values()))
-    mem = {k: max(d["peak_memory_gb"].get(k, 0) for d in docs.values()) for k in first["peak_memory_gb"]}
+    mem = {k: max(d["peak_memory_mib"].get(k, 0) for d in docs.values()) for k in first["peak_memory_mib"]}
     plot_accuracy(os.path.join(out, "accuracy.png"), {t: d["accuracy"] for t, d in docs.items()}, memory=mem,
-                  segment_size=first["config"].get("segment_size"),
+                  memory_label=first["memory_measure"] + ", the largest over the tasks",
+                  intervals={t: d["ci95"] for t, d in docs.items()}, segment_size=first["config"].get("segment_size"),
                   trained_segments=first.get("train", {}).get("trained_segments"),
                   title=f"RMT ({first['config'].get('backbone')}, m={first['config'].get('num_mem_tokens')}, "
-                        f"{first['config'].get('segment_size')}-token segments) accuracy vs input length",
-                  memory_label="peak memory (GB)")
-    head = f"{'segments':>8} {'tokens':>11} " + " ".join(f"{t[:15]:>15}" for t in docs) + f" {'peak GB':>8}"
+                        f"{first['config'].get('segment_size')}-token segments) accuracy vs input length")
+    head = f"{'segments':>8} {'tokens':>11} " + " ".join(f"{t[:15]:>15}" for t in docs) + f" {'peak MiB':>9}"
     lines = [head, "-" * len(head)]
     for n in lengths:
         k = str(n)
@@ -152,7 +151,7 @@ def summary(out: str, docs: dict) -> str:
             cell = "" if acc is None else f"{100 * acc:.1f}" + (f" ({ref:.1f})" if ref is not None else "")
             cells.append(f"{cell:>15}")
         tok = first["tokens"].get(k, "")
-        lines.append(f"{n:>8} {tok:>11,} " + " ".join(cells) + f" {mem.get(k, 0):>8.2f}")
+        lines.append(f"{n:>8} {tok:>11,} " + " ".join(cells) + f" {mem.get(k, 0):>9.1f}")
     lines.append("accuracy % (paper's Fig. 1 in parentheses); trained segments: "
                  + ", ".join(f"{t} {d.get('train', {}).get('trained_segments')} in "
                              f"{d.get('wall_seconds', {}).get('train', '?')}s" for t, d in docs.items()))
@@ -165,7 +164,7 @@ def main(argv=None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    from rmt_fast.tasks import TASKS
+    from rmt_fast.experiments.tasks import TASKS
 
     tasks = [t for t in a.tasks.split(",") if t]
     bad = [t for t in tasks if t not in TASKS]

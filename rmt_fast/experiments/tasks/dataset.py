@@ -15,7 +15,7 @@ and ``labels`` that are ``-100`` except at the answer positions, where ``labels[
 
 Pieces (sentences, facts, the question, the answer) are tokenized separately, each with the tokenizer's
 piece prefix (a space for WordPiece/BPE/character tokenizers, see ``tokenization.piece_prefix``) and
-their ids concatenated.  Noise comes from a pre-tokenized :class:`~rmt_fast.tasks.noise.TokenPool`:
+their ids concatenated.  Noise comes from a pre-tokenized :class:`~rmt_fast.experiments.tasks.noise.TokenPool`:
 sentences are drawn i.i.d. until the next one would overflow the budget, and that one is cut to fill it
 exactly -- noise truncation never cuts a fact, the question or the answer.
 
@@ -302,12 +302,12 @@ def make_task(name: str, tokenizer, num_segments: int, segment_size: int, split:
     Args:
         name: one of :data:`TASKS`: ``"memorize"``, ``"detect_memorize"``, ``"reasoning"``.
         tokenizer: a HuggingFace tokenizer (or any object with ``encode(text, add_special_tokens=False)``,
-            e.g. :class:`~rmt_fast.tasks.CharTokenizer`).
+            e.g. :class:`~rmt_fast.experiments.tasks.WordTokenizer`).
         num_segments: n >= 1; every sample has exactly ``n * segment_size`` content tokens.
         segment_size: content tokens per segment, e.g. 499 for a 512-position BERT with 10 memory tokens.
         split: ``"train"``, ``"valid"`` or ``"test"`` (disjoint random streams).
         seed: base seed; sample ``i`` depends only on (name, n, segment_size, split, seed, i).
-        noise: ``None`` (Python's pydoc help texts), a :class:`~rmt_fast.tasks.NoiseSource`, a text-file
+        noise: ``None`` (Python's pydoc help texts), a :class:`~rmt_fast.experiments.tasks.NoiseSource`, a text-file
             path or list of paths, or a directory saved with ``datasets``' ``save_to_disk``.
         babi_path: take facts/questions/answers from a bAbI file (``qa1_*`` for memorize/detect,
             ``qa4_*`` for reasoning), or from an ``en``/``en-10k`` directory (the file for ``split``).

@@ -406,40 +406,16 @@ def plot_speedup(
     segment_size: int = 512,
     num_mem_tokens: int = 0,
 ) -> str:
-    """Save a log-log plot of the FLOP ratio vs. input tokens (one line per model).
-
-    Returns the path written (as a string). matplotlib is imported lazily with
-    the Agg backend.
-    """
-    import os
+    """Save the log-log plot of :func:`fig3_table` (FLOP ratio vs input tokens, one line per model) to ``path``
+    (:func:`rmt_fast.experiments.plots.plot_speedup`); returns the path written."""
+    from .plots import plot_speedup as plot
 
     if path is None or (isinstance(path, str) and not path):
         raise ValueError("path: expected a file path")
     accounting = _check_accounting(accounting)
     rows = fig3_table(accounting, token_counts, models, segment_size, num_mem_tokens)
-
-    # Use the Agg canvas directly: no pyplot, no change to the global backend.
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    fig = Figure(figsize=(7, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    xs = [r["tokens"] for r in rows]
-    for key in [k for k in rows[0] if k != "tokens"]:
-        ax.plot(xs, [r[key] for r in rows], marker="o", label=key)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("input tokens")
-    ax.set_ylabel("FLOPs full attention / FLOPs RMT")
     mem = f", {num_mem_tokens} memory tokens" if num_mem_tokens else ""
-    ax.set_title(f"RMT ({segment_size}-token segments{mem}) vs full attention [{accounting}]")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = os.fspath(path)
-    fig.savefig(out, format="png", dpi=100)
-    return out
+    return plot(path, rows, f"RMT ({segment_size}-token segments{mem}) vs full attention [{accounting}]")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,28 +3,31 @@
 Every evaluation runs under ``torch.no_grad`` with the memory carried from segment to segment and nothing
 kept per segment: encoders keep only the last segment's logits; decoders run all but the last segment with
 ``return_logits=False`` and only the last segment (where the answer is) with logits. A tqdm bar runs over the
-segments of each batch (``progress=`` of the forward). Peak memory per length: ``torch.cuda.max_memory_allocated``
-on CUDA (reset before each length), the process's high-water RSS (``ru_maxrss``) on the CPU.
+segments of each batch (``progress=`` of the forward). Peak memory per length: see
+:mod:`rmt_fast.experiments.metrics` (GPU: max_memory_allocated; CPU: bytes of the tensors the forward creates),
+measured on the first batch of each length.
 
-Outputs (:func:`write_results`): ``results.json`` ``{"accuracy": {"<segments>": acc}, "peak_memory_gb": {...},
-"tokens": {...}, "config": ..., "train": ..., "heatmap": ...}``, ``results.csv``, ``accuracy.png`` (accuracy vs
-segments on a log2 axis, as Fig. 1 of arXiv 2304.11062) and, when several curriculum stages are evaluated,
-``heatmap.png``/``heatmap.csv`` (train length x eval length, as Fig. 5).
+Outputs (:func:`write_results`): ``results.json`` ``{"accuracy": {"<segments>": acc}, "ci95": {...},
+"peak_memory_mib": {...}, "memory_measure": "...", "tokens": {...}, "config": ..., "train": ..., "heatmap": ...}``,
+``results.csv``, ``accuracy.png`` (accuracy vs segments on a log2 axis, as Fig. 1 of arXiv 2304.11062) and,
+when several curriculum stages are evaluated, ``heatmap.png``/``heatmap.csv`` (train length x eval length, as
+Fig. 5).
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
-import resource
-import sys
 import time
 
 import torch
 
-__all__ = ["predict_correct", "dataset_accuracy", "evaluate_lengths", "evaluate_run", "load_checkpoint",
-           "write_results", "plot_accuracy", "plot_heatmap", "format_table", "peak_memory_gb",
-           "reset_peak_memory", "parse_lengths", "DEFAULT_LENGTHS"]
+from .metrics import PeakMemory, accuracy, memory_measure, wilson_interval
+from .rundir import CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE, find_results, load_checkpoint, stage_dirs
+from .runtime import autocast_ctx
+
+__all__ = ["predict_correct", "dataset_accuracy", "evaluate_lengths", "evaluate_run", "write_results",
+           "format_table", "parse_lengths", "DEFAULT_LENGTHS"]
 
 #: 1, 2, 4, ..., 4096 segments (4096 x 499 = 2,043,904 tokens)
 DEFAULT_LENGTHS = tuple(2 ** i for i in range(13))
@@ -50,26 +53,6 @@ def parse_lengths(spec) -> list[int]:
     if not out or out[0] < 1:
         raise ValueError(f"lengths: expected segment counts >= 1, got {spec!r}")
     return out
-
-
-# ------------------------------------------------------------------------------------------------------
-# memory accounting
-# ------------------------------------------------------------------------------------------------------
-def reset_peak_memory(device) -> None:
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gb(device) -> float:
-    """GiB: CUDA max_memory_allocated since the last reset, or the process's peak RSS on the CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)  # bytes on macOS, KiB on Linux
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -176,13 +159,12 @@ def evaluate_lengths(rmt, tokenizer, kind: str, task: str = "memorize", lengths=
     """Accuracy at each length (segments of ``rmt.rmt_config.segment_size`` tokens).
 
     The input stays on the CPU and goes to the device ``chunk_segments`` segments at a time (memory carried), so
-    peak device memory is flat in the length. Returns ``{segments: {"accuracy", "correct", "samples", "tokens",
-    "peak_memory_gb", "seconds"}}``.
+    peak device memory is flat in the length. Returns ``{segments: {"accuracy", "ci95", "correct", "samples",
+    "tokens", "peak_memory_mib", "seconds"}}``; the peak is that of the first batch (all batches have one shape).
     """
     from tqdm.auto import tqdm
 
     from .tasks import make_task
-    from .train import autocast_ctx
 
     device = rmt.device
     s = rmt.rmt_config.segment_size
@@ -191,6 +173,7 @@ def evaluate_lengths(rmt, tokenizer, kind: str, task: str = "memorize", lengths=
     results = {}
     was_training = rmt.training
     rmt.eval()
+    first = batch_size * world  # the samples of every rank's first batch
     for n in lengths:
         ds = make_task(task, tokenizer, n, s, split=split, seed=seed, noise=noise, babi_path=babi_path,
                        for_decoder=(kind == "decoder"), length=num_samples)
@@ -200,70 +183,52 @@ def evaluate_lengths(rmt, tokenizer, kind: str, task: str = "memorize", lengths=
             return tqdm(total=n, desc=f"{desc}eval {n} seg x {s} tok, batch {b + 1}/{nb}", unit="seg",
                         disable=not show or n < 64, leave=False, dynamic_ncols=True, mininterval=1.0)
 
-        reset_peak_memory(device)
         t0 = time.time()
         with torch.no_grad(), autocast_ctx(device, bf16):
-            correct, total = dataset_accuracy(rmt, ds, kind, range(num_samples), batch_size, device, rank, world,
-                                              progress=bar, chunk_segments=chunk_segments)
+            with PeakMemory(device) as peak:
+                correct, total = dataset_accuracy(rmt, ds, kind, range(min(first, num_samples)), batch_size, device,
+                                                  rank, world, progress=bar, chunk_segments=chunk_segments)
+            more = dataset_accuracy(rmt, ds, kind, range(first, num_samples), batch_size, device, rank, world,
+                                    progress=lambda b: bar(b + 1), chunk_segments=chunk_segments)
         dt = time.time() - t0
-        results[n] = {"accuracy": correct / max(total, 1), "correct": correct, "samples": total, "tokens": n * s,
-                      "peak_memory_gb": round(peak_memory_gb(device), 4), "seconds": round(dt, 3)}
+        correct, total = correct + more[0], total + more[1]
+        results[n] = {"accuracy": accuracy(correct, total), "ci95": list(wilson_interval(correct, total)),
+                      "correct": correct, "samples": total, "tokens": n * s,
+                      "peak_memory_mib": round(peak.mib, 3), "seconds": round(dt, 3)}
         if show:
             r = results[n]
             print(f"{desc}{n:>5} segments ({n * s:>9,} tokens): accuracy {r['accuracy']:.3f} "
-                  f"({correct}/{total}), peak memory {r['peak_memory_gb']:.2f} GB, {dt:.1f}s", flush=True)
+                  f"({correct}/{total}), peak memory {r['peak_memory_mib']:.1f} MiB, {dt:.1f}s", flush=True)
     rmt.train(was_training)
     return results
 
 
-def load_checkpoint(path: str, device="auto"):
-    """(rmt, tokenizer, kind, train_config dict) from a stage checkpoint or a training run directory
-    (then its last stage)."""
-    from .backbones import backbone_kind, load_tokenizer
-    from .model import from_pretrained
-    from .train import CONFIG_FILE, resolve_device, stage_dirs
-
-    if not os.path.isfile(os.path.join(path, "rmt_config.json")):
-        st = stage_dirs(path)
-        if not st:
-            raise ValueError(f"checkpoint: {path!r} is neither an RMT checkpoint (rmt_config.json) nor a training "
-                             "run directory with stage-*seg/ checkpoints")
-        path = st[-1][1]
-    cfg_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(cfg_path):
-        cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE)
-    if not os.path.isfile(cfg_path):
-        raise ValueError(f"checkpoint: no {CONFIG_FILE} at {path!r} or its parent (which backbone/tokenizer?)")
-    with open(cfg_path) as f:
-        tcfg = json.load(f)
-    from .integrations import hf
-
-    hf.register()  # from_pretrained does not register the attention function (wrap() does)
-    device = resolve_device(device)
-    rmt = from_pretrained(path).to(device).eval()
-    tok = load_tokenizer(tcfg["backbone"], tcfg.get("tokenizer", "auto"))
-    return rmt, tok, backbone_kind(tcfg["backbone"]), tcfg
-
-
-def evaluate_run(path: str, lengths=DEFAULT_LENGTHS, num_samples: int = 128, batch_size: int = 32,
+def evaluate_run(path: str, lengths=None, num_samples: int | None = None, batch_size: int | None = None,
                  stages: bool = True, stage_samples: int | None = None, stage_lengths=None, device="auto",
-                 bf16: bool = True, progress: bool = True, out_dir: str | None = None, split: str = "test",
+                 bf16: bool = True, progress: bool = True, out_dir: str | None = None, split: str | None = None,
                  model=None, tokenizer=None, kind: str | None = None, train_info: dict | None = None) -> dict:
     """Evaluate a training run (or one checkpoint) at ``lengths`` and, with ``stages``, every curriculum stage
     checkpoint (at ``stage_lengths``, default ``lengths``) for the train x eval heatmap. Writes the results to
     ``out_dir`` if given. Returns the results dict of :func:`write_results`.
 
+    ``lengths``, ``num_samples``, ``batch_size``, ``split`` left None: those of the run's own evaluation
+    (``results.json`` of the run, see :func:`rmt_fast.experiments.rundir.find_results`), so the same samples
+    give the same accuracies; without one, 1-4096 segments, 128 samples, batches of 32, the test split.
     ``model``/``tokenizer``/``kind``: evaluate this in-memory model as the final one instead of loading the
     last stage checkpoint.
     """
-    from .train import CONFIG_FILE, SUMMARY_FILE, stage_dirs
-
-    lengths = parse_lengths(lengths)
+    own = (find_results(path) or {}).get("config", {}) if path and os.path.isdir(path) else {}
+    lengths = parse_lengths(lengths if lengths is not None else own.get("lengths", DEFAULT_LENGTHS))
+    num_samples = num_samples or own.get("num_samples", 128)
+    batch_size = batch_size or own.get("batch_size", 32)
+    split = split or own.get("split", "test")
     if model is None:
         model, tokenizer, kind, tcfg = load_checkpoint(path, device)
     else:
-        cp = os.path.join(path, CONFIG_FILE) if path else None
-        tcfg = json.load(open(cp)) if cp and os.path.isfile(cp) else {}
+        tcfg = {}
+        if path and os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            with open(os.path.join(path, CONFIG_FILE)) as f:
+                tcfg = json.load(f)
     task = tcfg.get("task", "memorize")
     seed = tcfg.get("seed", 0)
     noise, babi = tcfg.get("noise"), tcfg.get("babi_path")
@@ -285,52 +250,51 @@ def evaluate_run(path: str, lengths=DEFAULT_LENGTHS, num_samples: int = 128, bat
         with open(os.path.join(path, SUMMARY_FILE)) as f:
             summ = json.load(f)
         train_info = {k: summ.get(k) for k in ("stages", "seconds", "trained_segments")}
-    config = {"task": task, "backbone": tcfg.get("backbone"), "segment_size": model.rmt_config.segment_size,
-              "num_mem_tokens": model.rmt_config.num_mem_tokens, "kind": kind, "num_samples": num_samples,
-              "batch_size": batch_size, "split": split, "device": str(model.device), "train_config": tcfg}
+    config = {"task": task, "backbone": tcfg.get("backbone"), "tokenizer": tcfg.get("tokenizer"),
+              "segment_size": model.rmt_config.segment_size, "num_mem_tokens": model.rmt_config.num_mem_tokens,
+              "kind": kind, "lengths": lengths, "num_samples": num_samples, "batch_size": batch_size, "split": split,
+              "seed": seed, "device": str(model.device), "train_config": tcfg}
     return write_results(out_dir, final, config=config, train=train_info, heatmap=heat)
 
 
 # ------------------------------------------------------------------------------------------------------
-# files and figures
+# files
 # ------------------------------------------------------------------------------------------------------
 def write_results(out_dir: str | None, results: dict, config: dict | None = None, train: dict | None = None,
                   heatmap: dict | None = None, label: str | None = None) -> dict:
     """Build the results dict and, if ``out_dir``, write results.json, results.csv, accuracy.png (and the
     heatmap files). ``results``: the output of :func:`evaluate_lengths`."""
+    from .plots import plot_accuracy, plot_heatmap
+
     keys = sorted(results)
-    doc = {
-        "accuracy": {str(n): results[n]["accuracy"] for n in keys},
-        "peak_memory_gb": {str(n): results[n]["peak_memory_gb"] for n in keys},
-        "tokens": {str(n): results[n]["tokens"] for n in keys},
-        "samples": {str(n): results[n]["samples"] for n in keys},
-        "seconds": {str(n): results[n]["seconds"] for n in keys},
-        "config": config or {},
-        "train": train or {},
-    }
+    config = config or {}
+    doc = {key: {str(n): results[n][key] for n in keys}
+           for key in ("accuracy", "ci95", "correct", "samples", "tokens", "peak_memory_mib", "seconds")}
+    doc["memory_measure"] = memory_measure(config.get("device", "cpu"))
+    doc["config"], doc["train"] = config, train or {}
     if heatmap is not None:
         doc["heatmap"] = heatmap
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "results.json"), "w") as f:
+        with open(os.path.join(out_dir, RESULTS_FILE), "w") as f:
             json.dump(doc, f, indent=2, default=str)
         with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["segments", "tokens", "accuracy", "correct", "samples", "peak_memory_gb", "seconds"])
+            w.writerow(["segments", "tokens", "accuracy", "ci95_low", "ci95_high", "correct", "samples",
+                        "peak_memory_mib", "seconds"])
             for n in keys:
                 r = results[n]
-                w.writerow([n, r["tokens"], f"{r['accuracy']:.6f}", r["correct"], r["samples"],
-                            r["peak_memory_gb"], r["seconds"]])
-        trained = (train or {}).get("trained_segments")
-        c = config or {}
-        name = label or c.get("task", "accuracy")
+                w.writerow([n, r["tokens"], f"{r['accuracy']:.6f}", f"{r['ci95'][0]:.6f}", f"{r['ci95'][1]:.6f}",
+                            r["correct"], r["samples"], r["peak_memory_mib"], r["seconds"]])
+        name = label or config.get("task", "accuracy")
         title = None
-        if c.get("backbone"):
-            title = (f"RMT ({c['backbone']}, m={c.get('num_mem_tokens')}, {c.get('segment_size')}-token segments): "
-                     f"{c.get('task')} accuracy vs length")
-        plot_accuracy(os.path.join(out_dir, "accuracy.png"), {name: doc["accuracy"]}, title=title,
-                      memory=doc["peak_memory_gb"], segment_size=(config or {}).get("segment_size"),
-                      trained_segments=trained, memory_label=_memory_label(config))
+        if config.get("backbone"):
+            title = (f"RMT ({config['backbone']}, m={config.get('num_mem_tokens')}, {config.get('segment_size')}"
+                     f"-token segments): {config.get('task')} accuracy vs length")
+        plot_accuracy(os.path.join(out_dir, "accuracy.png"), {name: doc["accuracy"]}, intervals={name: doc["ci95"]},
+                      memory=doc["peak_memory_mib"], memory_label=doc["memory_measure"],
+                      segment_size=config.get("segment_size"), trained_segments=(train or {}).get("trained_segments"),
+                      title=title)
         if heatmap is not None:
             plot_heatmap(os.path.join(out_dir, "heatmap.png"), heatmap)
             with open(os.path.join(out_dir, "heatmap.csv"), "w", newline="") as f:
@@ -341,115 +305,13 @@ def write_results(out_dir: str | None, results: dict, config: dict | None = None
     return doc
 
 
-def _memory_label(config) -> str:
-    dev = str((config or {}).get("device", ""))
-    return "peak GPU memory (GB)" if dev.startswith("cuda") else "peak process RSS (GB)"
-
-
-def _figure(figsize):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def plot_accuracy(path: str, curves: dict, memory: dict | None = None, segment_size: int | None = None,
-                  trained_segments: int | None = None, title: str | None = None,
-                  memory_label: str = "peak memory (GB)") -> str:
-    """Accuracy (%) vs input length in segments (log2 axis; tokens on the top axis), one line per curve
-    (``{label: {segments: accuracy}}``), as Fig. 1 of the paper; peak memory in a lower panel."""
-    fig = _figure((8, 6.5 if memory else 4.8))
-    if memory:
-        gs = fig.add_gridspec(2, 1, height_ratios=[3, 1], hspace=0.08)
-        ax, axm = fig.add_subplot(gs[0]), fig.add_subplot(gs[1])
-    else:
-        ax, axm = fig.add_subplot(1, 1, 1), None
-    all_x = set()
-    for label, acc in curves.items():
-        xs = sorted(int(k) for k in acc)
-        ys = [100.0 * float(acc[str(x)] if str(x) in acc else acc[x]) for x in xs]
-        all_x.update(xs)
-        ax.plot(xs, ys, marker="o", lw=2, label=label)
-        for x, y in zip(xs, ys):
-            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-    from matplotlib.ticker import NullLocator
-
-    xs = sorted(all_x)
-    for a in (ax, axm):
-        if a is not None:
-            a.set_xscale("log", base=2)
-            a.set_xticks(xs)
-            a.set_xticklabels([str(x) for x in xs])
-            a.xaxis.set_minor_locator(NullLocator())
-            a.grid(True, alpha=0.3)
-    if trained_segments:
-        ax.axvline(trained_segments, color="gray", ls="--", lw=1)
-        ax.text(trained_segments, 2, f" trained on {trained_segments}", color="gray", fontsize=8, va="bottom")
-    ax.set_ylim(0, 108)
-    ax.set_ylabel("accuracy (%)")
-    ax.legend(loc="best")
-    if segment_size:
-        top = ax.secondary_xaxis("top")
-        top.set_xticks(xs)
-        top.xaxis.set_minor_locator(NullLocator())
-        top.set_xticklabels([_short_tokens(x * segment_size) for x in xs], fontsize=7)
-        top.set_xlabel(f"input tokens ({segment_size} per segment)")
-    if axm is not None:
-        mx = sorted(int(k) for k in memory)
-        axm.plot(mx, [float(memory[str(x)] if str(x) in memory else memory[x]) for x in mx], marker="s",
-                 color="tab:red")
-        axm.set_ylabel(memory_label, fontsize=8)
-        axm.set_xlabel("input length (segments)")
-        top_val = max(float(v) for v in memory.values()) if memory else 1.0
-        axm.set_ylim(0, top_val * 1.3 + 1e-6)
-        ax.tick_params(labelbottom=False)
-    else:
-        ax.set_xlabel("input length (segments)")
-    ax.set_title(title or "RMT accuracy vs input length")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
-
-
-def _short_tokens(t: int) -> str:
-    if t >= 10 ** 6:
-        return f"{t / 1e6:.1f}M"
-    if t >= 10 ** 3:
-        return f"{t / 1e3:.0f}k" if t >= 10 ** 4 else f"{t / 1e3:.1f}k"
-    return str(t)
-
-
-def plot_heatmap(path: str, heatmap: dict, title: str | None = None) -> str:
-    """Accuracy of the model trained on ``train_segments`` (rows) evaluated on ``eval_segments`` (columns),
-    as Fig. 5 of the paper."""
-    import numpy as np
-
-    acc = np.asarray(heatmap["accuracy"], dtype=float) * 100.0
-    tr, ev = heatmap["train_segments"], heatmap["eval_segments"]
-    fig = _figure((1.0 + 0.75 * len(ev), 1.2 + 0.55 * len(tr)))
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto", origin="lower")
-    ax.set_xticks(range(len(ev)))
-    ax.set_xticklabels([str(x) for x in ev])
-    ax.set_yticks(range(len(tr)))
-    ax.set_yticklabels([str(x) for x in tr])
-    ax.set_xlabel("evaluated on (segments)")
-    ax.set_ylabel("trained on (segments)")
-    for i in range(acc.shape[0]):
-        for j in range(acc.shape[1]):
-            ax.text(j, i, f"{acc[i, j]:.0f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, label="accuracy (%)")
-    ax.set_title(title or "generalisation: train length x eval length")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
-
-
 def format_table(doc: dict) -> str:
-    """A short text table of a results dict (segments, tokens, accuracy, peak memory)."""
-    lines = [f"{'segments':>8} {'tokens':>11} {'accuracy':>9} {'samples':>8} {'peak GB':>8} {'sec':>7}",
-             "-" * 56]
+    """A short text table of a results dict (segments, tokens, accuracy with its 95% interval, peak memory)."""
+    lines = [f"{'segments':>8} {'tokens':>11} {'accuracy':>9} {'95% interval':>14} {'samples':>8} {'peak MiB':>9} "
+             f"{'sec':>7}", "-" * 72]
     for k in sorted(doc["accuracy"], key=int):
+        lo, hi = doc["ci95"][k]
         lines.append(f"{int(k):>8} {doc['tokens'][k]:>11,} {100 * doc['accuracy'][k]:>8.1f}% "
-                     f"{doc['samples'][k]:>8} {doc['peak_memory_gb'][k]:>8.2f} {doc['seconds'][k]:>7.1f}")
+                     f"{f'{100 * lo:.1f}-{100 * hi:.1f}%':>14} {doc['samples'][k]:>8} "
+                     f"{doc['peak_memory_mib'][k]:>9.1f} {doc['seconds'][k]:>7.1f}")
     return "\n".join(lines)

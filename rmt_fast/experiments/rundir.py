@@ -1,0 +1,147 @@
+"""The files of a training run directory: what the trainer writes and what evaluation reads back.
+
+::
+
+    train_config.json              the TrainConfig (tokenizer spelled out: "word", not "auto")
+    tokenizer/                     the tokenizer itself (WordTokenizer vocabulary or HF tokenizer files)
+    stage-0003seg/                 after each stage: rmt.save_pretrained(...) + stage.json + train_config.json
+                                   + tokenizer/
+    checkpoint-last/               model + optimizer.pt + scheduler.pt + state.json (for --resume)
+    train_summary.json             stages, validation history, times
+    results.json ...               evaluation (rmt-fast demo / eval)
+
+A checkpoint carries its tokenizer, so it evaluates with the ids it was trained on whatever is installed later.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+__all__ = ["CONFIG_FILE", "SUMMARY_FILE", "STATE_FILE", "RESULTS_FILE", "STAGE_PREFIX", "LAST_CHECKPOINT",
+           "TOKENIZER_DIR", "atomic_json", "stage_dir", "stage_dirs", "save_tokenizer", "load_checkpoint",
+           "load_weights_into", "find_results"]
+
+STAGE_PREFIX = "stage-"
+LAST_CHECKPOINT = "checkpoint-last"
+CONFIG_FILE = "train_config.json"
+SUMMARY_FILE = "train_summary.json"
+STATE_FILE = "state.json"
+RESULTS_FILE = "results.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+def atomic_json(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file (a crash never leaves half a file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+    os.replace(tmp, path)
+
+
+def stage_dir(out_dir: str, num_segments: int) -> str:
+    return os.path.join(out_dir, f"{STAGE_PREFIX}{num_segments:04d}seg")
+
+
+def stage_dirs(out_dir: str) -> list[tuple[int, str]]:
+    """[(segments, path)] of the stage checkpoints under ``out_dir``, shortest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = []
+    for name in os.listdir(out_dir):
+        if name.startswith(STAGE_PREFIX) and name.endswith("seg"):
+            try:
+                n = int(name[len(STAGE_PREFIX):-3])
+            except ValueError:
+                continue
+            if os.path.isfile(os.path.join(out_dir, name, "rmt_config.json")):
+                found.append((n, os.path.join(out_dir, name)))
+    return sorted(found)
+
+
+def save_tokenizer(tokenizer, directory: str) -> str:
+    """Save ``tokenizer`` (``save_pretrained``) into ``directory/tokenizer``."""
+    path = os.path.join(directory, TOKENIZER_DIR)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _beside(path: str, name: str) -> str | None:
+    """``path/name``, else the same in the parent (a stage checkpoint inside a run directory)."""
+    for d in (path, os.path.dirname(os.path.abspath(path))):
+        if os.path.exists(os.path.join(d, name)):
+            return os.path.join(d, name)
+    return None
+
+
+def _checkpoint_path(path: str) -> str:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint: {path!r} does not exist")
+    if os.path.isfile(os.path.join(path, "rmt_config.json")):
+        return path
+    st = stage_dirs(path)
+    if not st:
+        raise ValueError(f"checkpoint: {path!r} is neither an RMT checkpoint (rmt_config.json) nor a training run "
+                         "directory with stage-*seg/ checkpoints")
+    return st[-1][1]
+
+
+def load_checkpoint(path: str, device="auto"):
+    """(rmt, tokenizer, kind, train_config dict) from a stage checkpoint or a training run directory (then its
+    last stage). The tokenizer is the one saved with the run; runs from before tokenizers were saved get
+    ``load_tokenizer(backbone, tokenizer)``, checked against the model's vocabulary."""
+    from ..model import from_pretrained
+    from .backbones import load_tokenizer
+    from .runtime import resolve_device
+    from .tasks import load_saved_tokenizer
+
+    path = _checkpoint_path(path)
+    cfg_path = _beside(path, CONFIG_FILE)
+    if cfg_path is None:
+        raise ValueError(f"checkpoint: no {CONFIG_FILE} at {path!r} or its parent (which task and backbone?)")
+    with open(cfg_path) as f:
+        tcfg = json.load(f)
+    rmt = from_pretrained(path).to(resolve_device(device)).eval()
+    tok_dir = _beside(path, TOKENIZER_DIR)
+    if tok_dir is not None:
+        tok = load_saved_tokenizer(tok_dir)
+    else:
+        tok = load_tokenizer(tcfg["backbone"], tcfg.get("tokenizer", "auto"))
+    vocab = rmt.model.get_input_embeddings().num_embeddings
+    if len(tok) > vocab:
+        raise ValueError(f"checkpoint: the tokenizer found for {path!r} has {len(tok)} tokens but the model embeds "
+                         f"{vocab}; the run was trained with another tokenizer (save it as {TOKENIZER_DIR}/)")
+    return rmt, tok, rmt.rmt_config.mode, tcfg
+
+
+def load_weights_into(rmt, directory: str) -> None:
+    """Load the weights saved by ``rmt.save_pretrained(directory)`` into ``rmt`` (same architecture)."""
+    from ..model import from_pretrained
+
+    src = from_pretrained(directory)
+    missing, unexpected = rmt.load_state_dict(src.state_dict(), strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise ValueError(f"checkpoint {directory!r} does not match the model: missing {missing}, "
+                         f"unexpected {unexpected}")
+
+
+def find_results(run_dir: str) -> dict | None:
+    """The evaluation a run was reported with: ``RUN/results.json`` (demo) or ``RUN/eval/results.json``
+    (``train --eval-lengths``); None if there is none."""
+    for p in (os.path.join(run_dir, RESULTS_FILE), os.path.join(run_dir, "eval", RESULTS_FILE)):
+        if os.path.isfile(p):
+            with open(p) as f:
+                return json.load(f)
+    return None
