@@ -22,7 +22,9 @@ class RMTConfig:
         checkpoint_segments: recompute each segment in backward (flat peak memory, identical gradients).
         memory_bidirectional: the NeurIPS-2022 mask (memory blocks attend bidirectionally).
         segment_alignment: "left" (last segment short) or "right" (first segment short).
-        backend: "auto" | "reference" | "triton" | "cuda" for memory attention and the handoff.
+        backend: "auto" | "reference" | "sdpa" | "triton" | "cuda" for memory attention and the handoff (speed
+            only). "sdpa" needs plain layouts: a decoder without ``memory_bidirectional``, or encoder batches whose
+            rows fill every segment (otherwise memory_attention raises); its handoff runs the reference.
         keep_logits: return full logits (decoders: ``[B, T, V]``); False keeps memory flat in the length.
         cls_token_id, sep_token_id, pad_token_id: special tokens (encoders need CLS and SEP).
         max_positions: positions the backbone can embed in one segment.
@@ -83,6 +85,9 @@ class RMTConfig:
             raise ValueError(f"cuda_graphs must be True, False or 'auto', got {self.cuda_graphs!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "sdpa" and self.memory_bidirectional:
+            raise ValueError("backend='sdpa' cannot express memory_bidirectional=True (the mask is not plain causal); "
+                             "use backend='auto', 'triton', 'cuda' or 'reference'")
         missing = [name for name in scheme_class(self.mode).special_tokens if getattr(self, name) is None]
         if missing:
             raise ValueError(f"{self.mode} mode needs {' and '.join(missing)}: pass tokenizer= or "
