@@ -1,8 +1,9 @@
-"""Builds the optional CUDA extension ``rmt_fast._C``; metadata lives in pyproject.toml.
+"""Builds the optional CUDA extension ``rmt_fast._C`` and ships its sources; metadata lives in pyproject.toml.
 
-The extension is built when torch with CUDA and an nvcc are present at build time (use
+The extension is prebuilt when torch with CUDA and an nvcc are present at build time (use
 ``pip install --no-build-isolation .`` so the build sees your torch) and ``RMT_FAST_NO_EXT`` is not 1.
-Otherwise the package installs as pure Python (the reference and Triton paths) with one message.
+Otherwise the package installs as pure Python with one message, and rmt_fast/ops/cuda.py builds the extension
+just in time the first time a CUDA backend wants it, from the sources every wheel carries as ``rmt_fast/csrc``.
 TORCH_CUDA_ARCH_LIST defaults to "6.1;8.0;9.0" minus what the found nvcc cannot target.
 """
 import glob
@@ -12,9 +13,11 @@ import subprocess
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = ["6.1", "8.0", "9.0"]
+SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
 
 
 def _say(msg: str) -> None:
@@ -63,10 +66,28 @@ def extension_modules():
         name="rmt_fast._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
+        # the flags of the just-in-time build (CXX_FLAGS, NVCC_FLAGS in rmt_fast/ops/cuda.py)
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+class BuildPyWithKernelSources(build_py):
+    """Copies csrc/'s sources (not its tests) into the package as rmt_fast/csrc, for the just-in-time build.
+
+    Editable installs skip the copy: there the loader reads csrc/ beside the package.
+    """
+
+    def run(self):
+        super().run()
+        if self.editable_mode:
+            return
+        target = os.path.join(self.build_lib, "rmt_fast", "csrc")
+        self.mkpath(target)
+        for name in sorted(os.listdir(os.path.join(HERE, "csrc"))):
+            if name.endswith(SOURCE_SUFFIXES):
+                self.copy_file(os.path.join(HERE, "csrc", name), os.path.join(target, name))
+
+
 ext_modules, cmdclass = extension_modules()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithKernelSources, **cmdclass})

@@ -1,10 +1,11 @@
-"""The ``rmt-fast`` command: demo, train, eval, flops, bench. Every output goes under ``--out``.
+"""The ``rmt-fast`` command: demo, train, eval, flops, bench, env. Every output goes under ``--out``.
 
     rmt-fast demo --out runs/demo          # curriculum-train a small RMT, evaluate it past its training length
     rmt-fast train --task memorize --backbone tiny-bert --max-segments 3 --out runs/x
     rmt-fast eval runs/x --out runs/x/eval  # the run's own lengths and samples again (or --lengths 1,2,4,8)
     rmt-fast flops --out runs/flops        # Fig. 3 of arXiv 2304.11062 (table + PNG)
     rmt-fast bench --list                  # the scripts in benchmarks/
+    rmt-fast env                           # torch, GPU, Triton, the CUDA extension: which backends run here
 
 Errors print one line (``--debug``: the traceback).
 """
@@ -220,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--list", action="store_true", help="list the scripts found and exit")
     b.add_argument("--dry-run", action="store_true", help="print the commands only")
     _debug_flag(b)
+
+    v = sub.add_parser("env", help="what this machine offers: torch, GPU, Triton, the CUDA extension, backends",
+                       description="Print torch and its CUDA, the GPU, Triton, liger-kernel, the CUDA extension "
+                       "(prebuilt, cached just-in-time build, nvcc, ninja) and which backends of each op can run "
+                       "here, with the reason for each that cannot. Builds nothing.")
+    _debug_flag(v)
     return p
 
 
@@ -326,7 +333,15 @@ def _cmd_bench(a) -> int:
     return rc
 
 
-COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "flops": _cmd_flops, "bench": _cmd_bench}
+def _cmd_env(a) -> int:
+    from ..env import format_report
+
+    print(format_report())
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "flops": _cmd_flops, "bench": _cmd_bench,
+            "env": _cmd_env}
 
 
 def main(argv=None) -> int:
