@@ -258,9 +258,11 @@ def test_errors():
 
 
 def test_unsupported_model_is_named():
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import MarianConfig, MarianMTModel
 
-    t5 = T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50,
-                                             d_kv=8))
-    with pytest.raises(ValueError, match="supported"):
-        rmt_fast.wrap(t5)
+    marian = MarianMTModel(MarianConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+                                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                        decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=0,
+                                        decoder_start_token_id=0))
+    with pytest.raises(ValueError, match="model_type='marian'.*supported"):
+        rmt_fast.wrap(marian)

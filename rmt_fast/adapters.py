@@ -18,7 +18,18 @@ ENCODER_FAMILIES = {
     "bert": {}, "distilbert": {}, "electra": {},
     "roberta": {"position_offset": "pad+1"}, "xlm-roberta": {"position_offset": "pad+1"},
 }
-SUPPORTED = {"decoder": sorted(DECODER_FAMILIES), "encoder": sorted(ENCODER_FAMILIES)}
+# Encoder-decoder models (...ForConditionalGeneration). bos: segments start with the config's bos_token_id.
+# own_attention: the encoder keeps its own attention (under a padding mask built from the segment layout) instead of
+# rmt_fast's: T5 adds a relative position bias to the attention scores, which memory_attention has no input for.
+# relative_positions: no position table; max_positions is then the config's n_positions, else DEFAULT_MAX_POSITIONS.
+SEQ2SEQ_FAMILIES = {
+    "t5": {"bos": False, "own_attention": True, "relative_positions": True},
+    "bart": {"bos": True},
+}
+DEFAULT_MAX_POSITIONS = 512
+SUPPORTED = {"decoder": sorted(DECODER_FAMILIES), "encoder": sorted(ENCODER_FAMILIES),
+             "seq2seq": sorted(SEQ2SEQ_FAMILIES)}
+FAMILIES = {"decoder": DECODER_FAMILIES, "encoder": ENCODER_FAMILIES, "seq2seq": SEQ2SEQ_FAMILIES}
 
 
 @dataclass
@@ -26,9 +37,13 @@ class Adapter:
     """How to drive one backbone: mode, head kind, usable positions and the per-segment call."""
 
     model: torch.nn.Module
-    mode: str  # "decoder" | "encoder"
-    head: str  # "lm" | "classifier" | "token_classifier" | "none"
+    mode: str  # "decoder" | "encoder" | "seq2seq"
+    head: str  # "lm" | "classifier" | "token_classifier" | "seq2seq" | "none"
     max_positions: int
+
+    @property
+    def family(self) -> dict:
+        return FAMILIES[self.mode].get(getattr(self.model.config, "model_type", None), {})
 
     @property
     def runs_whole_model(self) -> bool:
@@ -55,6 +70,8 @@ class Adapter:
                     output_hidden_states: bool = False, **kwargs):
         """Run the backbone on one segment under ``layout`` (a SegmentLayout, or None for a decoding step against
         a KV cache). Returns (last hidden ``[B, N, d]``, the model's output)."""
+        if self.mode == "seq2seq":
+            return self._run_encoder(inputs_embeds, layout, backend, output_hidden_states)
         kwargs.update(hf.attention_kwargs(layout, backend))
         with hf.segment_call(self.model):
             if self.runs_whole_model:
@@ -66,6 +83,46 @@ class Adapter:
             out = base(inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, return_dict=True,
                        **kwargs)
         return out.last_hidden_state, out
+
+    def _run_encoder(self, inputs_embeds, layout, backend, output_hidden_states):
+        """A seq2seq model's encoder on one segment. Families with their own attention get the layout as a padding
+        mask (an encoder layout lets every valid query see every valid key; what padding queries see is free)."""
+        encoder = self.model.get_encoder()
+        if self.family.get("own_attention"):
+            n = inputs_embeds.shape[1]
+            mask = torch.arange(n, device=inputs_embeds.device).view(1, -1) < layout.valid_lens.view(-1, 1)
+            out = encoder(inputs_embeds=inputs_embeds, attention_mask=mask.long(),
+                          output_hidden_states=output_hidden_states, return_dict=True)
+        else:
+            with hf.segment_call(encoder):
+                out = encoder(inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, return_dict=True,
+                              **hf.attention_kwargs(layout, backend))
+        return out.last_hidden_state, out
+
+    def run_decoder(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor, labels=None,
+                    decoder_input_ids=None, decoder_attention_mask=None):
+        """A seq2seq model's decoder (its own attention) on encoder states ``[B, N, d]`` under ``encoder_mask``
+        ``[B, N]``; labels ``[B, L]`` (shifted into the decoder's inputs by transformers). The model's output."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        dev = encoder_states.device
+        return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+                          attention_mask=encoder_mask, labels=labels,
+                          decoder_input_ids=None if decoder_input_ids is None else decoder_input_ids.to(dev),
+                          decoder_attention_mask=None if decoder_attention_mask is None else
+                          decoder_attention_mask.to(dev), use_cache=False, return_dict=True)
+
+    def seq2seq_special_tokens(self, tokenizer=None, bos_token_id=None, eos_token_id=None) -> tuple:
+        """(bos, eos) of a seq2seq segment: explicit ids, else the tokenizer's, else the model config's; the BOS only
+        for families that start segments with one (BART yes, T5 no)."""
+        cfg = self.model.config
+        if bos_token_id is None and self.family.get("bos"):
+            bos_token_id = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+            bos_token_id = getattr(cfg, "bos_token_id", None) if bos_token_id is None else bos_token_id
+        if eos_token_id is None:
+            eos_token_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+            eos_token_id = getattr(cfg, "eos_token_id", None) if eos_token_id is None else eos_token_id
+        return bos_token_id, eos_token_id
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
@@ -107,6 +164,9 @@ class Adapter:
 
 def _max_positions(model, mode: str, model_type: str) -> int:
     cfg = model.config
+    fam = FAMILIES[mode].get(model_type, {})
+    if fam.get("relative_positions"):
+        return int(getattr(cfg, "n_positions", None) or DEFAULT_MAX_POSITIONS)
     n = None
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
         n = getattr(cfg, name, None)
@@ -114,7 +174,6 @@ def _max_positions(model, mode: str, model_type: str) -> int:
             break
     if not n:
         raise ValueError(f"cannot tell how many positions {type(model).__name__} embeds (no max_position_embeddings)")
-    fam = ENCODER_FAMILIES.get(model_type, {}) if mode == "encoder" else DECODER_FAMILIES.get(model_type, {})
     if fam.get("position_offset") == "pad+1":
         n -= (cfg.pad_token_id or 0) + 1
     return int(n)
@@ -129,8 +188,11 @@ def detect_mode(model) -> str:
         return "decoder"
     if mt in ENCODER_FAMILIES:
         return "encoder"
-    raise ValueError(f"model: cannot detect encoder or decoder for {name} (model_type={mt!r}); supported families: "
-                     f"decoders {SUPPORTED['decoder']}, encoders {SUPPORTED['encoder']}")
+    if mt in SEQ2SEQ_FAMILIES:
+        return "seq2seq"
+    raise ValueError(f"model: cannot detect encoder, decoder or seq2seq for {name} (model_type={mt!r}); supported "
+                     f"families: decoders {SUPPORTED['decoder']}, encoders {SUPPORTED['encoder']}, seq2seq "
+                     f"{SUPPORTED['seq2seq']}")
 
 
 def backbone_of(model):
@@ -146,17 +208,21 @@ def make_adapter(model, mode: str = "auto") -> Adapter:
     model = backbone_of(model)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    if mode not in ("auto", "decoder", "encoder"):
-        raise ValueError(f"mode must be 'auto', 'decoder' or 'encoder', got {mode!r}")
+    if mode not in ("auto", *FAMILIES):
+        raise ValueError(f"mode must be 'auto', 'decoder', 'encoder' or 'seq2seq', got {mode!r}")
     if mode == "auto":
         mode = detect_mode(model)
     mt = getattr(model.config, "model_type", None)
-    families = DECODER_FAMILIES if mode == "decoder" else ENCODER_FAMILIES
-    if mt not in families:
+    if mt not in FAMILIES[mode]:
         raise ValueError(f"model: {type(model).__name__} (model_type={mt!r}) is not a supported {mode}; "
                          f"supported: {SUPPORTED[mode]}")
     name = type(model).__name__
-    if model.base_model is model:
+    if mode == "seq2seq":
+        if not name.endswith("ForConditionalGeneration"):
+            raise ValueError(f"model: seq2seq head {name} is not supported; use ...ForConditionalGeneration "
+                             f"(e.g. T5ForConditionalGeneration, BartForConditionalGeneration)")
+        head = "seq2seq"
+    elif model.base_model is model:
         head = "none"
     elif name.endswith("ForSequenceClassification"):
         head = "classifier"

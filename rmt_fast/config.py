@@ -15,7 +15,8 @@ class RMTConfig:
     """Configuration of a :class:`~rmt_fast.RecurrentMemoryModel`.
 
     Attributes:
-        mode: "decoder" (causal LM layout ``[mem | tokens | mem]``) or "encoder" (``[CLS] mem [SEP] tokens [SEP]``).
+        mode: "decoder" (causal LM layout ``[mem | tokens | mem]``), "encoder" (``[CLS] mem [SEP] tokens [SEP]``) or
+            "seq2seq" (the encoder of an encoder-decoder model runs ``[BOS] mem tokens [EOS]``, the decoder once).
         num_mem_tokens: memory slots ``m`` (>= 0).
         segment_size: tokens per segment, memory and special tokens excluded (> 0).
         bptt_depth: None for full BPTT; k >= 0: gradients cross at most k memory handoffs.
@@ -27,6 +28,7 @@ class RMTConfig:
             rows fill every segment (otherwise memory_attention raises); its handoff runs the reference.
         keep_logits: return full logits (decoders: ``[B, T, V]``); False keeps memory flat in the length.
         cls_token_id, sep_token_id, pad_token_id: special tokens (encoders need CLS and SEP).
+        bos_token_id, eos_token_id: seq2seq segments start with BOS (None: no BOS, as T5) and end with EOS.
         max_positions: positions the backbone can embed in one segment.
         cuda_graphs: "auto" (default) | True | False. On CUDA, replay the segment step as a CUDA graph under
             ``torch.no_grad`` and, with ``checkpoint_segments``, both training sweeps; False: always eager. A
@@ -47,6 +49,8 @@ class RMTConfig:
     cls_token_id: int | None = None
     sep_token_id: int | None = None
     pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
 
     def __post_init__(self):
         self.validate()
@@ -54,7 +58,7 @@ class RMTConfig:
     @property
     def slots_per_segment(self) -> int:
         """Positions a segment uses besides its tokens (memory slots and special tokens)."""
-        return scheme_class(self.mode).slots(self.num_mem_tokens)
+        return scheme_class(self.mode).slots(self.num_mem_tokens, self.bos_token_id)
 
     @property
     def graphs_enabled(self) -> bool:

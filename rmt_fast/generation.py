@@ -10,6 +10,9 @@ As transformers' ``generate``: the result is ``[input_ids | new tokens]``: the p
 produced an eos token gets ``pad_token_id`` afterwards; decoding stops when every row has. Rows are decoded from
 their own tokens (``attention_mask``), so each row's result equals decoding that row alone; rows with the same
 number of tokens are decoded together.
+
+Seq2seq models (T5, BART) decode with transformers' own ``generate`` from the last segment's encoder states
+(:func:`generate_seq2seq`).
 """
 from __future__ import annotations
 
@@ -243,3 +246,27 @@ def generate(rmt, input_ids, attention_mask=None, generation_config=None, genera
         new[rows, :tokens.shape[1]] = tokens
         width = max(width, tokens.shape[1])
     return torch.cat([input_ids, new[:, :width]], 1)
+
+
+@torch.no_grad()
+def generate_seq2seq(rmt, input_ids, attention_mask=None, generation_config=None, generator=None, progress=None,
+                     **kwargs) -> torch.Tensor:
+    """Seq2seq generation, as the official ``RMTEncoderDecoderForConditionalGeneration.generate``: the encoder runs
+    over every segment of ``input_ids`` ``[B, T]`` (memory carried as in the forward pass), then transformers' own
+    ``generate`` decodes from each row's last segment: ``model.generate(encoder_outputs=..., attention_mask=...,
+    **kwargs)``. Returns what that returns: the decoder's sequences ``[B, k]`` (starting with the decoder start token).
+
+    kwargs: transformers' generation arguments (those given as None are left out). progress: wraps the segment range
+    of the encoding. generator: not supported (transformers samples from torch's global RNG).
+    """
+    from transformers.modeling_outputs import BaseModelOutput
+
+    if generator is not None:
+        raise ValueError("generator: seq2seq generation runs transformers' generate, which samples from torch's "
+                         "global RNG; seed it with torch.manual_seed instead")
+    encoded = rmt(input_ids, attention_mask=attention_mask, progress=progress)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if generation_config is not None:
+        kwargs["generation_config"] = generation_config
+    return rmt.adapter.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded.last_hidden_state),
+                                      attention_mask=encoded.encoder_attention_mask, **kwargs)

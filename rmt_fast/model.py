@@ -21,8 +21,10 @@ class RMTOutput(ModelOutput):
 
     loss: scalar (decoders: shifted LM cross-entropy over the whole sequence; classifiers: the head's loss on
         each row's last segment). logits: decoders ``[B, T, V]`` at token positions (None when not kept);
-        classifiers ``[B, C]`` from each row's last segment. memory: final memory ``[B, m, d]``.
-    last_hidden_state: encoders: last-layer states of each row's last segment ``[B, N, d]``.
+        classifiers ``[B, C]`` from each row's last segment. memory: final memory ``[B, m, d]``. Seq2seq: loss and
+        logits ``[B, L, V]`` of the decoder as transformers computes them (None when it did not run).
+    last_hidden_state: encoders: last-layer states of each row's last segment ``[B, N, d]``; seq2seq: the encoder's,
+        which the decoder reads under ``encoder_attention_mask`` ``[B, N]`` (seq2seq only).
     hidden_states: on request; decoders: per layer ``[B, T, d]`` at token positions; encoders: per layer, the
         last segment's states.
 
@@ -35,6 +37,7 @@ class RMTOutput(ModelOutput):
     memory: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple | None = None
+    encoder_attention_mask: torch.Tensor | None = None
 
 
 class RecurrentMemoryModel(nn.Module):
@@ -109,8 +112,11 @@ class RecurrentMemoryModel(nn.Module):
         config. progress: a callable wrapping the segment range (e.g. ``tqdm``). token_type_ids: accepted as a
         tokenizer returns them; the segment layout gives every token type 0, so nonzero types (sentence pairs) are
         refused. num_items_in_batch: as transformers' Trainer passes it; per-token losses are then summed and
-        divided by it (exact under gradient accumulation).
+        divided by it (exact under gradient accumulation). Seq2seq: labels are the decoder's targets ``[B, L]``;
+        kwargs may hold ``decoder_input_ids`` and ``decoder_attention_mask`` for the decoder.
         """
+        scheme = self.runner.scheme
+        finish_kwargs = {k: kwargs.pop(k) for k in scheme.finish_kwargs if k in kwargs}
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
         if token_type_ids is not None and bool((token_type_ids != 0).any()):
@@ -128,7 +134,6 @@ class RecurrentMemoryModel(nn.Module):
         elif memory.shape != (b, cfg.num_mem_tokens, self.memory.shape[1]):
             raise ValueError(f"memory must have shape {(b, cfg.num_mem_tokens, self.memory.shape[1])}, "
                              f"got {tuple(memory.shape)}")
-        scheme = self.runner.scheme
         if labels is not None:
             labels = labels.to(self.device)
             scheme.check_labels(labels, input_ids)
@@ -136,7 +141,7 @@ class RecurrentMemoryModel(nn.Module):
         res = self.runner.run(memory, plan, targets, keep_logits, output_hidden_states, input_ids.shape[1], progress)
         if num_items_in_batch is not None and targets is not None:
             res["count"] = torch.as_tensor(num_items_in_batch, device=res["loss_sum"].device)
-        out = RMTOutput(memory=res["memory"], **scheme.finish(self.adapter, res, labels))
+        out = RMTOutput(memory=res["memory"], **scheme.finish(self.adapter, res, labels, **finish_kwargs))
         out.num_segments = plan.num_segments
         return out
 
@@ -145,7 +150,7 @@ class RecurrentMemoryModel(nn.Module):
                  max_length: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, generator=None,
-                 progress=None) -> torch.Tensor:
+                 progress=None, **kwargs) -> torch.Tensor:
         """Decode after ``input_ids`` ``[B, T]`` as transformers' ``generate`` does (see :mod:`rmt_fast.generation`).
 
         Returns ``[B, T + k]``: the prompt block as given (left or right padding kept) and the new tokens
@@ -154,13 +159,24 @@ class RecurrentMemoryModel(nn.Module):
         the prompt (default: 20 new tokens). eos/pad ids default to the backbone's ``generation_config``.
         repetition_penalty: transformers' (tokens already in the row: positive logits divided, negative ones
         multiplied). generator: a torch.Generator for sampling. progress: wraps the step range (e.g. ``tqdm``).
-        """
-        from .generation import generate
 
-        return generate(self, input_ids, attention_mask, generation_config, generator, progress,
-                        max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
+        Seq2seq models: the input is encoded segment by segment, then transformers' own ``generate`` decodes from
+        each row's last segment (:func:`rmt_fast.generation.generate_seq2seq`); returns the decoder's sequences
+        ``[B, k]`` and takes transformers' other generation arguments as ``kwargs`` (e.g. ``num_beams``).
+        """
+        settings = dict(max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                         eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        if self.runner.scheme.encoder_decoder:
+            from .generation import generate_seq2seq
+
+            return generate_seq2seq(self, input_ids, attention_mask, generation_config, generator, progress,
+                                    **settings, **kwargs)
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, generation_config, generator, progress, **settings)
 
     # ---- persistence ----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, state_dict: dict | None = None, is_main_process: bool = True,

@@ -8,6 +8,9 @@ runner and the model ask a :class:`Scheme` instead:
   each segment records its token logits (and the LM loss on them).
 - encoder (:class:`EncoderScheme`): ``[CLS] memory [SEP] tokens [SEP] padding``, full attention; the next memory is
   the last layer at positions ``1..m``; each row records the head's output of its last segment.
+- seq2seq (:class:`Seq2SeqScheme`): the encoder of an encoder-decoder model runs ``[BOS] memory tokens [EOS]
+  padding`` (BOS only for families that use one) with full attention; the next memory is the encoder's last layer at
+  the memory positions; each row records its last segment's encoder states, on which the decoder runs once.
 
 Per segment the recurrence builds one ``[5, B]`` parameter block (:meth:`Scheme.segment_params`): token start,
 token count, write offset, gather offset (-1: the row has no tokens in this segment and keeps its memory) and 1
@@ -23,7 +26,6 @@ from .ops import SegmentLayout
 from .ops.linear_cross_entropy import cross_entropy_sum, linear_cross_entropy
 
 IGNORE_INDEX = -100
-MODES = ("decoder", "encoder")
 
 # rows of the [5, B] per-segment parameter block
 P_START, P_LEN, P_WRITE, P_GATHER, P_LAST = range(5)
@@ -46,9 +48,12 @@ class Scheme:
     special_tokens: tuple[str, ...] = ()  # RMTConfig fields the layout needs
     heads: tuple[str, ...]  # the adapter head kinds this scheme drives
     per_token_heads: tuple[str, ...]  # heads whose output is per token (recorded from every segment)
+    finish_kwargs: tuple[str, ...] = ()  # keyword arguments of the model's forward that go to finish
+    encoder_decoder = False  # the backbone's decoder runs once after the recurrence (generate: transformers' own)
 
     def __init__(self, num_mem_tokens: int, *, head: str = "none", memory_bidirectional: bool = False,
-                 cls_token_id: int | None = None, sep_token_id: int | None = None, pad_token_id: int | None = None):
+                 cls_token_id: int | None = None, sep_token_id: int | None = None, pad_token_id: int | None = None,
+                 bos_token_id: int | None = None, eos_token_id: int | None = None):
         if head not in self.heads:
             raise ValueError(f"{self.mode} scheme: head must be one of {self.heads}, got {head!r}")
         self.head = head
@@ -57,6 +62,7 @@ class Scheme:
         self.m = num_mem_tokens
         self.memory_bidirectional = memory_bidirectional
         self.cls_token_id, self.sep_token_id = cls_token_id, sep_token_id
+        self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
         self.pad_token_id = pad_token_id
         self.pad = pad_token_id if pad_token_id is not None else 0  # what fills memory slots and padding
 
@@ -64,7 +70,8 @@ class Scheme:
     def from_config(cls, config, head: str = "none") -> Scheme:
         return SCHEMES[config.mode](config.num_mem_tokens, head=head, memory_bidirectional=config.memory_bidirectional,
                                     cls_token_id=config.cls_token_id, sep_token_id=config.sep_token_id,
-                                    pad_token_id=config.pad_token_id)
+                                    pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,
+                                    eos_token_id=config.eos_token_id)
 
     def new_record(self, plan, total_len: int):
         """Where the segment outputs of one call are collected (see :class:`TokenRecord`, :class:`LastSegmentRecord`)."""
@@ -95,8 +102,9 @@ class Scheme:
         return {"loss": loss, "logits": logits, "last_hidden_state": last_h, "hidden_states": res["hidden"]}
 
     @staticmethod
-    def slots(num_mem_tokens: int) -> int:
-        """Positions a segment uses besides its tokens (memory slots and special tokens)."""
+    def slots(num_mem_tokens: int, bos_token_id: int | None = None) -> int:
+        """Positions a segment uses besides its tokens (memory slots and special tokens); ``bos_token_id``: the
+        BOS a seq2seq segment starts with (None: none)."""
         raise NotImplementedError
 
     def content_mask(self, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -160,7 +168,7 @@ class DecoderScheme(Scheme):
     per_token_heads = ("lm", "none")
 
     @staticmethod
-    def slots(num_mem_tokens: int) -> int:
+    def slots(num_mem_tokens: int, bos_token_id: int | None = None) -> int:
         return 2 * num_mem_tokens
 
     def _offsets(self, lens, active):
@@ -232,7 +240,7 @@ class EncoderScheme(Scheme):
     per_token_heads = ("token_classifier",)
 
     @staticmethod
-    def slots(num_mem_tokens: int) -> int:
+    def slots(num_mem_tokens: int, bos_token_id: int | None = None) -> int:
         return num_mem_tokens + 3
 
     def content_mask(self, input_ids, keep):
@@ -292,6 +300,88 @@ class EncoderScheme(Scheme):
             loss = res["loss_sum"] / res["count"].clamp(min=1) if labels is not None else None
             return {"loss": loss, "logits": res["output"], "hidden_states": res["hidden"]}
         return {"loss": None, "last_hidden_state": res["output"], "hidden_states": res["hidden"]}
+
+
+class Seq2SeqScheme(Scheme):
+    """Encoder-decoder models (T5, BART ``...ForConditionalGeneration``), as the official
+    ``RMTEncoderDecoderForConditionalGeneration``: the recurrence runs the encoder on each segment
+    ``[BOS] memory tokens [EOS] padding`` (BOS only when ``bos_token_id`` is set: BART yes, T5 no) with full attention,
+    the next memory is the encoder's last layer at the memory positions, and the decoder runs once, on each row's last
+    segment's encoder states (:meth:`finish`). Segments are right-aligned by default (the first segment is the short
+    one), as for encoders: the question at the end of the input gets a full last segment. BOS, EOS and padding tokens
+    in the input are dropped (the layout adds its own), as the official code does.
+    """
+
+    mode = "seq2seq"
+    default_alignment = "right"
+    special_tokens = ("eos_token_id",)
+    heads = ("seq2seq",)
+    per_token_heads = ()
+    finish_kwargs = ("decoder_input_ids", "decoder_attention_mask")
+    encoder_decoder = True
+
+    def __init__(self, num_mem_tokens: int, **kwargs):
+        super().__init__(num_mem_tokens, **kwargs)
+        self.read_offset = int(self.bos_token_id is not None)  # after BOS
+
+    @staticmethod
+    def slots(num_mem_tokens: int, bos_token_id: int | None = None) -> int:
+        return num_mem_tokens + 1 + int(bos_token_id is not None)
+
+    def content_mask(self, input_ids, keep):
+        for t in (self.bos_token_id, self.eos_token_id, self.pad_token_id):
+            if t is not None:
+                keep = keep & (input_ids != t)
+        return keep
+
+    def check_labels(self, labels, input_ids):
+        b = input_ids.shape[0]
+        if labels.dim() != 2 or labels.shape[0] != b or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be the target token ids [B, L] of the decoder ({b} rows; -100 = ignore), "
+                             f"got shape {tuple(labels.shape)} {labels.dtype}")
+
+    def _offsets(self, lens, active):
+        return torch.zeros_like(lens), torch.where(active, self.read_offset, -1)
+
+    def segment_inputs(self, content, params, width, dense=False):
+        r, m, lens = self.read_offset, self.m, params[P_LEN]
+        toks = gather_span(content, params[P_START], lens, width, self.pad)
+        b = toks.shape[0]
+        head = torch.full((b, r + m), self.pad, dtype=toks.dtype, device=toks.device)
+        if r:
+            head[:, 0] = self.bos_token_id
+        tail = torch.full((b, 1), self.pad, dtype=toks.dtype, device=toks.device)
+        ids = torch.cat([head, toks, tail], 1)
+        ids.scatter_(1, (lens + r + m).view(-1, 1), self.eos_token_id)  # [EOS] right after each row's tokens
+        return ids, SegmentLayout(r + m, 0, lens + 1, causal=False, dense=dense)
+
+    def wants_output(self, keep_logits):
+        return True  # the decoder reads the last segment's encoder states
+
+    def segment_outputs(self, adapter, h, out, targets, params, width, want_output):
+        """``(encoder states [B, N, d], valid positions [B])``: what the decoder reads if this is the row's last."""
+        loss_sum = h.new_zeros((), dtype=torch.float32)
+        count = torch.zeros((), dtype=torch.long, device=h.device)
+        valid = self.read_offset + self.m + 1 + params[P_LEN]
+        return ((h, valid) if want_output else None), loss_sum, count
+
+    def finish(self, adapter, res, labels, decoder_input_ids=None, decoder_attention_mask=None):
+        """The decoder on each row's last segment: ``model(encoder_outputs=(states,), attention_mask=mask,
+        labels=labels, decoder_input_ids=...)``, loss and logits as transformers computes them (labels ``[B, L]`` are
+        shifted into the decoder's inputs there). Without labels and decoder_input_ids the decoder does not run."""
+        states, valid = res["output"]
+        mask = (torch.arange(states.shape[1], device=states.device).view(1, -1) < valid.view(-1, 1)).long()
+        fields = {"loss": None, "logits": None, "last_hidden_state": states, "encoder_attention_mask": mask,
+                  "hidden_states": res["hidden"]}
+        if decoder_input_ids is not None and (decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] !=
+                                              states.shape[0] or decoder_input_ids.dtype.is_floating_point):
+            raise ValueError(f"decoder_input_ids must be token ids [B, L] with B = {states.shape[0]} rows, got shape "
+                             f"{tuple(decoder_input_ids.shape)} {decoder_input_ids.dtype}")
+        if labels is None and decoder_input_ids is None:
+            return fields
+        out = adapter.run_decoder(states, mask, labels, decoder_input_ids, decoder_attention_mask)
+        fields.update(loss=out.loss, logits=out.logits)
+        return fields
 
 
 class TokenRecord:
@@ -355,7 +445,7 @@ def _keep_where(ends: torch.Tensor, new: torch.Tensor, old: torch.Tensor | None)
     return torch.where(ends.view(-1, *([1] * (new.dim() - 1))), new, old)
 
 
-SCHEMES: dict[str, type[Scheme]] = {"decoder": DecoderScheme, "encoder": EncoderScheme}
+SCHEMES: dict[str, type[Scheme]] = {"decoder": DecoderScheme, "encoder": EncoderScheme, "seq2seq": Seq2SeqScheme}
 
 
 def scheme_class(mode: str) -> type[Scheme]:

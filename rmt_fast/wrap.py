@@ -11,22 +11,25 @@ def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, to
          bptt_depth: int | None = None, checkpoint_segments: bool = False, memory_bidirectional: bool = False,
          segment_alignment: str | None = None, backend: str = "auto", keep_logits: bool = True,
          cuda_graphs: bool | str = "auto", cls_token_id: int | None = None, sep_token_id: int | None = None,
-         pad_token_id: int | None = None) -> RecurrentMemoryModel:
-    """Turn a HuggingFace encoder or decoder into a Recurrent Memory Transformer.
+         pad_token_id: int | None = None, bos_token_id: int | None = None,
+         eos_token_id: int | None = None) -> RecurrentMemoryModel:
+    """Turn a HuggingFace encoder, decoder or encoder-decoder into a Recurrent Memory Transformer.
 
     Args:
         model: a transformers PreTrainedModel. Decoders: GPT-2, Llama, Mistral, Qwen2/3, OPT, GPT-NeoX, Phi-3
             (``...ForCausalLM`` or the bare model). Encoders: BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA (bare or
-            ``...ForSequenceClassification``).
+            ``...ForSequenceClassification``). Seq2seq: T5, BART (``...ForConditionalGeneration``).
         num_mem_tokens: memory slots m (>= 0).
         segment_size: tokens per segment, memory and special tokens excluded; default: the largest that fits the
-            model's positions (encoders: positions - m - 3, e.g. 499 for 512 and m=10; decoders: positions - 2m).
-        tokenizer: supplies cls/sep/pad ids (or pass them explicitly).
-        mode: "auto" | "decoder" | "encoder".
+            model's positions (encoders: positions - m - 3, e.g. 499 for 512 and m=10; decoders: positions - 2m;
+            seq2seq: positions - m - 1, minus 1 more with a BOS; T5 has relative positions: 512 unless its config
+            sets n_positions).
+        tokenizer: supplies cls/sep/pad ids, and bos/eos for seq2seq (or pass them explicitly).
+        mode: "auto" | "decoder" | "encoder" | "seq2seq".
         bptt_depth: None = full BPTT; k: gradients cross at most k memory handoffs.
         checkpoint_segments: recompute each segment in backward; same gradients, flat peak memory.
         memory_bidirectional: the NeurIPS-2022 mask (memory blocks bidirectional).
-        segment_alignment: "left" (decoder default) or "right" (encoder default).
+        segment_alignment: "left" (decoder default) or "right" (encoder and seq2seq default).
         backend: "auto" | "reference" | "triton" | "cuda"; changes speed only.
         keep_logits: return full decoder logits; False keeps memory flat in the number of segments.
         cuda_graphs: "auto" (default): on CUDA, inference under ``torch.no_grad`` and checkpointed training
@@ -46,7 +49,9 @@ def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, to
     if num_mem_tokens < 0:
         raise ValueError(f"num_mem_tokens must be >= 0, got {num_mem_tokens}")
     scheme = scheme_class(adapter.mode)
-    slots = scheme.slots(num_mem_tokens)
+    if scheme.encoder_decoder:  # the BOS only where the family starts segments with one
+        bos_token_id, eos_token_id = adapter.seq2seq_special_tokens(tokenizer, bos_token_id, eos_token_id)
+    slots = scheme.slots(num_mem_tokens, bos_token_id)
     if segment_size is None:
         segment_size = adapter.max_positions - slots
         if segment_size <= 0:
@@ -58,6 +63,6 @@ def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, to
         memory_bidirectional=memory_bidirectional,
         segment_alignment=segment_alignment or scheme.default_alignment,
         backend=backend, keep_logits=keep_logits, cuda_graphs=cuda_graphs, cls_token_id=cls_token_id,
-        sep_token_id=sep_token_id, pad_token_id=pad_token_id,
+        sep_token_id=sep_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
     )
     return RecurrentMemoryModel(model, config, adapter)
