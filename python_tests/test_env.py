@@ -15,7 +15,7 @@ from rmt_fast.ops import BACKENDS, cuda
 def no_build(monkeypatch, tmp_path):
     """A loader that has not looked, no prebuilt, a private cache, and a build that fails the test if it starts."""
     monkeypatch.setattr(cuda, "_loaded", cuda._Loaded())
-    monkeypatch.setattr(cuda, "prebuilt", lambda: (None, "no prebuilt rmt_fast._C"))
+    monkeypatch.setattr(cuda, "prebuilt", lambda: (None, cuda.NO_PREBUILT))
     monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("the report must not build"))
     monkeypatch.setenv("RMT_FAST_CACHE", str(tmp_path / "cache"))
     for name in ("RMT_FAST_NO_EXT", "TORCH_CUDA_ARCH_LIST"):

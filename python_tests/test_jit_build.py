@@ -35,7 +35,7 @@ COMPILE_ERROR = ("Error building extension 'rmt_fast_C': [1/3] nvcc -c memory_at
 def fresh_loader(monkeypatch, tmp_path):
     """A loader that has not looked yet, a private cache, and no extension settings from the environment."""
     monkeypatch.setattr(cuda, "_loaded", cuda._Loaded())
-    monkeypatch.setattr(cuda, "prebuilt", lambda: (None, "no prebuilt rmt_fast._C"))
+    monkeypatch.setattr(cuda, "prebuilt", lambda: (None, cuda.NO_PREBUILT))
     monkeypatch.setenv("RMT_FAST_CACHE", str(tmp_path / "cache"))
     for name in ("RMT_FAST_NO_EXT", "TORCH_CUDA_ARCH_LIST"):
         monkeypatch.delenv(name, raising=False)
@@ -119,6 +119,16 @@ def test_blocked_build_warns_once_and_never_compiles(fresh_loader, build_calls, 
     messages = _loader_warnings(record)
     assert len(messages) == 1 and blocker[0] in messages[0] and "To fix: " + blocker[1] in messages[0]
     assert cuda.why_not() == blocker[0] and not build_calls
+
+
+def test_broken_prebuilt_and_blocked_build_name_both(fresh_loader, build_calls, monkeypatch):
+    monkeypatch.setattr(cuda, "prebuilt", lambda: (None, "the prebuilt rmt_fast._C does not import (undefined symbol)"))
+    monkeypatch.setattr(cuda, "_target_blocker", lambda archs: ("no CUDA GPU to build for", "use a GPU"))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert cuda.load() is None
+    [message] = _loader_warnings(record)
+    assert "undefined symbol); and no CUDA GPU to build for" in message and not build_calls
 
 
 def test_no_nvcc_is_the_reason_when_torch_has_cuda(fresh_loader, build_calls, monkeypatch):

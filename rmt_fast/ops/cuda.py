@@ -46,6 +46,7 @@ CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 _SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
 _JIT_NAME = "rmt_fast_C"
+NO_PREBUILT = "no prebuilt rmt_fast._C"
 
 
 @dataclasses.dataclass
@@ -122,7 +123,7 @@ def prebuilt() -> tuple[types.ModuleType | None, str | None]:
     except ModuleNotFoundError as e:
         if e.name != "rmt_fast._C":
             return None, f"the prebuilt rmt_fast._C does not import ({e})"
-        return None, "no prebuilt rmt_fast._C"
+        return None, NO_PREBUILT
     except ImportError as e:  # built against another torch: undefined symbols
         return None, f"the prebuilt rmt_fast._C does not import ({e})"
     missing = [fn for fns in _OPS.values() for fn in fns if not hasattr(module, fn)]
@@ -135,7 +136,7 @@ def sources_dir() -> Path | None:
     """The kernel sources: ``rmt_fast/csrc`` in an installed wheel, ``csrc/`` beside the package in a checkout."""
     package = Path(__file__).resolve().parent.parent
     for candidate in (package / "csrc", package.parent / "csrc"):
-        if (candidate / "bindings.cpp").is_file():
+        if (candidate / "rmt_fast_kernels.h").is_file() and (candidate / "bindings.cpp").is_file():
             return candidate
     return None
 
@@ -251,9 +252,16 @@ def _find_or_build() -> tuple[types.ModuleType | None, tuple[str, str] | None]:
     """``(module, None)`` or ``(None, (why, fix))``."""
     if disabled():
         return None, ("disabled by RMT_FAST_NO_EXT=1", "unset RMT_FAST_NO_EXT")
-    module, _ = prebuilt()
+    module, note = prebuilt()
     if module is not None:
         return module, None
+    module, reason = _find_or_build_jit()
+    if reason is not None and note != NO_PREBUILT:  # a broken prebuilt: say so too
+        reason = (f"{note}; and {reason[0]}", reason[1])
+    return module, reason
+
+
+def _find_or_build_jit() -> tuple[types.ModuleType | None, tuple[str, str] | None]:
     archs = target_archs()
     blocker = _target_blocker(archs)
     if blocker is not None:
