@@ -97,7 +97,10 @@ def test_cache_folder_honours_rmt_fast_cache_and_arch_list(fresh_loader, monkeyp
     assert "sm80-90+ptx" in directory.name and torch.__version__ in directory.name
     assert cuda.jit_dir(["7.5"]) != directory
     monkeypatch.delenv("RMT_FAST_CACHE")
-    assert str(cuda.cache_root()).startswith(os.path.expanduser("~"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(fresh_loader / "xdg"))
+    assert cuda.cache_root() == fresh_loader / "xdg" / "rmt_fast" / "ext"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cuda.cache_root() == Path.home() / ".cache" / "rmt_fast" / "ext"
 
 
 def test_flags_agree_with_setup_py():

@@ -169,7 +169,9 @@ def cache_key(torch_version: str, cuda_version: str | None, archs: list[str], so
 
 
 def cache_root() -> Path:
-    root = os.environ.get("RMT_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rmt_fast")
+    """``$RMT_FAST_CACHE/ext``, else ``$XDG_CACHE_HOME/rmt_fast/ext`` (default ``~/.cache/rmt_fast/ext``)."""
+    root = os.environ.get("RMT_FAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rmt_fast")
     return Path(root) / "ext"
 
 
