@@ -101,3 +101,21 @@ def test_cross_entropy_sum_matches_reference():
     t[2] = -100
     torch.testing.assert_close(cross_entropy_sum(logits, t),
                                torch.nn.functional.cross_entropy(logits, t, reduction="sum"))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_under_autocast_fp32_weights(backend):
+    """bf16 autocast over fp32 hidden and weight (how training runs): same loss and gradients as the plain path."""
+    n, d, v = 12, 8, 40
+    h0, w0 = torch.randn(n, d), torch.randn(v, d) * 0.3
+    t = torch.randint(0, v, (n,))
+    res = []
+    for b in ("reference", backend):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(h, w, None, t, backend=b)
+        loss.backward()
+        assert h.grad.dtype == w.grad.dtype == torch.float32
+        res.append((loss.detach(), h.grad, w.grad))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)

@@ -80,13 +80,13 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
             loss += cross_entropy_rows(logits, targets[s:s + rows], ignore_index, write_grad=grads).sum()
             if not grads:
                 continue
-            if grad_h is not None:
-                torch.matmul(logits, weight.to(logits.dtype), out=grad_h[s:s + rows])
+            if grad_h is not None:  # (under autocast the logits are bf16 while hidden and weight may be fp32)
+                grad_h[s:s + rows] = logits @ weight.to(logits.dtype)
             if need_w:
                 if single:
-                    grad_w = logits.t() @ h
+                    grad_w = logits.t() @ h.to(logits.dtype)
                 else:
-                    grad_w += (logits.t() @ h).float()
+                    grad_w += (logits.t() @ h.to(logits.dtype)).float()
             if grad_b is not None:
                 grad_b += logits.float().sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
