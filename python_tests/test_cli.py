@@ -190,12 +190,14 @@ def test_demo_config_is_what_the_readme_says():
     assert demo_config("cuda")[0].to_dict() == {**cfg.to_dict(), "device": "cuda"}
     assert cfg.stages() == list(range(1, cfg.max_segments + 1)) and max(lengths) == 4 * cfg.max_segments
     m = re.search(r"(\d+)-layer random BERT \(built-in word tokenizer, (\d+) memory tokens, (\d+)-token segments\) "
-                  r"on the (\w+) task with the curriculum 1 -> (\d+) segments and evaluates it up to (\d+) segments",
-                  " ".join(section.split()))
+                  r"on the (\w+) task with the curriculum 1 -> (\d+) segments \((\d+) steps per stage\) and evaluates "
+                  r"it up to (\d+) segments", " ".join(section.split()))
     assert m, "README: the demo sentence changed; update this test with it"
-    layers, mem, seg, task, trained, longest = m.groups()
-    assert (int(layers), int(mem), int(seg), task, int(trained), int(longest)) == \
-        (cfg.num_layers, cfg.num_mem_tokens, cfg.segment_size, cfg.task, cfg.max_segments, max(lengths))
+    layers, mem, seg, task, trained, steps, longest = m.groups()
+    assert (int(layers), int(mem), int(seg), task, int(trained), int(steps), int(longest)) == \
+        (cfg.num_layers, cfg.num_mem_tokens, cfg.segment_size, cfg.task, cfg.max_segments, cfg.max_steps_per_stage,
+         max(lengths))
+    assert cfg.min_steps_per_stage == cfg.max_steps_per_stage  # "250 steps per stage": every stage, whatever it scores
     assert f"{samples} test samples per length" in section
     assert "rmt-fast demo --out runs/demo" in section
 

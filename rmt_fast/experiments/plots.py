@@ -47,7 +47,7 @@ def plot_accuracy(path: str, curves: dict, memory: dict | None = None, memory_la
 
     fig = _figure((8, 6.5 if memory else 4.8))
     if memory:
-        gs = fig.add_gridspec(2, 1, height_ratios=[3, 1], hspace=0.08)
+        gs = fig.add_gridspec(2, 1, height_ratios=[3, 1], hspace=0.2)
         ax, axm = fig.add_subplot(gs[0]), fig.add_subplot(gs[1])
     else:
         ax, axm = fig.add_subplot(1, 1, 1), None
