@@ -73,10 +73,11 @@ def test_triton_equals_reference(dtype, bias, chunk_bytes, monkeypatch):
     monkeypatch.setattr(lce_triton, "CHUNK_BYTES", chunk_bytes * torch.finfo(dtype).bits // 32)
     monkeypatch.setattr(lce_triton, "BLOCK_V", 16)  # several vocabulary blocks per row (ragged last one)
     n, d, v = 21, 8, 50
-    h0 = torch.randn(n, d).to(dtype)
-    w0 = (torch.randn(v, d) * 0.3).to(dtype)
-    b0 = torch.randn(v).to(dtype) if bias else None
-    t = torch.randint(0, v, (n,))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter
+    h0 = torch.randn(n, d).to(dev, dtype)
+    w0 = (torch.randn(v, d) * 0.3).to(dev, dtype)
+    b0 = torch.randn(v).to(dev, dtype) if bias else None
+    t = torch.randint(0, v, (n,), device=dev)
     t[::4] = -100
     res = []
     for backend in ("reference", "triton"):
@@ -88,6 +89,8 @@ def test_triton_equals_reference(dtype, bias, chunk_bytes, monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(linear_cross_entropy(h, w, b, t, backend=backend), loss.detach())
     tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.float16 else dict(atol=1e-5, rtol=1e-5)
+    if dev == "cuda" and dtype == torch.float32:
+        tol = dict(atol=1e-3, rtol=1e-3)  # TF32 matmuls may differ between the two paths
     for a, b in zip(*res):
         if a is not None:
             torch.testing.assert_close(a, b, **tol)
@@ -105,6 +108,8 @@ def test_cross_entropy_sum_matches_reference():
 
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 def test_under_autocast_fp32_weights(backend):
+    if torch.cuda.is_available() and backend == "triton":
+        pytest.skip("CPU autocast check; on a GPU test_triton_equals_reference and test_gpu_training cover it")
     """bf16 autocast over fp32 hidden and weight (how training runs): same loss and gradients as the plain path."""
     n, d, v = 12, 8, 40
     h0, w0 = torch.randn(n, d), torch.randn(v, d) * 0.3
