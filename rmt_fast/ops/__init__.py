@@ -11,7 +11,7 @@ backends, registered as ``torch.library`` custom ops in the namespace ``rmt_fast
 - "sdpa": PyTorch's ``scaled_dot_product_attention``, for layouts whose mask is plain causal or full
   (``SegmentLayout.is_plain``); the handoff has no SDPA form and runs its reference.
 - "triton": sm_80+ GPUs, or CPU tensors under ``TRITON_INTERPRET=1``.
-- "cuda": the compiled ``rmt_fast._C`` extension, sm_61+.
+- "cuda": the compiled ``rmt_fast._C`` extension (prebuilt, or built on first use), sm_61+.
 - "auto": "sdpa" for plain layouts (every device); otherwise "reference" on the CPU, and on a GPU "triton"
   (sm_80+ with triton importable), else "cuda" (extension built), else "reference" with one warning.
 
@@ -88,8 +88,10 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise ValueError("backend='cuda' needs CUDA tensors")
         if not cuda_ext_available():
-            raise ValueError("backend='cuda' requested but the rmt_fast._C extension is not built (or predates "
-                             "these ops: rebuild it)")
+            from . import cuda
+
+            raise ValueError(f"backend='cuda' requested but the rmt_fast._C extension is not available "
+                             f"({cuda.why_not()}); `rmt-fast env` says more")
         return backend
     if device.type != "cuda":
         return "reference"
@@ -98,8 +100,11 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         return "triton"
     if cuda_ext_available():
         return "cuda"
-    _warn_once("auto-fallback", "rmt_fast: no Triton (sm_80+) or CUDA extension usable on this GPU; "
-               "using the reference path (slower, same results)")
+    from . import cuda
+
+    if cuda.disabled():  # otherwise rmt_fast.ops.cuda has already warned why there is no extension
+        _warn_once("auto-fallback", "rmt_fast: no Triton (sm_80+) on this GPU and the CUDA extension is disabled "
+                   "(RMT_FAST_NO_EXT=1); using the reference path (slower, same results)")
     return "reference"
 
 
