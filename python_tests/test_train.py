@@ -121,6 +121,9 @@ def test_train_encoder_writes_checkpoints(tmp_path):
     summ = json.loads((tmp_path / "train_summary.json").read_text())
     assert summ["trained_segments"] == 2 and len(summ["history"]) >= 2
     assert json.loads((tmp_path / "train_config.json").read_text())["tokenizer"] == "word"  # not "auto"
+    # a fresh run in the same directory removes the old run's stages (evaluation reads the last one)
+    train(tiny(tmp_path, schedule=[1]))
+    assert [n for n, _ in stage_dirs(str(tmp_path))] == [1]
     assert all(0.0 <= h["val_accuracy"] <= 1.0 and h["loss"] == h["loss"] for h in summ["history"])
 
 

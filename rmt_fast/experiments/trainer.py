@@ -37,7 +37,7 @@ from ..ops import BACKENDS
 from .backbones import BACKBONES, TOKENIZERS, load_backbone, positions_per_segment, resolve_tokenizer
 from .evaluate import dataset_accuracy
 from .rundir import (CONFIG_FILE, LAST_CHECKPOINT, STATE_FILE, SUMMARY_FILE, atomic_json, load_weights_into,
-                     save_tokenizer, stage_dir)
+                     save_tokenizer, stage_dir, stage_dirs)
 from .runtime import autocast_ctx, dist_info, init_distributed, resolve_device, seed_everything
 from .tasks import TASKS, collate, make_task
 
@@ -325,6 +325,8 @@ class Trainer:
         if cfg.resume and self.last_dir and os.path.isfile(os.path.join(self.last_dir, STATE_FILE)):
             self._restore()
         if self.is_main and self.out:
+            if self.resume_state is None:
+                self._remove_previous_run()
             os.makedirs(self.out, exist_ok=True)
             atomic_json(os.path.join(self.out, CONFIG_FILE), cfg.to_dict())
             save_tokenizer(self.tokenizer, self.out)
@@ -358,6 +360,17 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.done_stages, self.history = list(state["stages"]), list(state["history"])
         self.t_start = time.time() - float(state.get("elapsed", 0.0))
+
+    def _remove_previous_run(self) -> None:
+        """A fresh run in a used directory: the old checkpoints go, so that no stage of the old run is taken for
+        one of this run (evaluation reads the last stage-*seg/)."""
+        old = [p for _, p in stage_dirs(self.out)] + [self.last_dir]
+        old = [p for p in old if os.path.isdir(p)]
+        if old and self.cfg.progress:
+            print(f"{self.out}: removing the checkpoints of a previous run (--resume continues one instead)",
+                  flush=True)
+        for p in old:
+            shutil.rmtree(p)
 
     def _new_optimizer(self):
         cfg = self.cfg
