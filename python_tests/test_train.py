@@ -323,12 +323,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out_dir, backbone, find_unused):
+def _ddp_worker(rank, world, port, out_dir, backbone, find_unused, two_sweep="off"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     torch.set_num_threads(1)
     cfg = tiny(out_dir, backbone=backbone, max_steps_per_stage=3, eval_every=3, device="cpu",
-               find_unused_parameters=find_unused)
+               find_unused_parameters=find_unused, checkpoint_segments=two_sweep)
     # different seeds per rank for anything random outside the model: DDP must still keep the weights equal
     torch.manual_seed(rank)
     res = train(cfg)
@@ -338,13 +338,16 @@ def _ddp_worker(rank, world, port, out_dir, backbone, find_unused):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone,find_unused", [("tiny-bert", False), ("tiny-gpt2", False)])
-def test_ddp_two_processes_keep_parameters_identical(tmp_path, backbone, find_unused):
+@pytest.mark.parametrize("backbone,find_unused,two_sweep", [("tiny-bert", False, "off"), ("tiny-gpt2", False, "off"),
+                                                            ("tiny-bert", False, "on")])
+def test_ddp_two_processes_keep_parameters_identical(tmp_path, backbone, find_unused, two_sweep):
+    """DDP (full BPTT) or, with the two-sweep schedule, one gradient all-reduce per step (rmt_fast.distributed)."""
     import time
 
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path), backbone, find_unused), nprocs=2,
+    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path), backbone, find_unused, two_sweep),
+                             nprocs=2,
                              join=False, start_method="spawn")
     deadline = time.time() + 240
     while not ctx.join(timeout=5):  # raises if a worker failed

@@ -3,7 +3,8 @@
 Start with one segment per sample; train until the validation accuracy reaches ``threshold`` (or the stage
 runs out of patience or steps), then add segments (``+segment_step``, or the next entry of an explicit
 ``schedule``) and go on with the same weights. Each stage: AdamW (weight decay 1e-3), linear warmup then
-linear decay of the learning rate, gradient clipping, bf16 autocast on CUDA, full BPTT (``bptt_depth``).
+linear decay of the learning rate, gradient clipping, bf16 autocast on CUDA, full BPTT (``bptt_depth``). On CUDA
+the two-sweep checkpointed schedule with both sweeps in CUDA graphs and fused AdamW (``checkpoint_segments``).
 
 Encoders are trained as 6-way classifiers of the answer; decoders with the LM loss on the answer tokens (their
 accuracy: the greedy argmax at every answer token equals the answer).
@@ -113,7 +114,8 @@ class TrainConfig:
     bf16: bool = _arg(True, "no bf16 autocast on CUDA", RUN, flags=("--no-bf16",))
     backend: str = _arg("auto", "memory attention / handoff kernels (speed only)", RUN, choices=BACKENDS)
     bptt_depth: int | None = _arg(None, "truncate BPTT to this many memory handoffs (default: full)", OPTIM)
-    checkpoint_segments: bool = _arg(False, "recompute each segment in backward (flat memory)", OPTIM)
+    checkpoint_segments: str = _arg("auto", "the two-sweep checkpointed BPTT (flat memory; graphed on CUDA): auto (on "
+                                    "for CUDA, off for the CPU) | on | off", OPTIM, choices=("auto", "on", "off"))
     noise: str | None = _arg(None, "noise text file or saved HF dataset directory (default: Python's pydoc texts)",
                              MODEL)
     babi_path: str | None = _arg(None, "bAbI file or en/ directory for the facts", MODEL)
@@ -133,6 +135,10 @@ class TrainConfig:
         return build_schedule(self.start_segments, self.max_segments, self.segment_step, self.schedule)
 
     def validate(self) -> None:
+        if isinstance(self.checkpoint_segments, bool):  # configs written before "auto" existed
+            self.checkpoint_segments = "on" if self.checkpoint_segments else "off"
+        if self.checkpoint_segments not in ("auto", "on", "off"):
+            raise ValueError(f"checkpoint_segments must be 'auto', 'on' or 'off', got {self.checkpoint_segments!r}")
         if self.task not in TASKS:
             raise ValueError(f"task: unknown task {self.task!r}; choose one of {list(TASKS)}")
         for name in ("num_mem_tokens", "segment_size", "max_steps_per_stage", "eval_every", "eval_samples",
@@ -271,9 +277,15 @@ def build_model(cfg: TrainConfig, device: torch.device):
     model, tok, kind = load_backbone(cfg.backbone, tokenizer=cfg.tokenizer, hidden_size=cfg.hidden_size,
                                      num_layers=cfg.num_layers, max_positions=max(512, positions), seed=cfg.seed)
     rmt = wrap(model, num_mem_tokens=cfg.num_mem_tokens, segment_size=cfg.segment_size, tokenizer=tok,
-               backend=cfg.backend, bptt_depth=cfg.bptt_depth, checkpoint_segments=cfg.checkpoint_segments,
+               backend=cfg.backend, bptt_depth=cfg.bptt_depth, checkpoint_segments=uses_two_sweep(cfg, device),
                keep_logits=False)
     return rmt.to(device), tok, kind
+
+
+def uses_two_sweep(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether training runs the two-sweep checkpointed schedule: on CUDA by default (both sweeps replay CUDA
+    graphs, flat memory, faster than full BPTT there); on the CPU only when asked (the recompute costs time)."""
+    return cfg.checkpoint_segments == "on" or (cfg.checkpoint_segments == "auto" and device.type == "cuda")
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -331,7 +343,14 @@ class Trainer:
             atomic_json(os.path.join(self.out, CONFIG_FILE), cfg.to_dict())
             save_tokenizer(self.tokenizer, self.out)
         self.model = self.rmt
-        if self.world > 1:
+        # the two-sweep schedule backpropagates segment by segment inside backward(): DDP's per-parameter hooks
+        # would fire once per segment, so the gradients are reduced once per step instead (rmt_fast.distributed)
+        self.reduce_by_hand = self.world > 1 and uses_two_sweep(cfg, self.device)
+        if self.reduce_by_hand:
+            from ..distributed import broadcast_parameters
+
+            broadcast_parameters(self.rmt)
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ddp_kw = {"find_unused_parameters": cfg.find_unused_parameters}
@@ -374,7 +393,8 @@ class Trainer:
 
     def _new_optimizer(self):
         cfg = self.cfg
-        return torch.optim.AdamW(self.rmt.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        return torch.optim.AdamW(self.rmt.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
+                                 fused=self.device.type == "cuda")
 
     def dataset(self, n: int, split: str):
         key = (n, split)
@@ -487,6 +507,10 @@ class Trainer:
             loss = self.model(input_ids=ids, labels=labels, return_logits=False).loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.reduce_by_hand:
+            from ..distributed import all_reduce_gradients
+
+            all_reduce_gradients(self.rmt)
         if cfg.grad_clip and cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.rmt.parameters(), cfg.grad_clip)
         self.optimizer.step()
