@@ -99,15 +99,11 @@ def backbone_kind(name: str) -> str:
 
 
 def positions_per_segment(kind: str, num_mem_tokens: int, segment_size: int) -> int:
-    """Positions one segment takes: its tokens plus the library's slots per segment for ``kind``
-    (:attr:`rmt_fast.RMTConfig.slots_per_segment`), known before any model exists."""
-    import sys
+    """Positions one segment takes: its tokens plus the library's slots per segment for ``kind`` (the scheme's
+    rule, :meth:`rmt_fast.schemes.Scheme.slots`), known before any model exists."""
+    from ..schemes import scheme_class
 
-    from ..config import RMTConfig
-
-    cfg = RMTConfig(mode=kind, num_mem_tokens=num_mem_tokens, segment_size=segment_size, max_positions=sys.maxsize,
-                    cls_token_id=0, sep_token_id=0)
-    return segment_size + cfg.slots_per_segment
+    return segment_size + scheme_class(kind).slots(num_mem_tokens)
 
 
 def resolve_tokenizer(name: str, tokenizer: str = "auto") -> str:
