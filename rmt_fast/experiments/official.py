@@ -10,7 +10,8 @@ kept for the backward pass (full BPTT).
   ``[BOS] mem segment [EOS]`` (BOS where the tokenizer has one), the whole model runs on every segment, the next
   memory is the encoder's last layer at the memory positions, the output is the last segment's.
 
-Rows must share one length (the official code pads rows differently, see RMT.md).
+Rows must share one length: the official code right-pads rows of different lengths and puts the write slots
+after the padding, which rmt_fast deliberately does not copy.
 """
 from __future__ import annotations
 
