@@ -13,7 +13,20 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk (64 MiB)
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+class GradientsInForward(torch.autograd.Function):
+    """A linear + cross-entropy whose forward saves (grad_hidden, grad_weight, grad_bias) of the summed loss and
+    the weight/bias dtypes (``ctx.dtypes``); the backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_loss).to(w_dtype),
+                None if grad_b is None else (grad_b * grad_loss).to(b_dtype), None, None)
+
+
+class _ChunkedLinearCrossEntropy(GradientsInForward):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index):
         n, v = hidden.shape[0], weight.shape[0]
@@ -46,15 +59,6 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
-        scale = grad_loss
-        return (None if grad_h is None else grad_h * scale.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * scale).to(w_dtype),
-                None if grad_b is None else (grad_b * scale).to(b_dtype), None, None)
 
 
 def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .chunked import GradientsInForward
+
 CHUNK_BYTES = 1 << 28  # logits per chunk, in hidden's dtype (256 MiB)
 BLOCK_V = 4096
 
@@ -59,7 +61,9 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     return loss
 
 
-class _TritonLinearCrossEntropy(torch.autograd.Function):
+class _TritonLinearCrossEntropy(GradientsInForward):
+    """Gradients are computed in the forward (as the chunked path does); the backward only scales them."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index):
         n, v = hidden.shape[0], weight.shape[0]
@@ -92,14 +96,6 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
-        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * grad_loss).to(w_dtype),
-                None if grad_b is None else (grad_b * grad_loss).to(b_dtype), None, None)
 
 
 def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
