@@ -46,12 +46,6 @@ class Adapter:
         return FAMILIES[self.mode].get(getattr(self.model.config, "model_type", None), {})
 
     @property
-    def runs_whole_model(self) -> bool:
-        """Encoder heads run as the HF model (its head on every position); decoders run the base model and
-        apply their head where the scheme says (LM head on tokens, ``score`` on each row's last token)."""
-        return self.mode == "encoder" and self.head != "none"
-
-    @property
     def hidden_size(self) -> int:
         return self.model.get_input_embeddings().weight.shape[1]
 
@@ -66,25 +60,25 @@ class Adapter:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
-    def run_segment(self, inputs_embeds: torch.Tensor, layout, backend: str = "auto",
-                    output_hidden_states: bool = False, **kwargs):
-        """Run the backbone on one segment under ``layout`` (a SegmentLayout, or None for a decoding step against
-        a KV cache). Returns (last hidden ``[B, N, d]``, the model's output)."""
-        if self.mode == "seq2seq":
-            return self._run_encoder(inputs_embeds, layout, backend, output_hidden_states)
+    def run_whole(self, inputs_embeds: torch.Tensor, layout, backend: str = "auto", **kwargs):
+        """The whole HF model (its head on every position) on one segment under ``layout``; returns (last hidden
+        ``[B, N, d]``, the model's output, which holds the head's logits and every layer's states)."""
         kwargs.update(hf.attention_kwargs(layout, backend))
         with hf.segment_call(self.model):
-            if self.runs_whole_model:
-                out = self.model(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **kwargs)
-                return out.hidden_states[-1], out
-            base = self.model.base_model
-            if self.mode == "decoder":
-                kwargs.setdefault("use_cache", False)
-            out = base(inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, return_dict=True,
-                       **kwargs)
+            out = self.model(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **kwargs)
+        return out.hidden_states[-1], out
+
+    def run_base(self, inputs_embeds: torch.Tensor, layout, backend: str = "auto",
+                 output_hidden_states: bool = False, **kwargs):
+        """The base model (no head) on one segment under ``layout`` (a SegmentLayout, or None for a decoding step
+        against a KV cache); returns (last hidden ``[B, N, d]``, the model's output)."""
+        kwargs.update(hf.attention_kwargs(layout, backend))
+        with hf.segment_call(self.model):
+            out = self.model.base_model(inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
+                                        return_dict=True, **kwargs)
         return out.last_hidden_state, out
 
-    def _run_encoder(self, inputs_embeds, layout, backend, output_hidden_states):
+    def run_encoder(self, inputs_embeds, layout, backend: str = "auto", output_hidden_states: bool = False):
         """A seq2seq model's encoder on one segment. Families with their own attention get the layout as a padding
         mask (an encoder layout lets every valid query see every valid key; what padding queries see is free)."""
         encoder = self.model.get_encoder()

@@ -161,7 +161,8 @@ class _SegmentDecoder:
         a = self.rmt.adapter
         if self.cache is None:
             self.cache = DynamicCache(config=a.model.config)
-        h, _ = a.run_segment(inputs_embeds, layout, self.cfg.backend, use_cache=True, **{a.cache_kwarg: self.cache})
+        h, _ = self.rmt.runner.scheme.run_backbone(a, inputs_embeds, layout, self.cfg.backend, use_cache=True,
+                                                   **{a.cache_kwarg: self.cache})
         return a.lm_logits(h[:, -1])
 
     def start(self, tokens: torch.Tensor) -> torch.Tensor:

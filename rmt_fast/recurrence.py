@@ -100,7 +100,7 @@ class SegmentRunner:
         ids, layout = s.segment_inputs(content, params, width, dense)
         emb = a.embed(ids)
         _, x = segment_handoff(None, memory, None, emb, s.read_offset, s.write_offsets(params), backend=backend)
-        h, out = a.run_segment(x, layout, backend, output_hidden_states=want_hidden)
+        h, out = s.run_backbone(a, x, layout, backend, output_hidden_states=want_hidden)
         new_memory, _ = segment_handoff(h, memory, params[P_GATHER], None, s.read_offset, None, backend=backend)
         output, loss_sum, count = s.segment_outputs(a, h, out, targets, params, width, want_output)
         hidden = s.segment_hidden(out.hidden_states, width) if want_hidden else None

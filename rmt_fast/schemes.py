@@ -111,6 +111,11 @@ class Scheme:
         """Which input positions are content tokens (``keep`` comes from the attention mask)."""
         return keep
 
+    def run_backbone(self, adapter, inputs_embeds, layout, backend: str, output_hidden_states: bool = False,
+                     **kwargs):
+        """Run the backbone on one segment: (last hidden ``[B, N, d]``, the HF output) — see the subclasses."""
+        raise NotImplementedError
+
     def segment_params(self, plan) -> torch.Tensor:
         """``[G, 5, B]``: token start, token count, write offset, gather offset, is-last (see module doc)."""
         active = plan.lens > 0
@@ -170,6 +175,11 @@ class DecoderScheme(Scheme):
     @staticmethod
     def slots(num_mem_tokens: int, bos_token_id: int | None = None) -> int:
         return 2 * num_mem_tokens
+
+    def run_backbone(self, adapter, inputs_embeds, layout, backend, output_hidden_states=False, **kwargs):
+        """The base model (heads are applied in :meth:`segment_outputs`); no KV cache unless asked (generation)."""
+        kwargs.setdefault("use_cache", False)
+        return adapter.run_base(inputs_embeds, layout, backend, output_hidden_states, **kwargs)
 
     def _offsets(self, lens, active):
         return lens + self.m, torch.where(active, lens + self.m, -1)
@@ -249,6 +259,12 @@ class EncoderScheme(Scheme):
             if t is not None:
                 keep = keep & (input_ids != t)
         return keep
+
+    def run_backbone(self, adapter, inputs_embeds, layout, backend, output_hidden_states=False, **kwargs):
+        """Heads run as the whole HF model (the head on every position); a bare encoder as its base model."""
+        if self.head == "none":
+            return adapter.run_base(inputs_embeds, layout, backend, output_hidden_states, **kwargs)
+        return adapter.run_whole(inputs_embeds, layout, backend, **kwargs)
 
     def _offsets(self, lens, active):
         return torch.zeros_like(lens), torch.where(active, 1, -1)
@@ -339,6 +355,10 @@ class Seq2SeqScheme(Scheme):
         if labels.dim() != 2 or labels.shape[0] != b or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"labels must be the target token ids [B, L] of the decoder ({b} rows; -100 = ignore), "
                              f"got shape {tuple(labels.shape)} {labels.dtype}")
+
+    def run_backbone(self, adapter, inputs_embeds, layout, backend, output_hidden_states=False, **kwargs):
+        """The encoder alone (the decoder runs once, in :meth:`finish`)."""
+        return adapter.run_encoder(inputs_embeds, layout, backend, output_hidden_states)
 
     def _offsets(self, lens, active):
         return torch.zeros_like(lens), torch.where(active, self.read_offset, -1)
