@@ -234,6 +234,23 @@ class MemoryTaskDataset(Dataset):
             return self.examples[int(self._order[int(i) % len(self.examples)])]
         return F.qa4_example(rng) if self.task == "reasoning" else F.qa1_example(rng)
 
+    def _unsplit(self, where: np.ndarray, bounds: np.ndarray, lens: Sequence[int]) -> np.ndarray:
+        """Move facts that a segment boundary would cut to the nearest sentence boundary (in story order) where
+        they fit inside one segment. No random draws: samples without a cut fact are unchanged. A fact that
+        fits nowhere (sentences longer than a segment) stays where it was."""
+        seg, where, off, lo = self.segment_size, where.copy(), 0, 0
+        for j, n in enumerate(lens):
+            start = int(where[j]) + off
+            if n <= seg and start // seg != (start + n - 1) // seg:
+                starts = bounds + off
+                ok = (bounds >= lo) & (starts // seg == (starts + n - 1) // seg)
+                if ok.any():
+                    cand = bounds[ok]
+                    where[j] = cand[int(np.argmin(np.abs(cand - where[j])))]
+            where[j] = max(int(where[j]), lo)
+            lo, off = int(where[j]), off + n
+        return where
+
     def __getitem__(self, i: int) -> Dict[str, object]:
         if isinstance(i, (torch.Tensor, np.integer)):
             i = int(i)
@@ -255,6 +272,8 @@ class MemoryTaskDataset(Dataset):
             where = np.zeros(len(fact_ids), dtype=np.int64)    # all facts first, in order
         else:                                                  # uniform boundaries, story order kept
             where = np.sort(bounds[rng.integers(0, len(bounds), size=len(fact_ids))])
+            if self.num_segments > 1:
+                where = self._unsplit(where, bounds, [len(f) for f in fact_ids])
 
         pieces, fact_pos, cur, out_len = [], [], 0, 0
         for f, w in zip(fact_ids, where):

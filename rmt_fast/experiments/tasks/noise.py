@@ -16,8 +16,9 @@ Sources:
 * :class:`SentencesNoise` -- an explicit list of sentences.
 
 Sentences that could be mistaken for a task fact are removed from every pool: sentences naming one of
-the task's people (Mary, John, Daniel, Sandra) and sentences of the form "... is north/south/east/west
-of ...".  Sentences are kept in source order so pools (and therefore samples) are deterministic.
+the task's people (Mary, John, Daniel, Sandra), places (bathroom, bedroom, garden, hallway, kitchen, office)
+or directions (north, south, east, west), and sentences of the form "... is north/south/east/west of ...".
+Sentences are kept in source order so pools (and therefore samples) are deterministic.
 """
 from __future__ import annotations
 
@@ -52,7 +53,10 @@ _ABBREV = re.compile(r"(?<![\w.])(?:e\.g|i\.e|etc|vs|cf|Mr|Mrs|Ms|Dr|St|No|Fig|a
 _HEADING_RULE = re.compile(r"^\s*([*=\-^~#+])\1{2,}\s*$")
 _CODEISH = re.compile(r"::=|>>>|\{\{|\}\}|=>|->|\w\(.*\)\s*$|^\s*[\w.]+\s*=\s")
 _LIST_MARKER = re.compile(r"^(?:\d+\.|[*\-\u2022])\s+")
-_CONFOUND = re.compile(r"\b(?:Mary|John|Daniel|Sandra)\b|\bis\s+(?:north|south|east|west)\s+of\b", re.I)
+# a sentence naming a task person, place or direction (any form: "north", "Kitchen", "offices" ...) could make
+# another answer plausible (or, in decoded text, look like a fact): dropped from every pool
+_CONFOUND = re.compile(r"\b(?:Mary|John|Daniel|Sandra|bathroom|bedroom|garden|hallway|kitchen|office"
+                       r"|north|south|east|west)s?\b|\bis\s+(?:north|south|east|west)\s+of\b", re.I)
 
 
 def clean_text(text: str) -> str:
