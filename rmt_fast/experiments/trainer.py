@@ -97,6 +97,11 @@ class TrainConfig:
     min_steps_per_stage: int = _arg(0, "steps at least per stage before the threshold or patience may end it "
                                     "(= max: every stage has max steps)", CURRICULUM)
     patience: int = _arg(0, "validations without improvement that end a stage (0: off)", CURRICULUM)
+    validate_at_multiple: int = _arg(1, "also validate at K x the stage's segments (capped by "
+                                     "--validate-max-segments); a stage ends on the lower of the two accuracies, so "
+                                     "it trains on past the point where its own length is solved (1: off)",
+                                     CURRICULUM)
+    validate_max_segments: int | None = _arg(None, "cap of the K x validation length (default: no cap)", CURRICULUM)
     eval_every: int = _arg(50, "steps between validations", RUN)
     eval_samples: int = _arg(128, "validation samples", RUN)
     eval_batch_size: int = _arg(64, "validation batch", RUN)
@@ -154,6 +159,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.mix_prob <= 1.0:
             raise ValueError(f"mix_prob must be in [0, 1], got {self.mix_prob}")
+        if self.validate_at_multiple < 1:
+            raise ValueError(f"validate_at_multiple must be >= 1, got {self.validate_at_multiple}")
+        if self.validate_max_segments is not None and self.validate_max_segments < 1:
+            raise ValueError(f"validate_max_segments must be >= 1, got {self.validate_max_segments}")
         if self.patience < 0 or self.min_steps_per_stage < 0 or self.save_every < 0:
             raise ValueError("patience, min_steps_per_stage and save_every must be >= 0")
         if self.resume and not self.out_dir:
@@ -467,7 +476,8 @@ class Trainer:
             bar.update(1)
             metric = None
             if step % cfg.eval_every == 0 or step >= cfg.max_steps_per_stage:
-                acc = metric = self.log_validation(stage_index, n, step, loss, scheduler)
+                metric = self.log_validation(stage_index, n, step, loss, scheduler)
+                acc = self.history[-1]["val_accuracy"]
                 bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}", val_acc=f"{acc:.3f}")
             reason = tracker.update(step, metric)
             if metric is not None and reason is None and cfg.max_time_s is not None:
@@ -535,10 +545,26 @@ class Trainer:
             torch.distributed.all_reduce(lt)
             lt = lt / self.world
         acc = self.validate(n)
-        self.history.append({"stage": stage_index, "num_segments": n, "step": step, "global_step": self.global_step,
-                             "loss": float(lt.item()), "val_accuracy": acc, "lr": scheduler.get_last_lr()[0],
-                             "time_s": round(time.time() - self.t_start, 3)})
-        return acc
+        rec = {"stage": stage_index, "num_segments": n, "step": step, "global_step": self.global_step,
+               "loss": float(lt.item()), "val_accuracy": acc, "lr": scheduler.get_last_lr()[0]}
+        metric = acc
+        nk = self.multiple_segments(n)
+        if nk != n:
+            acc_k = self.validate(nk)
+            rec.update(val_segments_multiple=nk, val_accuracy_multiple=acc_k)
+            metric = min(acc, acc_k)
+        rec["stage_metric"] = metric
+        rec["time_s"] = round(time.time() - self.t_start, 3)
+        self.history.append(rec)
+        return metric
+
+    def multiple_segments(self, n: int) -> int:
+        """The second validation length of a stage of ``n`` segments (``validate_at_multiple`` x n, capped)."""
+        cfg = self.cfg
+        nk = n * cfg.validate_at_multiple
+        if cfg.validate_max_segments is not None:
+            nk = min(nk, max(n, cfg.validate_max_segments))
+        return nk
 
     def _any_rank(self, flag: bool) -> bool:
         if self.world == 1:
