@@ -19,6 +19,7 @@ run inside a CUDA graph.
 """
 from __future__ import annotations
 
+import abc
 import torch
 import torch.nn.functional as F
 
@@ -39,7 +40,7 @@ def gather_span(src: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, wid
     return torch.where(j < lens.view(-1, 1), out, torch.full_like(out, fill))
 
 
-class Scheme:
+class Scheme(abc.ABC):
     """What differs between modes. Subclasses set :attr:`mode`, :attr:`read_offset`, :attr:`default_alignment`."""
 
     mode: str
@@ -102,19 +103,19 @@ class Scheme:
         return {"loss": loss, "logits": logits, "last_hidden_state": last_h, "hidden_states": res["hidden"]}
 
     @staticmethod
+    @abc.abstractmethod
     def slots(num_mem_tokens: int, bos_token_id: int | None = None) -> int:
         """Positions a segment uses besides its tokens (memory slots and special tokens); ``bos_token_id``: the
         BOS a seq2seq segment starts with (None: none)."""
-        raise NotImplementedError
 
     def content_mask(self, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Which input positions are content tokens (``keep`` comes from the attention mask)."""
         return keep
 
+    @abc.abstractmethod
     def run_backbone(self, adapter, inputs_embeds, layout, backend: str, output_hidden_states: bool = False,
                      **kwargs):
         """Run the backbone on one segment: (last hidden ``[B, N, d]``, the HF output) — see the subclasses."""
-        raise NotImplementedError
 
     def segment_params(self, plan) -> torch.Tensor:
         """``[G, 5, B]``: token start, token count, write offset, gather offset, is-last (see module doc)."""
@@ -124,16 +125,17 @@ class Scheme:
         is_last = (plan.last.view(1, -1) == g).long()
         return torch.stack([plan.starts, plan.lens, write_off, gather_off, is_last], 1)
 
+    @abc.abstractmethod
     def _offsets(self, lens: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """``(write offsets, gather offsets)`` ``[G, B]`` from the token counts (gather -1 where a row is idle)."""
 
+    @abc.abstractmethod
     def segment_inputs(self, content: torch.Tensor, params: torch.Tensor, width: int, dense: bool = False):
         """Token ids ``[B, N]`` of one segment (memory slots hold a placeholder) and its :class:`SegmentLayout`.
 
         params: one ``[5, B]`` block; width: token columns (>= the longest row); dense: every row has ``width``
         tokens.
         """
-        raise NotImplementedError
 
     def write_offsets(self, params: torch.Tensor) -> torch.Tensor | None:
         """``[B]`` first write slot of each row, or None when the layout has no write slots."""
@@ -147,22 +149,22 @@ class Scheme:
         """Positions of the segment's token columns in the backbone's sequence."""
         return slice(self.m, self.m + width)
 
+    @abc.abstractmethod
     def wants_output(self, keep_logits: bool) -> bool:
         """Whether segments record their output (see :meth:`segment_outputs`) for this call."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def segment_outputs(self, adapter, h, out, targets, params, width, want_output):
         """``(output, loss_sum, count)`` of one segment from the backbone's last states ``h`` ``[B, N, d]`` and
         output ``out``. loss_sum: fp32 scalar; count: the number of targets it sums over (long scalar)."""
-        raise NotImplementedError
 
     def segment_hidden(self, hidden_states: tuple, width: int) -> tuple:
         """The per-layer states a segment records when hidden states are requested."""
         return hidden_states
 
+    @abc.abstractmethod
     def finish(self, adapter, res: dict, labels) -> dict:
         """RMTOutput fields (loss, logits, last_hidden_state, hidden_states) from the recurrence's result."""
-        raise NotImplementedError
 
 
 class DecoderScheme(Scheme):
