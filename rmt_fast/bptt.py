@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .graphs import MAX_CAPTURES, TrainingGraphs, autocast_state
+from .graphs import MAX_CAPTURES, TrainingGraphs, autocast_state, flat_outputs
 from .schemes import P_LAST
 
 
@@ -45,10 +45,6 @@ class _Sweep:
     rng: list | None = None
     rng_after: object = None
     autocast: tuple | None = None
-
-
-def _flat(output) -> tuple:
-    return output if isinstance(output, tuple) else (output,)
 
 
 class _TwoSweep(torch.autograd.Function):
@@ -76,7 +72,7 @@ class _TwoSweep(torch.autograd.Function):
             loss_sum = loss_sum + res[1]
             count = count + res[2]
             if res[3] is not None and sweep.records[g]:
-                flat = _flat(res[3])
+                flat = flat_outputs(res[3])
                 structure.append(len(flat))
                 outputs.extend(flat)
         sweep.structure = structure
@@ -134,7 +130,7 @@ class _TwoSweep(torch.autograd.Function):
                 outs.append(res.loss_sum)
                 grads.append(grad_loss)
             if has_out_grad:
-                for out, grad in zip(_flat(res.output), seg_grads):
+                for out, grad in zip(flat_outputs(res.output), seg_grads):
                     if grad is not None and out.requires_grad:
                         outs.append(out)
                         grads.append(grad)

@@ -191,7 +191,7 @@ class TrainingGraphs:
         torch.cuda.current_stream(dev).wait_stream(side)
         with torch.cuda.graph(self.fwd):
             self.loss, self.count, self.output = self._forward_body()
-        self.grad_outputs = [torch.zeros_like(t) for t in _flat_outputs(self.output)]
+        self.grad_outputs = [torch.zeros_like(t) for t in flat_outputs(self.output)]
         with torch.cuda.graph(self.bwd):
             self._backward_body()
         for t in self.accum:
@@ -219,8 +219,8 @@ class TrainingGraphs:
         if res.loss_sum.requires_grad:
             outs.append(res.loss_sum)
             grads.append(self.grad_loss)
-        grad_outputs = getattr(self, "grad_outputs", None) or [torch.zeros_like(t) for t in _flat_outputs(res.output)]
-        for out, grad in zip(_flat_outputs(res.output), grad_outputs):
+        grad_outputs = getattr(self, "grad_outputs", None) or [torch.zeros_like(t) for t in flat_outputs(res.output)]
+        for out, grad in zip(flat_outputs(res.output), grad_outputs):
             if out.requires_grad:
                 outs.append(out)
                 grads.append(grad)
@@ -243,7 +243,7 @@ class TrainingGraphs:
         self.memory.copy_(memory)
         self.params.copy_(params)
         self.fwd.replay()
-        output = None if self.output is None else tuple(t.clone() for t in _flat_outputs(self.output))
+        output = None if self.output is None else tuple(t.clone() for t in flat_outputs(self.output))
         if output is not None and not isinstance(self.output, tuple):
             output = output[0]
         return self.memory.clone(), self.loss.clone(), self.count.clone(), output
@@ -273,7 +273,8 @@ class TrainingGraphs:
             acc.zero_()
 
 
-def _flat_outputs(output) -> tuple:
+def flat_outputs(output) -> tuple:
+    """A segment's recorded output as a tuple of tensors (it is None, one tensor, or a tuple of them)."""
     if output is None:
         return ()
     return output if isinstance(output, tuple) else (output,)
