@@ -15,7 +15,9 @@ OUT/results.csv, OUT/accuracy.png (all tasks, as Fig. 1); the summary table is p
 
     python scripts/reproduce_h200.py --out runs/h200                 # all three tasks
     python scripts/reproduce_h200.py --out runs/h200 --tasks memorize
-    python scripts/reproduce_h200.py --out /tmp/x --dry-run          # tiny CPU configuration of the same code
+    python scripts/reproduce_h200.py --out /tmp/x --dry-run          # (= --smoke) tiny CPU configuration, < 1 min
+    python scripts/reproduce_h200.py --out runs/h200 --estimate-only # seconds per task from the steps and lengths
+    # across 10-minute device calls: --skip-eval --transfer-out $OUT/carry, then --resume-from carry (see --help)
 """
 from __future__ import annotations
 
@@ -54,14 +56,28 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=0.98, help="validation accuracy ending a stage (%(default)s)")
     p.add_argument("--mix-prob", type=float, default=0.5, help="batches of random length 1..n (%(default)s)")
     p.add_argument("--lengths", default="1-4096", help="evaluation lengths in segments (%(default)s)")
-    p.add_argument("--eval-samples", type=int, default=64, help="test samples per length (%(default)s)")
-    p.add_argument("--eval-batch-size", type=int, default=64, help="(%(default)s)")
+    p.add_argument("--eval-samples", type=int, default=256, help="test samples per length (%(default)s)")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="(%(default)s)")
     p.add_argument("--heatmap-max", type=int, default=64, help="stage heatmap up to this many segments (%(default)s)")
     p.add_argument("--heatmap-samples", type=int, default=32, help="(%(default)s)")
     p.add_argument("--cuda-graphs", action="store_true", help="evaluate with CUDA-graph replay of the segment step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="resume each task's training from OUT/<task>")
-    p.add_argument("--dry-run", action="store_true",
+    p.add_argument("--backbone", default="minilm", help="minilm, or a folder written by scripts/minilm_fp16.py "
+                   "(for a machine without the MiniLM package) (%(default)s)")
+    p.add_argument("--min-steps-per-stage", type=int, default=0, help="steps at least per stage (%(default)s)")
+    p.add_argument("--validate-at-multiple", type=int, default=1,
+                   help="a stage ends only when K x its length is solved too (%(default)s)")
+    p.add_argument("--validate-max-segments", type=int, default=None, help="cap of the K x validation length")
+    p.add_argument("--resume-from", default=None,
+                   help="folder of transfer copies (<task>/ each, from --transfer-out of an earlier call): installed "
+                   "as OUT/<task>/checkpoint-last, then training resumes")
+    p.add_argument("--transfer-out", default=None,
+                   help="after training, write a bf16 transfer copy of each task's checkpoint-last (shards < 16 MiB) "
+                   "to DIR/<task>/ (put DIR under $OUT on the device; carry it into the next call)")
+    p.add_argument("--skip-eval", action="store_true", help="train only (a later call evaluates)")
+    p.add_argument("--estimate-only", action="store_true", help="print the time estimate and exit")
+    p.add_argument("--dry-run", "--smoke", dest="dry_run", action="store_true",
                    help="tiny CPU configuration (tiny-bert, 32-token segments, a few steps, lengths 1-4): checks the "
                    "pipeline, not the result")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -76,30 +92,46 @@ def task_config(a, task: str):
         return TrainConfig(task=task, backbone="tiny-bert", num_mem_tokens=2, segment_size=32, hidden_size=32,
                            max_segments=2, max_steps_per_stage=3, eval_every=3, eval_samples=8, eval_batch_size=8,
                            batch_size=4, lr=1e-3, warmup_steps=1, threshold=1.01, device="cpu", seed=a.seed,
-                           out_dir=os.path.join(a.out, task), resume=a.resume, progress=a.progress)
+                           out_dir=os.path.join(a.out, task), resume=a.resume or bool(a.resume_from),
+                           progress=a.progress, validate_at_multiple=a.validate_at_multiple,
+                           validate_max_segments=a.validate_max_segments)
     from rmt_fast.experiments.trainer import build_schedule
 
     stages = build_schedule(1, a.max_segments)
-    return TrainConfig(task=task, backbone="minilm", num_mem_tokens=10, segment_size=499, max_segments=a.max_segments,
+    return TrainConfig(task=task, backbone=a.backbone, num_mem_tokens=10, segment_size=499, max_segments=a.max_segments,
                        max_steps_per_stage=a.max_steps_per_stage, eval_every=50, eval_samples=128,
                        eval_batch_size=128, batch_size=a.batch_size, lr=a.lr or TASK_LR[task],
                        warmup_steps=min(50, a.max_steps_per_stage // 10 or 1), threshold=a.threshold,
                        mix_prob=a.mix_prob, max_stage_time_s=a.train_time / len(stages),
                        max_time_s=1.2 * a.train_time, seed=a.seed, out_dir=os.path.join(a.out, task),
-                       resume=a.resume, progress=a.progress)
+                       resume=a.resume or bool(a.resume_from), progress=a.progress,
+                       min_steps_per_stage=a.min_steps_per_stage, validate_at_multiple=a.validate_at_multiple,
+                       validate_max_segments=a.validate_max_segments)
 
 
 def run_task(a, task: str) -> dict:
     from rmt_fast.experiments.evaluate import evaluate_run, parse_lengths
     from rmt_fast.experiments.trainer import train
 
+    from rmt_fast.experiments.rundir import LAST_CHECKPOINT, install_transfer_copy, save_transfer_copy
+
     t0 = time.time()
     cfg = task_config(a, task)
+    if a.resume_from:
+        src = os.path.join(a.resume_from, task)
+        if os.path.isdir(src):
+            print(f"=== {task}: resuming from the transfer copy {src}", flush=True)
+            install_transfer_copy(src, cfg.out_dir)
     print(f"=== {task}: {cfg.backbone}, m={cfg.num_mem_tokens}, {cfg.segment_size}-token segments, curriculum "
           f"{cfg.stages()}, lr {cfg.lr}, batch {cfg.batch_size}, at most {cfg.max_steps_per_stage} steps and "
           f"{cfg.max_stage_time_s or 0:.0f} s per stage", flush=True)
     res = train(cfg)
     t_train = time.time() - t0
+    if a.transfer_out:
+        dest = save_transfer_copy(os.path.join(cfg.out_dir, LAST_CHECKPOINT), os.path.join(a.transfer_out, task))
+        print(f"=== {task}: transfer copy in {dest}", flush=True)
+    if a.skip_eval:
+        return {"train": {"stages": res.stages, "seconds": res.seconds, "trained_segments": res.trained_segments}}
     lengths = parse_lengths("1-4" if a.dry_run else a.lengths)
     heat_lengths = [n for n in lengths if n <= (2 if a.dry_run else a.heatmap_max)]
     samples = 8 if a.dry_run else a.eval_samples
@@ -114,8 +146,39 @@ def run_task(a, task: str) -> dict:
     doc["wall_seconds"] = {"train": round(t_train, 1), "total": round(time.time() - t0, 1)}
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump(doc, f, indent=2, default=str)
+    heat = os.path.join(cfg.out_dir, "heatmap.png")
+    if os.path.isfile(heat):
+        import shutil
+        shutil.copy2(heat, os.path.join(a.out, f"heatmap_{task}.png"))
     print(f"=== {task}: train {t_train:.0f}s, total {time.time() - t0:.0f}s", flush=True)
     return doc
+
+
+# rough H200 costs (MiniLM-L6, 512 positions, bf16): seconds per segment of one training step of batch 32 (forward +
+# two-sweep backward) and per segment of an evaluation batch of 256 (forward only); adjust after the first call
+TRAIN_S_PER_SEGMENT_STEP = 0.02
+EVAL_S_PER_SEGMENT_BATCH = 0.05
+
+
+def estimate(a) -> dict:
+    """Seconds per task from the configured steps and lengths (rough, from the constants above)."""
+    from rmt_fast.experiments.evaluate import parse_lengths
+    from rmt_fast.experiments.trainer import build_schedule
+
+    stages = build_schedule(1, a.max_segments)
+    k = max(1, a.validate_at_multiple)
+    train_s = sum(a.max_steps_per_stage * n * TRAIN_S_PER_SEGMENT_STEP * a.batch_size / 32 for n in stages)
+    val_s = sum((a.max_steps_per_stage // 50 + 1) * (n + min(k * n, a.validate_max_segments or k * n))
+                * EVAL_S_PER_SEGMENT_BATCH * 128 / 256 for n in stages)
+    train_s = min(train_s + val_s, 1.2 * a.train_time)
+    lengths = parse_lengths(a.lengths)
+    batches = -(-a.eval_samples // a.eval_batch_size)
+    eval_s = sum(lengths) * batches * EVAL_S_PER_SEGMENT_BATCH * a.eval_batch_size / 256
+    heat = [n for n in lengths if n <= a.heatmap_max]
+    heat_s = len(stages) * sum(heat) * EVAL_S_PER_SEGMENT_BATCH * max(1, a.heatmap_samples) / 256
+    return {"train_s": round(train_s), "eval_s": round(0 if a.skip_eval else eval_s),
+            "heatmap_s": round(0 if a.skip_eval else heat_s),
+            "total_s": round(train_s + (0 if a.skip_eval else eval_s + heat_s) + 30)}
 
 
 def summary(out: str, docs: dict) -> str:
@@ -177,11 +240,22 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
               f"{transformers.__version__}", flush=True)
+    if not a.dry_run:
+        est = estimate(a)
+        print(f"estimate per task (rough): train {est['train_s']}s, eval {est['eval_s']}s, heatmap "
+              f"{est['heatmap_s']}s, total {est['total_s']}s x {len(tasks)} task(s)"
+              + ("  -- over a 10-minute call: split the tasks/calls" if est["total_s"] * len(tasks) > 570 else ""),
+              flush=True)
+        if a.estimate_only:
+            return 0
     os.makedirs(a.out, exist_ok=True)
     docs = {}
     t0 = time.time()
     for t in tasks:
         docs[t] = run_task(a, t)
+    if a.skip_eval:
+        print(f"trained {', '.join(tasks)} in {time.time() - t0:.0f}s (no evaluation: --skip-eval)")
+        return 0
     table = summary(a.out, docs)
     print()
     print(f"all tasks done in {time.time() - t0:.0f}s; wrote {a.out}/results.json, results.csv, accuracy.png")
