@@ -18,6 +18,8 @@ the tasks' words plus the common words of the default noise; the tiny backbones'
 """
 from __future__ import annotations
 
+import abc
+
 import json
 import os
 import re
@@ -32,7 +34,7 @@ __all__ = ["WordTokenizer", "CharTokenizer", "encode_batch", "piece_prefix", "to
 SAVED_TOKENIZER_FILE = "rmt_tokenizer.json"
 
 
-class VocabTokenizer:
+class VocabTokenizer(abc.ABC):
     """A tokenizer over a fixed list of tokens with BERT-like special tokens first; needs no download.
 
     ``[PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3, [MASK]=4``, then ``tokens``. Text is mapped to ASCII (curly quotes,
@@ -62,8 +64,9 @@ class VocabTokenizer:
         self.all_special_ids = list(range(len(self.SPECIAL_TOKENS)))
         self.model_max_length = 10 ** 30
 
+    @abc.abstractmethod
     def split(self, text: str) -> List[str]:
-        raise NotImplementedError
+        """The text's pieces, each a vocabulary entry or unknown."""
 
     @property
     def vocab_size(self) -> int:
