@@ -8,7 +8,6 @@ an output gradient that is zero at padding queries (nothing downstream reads the
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -16,28 +15,12 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rmt_fast.ops import SegmentLayout, memory_attention, resolve_backend
-from rmt_fast.ops import cuda as cuda_ext
+from rmt_fast.ops import SegmentLayout, memory_attention
+from op_backends import DEVICE, TRITON, cuda_param
 from rmt_fast.ops.memory_attention import fused_attention, mask_rule
 from rmt_fast.ops.memory_attention.reference import memory_attention_ref
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _triton_usable() -> bool:
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    try:
-        resolve_backend("triton", torch.device(DEVICE))
-    except ValueError:
-        return False
-    return True
-
-
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(
-    not _triton_usable(), reason="triton needs a GPU, or TRITON_INTERPRET=1 set before triton is imported"))
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(
-    not cuda_ext.has_op("memory_attention"), reason="rmt_fast._C not built or no CUDA device"))
+CUDA = cuda_param("memory_attention")
 FUSED = [TRITON, CUDA]
 ALL = ["reference", "sdpa", TRITON, CUDA]
 MASKS = [(False, False), (True, False), (True, True)]

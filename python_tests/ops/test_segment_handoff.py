@@ -6,34 +6,16 @@ under ``TRITON_INTERPRET=1``, which conftest.py sets), "cuda" (the rmt_fast._C e
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from rmt_fast.ops import cuda as cuda_ext
-from rmt_fast.ops import resolve_backend, segment_handoff
+from op_backends import DEVICE, INTERPRET, TRITON, cuda_param
+from rmt_fast.ops import segment_handoff
 from rmt_fast.ops.segment_handoff import fused_gather, fused_place
 from rmt_fast.ops.segment_handoff.reference import segment_handoff_ref
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _triton_usable() -> bool:
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    try:
-        resolve_backend("triton", torch.device(DEVICE))
-    except ValueError:
-        return False
-    return True
-
-
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(
-    not _triton_usable(), reason="triton needs a GPU, or TRITON_INTERPRET=1 set before triton is imported"))
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(
-    not cuda_ext.has_op("segment_handoff"), reason="rmt_fast._C not built or no CUDA device"))
+CUDA = cuda_param("segment_handoff")
 FUSED = [TRITON, CUDA]
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
