@@ -4,31 +4,7 @@ import torch
 
 import rmt_fast
 from models import CLS, PAD, SEP, bert_cls, gpt2, llama, tokens
-
-
-def _grads(model, ids, labels, mask=None, seed=None, **kw):
-    """(loss, memory grad, {param name: grad}) of one backward, for checkpoint_segments False and True."""
-    out = []
-    mem0 = None
-    for ckpt in (False, True):
-        rmt = rmt_fast.wrap(model, checkpoint_segments=ckpt, backend="reference", **kw)
-        if mem0 is None:
-            mem0 = rmt.memory.detach().clone()
-        rmt.memory.data.copy_(mem0)
-        rmt.train()
-        model.zero_grad(set_to_none=True)
-        if seed is not None:
-            torch.manual_seed(seed)
-        res = rmt(ids, attention_mask=mask, labels=labels)
-        loss = res.loss
-        if res.logits is not None and res.logits.dim() == 3:  # also pull on the recorded logits
-            loss = loss + res.logits.float().pow(2).mean() * 1e-2
-        loss = loss + res.memory.float().pow(2).mean() * 1e-2  # and on the final memory
-        loss.backward()
-        mem_grad = rmt.memory.grad if rmt.memory.grad is not None else torch.zeros_like(rmt.memory)
-        out.append((res.loss.detach(), mem_grad.clone(),
-                    {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    return out
+from checkpointing import grads_with_and_without_checkpointing
 
 
 def _assert_same(a, b):
@@ -47,7 +23,7 @@ def test_decoder_gradients_equal_full_bptt(depth, dropout):
     ids = tokens(2, 45)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0  # one left-padded row: rows end in different segments
-    a, b = _grads(model, ids, ids, mask=mask, seed=7 if dropout else None, num_mem_tokens=3, segment_size=8,
+    a, b = grads_with_and_without_checkpointing(model, ids, ids, mask=mask, seed=7 if dropout else None, num_mem_tokens=3, segment_size=8,
                   bptt_depth=depth)
     _assert_same(a, b)
 
@@ -56,7 +32,7 @@ def test_decoder_gradients_equal_full_bptt(depth, dropout):
 def test_llama_gqa_gradients_equal_full_bptt(depth):
     model = llama()
     ids = tokens(2, 37)
-    a, b = _grads(model, ids, ids, num_mem_tokens=2, segment_size=10, bptt_depth=depth, keep_logits=False)
+    a, b = grads_with_and_without_checkpointing(model, ids, ids, num_mem_tokens=2, segment_size=10, bptt_depth=depth, keep_logits=False)
     _assert_same(a, b)
 
 
@@ -67,7 +43,7 @@ def test_encoder_classifier_gradients_equal_full_bptt(depth, dropout):
     ids = tokens(3, 50)
     mask = torch.ones_like(ids)
     mask[0, -9:] = 0
-    a, b = _grads(model, ids, torch.tensor([1, 4, 2]), mask=mask, seed=3 if dropout else None, num_mem_tokens=2,
+    a, b = grads_with_and_without_checkpointing(model, ids, torch.tensor([1, 4, 2]), mask=mask, seed=3 if dropout else None, num_mem_tokens=2,
                   segment_size=9, bptt_depth=depth, cls_token_id=CLS, sep_token_id=SEP, pad_token_id=PAD)
     _assert_same(a, b)
 

@@ -8,6 +8,7 @@ from transformers import (BartConfig, BartForConditionalGeneration, BartForSeque
 import rmt_fast
 from rmt_fast.experiments.official import official_seq2seq
 from models import VOCAB, tokens
+from checkpointing import grads_with_and_without_checkpointing
 
 ATOL = 2e-5
 PAD_T5, EOS_T5 = 0, 1
@@ -146,27 +147,6 @@ def test_special_tokens_in_input_are_dropped_like_official(make):
     torch.testing.assert_close(rmt(ids, labels=labels).logits, rmt(with_specials, labels=labels).logits)
 
 
-def _grads(model, ids, labels, mask=None, seed=None, **kw):
-    """(loss, memory grad, {param name: grad}) of one backward, for checkpoint_segments False and True."""
-    out, mem0 = [], None
-    for ckpt in (False, True):
-        rmt = rmt_fast.wrap(model, checkpoint_segments=ckpt, backend="reference", **kw)
-        if mem0 is None:
-            mem0 = rmt.memory.detach().clone()
-        rmt.memory.data.copy_(mem0)
-        rmt.train()
-        model.zero_grad(set_to_none=True)
-        if seed is not None:
-            torch.manual_seed(seed)
-        res = rmt(ids, attention_mask=mask, labels=labels)
-        loss = res.loss + res.memory.float().pow(2).mean() * 1e-2  # also pull on the final memory
-        loss.backward()
-        mem_grad = rmt.memory.grad if rmt.memory.grad is not None else torch.zeros_like(rmt.memory)
-        out.append((res.loss.detach(), mem_grad.clone(),
-                    {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    return out
-
-
 @pytest.mark.parametrize("make", [t5, bart])
 @pytest.mark.parametrize("depth,dropout", [(None, False), (None, True), (0, False), (2, True)])
 def test_checkpoint_segments_same_loss_and_gradients(make, depth, dropout):
@@ -174,7 +154,7 @@ def test_checkpoint_segments_same_loss_and_gradients(make, depth, dropout):
     ids, labels = tokens(2, 30), _targets(2, 4)
     mask = torch.ones_like(ids)
     mask[0, :8] = 0
-    (l0, m0, p0), (l1, m1, p1) = _grads(model, ids, labels, mask=mask, seed=5 if dropout else None,
+    (l0, m0, p0), (l1, m1, p1) = grads_with_and_without_checkpointing(model, ids, labels, mask=mask, seed=5 if dropout else None,
                                         num_mem_tokens=2, segment_size=6, bptt_depth=depth)
     # T5's own SDPA picks another CPU kernel with autograd off (the forward sweep): not bit-identical there
     torch.testing.assert_close(l0, l1, atol=0 if make is bart else 1e-6, rtol=0 if make is bart else 1e-6)
