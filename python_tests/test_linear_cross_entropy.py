@@ -66,10 +66,13 @@ def test_model_loss_fused_equals_plain(make, ckpt):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk_bytes", [4 * 7 * 50, 1 << 28])  # several chunks, or one
-def test_triton_equals_reference(dtype, bias, chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("pad", [False, True])  # the odd vocabulary's matmuls on a zero-padded weight (aligned.py)
+def test_triton_equals_reference(dtype, bias, chunk_bytes, pad, monkeypatch):
     """The Triton row kernel (interpreted on the CPU) against the plain path, forward and backward."""
+    from rmt_fast.ops.linear_cross_entropy import aligned
     from rmt_fast.ops.linear_cross_entropy import triton as lce_triton
 
+    monkeypatch.setattr(aligned, "PAD_ON_CPU", pad)
     monkeypatch.setattr(lce_triton, "CHUNK_BYTES", chunk_bytes * torch.finfo(dtype).bits // 32)
     monkeypatch.setattr(lce_triton, "BLOCK_V", 16)  # several vocabulary blocks per row (ragged last one)
     n, d, v = 21, 8, 50
@@ -124,3 +127,54 @@ def test_under_autocast_fp32_weights(backend):
         res.append((loss.detach(), h.grad, w.grad))
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("v", [50, 64])
+def test_aligned_lm_logits_equal_linear(bias, v, monkeypatch):
+    """The padded LM head gives F.linear's logits (a row-strided view when padded) and the same gradients."""
+    from rmt_fast.ops.linear_cross_entropy import aligned
+
+    monkeypatch.setattr(aligned, "PAD_ON_CPU", True)
+    h0, w0 = torch.randn(3, 5, 8, dtype=torch.float64), torch.randn(v, 8, dtype=torch.float64)
+    b0 = torch.randn(v, dtype=torch.float64) if bias else None
+    res = []
+    for fn in (torch.nn.functional.linear, aligned.lm_logits):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = b0.clone().requires_grad_() if bias else None
+        out = fn(h, w, b)
+        assert out.shape == (3, 5, v)
+        (out * torch.linspace(-1, 1, v, dtype=torch.float64)).sum().backward()
+        res.append((out.detach(), h.grad, w.grad, None if b is None else b.grad))
+    padded = aligned.needs_padding(w0)
+    assert padded == (v % 8 != 0)
+    if padded:
+        assert res[1][0].stride(-2) == v + (-v) % aligned.ALIGN  # the first v columns of [.., Vp]
+    for a, b in zip(*res):
+        if a is not None:
+            torch.testing.assert_close(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert aligned.lm_logits(h0.float(), w0.float()).dtype == torch.bfloat16
+
+
+def test_model_logits_with_padded_head(monkeypatch):
+    """A wrapped GPT-2 with an odd vocabulary: logits, loss and gradients equal with and without the padded head."""
+    from rmt_fast.ops.linear_cross_entropy import aligned
+
+    from models import VOCAB
+
+    assert VOCAB % 8  # the test vocabulary is odd: the padded path runs where PAD_ON_CPU is set
+    model = gpt2()
+    ids = tokens(2, 23)
+    rmt = rmt_fast.wrap(model, num_mem_tokens=2, segment_size=8)
+    res = []
+    for pad in (False, True):
+        monkeypatch.setattr(aligned, "PAD_ON_CPU", pad)
+        model.zero_grad(set_to_none=True)
+        rmt.memory.grad = None
+        out = rmt(ids, labels=ids)
+        out.loss.backward()
+        res.append((out.logits.detach(), out.loss.detach(), rmt.memory.grad,
+                    model.get_output_embeddings().weight.grad))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

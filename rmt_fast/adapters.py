@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .integrations import hf
+from .ops.linear_cross_entropy import lm_logits
 
 # model_type -> family facts. Every family here routes attention through transformers' AttentionInterface,
 # which is how the RMT mask reaches the model's own layers. position_offset: first position id the model uses.
@@ -119,7 +120,12 @@ class Adapter:
         return bos_token_id, eos_token_id
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.get_output_embeddings()(hidden)
+        """The LM head on ``hidden``; a plain linear head runs through :func:`rmt_fast.ops.linear_cross_entropy.
+        lm_logits` (an aligned matmul for odd vocabularies on CUDA; the logits may then be a row-strided view)."""
+        linear = self.lm_head_linear()
+        if linear is None:
+            return self.model.get_output_embeddings()(hidden)
+        return lm_logits(hidden, *linear)
 
     def sequence_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """A decoder classifier's ``score`` head on each row's last-token state ``[B, d]`` -> ``[B, C]``."""
@@ -129,8 +135,8 @@ class Adapter:
         """(weight ``[V, d]``, bias) when the LM head is a plain linear map (so a fused linear + cross-entropy
         computes the same loss), else None."""
         head = self.model.get_output_embeddings()
-        if type(head) is not torch.nn.Linear:
-            return None
+        if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+            return None  # (a hooked head, e.g. offloaded by accelerate, runs as a module)
         cfg = self.model.config
         if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
             return None

@@ -15,6 +15,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .aligned import lm_logits
 from .chunked import linear_cross_entropy_chunked
 from .reference import linear_cross_entropy_ref
 
@@ -78,5 +79,7 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     if logits.is_cuda and not (torch.is_grad_enabled() and logits.requires_grad) and _triton_available():
         from .triton import cross_entropy_rows
 
-        return cross_entropy_rows(logits.contiguous(), targets.contiguous(), ignore_index).sum()
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()
+        return cross_entropy_rows(logits, targets.contiguous(), ignore_index).sum()
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")

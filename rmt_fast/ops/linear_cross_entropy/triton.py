@@ -4,7 +4,8 @@ Per row chunk: the logits ``h @ W.T + b`` come from one cuBLAS matmul in hidden'
 computes the fp32 log-sum-exp (online, in blocks of the vocabulary) and the row's loss, and, when gradients are
 needed, overwrites the logits in place with ``dlogits = softmax - onehot`` (zero at ignored rows), from which two
 matmuls give the gradients of hidden and weight. The fp32 ``[N, V]`` tensor of the plain path never exists; the
-loss equals the reference's up to the order of fp32 summation.
+loss equals the reference's up to the order of fp32 summation. An odd vocabulary (GPT-2's) runs its matmuls on a
+zero-padded weight (:mod:`.aligned`), so that none of them has a misaligned leading dimension.
 
 Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (tests); every load is upcast to fp32.
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .aligned import compute_dtype, head_weights, needs_padding
 from .chunked import GradientsInForward
 
 CHUNK_BYTES = 1 << 28  # logits per chunk, in hidden's dtype (256 MiB)
@@ -51,8 +53,11 @@ def _cross_entropy_rows(LOGITS, stride_row, TARGETS, LOSS, n_cols, ignore_index,
 
 def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                        write_grad: bool = False) -> torch.Tensor:
-    """Per-row fp32 cross-entropy of ``logits [N, V]`` (unit stride along V) against ``targets [N]`` (0 at ignored
-    rows). With ``write_grad`` the logits are overwritten with ``softmax - onehot`` (0 at ignored rows)."""
+    """Per-row fp32 cross-entropy of ``logits [N, V]`` (unit stride along V; rows may be strided, e.g. the first V
+    columns of padded logits) against ``targets [N]`` (0 at ignored rows). With ``write_grad`` the logits are
+    overwritten with ``softmax - onehot`` (0 at ignored rows)."""
+    if logits.stride(-1) != 1:
+        raise ValueError("cross_entropy_rows: logits must have unit stride along the vocabulary")
     n, v = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
@@ -66,50 +71,55 @@ class _TritonLinearCrossEntropy(GradientsInForward):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index):
-        n, v = hidden.shape[0], weight.shape[0]
-        rows = max(1, min(n, CHUNK_BYTES // max(v * hidden.element_size(), 1)))
-        single = rows >= n
+        v = weight.shape[0]
+        w, b = head_weights(weight, bias, compute_dtype(hidden), needs_padding(weight))
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grads = need_h or need_w or (need_b and bias is not None)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None
-        if need_w and not single:
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_b = torch.zeros(v, dtype=torch.float32, device=weight.device) if (need_b and bias is not None) else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        targets = targets.contiguous()
-        for s in range(0, n, rows):
-            h = hidden[s:s + rows]
-            logits = F.linear(h, weight, bias).contiguous()
-            loss += cross_entropy_rows(logits, targets[s:s + rows], ignore_index, write_grad=grads).sum()
+        chunks = _row_chunks(hidden.shape[0], w)
+        for s, e in chunks:
+            h = hidden[s:e].to(w.dtype)
+            logits = F.linear(h, w, b)  # [rows, Vp]: aligned; the loss reads the first v columns
+            loss += cross_entropy_rows(logits[:, :v], targets[s:e], ignore_index, write_grad=grads).sum()
             if not grads:
                 continue
-            if grad_h is not None:  # (under autocast the logits are bf16 while hidden and weight may be fp32)
-                grad_h[s:s + rows] = logits @ weight.to(logits.dtype)
+            if grad_h is not None:
+                grad_h[s:e] = logits @ w
             if need_w:
-                if single:
-                    grad_w = logits.t() @ h.to(logits.dtype)
+                gw = (logits.t() @ h)[:v]
+                if len(chunks) == 1:
+                    grad_w = gw
+                elif grad_w is None:
+                    grad_w = gw.float()
                 else:
-                    grad_w += (logits.t() @ h.to(logits.dtype)).float()
+                    grad_w += gw
             if grad_b is not None:
-                grad_b += logits.float().sum(0)
+                grad_b += logits[:, :v].float().sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return loss
 
 
+def _row_chunks(n: int, w: torch.Tensor) -> list:
+    rows = max(1, min(n, CHUNK_BYTES // max(w.shape[0] * w.element_size(), 1)))
+    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
+
+
 def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                 targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Same contract as :func:`~rmt_fast.ops.linear_cross_entropy.reference.linear_cross_entropy_ref`."""
+    targets = targets.contiguous()
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not wants_grad:
         with torch.no_grad():
-            n, v = hidden.shape[0], weight.shape[0]
-            rows = max(1, min(n, CHUNK_BYTES // max(v * hidden.element_size(), 1)))
-            targets = targets.contiguous()
+            v = weight.shape[0]
+            w, b = head_weights(weight, bias, compute_dtype(hidden), needs_padding(weight))
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            for s in range(0, n, rows):
-                logits = F.linear(hidden[s:s + rows], weight, bias).contiguous()
-                loss += cross_entropy_rows(logits, targets[s:s + rows], ignore_index).sum()
+            for s, e in _row_chunks(hidden.shape[0], w):
+                logits = F.linear(hidden[s:e].to(w.dtype), w, b)
+                loss += cross_entropy_rows(logits[:, :v], targets[s:e], ignore_index).sum()
             return loss
     return _TritonLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index)
