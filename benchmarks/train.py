@@ -2,8 +2,11 @@
 
 Paths per configuration (bf16 autocast, AdamW step included only in the memory-task part):
   official      the official loop restated (rmt_fast/experiments/official.py): full BPTT, all activations kept
-  default       rmt_fast.wrap(model) with no flags (full BPTT; decoders keep logits)
-  no_logits     decoders: keep_logits=False (the fused linear + cross-entropy loss)
+  default       rmt_fast.wrap(model) with no flags (full BPTT; decoders keep logits and run eagerly; classifiers
+                replay the whole call as forward/backward CUDA graphs, rmt_fast.graphs.StepGraphs)
+  full_eager    full BPTT with cuda_graphs=False (what `default` was before the step graphs)
+  no_logits     decoders: keep_logits=False (the fused linear + cross-entropy loss; full BPTT as step graphs)
+  no_logits_eager  the same with cuda_graphs=False
   ckpt_eager    checkpoint_segments=True, cuda_graphs=False: the two-sweep schedule, eager
   ckpt_graphed  checkpoint_segments=True, cuda_graphs=True: both sweeps replay CUDA graphs
 
@@ -28,7 +31,9 @@ from rmt_fast.experiments.official import official_decoder, official_encoder  # 
 
 PATHS = {
     "default": dict(),
+    "full_eager": dict(cuda_graphs=False),
     "no_logits": dict(keep_logits=False),
+    "no_logits_eager": dict(keep_logits=False, cuda_graphs=False),
     "ckpt_eager": dict(checkpoint_segments=True, cuda_graphs=False, keep_logits=False),
     "ckpt_graphed": dict(checkpoint_segments=True, cuda_graphs=True, keep_logits=False),
 }
@@ -96,7 +101,7 @@ def part_gpt2(args, rows):
 
     bench_paths(args, rows, "gpt2", model, make_ids, lambda ids: ids, dict(num_mem_tokens=m, segment_size=seg),
                 lambda ids, labels: official_decoder(model, mem, ids, seg, labels=labels)[2], seg,
-                list(PATHS), b)
+                [p for p in PATHS if p != "full_eager"], b)
 
 
 def part_bert(args, rows):
@@ -120,7 +125,7 @@ def part_bert(args, rows):
 
     bench_paths(args, rows, "bert", model, make_ids, lambda ids: labels,
                 dict(num_mem_tokens=m, cls_token_id=101, sep_token_id=102, pad_token_id=0), official_step, seg,
-                ["default", "ckpt_eager", "ckpt_graphed"], b)
+                ["default", "full_eager", "ckpt_eager", "ckpt_graphed"], b)
 
 
 def part_task(args, rows):
@@ -138,9 +143,10 @@ def part_task(args, rows):
     ids = torch.randint(1000, cfg.vocab_size, (b, n_seg * seg), device=args.device)
     labels = torch.randint(0, 6, (b,), device=args.device)
     kw = dict(num_mem_tokens=m, cls_token_id=101, sep_token_id=102, pad_token_id=0, segment_size=seg)
-    settings = {"before (full BPTT, AdamW)": (dict(keep_logits=False), False),
-                "now (graphed two-sweep, fused AdamW)": (dict(checkpoint_segments=True, cuda_graphs=True,
-                                                              keep_logits=False), True)}
+    settings = {"before (full BPTT, AdamW)": (dict(keep_logits=False, cuda_graphs=False), False),
+                "graphed two-sweep, fused AdamW": (dict(checkpoint_segments=True, cuda_graphs=True,
+                                                        keep_logits=False), True),
+                "now (full BPTT as step graphs, fused AdamW)": (dict(keep_logits=False), True)}
     times = {}
     for name, (wkw, fused) in settings.items():
         rmt = rmt_fast.wrap(model, **kw, **wkw).to(args.device)
@@ -161,8 +167,9 @@ def part_task(args, rows):
         rows.append(dict(part="task", path=name, segments=n_seg, seconds=t, tok_per_s=b * n_seg * seg / t,
                          peak_gib=peak))
         print(f"task  {name:40s} {t * 1e3:8.1f} ms/step  {peak:6.2f} GiB", flush=True)
-    names = list(times)
-    rows[-1]["speed_vs_before"] = times[names[0]] / times[names[1]]
+    before = times[next(iter(times))]
+    for row in rows[-len(times):]:
+        row["speed_vs_before"] = before / row["seconds"]
 
 
 def _replay_ms(graph, reps=20) -> float:
@@ -223,15 +230,18 @@ def part_breakdown(args, rows):
         rows.append(dict(part="breakdown", path=f"backward graph, {name}", seconds=bwd / 1e3))
         print(f"breakdown {name:14s} forward {fwd:6.2f} ms  backward {bwd:6.2f} ms per segment", flush=True)
         model.zero_grad(set_to_none=True)
-    from rmt_fast.ops.linear_cross_entropy import chunked, linear_cross_entropy
+    from rmt_fast.ops.linear_cross_entropy import aligned, chunked, linear_cross_entropy
 
     h0 = torch.randn(b * seg, cfg.n_embd, device=args.device, dtype=torch.bfloat16)
     w0 = (torch.randn(cfg.vocab_size, cfg.n_embd, device=args.device) * 0.02).to(torch.bfloat16)
     tgt = torch.randint(0, cfg.vocab_size, (b * seg,), device=args.device)
     default_chunk = chunked.CHUNK_ELEMENTS
     for name, backend, chunk in (("reference", "reference", None), ("chunked 2^24", "chunked", 1 << 24),
-                                 ("chunked 2^27", "chunked", 1 << 27), ("liger", "liger", None)):
-        if chunk:
+                                 ("chunked 2^27", "chunked", 1 << 27), ("liger", "liger", None),
+                                 ("triton, vocab padded (default)", "triton", None),
+                                 ("triton, no vocab padding", "triton", "nopad")):
+        aligned.ENABLED = chunk != "nopad"
+        if isinstance(chunk, int):
             chunked.CHUNK_ELEMENTS = chunk
         hh, ww = h0.clone().requires_grad_(), w0.clone().requires_grad_()
 
@@ -245,6 +255,7 @@ def part_breakdown(args, rows):
             continue
         finally:
             chunked.CHUNK_ELEMENTS = default_chunk
+            aligned.ENABLED = True
         rows.append(dict(part="breakdown", path=f"linear+CE fwd+bwd {name} [{b * seg}x{cfg.vocab_size}]", seconds=t))
         print(f"breakdown LCE {name:14s} {t * 1e3:6.2f} ms", flush=True)
     x = torch.randn(b, seg + 2 * m, cfg.n_embd, device=args.device, requires_grad=False)

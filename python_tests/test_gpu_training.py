@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _train_grads(model, ids, labels, mask, mode, seed=0, steps=2, **kw):
     """Loss and gradients of ``steps`` optimizer steps (so a stale captured weight would show), per mode."""
-    ckpt, graphs = {"full": (False, False), "eager": (True, False), "graphed": (True, True)}[mode]
+    ckpt, graphs = {"full": (False, False), "eager": (True, False), "graphed": (True, True), "step": (False, True)}[mode]
     torch.manual_seed(seed)
     rmt = rmt_fast.wrap(model, checkpoint_segments=ckpt, cuda_graphs=graphs, **kw).cuda()
     rmt.memory.data.copy_(torch.linspace(-1, 1, rmt.memory.numel(), device="cuda").view_as(rmt.memory) * 0.02)
@@ -26,6 +26,8 @@ def _train_grads(model, ids, labels, mask, mode, seed=0, steps=2, **kw):
         losses.append(out.loss.detach())
         grads = {n: p.grad.clone() for n, p in rmt.named_parameters() if p.grad is not None}
         opt.step()
+    if mode == "step":  # full BPTT replayed as graphs: captured from the second call on (see run_step_graphs)
+        assert rmt.runner.step_graphs.get("captured"), "the step graphs were not used"
     return torch.stack(losses), grads
 
 
@@ -74,3 +76,66 @@ def test_graphed_training_with_dropout_is_deterministic():
     torch.testing.assert_close(runs[0][0], runs[1][0], atol=0, rtol=0)
     for n in runs[0][1]:
         torch.testing.assert_close(runs[0][1][n], runs[1][1][n], atol=0, rtol=0)
+
+
+def _no_dropout(make):
+    if make is bert_cls:
+        return make(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return make() if make is llama else make(resid_pdrop=0.0, embd_pdrop=0.0)
+
+
+@pytest.mark.parametrize("make,kw", [
+    (gpt2, dict(num_mem_tokens=3, segment_size=16, keep_logits=False)),
+    (gpt2, dict(num_mem_tokens=3, segment_size=16, keep_logits=False, bptt_depth=2)),
+    (llama, dict(num_mem_tokens=4, segment_size=20, keep_logits=False)),
+    (bert_cls, dict(num_mem_tokens=3, segment_size=20, cls_token_id=CLS, sep_token_id=SEP, pad_token_id=PAD)),
+])
+def test_step_graphs_equal_full_bptt(make, kw):
+    """Full-BPTT training (checkpoint_segments=False) replayed as forward/backward graphs of the whole call
+    (rmt_fast.graphs.StepGraphs) gives eager full BPTT's losses and gradients over 3 optimizer steps."""
+    base = _no_dropout(make)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    torch.manual_seed(1)
+    ids = tokens(3, 90).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :25] = 0
+    labels = ids if make is not bert_cls else torch.tensor([0, 1, 2]).cuda()
+    results = {}
+    for mode in ("full", "step"):
+        model = _no_dropout(make)
+        model.load_state_dict(state)
+        results[mode] = _train_grads(model.cuda(), ids, labels, mask, mode, steps=3, **kw)
+    (l_full, g_full), (l_step, g_step) = results["full"], results["step"]
+    torch.testing.assert_close(l_step, l_full, atol=1e-5, rtol=1e-5)
+    assert g_step.keys() == g_full.keys()
+    for n in g_full:
+        torch.testing.assert_close(g_step[n], g_full[n], atol=2e-5, rtol=1e-3, msg=lambda m: f"step {n}: {m}")
+
+
+def test_step_graphs_pending_call_and_autograd_grad():
+    """Two calls before one backward (gradient accumulation in one graph): the second runs eagerly, the sum's
+    gradients equal eager ones; torch.autograd.grad reaches the parameters; gradients accumulate over calls."""
+    torch.manual_seed(0)
+    model = gpt2(resid_pdrop=0.0, embd_pdrop=0.0).cuda()
+    ids = tokens(2, 70).cuda()
+    ids2 = tokens(2, 70).cuda()
+    res = {}
+    for graphs in (False, True):
+        rmt = rmt_fast.wrap(model, num_mem_tokens=3, segment_size=16, keep_logits=False, cuda_graphs=graphs).cuda()
+        rmt.memory.data.fill_(0.01)
+        rmt.train()
+        for _ in range(2):  # the second call of this shape captures
+            rmt(ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        loss = rmt(ids, labels=ids).loss + 0.5 * rmt(ids2, labels=ids2).loss
+        loss.backward()
+        w = model.get_input_embeddings().weight
+        acc = w.grad.clone()
+        rmt(ids, labels=ids).loss.backward()  # accumulates into .grad
+        twice = w.grad.clone()
+        (g,) = torch.autograd.grad(rmt(ids, labels=ids).loss, [w])
+        res[graphs] = (loss.detach(), acc, twice, g)
+        if graphs:
+            assert rmt.runner.step_graphs.get("captured")
+    for a, b in zip(res[False], res[True]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-3)

@@ -13,6 +13,7 @@ autocast state); the :data:`MAX_CAPTURES` most recently used are kept.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -285,3 +286,168 @@ def _copy_or_zero(buf: torch.Tensor, value) -> None:
         buf.zero_()
     else:
         buf.copy_(value)
+
+
+MAX_STEP_CAPTURES = 1  # each holds a whole call's activations (full BPTT) in its graph's memory pool
+MAX_RECAPTURES = 3  # a shape captured this often (evicted by others in between) runs eagerly from then on
+
+
+class _Owner:
+    """Marks the call whose activations a :class:`StepGraphs` holds (weakly referenced: dies with its graph)."""
+
+
+class StepGraphs:
+    """A whole training call with full BPTT (``checkpoint_segments=False``), captured on CUDA as two graphs:
+
+    - ``forward``: every segment with autograd, from the memory in to (memory out, loss sum, count, recorded
+      output); the activations autograd saves live in the graph's private memory pool;
+    - ``backward``: ``torch.autograd.grad`` of those outputs against (memory in, every trainable backbone
+      parameter) with incoming gradients from static buffers.
+
+    This is :func:`torch.cuda.make_graphed_callables`'s construction applied to the segment loop: the step's
+    peak memory is full BPTT's (the official loop's), but it stays allocated in the pool between calls. The
+    parameter gradients are returned through autograd (hooks, ``torch.autograd.grad`` and DDP see them).
+
+    A replay overwrites the saved activations, so one capture serves one pending call: a second call made
+    while the first still waits for its backward runs eagerly (same results), and a backward through an
+    older call than the capture's last raises.
+    """
+
+    def __init__(self, runner, b: int, g_total: int, memory: torch.Tensor, want_output: bool,
+                 targets: torch.Tensor | None, content_dtype, autocast: tuple, dense: tuple):
+        self.runner, self.want_output, self.autocast, self.dense = runner, want_output, autocast, dense
+        dev = memory.device
+        self.width = runner.config.segment_size
+        self.g_total = g_total
+        capacity = g_total * self.width
+        self.content = torch.zeros(b, capacity, dtype=content_dtype, device=dev)
+        self.targets = None if targets is None else torch.full((b, capacity), -100, dtype=torch.long, device=dev)
+        self.params = torch.zeros(g_total, 5, b, dtype=torch.long, device=dev)
+        self.params[:, P_GATHER] = -1
+        self.mem_in = memory.detach().clone().requires_grad_(True)
+        self.parameters = [p for p in runner.adapter.model.parameters() if p.requires_grad]
+        self.owner = None
+        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy inits, autotuning, allocator
+                outs = self._forward_body()
+                self.grad_outs = [torch.zeros_like(t) for t in outs if t.requires_grad]
+                self._backward_body(outs)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        with torch.cuda.graph(self.fwd):
+            self.outs = self._forward_body()
+        with torch.cuda.graph(self.bwd, pool=self.fwd.pool()):
+            self.grads = self._backward_body(self.outs)
+
+    def _forward_body(self) -> list:
+        """[memory out, loss sum, count, *recorded output tensors]"""
+        r = self.runner
+        depth = r.config.bptt_depth
+        with torch.enable_grad(), captured_autocast(self.autocast):
+            memory = self.mem_in
+            loss_sum = torch.zeros((), dtype=torch.float32, device=memory.device)
+            count = torch.zeros((), dtype=torch.long, device=memory.device)
+            record = r.scheme.new_record(None, 0)
+            for g in range(self.g_total):
+                if depth is not None and 0 < g < self.g_total - depth:
+                    memory = memory.detach()
+                res = r.step(memory, self.content, self.targets, self.params[g], self.width, self.want_output,
+                             False, self.dense[g])
+                memory = res.memory
+                loss_sum = loss_sum + res.loss_sum
+                count = count + res.count
+                if res.output is not None:
+                    record.add(self.params[g], res.output)
+            self.structure = None if record.result() is None else isinstance(record.result(), tuple)
+        return [memory, loss_sum, count, *flat_outputs(record.result())]
+
+    def _backward_body(self, outs):
+        diff = [t for t in outs if t.requires_grad]
+        return torch.autograd.grad(diff, [self.mem_in] + self.parameters, self.grad_outs, allow_unused=True)
+
+    def available(self) -> bool:
+        """False while the last replayed call still waits for its backward (its activations are in the pool)."""
+        return self.owner is None or self.owner() is None
+
+    def load(self, memory, plan, targets, params) -> None:
+        tc = plan.content.shape[1]
+        self.content.zero_()
+        self.content[:, :tc].copy_(plan.content)
+        if targets is not None:
+            self.targets.fill_(-100)
+            self.targets[:, :tc].copy_(targets)
+        self.params.copy_(params)
+        with torch.no_grad():
+            self.mem_in.copy_(memory)
+
+
+class _GraphedStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graphs: StepGraphs, memory, *parameters):
+        graphs.fwd.replay()
+        ctx.graphs = graphs
+        ctx.owner = _Owner()
+        graphs.owner = weakref.ref(ctx.owner)
+        outs = [t.clone() for t in graphs.outs]
+        ctx.mark_non_differentiable(outs[2])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        graphs = ctx.graphs
+        if graphs.owner is None or graphs.owner() is not ctx.owner:
+            raise RuntimeError("rmt_fast: backward through a graphed training call whose activations were "
+                               "overwritten by a later call; use cuda_graphs=False for this pattern")
+        diff = [i for i, t in enumerate(graphs.outs) if t.requires_grad]
+        for buf, i in zip(graphs.grad_outs, diff):
+            _copy_or_zero(buf, grads[i])
+        graphs.bwd.replay()
+        graphs.owner = None
+        grad_mem = None if graphs.grads[0] is None else graphs.grads[0].clone()
+        return (None, grad_mem, *graphs.grads[1:])
+
+
+def run_step_graphs(runner, memory, plan, targets, params, want_output: bool) -> dict | None:
+    """Full-BPTT training of one call through :class:`StepGraphs`; returns the eager runner's result dict, or
+    None when this call runs eagerly (first sight of its shape, a pending earlier call, a failed capture)."""
+    lens_host = plan.lens.tolist()  # one host sync for all segments
+    dense = tuple(min(row) == runner.config.segment_size for row in lens_host)
+    b, g_total = plan.content.shape[0], plan.num_segments
+    autocast = autocast_state(memory.device.type)
+    key = ("step", b, g_total, dense, want_output, targets is not None, memory.dtype, memory.device, autocast,
+           runner.config.bptt_depth, tuple(id(p) for p in runner.adapter.model.parameters() if p.requires_grad))
+    state = runner.step_graphs
+    seen = state.setdefault("seen", {})
+    cache = state.setdefault("captured", {})
+    graphs = cache.get(key)
+    if graphs is None:
+        seen[key] = seen.get(key, 0) + 1
+        while len(seen) > 64:
+            seen.pop(next(iter(seen)))
+        if seen[key] < 2 or seen[key] > 1 + MAX_RECAPTURES or key in state.setdefault("failed", set()):
+            return None  # capture a shape from its second call on: one-off shapes don't pay for a capture
+        for k in list(cache):  # free the previous capture's pool before capturing
+            if len(cache) >= MAX_STEP_CAPTURES and cache[k].available():
+                del cache[k]
+        if len(cache) >= MAX_STEP_CAPTURES:
+            return None
+        try:
+            graphs = StepGraphs(runner, b, g_total, memory, want_output, targets, plan.content.dtype, autocast,
+                                dense)
+        except Exception as e:  # capture is impossible for this model/shape: train eagerly
+            state["failed"].add(key)
+            warnings.warn(f"rmt_fast: CUDA graph capture of the training call failed ({type(e).__name__}: {e}); "
+                          "training eagerly", RuntimeWarning, stacklevel=4)
+            torch.cuda.synchronize()
+            return None
+        cache[key] = graphs
+    if not graphs.available():
+        return None
+    graphs.load(memory, plan, targets, params)
+    outs = _GraphedStep.apply(graphs, memory, *graphs.parameters)
+    output = None
+    if graphs.structure is not None:
+        output = tuple(outs[3:]) if graphs.structure else outs[3]
+    return dict(memory=outs[0], loss_sum=outs[1], count=outs[2], output=output, hidden=None)

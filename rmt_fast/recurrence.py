@@ -93,6 +93,7 @@ class SegmentRunner:
         self.scheme = Scheme.from_config(config, adapter.head)
         self.graphs = None  # a rmt_fast.graphs.GraphedSegments, built on first CUDA use (cuda_graphs True or "auto")
         self.training_graphs: dict = {}  # rmt_fast.graphs.TrainingGraphs per call shape (checkpointed training)
+        self.step_graphs: dict = {}  # rmt_fast.graphs.run_step_graphs' captures and counters (full-BPTT training)
 
     def step(self, memory, content, targets, params, width, want_output, want_hidden, dense=False) -> StepResult:
         """One segment: memory ``[B, m, d]`` -> :class:`StepResult`. params: the segment's ``[5, B]`` block."""
@@ -124,6 +125,13 @@ class SegmentRunner:
                 return res
         if cfg.checkpoint_segments and torch.is_grad_enabled() and not output_hidden_states:
             return run_two_sweep(self, memory, plan, targets, params, want_output, total_len, progress)
+        if (cfg.graphs_enabled and memory.is_cuda and torch.is_grad_enabled() and not output_hidden_states
+                and not (want_output and self.scheme.output_per_segment)):
+            from .graphs import run_step_graphs
+
+            res = run_step_graphs(self, memory, plan, targets, params, want_output)
+            if res is not None:
+                return res
         return self.run_eager(memory, plan, targets, params, want_output, output_hidden_states, total_len, progress)
 
     def run_eager(self, memory, plan, targets, params, want_output, output_hidden_states, total_len, progress=None):

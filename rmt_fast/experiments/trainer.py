@@ -120,7 +120,8 @@ class TrainConfig:
     backend: str = _arg("auto", "memory attention / handoff kernels (speed only)", RUN, choices=BACKENDS)
     bptt_depth: int | None = _arg(None, "truncate BPTT to this many memory handoffs (default: full)", OPTIM)
     checkpoint_segments: str = _arg("auto", "the two-sweep checkpointed BPTT (flat memory; graphed on CUDA): auto (on "
-                                    "for CUDA, off for the CPU) | on | off", OPTIM, choices=("auto", "on", "off"))
+                                    "for CUDA stages of more than 8 segments; shorter stages run full BPTT as "
+                                    "CUDA graphs; off for the CPU) | on | off", OPTIM, choices=("auto", "on", "off"))
     noise: str | None = _arg(None, "noise text file or saved HF dataset directory (default: Python's pydoc texts)",
                              MODEL)
     babi_path: str | None = _arg(None, "bAbI file or en/ directory for the facts", MODEL)
@@ -291,10 +292,17 @@ def build_model(cfg: TrainConfig, device: torch.device):
     return rmt.to(device), tok, kind
 
 
-def uses_two_sweep(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether training runs the two-sweep checkpointed schedule: on CUDA by default (both sweeps replay CUDA
-    graphs, flat memory, faster than full BPTT there); on the CPU only when asked (the recompute costs time)."""
-    return cfg.checkpoint_segments == "on" or (cfg.checkpoint_segments == "auto" and device.type == "cuda")
+FULL_BPTT_MAX_SEGMENTS = 8  # "auto" on CUDA: stages up to this many segments train with graphed full BPTT
+
+
+def uses_two_sweep(cfg: TrainConfig, device: torch.device, num_segments: int | None = None) -> bool:
+    """Whether training runs the two-sweep checkpointed schedule. "auto": on CUDA for stages longer than
+    FULL_BPTT_MAX_SEGMENTS segments (or when the stage is not known); shorter stages run full BPTT, replayed as
+    CUDA graphs of the whole call (rmt_fast.graphs.StepGraphs: no recompute, memory of a few segments' activations);
+    on the CPU only when asked (the recompute costs time)."""
+    if cfg.checkpoint_segments != "auto":
+        return cfg.checkpoint_segments == "on"
+    return device.type == "cuda" and (num_segments is None or num_segments > FULL_BPTT_MAX_SEGMENTS)
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -464,6 +472,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, n = self.cfg, self.stages[stage_index]
+        if self.world == 1:  # (under torchrun the schedule stays what the gradient reduction was set up for)
+            self.rmt.rmt_config.checkpoint_segments = uses_two_sweep(cfg, self.device, n)
         scheduler, tracker, step = self._stage_schedule(stage_index)
         t_stage = time.time()
         bar = tqdm(total=cfg.max_steps_per_stage, initial=step, desc=f"stage {stage_index + 1}/{len(self.stages)}: "

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 ALIGN = 128
 PAD_ON_CPU = False  # tests set this to run the padded path on CPU tensors
+ENABLED = True  # benchmarks set this to False to time the unpadded matmuls
 
 
 def needs_padding(weight: torch.Tensor) -> bool:
-    return weight.shape[0] % 8 != 0 and (weight.is_cuda or PAD_ON_CPU)
+    return ENABLED and weight.shape[0] % 8 != 0 and (weight.is_cuda or PAD_ON_CPU)
 
 
 def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
