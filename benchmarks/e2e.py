@@ -160,9 +160,28 @@ def p2(args, rows):
     model = LlamaModel(cfg).to(dev, dt).eval()
     model.config._attn_implementation = "sdpa"
     rmt = rmt_fast.wrap(model, num_mem_tokens=16, segment_size=512, cuda_graphs=True, mode="decoder").to(dev)
+    compiled = None
+    if args.compile:  # the same weights, the backbone under torch.compile (inductor), inside rmt_fast's graphs
+        import copy
+
+        cmodel = copy.deepcopy(model)
+        cmodel.compile(dynamic=False)
+        compiled = rmt_fast.wrap(cmodel, num_mem_tokens=16, segment_size=512, cuda_graphs=True, mode="decoder").to(dev)
+        compiled.memory = rmt.memory
     for n in size(args, (16384, 65536, 262144, 1048576), (2048,)):
         ids = torch.randint(0, 32000, (1, n), device=dev)
         with torch.no_grad():
+            if compiled is not None and n <= 65536:
+                import time as _time
+
+                t0 = _time.time()
+                compiled(ids)
+                print(f"p2 compiled first call (compiles) {_time.time() - t0:.1f} s", flush=True)
+                t_c = timeit(lambda: compiled(ids), warmup=1, reps=2)
+                err = (compiled(ids).last_hidden_state.float() - rmt(ids).last_hidden_state.float()).abs().max().item()
+                rows.append(dict(part="p2", tokens=n, path="rmt_fast, backbone compiled", seconds=t_c,
+                                 max_abs_diff=err))
+                print(f"p2 {n} compiled {t_c:.4f} s  max|diff| {err:.3g}", flush=True)
             t_rmt = timeit(lambda: rmt(ids), warmup=1, reps=2 if n < 10 ** 6 else 1)
             t_full = float("nan")
             if n <= args.p2_full_max:
@@ -268,6 +287,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results", help="directory for CSV and PNG")
     ap.add_argument("--append-results", default=None, help="append a section to this RESULTS.md")
     ap.add_argument("--p2-full-max", type=int, default=262144, help="largest length to run full attention at")
+    ap.add_argument("--compile", action="store_true", help="p2: also time the backbone under torch.compile")
     ap.add_argument("--p6-segments", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, times nothing")
     args = ap.parse_args(argv)
