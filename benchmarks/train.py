@@ -9,6 +9,7 @@ Paths per configuration (bf16 autocast, AdamW step included only in the memory-t
   no_logits_eager  the same with cuda_graphs=False
   ckpt_eager    checkpoint_segments=True, cuda_graphs=False: the two-sweep schedule, eager
   ckpt_graphed  checkpoint_segments=True, cuda_graphs=True: both sweeps replay CUDA graphs
+  ckpt_graphed_compiled  the same with torch_compile=True (only with --compile; a copy of the model is compiled)
 
 Parts (``--parts``): gpt2 (GPT-2 small, B=4, m=16, 16 x 512 tokens; peaks at 1/16/256 segments), bert (BERT-base
 classifier, B=8, m=10, 16 x 499 tokens; peaks at 1/16/256), task (the memory-task configuration: MiniLM-L6-shaped
@@ -36,6 +37,7 @@ PATHS = {
     "no_logits_eager": dict(keep_logits=False, cuda_graphs=False),
     "ckpt_eager": dict(checkpoint_segments=True, cuda_graphs=False, keep_logits=False),
     "ckpt_graphed": dict(checkpoint_segments=True, cuda_graphs=True, keep_logits=False),
+    "ckpt_graphed_compiled": dict(checkpoint_segments=True, cuda_graphs=True, keep_logits=False, torch_compile=True),
 }
 
 
@@ -48,7 +50,8 @@ def bench_paths(args, rows, part, model, make_ids, labels_of, wrap_kw, official_
     n_main = args.segments
     results = {}
     for name in ["official"] + paths:
-        for n_seg in ([1, n_main] + ([args.long] if name == "ckpt_graphed" and args.long else [])):
+        for n_seg in ([1, n_main] + ([args.long] if name == "ckpt_graphed" and args.long else [])
+                      if name != "ckpt_graphed_compiled" else [n_main]):
             ids = make_ids(n_seg)
             labels = labels_of(ids)
             if name == "official":
@@ -58,7 +61,12 @@ def bench_paths(args, rows, part, model, make_ids, labels_of, wrap_kw, official_
                     loss.backward()
                     model.zero_grad(set_to_none=True)
             else:
-                rmt = rmt_fast.wrap(model, **wrap_kw, **PATHS[name]).to(dev)
+                target = model
+                if PATHS[name].get("torch_compile"):
+                    import copy
+
+                    target = copy.deepcopy(model)  # compiled in place: keep the other paths' model eager
+                rmt = rmt_fast.wrap(target, **wrap_kw, **PATHS[name]).to(dev)
                 rmt.train()
 
                 def step():
@@ -101,7 +109,8 @@ def part_gpt2(args, rows):
 
     bench_paths(args, rows, "gpt2", model, make_ids, lambda ids: ids, dict(num_mem_tokens=m, segment_size=seg),
                 lambda ids, labels: official_decoder(model, mem, ids, seg, labels=labels)[2], seg,
-                [p for p in PATHS if p != "full_eager"], b)
+                [p for p in PATHS if p != "full_eager" and (args.compile or p != "ckpt_graphed_compiled")
+                 and (not args.paths or p in args.paths.split(","))], b)
 
 
 def part_bert(args, rows):
@@ -147,9 +156,17 @@ def part_task(args, rows):
                 "graphed two-sweep, fused AdamW": (dict(checkpoint_segments=True, cuda_graphs=True,
                                                         keep_logits=False), True),
                 "now (full BPTT as step graphs, fused AdamW)": (dict(keep_logits=False), True)}
+    if args.compile:
+        settings["full BPTT as step graphs, torch_compile, fused AdamW"] = (dict(keep_logits=False,
+                                                                                 torch_compile=True), True)
     times = {}
     for name, (wkw, fused) in settings.items():
-        rmt = rmt_fast.wrap(model, **kw, **wkw).to(args.device)
+        target = model
+        if wkw.get("torch_compile"):
+            import copy
+
+            target = copy.deepcopy(model)
+        rmt = rmt_fast.wrap(target, **kw, **wkw).to(args.device)
         opt = torch.optim.AdamW(rmt.parameters(), lr=1e-5, weight_decay=1e-3,
                                 fused=fused and args.device == "cuda")
 
@@ -300,6 +317,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="tiny models (CPU check of the script)")
     p.add_argument("--append-results", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time paths with torch_compile=True")
+    p.add_argument("--paths", default="", help="gpt2 part: only these paths (comma list; the official loop always runs)")
     args = p.parse_args(argv)
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:

@@ -92,19 +92,18 @@ def _no_dropout(make):
 ])
 def test_step_graphs_equal_full_bptt(make, kw):
     """Full-BPTT training (checkpoint_segments=False) replayed as forward/backward graphs of the whole call
-    (rmt_fast.graphs.StepGraphs) gives eager full BPTT's losses and gradients over 3 optimizer steps."""
+    (rmt_fast.graphs.StepGraphs) gives eager full BPTT's losses and gradients over 3 optimizer steps. Every
+    segment full (what StepGraphs captures): 5 segments of segment_size tokens per row."""
     base = _no_dropout(make)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     torch.manual_seed(1)
-    ids = tokens(3, 90).cuda()
-    mask = torch.ones_like(ids)
-    mask[1, :25] = 0
+    ids = tokens(3, 5 * kw["segment_size"]).cuda()
     labels = ids if make is not bert_cls else torch.tensor([0, 1, 2]).cuda()
     results = {}
     for mode in ("full", "step"):
         model = _no_dropout(make)
         model.load_state_dict(state)
-        results[mode] = _train_grads(model.cuda(), ids, labels, mask, mode, steps=3, **kw)
+        results[mode] = _train_grads(model.cuda(), ids, labels, None, mode, steps=3, **kw)
     (l_full, g_full), (l_step, g_step) = results["full"], results["step"]
     torch.testing.assert_close(l_step, l_full, atol=1e-5, rtol=1e-5)
     assert g_step.keys() == g_full.keys()
@@ -112,13 +111,44 @@ def test_step_graphs_equal_full_bptt(make, kw):
         torch.testing.assert_close(g_step[n], g_full[n], atol=2e-5, rtol=1e-3, msg=lambda m: f"step {n}: {m}")
 
 
+def test_step_graphs_leave_ragged_calls_eager():
+    """A call with a ragged segment (padding; a length not a multiple of segment_size) is not captured: no
+    warning, eager results."""
+    import warnings
+
+    model = gpt2(resid_pdrop=0.0, embd_pdrop=0.0).cuda()
+    rmt = rmt_fast.wrap(model, num_mem_tokens=3, segment_size=16, keep_logits=False).cuda()
+    ids = tokens(2, 90).cuda()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            rmt(ids, labels=ids).loss.backward()
+    assert not [w for w in caught if "capture" in str(w.message)]
+    assert not rmt.runner.step_graphs.get("captured")
+
+
+def test_recover_from_failed_capture():
+    """After a capture that raised, dropout (the CUDA generator) works again outside graphs."""
+    from rmt_fast.graphs import recover_from_failed_capture
+
+    x = torch.ones(4, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(Exception):
+        with torch.cuda.graph(g):
+            torch.nn.functional.dropout(x, 0.5)
+            x.sum().item()  # a host sync: the capture fails
+    recover_from_failed_capture(x.device)
+    torch.nn.functional.dropout(torch.ones(8, device="cuda"), 0.5)
+    torch.randn(3, device="cuda")
+
+
 def test_step_graphs_pending_call_and_autograd_grad():
     """Two calls before one backward (gradient accumulation in one graph): the second runs eagerly, the sum's
     gradients equal eager ones; torch.autograd.grad reaches the parameters; gradients accumulate over calls."""
     torch.manual_seed(0)
     model = gpt2(resid_pdrop=0.0, embd_pdrop=0.0).cuda()
-    ids = tokens(2, 70).cuda()
-    ids2 = tokens(2, 70).cuda()
+    ids = tokens(2, 64).cuda()  # 4 full segments of 16
+    ids2 = tokens(2, 64).cuda()
     res = {}
     for graphs in (False, True):
         rmt = rmt_fast.wrap(model, num_mem_tokens=3, segment_size=16, keep_logits=False, cuda_graphs=graphs).cuda()

@@ -58,6 +58,15 @@ class Adapter:
         base = self.model.base_model if self.head == "lm" else self.model
         return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
+    def compile_backbone(self) -> None:
+        """``torch.compile`` (inductor, ``dynamic=False``, in place) the modules a segment calls: the model, its base
+        model and, for seq2seq, its encoder (whichever :class:`~rmt_fast.schemes.Scheme.run_backbone` runs)."""
+        modules = [self.model, getattr(self.model, "base_model", self.model)]
+        if self.mode == "seq2seq":
+            modules.append(self.model.get_encoder())
+        for m in {id(m): m for m in modules}.values():
+            m.compile(dynamic=False)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .graphs import MAX_CAPTURES, TrainingGraphs, autocast_state, flat_outputs
+from .graphs import MAX_CAPTURES, TrainingGraphs, autocast_state, flat_outputs, recover_from_failed_capture
 from .schemes import P_LAST
 
 
@@ -169,7 +169,7 @@ def _training_graphs(runner, memory, plan, targets, want_output, dense):
             cache[key] = None
             warnings.warn(f"rmt_fast: CUDA graph capture of the training step failed ({type(e).__name__}: {e}); "
                           "training eagerly", RuntimeWarning, stacklevel=4)
-            torch.cuda.synchronize()
+            recover_from_failed_capture(memory.device)
             return None
         cache[key] = graphs
         while len(cache) > MAX_CAPTURES:

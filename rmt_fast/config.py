@@ -33,6 +33,10 @@ class RMTConfig:
         cuda_graphs: "auto" (default) | True | False. On CUDA, replay the segment step as a CUDA graph under
             ``torch.no_grad`` and, with ``checkpoint_segments``, both training sweeps; False: always eager. A
             capture failure falls back to eager with one warning (True and "auto" alike).
+        torch_compile: compile the backbone modules a segment calls with ``torch.compile`` (inductor,
+            ``dynamic=False``, in place: ``nn.Module.compile``) at wrap time; runs inside the CUDA graphs. Fuses the
+            backbone's small kernels (norms, rotary embeddings, activations): a large gain at small batch, e.g. one
+            long sequence. Each new segment shape compiles once (seconds to a minute).
     """
 
     mode: str
@@ -46,6 +50,7 @@ class RMTConfig:
     backend: str = "auto"
     keep_logits: bool = True
     cuda_graphs: bool | str = "auto"
+    torch_compile: bool = False
     cls_token_id: int | None = None
     sep_token_id: int | None = None
     pad_token_id: int | None = None
@@ -87,6 +92,8 @@ class RMTConfig:
             raise ValueError(f"segment_alignment must be one of {ALIGNMENTS}, got {self.segment_alignment!r}")
         if self.cuda_graphs not in (True, False, "auto"):
             raise ValueError(f"cuda_graphs must be True, False or 'auto', got {self.cuda_graphs!r}")
+        if not isinstance(self.torch_compile, bool):
+            raise TypeError(f"torch_compile must be a bool, got {type(self.torch_compile).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "sdpa" and self.memory_bidirectional:

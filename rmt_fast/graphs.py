@@ -36,6 +36,21 @@ def captured_autocast(state: tuple):
     return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False)
 
 
+def recover_from_failed_capture(device: torch.device) -> None:
+    """Leave CUDA as it was before a capture that raised: wait for the device, and end the capture state the
+    random generator kept (a capture that failed before its end leaves the generator "capturing", and the next
+    dropout outside a graph then raises "Offset increment outside graph capture") by capturing one empty graph."""
+    torch.cuda.synchronize(device)
+    try:
+        probe = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(probe):
+            torch.empty(1, device=device).zero_()
+        del probe
+    except Exception:  # noqa: BLE001 -- best effort: the caller has already warned and runs eagerly
+        pass
+    torch.cuda.synchronize(device)
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
@@ -107,7 +122,7 @@ class GraphedSegments:
                 self.failed.add(key)
                 warnings.warn(f"rmt_fast: CUDA graph capture failed ({type(e).__name__}: {e}); running eagerly",
                               RuntimeWarning, stacklevel=4)
-                torch.cuda.synchronize()
+                recover_from_failed_capture(memory.device)
                 return None
             self.captured[key] = c
             while len(self.captured) > MAX_CAPTURES:
@@ -308,7 +323,9 @@ class StepGraphs:
     peak memory is full BPTT's (the official loop's), but it stays allocated in the pool between calls. The
     parameter gradients are returned through autograd (hooks, ``torch.autograd.grad`` and DDP see them).
 
-    A replay overwrites the saved activations, so one capture serves one pending call: a second call made
+    Only calls whose segments are all full (every row holds segment_size tokens in every segment) are captured;
+    the others run eagerly. A replay overwrites the saved activations, so one capture serves one pending call: a
+    second call made
     while the first still waits for its backward runs eagerly (same results), and a backward through an
     older call than the capture's last raises.
     """
@@ -414,6 +431,10 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool) ->
     None when this call runs eagerly (first sight of its shape, a pending earlier call, a failed capture)."""
     lens_host = plan.lens.tolist()  # one host sync for all segments
     dense = tuple(min(row) == runner.config.segment_size for row in lens_host)
+    if not all(dense):
+        # Calls with a ragged segment (padding, or a length that is not a multiple of segment_size) run eagerly:
+        # their backward, captured apart from the forward, used the legacy stream on an H200 (capture invalidated).
+        return None
     b, g_total = plan.content.shape[0], plan.num_segments
     autocast = autocast_state(memory.device.type)
     key = ("step", b, g_total, dense, want_output, targets is not None, memory.dtype, memory.device, autocast,
@@ -440,7 +461,7 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool) ->
             state["failed"].add(key)
             warnings.warn(f"rmt_fast: CUDA graph capture of the training call failed ({type(e).__name__}: {e}); "
                           "training eagerly", RuntimeWarning, stacklevel=4)
-            torch.cuda.synchronize()
+            recover_from_failed_capture(memory.device)
             return None
         cache[key] = graphs
     if not graphs.available():

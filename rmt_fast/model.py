@@ -48,6 +48,8 @@ class RecurrentMemoryModel(nn.Module):
         self.model = model
         self.rmt_config = config
         self.adapter = adapter or make_adapter(model, config.mode)
+        if config.torch_compile:
+            self.adapter.compile_backbone()
         emb = model.get_input_embeddings().weight
         if memory is None:
             with torch.no_grad():

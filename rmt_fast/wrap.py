@@ -10,7 +10,7 @@ from .schemes import scheme_class
 def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, tokenizer=None, mode: str = "auto",
          bptt_depth: int | None = None, checkpoint_segments: bool = False, memory_bidirectional: bool = False,
          segment_alignment: str | None = None, backend: str = "auto", keep_logits: bool = True,
-         cuda_graphs: bool | str = "auto", cls_token_id: int | None = None, sep_token_id: int | None = None,
+         cuda_graphs: bool | str = "auto", torch_compile: bool = False, cls_token_id: int | None = None, sep_token_id: int | None = None,
          pad_token_id: int | None = None, bos_token_id: int | None = None,
          eos_token_id: int | None = None) -> RecurrentMemoryModel:
     """Turn a HuggingFace encoder, decoder or encoder-decoder into a Recurrent Memory Transformer.
@@ -32,8 +32,10 @@ def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, to
         segment_alignment: "left" (decoder default) or "right" (encoder and seq2seq default).
         backend: "auto" | "reference" | "triton" | "cuda"; changes speed only.
         keep_logits: return full decoder logits; False keeps memory flat in the number of segments.
-        cuda_graphs: "auto" (default): on CUDA, inference under ``torch.no_grad`` and checkpointed training
-            replay captured CUDA graphs; False: always eager.
+        cuda_graphs: "auto" (default): on CUDA, inference under ``torch.no_grad`` and training replay captured
+            CUDA graphs; False: always eager.
+        torch_compile: ``torch.compile`` the backbone (in place) so that its small kernels fuse; see
+            :class:`~rmt_fast.RMTConfig`.
     """
     adapter = make_adapter(model, mode)
     if tokenizer is not None:
@@ -62,7 +64,8 @@ def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, to
         max_positions=adapter.max_positions, bptt_depth=bptt_depth, checkpoint_segments=checkpoint_segments,
         memory_bidirectional=memory_bidirectional,
         segment_alignment=segment_alignment or scheme.default_alignment,
-        backend=backend, keep_logits=keep_logits, cuda_graphs=cuda_graphs, cls_token_id=cls_token_id,
+        backend=backend, keep_logits=keep_logits, cuda_graphs=cuda_graphs, torch_compile=torch_compile,
+        cls_token_id=cls_token_id,
         sep_token_id=sep_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
     )
     return RecurrentMemoryModel(model, config, adapter)
