@@ -85,7 +85,10 @@ def _no_dropout(make):
 
 
 @pytest.mark.parametrize("make,kw", [
-    (gpt2, dict(num_mem_tokens=3, segment_size=16, keep_logits=False)),
+    pytest.param(gpt2, dict(num_mem_tokens=3, segment_size=16, keep_logits=False), marks=pytest.mark.xfail(
+        strict=True, reason="known: on an H200 this capture is invalidated ('operation would make the legacy "
+        "stream depend on a capturing blocking stream', in the captured backward); the call warns and trains "
+        "eagerly (test_step_graphs_fall_back_with_eager_results checks the results)")),
     (gpt2, dict(num_mem_tokens=3, segment_size=16, keep_logits=False, bptt_depth=2)),
     (llama, dict(num_mem_tokens=4, segment_size=20, keep_logits=False)),
     (bert_cls, dict(num_mem_tokens=3, segment_size=20, cls_token_id=CLS, sep_token_id=SEP, pad_token_id=PAD)),
@@ -109,6 +112,34 @@ def test_step_graphs_equal_full_bptt(make, kw):
     assert g_step.keys() == g_full.keys()
     for n in g_full:
         torch.testing.assert_close(g_step[n], g_full[n], atol=2e-5, rtol=1e-3, msg=lambda m: f"step {n}: {m}")
+
+
+def test_step_graphs_fall_back_with_eager_results():
+    """Where the step capture fails (the xfail above), training warns once and gives full BPTT's results."""
+    torch.manual_seed(1)
+    ids = tokens(3, 80).cuda()
+    base = gpt2(resid_pdrop=0.0, embd_pdrop=0.0)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    res = {}
+    for graphs in (False, True):
+        model = gpt2(resid_pdrop=0.0, embd_pdrop=0.0)
+        model.load_state_dict(state)
+        rmt = rmt_fast.wrap(model.cuda(), num_mem_tokens=3, segment_size=16, keep_logits=False,
+                            cuda_graphs=graphs).cuda()
+        rmt.memory.data.fill_(0.01)
+        rmt.train()
+        opt = torch.optim.SGD(rmt.parameters(), lr=0.1)
+        losses = []
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            loss = rmt(ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+            opt.step()
+        torch.randn(2, device="cuda")  # the generator still works after a failed capture
+        res[graphs] = (torch.stack(losses), model.get_input_embeddings().weight.detach().clone())
+    for a, b in zip(res[False], res[True]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
 def test_step_graphs_leave_ragged_calls_eager():
