@@ -171,14 +171,16 @@ def p2(args, rows):
     for n in size(args, (16384, 65536, 262144, 1048576), (2048,)):
         ids = torch.randint(0, 32000, (1, n), device=dev)
         with torch.no_grad():
-            if compiled is not None and n <= 65536:
+            if compiled is not None:
                 import time as _time
 
                 t0 = _time.time()
                 compiled(ids)
                 print(f"p2 compiled first call (compiles) {_time.time() - t0:.1f} s", flush=True)
-                t_c = timeit(lambda: compiled(ids), warmup=1, reps=2)
-                err = (compiled(ids).last_hidden_state.float() - rmt(ids).last_hidden_state.float()).abs().max().item()
+                t_c = timeit(lambda: compiled(ids), warmup=1, reps=2 if n < 10 ** 6 else 1)
+                err = float("nan")
+                if n <= 65536:  # (bf16 rounding differs between fused and unfused kernels and grows with segments)
+                    err = (compiled(ids).last_hidden_state.float() - rmt(ids).last_hidden_state.float()).abs().max().item()
                 rows.append(dict(part="p2", tokens=n, path="rmt_fast, backbone compiled", seconds=t_c,
                                  max_abs_diff=err))
                 print(f"p2 {n} compiled {t_c:.4f} s  max|diff| {err:.3g}", flush=True)
@@ -186,7 +188,8 @@ def p2(args, rows):
             t_full = float("nan")
             if n <= args.p2_full_max:
                 try:
-                    t_full = timeit(lambda: model(ids, use_cache=False), warmup=1, reps=2 if n < 10 ** 6 else 1)
+                    t_full = timeit(lambda: model(ids, use_cache=False), warmup=1 if n < 10 ** 6 else 0,
+                                    reps=2 if n < 10 ** 6 else 1)
                 except torch.OutOfMemoryError if hasattr(torch, "OutOfMemoryError") else RuntimeError:
                     t_full = float("inf")
         rows.append(dict(part="p2", tokens=n, path="rmt_fast", seconds=t_rmt))
