@@ -51,6 +51,53 @@ def recover_from_failed_capture(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
+class _Body(torch.nn.Module):
+    """Holds the backbone as a submodule so that torch.func.functional_call can swap its parameters around fn."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn):
+        return fn()
+
+
+class ParameterAliases:
+    """The trainable parameters of a backbone, and fresh leaf aliases of them (same storage) for a capture.
+
+    A captured backward must not reach a parameter's gradient node (AccumulateGrad) that an earlier eager graph
+    still holds: that node belongs to the stream it was made on, and the engine's synchronisation with it
+    invalidated captures on an H200 ("operation would make the legacy stream depend on a capturing blocking
+    stream"). Inside :meth:`run`, the backbone's parameters are the aliases (``torch.func.functional_call``),
+    whose gradient nodes are made by the capture itself. They share storage with the parameters, so optimizer
+    steps reach the replays; gradients are taken with respect to the aliases.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.parameters = [p for _, p in named]
+        self.aliases = None
+        self.body = _Body(model)
+
+    def make(self) -> None:
+        """New aliases (call right before a capture, after warm-ups that used the parameters themselves)."""
+        self.aliases = [p.detach().requires_grad_(True) for p in self.parameters]
+
+    @property
+    def leaves(self) -> list:
+        """What gradients are taken against: the aliases once made, else the parameters."""
+        return self.parameters if self.aliases is None else self.aliases
+
+    def run(self, fn):
+        if self.aliases is None:
+            return fn()
+        from torch.func import functional_call
+
+        return functional_call(self.body, {f"model.{n}": a for n, a in zip(self.names, self.aliases)}, (fn,),
+                               tie_weights=True, strict=False)
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
@@ -195,7 +242,8 @@ class TrainingGraphs:
         self.grad_memory = torch.zeros_like(self.memory)  # backward: d(new memory), in
         self.grad_mem_in = torch.zeros_like(self.memory)  # backward: d(memory in), out
         self.grad_loss = torch.zeros((), dtype=torch.float32, device=dev)
-        self.parameters = [p for p in runner.adapter.model.parameters() if p.requires_grad]
+        self.params_of = ParameterAliases(runner.adapter.model)
+        self.parameters = self.params_of.parameters
         self.accum = [torch.zeros_like(p) for p in self.parameters]
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         side = torch.cuda.Stream(dev)
@@ -208,6 +256,7 @@ class TrainingGraphs:
         with torch.cuda.graph(self.fwd):
             self.loss, self.count, self.output = self._forward_body()
         self.grad_outputs = [torch.zeros_like(t) for t in flat_outputs(self.output)]
+        self.params_of.make()
         with torch.cuda.graph(self.bwd):
             self._backward_body()
         for t in self.accum:
@@ -226,8 +275,8 @@ class TrainingGraphs:
 
     def _backward_body(self):
         with torch.enable_grad(), self._autocast():
-            res = self.runner.step(self.mem_in, self.content, self.targets, self.params, self.width,
-                                   self.want_output, False, self.dense)
+            res = self.params_of.run(lambda: self.runner.step(self.mem_in, self.content, self.targets, self.params,
+                                                              self.width, self.want_output, False, self.dense))
         outs, grads = [], []
         if res.memory.requires_grad:
             outs.append(res.memory)
@@ -240,7 +289,7 @@ class TrainingGraphs:
             if out.requires_grad:
                 outs.append(out)
                 grads.append(grad)
-        got = torch.autograd.grad(outs, [self.mem_in] + self.parameters, grads, allow_unused=True)
+        got = torch.autograd.grad(outs, [self.mem_in] + self.params_of.leaves, grads, allow_unused=True)
         _copy_or_zero(self.grad_mem_in, got[0])
         for acc, g in zip(self.accum, got[1:]):
             if g is not None:
@@ -342,7 +391,8 @@ class StepGraphs:
         self.params = torch.zeros(g_total, 5, b, dtype=torch.long, device=dev)
         self.params[:, P_GATHER] = -1
         self.mem_in = memory.detach().clone().requires_grad_(True)
-        self.parameters = [p for p in runner.adapter.model.parameters() if p.requires_grad]
+        self.params_of = ParameterAliases(runner.adapter.model)
+        self.parameters = self.params_of.parameters
         self.owner = None
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         side = torch.cuda.Stream(dev)
@@ -352,9 +402,11 @@ class StepGraphs:
                 outs = self._forward_body()
                 self.grad_outs = [torch.zeros_like(t) for t in outs if t.requires_grad]
                 self._backward_body(outs)
+        del outs
         torch.cuda.current_stream(dev).wait_stream(side)
+        self.params_of.make()
         with torch.cuda.graph(self.fwd):
-            self.outs = self._forward_body()
+            self.outs = self.params_of.run(self._forward_body)
         with torch.cuda.graph(self.bwd, pool=self.fwd.pool()):
             self.grads = self._backward_body(self.outs)
 
@@ -382,7 +434,7 @@ class StepGraphs:
 
     def _backward_body(self, outs):
         diff = [t for t in outs if t.requires_grad]
-        return torch.autograd.grad(diff, [self.mem_in] + self.parameters, self.grad_outs, allow_unused=True)
+        return torch.autograd.grad(diff, [self.mem_in] + self.params_of.leaves, self.grad_outs, allow_unused=True)
 
     def available(self) -> bool:
         """False while the last replayed call still waits for its backward (its activations are in the pool)."""
