@@ -242,8 +242,7 @@ class TrainingGraphs:
         self.grad_memory = torch.zeros_like(self.memory)  # backward: d(new memory), in
         self.grad_mem_in = torch.zeros_like(self.memory)  # backward: d(memory in), out
         self.grad_loss = torch.zeros((), dtype=torch.float32, device=dev)
-        self.params_of = ParameterAliases(runner.adapter.model)
-        self.parameters = self.params_of.parameters
+        self.parameters = [p for p in runner.adapter.model.parameters() if p.requires_grad]
         self.accum = [torch.zeros_like(p) for p in self.parameters]
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         side = torch.cuda.Stream(dev)
@@ -256,7 +255,6 @@ class TrainingGraphs:
         with torch.cuda.graph(self.fwd):
             self.loss, self.count, self.output = self._forward_body()
         self.grad_outputs = [torch.zeros_like(t) for t in flat_outputs(self.output)]
-        self.params_of.make()
         with torch.cuda.graph(self.bwd):
             self._backward_body()
         for t in self.accum:
@@ -275,8 +273,8 @@ class TrainingGraphs:
 
     def _backward_body(self):
         with torch.enable_grad(), self._autocast():
-            res = self.params_of.run(lambda: self.runner.step(self.mem_in, self.content, self.targets, self.params,
-                                                              self.width, self.want_output, False, self.dense))
+            res = self.runner.step(self.mem_in, self.content, self.targets, self.params, self.width,
+                                   self.want_output, False, self.dense)
         outs, grads = [], []
         if res.memory.requires_grad:
             outs.append(res.memory)
@@ -289,7 +287,7 @@ class TrainingGraphs:
             if out.requires_grad:
                 outs.append(out)
                 grads.append(grad)
-        got = torch.autograd.grad(outs, [self.mem_in] + self.params_of.leaves, grads, allow_unused=True)
+        got = torch.autograd.grad(outs, [self.mem_in] + self.parameters, grads, allow_unused=True)
         _copy_or_zero(self.grad_mem_in, got[0])
         for acc, g in zip(self.accum, got[1:]):
             if g is not None:
