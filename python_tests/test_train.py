@@ -370,3 +370,12 @@ def test_ddp_two_processes_keep_parameters_identical(tmp_path, backbone, find_un
     assert not torch.allclose(flat0, r0["flat"])
     # only rank 0 wrote the checkpoints (one set)
     assert [n for n, _ in stage_dirs(str(tmp_path))] == [1, 2]
+
+
+@pytest.mark.slow
+def test_train_with_torch_compile_matches_eager(tmp_path):
+    """--torch-compile: the same losses as without (the backbone under inductor; CPU here)."""
+    runs = [train(tiny(tmp_path / str(c), schedule=[1, 2], torch_compile=c)) for c in (False, True)]
+    for a, b in zip(runs[0].history, runs[1].history):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+    assert json.loads((tmp_path / "True" / "train_config.json").read_text())["torch_compile"] is True

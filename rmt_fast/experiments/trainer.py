@@ -118,6 +118,8 @@ class TrainConfig:
     device: str = _arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N", RUN)
     bf16: bool = _arg(True, "no bf16 autocast on CUDA", RUN, flags=("--no-bf16",))
     backend: str = _arg("auto", "memory attention / handoff kernels (speed only)", RUN, choices=BACKENDS)
+    torch_compile: bool = _arg(False, "torch.compile the backbone (inductor, inside the CUDA graphs): on an H200 the "
+                               "memory-task step ran 1.3x faster; every new segment shape compiles once", RUN)
     bptt_depth: int | None = _arg(None, "truncate BPTT to this many memory handoffs (default: full)", OPTIM)
     checkpoint_segments: str = _arg("auto", "the two-sweep checkpointed BPTT (flat memory; graphed on CUDA): auto (on "
                                     "for CUDA stages of more than 8 segments; shorter stages run full BPTT as "
@@ -288,7 +290,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
                                      num_layers=cfg.num_layers, max_positions=max(512, positions), seed=cfg.seed)
     rmt = wrap(model, num_mem_tokens=cfg.num_mem_tokens, segment_size=cfg.segment_size, tokenizer=tok,
                backend=cfg.backend, bptt_depth=cfg.bptt_depth, checkpoint_segments=uses_two_sweep(cfg, device),
-               keep_logits=False)
+               keep_logits=False, torch_compile=cfg.torch_compile)
     return rmt.to(device), tok, kind
 
 
