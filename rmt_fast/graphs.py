@@ -9,6 +9,9 @@ segment the host copies one ``[5, B]`` parameter block and replays. Every segmen
 Used for inference (``torch.no_grad``) on CUDA unless ``cuda_graphs=False``; if capture fails, one warning and
 the eager path runs instead (same results). One capture per (batch, recorded output, targets, dtype, device,
 autocast state); the :data:`MAX_CAPTURES` most recently used are kept.
+
+Training: :class:`TrainingGraphs` replays both sweeps of the checkpointed schedule (:mod:`rmt_fast.bptt`) segment by
+segment; :class:`StepGraphs` replays a whole full-BPTT call as a forward and a backward graph.
 """
 from __future__ import annotations
 
@@ -71,6 +74,10 @@ class ParameterAliases:
     stream"). Inside :meth:`run`, the backbone's parameters are the aliases (``torch.func.functional_call``),
     whose gradient nodes are made by the capture itself. They share storage with the parameters, so optimizer
     steps reach the replays; gradients are taken with respect to the aliases.
+
+    Used by :class:`StepGraphs`. :class:`TrainingGraphs` (forward and backward in one capture) keeps the
+    parameters: with aliases there, its 16-segment GPT-2 run fell back to eager speed on the H200 (cause not
+    found; without them it captures in every test and benchmark).
     """
 
     def __init__(self, model: torch.nn.Module):
