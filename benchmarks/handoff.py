@@ -3,7 +3,8 @@
 For each shape, times ``segment_handoff`` per backend (gather the memory from the last hidden states and place
 it into the next segment's input, ``[memory | tokens | memory]``: the two halves the recurrence calls), counts
 the bytes it must move (read token embeddings + write the input + read/write the memory rows), and compares with
-a plain device-to-device copy of the same input tensor. Also reports the handoff's share of a GPT-2-small segment step.
+a plain device-to-device copy of the same input tensor. Also reports the handoff's share of a GPT-2-small segment step,
+and each backend's largest difference from the reference outputs (a copy: 0 expected).
 """
 from __future__ import annotations
 
@@ -53,15 +54,18 @@ def main(argv=None):
         dst = torch.empty_like(tok)
         t_copy = bench(lambda: dst.copy_(tok))
         copy_bw = 2 * b * n * d * elt / (t_copy * 1e-3) / 1e12
+        want = segment_handoff(hidden, memory, gather, tok, 0, write, backend="reference")
         for be in backends:
             try:
+                got = segment_handoff(hidden, memory, gather, tok, 0, write, backend=be)
+                err = max((g - w).abs().max().item() for g, w in zip(got, want) if g is not None)  # copies: 0
                 ms = bench(lambda: segment_handoff(hidden, memory, gather, tok, 0, write, backend=be))
             except Exception as e:
                 rows.append(dict(shape=f"B{b} N{n} m{m} d{d}", backend=be, error=f"{type(e).__name__}: {e}"))
                 continue
             bw = nbytes / (ms * 1e-3) / 1e12
             rows.append(dict(shape=f"B{b} N{n} m{m} d{d}", backend=be, ms=ms, tb_per_s=bw,
-                             copy_tb_per_s=copy_bw, fraction_of_copy=bw / copy_bw))
+                             copy_tb_per_s=copy_bw, fraction_of_copy=bw / copy_bw, max_abs_err_vs_reference=err))
     # share of a GPT-2 small segment step (B=4, 512 + 2x16), eager bf16 forward
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -93,7 +97,7 @@ def main(argv=None):
     except Exception as e:
         print("plot failed:", e)
     table = markdown_table(rows, ["shape", "backend", "ms", "tb_per_s", "copy_tb_per_s", "fraction_of_copy",
-                                  "share_of_gpt2_step", "error"])
+                                  "share_of_gpt2_step", "max_abs_err_vs_reference", "error"])
     table += f"\n\nGPT-2 small eager segment step (B=4, N=544, bf16 forward): {t_step:.3f} ms"
     if args.append_results:
         append_results(args.append_results, "Segment handoff (benchmarks/handoff.py)", table)
