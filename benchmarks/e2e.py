@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -172,11 +173,9 @@ def p2(args, rows):
         ids = torch.randint(0, 32000, (1, n), device=dev)
         with torch.no_grad():
             if compiled is not None:
-                import time as _time
-
-                t0 = _time.time()
+                t0 = time.time()
                 compiled(ids)
-                print(f"p2 compiled first call (compiles) {_time.time() - t0:.1f} s", flush=True)
+                print(f"p2 compiled first call (compiles) {time.time() - t0:.1f} s", flush=True)
                 t_c = timeit(lambda: compiled(ids), warmup=1, reps=2 if n < 10 ** 6 else 1)
                 err = float("nan")
                 if n <= 65536:  # (bf16 rounding differs between fused and unfused kernels and grows with segments)

@@ -89,7 +89,6 @@ class _TwoSweep(torch.autograd.Function):
         r = sweep.runner
         states = ctx.saved_tensors
         g_total = sweep.plan.num_segments
-        depth = r.config.bptt_depth
         # which recorded outputs belong to which segment
         per_segment, k, i = {}, 0, 0
         for g in range(g_total):
@@ -104,7 +103,7 @@ class _TwoSweep(torch.autograd.Function):
             has_out_grad = any(t is not None for t in seg_grads)
             if grad_memory is None and grad_loss is None and not has_out_grad:
                 continue  # nothing downstream of this segment needs a gradient
-            cut = depth is not None and 0 < g < g_total - depth  # full BPTT detaches the memory entering g
+            cut = r.config.cuts_memory_before(g, g_total)
             if sweep.graphs is not None:
                 _set_rng_state(states[g].device, sweep.rng[g])
                 grad_in = sweep.graphs[g].backward(states[g], sweep.params[g], grad_memory, grad_loss, seg_grads)

@@ -65,6 +65,11 @@ class RMTConfig:
         """Positions a segment uses besides its tokens (memory slots and special tokens)."""
         return scheme_class(self.mode).slots(self.num_mem_tokens, self.bos_token_id)
 
+    def cuts_memory_before(self, g: int, num_segments: int) -> bool:
+        """Whether full BPTT detaches the memory entering segment ``g`` of ``num_segments`` (``bptt_depth``: gradients
+        cross at most that many handoffs, counted back from the last segment)."""
+        return self.bptt_depth is not None and 0 < g < num_segments - self.bptt_depth
+
     @property
     def graphs_enabled(self) -> bool:
         """Whether CUDA graphs may be used (True or "auto"); they are only ever used on CUDA tensors."""

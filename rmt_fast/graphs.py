@@ -54,6 +54,16 @@ def recover_from_failed_capture(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
+def warm_up(device: torch.device, body, iterations: int = 2) -> None:
+    """Run ``body`` before a capture on a side stream (lazy inits, Triton compiles, allocator), then join it."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(iterations):
+            body()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
 class _Body(torch.nn.Module):
     """Holds the backbone as a submodule so that torch.func.functional_call can swap its parameters around fn."""
 
@@ -150,12 +160,7 @@ class GraphedSegments:
             params=params, memory=memory.detach().clone(),
             loss_sum=torch.zeros((), dtype=torch.float32, device=dev),
             count=torch.zeros((), dtype=torch.long, device=dev), autocast=autocast_state(dev.type), dense=dense)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: lazy inits, autotuning, allocator
-                self._body(c, want_output)
-        torch.cuda.current_stream(dev).wait_stream(side)
+        warm_up(dev, lambda: self._body(c, want_output))
         with torch.cuda.graph(c.graph):
             c.output = self._body(c, want_output)
         return c
@@ -252,13 +257,7 @@ class TrainingGraphs:
         self.parameters = [p for p in runner.adapter.model.parameters() if p.requires_grad]
         self.accum = [torch.zeros_like(p) for p in self.parameters]
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: lazy inits, autotuning, allocator
-                self._forward_body()
-                self._backward_body()
-        torch.cuda.current_stream(dev).wait_stream(side)
+        warm_up(dev, lambda: (self._forward_body(), self._backward_body()))
         with torch.cuda.graph(self.fwd):
             self.loss, self.count, self.output = self._forward_body()
         self.grad_outputs = [torch.zeros_like(t) for t in flat_outputs(self.output)]
@@ -377,16 +376,15 @@ class StepGraphs:
     peak memory is full BPTT's (the official loop's), but it stays allocated in the pool between calls. The
     parameter gradients are returned through autograd (hooks, ``torch.autograd.grad`` and DDP see them).
 
-    Only calls whose segments are all full (every row holds segment_size tokens in every segment) are captured;
-    the others run eagerly. A replay overwrites the saved activations, so one capture serves one pending call: a
-    second call made
-    while the first still waits for its backward runs eagerly (same results), and a backward through an
-    older call than the capture's last raises.
+    Only calls whose segments are all full (every row holds segment_size tokens in every segment) are captured,
+    with the plain-layout kernels; the others run eagerly. A replay overwrites the saved activations, so one capture
+    serves one pending call: a second call made while the first still waits for its backward runs eagerly (same
+    results), and a backward through an older call than the capture's last raises.
     """
 
     def __init__(self, runner, b: int, g_total: int, memory: torch.Tensor, want_output: bool,
-                 targets: torch.Tensor | None, content_dtype, autocast: tuple, dense: tuple):
-        self.runner, self.want_output, self.autocast, self.dense = runner, want_output, autocast, dense
+                 targets: torch.Tensor | None, content_dtype, autocast: tuple):
+        self.runner, self.want_output, self.autocast = runner, want_output, autocast
         dev = memory.device
         self.width = runner.config.segment_size
         self.g_total = g_total
@@ -400,15 +398,12 @@ class StepGraphs:
         self.parameters = self.params_of.parameters
         self.owner = None
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: lazy inits, autotuning, allocator
-                outs = self._forward_body()
-                self.grad_outs = [torch.zeros_like(t) for t in outs if t.requires_grad]
-                self._backward_body(outs)
-        del outs
-        torch.cuda.current_stream(dev).wait_stream(side)
+        def forward_backward():
+            outs = self._forward_body()
+            self.grad_outs = [torch.zeros_like(t) for t in outs if t.requires_grad]
+            self._backward_body(outs)
+
+        warm_up(dev, forward_backward)
         self.params_of.make()
         with torch.cuda.graph(self.fwd):
             self.outs = self.params_of.run(self._forward_body)
@@ -418,17 +413,16 @@ class StepGraphs:
     def _forward_body(self) -> list:
         """[memory out, loss sum, count, *recorded output tensors]"""
         r = self.runner
-        depth = r.config.bptt_depth
         with torch.enable_grad(), captured_autocast(self.autocast):
             memory = self.mem_in
             loss_sum = torch.zeros((), dtype=torch.float32, device=memory.device)
             count = torch.zeros((), dtype=torch.long, device=memory.device)
             record = r.scheme.new_record(None, 0)
             for g in range(self.g_total):
-                if depth is not None and 0 < g < self.g_total - depth:
+                if r.config.cuts_memory_before(g, self.g_total):
                     memory = memory.detach()
                 res = r.step(memory, self.content, self.targets, self.params[g], self.width, self.want_output,
-                             False, self.dense[g])
+                             False, True)
                 memory = res.memory
                 loss_sum = loss_sum + res.loss_sum
                 count = count + res.count
@@ -483,18 +477,17 @@ class _GraphedStep(torch.autograd.Function):
         return (None, grad_mem, *graphs.grads[1:])
 
 
-def run_step_graphs(runner, memory, plan, targets, params, want_output: bool) -> dict | None:
+def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, lens_host: list) -> dict | None:
     """Full-BPTT training of one call through :class:`StepGraphs`; returns the eager runner's result dict, or
-    None when this call runs eagerly (first sight of its shape, a pending earlier call, a failed capture)."""
-    lens_host = plan.lens.tolist()  # one host sync for all segments
-    dense = tuple(min(row) == runner.config.segment_size for row in lens_host)
-    if not all(dense):
-        # Calls with a ragged segment (padding, or a length that is not a multiple of segment_size) run eagerly:
-        # their backward, captured apart from the forward, used the legacy stream on an H200 (capture invalidated).
+    None when this call runs eagerly (first sight of its shape, a ragged segment, a pending earlier call, a failed
+    capture). ``lens_host``: ``plan.lens`` as lists (read once by the caller)."""
+    if any(min(row) != runner.config.segment_size for row in lens_host):
+        # A ragged segment (padding, or a length that is not a multiple of segment_size): eager. Such captures
+        # failed on an H200 before ParameterAliases fixed the failure seen with full segments; not re-tried since.
         return None
     b, g_total = plan.content.shape[0], plan.num_segments
     autocast = autocast_state(memory.device.type)
-    key = ("step", b, g_total, dense, want_output, targets is not None, memory.dtype, memory.device, autocast,
+    key = ("step", b, g_total, want_output, targets is not None, memory.dtype, memory.device, autocast,
            runner.config.bptt_depth, tuple(id(p) for p in runner.adapter.model.parameters() if p.requires_grad))
     state = runner.step_graphs
     seen = state.setdefault("seen", {})
@@ -512,8 +505,7 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool) ->
         if len(cache) >= MAX_STEP_CAPTURES:
             return None
         try:
-            graphs = StepGraphs(runner, b, g_total, memory, want_output, targets, plan.content.dtype, autocast,
-                                dense)
+            graphs = StepGraphs(runner, b, g_total, memory, want_output, targets, plan.content.dtype, autocast)
         except Exception as e:  # capture is impossible for this model/shape: train eagerly
             state["failed"].add(key)
             warnings.warn(f"rmt_fast: CUDA graph capture of the training call failed ({type(e).__name__}: {e}); "

@@ -125,20 +125,22 @@ class SegmentRunner:
                 return res
         if cfg.checkpoint_segments and torch.is_grad_enabled() and not output_hidden_states:
             return run_two_sweep(self, memory, plan, targets, params, want_output, total_len, progress)
+        lens_host = plan.lens.tolist()  # one host sync for all segments
         if (cfg.graphs_enabled and memory.is_cuda and torch.is_grad_enabled() and not output_hidden_states
                 and not (want_output and self.scheme.output_per_segment)):
             from .graphs import run_step_graphs
 
-            res = run_step_graphs(self, memory, plan, targets, params, want_output)
+            res = run_step_graphs(self, memory, plan, targets, params, want_output, lens_host)
             if res is not None:
                 return res
-        return self.run_eager(memory, plan, targets, params, want_output, output_hidden_states, total_len, progress)
+        return self.run_eager(memory, plan, targets, params, want_output, output_hidden_states, total_len,
+                              lens_host, progress)
 
-    def run_eager(self, memory, plan, targets, params, want_output, output_hidden_states, total_len, progress=None):
+    def run_eager(self, memory, plan, targets, params, want_output, output_hidden_states, total_len, lens_host,
+                  progress=None):
+        """Every segment eagerly; ``lens_host``: ``plan.lens`` read to the host (segment widths and layouts)."""
         cfg = self.config
         g_total = plan.num_segments
-        depth = cfg.bptt_depth
-        lens_host = plan.lens.tolist()  # one host sync for all segments
         widths = [max(row) for row in lens_host]
         dense = [min(row) == w for row, w in zip(lens_host, widths)]
         loss_sum = torch.zeros((), dtype=torch.float32, device=memory.device)
@@ -147,7 +149,7 @@ class SegmentRunner:
         hidden_records = None
         rng = range(g_total) if progress is None else progress(range(g_total))
         for g in rng:
-            if depth is not None and g > 0 and g < g_total - depth:
+            if cfg.cuts_memory_before(g, g_total):
                 memory = memory.detach()
             args = (memory, plan.content, targets, params[g], widths[g], want_output, output_hidden_states, dense[g])
             if cfg.checkpoint_segments and torch.is_grad_enabled():  # with hidden states: per-segment checkpoints

@@ -587,7 +587,7 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def save_stage(self, rec: dict) -> None:
-        """``stage-XXXXseg/``: the model after a stage, its record, the config and the tokenizer."""
+        """``stage-<NNNN>seg/``: the model after a stage, its record, the config and the tokenizer."""
         if not (self.out and self.cfg.save_stages):
             return
         sdir = stage_dir(self.out, rec["num_segments"])
