@@ -37,6 +37,9 @@ class RMTConfig:
             ``dynamic=False``, in place: ``nn.Module.compile``) at wrap time; runs inside the CUDA graphs. Fuses the
             backbone's small kernels (norms, rotary embeddings, activations): a large gain at small batch, e.g. one
             long sequence. Each new segment shape compiles once (seconds to a minute).
+        fused_kernels: True (default): on CUDA under ``torch.no_grad``, a Llama-family backbone's RMSNorm, rotary
+            embedding and SwiGLU activation run as single fused kernels during rmt_fast's calls (rmt_fast/fusion.py;
+            same results as the model's code); False: the model's own code always.
     """
 
     mode: str
@@ -51,6 +54,7 @@ class RMTConfig:
     keep_logits: bool = True
     cuda_graphs: bool | str = "auto"
     torch_compile: bool = False
+    fused_kernels: bool = True
     cls_token_id: int | None = None
     sep_token_id: int | None = None
     pad_token_id: int | None = None
@@ -99,6 +103,8 @@ class RMTConfig:
             raise ValueError(f"cuda_graphs must be True, False or 'auto', got {self.cuda_graphs!r}")
         if not isinstance(self.torch_compile, bool):
             raise TypeError(f"torch_compile must be a bool, got {type(self.torch_compile).__name__}")
+        if not isinstance(self.fused_kernels, bool):
+            raise TypeError(f"fused_kernels must be a bool, got {type(self.fused_kernels).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "sdpa" and self.memory_bidirectional:

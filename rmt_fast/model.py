@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from . import persistence
+from . import fusion, persistence
 from .adapters import Adapter, make_adapter
 from .config import RMTConfig
 from .integrations import hf
@@ -50,6 +50,8 @@ class RecurrentMemoryModel(nn.Module):
         self.adapter = adapter or make_adapter(model, config.mode)
         if config.torch_compile:
             self.adapter.compile_backbone()
+        if config.fused_kernels:
+            fusion.install(model)
         emb = model.get_input_embeddings().weight
         if memory is None:
             with torch.no_grad():

@@ -10,7 +10,8 @@ from .schemes import scheme_class
 def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, tokenizer=None, mode: str = "auto",
          bptt_depth: int | None = None, checkpoint_segments: bool = False, memory_bidirectional: bool = False,
          segment_alignment: str | None = None, backend: str = "auto", keep_logits: bool = True,
-         cuda_graphs: bool | str = "auto", torch_compile: bool = False, cls_token_id: int | None = None, sep_token_id: int | None = None,
+         cuda_graphs: bool | str = "auto", torch_compile: bool = False, fused_kernels: bool = True,
+         cls_token_id: int | None = None, sep_token_id: int | None = None,
          pad_token_id: int | None = None, bos_token_id: int | None = None,
          eos_token_id: int | None = None) -> RecurrentMemoryModel:
     """Turn a HuggingFace encoder, decoder or encoder-decoder into a Recurrent Memory Transformer.
@@ -36,6 +37,8 @@ def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, to
             CUDA graphs; False: always eager.
         torch_compile: ``torch.compile`` the backbone (in place) so that its small kernels fuse; see
             :class:`~rmt_fast.RMTConfig`.
+        fused_kernels: True (default): on CUDA, inference of Llama-family backbones runs their RMSNorm, rotary
+            embedding and SwiGLU as fused kernels (same results); False: the model's own code.
     """
     adapter = make_adapter(model, mode)
     if tokenizer is not None:
@@ -65,6 +68,7 @@ def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, to
         memory_bidirectional=memory_bidirectional,
         segment_alignment=segment_alignment or scheme.default_alignment,
         backend=backend, keep_logits=keep_logits, cuda_graphs=cuda_graphs, torch_compile=torch_compile,
+        fused_kernels=fused_kernels,
         cls_token_id=cls_token_id,
         sep_token_id=sep_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
     )

@@ -1,0 +1,131 @@
+"""rmt_fast/fusion.py: the fused block kernels inside a wrapped Llama-family backbone run only during rmt_fast's
+inference calls and give the model's own results (CPU: under the Triton interpreter, fusion.ALLOW_CPU)."""
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers.models.llama import modeling_llama as ml
+
+import rmt_fast
+from rmt_fast import fusion
+from rmt_fast.ops import block_kernels
+from models import VOCAB, gpt2, llama, tokens
+
+pytestmark = pytest.mark.skipif(not rmt_fast.ops.triton_available(), reason="triton does not import")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of each kernel's calls; the kernels may run on CPU tensors (interpreter)."""
+    if DEVICE == "cpu":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the CPU runs Triton kernels only under TRITON_INTERPRET=1")
+        monkeypatch.setattr(fusion, "ALLOW_CPU", True)
+    counts = {"rms_norm": 0, "rotary": 0, "silu_mul": 0}
+    for name in counts:
+        fn = getattr(block_kernels, name)
+
+        def spy(*a, _fn=fn, _name=name, **k):
+            counts[_name] += 1
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(block_kernels, name, spy)
+    return counts
+
+
+def mistral():
+    cfg = MistralConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128, sliding_window=None)
+    return MistralForCausalLM(cfg).eval()
+
+
+def qwen3():
+    cfg = Qwen3Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make", [llama, mistral, qwen3], ids=["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_fused_inference_equals_model_code(make, dtype, calls):
+    torch.manual_seed(0)
+    model = make().to(DEVICE, dtype)
+    ids = tokens(2, 45).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # a left-padded row: ragged segments
+    outs = {}
+    memory = torch.randn(3, model.config.hidden_size, device=DEVICE).to(dtype)
+    for fused in (False, True):
+        rmt = rmt_fast.wrap(model, num_mem_tokens=3, segment_size=16, fused_kernels=fused, cuda_graphs=False)
+        rmt.memory.data = memory.clone()
+        with torch.no_grad():
+            out = rmt(ids, attention_mask=mask, labels=ids)
+        outs[fused] = out
+        if not fused:
+            assert sum(calls.values()) == 0
+            fusion.uninstall(model)
+    per_segment = 3  # segments of this input
+    layers = model.config.num_hidden_layers
+    norms_per_layer = 4 if make is qwen3 else 2  # Qwen3 also norms q and k per head
+    assert calls["rms_norm"] == per_segment * (layers * norms_per_layer + 1)
+    assert calls["rotary"] == 2 * per_segment * layers and calls["silu_mul"] == per_segment * layers
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(outs[True].logits, outs[False].logits, **tol)
+    torch.testing.assert_close(outs[True].loss, outs[False].loss, **tol)
+
+
+def test_fused_only_inside_rmt_no_grad(calls):
+    model = llama().to(DEVICE)
+    rmt = rmt_fast.wrap(model, num_mem_tokens=2, segment_size=16, cuda_graphs=False)
+    ids = tokens(1, 20).to(DEVICE)
+    with torch.no_grad():
+        model(ids)  # the bare backbone: its own code
+    assert sum(calls.values()) == 0
+    rmt(ids, labels=ids).loss.backward()  # training: no backward in the kernels, the model's code
+    assert sum(calls.values()) == 0
+    with torch.inference_mode():
+        rmt(ids)
+    assert calls["rms_norm"] > 0 and calls["rotary"] > 0 and calls["silu_mul"] > 0
+
+
+def test_install_scope_and_uninstall():
+    model = llama()
+    assert fusion.install(model) == ["rms_norm", "rotary", "swiglu"]
+    assert fusion.install(model) == ["rms_norm", "rotary", "swiglu"]  # idempotent
+    norm = model.model.norm
+    assert "forward" in norm.__dict__
+    assert ml.apply_rotary_pos_emb.rmt_fast_original is not None
+    fusion.uninstall(model)
+    assert "forward" not in norm.__dict__ and id(model.config) not in fusion._enabled
+    assert fusion.install(gpt2()) == []  # a family without these pieces: nothing installed
+    with pytest.raises(TypeError, match="fused_kernels"):
+        rmt_fast.wrap(llama(), num_mem_tokens=2, segment_size=16, fused_kernels="yes")
+
+
+def test_fused_kernels_saved_with_the_config(tmp_path):
+    rmt = rmt_fast.wrap(llama(), num_mem_tokens=2, segment_size=16, fused_kernels=False)
+    rmt.save_pretrained(tmp_path)
+    again = rmt_fast.from_pretrained(tmp_path)
+    assert again.rmt_config.fused_kernels is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_fused_kernels_in_cuda_graphs(calls):
+    """Graphed inference (the default on CUDA) captures the fused kernels; same outputs as unfused eager."""
+    torch.manual_seed(0)
+    model = llama().cuda().to(torch.bfloat16)
+    ids = tokens(2, 64).cuda()
+    memory = torch.randn(3, 32, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for fused, graphs in ((False, False), (True, True)):
+        rmt = rmt_fast.wrap(model, num_mem_tokens=3, segment_size=16, fused_kernels=fused, cuda_graphs=graphs)
+        rmt.memory.data = memory.clone()
+        with torch.no_grad():
+            for _ in range(3):  # warm-up and capture, then replays
+                outs[fused] = rmt(ids, labels=ids)
+        if not fused:
+            fusion.uninstall(model)
+    assert calls["rotary"] > 0
+    torch.testing.assert_close(outs[True].logits, outs[False].logits, atol=3e-2, rtol=3e-2)

@@ -1,0 +1,136 @@
+"""Fused kernels for Llama-family backbones during rmt_fast's own inference calls (``RMTConfig.fused_kernels``).
+
+:func:`install` swaps three pieces of a wrapped Llama, Mistral, Qwen2/3 (and SmolLM3, Granite, Phi-3 norms)
+backbone for the one-kernel versions in :mod:`rmt_fast.ops.block_kernels`:
+
+- every ``*RMSNorm`` module of those families (instance ``forward``);
+- every SwiGLU MLP (``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a SiLU ``act_fn``; instance ``forward``);
+- the family module's ``apply_rotary_pos_emb`` (a module global, which the attention layers call), replaced by a
+  dispatcher that calls the original outside rmt_fast.
+
+Each replacement runs its kernel only when all of these hold, and the model's own code otherwise: inside a segment
+call of a model :func:`install` enabled (:func:`segment_active`, entered by ``integrations.hf.segment_call``),
+gradients off (``torch.no_grad``/``inference_mode``: the kernels have no backward), a CUDA tensor of fp16, bf16 or
+fp32, not while ``torch.compile`` traces (inductor fuses these itself), and the shapes the kernels take. So the
+bare model, training, and other models of the same family in the process run exactly as before.
+
+The kernels round where the HuggingFace code rounds, so outputs equal the model's own code's up to the summation
+order of RMSNorm's mean (tests compare them, fp32 and fp16 on the CPU interpreter, bf16 on the GPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+import weakref
+
+import torch
+
+NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm",
+                          "GraniteRMSNorm", "Phi3RMSNorm"})
+MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP", "GraniteMLP"})
+ROTARY_MODULES = frozenset({"transformers.models.llama.modeling_llama",
+                            "transformers.models.mistral.modeling_mistral",
+                            "transformers.models.qwen2.modeling_qwen2",
+                            "transformers.models.qwen3.modeling_qwen3",
+                            "transformers.models.smollm3.modeling_smollm3",
+                            "transformers.models.granite.modeling_granite"})
+ALLOW_CPU = False  # tests set True to run the kernels on CPU tensors under TRITON_INTERPRET=1
+
+_enabled: set[int] = set()  # id() of the configs of backbones install() enabled
+_active = False  # inside a segment call of an enabled backbone
+
+
+@contextlib.contextmanager
+def segment_active(config):
+    """Let the installed kernels run for the duration of one segment call of the model owning ``config``."""
+    global _active
+    before = _active
+    _active = id(config) in _enabled
+    try:
+        yield
+    finally:
+        _active = before
+
+
+def _kernels():
+    from .ops import block_kernels
+
+    return block_kernels
+
+
+def _usable(x: torch.Tensor) -> bool:
+    return (_active and not torch.is_grad_enabled() and (x.is_cuda or ALLOW_CPU)
+            and not torch.compiler.is_compiling() and _kernels().supported(x))
+
+
+def _norm_forward(self, hidden_states):
+    if _usable(hidden_states) and hidden_states.shape[-1] <= _kernels().MAX_NORM_DIM:
+        return _kernels().rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return type(self).forward(self, hidden_states)
+
+
+def _mlp_forward(self, x):
+    if _usable(x):
+        return self.down_proj(_kernels().silu_mul(self.gate_proj(x), self.up_proj(x)))
+    return type(self).forward(self, x)
+
+
+def _fused_rotary(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        unsqueeze_dim = args[0] if args else kwargs.get("unsqueeze_dim", 1)
+        if (len(args) + len(kwargs) <= 1 and unsqueeze_dim == 1 and _usable(q) and q.dim() == 4 and k.dim() == 4
+                and cos.dim() == 3 and q.shape[-1] % 2 == 0 and cos.shape[-1] == q.shape[-1] == k.shape[-1]
+                and cos.shape == sin.shape and cos.shape[0] in (1, q.shape[0]) and cos.shape[1] == q.shape[2]
+                and k.dtype == q.dtype == cos.dtype == sin.dtype and k.shape[2] == q.shape[2]):
+            bk = _kernels()
+            return bk.rotary(q, cos, sin), bk.rotary(k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.rmt_fast_original = original
+    return apply_rotary_pos_emb
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def install(model: torch.nn.Module) -> list[str]:
+    """Install the fused forwards in ``model`` (idempotent) and enable them for its segment calls; returns what
+    was installed ("rms_norm", "swiglu", "rotary"), empty for a family without these pieces."""
+    from .ops import triton_available
+
+    if not triton_available():
+        return []
+    done = set()
+    for m in model.modules():
+        name = type(m).__name__
+        if name in NORM_CLASSES and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None:
+            if "forward" not in m.__dict__:
+                m.forward = types.MethodType(_norm_forward, m)
+            done.add("rms_norm")
+        elif (name in MLP_CLASSES and _is_silu(getattr(m, "act_fn", None))
+              and all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj"))):
+            if "forward" not in m.__dict__:
+                m.forward = types.MethodType(_mlp_forward, m)
+            done.add("swiglu")
+        module = sys.modules.get(type(m).__module__)
+        if type(m).__module__ in ROTARY_MODULES and callable(getattr(module, "apply_rotary_pos_emb", None)):
+            if not hasattr(module.apply_rotary_pos_emb, "rmt_fast_original"):
+                module.apply_rotary_pos_emb = _fused_rotary(module.apply_rotary_pos_emb)
+            done.add("rotary")
+    if done:
+        key = id(model.config)
+        _enabled.add(key)
+        weakref.finalize(model.config, _enabled.discard, key)
+    return sorted(done)
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Disable the fused kernels for ``model`` and restore its modules' own forwards (the rotary dispatcher stays,
+    calling the original for every model not enabled)."""
+    _enabled.discard(id(model.config))
+    for m in model.modules():
+        fwd = m.__dict__.get("forward")
+        if isinstance(fwd, types.MethodType) and fwd.__func__ in (_norm_forward, _mlp_forward):
+            del m.forward
