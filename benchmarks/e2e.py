@@ -161,6 +161,9 @@ def p2(args, rows):
     model = LlamaModel(cfg).to(dev, dt).eval()
     model.config._attn_implementation = "sdpa"
     rmt = rmt_fast.wrap(model, num_mem_tokens=16, segment_size=512, cuda_graphs=True, mode="decoder").to(dev)
+    unfused = rmt_fast.wrap(model, num_mem_tokens=16, segment_size=512, cuda_graphs=True, mode="decoder",
+                            fused_kernels=False).to(dev)  # the backbone's own RMSNorm / rotary / SwiGLU code
+    unfused.memory = rmt.memory
     compiled = None
     if args.compile:  # the same weights, the backbone under torch.compile (inductor), inside rmt_fast's graphs
         import copy
@@ -169,7 +172,8 @@ def p2(args, rows):
         cmodel.compile(dynamic=False)
         compiled = rmt_fast.wrap(cmodel, num_mem_tokens=16, segment_size=512, cuda_graphs=True, mode="decoder").to(dev)
         compiled.memory = rmt.memory
-    for n in size(args, (16384, 65536, 262144, 1048576), (2048,)):
+    lengths = [int(t) for t in args.p2_tokens.split(",")] if args.p2_tokens else (16384, 65536, 262144, 1048576)
+    for n in size(args, lengths, (2048,)):
         ids = torch.randint(0, 32000, (1, n), device=dev)
         with torch.no_grad():
             if compiled is not None:
@@ -184,6 +188,11 @@ def p2(args, rows):
                                  max_abs_diff=err))
                 print(f"p2 {n} compiled {t_c:.4f} s  max|diff| {err:.3g}", flush=True)
             t_rmt = timeit(lambda: rmt(ids), warmup=1, reps=2 if n < 10 ** 6 else 1)
+            t_unfused = timeit(lambda: unfused(ids), warmup=1, reps=2 if n < 10 ** 6 else 1)
+            err_unfused = float("nan")
+            if n <= 65536:  # fused vs the model's own code (bf16: RMSNorm's mean summed in another order)
+                err_unfused = (rmt(ids).last_hidden_state.float()
+                               - unfused(ids).last_hidden_state.float()).abs().max().item()
             t_full = float("nan")
             if n <= args.p2_full_max:
                 try:
@@ -191,9 +200,14 @@ def p2(args, rows):
                                     reps=2 if n < 10 ** 6 else 1)
                 except torch.OutOfMemoryError if hasattr(torch, "OutOfMemoryError") else RuntimeError:
                     t_full = float("inf")
-        rows.append(dict(part="p2", tokens=n, path="rmt_fast", seconds=t_rmt))
+        rows.append(dict(part="p2", tokens=n, path="rmt_fast (default: fused kernels)", seconds=t_rmt,
+                         vs_full_attention=t_rmt / t_full))
+        rows.append(dict(part="p2", tokens=n, path="rmt_fast, fused_kernels=False", seconds=t_unfused,
+                         vs_full_attention=t_unfused / t_full, max_abs_diff=err_unfused))
         rows.append(dict(part="p2", tokens=n, path="full attention (SDPA)", seconds=t_full,
                          vs_rmt=t_full / t_rmt))
+        print(f"p2 {n}: rmt_fast {t_rmt:.4f} s, unfused {t_unfused:.4f} s (max|diff| {err_unfused:.3g}), "
+              f"full attention {t_full:.4f} s", flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -273,14 +287,25 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     p1_rows = [r for r in rows if r["part"] == "p1" and r.get("mode") == "eval"]
-    if not p1_rows:
-        return
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.barh([r["path"] for r in p1_rows], [r["tok_per_s"] / 1e3 for r in p1_rows])
-    ax.set_xlabel("k tokens / s (higher is better)")
-    ax.set_title("GPT-2 small RMT inference, B=4, 16 x 512 tokens, m=16, bf16")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if p1_rows:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.barh([r["path"] for r in p1_rows], [r["tok_per_s"] / 1e3 for r in p1_rows])
+        ax.set_xlabel("k tokens / s (higher is better)")
+        ax.set_title("GPT-2 small RMT inference, B=4, 16 x 512 tokens, m=16, bf16")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    p2_rows = [r for r in rows if r["part"] == "p2" and r.get("seconds") == r.get("seconds")]  # not NaN
+    if p2_rows:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in dict.fromkeys(r["path"] for r in p2_rows):
+            rs = [r for r in p2_rows if r["path"] == name and 0 < r["seconds"] < float("inf")]
+            ax.loglog([r["tokens"] for r in rs], [r["seconds"] for r in rs], marker="o", label=name)
+        ax.set_xlabel("tokens (B=1)")
+        ax.set_ylabel("seconds per forward (lower is better)")
+        ax.set_title("Llama 12L/768 bf16: rmt_fast (m=16, 512-token segments) vs full attention")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path.replace(".png", "_p2.png"), dpi=120)
 
 
 def main(argv=None):
@@ -289,6 +314,8 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results", help="directory for CSV and PNG")
     ap.add_argument("--append-results", default=None, help="append a section to this RESULTS.md")
     ap.add_argument("--p2-full-max", type=int, default=262144, help="largest length to run full attention at")
+    ap.add_argument("--p2-tokens", default=None, help="p2: comma-separated lengths (default 16384,65536,262144,"
+                    "1048576)")
     ap.add_argument("--compile", action="store_true", help="p2: also time the backbone under torch.compile")
     ap.add_argument("--p6-segments", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, times nothing")
@@ -311,7 +338,7 @@ def main(argv=None):
         write_csv(os.path.join(args.out, "e2e.csv"), rows)  # after every part: a cut-off run keeps its figures
     plot(rows, os.path.join(args.out, "e2e.png"))
     cols = ["part", "mode", "path", "segments", "tokens", "seconds", "tok_per_s", "vs_reference", "vs_bound",
-            "vs_rmt", "peak_gib", "peak_vs_1seg", "throughput_vs_reference"]
+            "vs_rmt", "vs_full_attention", "max_abs_diff", "peak_gib", "peak_vs_1seg", "throughput_vs_reference"]
     table = markdown_table(rows, cols)
     if args.append_results:
         append_results(args.append_results, "End-to-end (benchmarks/e2e.py)", table)

@@ -41,6 +41,7 @@ class Adapter:
     mode: str  # "decoder" | "encoder" | "seq2seq"
     head: str  # "lm" | "classifier" | "token_classifier" | "seq2seq" | "none"
     max_positions: int
+    fused: bool = False  # run the block kernels rmt_fast.fusion installed in the model (RMTConfig.fused_kernels)
 
     @property
     def family(self) -> dict:
@@ -74,7 +75,7 @@ class Adapter:
         """The whole HF model (its head on every position) on one segment under ``layout``; returns (last hidden
         ``[B, N, d]``, the model's output, which holds the head's logits and every layer's states)."""
         kwargs.update(hf.attention_kwargs(layout, backend))
-        with hf.segment_call(self.model):
+        with hf.segment_call(self.model, self.fused):
             out = self.model(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **kwargs)
         return out.hidden_states[-1], out
 
@@ -83,7 +84,7 @@ class Adapter:
         """The base model (no head) on one segment under ``layout`` (a SegmentLayout, or None for a decoding step
         against a KV cache); returns (last hidden ``[B, N, d]``, the model's output)."""
         kwargs.update(hf.attention_kwargs(layout, backend))
-        with hf.segment_call(self.model):
+        with hf.segment_call(self.model, self.fused):
             out = self.model.base_model(inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
                                         return_dict=True, **kwargs)
         return out.last_hidden_state, out
@@ -98,7 +99,7 @@ class Adapter:
             out = encoder(inputs_embeds=inputs_embeds, attention_mask=mask.long(),
                           output_hidden_states=output_hidden_states, return_dict=True)
         else:
-            with hf.segment_call(encoder):
+            with hf.segment_call(encoder, self.fused):
                 out = encoder(inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, return_dict=True,
                               **hf.attention_kwargs(layout, backend))
         return out.last_hidden_state, out

@@ -9,10 +9,11 @@ backbone for the one-kernel versions in :mod:`rmt_fast.ops.block_kernels`:
   dispatcher that calls the original outside rmt_fast.
 
 Each replacement runs its kernel only when all of these hold, and the model's own code otherwise: inside a segment
-call of a model :func:`install` enabled (:func:`segment_active`, entered by ``integrations.hf.segment_call``),
-gradients off (``torch.no_grad``/``inference_mode``: the kernels have no backward), a CUDA tensor of fp16, bf16 or
-fp32, not while ``torch.compile`` traces (inductor fuses these itself), and the shapes the kernels take. So the
-bare model, training, and other models of the same family in the process run exactly as before.
+call of an RMT built with ``fused_kernels=True`` (:func:`segment_active`, entered by
+``integrations.hf.segment_call``), gradients off (``torch.no_grad``/``inference_mode``: the kernels have no
+backward), a CUDA tensor of fp16, bf16 or fp32, not while ``torch.compile`` traces (inductor fuses these itself),
+and shapes the kernels take. So the bare model, training, an RMT with ``fused_kernels=False`` over the same
+backbone, and other models of the same family in the process run exactly as before.
 
 The kernels round where the HuggingFace code rounds, so outputs equal the model's own code's up to the summation
 order of RMSNorm's mean (tests compare them, fp32 and fp16 on the CPU interpreter, bf16 on the GPU).
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
-import weakref
 
 import torch
 
@@ -37,16 +37,15 @@ ROTARY_MODULES = frozenset({"transformers.models.llama.modeling_llama",
                             "transformers.models.granite.modeling_granite"})
 ALLOW_CPU = False  # tests set True to run the kernels on CPU tensors under TRITON_INTERPRET=1
 
-_enabled: set[int] = set()  # id() of the configs of backbones install() enabled
-_active = False  # inside a segment call of an enabled backbone
+_active = False  # inside a segment call that may use the kernels
 
 
 @contextlib.contextmanager
-def segment_active(config):
-    """Let the installed kernels run for the duration of one segment call of the model owning ``config``."""
+def segment_active(fused: bool):
+    """Let the installed kernels run (``fused``) or not for the duration of one segment call."""
     global _active
     before = _active
-    _active = id(config) in _enabled
+    _active = fused
     try:
         yield
     finally:
@@ -96,8 +95,9 @@ def _is_silu(act) -> bool:
 
 
 def install(model: torch.nn.Module) -> list[str]:
-    """Install the fused forwards in ``model`` (idempotent) and enable them for its segment calls; returns what
-    was installed ("rms_norm", "swiglu", "rotary"), empty for a family without these pieces."""
+    """Install the fused forwards in ``model`` (idempotent); returns what it holds ("rms_norm", "rotary",
+    "swiglu"), empty for a family without these pieces or without Triton. They run only where
+    :func:`segment_active` allows."""
     from .ops import triton_available
 
     if not triton_available():
@@ -119,17 +119,12 @@ def install(model: torch.nn.Module) -> list[str]:
             if not hasattr(module.apply_rotary_pos_emb, "rmt_fast_original"):
                 module.apply_rotary_pos_emb = _fused_rotary(module.apply_rotary_pos_emb)
             done.add("rotary")
-    if done:
-        key = id(model.config)
-        _enabled.add(key)
-        weakref.finalize(model.config, _enabled.discard, key)
     return sorted(done)
 
 
 def uninstall(model: torch.nn.Module) -> None:
-    """Disable the fused kernels for ``model`` and restore its modules' own forwards (the rotary dispatcher stays,
-    calling the original for every model not enabled)."""
-    _enabled.discard(id(model.config))
+    """Restore ``model``'s modules' own forwards (the family's rotary dispatcher stays: outside segment calls
+    that allow the kernels it calls the original)."""
     for m in model.modules():
         fwd = m.__dict__.get("forward")
         if isinstance(fwd, types.MethodType) and fwd.__func__ in (_norm_forward, _mlp_forward):

@@ -358,6 +358,7 @@ def _copy_or_zero(buf: torch.Tensor, value) -> None:
 
 MAX_STEP_CAPTURES = 1  # each holds a whole call's activations (full BPTT) in its graph's memory pool
 MAX_RECAPTURES = 3  # a shape captured this often (evicted by others in between) runs eagerly from then on
+CAPTURE_ERROR_MODE = "global"  # torch.cuda.graph capture_error_mode of the step graphs
 
 
 class _Owner:
@@ -405,9 +406,9 @@ class StepGraphs:
 
         warm_up(dev, forward_backward)
         self.params_of.make()
-        with torch.cuda.graph(self.fwd):
+        with torch.cuda.graph(self.fwd, capture_error_mode=CAPTURE_ERROR_MODE):
             self.outs = self.params_of.run(self._forward_body)
-        with torch.cuda.graph(self.bwd, pool=self.fwd.pool()):
+        with torch.cuda.graph(self.bwd, pool=self.fwd.pool(), capture_error_mode=CAPTURE_ERROR_MODE):
             self.grads = self._backward_body(self.outs)
 
     def _forward_body(self) -> list:

@@ -50,8 +50,7 @@ class RecurrentMemoryModel(nn.Module):
         self.adapter = adapter or make_adapter(model, config.mode)
         if config.torch_compile:
             self.adapter.compile_backbone()
-        if config.fused_kernels:
-            fusion.install(model)
+        self.adapter.fused = config.fused_kernels and bool(fusion.install(model))
         emb = model.get_input_embeddings().weight
         if memory is None:
             with torch.no_grad():

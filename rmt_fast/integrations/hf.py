@@ -63,16 +63,16 @@ def attention_kwargs(layout: SegmentLayout | None, backend: str) -> dict:
 
 
 @contextlib.contextmanager
-def segment_call(model: torch.nn.Module):
-    """Route ``model``'s attention through rmt_fast for the duration of the block (restored afterwards), and let the
-    fused block kernels :func:`rmt_fast.fusion.install` put in the model run."""
+def segment_call(model: torch.nn.Module, fused: bool = False):
+    """Route ``model``'s attention through rmt_fast for the duration of the block (restored afterwards); with
+    ``fused``, let the block kernels :func:`rmt_fast.fusion.install` put in the model run."""
     from ..fusion import segment_active
 
     cfg = model.config
     before = cfg._attn_implementation
     cfg._attn_implementation = ATTN_NAME
     try:
-        with segment_active(cfg):  # the fused block kernels of rmt_fast/fusion.py, where installed
+        with segment_active(fused):
             yield
     finally:
         cfg._attn_implementation = before
