@@ -15,6 +15,8 @@ segment; :class:`StepGraphs` replays a whole full-BPTT call as a forward and a b
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -39,6 +41,9 @@ def captured_autocast(state: tuple):
     return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False)
 
 
+CAPTURE_ERROR_MODE = "global"  # torch.cuda.graph's capture_error_mode at every capture site
+
+
 def recover_from_failed_capture(device: torch.device) -> None:
     """Leave CUDA as it was before a capture that raised: wait for the device, and end the capture state the
     random generator kept (a capture that failed before its end leaves the generator "capturing", and the next
@@ -52,6 +57,22 @@ def recover_from_failed_capture(device: torch.device) -> None:
     except Exception:  # noqa: BLE001 -- best effort: the caller has already warned and runs eagerly
         pass
     torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def capture(graph: torch.cuda.CUDAGraph, pool=None):
+    """``torch.cuda.graph(graph, pool)`` with Python's cyclic garbage collector paused while it captures: a
+    collection that frees an object owning CUDA resources (an earlier graph, an event) calls the CUDA API from inside
+    the capture and invalidates it (seen on an H200 as a sporadic failed capture of the training step graphs).
+    ``torch.cuda.graph`` collects once before it starts."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def warm_up(device: torch.device, body, iterations: int = 2) -> None:
@@ -161,7 +182,7 @@ class GraphedSegments:
             loss_sum=torch.zeros((), dtype=torch.float32, device=dev),
             count=torch.zeros((), dtype=torch.long, device=dev), autocast=autocast_state(dev.type), dense=dense)
         warm_up(dev, lambda: self._body(c, want_output))
-        with torch.cuda.graph(c.graph):
+        with capture(c.graph):
             c.output = self._body(c, want_output)
         return c
 
@@ -258,10 +279,10 @@ class TrainingGraphs:
         self.accum = [torch.zeros_like(p) for p in self.parameters]
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         warm_up(dev, lambda: (self._forward_body(), self._backward_body()))
-        with torch.cuda.graph(self.fwd):
+        with capture(self.fwd):
             self.loss, self.count, self.output = self._forward_body()
         self.grad_outputs = [torch.zeros_like(t) for t in flat_outputs(self.output)]
-        with torch.cuda.graph(self.bwd):
+        with capture(self.bwd):
             self._backward_body()
         for t in self.accum:
             t.zero_()
@@ -358,7 +379,7 @@ def _copy_or_zero(buf: torch.Tensor, value) -> None:
 
 MAX_STEP_CAPTURES = 1  # each holds a whole call's activations (full BPTT) in its graph's memory pool
 MAX_RECAPTURES = 3  # a shape captured this often (evicted by others in between) runs eagerly from then on
-CAPTURE_ERROR_MODE = "global"  # torch.cuda.graph capture_error_mode of the step graphs
+CAPTURE_ATTEMPTS = 2  # a failed capture is tried once more before the shape trains eagerly for good
 
 
 class _Owner:
@@ -406,9 +427,9 @@ class StepGraphs:
 
         warm_up(dev, forward_backward)
         self.params_of.make()
-        with torch.cuda.graph(self.fwd, capture_error_mode=CAPTURE_ERROR_MODE):
+        with capture(self.fwd):
             self.outs = self.params_of.run(self._forward_body)
-        with torch.cuda.graph(self.bwd, pool=self.fwd.pool(), capture_error_mode=CAPTURE_ERROR_MODE):
+        with capture(self.bwd, pool=self.fwd.pool()):
             self.grads = self._backward_body(self.outs)
 
     def _forward_body(self) -> list:
@@ -505,14 +526,17 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, le
                 del cache[k]
         if len(cache) >= MAX_STEP_CAPTURES:
             return None
-        try:
-            graphs = StepGraphs(runner, b, g_total, memory, want_output, targets, plan.content.dtype, autocast)
-        except Exception as e:  # capture is impossible for this model/shape: train eagerly
-            state["failed"].add(key)
-            warnings.warn(f"rmt_fast: CUDA graph capture of the training call failed ({type(e).__name__}: {e}); "
-                          "training eagerly", RuntimeWarning, stacklevel=4)
-            recover_from_failed_capture(memory.device)
-            return None
+        for attempt in range(CAPTURE_ATTEMPTS):
+            try:
+                graphs = StepGraphs(runner, b, g_total, memory, want_output, targets, plan.content.dtype, autocast)
+                break
+            except Exception as e:  # capture is impossible for this model/shape: train eagerly
+                recover_from_failed_capture(memory.device)
+                if attempt + 1 == CAPTURE_ATTEMPTS:
+                    state["failed"].add(key)
+                    warnings.warn(f"rmt_fast: CUDA graph capture of the training call failed "
+                                  f"({type(e).__name__}: {e}); training eagerly", RuntimeWarning, stacklevel=4)
+                    return None
         cache[key] = graphs
     if not graphs.available():
         return None

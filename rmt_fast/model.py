@@ -220,19 +220,29 @@ class RecurrentMemoryModel(nn.Module):
         segment); what ``TrainingArguments(gradient_checkpointing=True)`` turns on. Same loss and gradients.
         ``wrap(checkpoint_segments=True)`` is the coarser alternative (whole segments)."""
         base = self.adapter.model
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers=every_n_layers,
-                                             offload=offload)
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers=every_n_layers,
+                                                 offload=offload)
+        elif every_n_layers != 1 or offload:  # transformers before the rename has neither option
+            raise ValueError("every_n_layers and offload need a transformers version with "
+                             "activation_checkpointing_enable; this one has gradient_checkpointing_enable only")
+        else:
+            base.gradient_checkpointing_enable(activation_checkpointing_kwargs)
         layers = [m for m in base.modules() if hasattr(m, "_gradient_checkpointing_func")]
         replay = hf.recompute_in_segment(layers[0]._gradient_checkpointing_func, base.config)
         for m in layers:
             m._gradient_checkpointing_func = replay
 
     def activation_checkpointing_disable(self) -> None:
-        self.adapter.model.activation_checkpointing_disable()
+        base = self.adapter.model  # (older transformers: gradient_checkpointing_disable)
+        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        return self.adapter.model.is_activation_checkpointing
+        base = self.adapter.model  # (older transformers: is_gradient_checkpointing)
+        if hasattr(type(base), "is_activation_checkpointing"):
+            return base.is_activation_checkpointing
+        return base.is_gradient_checkpointing
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """:meth:`activation_checkpointing_enable` under its older transformers name (Trainer and PEFT call it)."""

@@ -4,7 +4,8 @@ At small batch a segment is a few hundred rows, and the block's elementwise work
 embedding: about ten per layer, SiLU-and-multiply: two) costs more than its matrix products: on an H200, Llama
 12L/768 at B=1 spent 30 of 47 ms of a 16k-token RMT forward in such kernels. Each function here is one kernel
 that computes what the HuggingFace code computes, rounding where it rounds (to the input dtype between steps), so
-bf16 and fp16 results match the model's own code up to the order of one reduction (RMSNorm's mean).
+results match the model's own code to one rounding step of the output: the GPU contracts multiply-adds (FMA) and
+RMSNorm's mean is summed in another order (on the CPU interpreter the rotary embedding is bit-equal).
 
 - :func:`rms_norm`: ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` (LlamaRMSNorm).
 - :func:`rotary`: ``x * cos + rotate_half(x) * sin`` for q ``[B, H, N, D]`` (any strides, last dim contiguous)
