@@ -307,7 +307,7 @@ def plot(rows, path):
             ax.loglog([r["tokens"] for r in rs], [r["seconds"] for r in rs], marker="o", label=name)
         ax.set_xlabel("tokens (B=1)")
         ax.set_ylabel("seconds per forward (lower is better)")
-        ax.set_title("Llama 12L/768 bf16: rmt_fast (m=16, 512-token segments) vs full attention")
+        ax.set_title("Llama 12L/768 bf16: rmt_fast (m=16, 512-token segments) vs full attention", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path.replace(".png", "_p2.png"), dpi=120)

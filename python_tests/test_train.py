@@ -29,8 +29,8 @@ def tiny(tmp_path=None, **kw):
     base = dict(task="memorize", backbone="tiny-bert", hidden_size=32, num_mem_tokens=2, segment_size=SEG,
                 max_segments=2, max_steps_per_stage=3, eval_every=2, eval_samples=8, eval_batch_size=8,
                 batch_size=4, lr=1e-3, warmup_steps=1, threshold=1.01, progress=False, seed=0,
-                out_dir=str(tmp_path) if tmp_path is not None else None)
-    base.update(kw)
+                torch_compile="off", out_dir=str(tmp_path) if tmp_path is not None else None)
+    base.update(kw)  # (torch_compile "off": on a GPU the default "auto" would compile every test's backbone)
     return TrainConfig(**base)
 
 
@@ -377,10 +377,25 @@ def test_ddp_two_processes_keep_parameters_identical(tmp_path, backbone, find_un
     assert [n for n, _ in stage_dirs(str(tmp_path))] == [1, 2]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the default compiles only on CUDA")
+def test_trainer_compiles_by_default_on_cuda(tmp_path):
+    """torch_compile "auto": the backbone runs under inductor on CUDA (inside the step graphs) and trains as eager."""
+    from rmt_fast.experiments.trainer import build_model, uses_compile
+
+    cfg = tiny(tmp_path / "auto", schedule=[1, 2], torch_compile="auto", device="cuda")
+    assert uses_compile(cfg, torch.device("cuda")) and not uses_compile(cfg, torch.device("cpu"))
+    rmt, _, _ = build_model(cfg, torch.device("cuda"))
+    assert rmt.rmt_config.torch_compile
+    runs = [train(c) for c in (cfg, tiny(tmp_path / "off", schedule=[1, 2], device="cuda"))]
+    for a, b in zip(runs[0].history, runs[1].history):  # bf16 autocast: fused and unfused kernels round apart
+        assert abs(a["loss"] - b["loss"]) < 5e-2 * max(1.0, abs(b["loss"])), (a, b)
+
+
 @pytest.mark.slow
 def test_train_with_torch_compile_matches_eager(tmp_path):
     """--torch-compile: the same losses as without (the backbone under inductor; CPU here)."""
-    runs = [train(tiny(tmp_path / str(c), schedule=[1, 2], torch_compile=c)) for c in (False, True)]
+    runs = [train(tiny(tmp_path / str(c), schedule=[1, 2], torch_compile=c)) for c in (False, "on")]
     for a, b in zip(runs[0].history, runs[1].history):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
-    assert json.loads((tmp_path / "True" / "train_config.json").read_text())["torch_compile"] is True
+    assert json.loads((tmp_path / "on" / "train_config.json").read_text())["torch_compile"] == "on"
+    assert json.loads((tmp_path / "False" / "train_config.json").read_text())["torch_compile"] == "off"

@@ -118,8 +118,10 @@ class TrainConfig:
     device: str = _arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N", RUN)
     bf16: bool = _arg(True, "no bf16 autocast on CUDA", RUN, flags=("--no-bf16",))
     backend: str = _arg("auto", "memory attention / handoff kernels (speed only)", RUN, choices=BACKENDS)
-    torch_compile: bool = _arg(False, "torch.compile the backbone (inductor, inside the CUDA graphs): on an H200 the "
-                               "memory-task step ran 1.3x faster; every new segment shape compiles once", RUN)
+    torch_compile: str = _arg("auto", "torch.compile the backbone (inductor, inside the CUDA graphs): auto (on for "
+                              "CUDA: the memory-task step ran 1.3x faster on an H200; the first step of each new "
+                              "segment shape compiles, tens of seconds; off for the CPU) | on | off", RUN,
+                              choices=("auto", "on", "off"))
     bptt_depth: int | None = _arg(None, "truncate BPTT to this many memory handoffs (default: full)", OPTIM)
     checkpoint_segments: str = _arg("auto", "the two-sweep checkpointed BPTT (flat memory; graphed on CUDA): auto (on "
                                     "for CUDA stages of more than 8 segments; shorter stages run full BPTT as "
@@ -147,6 +149,10 @@ class TrainConfig:
             self.checkpoint_segments = "on" if self.checkpoint_segments else "off"
         if self.checkpoint_segments not in ("auto", "on", "off"):
             raise ValueError(f"checkpoint_segments must be 'auto', 'on' or 'off', got {self.checkpoint_segments!r}")
+        if isinstance(self.torch_compile, bool):  # configs written when it was a bool
+            self.torch_compile = "on" if self.torch_compile else "off"
+        if self.torch_compile not in ("auto", "on", "off"):
+            raise ValueError(f"torch_compile must be 'auto', 'on' or 'off', got {self.torch_compile!r}")
         if self.task not in TASKS:
             raise ValueError(f"task: unknown task {self.task!r}; choose one of {list(TASKS)}")
         for name in ("num_mem_tokens", "segment_size", "max_steps_per_stage", "eval_every", "eval_samples",
@@ -290,11 +296,17 @@ def build_model(cfg: TrainConfig, device: torch.device):
                                      num_layers=cfg.num_layers, max_positions=max(512, positions), seed=cfg.seed)
     rmt = wrap(model, num_mem_tokens=cfg.num_mem_tokens, segment_size=cfg.segment_size, tokenizer=tok,
                backend=cfg.backend, bptt_depth=cfg.bptt_depth, checkpoint_segments=uses_two_sweep(cfg, device),
-               keep_logits=False, torch_compile=cfg.torch_compile)
+               keep_logits=False, torch_compile=uses_compile(cfg, device))
     return rmt.to(device), tok, kind
 
 
 FULL_BPTT_MAX_SEGMENTS = 8  # "auto" on CUDA: stages up to this many segments train with graphed full BPTT
+
+
+def uses_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the backbone is compiled: "auto" on CUDA (a training run amortises the compile), never on the CPU
+    unless asked."""
+    return cfg.torch_compile == "on" or (cfg.torch_compile == "auto" and device.type == "cuda")
 
 
 def uses_two_sweep(cfg: TrainConfig, device: torch.device, num_segments: int | None = None) -> bool:
