@@ -119,7 +119,7 @@ class ParameterAliases:
         self.body = _Body(model)
 
     def make(self) -> None:
-        """New aliases (call right before a capture, after warm-ups that used the parameters themselves)."""
+        """New aliases (before the warm-ups, and again right before a capture: no earlier graph holds them)."""
         self.aliases = [p.detach().requires_grad_(True) for p in self.parameters]
 
     @property
@@ -421,10 +421,13 @@ class StepGraphs:
         self.owner = None
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         def forward_backward():
-            outs = self._forward_body()
+            outs = self.params_of.run(self._forward_body)
             self.grad_outs = [torch.zeros_like(t) for t in outs if t.requires_grad]
             self._backward_body(outs)
 
+        # The warm-up runs the capture's own code path, parameters swapped for aliases: a torch.compile'd backbone
+        # recompiles for plain-tensor parameters here rather than inside the capture (which that invalidated).
+        self.params_of.make()
         warm_up(dev, forward_backward)
         self.params_of.make()
         with capture(self.fwd):
