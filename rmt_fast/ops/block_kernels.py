@@ -26,6 +26,7 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_NORM_DIM = 16384  # one row of RMSNorm is held in registers
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def supported(x: torch.Tensor) -> bool:
@@ -109,7 +110,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         cos = cos.contiguous()
     if sin.stride(-1) != 1:
         sin = sin.contiguous()
-    out = torch.empty_like(x)
+    out = torch.empty_like(x)  # x's layout where x is dense; the kernel needs the output's last dim contiguous
     if out.stride(-1) != 1:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     half = d // 2
@@ -144,5 +145,3 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
                                                  num_warps=1 if _INTERPRET else 8)
     return out
 
-
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
