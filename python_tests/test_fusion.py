@@ -130,3 +130,42 @@ def test_fused_kernels_in_cuda_graphs(calls):
                 outs[fused] = rmt(ids, labels=ids)
     assert calls["rotary"] > 0
     torch.testing.assert_close(outs[True].logits, outs[False].logits, atol=3e-2, rtol=3e-2)
+
+
+def test_fused_generation_equals_model_code(calls):
+    """Streaming generation (decode steps against the KV cache) through the fused kernels: the same tokens."""
+    torch.manual_seed(0)
+    model = llama().to(DEVICE)
+    ids = tokens(2, 37).to(DEVICE)
+    memory = torch.randn(3, 32, device=DEVICE)
+    outs = {}
+    for fused in (False, True):
+        rmt = rmt_fast.wrap(model, num_mem_tokens=3, segment_size=16, fused_kernels=fused, cuda_graphs=False)
+        rmt.memory.data = memory.clone()
+        outs[fused] = rmt.generate(ids, max_new_tokens=5, eos_token_id=[])
+    assert calls["rotary"] > 0
+    assert torch.equal(outs[True], outs[False])
+
+
+def test_fused_with_peft_lora(calls):
+    """A PEFT LoRA backbone (adapters on the attention and MLP projections): the fused MLP calls the wrapped
+    projections, so inference equals the model's code; training still runs the model's code."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(llama(), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                         target_modules=["q_proj", "v_proj", "gate_proj"]))
+    model = model.to(DEVICE)
+    ids = tokens(2, 40).to(DEVICE)
+    memory = torch.randn(3, 32, device=DEVICE)
+    outs = {}
+    for fused in (False, True):
+        rmt = rmt_fast.wrap(model, num_mem_tokens=3, segment_size=16, fused_kernels=fused, cuda_graphs=False)
+        rmt.memory.data = memory.clone()
+        with torch.no_grad():
+            outs[fused] = rmt(ids, labels=ids)
+    assert calls["silu_mul"] > 0
+    torch.testing.assert_close(outs[True].logits, outs[False].logits, atol=1e-5, rtol=1e-5)
+    n = sum(calls.values())
+    rmt(ids, labels=ids).loss.backward()
+    assert sum(calls.values()) == n
+    assert any(p.grad is not None for n_, p in model.named_parameters() if "lora_" in n_)

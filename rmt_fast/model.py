@@ -239,10 +239,11 @@ class RecurrentMemoryModel(nn.Module):
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        base = self.adapter.model  # (older transformers: is_gradient_checkpointing)
-        if hasattr(type(base), "is_activation_checkpointing"):
+        base = self.adapter.model
+        try:
             return base.is_activation_checkpointing
-        return base.is_gradient_checkpointing
+        except AttributeError:  # transformers before the rename
+            return base.is_gradient_checkpointing
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """:meth:`activation_checkpointing_enable` under its older transformers name (Trainer and PEFT call it)."""
