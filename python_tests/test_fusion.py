@@ -102,7 +102,13 @@ def test_install_scope_and_uninstall():
     assert ml.apply_rotary_pos_emb.rmt_fast_original is not None
     fusion.uninstall(model)
     assert "forward" not in norm.__dict__
-    assert fusion.install(gpt2()) == []  # a family without these pieces: nothing installed
+    assert fusion.install(gpt2()) == []  # a model without these pieces: nothing installed
+    assert fusion.install(llama(), ("rms_norm",)) == ["rms_norm"]  # only what the family lists (Phi-3: norms)
+    with pytest.raises(ValueError, match="pieces"):
+        fusion.install(llama(), ("gelu",))
+    assert rmt_fast.wrap(llama(), num_mem_tokens=2, segment_size=16).adapter.fused
+    assert not rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=16).adapter.fused  # no fused_blocks
+    assert not rmt_fast.wrap(llama(), num_mem_tokens=2, segment_size=16, fused_kernels=False).adapter.fused
     with pytest.raises(TypeError, match="fused_kernels"):
         rmt_fast.wrap(llama(), num_mem_tokens=2, segment_size=16, fused_kernels="yes")
 

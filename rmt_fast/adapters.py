@@ -12,8 +12,12 @@ from .ops.linear_cross_entropy import lm_logits
 
 # model_type -> family facts. Every family here routes attention through transformers' AttentionInterface,
 # which is how the RMT mask reaches the model's own layers. position_offset: first position id the model uses.
+# fused_blocks: the pieces of its blocks that are LlamaRMSNorm / apply_rotary_pos_emb / a SwiGLU MLP exactly, which
+# rmt_fast.fusion swaps for one-kernel versions at inference (Phi-3: a partial rotary and a fused gate_up_proj).
+_LLAMA_BLOCKS = {"fused_blocks": ("rms_norm", "rotary", "swiglu")}
 DECODER_FAMILIES = {
-    "gpt2": {}, "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "opt": {}, "gpt_neox": {}, "phi3": {},
+    "gpt2": {}, "llama": _LLAMA_BLOCKS, "mistral": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS, "qwen3": _LLAMA_BLOCKS,
+    "opt": {}, "gpt_neox": {}, "phi3": {"fused_blocks": ("rms_norm",)},
 }
 ENCODER_FAMILIES = {
     "bert": {}, "distilbert": {}, "electra": {},

@@ -1,12 +1,13 @@
 """Fused kernels for Llama-family backbones during rmt_fast's own inference calls (``RMTConfig.fused_kernels``).
 
-:func:`install` swaps three pieces of a wrapped Llama, Mistral, Qwen2/3 (and SmolLM3, Granite, Phi-3 norms)
-backbone for the one-kernel versions in :mod:`rmt_fast.ops.block_kernels`:
+:func:`install` swaps the pieces a family lists (``fused_blocks`` in rmt_fast/adapters.py: Llama, Mistral,
+Qwen2/3 all three, Phi-3 the norms) for the one-kernel versions in :mod:`rmt_fast.ops.block_kernels`:
 
-- every ``*RMSNorm`` module of those families (instance ``forward``);
-- every SwiGLU MLP (``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a SiLU ``act_fn``; instance ``forward``);
-- the family module's ``apply_rotary_pos_emb`` (a module global, which the attention layers call), replaced by a
-  dispatcher that calls the original outside rmt_fast.
+- "rms_norm": every ``*RMSNorm`` module (instance ``forward``);
+- "swiglu": every MLP computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a SiLU ``act_fn``
+  (instance ``forward``);
+- "rotary": the ``apply_rotary_pos_emb`` of the module that defines the attention layers (a module global, which
+  they call), replaced by a dispatcher that calls the original outside rmt_fast.
 
 Each replacement runs its kernel only when all of these hold, and the model's own code otherwise: inside a segment
 call of an RMT built with ``fused_kernels=True`` (:func:`segment_active`, entered by
@@ -15,8 +16,9 @@ backward), a CUDA tensor of fp16, bf16 or fp32, not while ``torch.compile`` trac
 and shapes the kernels take. So the bare model, training, an RMT with ``fused_kernels=False`` over the same
 backbone, and other models of the same family in the process run exactly as before.
 
-The kernels round where the HuggingFace code rounds, so outputs equal the model's own code's up to the summation
-order of RMSNorm's mean (tests compare them, fp32 and fp16 on the CPU interpreter, bf16 on the GPU).
+The kernels round where the HuggingFace code rounds; outputs equal the model's own code's to one rounding step
+(the GPU contracts multiply-adds, and RMSNorm's mean is summed in another order). Tests compare them: fp32 and fp16
+on the CPU interpreter, bf16 too on the GPU.
 """
 from __future__ import annotations
 
@@ -26,15 +28,6 @@ import types
 
 import torch
 
-NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm",
-                          "GraniteRMSNorm", "Phi3RMSNorm"})
-MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP", "GraniteMLP"})
-ROTARY_MODULES = frozenset({"transformers.models.llama.modeling_llama",
-                            "transformers.models.mistral.modeling_mistral",
-                            "transformers.models.qwen2.modeling_qwen2",
-                            "transformers.models.qwen3.modeling_qwen3",
-                            "transformers.models.smollm3.modeling_smollm3",
-                            "transformers.models.granite.modeling_granite"})
 ALLOW_CPU = False  # tests set True to run the kernels on CPU tensors under TRITON_INTERPRET=1
 
 _active = False  # inside a segment call that may use the kernels
@@ -94,31 +87,36 @@ def _is_silu(act) -> bool:
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def install(model: torch.nn.Module) -> list[str]:
-    """Install the fused forwards in ``model`` (idempotent); returns what it holds ("rms_norm", "rotary",
-    "swiglu"), empty for a family without these pieces or without Triton. They run only where
+def install(model: torch.nn.Module, pieces=("rms_norm", "rotary", "swiglu")) -> list[str]:
+    """Install the fused forwards of ``pieces`` (a family's ``fused_blocks``) in ``model`` (idempotent); returns
+    those it found ("rms_norm", "rotary", "swiglu"), empty without Triton. They run only where
     :func:`segment_active` allows."""
     from .ops import triton_available
 
-    if not triton_available():
+    unknown = set(pieces) - {"rms_norm", "rotary", "swiglu"}
+    if unknown:
+        raise ValueError(f"pieces: unknown {sorted(unknown)}; allowed: rms_norm, rotary, swiglu")
+    if not pieces or not triton_available():
         return []
     done = set()
     for m in model.modules():
         name = type(m).__name__
-        if name in NORM_CLASSES and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None:
+        if ("rms_norm" in pieces and name.endswith("RMSNorm") and hasattr(m, "variance_epsilon")
+                and getattr(m, "weight", None) is not None):
             if "forward" not in m.__dict__:
                 m.forward = types.MethodType(_norm_forward, m)
             done.add("rms_norm")
-        elif (name in MLP_CLASSES and _is_silu(getattr(m, "act_fn", None))
-              and all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj"))):
+        elif ("swiglu" in pieces and _is_silu(getattr(m, "act_fn", None))
+              and all(isinstance(getattr(m, p, None), torch.nn.Module) for p in ("gate_proj", "up_proj", "down_proj"))):
             if "forward" not in m.__dict__:
                 m.forward = types.MethodType(_mlp_forward, m)
             done.add("swiglu")
-        module = sys.modules.get(type(m).__module__)
-        if type(m).__module__ in ROTARY_MODULES and callable(getattr(module, "apply_rotary_pos_emb", None)):
-            if not hasattr(module.apply_rotary_pos_emb, "rmt_fast_original"):
-                module.apply_rotary_pos_emb = _fused_rotary(module.apply_rotary_pos_emb)
-            done.add("rotary")
+        elif "rotary" in pieces and name.endswith("Attention"):
+            module = sys.modules.get(type(m).__module__)
+            if callable(getattr(module, "apply_rotary_pos_emb", None)):
+                if not hasattr(module.apply_rotary_pos_emb, "rmt_fast_original"):
+                    module.apply_rotary_pos_emb = _fused_rotary(module.apply_rotary_pos_emb)
+                done.add("rotary")
     return sorted(done)
 
 

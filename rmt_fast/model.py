@@ -50,7 +50,8 @@ class RecurrentMemoryModel(nn.Module):
         self.adapter = adapter or make_adapter(model, config.mode)
         if config.torch_compile:
             self.adapter.compile_backbone()
-        self.adapter.fused = config.fused_kernels and bool(fusion.install(model))
+        if config.fused_kernels:
+            self.adapter.fused = bool(fusion.install(model, self.adapter.family.get("fused_blocks", ())))
         emb = model.get_input_embeddings().weight
         if memory is None:
             with torch.no_grad():

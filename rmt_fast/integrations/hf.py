@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from ..fusion import segment_active
 from ..ops import SegmentLayout, memory_attention
 
 ATTN_NAME = "rmt_fast"
@@ -66,8 +67,6 @@ def attention_kwargs(layout: SegmentLayout | None, backend: str) -> dict:
 def segment_call(model: torch.nn.Module, fused: bool = False):
     """Route ``model``'s attention through rmt_fast for the duration of the block (restored afterwards); with
     ``fused``, let the block kernels :func:`rmt_fast.fusion.install` put in the model run."""
-    from ..fusion import segment_active
-
     cfg = model.config
     before = cfg._attn_implementation
     cfg._attn_implementation = ATTN_NAME
