@@ -39,7 +39,7 @@ class RMTConfig:
             long sequence. Each new segment shape compiles once (seconds to a minute).
         fused_kernels: True (default): on CUDA under ``torch.no_grad``, a Llama-family backbone's RMSNorm, rotary
             embedding and SwiGLU activation run as single fused kernels during rmt_fast's calls (rmt_fast/fusion.py;
-            same results as the model's code); False: the model's own code always.
+            the model's results to one rounding step); False: the model's own code always.
     """
 
     mode: str

@@ -52,8 +52,9 @@ def _kernels():
 
 
 def _usable(x: torch.Tensor) -> bool:
-    return (_active and not torch.is_grad_enabled() and (x.is_cuda or ALLOW_CPU)
-            and not torch.compiler.is_compiling() and _kernels().supported(x))
+    # is_compiling() first: under torch.compile it is a constant and nothing after it is traced (no guards)
+    return (not torch.compiler.is_compiling() and _active and not torch.is_grad_enabled()
+            and (x.is_cuda or ALLOW_CPU) and _kernels().supported(x))
 
 
 def _norm_forward(self, hidden_states):

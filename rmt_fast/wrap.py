@@ -38,7 +38,8 @@ def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, to
         torch_compile: ``torch.compile`` the backbone (in place) so that its small kernels fuse; see
             :class:`~rmt_fast.RMTConfig`.
         fused_kernels: True (default): on CUDA, inference of Llama-family backbones runs their RMSNorm, rotary
-            embedding and SwiGLU as fused kernels (same results); False: the model's own code.
+            embedding and SwiGLU as fused kernels (the model's results to one rounding step); False: the model's
+            own code.
     """
     adapter = make_adapter(model, mode)
     if tokenizer is not None:
