@@ -175,3 +175,27 @@ def test_fused_with_peft_lora(calls):
     rmt(ids, labels=ids).loss.backward()
     assert sum(calls.values()) == n
     assert any(p.grad is not None for n_, p in model.named_parameters() if "lora_" in n_)
+
+
+def test_a_failing_kernel_falls_back_once_with_a_warning(calls, monkeypatch):
+    """A kernel that raises (e.g. Triton cannot build it for this GPU): one warning, then the model's code, same
+    results."""
+    model = llama().to(DEVICE)
+    ids = tokens(1, 20).to(DEVICE)
+    rmt = rmt_fast.wrap(model, num_mem_tokens=2, segment_size=16, cuda_graphs=False)
+    with torch.no_grad():
+        want = rmt(ids).logits
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(block_kernels, "rms_norm", broken)
+    monkeypatch.setattr(fusion, "_failed", False)
+    with pytest.warns(RuntimeWarning, match="fused block kernels failed"), torch.no_grad():
+        got = rmt(ids).logits
+    assert fusion._failed
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    n = calls["rotary"]
+    with torch.no_grad():
+        rmt(ids)
+    assert calls["rotary"] == n  # off for the process

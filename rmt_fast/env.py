@@ -48,6 +48,8 @@ def report() -> dict:
         "extension": ext,
         "backends": backends,
         "auto": {op: _auto(op, gpu, backends[op]) for op in OP_BACKENDS},
+        "fused_blocks": {"usable": backend_state["triton"][0],  # rmt_fast/fusion.py needs what Triton needs
+                         "detail": backend_state["triton"][1]},
     }
 
 
@@ -75,6 +77,10 @@ def format_report(info: dict | None = None) -> str:
         width = max(map(len, backends))
         for name, state in backends.items():
             lines.append(f"  {name:<{width}}  {'yes' if state['usable'] else 'no '}  {state['detail']}")
+    fb = r.get("fused_blocks")
+    if fb is not None:
+        lines.append(f"fused block kernels (Llama-family inference, fused_kernels=True): "
+                     f"{'yes' if fb['usable'] else 'no'} ({fb['detail']})")
     return "\n".join(lines)
 
 

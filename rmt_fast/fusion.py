@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
+import warnings
 
 import torch
 
@@ -51,21 +52,39 @@ def _kernels():
     return block_kernels
 
 
+_failed = False  # a kernel raised (e.g. Triton cannot compile for this GPU): the model's code from then on
+
+
 def _usable(x: torch.Tensor) -> bool:
     # is_compiling() first: under torch.compile it is a constant and nothing after it is traced (no guards)
-    return (not torch.compiler.is_compiling() and _active and not torch.is_grad_enabled()
+    return (not torch.compiler.is_compiling() and _active and not _failed and not torch.is_grad_enabled()
             and (x.is_cuda or ALLOW_CPU) and _kernels().supported(x))
+
+
+def _give_up(error: Exception) -> None:
+    global _failed
+    _failed = True
+    warnings.warn(f"rmt_fast: the fused block kernels failed ({type(error).__name__}: {error}); running the model's "
+                  "own code from now on", RuntimeWarning, stacklevel=3)
 
 
 def _norm_forward(self, hidden_states):
     if _usable(hidden_states) and hidden_states.shape[-1] <= _kernels().MAX_NORM_DIM:
-        return _kernels().rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        try:
+            return _kernels().rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        except Exception as e:  # noqa: BLE001 -- fall back to the model's code, once warned
+            _give_up(e)
     return type(self).forward(self, hidden_states)
 
 
 def _mlp_forward(self, x):
     if _usable(x):
-        return self.down_proj(_kernels().silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        try:
+            return self.down_proj(_kernels().silu_mul(gate, up))
+        except Exception as e:  # noqa: BLE001
+            _give_up(e)
+            return self.down_proj(self.act_fn(gate) * up)
     return type(self).forward(self, x)
 
 
@@ -77,7 +96,10 @@ def _fused_rotary(original):
                 and cos.shape == sin.shape and cos.shape[0] in (1, q.shape[0]) and cos.shape[1] == q.shape[2]
                 and k.dtype == q.dtype == cos.dtype == sin.dtype and k.shape[2] == q.shape[2]):
             bk = _kernels()
-            return bk.rotary(q, cos, sin), bk.rotary(k, cos, sin)
+            try:
+                return bk.rotary(q, cos, sin), bk.rotary(k, cos, sin)
+            except Exception as e:  # noqa: BLE001
+                _give_up(e)
         return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb.rmt_fast_original = original

@@ -17,6 +17,7 @@ tensor can take these kernels; callers fall back to the model's code otherwise (
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,8 +31,15 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 
 def supported(x: torch.Tensor) -> bool:
-    """Whether ``x``'s device and dtype suit these kernels."""
-    return (x.is_cuda or (_INTERPRET and x.device.type == "cpu")) and x.dtype in DTYPES
+    """Whether ``x``'s device and dtype suit these kernels (CUDA: sm_80+, as the other Triton kernels here)."""
+    if x.dtype not in DTYPES:
+        return False
+    return _sm80(x.device.index) if x.is_cuda else _INTERPRET and x.device.type == "cpu"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm80(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 8
 
 
 def _cdiv(a: int, b: int) -> int:
