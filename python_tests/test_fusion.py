@@ -35,6 +35,19 @@ def calls(monkeypatch):
     return counts
 
 
+def unfused_then_fused(model, memory, run, fused_graphed: bool = False) -> dict:
+    """``run(rmt)`` for an RMT over ``model`` with fused_kernels False, then True (the same memory; eager, or the
+    fused one graphed); {fused: result}, and the last RMT under "rmt"."""
+    outs = {}
+    for fused in (False, True):
+        rmt = rmt_fast.wrap(model, num_mem_tokens=memory.shape[0], segment_size=16, fused_kernels=fused,
+                            cuda_graphs=fused and fused_graphed)
+        rmt.memory.data = memory.clone()
+        outs[fused] = run(rmt)
+    outs["rmt"] = rmt
+    return outs
+
+
 def mistral():
     cfg = MistralConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                         intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128, sliding_window=None)
@@ -55,16 +68,15 @@ def test_fused_inference_equals_model_code(make, dtype, calls):
     ids = tokens(2, 45).to(DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0  # a left-padded row: ragged segments
-    outs = {}
     memory = torch.randn(3, model.config.hidden_size, device=DEVICE).to(dtype)
-    for fused in (False, True):
-        rmt = rmt_fast.wrap(model, num_mem_tokens=3, segment_size=16, fused_kernels=fused, cuda_graphs=False)
-        rmt.memory.data = memory.clone()
+
+    def run(rmt):
+        if rmt.rmt_config.fused_kernels:
+            assert sum(calls.values()) == 0  # nothing fused while the unfused RMT ran
         with torch.no_grad():
-            out = rmt(ids, attention_mask=mask, labels=ids)
-        outs[fused] = out
-        if not fused:
-            assert sum(calls.values()) == 0
+            return rmt(ids, attention_mask=mask, labels=ids)
+
+    outs = unfused_then_fused(model, memory, run)
     per_segment = 3  # segments of this input
     layers = model.config.num_hidden_layers
     norms_per_layer = 4 if make is qwen3 else 2  # Qwen3 also norms q and k per head
@@ -127,13 +139,14 @@ def test_fused_kernels_in_cuda_graphs(calls):
     model = llama().cuda().to(torch.bfloat16)
     ids = tokens(2, 64).cuda()
     memory = torch.randn(3, 32, device="cuda", dtype=torch.bfloat16)
-    outs = {}
-    for fused, graphs in ((False, False), (True, True)):
-        rmt = rmt_fast.wrap(model, num_mem_tokens=3, segment_size=16, fused_kernels=fused, cuda_graphs=graphs)
-        rmt.memory.data = memory.clone()
+
+    def run(rmt):
         with torch.no_grad():
             for _ in range(3):  # warm-up and capture, then replays
-                outs[fused] = rmt(ids, labels=ids)
+                out = rmt(ids, labels=ids)
+        return out
+
+    outs = unfused_then_fused(model, memory, run, fused_graphed=True)  # unfused eager against fused graphed
     assert calls["rotary"] > 0
     torch.testing.assert_close(outs[True].logits, outs[False].logits, atol=3e-2, rtol=3e-2)
 
@@ -144,11 +157,7 @@ def test_fused_generation_equals_model_code(calls):
     model = llama().to(DEVICE)
     ids = tokens(2, 37).to(DEVICE)
     memory = torch.randn(3, 32, device=DEVICE)
-    outs = {}
-    for fused in (False, True):
-        rmt = rmt_fast.wrap(model, num_mem_tokens=3, segment_size=16, fused_kernels=fused, cuda_graphs=False)
-        rmt.memory.data = memory.clone()
-        outs[fused] = rmt.generate(ids, max_new_tokens=5, eos_token_id=[])
+    outs = unfused_then_fused(model, memory, lambda rmt: rmt.generate(ids, max_new_tokens=5, eos_token_id=[]))
     assert calls["rotary"] > 0
     assert torch.equal(outs[True], outs[False])
 
@@ -163,12 +172,13 @@ def test_fused_with_peft_lora(calls):
     model = model.to(DEVICE)
     ids = tokens(2, 40).to(DEVICE)
     memory = torch.randn(3, 32, device=DEVICE)
-    outs = {}
-    for fused in (False, True):
-        rmt = rmt_fast.wrap(model, num_mem_tokens=3, segment_size=16, fused_kernels=fused, cuda_graphs=False)
-        rmt.memory.data = memory.clone()
+
+    def run(rmt):
         with torch.no_grad():
-            outs[fused] = rmt(ids, labels=ids)
+            return rmt(ids, labels=ids)
+
+    outs = unfused_then_fused(model, memory, run)
+    rmt = outs["rmt"]
     assert calls["silu_mul"] > 0
     torch.testing.assert_close(outs[True].logits, outs[False].logits, atol=1e-5, rtol=1e-5)
     n = sum(calls.values())
