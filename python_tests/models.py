@@ -49,3 +49,10 @@ def distilbert(positions=40):
 
 def tokens(b, t, low=4):
     return torch.randint(low, VOCAB, (b, t))
+
+
+def lm_step(rmt, ids, weight):
+    """One LM forward + backward with ``labels=ids``: (logits, loss, memory grad, ``weight``'s grad)."""
+    out = rmt(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), out.loss.detach(), rmt.memory.grad, weight.grad

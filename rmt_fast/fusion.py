@@ -46,10 +46,17 @@ def segment_active(fused: bool):
         _active = before
 
 
-def _kernels():
-    from .ops import block_kernels
+_block_kernels = None
 
-    return block_kernels
+
+def _kernels():
+    """rmt_fast.ops.block_kernels, imported on first use (it imports Triton); called on every fused forward."""
+    global _block_kernels
+    if _block_kernels is None:
+        from .ops import block_kernels
+
+        _block_kernels = block_kernels
+    return _block_kernels
 
 
 _failed = False  # a kernel raised (e.g. Triton cannot compile for this GPU): the model's code from then on
