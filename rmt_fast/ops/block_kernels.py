@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_NORM_DIM = 16384  # one row of RMSNorm is held in registers
@@ -65,6 +67,9 @@ def _rms_norm_kernel(X, W, Y, n_cols, stride_x, stride_y, eps,
     tl.store(Y + row * stride_y + cols, (w * y).to(Y.dtype.element_ty), mask=ok)
 
 
+_rms_norm = Launcher(_rms_norm_kernel)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LlamaRMSNorm's forward: ``[..., d]`` in, ``[..., d]`` out in ``promote(weight, x)``'s dtype (as HF's)."""
     d = x.shape[-1]
@@ -75,7 +80,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     block = max(16, triton.next_power_of_2(d))
     if x2.shape[0]:
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, d, x2.stride(0), y.stride(0), float(eps),
+        _rms_norm((x2.shape[0],), x2, weight, y, d, x2.stride(0), y.stride(0), float(eps),
                                          X_DTYPE=_TL[x.dtype], BLOCK=block,
                                          num_warps=1 if _INTERPRET else min(16, max(1, block // 256)))
     return y.view(x.shape)
@@ -107,6 +112,9 @@ def _rotary_kernel(X, COS, SIN, OUT, n_rows, heads, half,
     tl.store(op + half, o2.to(OUT.dtype.element_ty), mask=ok)
 
 
+_rotary = Launcher(_rotary_kernel)
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x * cos[:, None] + rotate_half(x) * sin[:, None]`` for x ``[B, H, N, D]`` and cos/sin ``[B or 1, N, D]``
     of x's dtype (D even; x's last dim contiguous). The output has x's shape, dtype and memory layout."""
@@ -125,7 +133,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     block_half = max(16, triton.next_power_of_2(half))
     block_h = 1 if _INTERPRET else max(1, min(triton.next_power_of_2(h), 4096 // block_half))
     if b * n and h:
-        _rotary_kernel[(b * n, _cdiv(h, block_h))](
+        _rotary((b * n, _cdiv(h, block_h)),
             x, cos, sin, out, n, h, half, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
             sin.stride(0), sin.stride(1), out.stride(0), out.stride(1), out.stride(2),
             X_DTYPE=_TL[x.dtype], BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=1 if _INTERPRET else 4)
@@ -142,6 +150,9 @@ def _silu_mul_kernel(G, U, OUT, numel, X_DTYPE: tl.constexpr, BLOCK: tl.constexp
     tl.store(OUT + offs, (act * u).to(OUT.dtype.element_ty), mask=ok)
 
 
+_silu_mul = Launcher(_silu_mul_kernel)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``F.silu(gate) * up`` for two tensors of one shape and dtype."""
     gate, up = gate.contiguous(), up.contiguous()
@@ -149,7 +160,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     numel = gate.numel()
     block = 1024 if _INTERPRET else 2048
     if numel:
-        _silu_mul_kernel[(_cdiv(numel, block),)](gate, up, out, numel, X_DTYPE=_TL[gate.dtype], BLOCK=block,
+        _silu_mul((_cdiv(numel, block),), gate, up, out, numel, X_DTYPE=_TL[gate.dtype], BLOCK=block,
                                                  num_warps=1 if _INTERPRET else 8)
     return out
 

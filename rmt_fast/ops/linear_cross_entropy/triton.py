@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..launch import Launcher
+
 from .aligned import compute_dtype, head_weights, needs_padding
 from .chunked import GradientsInForward
 
@@ -51,6 +53,9 @@ def _cross_entropy_rows(LOGITS, stride_row, TARGETS, LOSS, n_cols, ignore_index,
             tl.store(base + cols, p.to(LOGITS.dtype.element_ty), mask=cols < n_cols)
 
 
+_ce_rows = Launcher(_cross_entropy_rows)
+
+
 def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                        write_grad: bool = False) -> torch.Tensor:
     """Per-row fp32 cross-entropy of ``logits [N, V]`` (unit stride along V; rows may be strided, e.g. the first V
@@ -61,7 +66,7 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     n, v = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
-        _cross_entropy_rows[(n,)](logits, logits.stride(0), targets, loss, v, ignore_index, WRITE_GRAD=write_grad,
+        _ce_rows((n,), logits, logits.stride(0), targets, loss, v, ignore_index, WRITE_GRAD=write_grad,
                                   BLOCK=min(BLOCK_V, triton.next_power_of_2(v)))
     return loss
 

@@ -8,10 +8,10 @@ Kernels (all accumulate in fp32; scores are kept in the log2 domain, ``s2 = q.k 
 
 - ``_fwd_kernel``: one program per (query tile, b, q head); online softmax; writes O and ``lse2`` (log2-sum-exp,
   ``+inf`` at padding queries so that the backward gives them probability 0).
-- ``_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)``.
-- ``_bwd_dkdv_kernel``: one program per (key tile, b, kv head); loops over the query heads of the GQA group and
-  their query tiles, so dK/dV need no atomics.
-- ``_bwd_dq_kernel``: one program per (query tile, b, q head); loops over key tiles.
+- ``_bwd_dq_kernel`` (first): one program per (query tile, b, q head); writes ``delta = rowsum(dO * O)`` of its
+  rows, then loops over key tiles.
+- ``_bwd_dkdv_kernel`` (second, reads delta): one program per (key tile, b, kv head); loops over the query heads of
+  the GQA group and their query tiles, so dK/dV need no atomics.
 
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU tensors with one fixed
 small tile config, and every loaded tile is upcast to fp32 (the interpreter's bf16/fp16 dot is not reliable).
@@ -27,6 +27,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ..launch import Launcher
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = math.log2(math.e)
@@ -196,23 +198,6 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA,
-                           stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
-                           H, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-                   offs_m, N, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                    offs_m, N, offs_d, HEAD_DIM, BLOCK_D, True)
-    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
-
-
-@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
                     offs_n, offs_d, lo, hi, N, valid, num_read, write_start, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
@@ -313,10 +298,10 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
 
 
 @triton.jit(do_not_specialize=["num_read", "num_write"])
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_LENS,
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                   stride_dqb, stride_dqh, stride_dqn,
+                   stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                   stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
                    H, GROUPS, N, num_read, num_write, scale, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -340,8 +325,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_LENS,
                    offs_m, N, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
     do = _load_tile(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
                     offs_m, N, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+    # delta = rowsum(dO * O), for this kernel and (stored) for the dK/dV kernel that runs after it.
+    o = _load_tile(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                   offs_m, N, offs_d, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
     lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
 
@@ -388,9 +377,6 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     return {**dims, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
 
 
-_PRE_BLOCK = 16 if _INTERPRET else 64
-
-
 def _strides(x: torch.Tensor) -> tuple[int, ...]:
     """(batch, head, row) strides; the kernels index the head dim as contiguous."""
     return x.stride()[:3]
@@ -402,6 +388,11 @@ def _cdiv(a: int, b: int) -> int:
 
 def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+_fwd = Launcher(_fwd_kernel)
+_bwd_dq = Launcher(_bwd_dq_kernel)
+_bwd_dkdv = Launcher(_bwd_dkdv_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -420,38 +411,35 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.T
     q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
     b, h, n, d = q.shape
     o = torch.empty_like(q)
-    lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    lse = q.new_empty((b, h, n), dtype=torch.float32)
     cfg = _launch_config("fwd", d, q.dtype)
-    _fwd_kernel[(b * h, _cdiv(n, cfg["BLOCK_M"]))](
-        q, k, v, o, lse, seq_lens, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        h, h // k.shape[1], n, num_read, num_write, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, **cfg,
-    )
+    _fwd((b * h, _cdiv(n, cfg["BLOCK_M"])),
+         q, k, v, o, lse, seq_lens, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+         h, h // k.shape[1], n, num_read, num_write, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, **cfg)
     return o, lse
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, seq_lens: torch.Tensor, num_read: int, num_write: int, causal: bool,
              bidirectional: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dq, dk, dv)`` shaped, typed and laid out like q, k, v; exactly 0 at padding positions."""
+    """Gradients ``(dq, dk, dv)`` shaped, typed and laid out like q, k, v; exactly 0 at padding positions.
+
+    Two launches: dQ (which also writes ``delta = rowsum(dO * O)``), then dK/dV (which reads it).
+    """
     q, k, v, do = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v), _inner_contiguous(dout)
     b, h, n, d = q.shape
     h_kv = k.shape[1]
     delta = torch.empty_like(lse)
-    cfg = _launch_config("fwd", d, q.dtype)
-    _bwd_preprocess_kernel[(b * h, _cdiv(n, _PRE_BLOCK))](
-        out, do, delta, *_strides(out), *_strides(do), h, n, HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=_PRE_BLOCK,
-    )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    cfg = _launch_config("dkdv", d, q.dtype)
-    _bwd_dkdv_kernel[(b * h_kv, _cdiv(n, cfg["BLOCK_N"]))](
-        q, k, v, do, lse, delta, dk, dv, seq_lens,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        h, h_kv, h // h_kv, n, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, **cfg,
-    )
+    qk_scale = scale * _LOG2E
     cfg = _launch_config("dq", d, q.dtype)
-    _bwd_dq_kernel[(b * h, _cdiv(n, cfg["BLOCK_M"]))](
-        q, k, v, do, lse, delta, dq, seq_lens,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        h, h // h_kv, n, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, **cfg,
-    )
+    _bwd_dq((b * h, _cdiv(n, cfg["BLOCK_M"])),
+            q, k, v, out, do, lse, delta, dq, seq_lens,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq),
+            h, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, **cfg)
+    cfg = _launch_config("dkdv", d, q.dtype)
+    _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
+              q, k, v, do, lse, delta, dk, dv, seq_lens,
+              *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+              h, h_kv, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, **cfg)
     return dq, dk, dv

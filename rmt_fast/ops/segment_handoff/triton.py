@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import Launcher
+
 
 @triton.jit
 def _gather_memory_kernel(hidden_ptr, memory_ptr, offsets_ptr, out_ptr, m, d,
@@ -29,6 +31,9 @@ def _gather_memory_kernel(hidden_ptr, memory_ptr, offsets_ptr, out_ptr, m, d,
         else:
             x = tl.load(memory_ptr + b * s_mb + i * s_mn + c, mask=mask).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + b * s_ob + i * s_on + c, x, mask=mask)
+
+
+_gather = Launcher(_gather_memory_kernel)
 
 
 @triton.jit
@@ -52,6 +57,9 @@ def _place_memory_kernel(tok_ptr, mem_ptr, write_ptr, out_ptr, n, m, d, read_off
         tl.store(out_ptr + b * s_ob + j * s_on + c, x, mask=mask)
 
 
+_place = Launcher(_place_memory_kernel)
+
+
 @functools.lru_cache(maxsize=None)
 def _block_d(d: int) -> int:
     return min(triton.next_power_of_2(d), 1024)
@@ -66,7 +74,7 @@ def gather_forward(hidden: torch.Tensor, memory: torch.Tensor, gather_offsets: t
     hidden, memory = _rows(hidden), _rows(memory)
     b, m, d = memory.shape
     out = torch.empty(b, m, d, dtype=hidden.dtype, device=hidden.device)
-    _gather_memory_kernel[(b, m)](hidden, memory, gather_offsets, out, m, d, *hidden.stride()[:2],
+    _gather((b, m), hidden, memory, gather_offsets, out, m, d, *hidden.stride()[:2],
                                   *memory.stride()[:2], *out.stride()[:2], BLOCK_D=_block_d(d))
     return out
 
@@ -93,7 +101,7 @@ def place_forward(memory: torch.Tensor, token_embeds: torch.Tensor, read_offset:
     m = mem.shape[1]
     out = torch.empty(b, n, d, dtype=tok.dtype, device=tok.device)
     has_write = write_offsets is not None
-    _place_memory_kernel[(b, n)](tok, mem, write_offsets if has_write else tok, out, n, m, d, read_offset,
+    _place((b, n), tok, mem, write_offsets if has_write else tok, out, n, m, d, read_offset,
                                  *tok.stride()[:2], *mem.stride()[:2], *out.stride()[:2], HAS_WRITE=has_write,
                                  BLOCK_D=_block_d(d))
     return out

@@ -1,0 +1,192 @@
+"""rmt_fast.ops.launch.Launcher: direct launches of compiled Triton kernels.
+
+The bookkeeping (launch keys, constexpr order, the fallback) is tested on the CPU with a stand-in for a
+``@triton.jit`` function; the real kernels through the direct path on a GPU (results bit-equal to Triton's
+ordinary launch, a misaligned view getting its own compiled kernel).
+"""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from rmt_fast.ops import launch
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class FakeCompiled:
+    """A compiled kernel: ``kernel[grid](*args)`` records the call."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append(("direct", grid, args))
+
+
+class FakeJit:
+    """A ``@triton.jit`` function with signature ``(X, n, scale, A: constexpr, B: constexpr)``."""
+
+    def __init__(self, names=("X", "n", "scale", "A", "B"), constexpr=(False, False, False, True, True),
+                 compiled=True):
+        self.params = [types.SimpleNamespace(name=n, is_constexpr=c) for n, c in zip(names, constexpr)]
+        self.calls = []
+        self.compiled_kernels = 0
+        self.compiled = compiled
+        self.__name__ = "fake_kernel"
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.calls.append(("ordinary", grid, args, meta))
+            self.compiled_kernels += 1
+            return FakeCompiled(self.calls) if self.compiled else None
+        return run
+
+
+@pytest.fixture
+def gpu_less(monkeypatch):
+    """The direct path on the CPU: not under the interpreter, device 0."""
+    monkeypatch.setattr(launch, "_INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_first_launch_ordinary_then_direct_with_constexprs_in_signature_order(gpu_less):
+    fn = FakeJit()
+    run = launch.Launcher(fn)
+    x = torch.zeros(8)
+    run((4,), x, 8, 0.5, B=2, A=1, num_warps=4)
+    run((4,), x, 8, 0.25, B=2, A=1, num_warps=4)  # another float value: same key
+    run((5,), x, 8, 0.25, B=2, A=1, num_warps=4)
+    kinds = [c[0] for c in fn.calls]
+    assert kinds == ["ordinary", "direct", "direct"]
+    assert fn.calls[1] == ("direct", (4,), (x, 8, 0.25, 1, 2))  # A then B, as declared
+    assert fn.calls[2][1] == (5,)
+
+
+def test_launch_key_covers_what_triton_specialises_on(gpu_less):
+    fn = FakeJit()
+    run = launch.Launcher(fn)
+    buf = torch.zeros(64)
+    run((1,), buf, 8, 0.5, A=1, B=2)
+    run((1,), buf[1:], 8, 0.5, A=1, B=2)  # 4 bytes off: not 16-byte aligned
+    run((1,), buf.double(), 8, 0.5, A=1, B=2)  # dtype
+    run((1,), buf, 16, 0.5, A=1, B=2)  # an int value
+    run((1,), buf, 8, 1, A=1, B=2)  # an int where a float was
+    run((1,), buf, 8, 0.5, A=2, B=2)  # a constexpr
+    run((1,), buf, 8, 0.5, A=1, B=2, num_warps=8)  # an option
+    assert [c[0] for c in fn.calls] == ["ordinary"] * 7
+    run((1,), buf[4:], 8, 0.5, A=1, B=2)  # 16 bytes off: aligned, the first key again
+    assert fn.calls[-1][0] == "direct"
+
+
+def test_device_is_part_of_the_key(gpu_less, monkeypatch):
+    fn = FakeJit()
+    run = launch.Launcher(fn)
+    x = torch.zeros(4)
+    run((1,), x, 4, 0.5, A=1, B=1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    run((1,), x, 4, 0.5, A=1, B=1)
+    assert [c[0] for c in fn.calls] == ["ordinary", "ordinary"]
+
+
+def test_runtime_parameter_after_a_constexpr_keeps_the_ordinary_path(gpu_less):
+    fn = FakeJit(names=("X", "A", "n"), constexpr=(False, True, False))
+    run = launch.Launcher(fn)
+    assert not run.direct
+    for _ in range(2):
+        run((1,), torch.zeros(2), A=1, n=2)
+    assert [c[0] for c in fn.calls] == ["ordinary", "ordinary"]
+
+
+def test_no_launchable_compiled_kernel_falls_back_with_one_warning(gpu_less):
+    fn = FakeJit(compiled=False)
+    run = launch.Launcher(fn)
+    with pytest.warns(RuntimeWarning, match="direct launches of fake_kernel are off"):
+        run((1,), torch.zeros(2), 2, 0.5, A=1, B=1)
+    run((1,), torch.zeros(2), 2, 0.5, A=1, B=1)
+    assert [c[0] for c in fn.calls] == ["ordinary", "ordinary"]
+
+
+class BrokenCompiled(FakeCompiled):
+    """A compiled kernel whose launcher rejects the arguments (a Triton whose launcher differs)."""
+
+    def __getitem__(self, grid):
+        def fail(*args):
+            raise TypeError("function takes exactly 9 arguments")
+        return fail
+
+
+class BrokenJit(FakeJit):
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.calls.append(("ordinary", grid, args, meta))
+            return BrokenCompiled(self.calls)
+        return run
+
+
+def test_a_failing_direct_launch_falls_back_and_launches_once(gpu_less):
+    fn = BrokenJit()
+    run = launch.Launcher(fn)
+    x = torch.zeros(2)
+    run((1,), x, 2, 0.5, A=1, B=1)
+    with pytest.warns(RuntimeWarning, match="TypeError"):
+        run((1,), x, 2, 0.5, A=1, B=1)  # the direct launch fails; the ordinary one runs instead
+    run((1,), x, 2, 0.5, A=1, B=1)
+    assert [c[0] for c in fn.calls] == ["ordinary", "ordinary", "ordinary"]
+    assert not run.direct
+
+
+def test_interpreter_keeps_the_ordinary_path(monkeypatch):
+    monkeypatch.setattr(launch, "_INTERPRET", True)
+    fn = FakeJit()
+    run = launch.Launcher(fn)
+    run((1,), torch.zeros(2), 2, 0.5, A=1, B=1)
+    run((1,), torch.zeros(2), 2, 0.5, A=1, B=1)
+    assert not run.direct and [c[0] for c in fn.calls] == ["ordinary", "ordinary"]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_attention_direct_launch_equals_ordinary_launch(dtype, monkeypatch):
+    """The real kernels: the second call of each shape launches directly and is bit-equal to the first (ordinary)
+    one; a misaligned view of q gets its own compiled kernel and matches the reference."""
+    from rmt_fast.ops import SegmentLayout, memory_attention
+    from rmt_fast.ops.memory_attention import triton as attention
+    from rmt_fast.ops.memory_attention.reference import memory_attention_ref
+
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the Triton backend needs sm_80+")
+    for name in ("_fwd", "_bwd_dq", "_bwd_dkdv"):
+        monkeypatch.setattr(attention, name, launch.Launcher(getattr(attention, name).fn))
+    b, h, n, d = 2, 4, 75, 64
+    layout = SegmentLayout(4, 4, torch.tensor([40, 67], device="cuda"), causal=True, memory_bidirectional=True)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    buf = torch.randn(3 * b * h * n * d + 1, device="cuda", dtype=dtype, generator=g)
+
+    def run(offset):
+        q, k, v = (buf[offset + i * b * h * n * d: offset + (i + 1) * b * h * n * d].view(b, h, n, d).detach()
+                   .requires_grad_(True) for i in range(3))
+        out = memory_attention(q, k, v, layout, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        return (q, k, v), (out, *grads)
+
+    _, first = run(0)
+    assert not any(e[2] for e in attention._fwd._compiled.values())
+    _, second = run(0)
+    assert attention._fwd.direct and all(e[2] for e in attention._fwd._compiled.values())
+    assert all(e[2] for e in attention._bwd_dq._compiled.values())
+    assert all(e[2] for e in attention._bwd_dkdv._compiled.values())
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+    keys = len(attention._fwd._compiled)
+    (q, k, v), odd = run(1)  # 2 or 4 bytes off: another launch key
+    assert len(attention._fwd._compiled) == keys + 1
+    ref = memory_attention_ref(q, k, v, layout)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
+    valid = (torch.arange(n, device="cuda")[None, :] < layout.valid_lens[:, None])[:, None, :, None]
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close((odd[0] * valid).float(), (ref * valid).float(), atol=tol, rtol=tol)
+    for got, want in zip(odd[1:], ref_grads):
+        torch.testing.assert_close(got.float(), want.float(), atol=5 * tol, rtol=5 * tol)

@@ -1,0 +1,98 @@
+"""Launching ``@triton.jit`` kernels with less Python per call.
+
+``kernel[grid](*args)`` runs Triton's ``JITFunction.run`` on every call: it binds and specialises every argument
+(tensor alignment, integer values), hashes the result and looks up the compiled kernel. With the 30-40 arguments
+of the attention kernels that costs tens of microseconds of host time per launch, which is what an eager training
+step at segment shapes is made of (measured on an H200 host: memory_attention forward+backward spent more time in
+``JITFunction.run`` than on the GPU).
+
+:class:`Launcher` does that once per *launch key* and then calls the compiled kernel's own launcher. The key holds
+everything the specialisation depends on: each tensor's dtype and whether its address is 16-byte aligned, the
+value of every integer argument, the type of every other argument, the constexprs and the launch options, and
+the current device. Two calls with one key therefore get the same compiled kernel from ``JITFunction.run``;
+keying on integer values (shapes, strides) is finer than Triton's own ``== 1`` / ``% 16`` specialisation, so a
+new shape costs one ordinary launch and then launches directly.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests), or if the installed Triton's compiled kernels lack the
+``kernel[grid](*args)`` launcher, every call takes the ordinary path.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_KEYS = 4096  # launch keys kept per kernel; past that the table starts over
+
+
+def _arg_key(a):
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if type(a) is int:  # bool is not int here: type(True) is bool
+        return a
+    return type(a)
+
+
+class Launcher:
+    """``Launcher(fn)(grid, *args, **meta)`` launches ``fn[grid](*args, **meta)``.
+
+    ``args`` are the kernel's non-constexpr parameters in signature order (tensors, ints, floats), ``meta`` its
+    constexpr parameters by name plus Triton options (``num_warps``, ``num_stages``). The kernel must declare its
+    constexpr parameters after all the others.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._compiled: dict = {}
+        self.direct = not _INTERPRET
+        params = getattr(fn, "params", None)
+        if params is None:
+            self.direct = False
+            return
+        flags = [bool(p.is_constexpr) for p in params]
+        self._num_args = flags.index(True) if True in flags else len(flags)
+        if any(not f for f in flags[self._num_args:]):
+            self.direct = False  # a runtime parameter after a constexpr: the positional order below would not hold
+        self._constexpr_names = tuple(p.name for p in params[self._num_args:])
+
+    def __call__(self, grid, *args, **meta):
+        if not self.direct:
+            self.fn[grid](*args, **meta)
+            return
+        device = torch.cuda.current_device()
+        key = (device, tuple(map(_arg_key, args)), tuple(meta.items()))
+        entry = self._compiled.get(key)
+        if entry is None:
+            self._first_launch(key, grid, args, meta)
+        elif entry[2]:
+            entry[0][grid](*args, *entry[1])
+        else:  # the first direct launch of this kernel object: an installed Triton that differs fails here, once
+            try:
+                entry[0][grid](*args, *entry[1])
+            except Exception as e:  # noqa: BLE001 - any failure of the direct path falls back to the ordinary one
+                self._give_up(f"{type(e).__name__}: {e}")
+                self.fn[grid](*args, **meta)
+                return
+            entry[2] = True
+
+    def _first_launch(self, key, grid, args, meta) -> None:
+        kernel = self.fn[grid](*args, **meta)  # the ordinary launch compiles (or finds) the kernel
+        try:
+            constexprs = tuple(meta[name] for name in self._constexpr_names)
+        except KeyError as e:
+            self._give_up(f"constexpr {e} not given")
+            return
+        if len(args) != self._num_args or not hasattr(kernel, "__getitem__"):
+            self._give_up("the installed Triton returns no launchable compiled kernel")
+            return
+        if len(self._compiled) >= MAX_KEYS:
+            self._compiled.clear()
+        self._compiled[key] = [kernel, constexprs, False]
+
+    def _give_up(self, why: str) -> None:
+        self.direct = False
+        self._compiled.clear()
+        warnings.warn(f"rmt_fast: direct launches of {getattr(self.fn, '__name__', self.fn)} are off ({why}); "
+                      "using Triton's ordinary launch path", RuntimeWarning, stacklevel=3)
