@@ -377,9 +377,12 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     return {**dims, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
 
 
-def _strides(x: torch.Tensor) -> tuple[int, ...]:
-    """(batch, head, row) strides; the kernels index the head dim as contiguous."""
-    return x.stride()[:3]
+def _strides(*xs: torch.Tensor) -> list[int]:
+    """The (batch, head, row) strides of each tensor in turn; the kernels index the head dim as contiguous."""
+    out = []
+    for x in xs:
+        out += x.stride()[:3]
+    return out
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -414,7 +417,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.T
     lse = q.new_empty((b, h, n), dtype=torch.float32)
     cfg = _launch_config("fwd", d, q.dtype)
     _fwd((b * h, _cdiv(n, cfg["BLOCK_M"])),
-         q, k, v, o, lse, seq_lens, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+         q, k, v, o, lse, seq_lens, *_strides(q, k, v, o),
          h, h // k.shape[1], n, num_read, num_write, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, **cfg)
     return o, lse
 
@@ -435,11 +438,11 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     cfg = _launch_config("dq", d, q.dtype)
     _bwd_dq((b * h, _cdiv(n, cfg["BLOCK_M"])),
             q, k, v, out, do, lse, delta, dq, seq_lens,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq),
+            *_strides(q, k, v, out, do, dq),
             h, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, **cfg)
     cfg = _launch_config("dkdv", d, q.dtype)
     _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
               q, k, v, do, lse, delta, dk, dv, seq_lens,
-              *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+              *_strides(q, k, v, do, dk, dv),
               h, h_kv, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, **cfg)
     return dq, dk, dv
