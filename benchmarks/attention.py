@@ -17,9 +17,11 @@ the batch, forward = ``4 * Hq * D * P`` (two matmuls, 2 FLOPs per multiply-add) 
 ``14 * Hq * D * P`` (the backward does five matmuls: S again, dP, dV, dK, dQ = 2.5x the forward).
 For a causal mask of length L, ``P = L (L + 1) / 2`` per row; ``sdpa_causal`` is credited with that.
 
-By default calls are timed eagerly, so at small shapes Python and kernel-launch overhead count (for Triton
-kernels, launched from Python, far more than for SDPA's); ``--graph`` times CUDA-graph replays instead, which
-is what a graph-captured RMT segment step sees.
+By default calls are timed eagerly, so at small shapes Python and kernel-launch overhead count: ``--iters``
+back-to-back calls between two synchronisations (what a training loop issues; the time per call is the larger
+of host and GPU time), median of ``--rounds`` rounds in which the methods take turns (the host's speed drifts
+during a run and hits them alike). ``--graph`` times CUDA-graph replays instead (``triton.testing.do_bench``),
+which is what a graph-captured RMT segment step sees.
 
 Writes ``<out>/attention.csv`` and ``<out>/attention.png`` (``attention_graph.*`` with --graph), prints a table,
 and with ``--append-results FILE`` appends a dated section (GPU, versions, command, table) to FILE.
@@ -58,6 +60,8 @@ def parse_args(argv=None):
                    help="random token counts per row in [L/2, L] instead of full rows (padding at the end)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to time")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default: 25)")
+    p.add_argument("--iters", type=int, default=100, help="eager: calls per timed round (default: 100)")
+    p.add_argument("--rounds", type=int, default=15, help="eager: timed rounds, median taken (default: 15)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default: 100)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="CSV/PNG folder (default: %(default)s)")
     p.add_argument("--append-results", type=Path, metavar="FILE", help="append a markdown section to FILE")
@@ -227,9 +231,21 @@ def max_errors(prob: Problem, method: str) -> dict[str, float]:
 
 
 def time_method(prob: Problem, method: str, args) -> tuple[float, float]:
-    """Median ms of the forward (no grad) and of forward+backward; replays of a captured CUDA graph with --graph."""
+    """Median ms of the forward (no grad) and of forward+backward, as replays of a captured CUDA graph."""
     from triton.testing import do_bench
 
+    torch = prob.torch
+    (q, k, v), do = prob.inputs(method)
+    times = []
+    for step in _steps(prob, method):
+        step = _captured(step, (q, k, v), torch)
+        times.append(do_bench(step, warmup=args.warmup, rep=args.rep, grad_to_none=[q, k, v],
+                              return_mode="median"))
+    return times[0], times[1]
+
+
+def _steps(prob: Problem, method: str):
+    """(forward without grad, forward+backward) of ``method`` on the problem's inputs, as callables."""
     torch = prob.torch
     (q, k, v), do = prob.inputs(method)
     fn = prob.fns[method]
@@ -240,14 +256,34 @@ def time_method(prob: Problem, method: str, args) -> tuple[float, float]:
 
     def fwd_bwd():
         fn(q, k, v).backward(do)
+        q.grad = k.grad = v.grad = None
 
-    times = []
-    for step in (fwd, fwd_bwd):
-        if args.graph:
-            step = _captured(step, (q, k, v), torch)
-        times.append(do_bench(step, warmup=args.warmup, rep=args.rep, grad_to_none=[q, k, v],
-                              return_mode="median"))
-    return times[0], times[1]
+    return fwd, fwd_bwd
+
+
+def time_eager(prob: Problem, methods, args) -> dict[str, tuple[float, float]]:
+    """Eager ms per call of each method: back-to-back calls (what a training loop issues), ``--iters`` calls
+    between two synchronisations, median over ``--rounds`` rounds; the methods take turns within each round, so
+    a change of host speed during the run (the eager time of small shapes is host time) hits all of them alike."""
+    import time
+
+    torch = prob.torch
+    steps = {m: _steps(prob, m) for m in methods}
+    samples = {m: ([], []) for m in methods}
+    for m in methods:  # warm-up: compile, autotune, allocator
+        for step in steps[m]:
+            for _ in range(3):
+                step()
+    for _ in range(args.rounds):
+        for m in methods:
+            for i, step in enumerate(steps[m]):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(args.iters):
+                    step()
+                torch.cuda.synchronize()
+                samples[m][i].append((time.perf_counter() - t0) * 1e3 / args.iters)
+    return {m: tuple(sorted(s)[len(s) // 2] for s in samples[m]) for m in methods}
 
 
 def _captured(step, leaves, torch):
@@ -348,6 +384,13 @@ def plot(rows, path: Path):
     fig.savefig(path, dpi=120)
 
 
+def _timing_text(args) -> str:
+    if args.graph:
+        return "CUDA graph replays, medians of triton.testing.do_bench"
+    return (f"eager back-to-back calls (Python and launch overhead included), {args.iters} calls per round, median "
+            f"of {args.rounds} rounds, the methods taking turns in each round")
+
+
 def append_results(path: Path, table: str, notes: list[str], torch, args):
     import triton
 
@@ -362,10 +405,9 @@ def append_results(path: Path, table: str, notes: list[str], torch, args):
         f"\n## Memory attention ({datetime.date.today().isoformat()}, {torch.cuda.get_device_name()})\n",
         f"torch {torch.__version__}, triton {triton.__version__}, transformers {tf_version}.\n",
         f"Command: `{cmd}`\n",
-        f"Timing: {'CUDA graph replays' if args.graph else 'eager calls (Python and launch overhead included)'}.\n",
+        f"Timing: {_timing_text(args)}.\n",
         "FLOPs: forward 4·Hq·D·P, forward+backward 14·Hq·D·P, P = allowed (query, key) pairs summed over the batch "
-        "(the causal ceiling is credited with its own L(L+1)/2 per row). Times are medians of "
-        "triton.testing.do_bench; masks are built outside the timed region.\n",
+        "(the causal ceiling is credited with its own L(L+1)/2 per row). Masks are built outside the timed region.\n",
     ]
     section += [f"- {n}\n" for n in notes]
     section += ["\n", table, "\n"]
@@ -394,7 +436,10 @@ def sweep(args, torch):
     """Time each candidate config of one kernel (others at their defaults): fwd alone, or the backward alone."""
     from triton.testing import do_bench
 
-    import rmt_fast.ops.memory_attention.triton as attention
+    import importlib
+
+    # importlib: the attribute rmt_fast.ops.memory_attention is the op (a function), not the subpackage
+    attention = importlib.import_module("rmt_fast.ops.memory_attention.triton")
 
     default = attention._launch_config
     for shape_txt in args.shapes:
@@ -450,6 +495,7 @@ def main(argv=None):
             prob = Problem(args, shape, bidir, torch)
             key = (shape_txt, bidir)
             results[key] = {}
+            errs, timed = {}, []
             for method in args.methods:
                 if method in prob.skipped:
                     note = f"{method} skipped: {prob.skipped[method]}"
@@ -457,26 +503,32 @@ def main(argv=None):
                         notes.append(note)
                         print(note)
                     continue
-                err = ""
+                errs[method] = ""
                 if method in ("triton", "cuda"):
                     e = max_errors(prob, method)
-                    err = max(e["o"], e["dq"], e["dk"], e["dv"])
+                    errs[method] = max(e["o"], e["dq"], e["dk"], e["dv"])
                     print(f"[check] {shape_txt} bidir={bidir} {method}: "
                           + " ".join(f"{kk}={vv:.3g}" for kk, vv in e.items()))
-                    if not math.isfinite(err) or e["pad_dkdv"] != 0.0:
+                    if not math.isfinite(errs[method]) or e["pad_dkdv"] != 0.0:
                         notes.append(f"{method} at {shape_txt} bidir={bidir}: bad check {e}")
-                try:
-                    fwd, fwd_bwd = time_method(prob, method, args)
-                except Exception as e:  # e.g. a method that cannot be captured in a CUDA graph
-                    note = f"{method} at {shape_txt} bidir={bidir} not timed: {type(e).__name__}: {e}"
-                    notes.append(note.splitlines()[0][:200])
-                    print(notes[-1])
-                    continue
+                timed.append(method)
+            if args.graph:
+                times = {}
+                for method in timed:
+                    try:
+                        times[method] = time_method(prob, method, args)
+                    except Exception as e:  # e.g. a method that cannot be captured in a CUDA graph
+                        note = f"{method} at {shape_txt} bidir={bidir} not timed: {type(e).__name__}: {e}"
+                        notes.append(note.splitlines()[0][:200])
+                        print(notes[-1])
+            else:
+                times = time_eager(prob, timed, args)
+            for method, (fwd, fwd_bwd) in times.items():
                 pairs = prob.causal_pairs if method == "sdpa_causal" else prob.pairs
                 results[key][method] = {
                     "ms": (fwd, fwd_bwd),
                     "tflops": (tflops(pairs, h, d, fwd, 4), tflops(pairs, h, d, fwd_bwd, 14)),
-                    "err": err,
+                    "err": errs[method],
                 }
                 print(f"  {shape_txt} bidir={bidir} {method:12s} fwd {fwd:8.3f} ms  fwd+bwd {fwd_bwd:8.3f} ms",
                       flush=True)

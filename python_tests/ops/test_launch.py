@@ -23,6 +23,7 @@ class FakeCompiled:
         self.calls = calls
 
     def __getitem__(self, grid):
+        assert len(grid) == 3, "Triton's compiled-kernel launcher indexes three grid dimensions"
         return lambda *args: self.calls.append(("direct", grid, args))
 
 
@@ -61,8 +62,8 @@ def test_first_launch_ordinary_then_direct_with_constexprs_in_signature_order(gp
     run((5,), x, 8, 0.25, B=2, A=1, num_warps=4)
     kinds = [c[0] for c in fn.calls]
     assert kinds == ["ordinary", "direct", "direct"]
-    assert fn.calls[1] == ("direct", (4,), (x, 8, 0.25, 1, 2))  # A then B, as declared
-    assert fn.calls[2][1] == (5,)
+    assert fn.calls[1] == ("direct", (4, 1, 1), (x, 8, 0.25, 1, 2))  # A then B, as declared
+    assert fn.calls[2][1] == (5, 1, 1)
 
 
 def test_launch_key_covers_what_triton_specialises_on(gpu_less):

@@ -35,6 +35,12 @@ def _arg_key(a):
     return type(a)
 
 
+def _grid3(grid: tuple) -> tuple:
+    """The compiled kernel's launcher reads three grid dimensions (JITFunction.run pads them; it does not)."""
+    n = len(grid)
+    return grid if n == 3 else (grid[0], grid[1], 1) if n == 2 else (grid[0], 1, 1)
+
+
 class Launcher:
     """``Launcher(fn)(grid, *args, **meta)`` launches ``fn[grid](*args, **meta)``.
 
@@ -67,10 +73,10 @@ class Launcher:
         if entry is None:
             self._first_launch(key, grid, args, meta)
         elif entry[2]:
-            entry[0][grid](*args, *entry[1])
+            entry[0][_grid3(grid)](*args, *entry[1])
         else:  # the first direct launch of this kernel object: an installed Triton that differs fails here, once
             try:
-                entry[0][grid](*args, *entry[1])
+                entry[0][_grid3(grid)](*args, *entry[1])
             except Exception as e:  # noqa: BLE001 - any failure of the direct path falls back to the ordinary one
                 self._give_up(f"{type(e).__name__}: {e}")
                 self.fn[grid](*args, **meta)
