@@ -17,14 +17,19 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 class FakeCompiled:
-    """A compiled kernel: ``kernel[grid](*args)`` records the call."""
+    """A compiled kernel: its launcher records the call."""
+
+    function, packed_metadata = "function", "packed"
 
     def __init__(self, calls):
         self.calls = calls
 
-    def __getitem__(self, grid):
-        assert len(grid) == 3, "Triton's compiled-kernel launcher indexes three grid dimensions"
-        return lambda *args: self.calls.append(("direct", grid, args))
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, g0, g1, g2, stream, function, packed, metadata, enter_hook, exit_hook, *args):
+        assert (stream, function, packed) == ("stream", "function", "packed")
+        self.calls.append(("direct", (g0, g1, g2), args))
 
 
 class FakeJit:
@@ -50,6 +55,7 @@ class FakeJit:
 def gpu_less(monkeypatch):
     """The direct path on the CPU: not under the interpreter, device 0."""
     monkeypatch.setattr(launch, "_INTERPRET", False)
+    monkeypatch.setattr(launch, "_current_stream", lambda device: "stream")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
 
@@ -113,10 +119,8 @@ def test_no_launchable_compiled_kernel_falls_back_with_one_warning(gpu_less):
 class BrokenCompiled(FakeCompiled):
     """A compiled kernel whose launcher rejects the arguments (a Triton whose launcher differs)."""
 
-    def __getitem__(self, grid):
-        def fail(*args):
-            raise TypeError("function takes exactly 9 arguments")
-        return fail
+    def run(self, *args):
+        raise TypeError("function takes exactly 9 arguments")
 
 
 class BrokenJit(FakeJit):

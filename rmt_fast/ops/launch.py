@@ -14,7 +14,8 @@ keying on integer values (shapes, strides) is finer than Triton's own ``== 1`` /
 new shape costs one ordinary launch and then launches directly.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests), or if the installed Triton's compiled kernels lack the
-``kernel[grid](*args)`` launcher, every call takes the ordinary path.
+launcher interface this module calls (checked on each kernel's first direct launch), every call takes the ordinary
+path.
 """
 from __future__ import annotations
 
@@ -22,23 +23,23 @@ import os
 import warnings
 
 import torch
+import triton
+from torch import Tensor
+
+# What Triton's own launch path calls for the stream (absent from CPU-only builds of torch: no direct launches).
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_KEYS = 4096  # launch keys kept per kernel; past that the table starts over
 
 
-def _arg_key(a):
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if type(a) is int:  # bool is not int here: type(True) is bool
-        return a
-    return type(a)
-
-
-def _grid3(grid: tuple) -> tuple:
-    """The compiled kernel's launcher reads three grid dimensions (JITFunction.run pads them; it does not)."""
-    n = len(grid)
-    return grid if n == 3 else (grid[0], grid[1], 1) if n == 2 else (grid[0], 1, 1)
+def _launch(kernel, grid: tuple, device: int, args: tuple) -> None:
+    """What ``kernel[grid](*args)`` does (Triton's CompiledKernel runner), minus its per-call closure and device
+    lookup. ``grid`` has three dimensions: the compiled kernel's launcher reads three (JITFunction.run pads them)."""
+    stream = _current_stream(device)
+    runtime = triton.knobs.runtime
+    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
+               kernel.launch_metadata(grid, stream, *args), runtime.launch_enter_hook, runtime.launch_exit_hook, *args)
 
 
 class Launcher:
@@ -52,7 +53,7 @@ class Launcher:
     def __init__(self, fn):
         self.fn = fn
         self._compiled: dict = {}
-        self.direct = not _INTERPRET
+        self.direct = not _INTERPRET and _current_stream is not None
         params = getattr(fn, "params", None)
         if params is None:
             self.direct = False
@@ -68,20 +69,24 @@ class Launcher:
             self.fn[grid](*args, **meta)
             return
         device = torch.cuda.current_device()
-        key = (device, tuple(map(_arg_key, args)), tuple(meta.items()))
+        key = (device, tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor) else
+                              a if type(a) is int else type(a) for a in args]), tuple(meta.items()))
         entry = self._compiled.get(key)
         if entry is None:
             self._first_launch(key, grid, args, meta)
-        elif entry[2]:
-            entry[0][_grid3(grid)](*args, *entry[1])
-        else:  # the first direct launch of this kernel object: an installed Triton that differs fails here, once
-            try:
-                entry[0][_grid3(grid)](*args, *entry[1])
-            except Exception as e:  # noqa: BLE001 - any failure of the direct path falls back to the ordinary one
-                self._give_up(f"{type(e).__name__}: {e}")
-                self.fn[grid](*args, **meta)
-                return
-            entry[2] = True
+            return
+        kernel, constexprs, verified = entry
+        grid = grid if len(grid) == 3 else (*grid, 1, 1)[:3]
+        if verified:
+            _launch(kernel, grid, device, (*args, *constexprs))
+            return
+        try:  # the first direct launch of this kernel object: an installed Triton that differs fails here, once
+            _launch(kernel, grid, device, (*args, *constexprs))
+        except Exception as e:  # noqa: BLE001 - any failure of the direct path falls back to the ordinary one
+            self._give_up(f"{type(e).__name__}: {e}")
+            self.fn[grid](*args, **meta)
+            return
+        entry[2] = True
 
     def _first_launch(self, key, grid, args, meta) -> None:
         kernel = self.fn[grid](*args, **meta)  # the ordinary launch compiles (or finds) the kernel
@@ -90,7 +95,7 @@ class Launcher:
         except KeyError as e:
             self._give_up(f"constexpr {e} not given")
             return
-        if len(args) != self._num_args or not hasattr(kernel, "__getitem__"):
+        if len(args) != self._num_args or not hasattr(kernel, "run"):
             self._give_up("the installed Triton returns no launchable compiled kernel")
             return
         if len(self._compiled) >= MAX_KEYS:
