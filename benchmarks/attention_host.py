@@ -1,0 +1,131 @@
+"""Where the host time of one eager memory_attention forward+backward goes (CUDA; a diagnostic, not a race).
+
+At RMT segment shapes an eager attention call is host-bound: its kernels take less GPU time than Python, the
+Triton launches and the autograd engine take on the CPU. This times pieces of the call in isolation, each as
+back-to-back calls between two synchronisations (median of rounds): the whole op, its forward, its backward
+through autograd, the kernel entry points without autograd, one backward kernel launched directly and through
+Triton's ordinary launch, a trivial Python autograd Function and a one-op C++ autograd graph (the engine's own
+cost), and SDPA with the explicit mask for comparison. "host" is the time until the last call returned, "wall"
+until the GPU finished: host == wall means host-bound.
+
+Writes ``<out>/attention_host.csv`` and prints a table.
+
+Example: ``python benchmarks/attention_host.py --shape 8x12x544x64``
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="8x12x544x64", help="B x H x N x D (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=200, help="calls per round (default: 200)")
+    p.add_argument("--rounds", type=int, default=7, help="rounds, median taken (default: 7)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="CSV folder (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/attention_host.py needs a CUDA GPU")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from rmt_fast.ops import SegmentLayout, memory_attention
+
+    att = importlib.import_module("rmt_fast.ops.memory_attention.triton")
+    b, h, n, d = (int(x) for x in args.shape.lower().split("x"))
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
+    layout = SegmentLayout(16, 16, torch.full((b,), n - 32, device="cuda", dtype=torch.int32), causal=True)
+    mask = layout.allowed(n).unsqueeze(1)
+    seq_lens, scale = layout.seq_lens_int32, d ** -0.5
+
+    def timed(fn):
+        for _ in range(5):
+            fn()
+        samples = []
+        for _ in range(args.rounds):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                fn()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            samples.append(((t1 - t0) * 1e6 / args.iters, (time.perf_counter() - t0) * 1e6 / args.iters))
+        return sorted(samples)[len(samples) // 2]
+
+    def clear():
+        q.grad = k.grad = v.grad = None
+
+    def op_fwd_bwd():
+        memory_attention(q, k, v, layout, backend="triton").backward(do)
+        clear()
+
+    def sdpa_fwd_bwd():
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask).backward(do)
+        clear()
+
+    kept = memory_attention(q, k, v, layout, backend="triton")
+    out, lse = att.forward(q, k, v, seq_lens, 16, 16, True, False, scale)
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    def python_function():
+        Identity.apply(q).backward(do)
+        clear()
+
+    def cpp_graph():
+        (q * 1).backward(do)
+        clear()
+
+    cfg = att._launch_config("dq", d, q.dtype)
+    delta, dq = torch.empty_like(lse), torch.empty_like(q)
+    launch_args = (q, k, v, out, do, lse, delta, dq, seq_lens, *att._strides(q, k, v, out, do, dq), h, 1, n, 16, 16,
+                   scale, scale * att._LOG2E)
+    grid = (b * h, -(-n // cfg["BLOCK_M"]))
+    pieces = [
+        ("memory_attention fwd+bwd (eager)", op_fwd_bwd),
+        ("SDPA + explicit mask fwd+bwd", sdpa_fwd_bwd),
+        ("memory_attention forward, grad on", lambda: memory_attention(q, k, v, layout, backend="triton")),
+        ("its backward via autograd.grad", lambda: torch.autograd.grad(kept, (q, k, v), do, retain_graph=True)),
+        ("triton.forward (no autograd)", lambda: att.forward(q, k, v, seq_lens, 16, 16, True, False, scale)),
+        ("triton.backward (no autograd)",
+         lambda: att.backward(do, q, k, v, out, lse, seq_lens, 16, 16, True, False, scale)),
+        ("dQ kernel, direct launch", lambda: att._bwd_dq(grid, *launch_args, CAUSAL=True, BIDIR=False, **cfg)),
+        ("dQ kernel, Triton's launch",
+         lambda: att._bwd_dq_kernel[grid](*launch_args, CAUSAL=True, BIDIR=False, **cfg)),
+        ("trivial Python autograd.Function fwd+bwd", python_function),
+        ("one-op C++ autograd graph fwd+bwd", cpp_graph),
+    ]
+    rows = []
+    print(f"{'piece':44s} {'host us':>9s} {'wall us':>9s}")
+    for name, fn in pieces:
+        host, wall = timed(fn)
+        rows.append({"shape": args.shape, "piece": name, "host_us": round(host, 1), "wall_us": round(wall, 1)})
+        print(f"{name:44s} {host:9.1f} {wall:9.1f}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "attention_host.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out / 'attention_host.csv'}")
+
+
+if __name__ == "__main__":
+    main()
