@@ -92,21 +92,23 @@ fused_attention.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerAttention(torch.autograd.Function):
     """The autograd of the custom op above, calling the kernels without the custom-op dispatch, which costs more
-    Python per call than the rest of the op (see fused_memory_attention). Returns only the output; lse is saved
-    as an intermediate (one output less for autograd to track)."""
+    Python per call than the rest of the op (see fused_memory_attention). Lean on purpose, as it runs once per
+    layer and segment: the mask arguments travel as one tuple (autograd inspects every argument of ``apply``),
+    and only the output is returned (lse is a saved intermediate, one output less for autograd to track)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale, backend):
-        out, lse = kernels(backend).forward(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale)
+    def forward(ctx, q, k, v, seq_lens, mask_args):
+        *args, backend = mask_args
+        out, lse = kernels(backend).forward(q, k, v, seq_lens, *args)
         ctx.save_for_backward(q, k, v, out, lse, seq_lens)
-        ctx.mask_args = (num_read, num_write, causal, bidirectional, scale, backend)
+        ctx.mask_args = mask_args
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        *mask_args, backend = ctx.mask_args
-        dq, dk, dv = kernels(backend).backward(dout, *ctx.saved_tensors, *mask_args)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        *args, backend = ctx.mask_args
+        dq, dk, dv = kernels(backend).backward(dout, *ctx.saved_tensors, *args)
+        return dq, dk, dv, None, None
 
 
 def fused_memory_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor, num_read: int, num_write: int,
@@ -119,4 +121,4 @@ def fused_memory_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor, nu
     """
     if torch.compiler.is_compiling():
         return fused_attention(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale, backend)[0]
-    return _EagerAttention.apply(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale, backend)
+    return _EagerAttention.apply(q, k, v, seq_lens, (num_read, num_write, causal, bidirectional, scale, backend))

@@ -435,14 +435,15 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qk_scale = scale * _LOG2E
+    s_qkv, s_do = _strides(q, k, v), _strides(do)
     cfg = _launch_config("dq", d, q.dtype)
     _bwd_dq((b * h, _cdiv(n, cfg["BLOCK_M"])),
             q, k, v, out, do, lse, delta, dq, seq_lens,
-            *_strides(q, k, v, out, do, dq),
+            *s_qkv, *_strides(out), *s_do, *_strides(dq),
             h, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, **cfg)
     cfg = _launch_config("dkdv", d, q.dtype)
     _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
               q, k, v, do, lse, delta, dk, dv, seq_lens,
-              *_strides(q, k, v, do, dk, dv),
+              *s_qkv, *s_do, *_strides(dk, dv),
               h, h_kv, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, **cfg)
     return dq, dk, dv
