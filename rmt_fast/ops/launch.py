@@ -19,6 +19,7 @@ path.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -31,6 +32,20 @@ _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_KEYS = 4096  # launch keys kept per kernel; past that the table starts over
+_recording: list | None = None
+
+
+@contextlib.contextmanager
+def recording():
+    """Inside this context every :class:`Launcher` call is recorded as ``(jit_function, args, meta)`` instead of
+    launched (outputs stay unwritten): how ``rmt_fast/ops/triton_check.py`` learns what the ops launch, to compile
+    it for GPU architectures on a machine without a GPU."""
+    global _recording
+    saved, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = saved
 
 
 def _launch(kernel, grid: tuple, device: int, args: tuple) -> None:
@@ -65,6 +80,9 @@ class Launcher:
         self._constexpr_names = tuple(p.name for p in params[self._num_args:])
 
     def __call__(self, grid, *args, **meta):
+        if _recording is not None:
+            _recording.append((self.fn, args, meta))
+            return
         if not self.direct:
             self.fn[grid](*args, **meta)
             return

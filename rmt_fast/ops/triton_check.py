@@ -1,0 +1,186 @@
+"""Compile every Triton kernel of rmt_fast for GPU architectures on a machine without a GPU.
+
+Triton's ahead-of-time compiler and the ptxas bundled with it need no GPU, so this checks on any machine (CI
+included) that each kernel compiles for sm_80 (Ampere) and sm_90 (Hopper) at the launch configurations the ops
+really use, and that each fits the architecture's shared memory per block. The configurations are not restated
+here: the ops' own entry points are called on small CPU tensors inside :func:`rmt_fast.ops.launch.recording`,
+which records each launch (kernel, arguments, constexprs, warps, stages) instead of running it.
+
+Shared-memory limits (opt-in, per block): sm_90 227 KiB; sm_80 163 KiB, and an sm_80 build is also held to the
+99 KiB of sm_86/sm_89 GPUs (RTX 30xx/40xx, L4), which run the same Ampere code path.
+
+Run without ``TRITON_INTERPRET`` (under the interpreter the kernels are not compilable objects)::
+
+    python -m rmt_fast.ops.triton_check [--arch 80 90]
+
+Prints one row per compiled kernel and exits with 1 if any kernel fails to compile or to fit.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SHARED_LIMITS = {80: (166912, 101376), 90: (232448,)}  # bytes: the arch's own limit, then stricter relatives
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
+          torch.int64: "i64", torch.bool: "i1"}
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One distinct launch: the kernel, its argument types, constexprs and options."""
+
+    fn: object
+    signature: tuple  # (name, type) per parameter, "constexpr" for constexprs
+    constexprs: tuple  # (name, value)
+    options: tuple  # (("num_warps", w), ("num_stages", s)) as given
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__name__", str(self.fn))
+
+    def describe(self) -> str:
+        types = sorted({t for _, t in self.signature if t.startswith("*") and t != "*i32" and t != "*i64"})
+        consts = " ".join(f"{k}={_short(v)}" for k, v in self.constexprs)
+        opts = " ".join(f"{k}={v}" for k, v in self.options)
+        return f"{'/'.join(types)} {consts} {opts}".strip()
+
+
+def _short(v) -> str:
+    return str(v).replace("triton.language.", "").replace("tl.", "")
+
+
+def _arg_type(a) -> str:
+    if isinstance(a, torch.Tensor):
+        return "*" + _TYPES[a.dtype]
+    if isinstance(a, bool):
+        return "i1"
+    if isinstance(a, int):
+        return "i32" if -2**31 <= a < 2**31 else "i64"
+    if isinstance(a, float):
+        return "fp32"
+    raise TypeError(f"unexpected kernel argument of type {type(a).__name__}")
+
+
+def record_launches() -> list[KernelLaunch]:
+    """Call each op's Triton entry points on small CPU tensors and return the distinct launches they make."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("triton_check needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled)")
+    from . import block_kernels, launch
+    from .linear_cross_entropy import triton as lce
+    from .memory_attention import triton as attention
+    from .segment_handoff import triton as handoff
+
+    e = torch.empty
+    with launch.recording() as calls:
+        for dtype in DTYPES:
+            for d in (64, 80, 128):  # 80: a head dim below its power-of-two tile (masked columns)
+                masks = [(True, True)] + ([(True, False), (False, False)] if dtype == torch.bfloat16 else [])
+                q, k, v = e(2, 4, 48, d, dtype=dtype), e(2, 2, 48, d, dtype=dtype), e(2, 2, 48, d, dtype=dtype)
+                lens = torch.full((2,), 16, dtype=torch.int32)
+                for causal, bidir in masks:
+                    out, lse = attention.forward(q, k, v, lens, 8, 8, causal, bidir, d ** -0.5)
+                    attention.backward(out, q, k, v, out, lse, lens, 8, 8, causal, bidir, d ** -0.5)
+            for width in (768, 4096):
+                block_kernels.rms_norm(e(4, width, dtype=dtype), e(width, dtype=dtype), 1e-6)
+            x = e(1, 4, 8, 64, dtype=dtype)
+            block_kernels.rotary(x, e(1, 8, 64, dtype=dtype), e(1, 8, 64, dtype=dtype))
+            block_kernels.silu_mul(e(4, 1536, dtype=dtype), e(4, 1536, dtype=dtype))
+            memory, offsets = e(2, 8, 64, dtype=dtype), torch.zeros(2, dtype=torch.int64)
+            handoff.gather_forward(e(2, 40, 64, dtype=dtype), memory, offsets)
+            for writes in (offsets, None):
+                handoff.place_forward(memory, e(2, 40, 64, dtype=dtype), 0, writes)
+            for write_grad in (False, True):
+                lce.cross_entropy_rows(e(4, 1000, dtype=dtype), torch.zeros(4, dtype=torch.int64), -100, write_grad)
+    seen, out = set(), []
+    for fn, args, meta in calls:
+        options = tuple((k, meta[k]) for k in ("num_warps", "num_stages") if k in meta)
+        constexprs = tuple((k, v) for k, v in meta.items() if k not in ("num_warps", "num_stages"))
+        names = [p.name for p in fn.params]
+        signature = tuple(zip(names, [_arg_type(a) for a in args] + ["constexpr"] * (len(names) - len(args))))
+        item = KernelLaunch(fn, signature, constexprs, options)
+        key = (id(fn), signature, tuple((k, _short(v)) for k, v in constexprs), options)
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
+
+
+def all_launchers() -> dict[str, object]:
+    """Every :class:`~rmt_fast.ops.launch.Launcher` defined in a module of ``rmt_fast.ops``, by kernel name."""
+    import importlib
+    import pkgutil
+
+    from . import launch
+
+    package = importlib.import_module(__package__)
+    found = {}
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        if info.name == __name__:
+            continue
+        module = importlib.import_module(info.name)
+        for value in vars(module).values():
+            if isinstance(value, launch.Launcher):
+                found[getattr(value.fn, "__name__", str(value.fn))] = value.fn
+    return found
+
+
+def compile_launch(item: KernelLaunch, arch: int):
+    """Compile ``item`` for ``sm_<arch>``; returns Triton's compiled kernel (``metadata.shared`` in bytes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = [name for name, _ in item.signature]
+    constexprs = {(names.index(k),): v for k, v in item.constexprs}
+    src = ASTSource(fn=item.fn, signature=dict(item.signature), constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(item.options))
+
+
+def check(archs=(80, 90), stream=sys.stdout) -> list[dict]:
+    """Compile every recorded launch for each arch; one dict per (launch, arch) with ``ok`` and ``why``."""
+    rows = []
+    launches = record_launches()
+    print(f"{len(launches)} distinct launches x {len(archs)} architectures", file=stream, flush=True)
+    recorded = {item.name for item in launches}
+    for name in sorted(set(all_launchers()) - recorded):  # a kernel added without a line in record_launches
+        rows.append({"kernel": name, "config": "", "arch": None, "shared_bytes": -1, "seconds": 0.0, "ok": False,
+                     "why": "never launched by record_launches(): add a call there"})
+        print(f"FAIL {name}: {rows[-1]['why']}", file=stream, flush=True)
+    for arch in archs:
+        limits = SHARED_LIMITS.get(arch, (SHARED_LIMITS[90][0],))
+        for item in launches:
+            t0 = time.perf_counter()
+            try:
+                shared = compile_launch(item, arch).metadata.shared
+                why = "" if shared <= min(limits) else f"needs {shared} B of shared memory (limit {min(limits)} B)"
+            except Exception as exc:  # noqa: BLE001 - a compile error is the finding
+                shared, why = -1, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            row = {"kernel": item.name, "config": item.describe(), "arch": arch, "shared_bytes": shared,
+                   "seconds": round(time.perf_counter() - t0, 2), "ok": not why, "why": why}
+            rows.append(row)
+            print(f"sm_{arch} {'ok  ' if row['ok'] else 'FAIL'} {item.name:26s} {shared:7d} B  {item.describe()}"
+                  + (f"  <- {why}" if why else ""), file=stream, flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities x10 (default: 80 90)")
+    args = p.parse_args(argv)
+    bad = [a for a in args.arch if a < 80]
+    if bad:
+        p.error(f"--arch: rmt_fast's Triton kernels run on sm_80 and newer, got {bad}")
+    rows = check(tuple(args.arch))
+    failed = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(failed)} of {len(rows)} compiled and fit" + (f"; {len(failed)} FAILED" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
