@@ -195,3 +195,14 @@ def test_gpu_attention_direct_launch_equals_ordinary_launch(dtype, monkeypatch):
     torch.testing.assert_close((odd[0] * valid).float(), (ref * valid).float(), atol=tol, rtol=tol)
     for got, want in zip(odd[1:], ref_grads):
         torch.testing.assert_close(got.float(), want.float(), atol=5 * tol, rtol=5 * tol)
+
+
+def test_recording_collects_launches_instead_of_running_them(gpu_less):
+    fn = FakeJit()
+    run = launch.Launcher(fn)
+    x = torch.zeros(2)
+    with launch.recording() as calls:
+        run((1,), x, 2, 0.5, A=1, B=3, num_warps=4)
+    assert fn.calls == [] and calls == [(fn, (x, 2, 0.5), {"A": 1, "B": 3, "num_warps": 4})]
+    run((1,), x, 2, 0.5, A=1, B=3)  # outside the context: launched again
+    assert [c[0] for c in fn.calls] == ["ordinary"]
