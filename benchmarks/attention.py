@@ -237,15 +237,16 @@ def time_method(prob: Problem, method: str, args) -> tuple[float, float]:
     torch = prob.torch
     (q, k, v), do = prob.inputs(method)
     times = []
-    for step in _steps(prob, method):
+    for step in _steps(prob, method, clear_grads=False):  # _captured and do_bench reset the grads themselves
         step = _captured(step, (q, k, v), torch)
         times.append(do_bench(step, warmup=args.warmup, rep=args.rep, grad_to_none=[q, k, v],
                               return_mode="median"))
     return times[0], times[1]
 
 
-def _steps(prob: Problem, method: str):
-    """(forward without grad, forward+backward) of ``method`` on the problem's inputs, as callables."""
+def _steps(prob: Problem, method: str, clear_grads: bool = True):
+    """(forward without grad, forward+backward) of ``method`` on the problem's inputs, as callables; with
+    ``clear_grads`` forward+backward also resets the inputs' grads (as a training step's zero_grad does)."""
     torch = prob.torch
     (q, k, v), do = prob.inputs(method)
     fn = prob.fns[method]
@@ -256,7 +257,8 @@ def _steps(prob: Problem, method: str):
 
     def fwd_bwd():
         fn(q, k, v).backward(do)
-        q.grad = k.grad = v.grad = None
+        if clear_grads:
+            q.grad = k.grad = v.grad = None
 
     return fwd, fwd_bwd
 
