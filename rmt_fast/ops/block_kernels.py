@@ -81,8 +81,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     block = max(16, triton.next_power_of_2(d))
     if x2.shape[0]:
         _rms_norm((x2.shape[0],), x2, weight, y, d, x2.stride(0), y.stride(0), float(eps),
-                                         X_DTYPE=_TL[x.dtype], BLOCK=block,
-                                         num_warps=1 if _INTERPRET else min(16, max(1, block // 256)))
+                  X_DTYPE=_TL[x.dtype], BLOCK=block, num_warps=1 if _INTERPRET else min(16, max(1, block // 256)))
     return y.view(x.shape)
 
 
@@ -134,9 +133,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     block_h = 1 if _INTERPRET else max(1, min(triton.next_power_of_2(h), 4096 // block_half))
     if b * n and h:
         _rotary((b * n, _cdiv(h, block_h)),
-            x, cos, sin, out, n, h, half, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
-            sin.stride(0), sin.stride(1), out.stride(0), out.stride(1), out.stride(2),
-            X_DTYPE=_TL[x.dtype], BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=1 if _INTERPRET else 4)
+                x, cos, sin, out, n, h, half, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
+                sin.stride(0), sin.stride(1), out.stride(0), out.stride(1), out.stride(2),
+                X_DTYPE=_TL[x.dtype], BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=1 if _INTERPRET else 4)
     return out
 
 
@@ -161,6 +160,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     block = 1024 if _INTERPRET else 2048
     if numel:
         _silu_mul((_cdiv(numel, block),), gate, up, out, numel, X_DTYPE=_TL[gate.dtype], BLOCK=block,
-                                                 num_warps=1 if _INTERPRET else 8)
+                  num_warps=1 if _INTERPRET else 8)
     return out
 

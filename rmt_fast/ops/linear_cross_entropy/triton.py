@@ -67,7 +67,7 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
         _ce_rows((n,), logits, logits.stride(0), targets, loss, v, ignore_index, WRITE_GRAD=write_grad,
-                                  BLOCK=min(BLOCK_V, triton.next_power_of_2(v)))
+                 BLOCK=min(BLOCK_V, triton.next_power_of_2(v)))
     return loss
 
 

@@ -75,7 +75,7 @@ def gather_forward(hidden: torch.Tensor, memory: torch.Tensor, gather_offsets: t
     b, m, d = memory.shape
     out = torch.empty(b, m, d, dtype=hidden.dtype, device=hidden.device)
     _gather((b, m), hidden, memory, gather_offsets, out, m, d, *hidden.stride()[:2],
-                                  *memory.stride()[:2], *out.stride()[:2], BLOCK_D=_block_d(d))
+            *memory.stride()[:2], *out.stride()[:2], BLOCK_D=_block_d(d))
     return out
 
 
@@ -102,8 +102,7 @@ def place_forward(memory: torch.Tensor, token_embeds: torch.Tensor, read_offset:
     out = torch.empty(b, n, d, dtype=tok.dtype, device=tok.device)
     has_write = write_offsets is not None
     _place((b, n), tok, mem, write_offsets if has_write else tok, out, n, m, d, read_offset,
-                                 *tok.stride()[:2], *mem.stride()[:2], *out.stride()[:2], HAS_WRITE=has_write,
-                                 BLOCK_D=_block_d(d))
+           *tok.stride()[:2], *mem.stride()[:2], *out.stride()[:2], HAS_WRITE=has_write, BLOCK_D=_block_d(d))
     return out
 
 
