@@ -94,11 +94,11 @@ def main(argv=None):
         (q * 1).backward(do)
         clear()
 
-    cfg = att._launch_config("dq", d, q.dtype)
-    delta, dq = torch.empty_like(lse), torch.empty_like(q)
-    launch_args = (q, k, v, out, do, lse, delta, dq, seq_lens, *att._strides(q, k, v, out, do, dq), h, 1, n, 16, 16,
-                   scale, scale * att._LOG2E)
-    grid = (b * h, -(-n // cfg["BLOCK_M"]))
+    from rmt_fast.ops import launch
+
+    with launch.recording() as calls:  # the backward's own dQ launch (arguments, grid, constexprs), not run
+        att.backward(do, q, k, v, out, lse, seq_lens, 16, 16, True, False, scale)
+    _, grid, launch_args, meta = next(c for c in calls if c[0] is att._bwd_dq_kernel)
     pieces = [
         ("memory_attention fwd+bwd (eager)", op_fwd_bwd),
         ("SDPA + explicit mask fwd+bwd", sdpa_fwd_bwd),
@@ -107,9 +107,8 @@ def main(argv=None):
         ("triton.forward (no autograd)", lambda: att.forward(q, k, v, seq_lens, 16, 16, True, False, scale)),
         ("triton.backward (no autograd)",
          lambda: att.backward(do, q, k, v, out, lse, seq_lens, 16, 16, True, False, scale)),
-        ("dQ kernel, direct launch", lambda: att._bwd_dq(grid, *launch_args, CAUSAL=True, BIDIR=False, **cfg)),
-        ("dQ kernel, Triton's launch",
-         lambda: att._bwd_dq_kernel[grid](*launch_args, CAUSAL=True, BIDIR=False, **cfg)),
+        ("dQ kernel, direct launch", lambda: att._bwd_dq(grid, *launch_args, **meta)),
+        ("dQ kernel, Triton's launch", lambda: att._bwd_dq_kernel[grid](*launch_args, **meta)),
         ("trivial Python autograd.Function fwd+bwd", python_function),
         ("one-op C++ autograd graph fwd+bwd", cpp_graph),
     ]

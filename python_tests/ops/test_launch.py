@@ -203,6 +203,6 @@ def test_recording_collects_launches_instead_of_running_them(gpu_less):
     x = torch.zeros(2)
     with launch.recording() as calls:
         run((1,), x, 2, 0.5, A=1, B=3, num_warps=4)
-    assert fn.calls == [] and calls == [(fn, (x, 2, 0.5), {"A": 1, "B": 3, "num_warps": 4})]
+    assert fn.calls == [] and calls == [(fn, (1,), (x, 2, 0.5), {"A": 1, "B": 3, "num_warps": 4})]
     run((1,), x, 2, 0.5, A=1, B=3)  # outside the context: launched again
     assert [c[0] for c in fn.calls] == ["ordinary"]

@@ -38,9 +38,10 @@ _recording: list | None = None
 
 @contextlib.contextmanager
 def recording():
-    """Inside this context every :class:`Launcher` call is recorded as ``(jit_function, args, meta)`` instead of
-    launched (outputs stay unwritten): how ``rmt_fast/ops/triton_check.py`` learns what the ops launch, to compile
-    it for GPU architectures on a machine without a GPU."""
+    """Inside this context every :class:`Launcher` call is recorded as ``(jit_function, grid, args, meta)`` instead
+    of launched (outputs stay unwritten): how ``rmt_fast/ops/triton_check.py`` learns what the ops launch, to
+    compile it for GPU architectures on a machine without a GPU, and how ``benchmarks/attention_host.py`` gets one
+    kernel's exact launch to time it alone."""
     global _recording
     saved, _recording = _recording, []
     try:
@@ -82,7 +83,7 @@ class Launcher:
 
     def __call__(self, grid, *args, **meta):
         if _recording is not None:
-            _recording.append((self.fn, args, meta))
+            _recording.append((self.fn, grid, args, meta))
             return
         if not self.direct:
             self.fn[grid](*args, **meta)

@@ -98,7 +98,7 @@ def record_launches() -> list[KernelLaunch]:
             for write_grad in (False, True):
                 lce.cross_entropy_rows(e(4, 1000, dtype=dtype), torch.zeros(4, dtype=torch.int64), -100, write_grad)
     seen, out = set(), []
-    for fn, args, meta in calls:
+    for fn, _grid, args, meta in calls:
         options = tuple((k, meta[k]) for k in ("num_warps", "num_stages") if k in meta)
         constexprs = tuple((k, v) for k, v in meta.items() if k not in ("num_warps", "num_stages"))
         names = [p.name for p in fn.params]
