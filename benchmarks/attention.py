@@ -41,7 +41,11 @@ import sys
 from pathlib import Path
 
 DEFAULT_SHAPES = ("8x12x544x64", "4x16x2080x128", "1x16x8224x128")
-METHODS = ("reference", "sdpa_mask", "flex", "triton", "cuda", "sdpa_causal")
+DEFAULT_METHODS = ("reference", "sdpa_mask", "flex", "triton", "cuda", "sdpa_causal")
+# ours with one backward schedule forced (rmt_fast/ops/memory_attention/triton.py ``_schedule``); "triton" is the
+# automatic choice
+SCHEDULE_METHODS = ("triton_split", "triton_fused", "triton_atomic")
+METHODS = DEFAULT_METHODS + SCHEDULE_METHODS
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -58,7 +62,8 @@ def parse_args(argv=None):
                    help="memory_bidirectional mask variants to run (default: both)")
     p.add_argument("--ragged", action="store_true",
                    help="random token counts per row in [L/2, L] instead of full rows (padding at the end)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to time")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+                   help="what to time (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default: 25)")
     p.add_argument("--iters", type=int, default=100, help="eager: calls per timed round (default: 100)")
     p.add_argument("--rounds", type=int, default=15, help="eager: timed rounds, median taken (default: 15)")
@@ -68,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--graph", action="store_true",
                    help="time replays of CUDA graphs (no Python/launch overhead: what a graph-captured step sees)")
     p.add_argument("--sweep", action="store_true", help="time candidate tile configs of our kernels instead")
+    p.add_argument("--sweep-kernels", nargs="+", choices=["fwd", "dkdv", "dq", "atomic", "fused"],
+                   help="with --sweep: the kernels to sweep (default: all)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -133,6 +140,8 @@ class Problem:
                                                                           enable_gqa=gqa),
             "triton": lambda q, k, v: _triton(q, k, v, lay, scale),
         }
+        for method in SCHEDULE_METHODS:
+            self.fns[method] = self.fns["triton"]
         self.skipped: dict[str, str] = {}
         if "flex" in args.methods:
             self._add_flex(args)
@@ -175,6 +184,17 @@ class Problem:
         lay, scale = self.layout, self.scale
         self.fns["cuda"] = lambda q, k, v: memory_attention(q, k, v, lay, scale, backend="cuda")
 
+    def context(self, method):
+        """What ``method`` runs its forward and backward under: the forced backward schedule of a ``triton_*``
+        method, else nothing."""
+        import contextlib
+        import importlib
+
+        if method not in SCHEDULE_METHODS:
+            return contextlib.nullcontext()
+        attention = importlib.import_module("rmt_fast.ops.memory_attention.triton")
+        return attention.backward_schedule(method.removeprefix("triton_"))
+
     def inputs(self, method):
         if method == "cuda":
             return (self.q16, self.k16, self.v16), self.do16
@@ -216,8 +236,9 @@ def max_errors(prob: Problem, method: str) -> dict[str, float]:
     """Max abs error of O, dQ, dK, dV against the reference, at valid query positions (O) and everywhere (grads)."""
     torch = prob.torch
     (q, k, v), do = prob.inputs(method)
-    out = prob.fns[method](q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v), do)
+    with prob.context(method):
+        out = prob.fns[method](q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), do)
     ref = _ref(q, k, v, prob.layout, prob.scale)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do)
     n = q.shape[2]
@@ -252,11 +273,12 @@ def _steps(prob: Problem, method: str, clear_grads: bool = True):
     fn = prob.fns[method]
 
     def fwd():
-        with torch.no_grad():
+        with torch.no_grad(), prob.context(method):
             fn(q, k, v)
 
     def fwd_bwd():
-        fn(q, k, v).backward(do)
+        with prob.context(method):
+            fn(q, k, v).backward(do)
         if clear_grads:
             q.grad = k.grad = v.grad = None
 
@@ -431,11 +453,26 @@ SWEEP = {
     "dq": [(128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 16, 4, 3),
            (64, 32, 4, 4), (32, 64, 4, 3), (64, 16, 4, 4), (128, 32, 4, 4), (128, 64, 8, 2), (64, 64, 4, 4),
            (128, 32, 8, 4), (64, 32, 4, 5), (128, 64, 4, 2)],
+    "atomic": [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3),
+               (32, 128, 8, 3), (16, 128, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3), (32, 64, 4, 4)],
+    # (BLOCK_M1, BLOCK_N1) of the dK/dV programs, (BLOCK_M2, BLOCK_N2) of the dQ programs, warps, stages
+    "fused": [(16, 128, 64, 32, 4, 3), (32, 64, 64, 32, 4, 3), (32, 128, 64, 32, 4, 3), (16, 128, 64, 64, 4, 3),
+              (32, 64, 64, 64, 4, 3), (16, 64, 64, 32, 4, 3), (16, 128, 128, 32, 4, 3), (32, 64, 64, 32, 8, 3),
+              (32, 128, 128, 32, 8, 3), (16, 128, 64, 32, 4, 4), (32, 64, 64, 32, 4, 2)],
 }
+# the backward schedule each backward kernel belongs to
+_SWEEP_SCHEDULE = {"dkdv": "split", "dq": "split", "atomic": "atomic", "fused": "fused"}
+
+
+def _candidate(kernel, values):
+    names = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if kernel == "fused" else ("BLOCK_M", "BLOCK_N")
+    *blocks, warps, stages = values
+    return {**dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages}
 
 
 def sweep(args, torch):
-    """Time each candidate config of one kernel (others at their defaults): fwd alone, or the backward alone."""
+    """Time each candidate config of one kernel (others at their defaults): fwd alone, or the backward alone
+    (under the schedule that kernel belongs to)."""
     from triton.testing import do_bench
 
     import importlib
@@ -444,16 +481,17 @@ def sweep(args, torch):
     attention = importlib.import_module("rmt_fast.ops.memory_attention.triton")
 
     default = attention._launch_config
+    kernels = args.sweep_kernels or list(SWEEP)
     for shape_txt in args.shapes:
         shape = parse_shape(shape_txt)
         prob = Problem(args, shape, bidir=args.bidirectional != "off", torch=torch)
         q, k, v, do = prob.q, prob.k, prob.v, prob.do
         print(f"\n== {shape_txt} {args.dtype} (default: "
-              + ", ".join(f"{kn} {default(kn, shape[3], q.dtype)}" for kn in SWEEP) + ")")
-        for kernel, candidates in SWEEP.items():
+              + ", ".join(f"{kn} {default(kn, shape[3], q.dtype)}" for kn in kernels) + ")")
+        for kernel in kernels:
             timings = []
-            for bm, bn, warps, stages in candidates:
-                cand = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+            for values in SWEEP[kernel]:
+                cand = _candidate(kernel, values)
                 attention._launch_config = lambda kn, d, dt, cand=cand, kernel=kernel: (
                     {**default(kn, d, dt), **cand} if kn == kernel else default(kn, d, dt))
                 try:
@@ -463,16 +501,17 @@ def sweep(args, torch):
                                           rep=args.rep, return_mode="median")
                     else:
                         out = _triton(q, k, v, prob.layout, prob.scale)
-                        ms = do_bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
-                                      warmup=args.warmup, rep=args.rep, return_mode="median")
+                        with attention.backward_schedule(_SWEEP_SCHEDULE[kernel]):
+                            ms = do_bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
+                                          warmup=args.warmup, rep=args.rep, return_mode="median")
                     timings.append((ms, cand))
                 except Exception as e:  # out of shared memory / registers: not a usable config
                     print(f"  {kernel} {cand}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
                 finally:
                     attention._launch_config = default
             for ms, cand in sorted(timings, key=lambda t: t[0]):
-                print(f"  {kernel:5s} {ms:8.4f} ms  BM={cand['BLOCK_M']:3d} BN={cand['BLOCK_N']:3d} "
-                      f"w={cand['num_warps']} s={cand['num_stages']}")
+                blocks = " ".join(f"{name[6:]}={value:3d}" for name, value in cand.items() if name.startswith("BLOCK"))
+                print(f"  {kernel:6s} {ms:8.4f} ms  {blocks} w={cand['num_warps']} s={cand['num_stages']}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -506,7 +545,7 @@ def main(argv=None):
                         print(note)
                     continue
                 errs[method] = ""
-                if method in ("triton", "cuda"):
+                if method in ("triton", "cuda", *SCHEDULE_METHODS):
                     e = max_errors(prob, method)
                     errs[method] = max(e["o"], e["dq"], e["dk"], e["dv"])
                     print(f"[check] {shape_txt} bidir={bidir} {method}: "

@@ -4,7 +4,8 @@ At RMT segment shapes an eager attention call is host-bound: its kernels take le
 Triton launches and the autograd engine take on the CPU. This times pieces of the call in isolation, each as
 back-to-back calls between two synchronisations (median of rounds): the whole op, its forward, its backward
 through autograd, the kernel entry points without autograd, one backward kernel launched directly and through
-Triton's ordinary launch, a trivial Python autograd Function and a one-op C++ autograd graph (the engine's own
+Triton's ordinary launch (the first kernel of the backward's schedule), the op and SDPA with the autograd
+engine's backward on the calling thread (``set_multithreading_enabled(False)``), a trivial Python autograd Function and a one-op C++ autograd graph (the engine's own
 cost), and SDPA with the explicit mask for comparison. "host" is the time until the last call returned, "wall"
 until the GPU finished: host == wall means host-bound.
 
@@ -90,15 +91,21 @@ def main(argv=None):
         Identity.apply(q).backward(do)
         clear()
 
+    def _single_threaded(fn):  # the backward on the calling thread: no hand-off to the device thread and back
+        with torch.autograd.set_multithreading_enabled(False):
+            fn()
+
     def cpp_graph():
         (q * 1).backward(do)
         clear()
 
     from rmt_fast.ops import launch
 
-    with launch.recording() as calls:  # the backward's own dQ launch (arguments, grid, constexprs), not run
+    with launch.recording() as calls:  # the backward's own first launch (arguments, grid, constexprs), not run
         att.backward(do, q, k, v, out, lse, seq_lens, 16, 16, True, False, scale)
-    _, grid, launch_args, meta = next(c for c in calls if c[0] is att._bwd_dq_kernel)
+    kernel, grid, launch_args, meta = calls[0]
+    launcher = next(x for x in vars(att).values() if isinstance(x, launch.Launcher) and x.fn is kernel)
+    name = kernel.__name__.strip("_").removesuffix("_kernel")
     pieces = [
         ("memory_attention fwd+bwd (eager)", op_fwd_bwd),
         ("SDPA + explicit mask fwd+bwd", sdpa_fwd_bwd),
@@ -107,17 +114,20 @@ def main(argv=None):
         ("triton.forward (no autograd)", lambda: att.forward(q, k, v, seq_lens, 16, 16, True, False, scale)),
         ("triton.backward (no autograd)",
          lambda: att.backward(do, q, k, v, out, lse, seq_lens, 16, 16, True, False, scale)),
-        ("dQ kernel, direct launch", lambda: att._bwd_dq(grid, *launch_args, **meta)),
-        ("dQ kernel, Triton's launch", lambda: att._bwd_dq_kernel[grid](*launch_args, **meta)),
+        (f"{name} kernel ({len(calls)} launch(es) per backward), direct launch",
+         lambda: launcher(grid, *launch_args, **meta)),
+        (f"{name} kernel, Triton's launch", lambda: kernel[grid](*launch_args, **meta)),
+        ("memory_attention fwd+bwd, autograd multithreading off", lambda: _single_threaded(op_fwd_bwd)),
+        ("SDPA + explicit mask fwd+bwd, multithreading off", lambda: _single_threaded(sdpa_fwd_bwd)),
         ("trivial Python autograd.Function fwd+bwd", python_function),
         ("one-op C++ autograd graph fwd+bwd", cpp_graph),
     ]
     rows = []
-    print(f"{'piece':44s} {'host us':>9s} {'wall us':>9s}")
+    print(f"{'piece':60s} {'host us':>9s} {'wall us':>9s}")
     for name, fn in pieces:
         host, wall = timed(fn)
         rows.append({"shape": args.shape, "piece": name, "host_us": round(host, 1), "wall_us": round(wall, 1)})
-        print(f"{name:44s} {host:9.1f} {wall:9.1f}", flush=True)
+        print(f"{name:60s} {host:9.1f} {wall:9.1f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "attention_host.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -88,6 +88,18 @@ def test_launch_key_covers_what_triton_specialises_on(gpu_less):
     assert fn.calls[-1][0] == "direct"
 
 
+def test_a_none_where_a_tensor_led_gets_its_own_key(gpu_less):
+    """The key is built from the leading tensors of the first call; a later call with None in such a slot (an
+    optional pointer) takes the general key and its own compiled kernel, then launches directly."""
+    fn = FakeJit()
+    run = launch.Launcher(fn)
+    run((1,), torch.zeros(4), 4, 0.5, A=1, B=1)
+    run((1,), None, 4, 0.5, A=1, B=1)
+    run((1,), None, 4, 0.5, A=1, B=1)
+    run((1,), torch.zeros(4), 4, 0.5, A=1, B=1)
+    assert [c[0] for c in fn.calls] == ["ordinary", "ordinary", "direct", "direct"]
+
+
 def test_device_is_part_of_the_key(gpu_less, monkeypatch):
     fn = FakeJit()
     run = launch.Launcher(fn)

@@ -8,6 +8,7 @@ an output gradient that is zero at padding queries (nothing downstream reads the
 """
 from __future__ import annotations
 
+import contextlib
 
 import pytest
 import torch
@@ -255,6 +256,71 @@ def test_random_layouts(backend, case):
     layout = _layout(*case["layout"])
     check_backend(backend, *_inputs(case["b"], case["hq"], case["hkv"], case["n"], case["d"], case["dtype"],
                                     case["transposed"], case["seed"]), layout)
+
+
+# ---- the Triton backward's schedules ------------------------------------------------------------------------------
+
+SCHEDULES = ["split", "fused", "atomic"]
+_NEEDS_TRITON = TRITON.marks[0]  # the skip mark of the "triton" backend param
+
+
+def _triton_module():
+    import importlib
+
+    return importlib.import_module("rmt_fast.ops.memory_attention.triton")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("causal,bidir", MASKS, ids=MASK_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@_NEEDS_TRITON
+def test_triton_backward_schedules(schedule, causal, bidir, dtype):
+    """Each schedule of the Triton backward, forced, against the reference: ragged rows, GQA, transposed inputs,
+    a head dim below its tile (40), rows longer than one tile."""
+    layout = _layout(3, 5, [27, 9, 0], causal, bidir)
+    with _triton_module().backward_schedule(schedule):
+        check_backend("triton", *_inputs(3, 4, 2, 37, 40, dtype, transposed=True, seed=11), layout)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_cases())
+@_NEEDS_TRITON
+def test_triton_backward_schedules_random_layouts(schedule, case):
+    with _triton_module().backward_schedule(schedule):
+        check_backend("triton", *_inputs(case["b"], case["hq"], case["hkv"], case["n"], case["d"], case["dtype"],
+                                         case["transposed"], case["seed"]), _layout(*case["layout"]))
+
+
+def test_triton_backward_schedule_choice():
+    """Which kernels each schedule launches (recorded, not run, so no GPU is needed), the automatic choice by
+    problem size, and "atomic" giving way to "split" under torch's deterministic algorithms."""
+    from rmt_fast.ops import launch
+
+    att = _triton_module()
+
+    def launched(n, schedule=None):
+        q = torch.empty(1, 2, n, 16)
+        lse, lens = torch.empty(1, 2, n), torch.full((1,), n - 4, dtype=torch.int32)
+        with launch.recording() as calls, (att.backward_schedule(schedule) if schedule else contextlib.nullcontext()):
+            att.backward(q, q, q, q, q, lse, lens, 2, 2, True, False, 0.25)
+        return [(fn.__name__, meta.get("ATOMIC_DQ")) for fn, _grid, _args, meta in calls]
+
+    assert launched(64, "split") == [("_bwd_dq_kernel", None), ("_bwd_dkdv_kernel", False)]
+    assert launched(64, "fused") == [("_bwd_fused_kernel", None)]
+    assert launched(64, "atomic") == [("_bwd_dkdv_kernel", True)]
+    assert launched(64) == [("_bwd_fused_kernel", None)]  # 2 * 64 * 64 * 16: far below FUSED_MAX_WORK
+    big = int((att.FUSED_MAX_WORK / 32) ** 0.5) + 16
+    assert launched(big) == [("_bwd_dq_kernel", None), ("_bwd_dkdv_kernel", False)]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert launched(64, "atomic") == [("_bwd_dq_kernel", None), ("_bwd_dkdv_kernel", False)]
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    with pytest.raises(ValueError, match="name must be one of"):
+        with att.backward_schedule("fast"):
+            pass
 
 
 @pytest.mark.parametrize("backend", FUSED)

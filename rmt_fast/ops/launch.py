@@ -55,8 +55,11 @@ def _launch(kernel, grid: tuple, device: int, args: tuple) -> None:
     lookup. ``grid`` has three dimensions: the compiled kernel's launcher reads three (JITFunction.run pads them)."""
     stream = _current_stream(device)
     runtime = triton.knobs.runtime
-    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
-               kernel.launch_metadata(grid, stream, *args), runtime.launch_enter_hook, runtime.launch_exit_hook, *args)
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    # the launch metadata is for the enter hook (profilers); without one Triton's runner computes None too
+    metadata = None if enter is None else kernel.launch_metadata(grid, stream, *args)
+    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, metadata, enter, exit_,
+               *args)
 
 
 class Launcher:
@@ -80,6 +83,7 @@ class Launcher:
         if any(not f for f in flags[self._num_args:]):
             self.direct = False  # a runtime parameter after a constexpr: the positional order below would not hold
         self._constexpr_names = tuple(p.name for p in params[self._num_args:])
+        self._leading_tensors = 0  # set by the first call: how many of the arguments lead as tensors
 
     def __call__(self, grid, *args, **meta):
         if _recording is not None:
@@ -88,9 +92,16 @@ class Launcher:
         if not self.direct:
             self.fn[grid](*args, **meta)
             return
+        if not self._leading_tensors:
+            self._leading_tensors = next((i for i, a in enumerate(args) if not isinstance(a, Tensor)), len(args))
         device = torch.cuda.current_device()
-        key = (device, tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor) else
-                              a if type(a) is int else type(a) for a in args]), tuple(meta.items()))
+        nt = self._leading_tensors
+        try:  # the usual form: the kernel's pointer arguments first, all tensors
+            key = (device, tuple([(a.dtype, a.data_ptr() % 16 == 0) for a in args[:nt]]),
+                   tuple([a if type(a) is int else type(a) for a in args[nt:]]), tuple(meta.items()))
+        except AttributeError:  # a non-tensor (None) where the first call had a tensor
+            key = (device, tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor) else
+                                  a if type(a) is int else type(a) for a in args]), tuple(meta.items()))
         entry = self._compiled.get(key)
         if entry is None:
             self._first_launch(key, grid, args, meta)

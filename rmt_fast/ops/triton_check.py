@@ -85,7 +85,9 @@ def record_launches() -> list[KernelLaunch]:
                 lens = torch.full((2,), 16, dtype=torch.int32)
                 for causal, bidir in masks:
                     out, lse = attention.forward(q, k, v, lens, 8, 8, causal, bidir, d ** -0.5)
-                    attention.backward(out, q, k, v, out, lse, lens, 8, 8, causal, bidir, d ** -0.5)
+                    for schedule in attention.SCHEDULES:
+                        with attention.backward_schedule(schedule):
+                            attention.backward(out, q, k, v, out, lse, lens, 8, 8, causal, bidir, d ** -0.5)
             for width in (768, 4096):
                 block_kernels.rms_norm(e(4, width, dtype=dtype), e(width, dtype=dtype), 1e-6)
             x = e(1, 4, 8, 64, dtype=dtype)

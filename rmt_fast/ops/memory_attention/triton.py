@@ -8,10 +8,18 @@ Kernels (all accumulate in fp32; scores are kept in the log2 domain, ``s2 = q.k 
 
 - ``_fwd_kernel``: one program per (query tile, b, q head); online softmax; writes O and ``lse2`` (log2-sum-exp,
   ``+inf`` at padding queries so that the backward gives them probability 0).
-- ``_bwd_dq_kernel`` (first): one program per (query tile, b, q head); writes ``delta = rowsum(dO * O)`` of its
-  rows, then loops over key tiles.
-- ``_bwd_dkdv_kernel`` (second, reads delta): one program per (key tile, b, kv head); loops over the query heads of
-  the GQA group and their query tiles, so dK/dV need no atomics.
+The backward has three schedules (``_schedule``), all from the same two program bodies:
+
+- ``_bwd_dq_program``: one query tile of one (b, q head): delta = rowsum(dO * O) of its rows, then a loop over
+  the key tiles it can see, accumulating dQ.
+- ``_bwd_dkdv_program``: one key tile of one (b, kv head): loops over the query heads of the GQA group and the
+  query tiles that can see it, accumulating dK/dV without atomics; optionally adds each tile pair's dQ share into
+  an fp32 buffer with atomics.
+
+"split" (deterministic, large problems): ``_bwd_dq_kernel`` (stores delta) then ``_bwd_dkdv_kernel`` (reads it).
+"fused" (small problems, where an eager call is host-bound): ``_bwd_fused_kernel``, one launch whose 1-D grid
+holds the dK/dV programs and then the dQ programs, each computing delta from O itself. "atomic" (opt-in):
+``_bwd_dkdv_kernel`` alone with atomic dQ, five matmuls per tile pair instead of seven.
 
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU tensors with one fixed
 small tile config, and every loaded tile is upcast to fp32 (the interpreter's bf16/fp16 dot is not reliable).
@@ -20,6 +28,7 @@ the host, so it can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -198,11 +207,12 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                    offs_n, offs_d, lo, hi, N, valid, num_read, write_start, qk_scale,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, dq_base,
+                    stride_qn, stride_don, stride_on, stride_dqn,
+                    offs_n, offs_d, lo, hi, N, valid, num_read, write_start, scale, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, DELTA_FROM_O: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, N, offs_d,
@@ -211,7 +221,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                         HEAD_DIM, BLOCK_D, UPCAST)
         # lse is +inf at padding queries: their probabilities are exactly 0.
         lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=float("inf"))
-        delta = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
+        if DELTA_FROM_O:
+            o = _load_tile(o_base + offs_m[:, None] * stride_on + offs_d[None, :], offs_m, N, offs_d,
+                           HEAD_DIM, BLOCK_D, True)
+            delta = tl.sum(o * do.to(tl.float32), 1)
+        else:
+            delta = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
         # Transposed scores [BLOCK_N, BLOCK_M]: keys along rows, so dK/dV accumulate without transposing back.
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         p_t = tl.math.exp2(s_t - lse[None, :])
@@ -220,23 +235,28 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                            p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:  # this key tile's share of dQ, added into the fp32 accumulator
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * scale
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq,
+                          mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["num_read", "num_write"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_LENS,
-                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-    # Grid (B*H_KV, key tiles): the first key tiles (the most queries under the causal mask) start first.
-    bhk = tl.program_id(0)
-    pid_n = tl.program_id(1)
+@triton.jit
+def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, SEQ_LENS,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                      stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                      H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      DELTA_FROM_O: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """dK/dV of key tile ``pid_n`` of (b, kv head) ``bhk``: loops over the query heads of the GQA group and the query
+    tiles that can see the key tile. ``DELTA_FROM_O``: compute delta = rowsum(dO * O) per query tile instead of
+    reading it from DELTA; ``ATOMIC_DQ``: also add this tile's dQ contributions into the fp32 tensor DQ."""
     b = bhk // H_KV
     hk = bhk % H_KV
     seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
@@ -256,17 +276,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_LENS,
     start, full_start, end = _query_range(n0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
     for g in range(GROUPS):
         h = hk * GROUPS + g
-        bh = (b * H + h).to(tl.int64)
-        q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * N, DELTA + bh * N, stride_qn,
-                                 stride_don, offs_n, offs_d, start, full_start, N, valid, num_read, write_start,
-                                 qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, BIDIR, UPCAST,
-                                 DOT_PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * N, DELTA + bh * N, stride_qn,
-                                 stride_don, offs_n, offs_d, full_start, end, N, valid, num_read, write_start,
-                                 qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, BIDIR, UPCAST,
-                                 DOT_PRECISION)
+        h64 = h.to(tl.int64)
+        bh = b64 * H + h64
+        q_base = Q + b64 * stride_qb + h64 * stride_qh
+        do_base = DO + b64 * stride_dob + h64 * stride_doh
+        o_base = O + b64 * stride_ob + h64 * stride_oh
+        dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, LSE + bh * N, DELTA + bh * N, dq_base,
+                                 stride_qn, stride_don, stride_on, stride_dqn, offs_n, offs_d, start, full_start,
+                                 N, valid, num_read, write_start, scale, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True,
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, ATOMIC_DQ)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, LSE + bh * N, DELTA + bh * N, dq_base,
+                                 stride_qn, stride_don, stride_on, stride_dqn, offs_n, offs_d, full_start, end,
+                                 N, valid, num_read, write_start, scale, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False,
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, ATOMIC_DQ)
     dk = dk * scale
     store_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -297,18 +320,17 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
     return dq
 
 
-@triton.jit(do_not_specialize=["num_read", "num_write"])
-def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
-                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                   stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-                   H, GROUPS, N, num_read, num_write, scale, qk_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # Grid (B*H, query tiles), the last query tiles first: under the causal mask they have the most keys, so the
-    # long programs start in the first wave and the short ones fill the tail.
-    bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+@triton.jit
+def _bwd_dq_program(bh, pid_m, Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
+                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                    H, GROUPS, N, num_read, num_write, scale, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    STORE_DELTA: tl.constexpr):
+    """dQ of query tile ``pid_m`` of (b, q head) ``bh``; delta = rowsum(dO * O) of its rows computed here (and
+    stored into DELTA with ``STORE_DELTA``, for a dK/dV kernel that runs after this one)."""
     b = bh // H
     h = bh % H
     hk = h // GROUPS
@@ -325,11 +347,11 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
                    offs_m, N, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
     do = _load_tile(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
                     offs_m, N, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
-    # delta = rowsum(dO * O), for this kernel and (stored) for the dK/dV kernel that runs after it.
     o = _load_tile(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
                    offs_m, N, offs_d, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+    if STORE_DELTA:
+        tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
     lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
@@ -347,6 +369,77 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
 
 
+@triton.jit(do_not_specialize=["num_read", "num_write"])
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                   stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                   H, GROUPS, N, num_read, num_write, scale, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Grid (B*H, query tiles), the last query tiles first: under the causal mask they have the most keys, so the
+    # long programs start in the first wave and the short ones fill the tail.
+    _bwd_dq_program(tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1), Q, K, V, O, DO, LSE, DELTA, DQ,
+                    SEQ_LENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                    H, GROUPS, N, num_read, num_write, scale, qk_scale,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True)
+
+
+@triton.jit(do_not_specialize=["num_read", "num_write"])
+def _bwd_dkdv_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, SEQ_LENS,
+                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                     stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                     H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     DELTA_FROM_O: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    # Grid (B*H_KV, key tiles): the first key tiles (the most queries under the causal mask) start first.
+    _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, SEQ_LENS,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                      stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                      H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
+                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O,
+                      ATOMIC_DQ)
+
+
+@triton.jit(do_not_specialize=["num_read", "num_write"])
+def _bwd_fused_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                      stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                      H, H_KV, GROUPS, N, KV_PROGRAMS, KV_TILES, Q_TILES, num_read, num_write, scale, qk_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M1: tl.constexpr,
+                      BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+                      CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # One launch for the whole backward (1-D grid): the first KV_PROGRAMS programs are dK/dV programs (first key
+    # tiles first), the rest dQ programs (last query tiles first). Neither reads the other's output: both compute
+    # delta from O themselves.
+    pid = tl.program_id(0)
+    if pid < KV_PROGRAMS:
+        _bwd_dkdv_program(pid // KV_TILES, pid % KV_TILES, Q, K, V, O, DO, LSE, LSE, DQ, DK, DV, SEQ_LENS,
+                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                          stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                          stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                          stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                          H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
+                          HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True, False)
+    else:
+        j = pid - KV_PROGRAMS
+        _bwd_dq_program(j // Q_TILES, Q_TILES - 1 - j % Q_TILES, Q, K, V, O, DO, LSE, LSE, DQ, SEQ_LENS,
+                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                        stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                        H, GROUPS, N, num_read, num_write, scale, qk_scale,
+                        HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------------
@@ -354,27 +447,68 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
 
 @functools.lru_cache(maxsize=None)
 def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes, warps and pipeline stages for ``kernel`` ("fwd" | "dkdv" | "dq"), with the head-dim constants.
+    """Tile sizes, warps and pipeline stages for ``kernel`` with the head-dim constants.
 
-    Fixed per head dim rather than autotuned: no first-call tuning pause, and the op can be captured in a CUDA
-    graph on its first call. Picked from a sweep on an H200 (bf16; B8 H12 N544 D64, B4 H16 N2080 D128,
+    kernel: "fwd", "dq" and "dkdv" (the split backward), "atomic" (the dK/dV kernel that also adds dQ) or "fused"
+    (the one-launch backward: ``BLOCK_M1``/``BLOCK_N1`` of its dK/dV programs, ``BLOCK_M2``/``BLOCK_N2`` of its
+    dQ programs). Fixed per head dim rather than autotuned: no first-call tuning pause, and the op can be captured
+    in a CUDA graph on its first call. Picked from a sweep on an H200 (bf16; B8 H12 N544 D64, B4 H16 N2080 D128,
     B1 H16 N8224 D128): each choice is within a few percent of the best at every one of those shapes.
     ``python benchmarks/attention.py --sweep`` re-measures the candidates on another GPU.
     """
+    if kernel not in ("fwd", "dq", "dkdv", "atomic", "fused"):
+        raise ValueError(f"kernel must be 'fwd', 'dq', 'dkdv', 'atomic' or 'fused', got {kernel!r}")
     dims = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "UPCAST": _INTERPRET,
             "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
     if _INTERPRET:  # the interpreter runs one program at a time on numpy: small tiles
+        if kernel == "fused":
+            return {**dims, "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16}
         return {**dims, "BLOCK_M": 16, "BLOCK_N": 16}
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: smaller tiles, fewer stages (shared memory)
-        table = {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)}
+        table = {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "atomic": (32, 32, 4, 2),
+                 "fused": (32, 32, 32, 32, 4, 2)}
     elif head_dim > 64:
-        table = {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3), "dq": (64, 32, 4, 3)}
+        table = {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3), "dq": (64, 32, 4, 3), "atomic": (32, 64, 4, 3),
+                 "fused": (32, 64, 64, 32, 4, 3)}
     else:
-        table = {"fwd": (64, 64, 4, 3), "dkdv": (16, 128, 4, 3), "dq": (64, 32, 4, 4)}
-    if kernel not in table:
-        raise ValueError(f"kernel must be 'fwd', 'dkdv' or 'dq', got {kernel!r}")
-    block_m, block_n, warps, stages = table[kernel]
-    return {**dims, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+        table = {"fwd": (64, 64, 4, 3), "dkdv": (16, 128, 4, 3), "dq": (64, 32, 4, 4), "atomic": (16, 128, 4, 3),
+                 "fused": (16, 128, 64, 32, 4, 3)}
+    *blocks, warps, stages = table[kernel]
+    names = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if kernel == "fused" else ("BLOCK_M", "BLOCK_N")
+    return {**dims, **dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages}
+
+
+SCHEDULES = ("split", "fused", "atomic")
+_schedule_override: str | None = None
+# Below this much work (B * Hq * N * N * D) the backward takes one launch ("fused"): at such sizes an eager call is
+# host-bound, and the launch saved is worth more than the GPU time the fused kernel spends recomputing delta.
+FUSED_MAX_WORK = 8 * 2 ** 30
+
+
+@contextlib.contextmanager
+def backward_schedule(name: str):
+    """Inside this context every backward uses ``name`` (one of :data:`SCHEDULES`) instead of the automatic choice
+    (for benchmarks and tests). "atomic" still yields to "split" while torch's deterministic algorithms are on."""
+    global _schedule_override
+    if name not in SCHEDULES:
+        raise ValueError(f"name must be one of {SCHEDULES}, got {name!r}")
+    saved, _schedule_override = _schedule_override, name
+    try:
+        yield
+    finally:
+        _schedule_override = saved
+
+
+def _schedule(b: int, h: int, n: int, d: int) -> str:
+    """How the backward runs: "fused" (one launch; dK/dV and dQ programs side by side, each computing delta),
+    "split" (a dQ kernel that stores delta, then a dK/dV kernel; deterministic) or "atomic" (one dK/dV kernel that
+    also adds dQ into an fp32 buffer with atomics: two matmuls fewer, not bit-reproducible)."""
+    name = _schedule_override
+    if name is None:
+        name = "fused" if b * h * n * n * d <= FUSED_MAX_WORK else "split"
+    if name == "atomic" and torch.are_deterministic_algorithms_enabled():
+        name = "split"
+    return name
 
 
 def _strides(*xs: torch.Tensor) -> list[int]:
@@ -396,6 +530,7 @@ def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
 _fwd = Launcher(_fwd_kernel)
 _bwd_dq = Launcher(_bwd_dq_kernel)
 _bwd_dkdv = Launcher(_bwd_dkdv_kernel)
+_bwd_fused = Launcher(_bwd_fused_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,23 +562,43 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              bidirectional: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` shaped, typed and laid out like q, k, v; exactly 0 at padding positions.
 
-    Two launches: dQ (which also writes ``delta = rowsum(dO * O)``), then dK/dV (which reads it).
+    One launch for small problems, two (dQ, which also writes ``delta = rowsum(dO * O)``, then dK/dV) otherwise;
+    see :func:`_schedule`.
     """
     q, k, v, do = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v), _inner_contiguous(dout)
     b, h, n, d = q.shape
     h_kv = k.shape[1]
-    delta = torch.empty_like(lse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     qk_scale = scale * _LOG2E
-    s_qkv, s_do = _strides(q, k, v), _strides(do)
+    s_in = _strides(q, k, v, out, do)
+    schedule = _schedule(b, h, n, d)
+    if schedule == "fused":
+        dq = torch.empty_like(q)
+        cfg = _launch_config("fused", d, q.dtype)
+        kv_tiles, q_tiles = _cdiv(n, cfg["BLOCK_N1"]), _cdiv(n, cfg["BLOCK_M2"])
+        kv_programs = b * h_kv * kv_tiles
+        _bwd_fused((kv_programs + b * h * q_tiles,),
+                   q, k, v, out, do, lse, dq, dk, dv, seq_lens, *s_in, *_strides(dq, dk, dv),
+                   h, h_kv, h // h_kv, n, kv_programs, kv_tiles, q_tiles, num_read, num_write, scale, qk_scale,
+                   CAUSAL=causal, BIDIR=bidirectional, **cfg)
+        return dq, dk, dv
+    if schedule == "atomic":
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        cfg = _launch_config("atomic", d, q.dtype)
+        _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
+                  q, k, v, out, do, lse, lse, dq, dk, dv, seq_lens, *s_in, *_strides(dq, dk, dv),
+                  h, h_kv, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional,
+                  DELTA_FROM_O=True, ATOMIC_DQ=True, **cfg)
+        return dq.to(q.dtype), dk, dv
+    delta = torch.empty_like(lse)
+    dq = torch.empty_like(q)
     cfg = _launch_config("dq", d, q.dtype)
     _bwd_dq((b * h, _cdiv(n, cfg["BLOCK_M"])),
-            q, k, v, out, do, lse, delta, dq, seq_lens,
-            *s_qkv, *_strides(out), *s_do, *_strides(dq),
+            q, k, v, out, do, lse, delta, dq, seq_lens, *s_in, *_strides(dq),
             h, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, **cfg)
     cfg = _launch_config("dkdv", d, q.dtype)
     _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
-              q, k, v, do, lse, delta, dk, dv, seq_lens,
-              *s_qkv, *s_do, *_strides(dk, dv),
-              h, h_kv, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, **cfg)
+              q, k, v, out, do, lse, delta, dq, dk, dv, seq_lens, *s_in, *_strides(dq, dk, dv),
+              h, h_kv, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional,
+              DELTA_FROM_O=False, ATOMIC_DQ=False, **cfg)
     return dq, dk, dv
