@@ -25,8 +25,10 @@ which is what a graph-captured RMT segment step sees.
 
 Writes ``<out>/attention.csv`` and ``<out>/attention.png`` (``attention_graph.*`` with --graph), prints a table,
 and with ``--append-results FILE`` appends a dated section (GPU, versions, command, table) to FILE.
-``--sweep`` instead times every candidate tile config of our three kernels at the chosen shapes (to retune
-``_launch_config`` on a new GPU).
+``--sweep`` instead times every candidate tile config of our kernels (the forward, the split backward's dQ and
+dK/dV kernels, the fused backward) at the chosen shapes, to retune ``_launch_config`` on a new GPU.
+``--methods triton_split triton_fused`` time ours with one backward schedule forced ("triton" is the automatic
+choice).
 
 Example: ``python benchmarks/attention.py --append-results benchmarks/RESULTS.md``
 """
@@ -44,7 +46,7 @@ DEFAULT_SHAPES = ("8x12x544x64", "4x16x2080x128", "1x16x8224x128")
 DEFAULT_METHODS = ("reference", "sdpa_mask", "flex", "triton", "cuda", "sdpa_causal")
 # ours with one backward schedule forced (rmt_fast/ops/memory_attention/triton.py ``_schedule``); "triton" is the
 # automatic choice
-SCHEDULE_METHODS = ("triton_split", "triton_fused", "triton_atomic")
+SCHEDULE_METHODS = ("triton_split", "triton_fused")
 METHODS = DEFAULT_METHODS + SCHEDULE_METHODS
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -73,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--graph", action="store_true",
                    help="time replays of CUDA graphs (no Python/launch overhead: what a graph-captured step sees)")
     p.add_argument("--sweep", action="store_true", help="time candidate tile configs of our kernels instead")
-    p.add_argument("--sweep-kernels", nargs="+", choices=["fwd", "dkdv", "dq", "atomic", "fused"],
+    p.add_argument("--sweep-kernels", nargs="+", choices=["fwd", "dkdv", "dq", "fused"],
                    help="with --sweep: the kernels to sweep (default: all)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -453,15 +455,13 @@ SWEEP = {
     "dq": [(128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 16, 4, 3),
            (64, 32, 4, 4), (32, 64, 4, 3), (64, 16, 4, 4), (128, 32, 4, 4), (128, 64, 8, 2), (64, 64, 4, 4),
            (128, 32, 8, 4), (64, 32, 4, 5), (128, 64, 4, 2)],
-    "atomic": [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3),
-               (32, 128, 8, 3), (16, 128, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3), (32, 64, 4, 4)],
     # (BLOCK_M1, BLOCK_N1) of the dK/dV programs, (BLOCK_M2, BLOCK_N2) of the dQ programs, warps, stages
     "fused": [(16, 128, 64, 32, 4, 3), (32, 64, 64, 32, 4, 3), (32, 128, 64, 32, 4, 3), (16, 128, 64, 64, 4, 3),
               (32, 64, 64, 64, 4, 3), (16, 64, 64, 32, 4, 3), (16, 128, 128, 32, 4, 3), (32, 64, 64, 32, 8, 3),
               (32, 128, 128, 32, 8, 3), (16, 128, 64, 32, 4, 4), (32, 64, 64, 32, 4, 2)],
 }
 # the backward schedule each backward kernel belongs to
-_SWEEP_SCHEDULE = {"dkdv": "split", "dq": "split", "atomic": "atomic", "fused": "fused"}
+_SWEEP_SCHEDULE = {"dkdv": "split", "dq": "split", "fused": "fused"}
 
 
 def _candidate(kernel, values):

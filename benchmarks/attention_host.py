@@ -5,9 +5,9 @@ Triton launches and the autograd engine take on the CPU. This times pieces of th
 back-to-back calls between two synchronisations (median of rounds): the whole op, its forward, its backward
 through autograd, the kernel entry points without autograd, one backward kernel launched directly and through
 Triton's ordinary launch (the first kernel of the backward's schedule), the op and SDPA with the autograd
-engine's backward on the calling thread (``set_multithreading_enabled(False)``), a trivial Python autograd Function and a one-op C++ autograd graph (the engine's own
-cost), and SDPA with the explicit mask for comparison. "host" is the time until the last call returned, "wall"
-until the GPU finished: host == wall means host-bound.
+engine's backward on the calling thread (``set_multithreading_enabled(False)``), a trivial Python autograd
+Function and a one-op C++ autograd graph (the engine's own cost), and SDPA with the explicit mask for comparison.
+"host" is the time until the last call returned, "wall" until the GPU finished: host == wall means host-bound.
 
 Writes ``<out>/attention_host.csv`` and prints a table.
 

@@ -22,7 +22,7 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90_and_fits_shared_memory()
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
              for arch in (80, 90)}
     outputs = {arch: p.communicate(timeout=900)[0] for arch, p in procs.items()}
-    kernels = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_rms_norm_kernel", "_rotary_kernel",
+    kernels = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_fused_kernel", "_rms_norm_kernel", "_rotary_kernel",
                "_silu_mul_kernel", "_gather_memory_kernel", "_place_memory_kernel", "_cross_entropy_rows")
     for arch, out in outputs.items():
         assert procs[arch].returncode == 0, out[-4000:]

@@ -8,18 +8,16 @@ Kernels (all accumulate in fp32; scores are kept in the log2 domain, ``s2 = q.k 
 
 - ``_fwd_kernel``: one program per (query tile, b, q head); online softmax; writes O and ``lse2`` (log2-sum-exp,
   ``+inf`` at padding queries so that the backward gives them probability 0).
-The backward has three schedules (``_schedule``), all from the same two program bodies:
+The backward has two schedules (``_schedule``), both from the same two program bodies:
 
 - ``_bwd_dq_program``: one query tile of one (b, q head): delta = rowsum(dO * O) of its rows, then a loop over
   the key tiles it can see, accumulating dQ.
 - ``_bwd_dkdv_program``: one key tile of one (b, kv head): loops over the query heads of the GQA group and the
-  query tiles that can see it, accumulating dK/dV without atomics; optionally adds each tile pair's dQ share into
-  an fp32 buffer with atomics.
+  query tiles that can see it, accumulating dK/dV without atomics.
 
-"split" (deterministic, large problems): ``_bwd_dq_kernel`` (stores delta) then ``_bwd_dkdv_kernel`` (reads it).
-"fused" (small problems, where an eager call is host-bound): ``_bwd_fused_kernel``, one launch whose 1-D grid
-holds the dK/dV programs and then the dQ programs, each computing delta from O itself. "atomic" (opt-in):
-``_bwd_dkdv_kernel`` alone with atomic dQ, five matmuls per tile pair instead of seven.
+"split" (large problems): ``_bwd_dq_kernel`` (stores delta) then ``_bwd_dkdv_kernel`` (reads it). "fused" (small
+problems, where an eager call is host-bound): ``_bwd_fused_kernel``, one launch whose 1-D grid holds the dK/dV
+programs and then the dQ programs, each computing delta from O itself.
 
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU tensors with one fixed
 small tile config, and every loaded tile is upcast to fp32 (the interpreter's bf16/fp16 dot is not reliable).
@@ -207,12 +205,11 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, dq_base,
-                    stride_qn, stride_don, stride_on, stride_dqn,
-                    offs_n, offs_d, lo, hi, N, valid, num_read, write_start, scale, qk_scale,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, stride_qn, stride_don, stride_on,
+                    offs_n, offs_d, lo, hi, N, valid, num_read, write_start, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, DELTA_FROM_O: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, DELTA_FROM_O: tl.constexpr):
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, N, offs_d,
@@ -235,28 +232,23 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base,
                            p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
-        if ATOMIC_DQ:  # this key tile's share of dQ, added into the fp32 accumulator
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * scale
-            tl.atomic_add(dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq,
-                          mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, SEQ_LENS,
+def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, SEQ_LENS,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                      stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                      stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                       H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      DELTA_FROM_O: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                      DELTA_FROM_O: tl.constexpr):
     """dK/dV of key tile ``pid_n`` of (b, kv head) ``bhk``: loops over the query heads of the GQA group and the query
     tiles that can see the key tile. ``DELTA_FROM_O``: compute delta = rowsum(dO * O) per query tile instead of
-    reading it from DELTA; ``ATOMIC_DQ``: also add this tile's dQ contributions into the fp32 tensor DQ."""
+    reading it from DELTA."""
     b = bhk // H_KV
     hk = bhk % H_KV
     seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
@@ -281,15 +273,14 @@ def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, SEQ_LE
         q_base = Q + b64 * stride_qb + h64 * stride_qh
         do_base = DO + b64 * stride_dob + h64 * stride_doh
         o_base = O + b64 * stride_ob + h64 * stride_oh
-        dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, LSE + bh * N, DELTA + bh * N, dq_base,
-                                 stride_qn, stride_don, stride_on, stride_dqn, offs_n, offs_d, start, full_start,
-                                 N, valid, num_read, write_start, scale, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True,
-                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, ATOMIC_DQ)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, LSE + bh * N, DELTA + bh * N, dq_base,
-                                 stride_qn, stride_don, stride_on, stride_dqn, offs_n, offs_d, full_start, end,
-                                 N, valid, num_read, write_start, scale, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False,
-                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, ATOMIC_DQ)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, LSE + bh * N, DELTA + bh * N,
+                                 stride_qn, stride_don, stride_on, offs_n, offs_d, start, full_start,
+                                 N, valid, num_read, write_start, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True,
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, LSE + bh * N, DELTA + bh * N,
+                                 stride_qn, stride_don, stride_on, offs_n, offs_d, full_start, end,
+                                 N, valid, num_read, write_start, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False,
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O)
     dk = dk * scale
     store_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -388,24 +379,21 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
 
 
 @triton.jit(do_not_specialize=["num_read", "num_write"])
-def _bwd_dkdv_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, SEQ_LENS,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_LENS,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                     stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                      H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     DELTA_FROM_O: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    # Grid (B*H_KV, key tiles): the first key tiles (the most queries under the causal mask) start first.
-    _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, SEQ_LENS,
+                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Grid (B*H_KV, key tiles): the first key tiles (the most queries under the causal mask) start first. Reads the
+    # delta the dQ kernel stored (O is not needed: its strides are passed as 0).
+    _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, Q, DO, LSE, DELTA, DK, DV, SEQ_LENS,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                      stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                      stride_vb, stride_vh, stride_vn, 0, 0, 0, stride_dob, stride_doh, stride_don,
                       stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                       H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
-                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O,
-                      ATOMIC_DQ)
+                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False)
 
 
 @triton.jit(do_not_specialize=["num_read", "num_write"])
@@ -423,13 +411,12 @@ def _bwd_fused_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS,
     # delta from O themselves.
     pid = tl.program_id(0)
     if pid < KV_PROGRAMS:
-        _bwd_dkdv_program(pid // KV_TILES, pid % KV_TILES, Q, K, V, O, DO, LSE, LSE, DQ, DK, DV, SEQ_LENS,
+        _bwd_dkdv_program(pid // KV_TILES, pid % KV_TILES, Q, K, V, O, DO, LSE, LSE, DK, DV, SEQ_LENS,
                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                          stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-                          stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                          H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
-                          HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True, False)
+                          stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                          stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
+                          HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True)
     else:
         j = pid - KV_PROGRAMS
         _bwd_dq_program(j // Q_TILES, Q_TILES - 1 - j % Q_TILES, Q, K, V, O, DO, LSE, LSE, DQ, SEQ_LENS,
@@ -449,15 +436,14 @@ def _bwd_fused_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS,
 def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes, warps and pipeline stages for ``kernel`` with the head-dim constants.
 
-    kernel: "fwd", "dq" and "dkdv" (the split backward), "atomic" (the dK/dV kernel that also adds dQ) or "fused"
-    (the one-launch backward: ``BLOCK_M1``/``BLOCK_N1`` of its dK/dV programs, ``BLOCK_M2``/``BLOCK_N2`` of its
+    kernel: "fwd", "dq" and "dkdv" (the split backward) or "fused" (the one-launch backward: ``BLOCK_M1``/``BLOCK_N1`` of its dK/dV programs, ``BLOCK_M2``/``BLOCK_N2`` of its
     dQ programs). Fixed per head dim rather than autotuned: no first-call tuning pause, and the op can be captured
     in a CUDA graph on its first call. Picked from a sweep on an H200 (bf16; B8 H12 N544 D64, B4 H16 N2080 D128,
     B1 H16 N8224 D128): each choice is within a few percent of the best at every one of those shapes.
     ``python benchmarks/attention.py --sweep`` re-measures the candidates on another GPU.
     """
-    if kernel not in ("fwd", "dq", "dkdv", "atomic", "fused"):
-        raise ValueError(f"kernel must be 'fwd', 'dq', 'dkdv', 'atomic' or 'fused', got {kernel!r}")
+    if kernel not in ("fwd", "dq", "dkdv", "fused"):
+        raise ValueError(f"kernel must be 'fwd', 'dq', 'dkdv' or 'fused', got {kernel!r}")
     dims = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "UPCAST": _INTERPRET,
             "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
     if _INTERPRET:  # the interpreter runs one program at a time on numpy: small tiles
@@ -465,20 +451,20 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
             return {**dims, "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16}
         return {**dims, "BLOCK_M": 16, "BLOCK_N": 16}
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: smaller tiles, fewer stages (shared memory)
-        table = {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "atomic": (32, 32, 4, 2),
+        table = {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2),
                  "fused": (32, 32, 32, 32, 4, 2)}
     elif head_dim > 64:
-        table = {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3), "dq": (64, 32, 4, 3), "atomic": (32, 64, 4, 3),
+        table = {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3), "dq": (64, 32, 4, 3),
                  "fused": (32, 64, 64, 32, 4, 3)}
     else:
-        table = {"fwd": (64, 64, 4, 3), "dkdv": (16, 128, 4, 3), "dq": (64, 32, 4, 4), "atomic": (16, 128, 4, 3),
+        table = {"fwd": (64, 64, 4, 3), "dkdv": (16, 128, 4, 3), "dq": (64, 32, 4, 4),
                  "fused": (16, 128, 64, 32, 4, 3)}
     *blocks, warps, stages = table[kernel]
     names = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if kernel == "fused" else ("BLOCK_M", "BLOCK_N")
     return {**dims, **dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages}
 
 
-SCHEDULES = ("split", "fused", "atomic")
+SCHEDULES = ("split", "fused")
 _schedule_override: str | None = None
 # Below this much work (B * Hq * N * N * D) the backward takes one launch ("fused"): at such sizes an eager call is
 # host-bound, and the launch saved is worth more than the GPU time the fused kernel spends recomputing delta.
@@ -488,7 +474,7 @@ FUSED_MAX_WORK = 8 * 2 ** 30
 @contextlib.contextmanager
 def backward_schedule(name: str):
     """Inside this context every backward uses ``name`` (one of :data:`SCHEDULES`) instead of the automatic choice
-    (for benchmarks and tests). "atomic" still yields to "split" while torch's deterministic algorithms are on."""
+    (for benchmarks and tests)."""
     global _schedule_override
     if name not in SCHEDULES:
         raise ValueError(f"name must be one of {SCHEDULES}, got {name!r}")
@@ -500,14 +486,15 @@ def backward_schedule(name: str):
 
 
 def _schedule(b: int, h: int, n: int, d: int) -> str:
-    """How the backward runs: "fused" (one launch; dK/dV and dQ programs side by side, each computing delta),
-    "split" (a dQ kernel that stores delta, then a dK/dV kernel; deterministic) or "atomic" (one dK/dV kernel that
-    also adds dQ into an fp32 buffer with atomics: two matmuls fewer, not bit-reproducible)."""
+    """How the backward runs: "fused" (one launch; dK/dV and dQ programs side by side, each computing delta) or
+    "split" (a dQ kernel that stores delta, then a dK/dV kernel that reads it). Both are deterministic and give
+    the same gradients; they differ in launches (host time) and GPU time: measured on an H200 (benchmarks/RESULTS.md,
+    session 6, bf16), "fused" took 46-82 µs less host time per eager fwd+bwd at 8x12x544x64 and the same GPU time
+    (graphed 0.094 vs 0.092 ms), and 6-10 % more GPU time at D128 with N >= 2080 (its dK/dV programs recompute delta
+    for every query tile they visit), hence the size rule."""
     name = _schedule_override
     if name is None:
         name = "fused" if b * h * n * n * d <= FUSED_MAX_WORK else "split"
-    if name == "atomic" and torch.are_deterministic_algorithms_enabled():
-        name = "split"
     return name
 
 
@@ -570,7 +557,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     h_kv = k.shape[1]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     qk_scale = scale * _LOG2E
-    s_in = _strides(q, k, v, out, do)
+    s_qkv, s_o, s_do = _strides(q, k, v), _strides(out), _strides(do)
+    s_in = (*s_qkv, *s_o, *s_do)
     schedule = _schedule(b, h, n, d)
     if schedule == "fused":
         dq = torch.empty_like(q)
@@ -582,14 +570,6 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                    h, h_kv, h // h_kv, n, kv_programs, kv_tiles, q_tiles, num_read, num_write, scale, qk_scale,
                    CAUSAL=causal, BIDIR=bidirectional, **cfg)
         return dq, dk, dv
-    if schedule == "atomic":
-        dq = torch.zeros_like(q, dtype=torch.float32)
-        cfg = _launch_config("atomic", d, q.dtype)
-        _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
-                  q, k, v, out, do, lse, lse, dq, dk, dv, seq_lens, *s_in, *_strides(dq, dk, dv),
-                  h, h_kv, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional,
-                  DELTA_FROM_O=True, ATOMIC_DQ=True, **cfg)
-        return dq.to(q.dtype), dk, dv
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q)
     cfg = _launch_config("dq", d, q.dtype)
@@ -598,7 +578,6 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             h, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, **cfg)
     cfg = _launch_config("dkdv", d, q.dtype)
     _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
-              q, k, v, out, do, lse, delta, dq, dk, dv, seq_lens, *s_in, *_strides(dq, dk, dv),
-              h, h_kv, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional,
-              DELTA_FROM_O=False, ATOMIC_DQ=False, **cfg)
+              q, k, v, do, lse, delta, dk, dv, seq_lens, *s_qkv, *s_do, *_strides(dk, dv),
+              h, h_kv, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, **cfg)
     return dq, dk, dv
