@@ -8,6 +8,7 @@ Kernels (all accumulate in fp32; scores are kept in the log2 domain, ``s2 = q.k 
 
 - ``_fwd_kernel``: one program per (query tile, b, q head); online softmax; writes O and ``lse2`` (log2-sum-exp,
   ``+inf`` at padding queries so that the backward gives them probability 0).
+
 The backward has two schedules (``_schedule``), both from the same two program bodies:
 
 - ``_bwd_dq_program``: one query tile of one (b, q head): delta = rowsum(dO * O) of its rows, then a loop over
@@ -241,8 +242,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base,
 def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, SEQ_LENS,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                      stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                      H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
+                      stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                      stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       DELTA_FROM_O: tl.constexpr):
@@ -415,8 +416,8 @@ def _bwd_fused_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS,
                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                           stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
-                          stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
-                          HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True)
+                          stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, num_read, num_write, scale,
+                          qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True)
     else:
         j = pid - KV_PROGRAMS
         _bwd_dq_program(j // Q_TILES, Q_TILES - 1 - j % Q_TILES, Q, K, V, O, DO, LSE, LSE, DQ, SEQ_LENS,
@@ -436,10 +437,12 @@ def _bwd_fused_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS,
 def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes, warps and pipeline stages for ``kernel`` with the head-dim constants.
 
-    kernel: "fwd", "dq" and "dkdv" (the split backward) or "fused" (the one-launch backward: ``BLOCK_M1``/``BLOCK_N1`` of its dK/dV programs, ``BLOCK_M2``/``BLOCK_N2`` of its
-    dQ programs). Fixed per head dim rather than autotuned: no first-call tuning pause, and the op can be captured
-    in a CUDA graph on its first call. Picked from a sweep on an H200 (bf16; B8 H12 N544 D64, B4 H16 N2080 D128,
-    B1 H16 N8224 D128): each choice is within a few percent of the best at every one of those shapes.
+    kernel: "fwd", "dq" and "dkdv" (the split backward) or "fused" (the one-launch backward: ``BLOCK_M1`` and
+    ``BLOCK_N1`` of its dK/dV programs, ``BLOCK_M2`` and ``BLOCK_N2`` of its dQ programs). Fixed per head dim rather
+    than autotuned: no first-call tuning pause, and the op can be captured in a CUDA graph on its first call. Picked
+    from sweeps on an H200 (bf16; B8 H12 N544 D64, B4 H16 N2080 D128, B1 H16 N8224 D128): each choice is within a
+    few percent of the best at every one of those shapes; the fused tiles are those of the split kernels (at D128
+    the best of 11 fused candidates, session 6).
     ``python benchmarks/attention.py --sweep`` re-measures the candidates on another GPU.
     """
     if kernel not in ("fwd", "dq", "dkdv", "fused"):
