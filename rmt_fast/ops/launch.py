@@ -83,7 +83,7 @@ class Launcher:
         if any(not f for f in flags[self._num_args:]):
             self.direct = False  # a runtime parameter after a constexpr: the positional order below would not hold
         self._constexpr_names = tuple(p.name for p in params[self._num_args:])
-        self._leading_tensors = 0  # set by the first call: how many of the arguments lead as tensors
+        self._leading_tensors: int | None = None  # set by the first direct call: how many arguments lead as tensors
 
     def __call__(self, grid, *args, **meta):
         if _recording is not None:
@@ -92,7 +92,7 @@ class Launcher:
         if not self.direct:
             self.fn[grid](*args, **meta)
             return
-        if not self._leading_tensors:
+        if self._leading_tensors is None:
             self._leading_tensors = next((i for i, a in enumerate(args) if not isinstance(a, Tensor)), len(args))
         device = torch.cuda.current_device()
         nt = self._leading_tensors
