@@ -28,7 +28,8 @@ and with ``--append-results FILE`` appends a dated section (GPU, versions, comma
 ``--sweep`` instead times every candidate tile config of our kernels (the forward, the split backward's dQ and
 dK/dV kernels, the fused backward) at the chosen shapes, to retune ``_launch_config`` on a new GPU.
 ``--methods triton_split triton_fused`` time ours with one backward schedule forced ("triton" is the automatic
-choice).
+choice); ``triton_tma triton_pointer`` with its row loads forced (TMA tensor descriptors on sm_90+, or pointer
+arithmetic). ``--loads`` sets the row loads of everything the run times (sweeps included).
 
 Example: ``python benchmarks/attention.py --append-results benchmarks/RESULTS.md``
 """
@@ -47,7 +48,9 @@ DEFAULT_METHODS = ("reference", "sdpa_mask", "flex", "triton", "cuda", "sdpa_cau
 # ours with one backward schedule forced (rmt_fast/ops/memory_attention/triton.py ``_schedule``); "triton" is the
 # automatic choice
 SCHEDULE_METHODS = ("triton_split", "triton_fused")
-METHODS = DEFAULT_METHODS + SCHEDULE_METHODS
+# ours with the row loads forced (``row_loads``): TMA tensor descriptors or pointer arithmetic
+LOADS_METHODS = ("triton_tma", "triton_pointer")
+METHODS = DEFAULT_METHODS + SCHEDULE_METHODS + LOADS_METHODS
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -77,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true", help="time candidate tile configs of our kernels instead")
     p.add_argument("--sweep-kernels", nargs="+", choices=["fwd", "dkdv", "dq", "fused"],
                    help="with --sweep: the kernels to sweep (default: all)")
+    p.add_argument("--loads", choices=["auto", "tma", "pointer"], default="auto",
+                   help="row loads of our kernels for the whole run (default: auto)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -142,7 +147,7 @@ class Problem:
                                                                           enable_gqa=gqa),
             "triton": lambda q, k, v: _triton(q, k, v, lay, scale),
         }
-        for method in SCHEDULE_METHODS:
+        for method in SCHEDULE_METHODS + LOADS_METHODS:
             self.fns[method] = self.fns["triton"]
         self.skipped: dict[str, str] = {}
         if "flex" in args.methods:
@@ -187,15 +192,17 @@ class Problem:
         self.fns["cuda"] = lambda q, k, v: memory_attention(q, k, v, lay, scale, backend="cuda")
 
     def context(self, method):
-        """What ``method`` runs its forward and backward under: the forced backward schedule of a ``triton_*``
-        method, else nothing."""
+        """What ``method`` runs its forward and backward under: the forced backward schedule or row loads of a
+        ``triton_*`` method, else nothing."""
         import contextlib
         import importlib
 
-        if method not in SCHEDULE_METHODS:
-            return contextlib.nullcontext()
         attention = importlib.import_module("rmt_fast.ops.memory_attention.triton")
-        return attention.backward_schedule(method.removeprefix("triton_"))
+        if method in SCHEDULE_METHODS:
+            return attention.backward_schedule(method.removeprefix("triton_"))
+        if method in LOADS_METHODS:
+            return attention.row_loads(method.removeprefix("triton_"))
+        return contextlib.nullcontext()
 
     def inputs(self, method):
         if method == "cuda":
@@ -448,7 +455,10 @@ def append_results(path: Path, table: str, notes: list[str], torch, args):
 SWEEP = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
             (64, 128, 4, 3), (128, 64, 4, 4), (64, 32, 4, 4), (128, 64, 8, 2), (128, 64, 8, 4), (64, 64, 4, 2),
-            (64, 128, 8, 3)],
+            (64, 128, 8, 3),
+            # warp-specialised key loop (WS=True)
+            (128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 3, True), (64, 64, 4, 3, True),
+            (128, 128, 8, 2, True)],
     "dkdv": [(32, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (16, 128, 4, 3),
              (64, 64, 8, 2), (32, 64, 4, 4), (16, 64, 4, 4), (32, 128, 4, 4), (32, 128, 4, 5), (64, 128, 8, 2),
              (64, 64, 4, 4), (32, 64, 4, 5), (64, 128, 4, 2)],
@@ -466,8 +476,12 @@ _SWEEP_SCHEDULE = {"dkdv": "split", "dq": "split", "fused": "fused"}
 
 def _candidate(kernel, values):
     names = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if kernel == "fused" else ("BLOCK_M", "BLOCK_N")
+    extra = {}
+    if kernel == "fwd" and len(values) == 5:  # (..., warps, stages, WS)
+        *values, ws = values
+        extra["WS"] = ws
     *blocks, warps, stages = values
-    return {**dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages}
+    return {**dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages, **extra}
 
 
 def sweep(args, torch):
@@ -511,7 +525,8 @@ def sweep(args, torch):
                     attention._launch_config = default
             for ms, cand in sorted(timings, key=lambda t: t[0]):
                 blocks = " ".join(f"{name[6:]}={value:3d}" for name, value in cand.items() if name.startswith("BLOCK"))
-                print(f"  {kernel:6s} {ms:8.4f} ms  {blocks} w={cand['num_warps']} s={cand['num_stages']}")
+                print(f"  {kernel:6s} {ms:8.4f} ms  {blocks} w={cand['num_warps']} s={cand['num_stages']}"
+                      + (" ws" if cand.get("WS") else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -524,8 +539,14 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/attention.py needs a CUDA GPU")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    if args.sweep:
-        return sweep(args, torch)
+    import importlib
+
+    with importlib.import_module("rmt_fast.ops.memory_attention.triton").row_loads(args.loads):
+        return sweep(args, torch) if args.sweep else run(args, torch)
+
+
+def run(args, torch):
+    """Time the methods at every shape and mask variant; write the CSV/PNG (and the RESULTS section)."""
 
     variants = {"both": (False, True), "off": (False,), "on": (True,)}[args.bidirectional]
     results, notes = {}, []
@@ -545,7 +566,7 @@ def main(argv=None):
                         print(note)
                     continue
                 errs[method] = ""
-                if method in ("triton", "cuda", *SCHEDULE_METHODS):
+                if method in ("triton", "cuda", *SCHEDULE_METHODS, *LOADS_METHODS):
                     e = max_errors(prob, method)
                     errs[method] = max(e["o"], e["dq"], e["dk"], e["dv"])
                     print(f"[check] {shape_txt} bidir={bidir} {method}: "

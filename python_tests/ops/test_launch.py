@@ -100,6 +100,26 @@ def test_a_none_where_a_tensor_led_gets_its_own_key(gpu_less):
     assert [c[0] for c in fn.calls] == ["ordinary", "ordinary", "direct", "direct"]
 
 
+def test_tensor_descriptors_are_keyed_by_dtype_and_block(gpu_less):
+    """A TMA tensor descriptor in a tensor slot (first or later call) is keyed by its dtype and block shape, which
+    Triton's ``tensordesc<dtype[block]>`` type specialises on; not by its address or shape (encoded per launch)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(x, block):
+        return TensorDescriptor(x, list(x.shape), list(x.stride()), block)
+
+    fn = FakeJit()
+    run = launch.Launcher(fn)
+    a = torch.zeros(64, 16)
+    run((1,), desc(a, [16, 16]), 4, 0.5, A=1, B=1)
+    run((1,), desc(torch.zeros(32, 16), [16, 16]), 4, 0.5, A=1, B=1)  # other shape and address: same kernel
+    run((1,), desc(a, [32, 16]), 4, 0.5, A=1, B=1)  # block shape
+    run((1,), desc(a.half(), [16, 16]), 4, 0.5, A=1, B=1)  # dtype
+    run((1,), a, 4, 0.5, A=1, B=1)  # a plain tensor in the same slot
+    run((1,), a, 4, 0.5, A=1, B=1)
+    assert [c[0] for c in fn.calls] == ["ordinary", "direct", "ordinary", "ordinary", "ordinary", "direct"]
+
+
 def test_device_is_part_of_the_key(gpu_less, monkeypatch):
     fn = FakeJit()
     run = launch.Launcher(fn)

@@ -292,6 +292,44 @@ def test_triton_backward_schedules_random_layouts(schedule, case):
                                          case["transposed"], case["seed"]), _layout(*case["layout"]))
 
 
+@pytest.mark.parametrize("causal,bidir", MASKS, ids=MASK_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@_NEEDS_TRITON
+def test_triton_tma_loads(causal, bidir, dtype):
+    """Rows loaded through TMA tensor descriptors (forced; the forward and the split backward), against the
+    reference: ragged rows, GQA, transposed inputs, a head dim below its tile (40, zero-filled columns), rows past N
+    (zero-filled)."""
+    from rmt_fast.ops import launch
+
+    att = _triton_module()
+    layout = _layout(3, 5, [27, 9, 0], causal, bidir)
+    inputs = _inputs(3, 4, 2, 37, 40, dtype, transposed=True, seed=12)
+    with att.row_loads("tma"), att.backward_schedule("split"):
+        check_backend("triton", *inputs, layout)
+        with launch.recording() as calls:  # the checked path really took descriptors
+            q, k, v = (x.detach() for x in inputs)
+            out, lse = att.forward(q, k, v, layout.seq_lens.to(q.device), 3, 5, causal, bidir, 0.2)
+            att.backward(out, q, k, v, out, lse, layout.seq_lens.to(q.device), 3, 5, causal, bidir, 0.2)
+    assert [meta["TMA"] for _fn, _grid, _args, meta in calls] == [True, True, True]
+    assert all(type(a).__name__ == "TensorDescriptor" for _fn, _grid, args, _meta in calls for a in args[:3])
+
+
+def test_triton_row_loads_choice():
+    """The automatic choice of TMA loads: never on the CPU, nor for misaligned strides even when forced."""
+    att = _triton_module()
+    q = torch.empty(1, 2, 64, 16)
+    assert not att._use_tma(10 ** 12, q)  # auto: not a CUDA tensor
+    with att.row_loads("tma"):
+        assert att._use_tma(1, q)
+        assert not att._use_tma(1, torch.empty(1, 2, 64, 18)[..., :16])  # row stride 72 B: not a multiple of 16
+        assert not att._use_tma(1, torch.empty(64 * 16 + 1)[1:].view(1, 1, 64, 16))  # base address off by 4 B
+    with att.row_loads("pointer"):
+        assert not att._use_tma(1, q)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        with att.row_loads("fast"):
+            pass
+
+
 def test_triton_backward_schedule_choice():
     """Which kernels each schedule launches (recorded, not run, so no GPU is needed) and the automatic choice by
     problem size."""

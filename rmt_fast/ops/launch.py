@@ -62,6 +62,19 @@ def _launch(kernel, grid: tuple, device: int, args: tuple) -> None:
                *args)
 
 
+def _arg_key(a):
+    """What the compiled kernel depends on in argument ``a``: a tensor's dtype and 16-byte alignment, a TMA tensor
+    descriptor's dtype, block shape and padding (Triton's ``tensordesc<dtype[block]>`` type; the descriptor itself
+    is encoded at every launch), an integer's value, any other argument's type."""
+    if isinstance(a, Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if type(a) is int:
+        return a
+    if hasattr(a, "block_shape"):
+        return (type(a), a.base.dtype, tuple(a.block_shape), a.padding)
+    return type(a)
+
+
 class Launcher:
     """``Launcher(fn)(grid, *args, **meta)`` launches ``fn[grid](*args, **meta)``.
 
@@ -92,16 +105,16 @@ class Launcher:
         if not self.direct:
             self.fn[grid](*args, **meta)
             return
-        if self._leading_tensors is None:
-            self._leading_tensors = next((i for i, a in enumerate(args) if not isinstance(a, Tensor)), len(args))
+        if self._leading_tensors is None:  # tensors and tensor descriptors
+            self._leading_tensors = next((i for i, a in enumerate(args) if not isinstance(a, Tensor)
+                                          and not hasattr(a, "block_shape")), len(args))
         device = torch.cuda.current_device()
         nt = self._leading_tensors
         try:  # the usual form: the kernel's pointer arguments first, all tensors
             key = (device, tuple([(a.dtype, a.data_ptr() % 16 == 0) for a in args[:nt]]),
                    tuple([a if type(a) is int else type(a) for a in args[nt:]]), tuple(meta.items()))
-        except AttributeError:  # a non-tensor (None) where the first call had a tensor
-            key = (device, tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor) else
-                                  a if type(a) is int else type(a) for a in args]), tuple(meta.items()))
+        except AttributeError:  # a tensor descriptor, or a None where the first call had a tensor
+            key = (device, tuple([_arg_key(a) for a in args]), tuple(meta.items()))
         entry = self._compiled.get(key)
         if entry is None:
             self._first_launch(key, grid, args, meta)

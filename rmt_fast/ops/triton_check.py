@@ -39,6 +39,7 @@ class KernelLaunch:
     signature: tuple  # (name, type) per parameter, "constexpr" for constexprs
     constexprs: tuple  # (name, value)
     options: tuple  # (("num_warps", w), ("num_stages", s)) as given
+    min_arch: int = 80  # 90 for a launch with TMA tensor descriptors (Hopper and newer only)
 
     @property
     def name(self) -> str:
@@ -56,6 +57,10 @@ def _short(v) -> str:
 
 
 def _arg_type(a) -> str:
+    if hasattr(a, "block_shape"):  # a TMA tensor descriptor: Triton's own type string, tensordesc<dtype[block]>
+        from triton.runtime.jit import mangle_type
+
+        return mangle_type(a)
     if isinstance(a, torch.Tensor):
         return "*" + _TYPES[a.dtype]
     if isinstance(a, bool):
@@ -88,6 +93,10 @@ def record_launches() -> list[KernelLaunch]:
                     for schedule in attention.SCHEDULES:
                         with attention.backward_schedule(schedule):
                             attention.backward(out, q, k, v, out, lse, lens, 8, 8, causal, bidir, d ** -0.5)
+                    if dtype == torch.bfloat16 and d != 64 and bidir:  # TMA row loads (sm_90+; forward, split bwd)
+                        with attention.row_loads("tma"), attention.backward_schedule("split"):
+                            out, lse = attention.forward(q, k, v, lens, 8, 8, causal, bidir, d ** -0.5)
+                            attention.backward(out, q, k, v, out, lse, lens, 8, 8, causal, bidir, d ** -0.5)
             for width in (768, 4096):
                 block_kernels.rms_norm(e(4, width, dtype=dtype), e(width, dtype=dtype), 1e-6)
             x = e(1, 4, 8, 64, dtype=dtype)
@@ -105,7 +114,8 @@ def record_launches() -> list[KernelLaunch]:
         constexprs = tuple((k, v) for k, v in meta.items() if k not in ("num_warps", "num_stages"))
         names = [p.name for p in fn.params]
         signature = tuple(zip(names, [_arg_type(a) for a in args] + ["constexpr"] * (len(names) - len(args))))
-        item = KernelLaunch(fn, signature, constexprs, options)
+        tma = any(t.startswith("tensordesc") for _, t in signature)
+        item = KernelLaunch(fn, signature, constexprs, options, 90 if tma else 80)
         key = (id(fn), signature, tuple((k, _short(v)) for k, v in constexprs), options)
         if key not in seen:
             seen.add(key)
@@ -157,6 +167,8 @@ def check(archs=(80, 90), stream=sys.stdout) -> list[dict]:
     for arch in archs:
         limits = SHARED_LIMITS.get(arch, (SHARED_LIMITS[90][0],))
         for item in launches:
+            if arch < item.min_arch:
+                continue
             t0 = time.perf_counter()
             try:
                 shared = compile_launch(item, arch).metadata.shared

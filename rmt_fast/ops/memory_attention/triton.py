@@ -36,6 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
 from ..launch import Launcher
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -121,22 +126,48 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
     return x
 
 
+@triton.jit
+def _src(X, b, h, stride_b, stride_h, TMA: tl.constexpr):
+    """Where the rows of (b, h) of X come from: X itself when it is a tensor descriptor (``TMA``), else the pointer
+    to row 0 of (b, h)."""
+    src = X
+    if not TMA:
+        src = X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    return src
+
+
+@triton.jit
+def _rows(src, b, h, r0, stride_n, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+          BLOCK: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """Rows ``[r0, r0 + BLOCK)`` of (b, h), ``[BLOCK, BLOCK_D]``, zeros past ``n_rows`` and ``HEAD_DIM``. With ``TMA``
+    ``src`` is a 4-D tensor descriptor ``[B, H, N, D]`` (block ``[1, 1, BLOCK, BLOCK_D]``, zero padding) and the
+    copy is the Hopper tensor-memory accelerator's; else ``src`` points at row 0 of (b, h)."""
+    if TMA:
+        x = src.load([b, h, r0, 0]).reshape(BLOCK, BLOCK_D)
+        if UPCAST:
+            x = x.to(tl.float32)
+    else:
+        rows = r0 + tl.arange(0, BLOCK)
+        x = _load_tile(src + rows[:, None] * stride_n + offs_d[None, :], rows, n_rows, offs_d, HEAD_DIM, BLOCK_D,
+                       UPCAST)
+    return x
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi, N, valid,
+def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d, lo, hi, N, valid,
                num_read, write_start, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    for n0 in range(lo, hi, BLOCK_N):
+               CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               TMA: tl.constexpr, WS: tl.constexpr):
+    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, N, offs_d,
-                       HEAD_DIM, BLOCK_D, UPCAST)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, N, offs_d,
-                       HEAD_DIM, BLOCK_D, UPCAST)
+        k = _rows(k_src, b, hk, n0, stride_kn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)
+        v = _rows(v_src, b, hk, n0, stride_vn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], valid, num_read, write_start, CAUSAL, BIDIR),
@@ -158,7 +189,8 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                 H, GROUPS, N, num_read, num_write, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                TMA: tl.constexpr, WS: tl.constexpr):
     # Grid (B*H, query tiles), the last query tiles first: under the causal mask they have the most keys, so the
     # long programs start in the first wave and the short ones fill the tail.
     bh = tl.program_id(0)
@@ -174,22 +206,21 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     b64 = b.to(tl.int64)
-    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
-    q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, N, offs_d,
-                   HEAD_DIM, BLOCK_D, UPCAST)
+    k_src = _src(K, b, hk, stride_kb, stride_kh, TMA)
+    v_src = _src(V, b, hk, stride_vb, stride_vh, TMA)
+    q = _rows(_src(Q, b, h, stride_qb, stride_qh, TMA), b, h, m0, stride_qn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
+              UPCAST, TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end, end = _key_range(m0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d,
                                0, full_end, N, valid, num_read, write_start, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA, WS)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d,
                                full_end, end, N, valid, num_read, write_start, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA, False)
 
     row_ok = (offs_m < valid) & (l_i > 0.0)
     l_safe = tl.where(row_ok, l_i, 1.0)
@@ -206,22 +237,19 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, stride_qn, stride_don, stride_on,
+def _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, lse_base, delta_base, stride_qn, stride_don, stride_on,
                     offs_n, offs_d, lo, hi, N, valid, num_read, write_start, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, DELTA_FROM_O: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr):
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, N, offs_d,
-                       HEAD_DIM, BLOCK_D, UPCAST)
-        do = _load_tile(do_base + offs_m[:, None] * stride_don + offs_d[None, :], offs_m, N, offs_d,
-                        HEAD_DIM, BLOCK_D, UPCAST)
+        q = _rows(q_src, b, h, m0, stride_qn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, TMA)
+        do = _rows(do_src, b, h, m0, stride_don, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, TMA)
         # lse is +inf at padding queries: their probabilities are exactly 0.
         lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=float("inf"))
         if DELTA_FROM_O:
-            o = _load_tile(o_base + offs_m[:, None] * stride_on + offs_d[None, :], offs_m, N, offs_d,
-                           HEAD_DIM, BLOCK_D, True)
+            o = _rows(o_src, b, h, m0, stride_on, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, True, TMA)
             delta = tl.sum(o * do.to(tl.float32), 1)
         else:
             delta = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
@@ -246,7 +274,7 @@ def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, SEQ_LENS,
                       stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      DELTA_FROM_O: tl.constexpr):
+                      DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr):
     """dK/dV of key tile ``pid_n`` of (b, kv head) ``bhk``: loops over the query heads of the GQA group and the query
     tiles that can see the key tile. ``DELTA_FROM_O``: compute delta = rowsum(dO * O) per query tile instead of
     reading it from DELTA."""
@@ -260,10 +288,10 @@ def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, SEQ_LENS,
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     b64 = b.to(tl.int64)
-    k = _load_tile(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
-                   + offs_d[None, :], offs_n, N, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
-    v = _load_tile(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
-                   + offs_d[None, :], offs_n, N, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+    k = _rows(_src(K, b, hk, stride_kb, stride_kh, TMA), b, hk, n0, stride_kn, N, offs_d, HEAD_DIM, BLOCK_D,
+              BLOCK_N, UPCAST, TMA)
+    v = _rows(_src(V, b, hk, stride_vb, stride_vh, TMA), b, hk, n0, stride_vn, N, offs_d, HEAD_DIM, BLOCK_D,
+              BLOCK_N, UPCAST, TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     start, full_start, end = _query_range(n0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
@@ -271,17 +299,17 @@ def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, SEQ_LENS,
         h = hk * GROUPS + g
         h64 = h.to(tl.int64)
         bh = b64 * H + h64
-        q_base = Q + b64 * stride_qb + h64 * stride_qh
-        do_base = DO + b64 * stride_dob + h64 * stride_doh
-        o_base = O + b64 * stride_ob + h64 * stride_oh
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, LSE + bh * N, DELTA + bh * N,
+        q_src = _src(Q, b, h, stride_qb, stride_qh, TMA)
+        do_src = _src(DO, b, h, stride_dob, stride_doh, TMA)
+        o_src = _src(O, b, h, stride_ob, stride_oh, TMA)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, LSE + bh * N, DELTA + bh * N,
                                  stride_qn, stride_don, stride_on, offs_n, offs_d, start, full_start,
                                  N, valid, num_read, write_start, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True,
-                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, o_base, LSE + bh * N, DELTA + bh * N,
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, LSE + bh * N, DELTA + bh * N,
                                  stride_qn, stride_don, stride_on, offs_n, offs_d, full_start, end,
                                  N, valid, num_read, write_start, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False,
-                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O)
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA)
     dk = dk * scale
     store_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -291,16 +319,15 @@ def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, SEQ_LENS,
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi, N, valid,
-                  num_read, write_start, qk_scale,
+def _bwd_dq_inner(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d, lo, hi, N,
+                  valid, num_read, write_start, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  TMA: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, N, offs_d,
-                       HEAD_DIM, BLOCK_D, UPCAST)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, N, offs_d,
-                       HEAD_DIM, BLOCK_D, UPCAST)
+        k = _rows(k_src, b, hk, n0, stride_kn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)
+        v = _rows(v_src, b, hk, n0, stride_vn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
@@ -320,7 +347,7 @@ def _bwd_dq_program(bh, pid_m, Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
                     H, GROUPS, N, num_read, num_write, scale, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    STORE_DELTA: tl.constexpr):
+                    STORE_DELTA: tl.constexpr, TMA: tl.constexpr):
     """dQ of query tile ``pid_m`` of (b, q head) ``bh``; delta = rowsum(dO * O) of its rows computed here (and
     stored into DELTA with ``STORE_DELTA``, for a dK/dV kernel that runs after this one)."""
     b = bh // H
@@ -335,27 +362,27 @@ def _bwd_dq_program(bh, pid_m, Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
     offs_d = tl.arange(0, BLOCK_D)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                   offs_m, N, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
-    do = _load_tile(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                    offs_m, N, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
-    o = _load_tile(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-                   offs_m, N, offs_d, HEAD_DIM, BLOCK_D, True)
+    q = _rows(_src(Q, b, h, stride_qb, stride_qh, TMA), b, h, m0, stride_qn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
+              UPCAST, TMA)
+    do = _rows(_src(DO, b, h, stride_dob, stride_doh, TMA), b, h, m0, stride_don, N, offs_d, HEAD_DIM, BLOCK_D,
+               BLOCK_M, UPCAST, TMA)
+    o = _rows(_src(O, b, h, stride_ob, stride_oh, TMA), b, h, m0, stride_on, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
+              True, TMA)
     delta = tl.sum(o * do.to(tl.float32), 1)
     if STORE_DELTA:
         tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
     lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
-    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    k_src = _src(K, b, hk, stride_kb, stride_kh, TMA)
+    v_src = _src(V, b, hk, stride_vb, stride_vh, TMA)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end, end = _key_range(m0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, 0, full_end,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d, 0, full_end,
                        N, valid, num_read, write_start, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, full_end, end,
-                       N, valid, num_read, write_start, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION)
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d, full_end,
+                       end, N, valid, num_read, write_start, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
     dq = dq * scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
@@ -368,7 +395,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
                    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
                    H, GROUPS, N, num_read, num_write, scale, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   TMA: tl.constexpr):
     # Grid (B*H, query tiles), the last query tiles first: under the causal mask they have the most keys, so the
     # long programs start in the first wave and the short ones fill the tail.
     _bwd_dq_program(tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1), Q, K, V, O, DO, LSE, DELTA, DQ,
@@ -376,7 +404,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                     stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
                     H, GROUPS, N, num_read, num_write, scale, qk_scale,
-                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True)
+                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True, TMA)
 
 
 @triton.jit(do_not_specialize=["num_read", "num_write"])
@@ -386,7 +414,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_LENS,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                      H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     TMA: tl.constexpr):
     # Grid (B*H_KV, key tiles): the first key tiles (the most queries under the causal mask) start first. Reads the
     # delta the dQ kernel stored (O is not needed: its strides are passed as 0).
     _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, Q, DO, LSE, DELTA, DK, DV, SEQ_LENS,
@@ -394,7 +423,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_LENS,
                       stride_vb, stride_vh, stride_vn, 0, 0, 0, stride_dob, stride_doh, stride_don,
                       stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                       H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
-                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False)
+                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False, TMA)
 
 
 @triton.jit(do_not_specialize=["num_read", "num_write"])
@@ -417,7 +446,8 @@ def _bwd_fused_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS,
                           stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                           stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
                           stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, num_read, num_write, scale,
-                          qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True)
+                          qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True,
+                          False)
     else:
         j = pid - KV_PROGRAMS
         _bwd_dq_program(j // Q_TILES, Q_TILES - 1 - j % Q_TILES, Q, K, V, O, DO, LSE, LSE, DQ, SEQ_LENS,
@@ -425,7 +455,7 @@ def _bwd_fused_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS,
                         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                         stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
                         H, GROUPS, N, num_read, num_write, scale, qk_scale,
-                        HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False)
+                        HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False, False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -449,6 +479,8 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
         raise ValueError(f"kernel must be 'fwd', 'dq', 'dkdv' or 'fused', got {kernel!r}")
     dims = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "UPCAST": _INTERPRET,
             "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+    if kernel == "fwd":
+        dims["WS"] = False  # warp specialisation of the unmasked key loop (``tl.range(warp_specialize=...)``)
     if _INTERPRET:  # the interpreter runs one program at a time on numpy: small tiles
         if kernel == "fused":
             return {**dims, "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16}
@@ -501,6 +533,58 @@ def _schedule(b: int, h: int, n: int, d: int) -> str:
     return name
 
 
+LOADS = ("auto", "tma", "pointer")
+_loads_override: str | None = None
+# Hopper tensor-memory-accelerator loads: used by "auto" for problems above FUSED_MAX_WORK (where the kernels, not
+# the host, set the time: each descriptor costs the host a few microseconds per launch) on sm_90+.
+TMA_AUTO = True
+
+
+@contextlib.contextmanager
+def row_loads(mode: str):
+    """How the forward and the split backward load rows of Q/K/V/O/dO inside this context: "tma" (4-D tensor
+    descriptors, the copy done by Hopper's tensor memory accelerator; tensors whose strides or addresses are not
+    16-byte aligned still take pointer loads), "pointer" (pointer arithmetic, ``tl.load``) or "auto" (the default:
+    TMA on sm_90+ for large problems, see :func:`_use_tma`). For benchmarks and tests."""
+    global _loads_override
+    if mode not in LOADS:
+        raise ValueError(f"mode must be one of {LOADS}, got {mode!r}")
+    saved, _loads_override = _loads_override, mode
+    try:
+        yield
+    finally:
+        _loads_override = saved
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _tma_aligned(x: torch.Tensor) -> bool:
+    size = x.element_size()
+    return x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:3])
+
+
+def _use_tma(work: int, *xs: torch.Tensor) -> bool:
+    """Load rows through TMA descriptors: forced by :func:`row_loads`, or ("auto") on a GPU of compute capability
+    9.0+ when ``work`` (B * Hq * N * N * D) is above FUSED_MAX_WORK. Either way only when every tensor's base
+    address and (batch, head, row) strides are 16-byte aligned (a TMA requirement)."""
+    mode = _loads_override or "auto"
+    if mode == "pointer" or TensorDescriptor is None:
+        return False
+    if mode == "auto" and not (TMA_AUTO and not _INTERPRET and work > FUSED_MAX_WORK and xs[0].is_cuda
+                               and _has_tma(xs[0].device.index)):
+        return False
+    return all(_tma_aligned(x) for x in xs)
+
+
+def _desc(x: torch.Tensor, rows: int, block_d: int):
+    """A TMA descriptor over ``x`` ``[B, H, N, D]`` whose block is ``rows`` rows of one (b, h), ``block_d`` wide
+    (columns past D and rows past N read as zeros)."""
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, block_d])
+
+
 def _strides(*xs: torch.Tensor) -> list[int]:
     """The (batch, head, row) strides of each tensor in turn; the kernels index the head dim as contiguous."""
     out = []
@@ -541,9 +625,16 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.T
     o = torch.empty_like(q)
     lse = q.new_empty((b, h, n), dtype=torch.float32)
     cfg = _launch_config("fwd", d, q.dtype)
+    tma = _use_tma(b * h * n * n * d, q, k, v)
+    if tma:
+        q_in, k_in, v_in = (_desc(q, cfg["BLOCK_M"], cfg["BLOCK_D"]), _desc(k, cfg["BLOCK_N"], cfg["BLOCK_D"]),
+                            _desc(v, cfg["BLOCK_N"], cfg["BLOCK_D"]))
+    else:
+        q_in, k_in, v_in = q, k, v
     _fwd((b * h, _cdiv(n, cfg["BLOCK_M"])),
-         q, k, v, o, lse, seq_lens, *_strides(q, k, v, o),
-         h, h // k.shape[1], n, num_read, num_write, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, **cfg)
+         q_in, k_in, v_in, o, lse, seq_lens, *_strides(q, k, v, o),
+         h, h // k.shape[1], n, num_read, num_write, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, TMA=tma,
+         **cfg)
     return o, lse
 
 
@@ -575,12 +666,24 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return dq, dk, dv
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q)
+    tma = _use_tma(b * h * n * n * d, q, k, v, out, do)
     cfg = _launch_config("dq", d, q.dtype)
+    if tma:  # dQ: q/o/dO one query tile per program, k/v key tiles in the loop
+        m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+        ins = (_desc(q, m, bd), _desc(k, nn, bd), _desc(v, nn, bd), _desc(out, m, bd), _desc(do, m, bd))
+    else:
+        ins = (q, k, v, out, do)
     _bwd_dq((b * h, _cdiv(n, cfg["BLOCK_M"])),
-            q, k, v, out, do, lse, delta, dq, seq_lens, *s_in, *_strides(dq),
-            h, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, **cfg)
+            *ins, lse, delta, dq, seq_lens, *s_in, *_strides(dq),
+            h, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg)
     cfg = _launch_config("dkdv", d, q.dtype)
+    if tma:  # dK/dV: k/v one key tile per program, q/dO query tiles in the loop
+        m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+        ins = (_desc(q, m, bd), _desc(k, nn, bd), _desc(v, nn, bd), _desc(do, m, bd))
+    else:
+        ins = (q, k, v, do)
     _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
-              q, k, v, do, lse, delta, dk, dv, seq_lens, *s_qkv, *s_do, *_strides(dk, dv),
-              h, h_kv, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, **cfg)
+              *ins, lse, delta, dk, dv, seq_lens, *s_qkv, *s_do, *_strides(dk, dv),
+              h, h_kv, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional,
+              TMA=tma, **cfg)
     return dq, dk, dv
