@@ -27,7 +27,7 @@ Writes ``<out>/attention.csv`` and ``<out>/attention.png`` (``attention_graph.*`
 and with ``--append-results FILE`` appends a dated section (GPU, versions, command, table) to FILE.
 ``--sweep`` instead times every candidate tile config of our kernels (the forward, the split backward's dQ and
 dK/dV kernels, the fused backward) at the chosen shapes, to retune ``_launch_config`` on a new GPU.
-``--methods triton_split triton_fused`` time ours with one backward schedule forced ("triton" is the automatic
+``--methods triton_split triton_fused triton_stored`` time ours with one backward schedule forced ("triton" is the automatic
 choice); ``triton_tma triton_pointer`` with its row loads forced (TMA tensor descriptors on sm_90+, or pointer
 arithmetic). ``--loads`` sets the row loads of everything the run times (sweeps included).
 
@@ -47,7 +47,7 @@ DEFAULT_SHAPES = ("8x12x544x64", "4x16x2080x128", "1x16x8224x128")
 DEFAULT_METHODS = ("reference", "sdpa_mask", "flex", "triton", "cuda", "sdpa_causal")
 # ours with one backward schedule forced (rmt_fast/ops/memory_attention/triton.py ``_schedule``); "triton" is the
 # automatic choice
-SCHEDULE_METHODS = ("triton_split", "triton_fused")
+SCHEDULE_METHODS = ("triton_split", "triton_fused", "triton_stored")
 # ours with the row loads forced (``row_loads``): TMA tensor descriptors or pointer arithmetic
 LOADS_METHODS = ("triton_tma", "triton_pointer")
 METHODS = DEFAULT_METHODS + SCHEDULE_METHODS + LOADS_METHODS
@@ -78,8 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--graph", action="store_true",
                    help="time replays of CUDA graphs (no Python/launch overhead: what a graph-captured step sees)")
     p.add_argument("--sweep", action="store_true", help="time candidate tile configs of our kernels instead")
-    p.add_argument("--sweep-kernels", nargs="+", choices=["fwd", "dkdv", "dq", "fused"],
+    p.add_argument("--sweep-kernels", nargs="+", choices=["fwd", "dkdv", "dq", "fused", "dq_stored"],
                    help="with --sweep: the kernels to sweep (default: all)")
+    p.add_argument("--sweep-schedule", choices=["split", "stored"], default="split",
+                   help="with --sweep: the backward schedule the dkdv kernel is swept under (default: split)")
     p.add_argument("--loads", choices=["auto", "tma", "pointer"], default="auto",
                    help="row loads of our kernels for the whole run (default: auto)")
     p.add_argument("--seed", type=int, default=0)
@@ -469,9 +471,12 @@ SWEEP = {
     "fused": [(16, 128, 64, 32, 4, 3), (32, 64, 64, 32, 4, 3), (32, 128, 64, 32, 4, 3), (16, 128, 64, 64, 4, 3),
               (32, 64, 64, 64, 4, 3), (16, 64, 64, 32, 4, 3), (16, 128, 128, 32, 4, 3), (32, 64, 64, 32, 8, 3),
               (32, 128, 128, 32, 8, 3), (16, 128, 64, 32, 4, 4), (32, 64, 64, 32, 4, 2)],
+    # the "stored" schedule's dQ kernel (dQ = dS K from stored dS tiles)
+    "dq_stored": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
+                  (64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 4), (64, 128, 8, 3)],
 }
-# the backward schedule each backward kernel belongs to
-_SWEEP_SCHEDULE = {"dkdv": "split", "dq": "split", "fused": "fused"}
+# the backward schedule each backward kernel belongs to ("dkdv" is swept under --sweep-schedule)
+_SWEEP_SCHEDULE = {"dq": "split", "fused": "fused", "dq_stored": "stored"}
 
 
 def _candidate(kernel, values):
@@ -515,7 +520,7 @@ def sweep(args, torch):
                                           rep=args.rep, return_mode="median")
                     else:
                         out = _triton(q, k, v, prob.layout, prob.scale)
-                        with attention.backward_schedule(_SWEEP_SCHEDULE[kernel]):
+                        with attention.backward_schedule(_SWEEP_SCHEDULE.get(kernel, args.sweep_schedule)):
                             ms = do_bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
                                           warmup=args.warmup, rep=args.rep, return_mode="median")
                     timings.append((ms, cand))

@@ -260,7 +260,7 @@ def test_random_layouts(backend, case):
 
 # ---- the Triton backward's schedules ------------------------------------------------------------------------------
 
-SCHEDULES = ["split", "fused"]
+SCHEDULES = ["split", "fused", "stored"]
 _NEEDS_TRITON = TRITON.marks[0]  # the skip mark of the "triton" backend param
 
 
@@ -292,11 +292,12 @@ def test_triton_backward_schedules_random_layouts(schedule, case):
                                          case["transposed"], case["seed"]), _layout(*case["layout"]))
 
 
+@pytest.mark.parametrize("schedule", ["split", "stored"])
 @pytest.mark.parametrize("causal,bidir", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @_NEEDS_TRITON
-def test_triton_tma_loads(causal, bidir, dtype):
-    """Rows loaded through TMA tensor descriptors (forced; the forward and the split backward), against the
+def test_triton_tma_loads(schedule, causal, bidir, dtype):
+    """Rows loaded through TMA tensor descriptors (forced; the forward and the split/stored backward), against the
     reference: ragged rows, GQA, transposed inputs, a head dim below its tile (40, zero-filled columns), rows past N
     (zero-filled)."""
     from rmt_fast.ops import launch
@@ -304,14 +305,15 @@ def test_triton_tma_loads(causal, bidir, dtype):
     att = _triton_module()
     layout = _layout(3, 5, [27, 9, 0], causal, bidir)
     inputs = _inputs(3, 4, 2, 37, 40, dtype, transposed=True, seed=12)
-    with att.row_loads("tma"), att.backward_schedule("split"):
+    with att.row_loads("tma"), att.backward_schedule(schedule):
         check_backend("triton", *inputs, layout)
         with launch.recording() as calls:  # the checked path really took descriptors
             q, k, v = (x.detach() for x in inputs)
             out, lse = att.forward(q, k, v, layout.seq_lens.to(q.device), 3, 5, causal, bidir, 0.2)
             att.backward(out, q, k, v, out, lse, layout.seq_lens.to(q.device), 3, 5, causal, bidir, 0.2)
-    assert [meta["TMA"] for _fn, _grid, _args, meta in calls] == [True, True, True]
-    assert all(type(a).__name__ == "TensorDescriptor" for _fn, _grid, args, _meta in calls for a in args[:3])
+    with_rows = [(fn, args, meta) for fn, _grid, args, meta in calls if "TMA" in meta]  # not the delta kernel
+    assert len(with_rows) == 3 and all(meta["TMA"] for _fn, _args, meta in with_rows)
+    assert all(type(args[0]).__name__ == "TensorDescriptor" for _fn, args, _meta in with_rows)
 
 
 def test_triton_row_loads_choice():
@@ -344,11 +346,19 @@ def test_triton_backward_schedule_choice():
             att.backward(q, q, q, q, q, lse, lens, 2, 2, True, False, 0.25)
         return [fn.__name__ for fn, _grid, _args, _meta in calls]
 
+    stored = ["_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_stored_kernel"]
     assert launched(64, "split") == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]
     assert launched(64, "fused") == ["_bwd_fused_kernel"]
+    assert launched(64, "stored") == stored
     assert launched(64) == ["_bwd_fused_kernel"]  # 2 * 64 * 64 * 16: far below FUSED_MAX_WORK
-    big = int((att.FUSED_MAX_WORK / 32) ** 0.5) + 16
+    big = int((att.FUSED_MAX_WORK / 32) ** 0.5) + 16  # above FUSED_MAX_WORK; its dS buffer: 2 * 16512^2 fp32
+    assert att._stored_bytes(1, 2, big, torch.float32) > att.STORED_MAX_BYTES
     assert launched(big) == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]
+    saved, att.STORED_MAX_BYTES = att.STORED_MAX_BYTES, 2 ** 40
+    try:
+        assert launched(big) == stored
+    finally:
+        att.STORED_MAX_BYTES = saved
     with pytest.raises(ValueError, match="name must be one of"):
         with att.backward_schedule("fast"):
             pass

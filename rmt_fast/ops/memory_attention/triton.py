@@ -241,7 +241,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, lse_base, delta_ba
                     offs_n, offs_d, lo, hi, N, valid, num_read, write_start, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr,
+                    ds_base, NP, STORE_DS: tl.constexpr):
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q = _rows(q_src, b, h, m0, stride_qn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, TMA)
@@ -262,22 +263,25 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, lse_base, delta_ba
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if STORE_DS:  # for the dQ kernel of the "stored" schedule: dS^T, key-major, NP x NP per (b, q head)
+            tl.store(ds_base + offs_n[:, None] * NP + offs_m[None, :], ds_t.to(ds_base.dtype.element_ty))
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, SEQ_LENS,
+def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                       stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
-                      stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
+                      stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, NP, num_read, num_write, scale,
+                      qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr):
+                      DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr, STORE_DS: tl.constexpr):
     """dK/dV of key tile ``pid_n`` of (b, kv head) ``bhk``: loops over the query heads of the GQA group and the query
     tiles that can see the key tile. ``DELTA_FROM_O``: compute delta = rowsum(dO * O) per query tile instead of
-    reading it from DELTA."""
+    reading it from DELTA. ``STORE_DS``: also write each dS^T tile to DS (``[B * Hq, NP, NP]``, key-major)."""
     b = bhk // H_KV
     hk = bhk % H_KV
     seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
@@ -302,14 +306,15 @@ def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, SEQ_LENS,
         q_src = _src(Q, b, h, stride_qb, stride_qh, TMA)
         do_src = _src(DO, b, h, stride_dob, stride_doh, TMA)
         o_src = _src(O, b, h, stride_ob, stride_oh, TMA)
+        ds_base = DS + bh * NP * NP
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, LSE + bh * N, DELTA + bh * N,
                                  stride_qn, stride_don, stride_on, offs_n, offs_d, start, full_start,
                                  N, valid, num_read, write_start, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True,
-                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA)
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_base, NP, STORE_DS)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, LSE + bh * N, DELTA + bh * N,
                                  stride_qn, stride_don, stride_on, offs_n, offs_d, full_start, end,
                                  N, valid, num_read, write_start, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False,
-                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA)
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_base, NP, STORE_DS)
     dk = dk * scale
     store_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -408,22 +413,91 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
 
 
 @triton.jit(do_not_specialize=["num_read", "num_write"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_LENS,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
+                     H, H_KV, GROUPS, N, NP, num_read, num_write, scale, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     TMA: tl.constexpr):
+                     TMA: tl.constexpr, STORE_DS: tl.constexpr):
     # Grid (B*H_KV, key tiles): the first key tiles (the most queries under the causal mask) start first. Reads the
-    # delta the dQ kernel stored (O is not needed: its strides are passed as 0).
-    _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, Q, DO, LSE, DELTA, DK, DV, SEQ_LENS,
+    # delta stored by the kernel before it (O is not needed: its strides are passed as 0); with STORE_DS writes dS.
+    _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, Q, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, 0, 0, 0, stride_dob, stride_doh, stride_don,
                       stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                      H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
-                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False, TMA)
+                      H, H_KV, GROUPS, N, NP, num_read, num_write, scale, qk_scale,
+                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False, TMA, STORE_DS)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, H, N,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Grid (B*H, query tiles): delta = rowsum(dO * O) in fp32, for the "stored" schedule's dK/dV kernel.
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on
+                   + offs_d[None, :], offs_m, N, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_don
+                    + offs_d[None, :], offs_m, N, offs_d, HEAD_DIM, BLOCK_D, True)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+
+
+@triton.jit
+def _bwd_dq_stored_inner(dq, k_src, ds_base, b, hk, stride_kn, NP, offs_m, offs_d, lo, hi, N, valid, num_read,
+                         write_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         MASKED: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _rows(k_src, b, hk, n0, stride_kn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)
+        ds_t = tl.load(ds_base + offs_n[:, None] * NP + offs_m[None, :])
+        if UPCAST:
+            ds_t = ds_t.to(tl.float32)
+        if MASKED:  # pairs that are not allowed were never written
+            ds_t = tl.where(_allowed(offs_m[None, :], offs_n[:, None], valid, num_read, write_start, CAUSAL, BIDIR),
+                            ds_t, 0.0)
+        dq += tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["num_read", "num_write"])
+def _bwd_dq_stored_kernel(K, DS, DQ, SEQ_LENS, stride_kb, stride_kh, stride_kn, stride_dqb, stride_dqh, stride_dqn,
+                          H, GROUPS, N, NP, num_read, num_write, scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    # Grid (B*H, query tiles), the last first: dQ = dS K * scale from the dS^T tiles the dK/dV kernel stored. Only
+    # the allowed pairs of valid queries were stored: masked tiles select them, and rows past ``valid`` (which may
+    # have read unwritten memory) are zeroed at the end; every row of dQ depends on its own row of dS only.
+    bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUPS
+    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
+    write_start = num_read + seq_len
+    valid = tl.minimum(write_start + num_write, N)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_src = _src(K, b, hk, stride_kb, stride_kh, TMA)
+    ds_base = DS + bh.to(tl.int64) * NP * NP
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    full_end, end = _key_range(m0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
+    dq = _bwd_dq_stored_inner(dq, k_src, ds_base, b, hk, stride_kn, NP, offs_m, offs_d, 0, full_end, N, valid,
+                              num_read, write_start, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, BIDIR, UPCAST,
+                              DOT_PRECISION, TMA)
+    dq = _bwd_dq_stored_inner(dq, k_src, ds_base, b, hk, stride_kn, NP, offs_m, offs_d, full_end, end, N, valid,
+                              num_read, write_start, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, BIDIR, UPCAST,
+                              DOT_PRECISION, TMA)
+    dq = tl.where(offs_m[:, None] < valid, dq * scale, 0.0)
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqn
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit(do_not_specialize=["num_read", "num_write"])
@@ -441,13 +515,13 @@ def _bwd_fused_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS,
     # delta from O themselves.
     pid = tl.program_id(0)
     if pid < KV_PROGRAMS:
-        _bwd_dkdv_program(pid // KV_TILES, pid % KV_TILES, Q, K, V, O, DO, LSE, LSE, DK, DV, SEQ_LENS,
+        _bwd_dkdv_program(pid // KV_TILES, pid % KV_TILES, Q, K, V, O, DO, LSE, LSE, DK, DV, LSE, SEQ_LENS,
                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                           stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
-                          stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, num_read, num_write, scale,
+                          stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, 0, num_read, num_write, scale,
                           qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True,
-                          False)
+                          False, False)
     else:
         j = pid - KV_PROGRAMS
         _bwd_dq_program(j // Q_TILES, Q_TILES - 1 - j % Q_TILES, Q, K, V, O, DO, LSE, LSE, DQ, SEQ_LENS,
@@ -463,6 +537,9 @@ def _bwd_fused_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS,
 # ----------------------------------------------------------------------------------------------------------------
 
 
+KERNELS = ("fwd", "dq", "dkdv", "fused", "dq_stored")
+
+
 @functools.lru_cache(maxsize=None)
 def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes, warps and pipeline stages for ``kernel`` with the head-dim constants.
@@ -475,8 +552,8 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     the best of 11 fused candidates, session 6).
     ``python benchmarks/attention.py --sweep`` re-measures the candidates on another GPU.
     """
-    if kernel not in ("fwd", "dq", "dkdv", "fused"):
-        raise ValueError(f"kernel must be 'fwd', 'dq', 'dkdv' or 'fused', got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     dims = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "UPCAST": _INTERPRET,
             "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
     if kernel == "fwd":
@@ -487,23 +564,27 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
         return {**dims, "BLOCK_M": 16, "BLOCK_N": 16}
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: smaller tiles, fewer stages (shared memory)
         table = {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2),
-                 "fused": (32, 32, 32, 32, 4, 2)}
+                 "fused": (32, 32, 32, 32, 4, 2), "dq_stored": (64, 32, 4, 2)}
     elif head_dim > 64:
         table = {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3), "dq": (64, 32, 4, 3),
-                 "fused": (32, 64, 64, 32, 4, 3)}
+                 "fused": (32, 64, 64, 32, 4, 3), "dq_stored": (64, 64, 4, 3)}
     else:
         table = {"fwd": (64, 64, 4, 3), "dkdv": (16, 128, 4, 3), "dq": (64, 32, 4, 4),
-                 "fused": (16, 128, 64, 32, 4, 3)}
+                 "fused": (16, 128, 64, 32, 4, 3), "dq_stored": (64, 64, 4, 3)}
     *blocks, warps, stages = table[kernel]
     names = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if kernel == "fused" else ("BLOCK_M", "BLOCK_N")
     return {**dims, **dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages}
 
 
-SCHEDULES = ("split", "fused")
+SCHEDULES = ("split", "fused", "stored")
 _schedule_override: str | None = None
 # Below this much work (B * Hq * N * N * D) the backward takes one launch ("fused"): at such sizes an eager call is
 # host-bound, and the launch saved is worth more than the GPU time the fused kernel spends recomputing delta.
 FUSED_MAX_WORK = 8 * 2 ** 30
+# The "stored" schedule's dS buffer (B * Hq * NP * NP elements, NP = N rounded up to 128) may take at most this many
+# bytes; larger problems take "split".
+STORED_MAX_BYTES = 2 ** 30
+_NP_ROUND = 128
 
 
 @contextlib.contextmanager
@@ -520,7 +601,12 @@ def backward_schedule(name: str):
         _schedule_override = saved
 
 
-def _schedule(b: int, h: int, n: int, d: int) -> str:
+def _stored_bytes(b: int, h: int, n: int, dtype: torch.dtype) -> int:
+    np_ = _cdiv(n, _NP_ROUND) * _NP_ROUND
+    return b * h * np_ * np_ * (4 if dtype == torch.float32 else 2)
+
+
+def _schedule(b: int, h: int, n: int, d: int, dtype: torch.dtype = torch.bfloat16) -> str:
     """How the backward runs: "fused" (one launch; dK/dV and dQ programs side by side, each computing delta) or
     "split" (a dQ kernel that stores delta, then a dK/dV kernel that reads it). Both are deterministic and give
     the same gradients; they differ in launches (host time) and GPU time: measured on an H200 (benchmarks/RESULTS.md,
@@ -529,7 +615,10 @@ def _schedule(b: int, h: int, n: int, d: int) -> str:
     for every query tile they visit), hence the size rule."""
     name = _schedule_override
     if name is None:
-        name = "fused" if b * h * n * n * d <= FUSED_MAX_WORK else "split"
+        if b * h * n * n * d <= FUSED_MAX_WORK:
+            name = "fused"
+        else:
+            name = "stored" if _stored_bytes(b, h, n, dtype) <= STORED_MAX_BYTES else "split"
     return name
 
 
@@ -605,6 +694,8 @@ _fwd = Launcher(_fwd_kernel)
 _bwd_dq = Launcher(_bwd_dq_kernel)
 _bwd_dkdv = Launcher(_bwd_dkdv_kernel)
 _bwd_fused = Launcher(_bwd_fused_kernel)
+_bwd_delta = Launcher(_bwd_delta_kernel)
+_bwd_dq_stored = Launcher(_bwd_dq_stored_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -653,7 +744,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     qk_scale = scale * _LOG2E
     s_qkv, s_o, s_do = _strides(q, k, v), _strides(out), _strides(do)
     s_in = (*s_qkv, *s_o, *s_do)
-    schedule = _schedule(b, h, n, d)
+    schedule = _schedule(b, h, n, d, q.dtype)
     if schedule == "fused":
         dq = torch.empty_like(q)
         cfg = _launch_config("fused", d, q.dtype)
@@ -667,6 +758,10 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q)
     tma = _use_tma(b * h * n * n * d, q, k, v, out, do)
+    if schedule == "stored":
+        _backward_stored(q, k, v, out, do, lse, delta, dq, dk, dv, seq_lens, num_read, num_write, causal,
+                         bidirectional, scale, tma)
+        return dq, dk, dv
     cfg = _launch_config("dq", d, q.dtype)
     if tma:  # dQ: q/o/dO one query tile per program, k/v key tiles in the loop
         m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
@@ -683,7 +778,37 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     else:
         ins = (q, k, v, do)
     _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
-              *ins, lse, delta, dk, dv, seq_lens, *s_qkv, *s_do, *_strides(dk, dv),
-              h, h_kv, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional,
-              TMA=tma, **cfg)
+              *ins, lse, delta, dk, dv, delta, seq_lens, *s_qkv, *s_do, *_strides(dk, dv),
+              h, h_kv, h // h_kv, n, 0, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional,
+              TMA=tma, STORE_DS=False, **cfg)
     return dq, dk, dv
+
+
+def _backward_stored(q, k, v, out, do, lse, delta, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional,
+                     scale, tma) -> None:
+    """The "stored" schedule: delta, then dK/dV (which also writes every dS tile it computes, ``[B * Hq, NP, NP]``
+    in q's dtype, fp32 for fp32), then dQ = dS K from the stored tiles: five matmuls per tile pair instead of the
+    split schedule's seven, for ``B * Hq * NP * NP`` elements of transient memory."""
+    b, h, n, d = q.shape
+    h_kv = k.shape[1]
+    np_ = _cdiv(n, _NP_ROUND) * _NP_ROUND
+    ds = q.new_empty((b * h, np_, np_))
+    block_d = max(16, triton.next_power_of_2(d))
+    rows = 16 if _INTERPRET else 64
+    _bwd_delta((b * h, _cdiv(n, rows)), out, do, delta, *_strides(out, do), h, n,
+               HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
+    cfg = _launch_config("dkdv", d, q.dtype)
+    if tma:
+        m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+        ins = (_desc(q, m, bd), _desc(k, nn, bd), _desc(v, nn, bd), _desc(do, m, bd))
+    else:
+        ins = (q, k, v, do)
+    _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
+              *ins, lse, delta, dk, dv, ds, seq_lens, *_strides(q, k, v, do, dk, dv),
+              h, h_kv, h // h_kv, n, np_, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal,
+              BIDIR=bidirectional, TMA=tma, STORE_DS=True, **cfg)
+    cfg = _launch_config("dq_stored", d, q.dtype)
+    k_in = _desc(k, cfg["BLOCK_N"], cfg["BLOCK_D"]) if tma else k
+    _bwd_dq_stored((b * h, _cdiv(n, cfg["BLOCK_M"])),
+                   k_in, ds, dq, seq_lens, *_strides(k, dq), h, h // h_kv, n, np_, num_read, num_write, scale,
+                   CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg)
