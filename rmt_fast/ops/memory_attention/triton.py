@@ -242,7 +242,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, lse_base, delta_ba
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr,
-                    ds_base, NP, STORE_DS: tl.constexpr):
+                    ds_src, bh, n0, NP, STORE_DS: tl.constexpr):
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q = _rows(q_src, b, h, m0, stride_qn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, TMA)
@@ -264,7 +264,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, lse_base, delta_ba
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if STORE_DS:  # for the dQ kernel of the "stored" schedule: dS^T, key-major, NP x NP per (b, q head)
-            tl.store(ds_base + offs_n[:, None] * NP + offs_m[None, :], ds_t.to(ds_base.dtype.element_ty))
+            if TMA:
+                tile = ds_t.to(ds_src.dtype).reshape(1, ds_t.shape[0], ds_t.shape[1])
+                ds_src.store([bh.to(tl.int32), n0, m0], tile)
+            else:
+                tl.store(ds_src + offs_n[:, None] * NP + offs_m[None, :], ds_t.to(ds_src.dtype.element_ty))
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -306,15 +310,19 @@ def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, DS, SEQ_LE
         q_src = _src(Q, b, h, stride_qb, stride_qh, TMA)
         do_src = _src(DO, b, h, stride_dob, stride_doh, TMA)
         o_src = _src(O, b, h, stride_ob, stride_oh, TMA)
-        ds_base = DS + bh * NP * NP
+        ds_src = DS  # a TMA descriptor [B * Hq, NP, NP] with TMA, else the pointer to (b, h)'s NP x NP block
+        if not TMA:
+            ds_src = DS + bh * NP * NP
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, LSE + bh * N, DELTA + bh * N,
                                  stride_qn, stride_don, stride_on, offs_n, offs_d, start, full_start,
                                  N, valid, num_read, write_start, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True,
-                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_base, NP, STORE_DS)
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_src, bh, n0, NP,
+                                 STORE_DS)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, LSE + bh * N, DELTA + bh * N,
                                  stride_qn, stride_don, stride_on, offs_n, offs_d, full_start, end,
                                  N, valid, num_read, write_start, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False,
-                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_base, NP, STORE_DS)
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_src, bh, n0, NP,
+                                 STORE_DS)
     dk = dk * scale
     store_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -448,14 +456,17 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob,
 
 
 @triton.jit
-def _bwd_dq_stored_inner(dq, k_src, ds_base, b, hk, stride_kn, NP, offs_m, offs_d, lo, hi, N, valid, num_read,
-                         write_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         MASKED: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+def _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, bh, stride_kn, NP, m0, offs_m, offs_d, lo, hi, N, valid, num_read,
+                         write_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr,
+                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _rows(k_src, b, hk, n0, stride_kn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)
-        ds_t = tl.load(ds_base + offs_n[:, None] * NP + offs_m[None, :])
+        if TMA:
+            ds_t = ds_src.load([bh, n0, m0]).reshape(BLOCK_N, BLOCK_M)
+        else:
+            ds_t = tl.load(ds_src + offs_n[:, None] * NP + offs_m[None, :])
         if UPCAST:
             ds_t = ds_t.to(tl.float32)
         if MASKED:  # pairs that are not allowed were never written
@@ -486,15 +497,17 @@ def _bwd_dq_stored_kernel(K, DS, DQ, SEQ_LENS, stride_kb, stride_kh, stride_kn, 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     k_src = _src(K, b, hk, stride_kb, stride_kh, TMA)
-    ds_base = DS + bh.to(tl.int64) * NP * NP
+    ds_src = DS
+    if not TMA:
+        ds_src = DS + bh.to(tl.int64) * NP * NP
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end, end = _key_range(m0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
-    dq = _bwd_dq_stored_inner(dq, k_src, ds_base, b, hk, stride_kn, NP, offs_m, offs_d, 0, full_end, N, valid,
-                              num_read, write_start, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, BIDIR, UPCAST,
-                              DOT_PRECISION, TMA)
-    dq = _bwd_dq_stored_inner(dq, k_src, ds_base, b, hk, stride_kn, NP, offs_m, offs_d, full_end, end, N, valid,
-                              num_read, write_start, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, BIDIR, UPCAST,
-                              DOT_PRECISION, TMA)
+    dq = _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, bh, stride_kn, NP, m0, offs_m, offs_d, 0, full_end, N, valid,
+                              num_read, write_start, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, BIDIR,
+                              UPCAST, DOT_PRECISION, TMA)
+    dq = _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, bh, stride_kn, NP, m0, offs_m, offs_d, full_end, end, N, valid,
+                              num_read, write_start, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, BIDIR,
+                              UPCAST, DOT_PRECISION, TMA)
     dq = tl.where(offs_m[:, None] < valid, dq * scale, 0.0)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqn
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
@@ -803,12 +816,14 @@ def _backward_stored(q, k, v, out, do, lse, delta, dq, dk, dv, seq_lens, num_rea
         ins = (_desc(q, m, bd), _desc(k, nn, bd), _desc(v, nn, bd), _desc(do, m, bd))
     else:
         ins = (q, k, v, do)
+    ds_in = TensorDescriptor(ds, list(ds.shape), list(ds.stride()), [1, cfg["BLOCK_N"], cfg["BLOCK_M"]]) if tma else ds
     _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
-              *ins, lse, delta, dk, dv, ds, seq_lens, *_strides(q, k, v, do, dk, dv),
+              *ins, lse, delta, dk, dv, ds_in, seq_lens, *_strides(q, k, v, do, dk, dv),
               h, h_kv, h // h_kv, n, np_, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal,
               BIDIR=bidirectional, TMA=tma, STORE_DS=True, **cfg)
     cfg = _launch_config("dq_stored", d, q.dtype)
     k_in = _desc(k, cfg["BLOCK_N"], cfg["BLOCK_D"]) if tma else k
+    ds_in = TensorDescriptor(ds, list(ds.shape), list(ds.stride()), [1, cfg["BLOCK_N"], cfg["BLOCK_M"]]) if tma else ds
     _bwd_dq_stored((b * h, _cdiv(n, cfg["BLOCK_M"])),
-                   k_in, ds, dq, seq_lens, *_strides(k, dq), h, h // h_kv, n, np_, num_read, num_write, scale,
+                   k_in, ds_in, dq, seq_lens, *_strides(k, dq), h, h // h_kv, n, np_, num_read, num_write, scale,
                    CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg)
