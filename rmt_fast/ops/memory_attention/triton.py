@@ -577,13 +577,13 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
         return {**dims, "BLOCK_M": 16, "BLOCK_N": 16}
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: smaller tiles, fewer stages (shared memory)
         table = {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2),
-                 "fused": (32, 32, 32, 32, 4, 2), "dq_stored": (64, 32, 4, 2)}
+                 "fused": (32, 32, 32, 32, 4, 2), "dq_stored": (32, 32, 4, 2)}
     elif head_dim > 64:
         table = {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3), "dq": (64, 32, 4, 3),
-                 "fused": (32, 64, 64, 32, 4, 3), "dq_stored": (64, 64, 4, 3)}
+                 "fused": (32, 64, 64, 32, 4, 3), "dq_stored": (64, 32, 4, 3)}
     else:
         table = {"fwd": (64, 64, 4, 3), "dkdv": (16, 128, 4, 3), "dq": (64, 32, 4, 4),
-                 "fused": (16, 128, 64, 32, 4, 3), "dq_stored": (64, 64, 4, 3)}
+                 "fused": (16, 128, 64, 32, 4, 3), "dq_stored": (64, 32, 4, 3)}
     *blocks, warps, stages = table[kernel]
     names = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if kernel == "fused" else ("BLOCK_M", "BLOCK_N")
     return {**dims, **dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages}
