@@ -26,7 +26,8 @@ which is what a graph-captured RMT segment step sees.
 Writes ``<out>/attention.csv`` and ``<out>/attention.png`` (``attention_graph.*`` with --graph), prints a table,
 and with ``--append-results FILE`` appends a dated section (GPU, versions, command, table) to FILE.
 ``--sweep`` instead times every candidate tile config of our kernels (the forward, the split backward's dQ and
-dK/dV kernels, the fused backward) at the chosen shapes, to retune ``_launch_config`` on a new GPU.
+dK/dV kernels, the fused backward, the stored backward's dQ kernel; dK/dV under ``--sweep-schedule``) at the
+chosen shapes, to retune ``_launch_config`` on a new GPU.
 ``--methods triton_split triton_fused triton_stored`` time ours with one backward schedule forced ("triton" is the automatic
 choice); ``triton_tma triton_pointer`` with its row loads forced (TMA tensor descriptors on sm_90+, or pointer
 arithmetic). ``--loads`` sets the row loads of everything the run times (sweeps included).

@@ -316,6 +316,33 @@ def test_triton_tma_loads(schedule, causal, bidir, dtype):
     assert all(type(args[0]).__name__ == "TensorDescriptor" for _fn, args, _meta in with_rows)
 
 
+@_NEEDS_TRITON
+def test_triton_tma_failure_falls_back_to_pointer_loads(monkeypatch):
+    """A Triton that cannot build TMA loads (simulated: every launch with TMA=True raises): one warning, the same
+    results through pointer loads, and no further TMA attempts."""
+    att = _triton_module()
+    monkeypatch.setattr(att, "_tma_failed", None)
+    tried = []
+
+    def failing(launcher):
+        def run(grid, *args, **meta):
+            if meta.get("TMA"):
+                tried.append(launcher.fn.__name__)
+                raise RuntimeError("PassManager::run failed")
+            return launcher(grid, *args, **meta)
+        return run
+
+    for name in ("_fwd", "_bwd_dq", "_bwd_dkdv", "_bwd_dq_stored"):
+        monkeypatch.setattr(att, name, failing(getattr(att, name)))
+    layout = _layout(2, 3, [20, 7], True, True)
+    inputs = _inputs(2, 2, 2, 29, 16, torch.float32, seed=5)
+    with att.row_loads("tma"), att.backward_schedule("stored"):
+        with pytest.warns(RuntimeWarning, match="TMA row loads failed"):
+            check_backend("triton", *inputs, layout)
+        check_backend("triton", *inputs, layout)
+    assert tried == ["_fwd_kernel"]  # the first failure turned TMA off for the backward and later calls too
+
+
 def test_triton_row_loads_choice():
     """The automatic choice of TMA loads: never on the CPU, nor for misaligned strides even when forced."""
     att = _triton_module()

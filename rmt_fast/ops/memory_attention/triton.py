@@ -9,16 +9,26 @@ Kernels (all accumulate in fp32; scores are kept in the log2 domain, ``s2 = q.k 
 - ``_fwd_kernel``: one program per (query tile, b, q head); online softmax; writes O and ``lse2`` (log2-sum-exp,
   ``+inf`` at padding queries so that the backward gives them probability 0).
 
-The backward has two schedules (``_schedule``), both from the same two program bodies:
+The backward has three schedules (``_schedule``), built from two program bodies and one dQ kernel:
 
 - ``_bwd_dq_program``: one query tile of one (b, q head): delta = rowsum(dO * O) of its rows, then a loop over
-  the key tiles it can see, accumulating dQ.
+  the key tiles it can see, accumulating dQ (three matmuls per tile pair: S, dP, dQ).
 - ``_bwd_dkdv_program``: one key tile of one (b, kv head): loops over the query heads of the GQA group and the
-  query tiles that can see it, accumulating dK/dV without atomics.
+  query tiles that can see it, accumulating dK/dV without atomics (four matmuls: S, dP, dV, dK); optionally
+  writes each dS tile it computes.
+- ``_bwd_dq_stored_kernel``: dQ = dS K from those stored tiles (one matmul per tile pair).
 
-"split" (large problems): ``_bwd_dq_kernel`` (stores delta) then ``_bwd_dkdv_kernel`` (reads it). "fused" (small
-problems, where an eager call is host-bound): ``_bwd_fused_kernel``, one launch whose 1-D grid holds the dK/dV
-programs and then the dQ programs, each computing delta from O itself.
+"fused" (small problems, where an eager call is host-bound): ``_bwd_fused_kernel``, one launch whose 1-D grid
+holds the dK/dV programs and then the dQ programs, each computing delta from O itself. "stored" (larger problems
+whose dS fits ``STORED_MAX_BYTES``): ``_bwd_delta_kernel``, then ``_bwd_dkdv_kernel`` writing dS, then
+``_bwd_dq_stored_kernel``: five matmuls per tile pair, like FlashAttention's backward, without its atomics.
+"split" (the rest): ``_bwd_dq_kernel`` (stores delta) then ``_bwd_dkdv_kernel`` (reads it): seven matmuls, no
+quadratic memory.
+
+Row loads: on sm_90+ the forward and the stored/split backward of large problems load Q/K/V/O/dO rows (and dS tiles)
+through host-side TMA tensor descriptors (``TMA=True``: the Hopper tensor memory accelerator does the address
+arithmetic and the bounds; see ``_use_tma``), elsewhere through pointer arithmetic. One code path: ``_rows`` takes
+either a descriptor or a pointer.
 
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU tensors with one fixed
 small tile config, and every loaded tile is upcast to fp32 (the interpreter's bf16/fp16 dot is not reliable).
@@ -31,6 +41,7 @@ import contextlib
 import functools
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -557,12 +568,16 @@ KERNELS = ("fwd", "dq", "dkdv", "fused", "dq_stored")
 def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes, warps and pipeline stages for ``kernel`` with the head-dim constants.
 
-    kernel: "fwd", "dq" and "dkdv" (the split backward) or "fused" (the one-launch backward: ``BLOCK_M1`` and
-    ``BLOCK_N1`` of its dK/dV programs, ``BLOCK_M2`` and ``BLOCK_N2`` of its dQ programs). Fixed per head dim rather
+    kernel: "fwd", "dq" and "dkdv" (the split backward; "dkdv" also in the stored one), "dq_stored" (the stored
+    backward's dQ from dS) or "fused" (the one-launch backward: ``BLOCK_M1`` and ``BLOCK_N1`` of its dK/dV programs,
+    ``BLOCK_M2`` and ``BLOCK_N2`` of its dQ programs). Fixed per head dim rather
     than autotuned: no first-call tuning pause, and the op can be captured in a CUDA graph on its first call. Picked
     from sweeps on an H200 (bf16; B8 H12 N544 D64, B4 H16 N2080 D128, B1 H16 N8224 D128): each choice is within a
     few percent of the best at every one of those shapes; the fused tiles are those of the split kernels (at D128
-    the best of 11 fused candidates, session 6).
+    the best of 11 fused candidates, session 6). Session 7 re-swept fwd/dq/dkdv with TMA loads at 4x16x2080x128
+    (the defaults stayed within 2.1 % of the best) and picked dq_stored 64x32 (best of 10; not swept at D64 or fp32).
+    The forward's ``WS`` (warp-specialised key loop) stays off: no gain at D128, and Triton 3.6 fails to compile
+    it for 64x64 tiles.
     ``python benchmarks/attention.py --sweep`` re-measures the candidates on another GPU.
     """
     if kernel not in KERNELS:
@@ -594,8 +609,9 @@ _schedule_override: str | None = None
 # Below this much work (B * Hq * N * N * D) the backward takes one launch ("fused"): at such sizes an eager call is
 # host-bound, and the launch saved is worth more than the GPU time the fused kernel spends recomputing delta.
 FUSED_MAX_WORK = 8 * 2 ** 30
-# The "stored" schedule's dS buffer (B * Hq * NP * NP elements, NP = N rounded up to 128) may take at most this many
-# bytes; larger problems take "split".
+# The "stored" schedule's dS buffer (B * Hq * NP * NP elements of q's dtype, NP = N rounded up to 128; allocated for
+# the backward call and freed after it) may take at most this many bytes; larger problems take "split". 0 turns
+# "stored" off; e.g. 4x16x2080x128 bf16 needs 606 MB, 1x16x8224x128 2.2 GB.
 STORED_MAX_BYTES = 2 ** 30
 _NP_ROUND = 128
 
@@ -620,12 +636,15 @@ def _stored_bytes(b: int, h: int, n: int, dtype: torch.dtype) -> int:
 
 
 def _schedule(b: int, h: int, n: int, d: int, dtype: torch.dtype = torch.bfloat16) -> str:
-    """How the backward runs: "fused" (one launch; dK/dV and dQ programs side by side, each computing delta) or
-    "split" (a dQ kernel that stores delta, then a dK/dV kernel that reads it). Both are deterministic and give
-    the same gradients; they differ in launches (host time) and GPU time: measured on an H200 (benchmarks/RESULTS.md,
-    session 6, bf16), "fused" took 46-82 µs less host time per eager fwd+bwd at 8x12x544x64 and the same GPU time
-    (graphed 0.094 vs 0.092 ms), and 6-10 % more GPU time at D128 with N >= 2080 (its dK/dV programs recompute delta
-    for every query tile they visit), hence the size rule."""
+    """How the backward runs: "fused" (one launch; dK/dV and dQ programs side by side, each computing delta),
+    "stored" (delta; dK/dV writing dS; dQ from dS) or "split" (a dQ kernel that stores delta, then a dK/dV kernel
+    that reads it). All are deterministic and agree with the reference to rounding; they differ in launches (host
+    time), GPU time and memory. Measured on an H200 (benchmarks/RESULTS.md, bf16, CUDA graphs): "fused" took 46-82 µs
+    less host time per eager fwd+bwd at 8x12x544x64 and the same GPU time (0.094 vs 0.092 ms; session 6), and
+    6-10 % more GPU time at D128 with N >= 2080. There "stored" beats "split" (fwd+bwd 0.784-0.801 vs 0.818-0.862 ms
+    at 4x16x2080x128, 2.505-2.578 vs 2.730-2.788 ms at 1x16x8224x128; session 7) for ``B * Hq * NP^2`` elements of
+    transient memory, hence: "fused" up to FUSED_MAX_WORK, "stored" while its buffer fits STORED_MAX_BYTES, else
+    "split"."""
     name = _schedule_override
     if name is None:
         if b * h * n * n * d <= FUSED_MAX_WORK:
@@ -671,9 +690,11 @@ def _tma_aligned(x: torch.Tensor) -> bool:
 def _use_tma(work: int, *xs: torch.Tensor) -> bool:
     """Load rows through TMA descriptors: forced by :func:`row_loads`, or ("auto") on a GPU of compute capability
     9.0+ when ``work`` (B * Hq * N * N * D) is above FUSED_MAX_WORK. Either way only when every tensor's base
-    address and (batch, head, row) strides are 16-byte aligned (a TMA requirement)."""
+    address and (batch, head, row) strides are 16-byte aligned (a TMA requirement), and never again after a TMA
+    launch failed (``_tma_off``). Measured on an H200 (session 7, graphed, bf16): forward 0.203 -> 0.185 ms and
+    fwd+bwd 0.871 -> 0.832 ms at 4x16x2080x128; 0.641 -> 0.598 and 2.832 -> 2.719 ms at 1x16x8224x128."""
     mode = _loads_override or "auto"
-    if mode == "pointer" or TensorDescriptor is None:
+    if mode == "pointer" or TensorDescriptor is None or _tma_failed is not None:
         return False
     if mode == "auto" and not (TMA_AUTO and not _INTERPRET and work > FUSED_MAX_WORK and xs[0].is_cuda
                                and _has_tma(xs[0].device.index)):
@@ -685,6 +706,23 @@ def _desc(x: torch.Tensor, rows: int, block_d: int):
     """A TMA descriptor over ``x`` ``[B, H, N, D]`` whose block is ``rows`` rows of one (b, h), ``block_d`` wide
     (columns past D and rows past N read as zeros)."""
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, block_d])
+
+
+def _ds_desc(ds: torch.Tensor, key_rows: int, query_cols: int):
+    """A TMA descriptor over the stored dS^T ``[B * Hq, NP, NP]``: blocks of ``key_rows`` x ``query_cols``."""
+    return TensorDescriptor(ds, list(ds.shape), list(ds.stride()), [1, key_rows, query_cols])
+
+
+_tma_failed: str | None = None
+
+
+def _tma_off(e: Exception) -> None:
+    """A launch with TMA loads failed (an installed Triton or driver that cannot build or run them): from now on
+    every call takes pointer loads; one warning."""
+    global _tma_failed
+    _tma_failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    warnings.warn(f"rmt_fast: memory_attention's TMA row loads failed ({_tma_failed}); using pointer loads",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _strides(*xs: torch.Tensor) -> list[int]:
@@ -729,7 +767,21 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.T
     o = torch.empty_like(q)
     lse = q.new_empty((b, h, n), dtype=torch.float32)
     cfg = _launch_config("fwd", d, q.dtype)
-    tma = _use_tma(b * h * n * n * d, q, k, v)
+    args = (q, k, v, o, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, cfg)
+    if _use_tma(b * h * n * n * d, q, k, v):
+        try:
+            _forward(*args, tma=True)
+            return o, lse
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an installed Triton that cannot build TMA loads: pointer loads
+            _tma_off(e)
+    _forward(*args, tma=False)
+    return o, lse
+
+
+def _forward(q, k, v, o, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, cfg, tma: bool) -> None:
+    b, h, n, _ = q.shape
     if tma:
         q_in, k_in, v_in = (_desc(q, cfg["BLOCK_M"], cfg["BLOCK_D"]), _desc(k, cfg["BLOCK_N"], cfg["BLOCK_D"]),
                             _desc(v, cfg["BLOCK_N"], cfg["BLOCK_D"]))
@@ -739,7 +791,6 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.T
          q_in, k_in, v_in, o, lse, seq_lens, *_strides(q, k, v, o),
          h, h // k.shape[1], n, num_read, num_write, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, TMA=tma,
          **cfg)
-    return o, lse
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -747,34 +798,43 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              bidirectional: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` shaped, typed and laid out like q, k, v; exactly 0 at padding positions.
 
-    One launch for small problems, two (dQ, which also writes ``delta = rowsum(dO * O)``, then dK/dV) otherwise;
-    see :func:`_schedule`.
+    One launch ("fused") for small problems; "stored" (delta, dK/dV writing dS, dQ from dS) or "split" (dQ, which
+    also writes ``delta = rowsum(dO * O)``, then dK/dV) otherwise: see :func:`_schedule`.
     """
     q, k, v, do = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v), _inner_contiguous(dout)
     b, h, n, d = q.shape
     h_kv = k.shape[1]
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    qk_scale = scale * _LOG2E
-    s_qkv, s_o, s_do = _strides(q, k, v), _strides(out), _strides(do)
-    s_in = (*s_qkv, *s_o, *s_do)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     schedule = _schedule(b, h, n, d, q.dtype)
     if schedule == "fused":
-        dq = torch.empty_like(q)
         cfg = _launch_config("fused", d, q.dtype)
         kv_tiles, q_tiles = _cdiv(n, cfg["BLOCK_N1"]), _cdiv(n, cfg["BLOCK_M2"])
         kv_programs = b * h_kv * kv_tiles
         _bwd_fused((kv_programs + b * h * q_tiles,),
-                   q, k, v, out, do, lse, dq, dk, dv, seq_lens, *s_in, *_strides(dq, dk, dv),
-                   h, h_kv, h // h_kv, n, kv_programs, kv_tiles, q_tiles, num_read, num_write, scale, qk_scale,
+                   q, k, v, out, do, lse, dq, dk, dv, seq_lens, *_strides(q, k, v, out, do, dq, dk, dv),
+                   h, h_kv, h // h_kv, n, kv_programs, kv_tiles, q_tiles, num_read, num_write, scale, scale * _LOG2E,
                    CAUSAL=causal, BIDIR=bidirectional, **cfg)
         return dq, dk, dv
+    run = _backward_stored if schedule == "stored" else _backward_split
+    args = (q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional, scale)
+    if _use_tma(b * h * n * n * d, q, k, v, out, do):
+        try:
+            run(*args, tma=True)
+            return dq, dk, dv
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an installed Triton that cannot build TMA loads: pointer loads
+            _tma_off(e)
+    run(*args, tma=False)
+    return dq, dk, dv
+
+
+def _backward_split(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional,
+                    scale, tma: bool) -> None:
+    """The "split" schedule: dQ (which stores delta), then dK/dV (which reads it)."""
+    b, h, n, d = q.shape
+    h_kv = k.shape[1]
     delta = torch.empty_like(lse)
-    dq = torch.empty_like(q)
-    tma = _use_tma(b * h * n * n * d, q, k, v, out, do)
-    if schedule == "stored":
-        _backward_stored(q, k, v, out, do, lse, delta, dq, dk, dv, seq_lens, num_read, num_write, causal,
-                         bidirectional, scale, tma)
-        return dq, dk, dv
     cfg = _launch_config("dq", d, q.dtype)
     if tma:  # dQ: q/o/dO one query tile per program, k/v key tiles in the loop
         m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
@@ -782,8 +842,9 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     else:
         ins = (q, k, v, out, do)
     _bwd_dq((b * h, _cdiv(n, cfg["BLOCK_M"])),
-            *ins, lse, delta, dq, seq_lens, *s_in, *_strides(dq),
-            h, h // h_kv, n, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg)
+            *ins, lse, delta, dq, seq_lens, *_strides(q, k, v, out, do, dq),
+            h, h // h_kv, n, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, TMA=tma,
+            **cfg)
     cfg = _launch_config("dkdv", d, q.dtype)
     if tma:  # dK/dV: k/v one key tile per program, q/dO query tiles in the loop
         m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
@@ -791,20 +852,21 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     else:
         ins = (q, k, v, do)
     _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
-              *ins, lse, delta, dk, dv, delta, seq_lens, *s_qkv, *s_do, *_strides(dk, dv),
-              h, h_kv, h // h_kv, n, 0, num_read, num_write, scale, qk_scale, CAUSAL=causal, BIDIR=bidirectional,
-              TMA=tma, STORE_DS=False, **cfg)
-    return dq, dk, dv
+              *ins, lse, delta, dk, dv, delta, seq_lens, *_strides(q, k, v, do, dk, dv),
+              h, h_kv, h // h_kv, n, 0, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal,
+              BIDIR=bidirectional, TMA=tma, STORE_DS=False, **cfg)
 
 
-def _backward_stored(q, k, v, out, do, lse, delta, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional,
-                     scale, tma) -> None:
+def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional,
+                     scale, tma: bool) -> None:
     """The "stored" schedule: delta, then dK/dV (which also writes every dS tile it computes, ``[B * Hq, NP, NP]``
-    in q's dtype, fp32 for fp32), then dQ = dS K from the stored tiles: five matmuls per tile pair instead of the
-    split schedule's seven, for ``B * Hq * NP * NP`` elements of transient memory."""
+    in q's dtype, NP = N rounded up to 128), then dQ = dS K from the stored tiles: five matmuls per tile pair
+    instead of the split schedule's seven, for ``B * Hq * NP * NP`` elements of transient memory (freed on return;
+    at most STORED_MAX_BYTES, see :func:`_schedule`)."""
     b, h, n, d = q.shape
     h_kv = k.shape[1]
     np_ = _cdiv(n, _NP_ROUND) * _NP_ROUND
+    delta = torch.empty_like(lse)
     ds = q.new_empty((b * h, np_, np_))
     block_d = max(16, triton.next_power_of_2(d))
     rows = 16 if _INTERPRET else 64
@@ -813,17 +875,18 @@ def _backward_stored(q, k, v, out, do, lse, delta, dq, dk, dv, seq_lens, num_rea
     cfg = _launch_config("dkdv", d, q.dtype)
     if tma:
         m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-        ins = (_desc(q, m, bd), _desc(k, nn, bd), _desc(v, nn, bd), _desc(do, m, bd))
+        ins = (_desc(q, m, bd), _desc(k, nn, bd), _desc(v, nn, bd), _desc(do, m, bd), _ds_desc(ds, nn, m))
     else:
-        ins = (q, k, v, do)
-    ds_in = TensorDescriptor(ds, list(ds.shape), list(ds.stride()), [1, cfg["BLOCK_N"], cfg["BLOCK_M"]]) if tma else ds
+        ins = (q, k, v, do, ds)
     _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
-              *ins, lse, delta, dk, dv, ds_in, seq_lens, *_strides(q, k, v, do, dk, dv),
+              *ins[:4], lse, delta, dk, dv, ins[4], seq_lens, *_strides(q, k, v, do, dk, dv),
               h, h_kv, h // h_kv, n, np_, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal,
               BIDIR=bidirectional, TMA=tma, STORE_DS=True, **cfg)
     cfg = _launch_config("dq_stored", d, q.dtype)
-    k_in = _desc(k, cfg["BLOCK_N"], cfg["BLOCK_D"]) if tma else k
-    ds_in = TensorDescriptor(ds, list(ds.shape), list(ds.stride()), [1, cfg["BLOCK_N"], cfg["BLOCK_M"]]) if tma else ds
+    if tma:
+        k_in, ds_in = _desc(k, cfg["BLOCK_N"], cfg["BLOCK_D"]), _ds_desc(ds, cfg["BLOCK_N"], cfg["BLOCK_M"])
+    else:
+        k_in, ds_in = k, ds
     _bwd_dq_stored((b * h, _cdiv(n, cfg["BLOCK_M"])),
                    k_in, ds_in, dq, seq_lens, *_strides(k, dq), h, h // h_kv, n, np_, num_read, num_write, scale,
                    CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg)
