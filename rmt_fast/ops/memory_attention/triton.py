@@ -78,6 +78,23 @@ def _allowed(i, j, valid, num_read, write_start, CAUSAL: tl.constexpr, BIDIR: tl
 
 
 @triton.jit
+def _query_tile(H, GROUPS):
+    """``(bh, b, q head, kv head, query tile)`` of a program of a (B*H, query tiles) grid, the last query tiles
+    first: under the causal mask they have the most keys, so the long programs start in the first wave and the
+    short ones fill the tail."""
+    bh = tl.program_id(0)
+    h = bh % H
+    return bh, bh // H, h, h // GROUPS, tl.num_programs(1) - 1 - tl.program_id(1)
+
+
+@triton.jit
+def _row_bounds(SEQ_LENS, b, N, num_read, num_write):
+    """Row b's ``(write_start, valid)``: where its write slots start, and how many positions are valid (<= N)."""
+    write_start = num_read + tl.load(SEQ_LENS + b).to(tl.int32)
+    return write_start, tl.minimum(write_start + num_write, N)
+
+
+@triton.jit
 def _key_range(m0, valid, num_read, write_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, BIDIR: tl.constexpr):
     """For the query tile starting at ``m0``: ``(full_end, end)``. Key tiles in ``[0, full_end)`` are allowed for
@@ -202,16 +219,9 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 TMA: tl.constexpr, WS: tl.constexpr):
-    # Grid (B*H, query tiles), the last query tiles first: under the causal mask they have the most keys, so the
-    # long programs start in the first wave and the short ones fill the tail.
-    bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUPS
-    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
-    write_start = num_read + seq_len
-    valid = tl.minimum(write_start + num_write, N)
+    # Grid (B*H, query tiles), the last query tiles first (``_query_tile``).
+    bh, b, h, hk, pid_m = _query_tile(H, GROUPS)
+    write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -299,9 +309,7 @@ def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, DS, SEQ_LE
     reading it from DELTA. ``STORE_DS``: also write each dS^T tile to DS (``[B * Hq, NP, NP]``, key-major)."""
     b = bhk // H_KV
     hk = bhk % H_KV
-    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
-    write_start = num_read + seq_len
-    valid = tl.minimum(write_start + num_write, N)
+    write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -377,9 +385,7 @@ def _bwd_dq_program(bh, pid_m, Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
     b = bh // H
     h = bh % H
     hk = h // GROUPS
-    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
-    write_start = num_read + seq_len
-    valid = tl.minimum(write_start + num_write, N)
+    write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -496,14 +502,8 @@ def _bwd_dq_stored_kernel(K, DS, DQ, SEQ_LENS, stride_kb, stride_kh, stride_kn, 
     # Grid (B*H, query tiles), the last first: dQ = dS K * scale from the dS^T tiles the dK/dV kernel stored. Only
     # the allowed pairs of valid queries were stored: masked tiles select them, and rows past ``valid`` (which may
     # have read unwritten memory) are zeroed at the end; every row of dQ depends on its own row of dS only.
-    bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUPS
-    seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
-    write_start = num_read + seq_len
-    valid = tl.minimum(write_start + num_write, N)
+    bh, b, h, hk, pid_m = _query_tile(H, GROUPS)
+    write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
