@@ -28,9 +28,9 @@ and with ``--append-results FILE`` appends a dated section (GPU, versions, comma
 ``--sweep`` instead times every candidate tile config of our kernels (the forward, the split backward's dQ and
 dK/dV kernels, the fused backward, the stored backward's dQ kernel; dK/dV under ``--sweep-schedule``) at the
 chosen shapes, to retune ``_launch_config`` on a new GPU.
-``--methods triton_split triton_fused triton_stored`` time ours with one backward schedule forced ("triton" is the automatic
-choice); ``triton_tma triton_pointer`` with its row loads forced (TMA tensor descriptors on sm_90+, or pointer
-arithmetic). ``--loads`` sets the row loads of everything the run times (sweeps included).
+``--methods triton_split triton_fused triton_stored`` time ours with one backward schedule forced ("triton" is
+the automatic choice); ``triton_tma triton_pointer`` with its row loads forced (TMA tensor descriptors on sm_90+,
+or pointer arithmetic). ``--loads`` sets the row loads of everything the run times (sweeps included).
 
 Example: ``python benchmarks/attention.py --append-results benchmarks/RESULTS.md``
 """
@@ -458,10 +458,7 @@ def append_results(path: Path, table: str, notes: list[str], torch, args):
 SWEEP = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
             (64, 128, 4, 3), (128, 64, 4, 4), (64, 32, 4, 4), (128, 64, 8, 2), (128, 64, 8, 4), (64, 64, 4, 2),
-            (64, 128, 8, 3),
-            # warp-specialised key loop (WS=True)
-            (128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 3, True), (64, 64, 4, 3, True),
-            (128, 128, 8, 2, True)],
+            (64, 128, 8, 3)],
     "dkdv": [(32, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (16, 128, 4, 3),
              (64, 64, 8, 2), (32, 64, 4, 4), (16, 64, 4, 4), (32, 128, 4, 4), (32, 128, 4, 5), (64, 128, 8, 2),
              (64, 64, 4, 4), (32, 64, 4, 5), (64, 128, 4, 2)],
@@ -482,12 +479,8 @@ _SWEEP_SCHEDULE = {"dq": "split", "fused": "fused", "dq_stored": "stored"}
 
 def _candidate(kernel, values):
     names = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if kernel == "fused" else ("BLOCK_M", "BLOCK_N")
-    extra = {}
-    if kernel == "fwd" and len(values) == 5:  # (..., warps, stages, WS)
-        *values, ws = values
-        extra["WS"] = ws
     *blocks, warps, stages = values
-    return {**dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages, **extra}
+    return {**dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages}
 
 
 def sweep(args, torch):
@@ -531,8 +524,7 @@ def sweep(args, torch):
                     attention._launch_config = default
             for ms, cand in sorted(timings, key=lambda t: t[0]):
                 blocks = " ".join(f"{name[6:]}={value:3d}" for name, value in cand.items() if name.startswith("BLOCK"))
-                print(f"  {kernel:6s} {ms:8.4f} ms  {blocks} w={cand['num_warps']} s={cand['num_stages']}"
-                      + (" ws" if cand.get("WS") else ""))
+                print(f"  {kernel:6s} {ms:8.4f} ms  {blocks} w={cand['num_warps']} s={cand['num_stages']}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -343,6 +343,60 @@ def test_triton_tma_failure_falls_back_to_pointer_loads(monkeypatch):
     assert tried == ["_fwd_kernel"]  # the first failure turned TMA off for the backward and later calls too
 
 
+@_NEEDS_TRITON
+def test_triton_bad_input_keeps_tma_on(monkeypatch):
+    """An error that the pointer path raises too (here: every launch fails) is the caller's: it propagates, no
+    warning, and TMA stays on."""
+    att = _triton_module()
+    monkeypatch.setattr(att, "_tma_failed", None)
+
+    def broken(grid, *args, **meta):
+        raise RuntimeError("bad input")
+
+    monkeypatch.setattr(att, "_fwd", broken)
+    q = torch.zeros(1, 2, 16, 16, device=DEVICE)
+    with att.row_loads("tma"), pytest.raises(RuntimeError, match="bad input"):
+        att.forward(q, q, q, torch.full((1,), 16, dtype=torch.int32, device=DEVICE), 0, 0, True, False, 0.25)
+    assert att._tma_failed is None
+
+
+@pytest.mark.parametrize("loads", ["pointer", "tma"])
+@pytest.mark.parametrize("causal,bidir", MASKS, ids=MASK_IDS)
+@_NEEDS_TRITON
+def test_triton_stored_schedule_reads_only_written_ds(loads, causal, bidir, monkeypatch):
+    """The stored schedule's dQ kernel must read only the dS entries the dK/dV kernel wrote (or mask them out): the
+    buffer starts as NaN, and the two kernels get different tiles (as on a GPU), for row counts that are not
+    multiples of either; ragged rows, padding, GQA."""
+    att = _triton_module()
+    tiles = {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 32}, "dq_stored": {"BLOCK_M": 32, "BLOCK_N": 16}}
+    default = att._launch_config
+    monkeypatch.setattr(att, "_launch_config", lambda kernel, d, dtype: {**default(kernel, d, dtype),
+                                                                          **tiles.get(kernel, {})})
+    monkeypatch.setattr(att, "_new_ds", lambda q, rows, np_: torch.full((rows, np_, np_), float("nan"),
+                                                                         dtype=q.dtype, device=q.device))
+    for n, lens in ((37, [27, 9, 0]), (70, [61, 40, 12])):
+        layout = _layout(3, 5, lens, causal, bidir)
+        with att.row_loads(loads), att.backward_schedule("stored"):
+            check_backend("triton", *_inputs(3, 4, 2, n, 16, torch.float32, seed=n), layout)
+
+
+def test_triton_stored_schedule_without_memory_falls_back_to_split(monkeypatch):
+    """No room for the dS buffer (CUDA out of memory): the backward takes the split schedule."""
+    from rmt_fast.ops import launch
+
+    att = _triton_module()
+
+    def oom(q, rows, np_):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(att, "_new_ds", oom)
+    q = torch.empty(1, 2, 64, 16)
+    lse, lens = torch.empty(1, 2, 64), torch.full((1,), 60, dtype=torch.int32)
+    with launch.recording() as calls, att.backward_schedule("stored"):
+        att.backward(q, q, q, q, q, lse, lens, 2, 2, True, False, 0.25)
+    assert [fn.__name__ for fn, _grid, _args, _meta in calls] == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]
+
+
 def test_triton_row_loads_choice():
     """The automatic choice of TMA loads: never on the CPU, nor for misaligned strides even when forced."""
     att = _triton_module()
@@ -352,6 +406,8 @@ def test_triton_row_loads_choice():
         assert att._use_tma(1, q)
         assert not att._use_tma(1, torch.empty(1, 2, 64, 18)[..., :16])  # row stride 72 B: not a multiple of 16
         assert not att._use_tma(1, torch.empty(64 * 16 + 1)[1:].view(1, 1, 64, 16))  # base address off by 4 B
+        assert not att._use_tma(1, torch.empty(1, 1, 64, 16).expand(1, 2, 64, 16))  # a broadcast head: stride 0
+        assert att._use_tma(1, torch.empty(64, 16).expand(1, 1, 64, 16))  # stride 0 over a single element: fine
     with att.row_loads("pointer"):
         assert not att._use_tma(1, q)
     with pytest.raises(ValueError, match="mode must be one of"):

@@ -93,11 +93,10 @@ def record_launches() -> list[KernelLaunch]:
                     for schedule in attention.SCHEDULES:
                         with attention.backward_schedule(schedule):
                             attention.backward(out, q, k, v, out, lse, lens, 8, 8, causal, bidir, d ** -0.5)
-                    if dtype == torch.bfloat16 and d != 64 and bidir:  # TMA loads (sm_90+; forward, split/stored)
-                        for schedule in ("split", "stored"):
-                            with attention.row_loads("tma"), attention.backward_schedule(schedule):
-                                out, lse = attention.forward(q, k, v, lens, 8, 8, causal, bidir, d ** -0.5)
-                                attention.backward(out, q, k, v, out, lse, lens, 8, 8, causal, bidir, d ** -0.5)
+                    for schedule in ("split", "stored"):  # TMA row loads (sm_90+): forward, split/stored backward
+                        with attention.row_loads("tma"), attention.backward_schedule(schedule):
+                            out, lse = attention.forward(q, k, v, lens, 8, 8, causal, bidir, d ** -0.5)
+                            attention.backward(out, q, k, v, out, lse, lens, 8, 8, causal, bidir, d ** -0.5)
             for width in (768, 4096):
                 block_kernels.rms_norm(e(4, width, dtype=dtype), e(width, dtype=dtype), 1e-6)
             x = e(1, 4, 8, 64, dtype=dtype)

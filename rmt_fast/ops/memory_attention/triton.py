@@ -191,8 +191,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_vn, offs
                num_read, write_start, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               TMA: tl.constexpr, WS: tl.constexpr):
-    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+               TMA: tl.constexpr):
+    for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _rows(k_src, b, hk, n0, stride_kn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)
         v = _rows(v_src, b, hk, n0, stride_vn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)
@@ -218,7 +218,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
                 H, GROUPS, N, num_read, num_write, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                TMA: tl.constexpr, WS: tl.constexpr):
+                TMA: tl.constexpr):
     # Grid (B*H, query tiles), the last query tiles first (``_query_tile``).
     bh, b, h, hk, pid_m = _query_tile(H, GROUPS)
     write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
@@ -238,10 +238,10 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
     full_end, end = _key_range(m0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d,
                                0, full_end, N, valid, num_read, write_start, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA, WS)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d,
                                full_end, end, N, valid, num_read, write_start, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA, False)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
 
     row_ok = (offs_m < valid) & (l_i > 0.0)
     l_safe = tl.where(row_ok, l_i, 1.0)
@@ -289,7 +289,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, lse_base, delta_ba
                 tile = ds_t.to(ds_src.dtype).reshape(1, ds_t.shape[0], ds_t.shape[1])
                 ds_src.store([bh.to(tl.int32), n0, m0], tile)
             else:
-                tl.store(ds_src + offs_n[:, None] * NP + offs_m[None, :], ds_t.to(ds_src.dtype.element_ty))
+                tl.store(ds_src + offs_n[:, None].to(tl.int64) * NP + offs_m[None, :],
+                         ds_t.to(ds_src.dtype.element_ty))
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -483,7 +484,7 @@ def _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, bh, stride_kn, NP, m0, offs_m
         if TMA:
             ds_t = ds_src.load([bh, n0, m0]).reshape(BLOCK_N, BLOCK_M)
         else:
-            ds_t = tl.load(ds_src + offs_n[:, None] * NP + offs_m[None, :])
+            ds_t = tl.load(ds_src + offs_n[:, None].to(tl.int64) * NP + offs_m[None, :])
         if UPCAST:
             ds_t = ds_t.to(tl.float32)
         if MASKED:  # pairs that are not allowed were never written
@@ -576,16 +577,14 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     few percent of the best at every one of those shapes; the fused tiles are those of the split kernels (at D128
     the best of 11 fused candidates, session 6). Session 7 re-swept fwd/dq/dkdv with TMA loads at 4x16x2080x128
     (the defaults stayed within 2.1 % of the best) and picked dq_stored 64x32 (best of 10; not swept at D64 or fp32).
-    The forward's ``WS`` (warp-specialised key loop) stays off: no gain at D128, and Triton 3.6 fails to compile
-    it for 64x64 tiles.
+    Warp specialisation of the forward's key loop (``tl.range(warp_specialize=True)``) was measured and left out:
+    no gain at D128, and Triton 3.6 fails to compile it for 64x64 tiles.
     ``python benchmarks/attention.py --sweep`` re-measures the candidates on another GPU.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     dims = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "UPCAST": _INTERPRET,
             "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
-    if kernel == "fwd":
-        dims["WS"] = False  # warp specialisation of the unmasked key loop (``tl.range(warp_specialize=...)``)
     if _INTERPRET:  # the interpreter runs one program at a time on numpy: small tiles
         if kernel == "fused":
             return {**dims, "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16}
@@ -683,8 +682,11 @@ def _has_tma(device_index: int) -> bool:
 
 
 def _tma_aligned(x: torch.Tensor) -> bool:
+    """16-byte aligned base and (batch, head, row) strides, none of them 0 over more than one element (a broadcast
+    view: a TMA descriptor needs real strides)."""
     size = x.element_size()
-    return x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:3])
+    return x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 and (st > 0 or dim == 1)
+                                          for st, dim in zip(x.stride()[:3], x.shape[:3]))
 
 
 def _use_tma(work: int, *xs: torch.Tensor) -> bool:
@@ -767,17 +769,27 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.T
     o = torch.empty_like(q)
     lse = q.new_empty((b, h, n), dtype=torch.float32)
     cfg = _launch_config("fwd", d, q.dtype)
-    args = (q, k, v, o, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, cfg)
-    if _use_tma(b * h * n * n * d, q, k, v):
+    _with_tma_fallback(_forward, _use_tma(b * h * n * n * d, q, k, v),
+                       q, k, v, o, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, cfg)
+    return o, lse
+
+
+def _with_tma_fallback(run, tma: bool, *args) -> None:
+    """``run(*args, tma=tma)``. If the TMA launch fails, the same call with pointer loads: when that one succeeds,
+    TMA was at fault (an installed Triton or driver that cannot build or run it) and is turned off for the process
+    (``_tma_off``, one warning); when it fails too, its error is the caller's (bad inputs) and TMA stays on."""
+    if tma:
         try:
-            _forward(*args, tma=True)
-            return o, lse
+            run(*args, tma=True)
+            return
         except torch.OutOfMemoryError:
             raise
-        except Exception as e:  # noqa: BLE001 - an installed Triton that cannot build TMA loads: pointer loads
-            _tma_off(e)
-    _forward(*args, tma=False)
-    return o, lse
+        except Exception as e:  # noqa: BLE001 - judged below by the pointer path
+            error = e
+        run(*args, tma=False)
+        _tma_off(error)
+        return
+    run(*args, tma=False)
 
 
 def _forward(q, k, v, o, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, cfg, tma: bool) -> None:
@@ -815,18 +827,23 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                    h, h_kv, h // h_kv, n, kv_programs, kv_tiles, q_tiles, num_read, num_write, scale, scale * _LOG2E,
                    CAUSAL=causal, BIDIR=bidirectional, **cfg)
         return dq, dk, dv
-    run = _backward_stored if schedule == "stored" else _backward_split
-    args = (q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional, scale)
-    if _use_tma(b * h * n * n * d, q, k, v, out, do):
+    run = _backward_split
+    if schedule == "stored":
+        np_ = _cdiv(n, _NP_ROUND) * _NP_ROUND
         try:
-            run(*args, tma=True)
-            return dq, dk, dv
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - an installed Triton that cannot build TMA loads: pointer loads
-            _tma_off(e)
-    run(*args, tma=False)
+            ds = _new_ds(q, b * h, np_)
+            run = functools.partial(_backward_stored, ds=ds)
+        except torch.OutOfMemoryError:  # no room for dS: the split schedule needs none
+            pass
+    _with_tma_fallback(run, _use_tma(b * h * n * n * d, q, k, v, out, do),
+                       q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional, scale)
     return dq, dk, dv
+
+
+def _new_ds(q: torch.Tensor, rows: int, np_: int) -> torch.Tensor:
+    """The stored schedule's dS^T buffer ``[rows, NP, NP]`` in q's dtype (uninitialised: only the pairs the dQ
+    kernel reads unmasked are written)."""
+    return q.new_empty((rows, np_, np_))
 
 
 def _backward_split(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional,
@@ -858,21 +875,23 @@ def _backward_split(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_w
 
 
 def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional,
-                     scale, tma: bool) -> None:
+                     scale, tma: bool, ds: torch.Tensor) -> None:
     """The "stored" schedule: delta, then dK/dV (which also writes every dS tile it computes, ``[B * Hq, NP, NP]``
     in q's dtype, NP = N rounded up to 128), then dQ = dS K from the stored tiles: five matmuls per tile pair
     instead of the split schedule's seven, for ``B * Hq * NP * NP`` elements of transient memory (freed on return;
     at most STORED_MAX_BYTES, see :func:`_schedule`)."""
     b, h, n, d = q.shape
     h_kv = k.shape[1]
-    np_ = _cdiv(n, _NP_ROUND) * _NP_ROUND
+    np_ = ds.shape[-1]
     delta = torch.empty_like(lse)
-    ds = q.new_empty((b * h, np_, np_))
     block_d = max(16, triton.next_power_of_2(d))
     rows = 16 if _INTERPRET else 64
     _bwd_delta((b * h, _cdiv(n, rows)), out, do, delta, *_strides(out, do), h, n,
                HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
     cfg = _launch_config("dkdv", d, q.dtype)
+    cfg_dq = _launch_config("dq_stored", d, q.dtype)
+    if any(np_ % cfg_[key] for cfg_ in (cfg, cfg_dq) for key in ("BLOCK_M", "BLOCK_N")):
+        raise ValueError(f"stored schedule: tiles must divide {np_} (dS is read and written without masks)")
     if tma:
         m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
         ins = (_desc(q, m, bd), _desc(k, nn, bd), _desc(v, nn, bd), _desc(do, m, bd), _ds_desc(ds, nn, m))
@@ -882,7 +901,7 @@ def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_
               *ins[:4], lse, delta, dk, dv, ins[4], seq_lens, *_strides(q, k, v, do, dk, dv),
               h, h_kv, h // h_kv, n, np_, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal,
               BIDIR=bidirectional, TMA=tma, STORE_DS=True, **cfg)
-    cfg = _launch_config("dq_stored", d, q.dtype)
+    cfg = cfg_dq
     if tma:
         k_in, ds_in = _desc(k, cfg["BLOCK_N"], cfg["BLOCK_D"]), _ds_desc(ds, cfg["BLOCK_N"], cfg["BLOCK_M"])
     else:
