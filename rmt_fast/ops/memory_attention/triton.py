@@ -616,17 +616,23 @@ _NP_ROUND = 128
 
 
 @contextlib.contextmanager
-def backward_schedule(name: str):
-    """Inside this context every backward uses ``name`` (one of :data:`SCHEDULES`) instead of the automatic choice
-    (for benchmarks and tests)."""
-    global _schedule_override
-    if name not in SCHEDULES:
-        raise ValueError(f"name must be one of {SCHEDULES}, got {name!r}")
-    saved, _schedule_override = _schedule_override, name
+def _override(variable: str, value: str, allowed: tuple, arg: str):
+    """Set the module-level ``variable`` to ``value`` (one of ``allowed``, else a ValueError naming ``arg``) inside
+    the context."""
+    if value not in allowed:
+        raise ValueError(f"{arg} must be one of {allowed}, got {value!r}")
+    module = globals()
+    saved, module[variable] = module[variable], value
     try:
         yield
     finally:
-        _schedule_override = saved
+        module[variable] = saved
+
+
+def backward_schedule(name: str):
+    """Inside this context every backward uses ``name`` (one of :data:`SCHEDULES`) instead of the automatic choice
+    (for benchmarks and tests)."""
+    return _override("_schedule_override", name, SCHEDULES, "name")
 
 
 def _stored_bytes(b: int, h: int, n: int, dtype: torch.dtype) -> int:
@@ -660,20 +666,12 @@ _loads_override: str | None = None
 TMA_AUTO = True
 
 
-@contextlib.contextmanager
 def row_loads(mode: str):
-    """How the forward and the split backward load rows of Q/K/V/O/dO inside this context: "tma" (4-D tensor
+    """How the forward and the split/stored backward load rows of Q/K/V/O/dO inside this context: "tma" (4-D tensor
     descriptors, the copy done by Hopper's tensor memory accelerator; tensors whose strides or addresses are not
     16-byte aligned still take pointer loads), "pointer" (pointer arithmetic, ``tl.load``) or "auto" (the default:
     TMA on sm_90+ for large problems, see :func:`_use_tma`). For benchmarks and tests."""
-    global _loads_override
-    if mode not in LOADS:
-        raise ValueError(f"mode must be one of {LOADS}, got {mode!r}")
-    saved, _loads_override = _loads_override, mode
-    try:
-        yield
-    finally:
-        _loads_override = saved
+    return _override("_loads_override", mode, LOADS, "mode")
 
 
 @functools.lru_cache(maxsize=None)
