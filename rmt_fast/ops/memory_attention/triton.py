@@ -635,12 +635,16 @@ def backward_schedule(name: str):
     return _override("_schedule_override", name, SCHEDULES, "name")
 
 
+def _padded_rows(n: int) -> int:
+    """NP: the side of the stored schedule's per-(b, head) dS block."""
+    return _cdiv(n, _NP_ROUND) * _NP_ROUND
+
+
 def _stored_bytes(b: int, h: int, n: int, dtype: torch.dtype) -> int:
-    np_ = _cdiv(n, _NP_ROUND) * _NP_ROUND
-    return b * h * np_ * np_ * (4 if dtype == torch.float32 else 2)
+    return b * h * _padded_rows(n) ** 2 * dtype.itemsize
 
 
-def _schedule(b: int, h: int, n: int, d: int, dtype: torch.dtype = torch.bfloat16) -> str:
+def _schedule(b: int, h: int, n: int, d: int, dtype: torch.dtype) -> str:
     """How the backward runs: "fused" (one launch; dK/dV and dQ programs side by side, each computing delta),
     "stored" (delta; dK/dV writing dS; dQ from dS) or "split" (a dQ kernel that stores delta, then a dK/dV kernel
     that reads it). All are deterministic and agree with the reference to rounding; they differ in launches (host
@@ -661,9 +665,6 @@ def _schedule(b: int, h: int, n: int, d: int, dtype: torch.dtype = torch.bfloat1
 
 LOADS = ("auto", "tma", "pointer")
 _loads_override: str | None = None
-# Hopper tensor-memory-accelerator loads: used by "auto" for problems above FUSED_MAX_WORK (where the kernels, not
-# the host, set the time: each descriptor costs the host a few microseconds per launch) on sm_90+.
-TMA_AUTO = True
 
 
 def row_loads(mode: str):
@@ -696,21 +697,19 @@ def _use_tma(work: int, *xs: torch.Tensor) -> bool:
     mode = _loads_override or "auto"
     if mode == "pointer" or TensorDescriptor is None or _tma_failed is not None:
         return False
-    if mode == "auto" and not (TMA_AUTO and not _INTERPRET and work > FUSED_MAX_WORK and xs[0].is_cuda
+    if mode == "auto" and not (not _INTERPRET and work > FUSED_MAX_WORK and xs[0].is_cuda
                                and _has_tma(xs[0].device.index)):
         return False
     return all(_tma_aligned(x) for x in xs)
 
 
-def _desc(x: torch.Tensor, rows: int, block_d: int):
-    """A TMA descriptor over ``x`` ``[B, H, N, D]`` whose block is ``rows`` rows of one (b, h), ``block_d`` wide
-    (columns past D and rows past N read as zeros)."""
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, block_d])
-
-
-def _ds_desc(ds: torch.Tensor, key_rows: int, query_cols: int):
-    """A TMA descriptor over the stored dS^T ``[B * Hq, NP, NP]``: blocks of ``key_rows`` x ``query_cols``."""
-    return TensorDescriptor(ds, list(ds.shape), list(ds.stride()), [1, key_rows, query_cols])
+def _arg(x: torch.Tensor, tma: bool, *block: int):
+    """``x`` as a kernel argument: itself, or with ``tma`` a TMA descriptor over it whose block is ``block`` in its
+    trailing dims (leading dims 1): ``[rows, BLOCK_D]`` of one (b, h) of ``[B, H, N, D]`` (columns past D and rows
+    past N read as zeros), ``[key rows, query cols]`` of one (b, h) of the stored dS^T ``[B * Hq, NP, NP]``."""
+    if not tma:
+        return x
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1] * (x.dim() - len(block)) + list(block))
 
 
 _tma_failed: str | None = None
@@ -792,13 +791,9 @@ def _with_tma_fallback(run, tma: bool, *args) -> None:
 
 def _forward(q, k, v, o, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, cfg, tma: bool) -> None:
     b, h, n, _ = q.shape
-    if tma:
-        q_in, k_in, v_in = (_desc(q, cfg["BLOCK_M"], cfg["BLOCK_D"]), _desc(k, cfg["BLOCK_N"], cfg["BLOCK_D"]),
-                            _desc(v, cfg["BLOCK_N"], cfg["BLOCK_D"]))
-    else:
-        q_in, k_in, v_in = q, k, v
-    _fwd((b * h, _cdiv(n, cfg["BLOCK_M"])),
-         q_in, k_in, v_in, o, lse, seq_lens, *_strides(q, k, v, o),
+    m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    _fwd((b * h, _cdiv(n, m)),
+         _arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), o, lse, seq_lens, *_strides(q, k, v, o),
          h, h // k.shape[1], n, num_read, num_write, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, TMA=tma,
          **cfg)
 
@@ -827,9 +822,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return dq, dk, dv
     run = _backward_split
     if schedule == "stored":
-        np_ = _cdiv(n, _NP_ROUND) * _NP_ROUND
         try:
-            ds = _new_ds(q, b * h, np_)
+            ds = _new_ds(q, b * h, _padded_rows(n))
             run = functools.partial(_backward_stored, ds=ds)
         except torch.OutOfMemoryError:  # no room for dS: the split schedule needs none
             pass
@@ -851,23 +845,17 @@ def _backward_split(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_w
     h_kv = k.shape[1]
     delta = torch.empty_like(lse)
     cfg = _launch_config("dq", d, q.dtype)
-    if tma:  # dQ: q/o/dO one query tile per program, k/v key tiles in the loop
-        m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-        ins = (_desc(q, m, bd), _desc(k, nn, bd), _desc(v, nn, bd), _desc(out, m, bd), _desc(do, m, bd))
-    else:
-        ins = (q, k, v, out, do)
-    _bwd_dq((b * h, _cdiv(n, cfg["BLOCK_M"])),
-            *ins, lse, delta, dq, seq_lens, *_strides(q, k, v, out, do, dq),
+    m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]  # q/o/dO: a query tile, k/v: key tiles
+    _bwd_dq((b * h, _cdiv(n, m)),
+            _arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(out, tma, m, bd),
+            _arg(do, tma, m, bd), lse, delta, dq, seq_lens, *_strides(q, k, v, out, do, dq),
             h, h // h_kv, n, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, TMA=tma,
             **cfg)
     cfg = _launch_config("dkdv", d, q.dtype)
-    if tma:  # dK/dV: k/v one key tile per program, q/dO query tiles in the loop
-        m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-        ins = (_desc(q, m, bd), _desc(k, nn, bd), _desc(v, nn, bd), _desc(do, m, bd))
-    else:
-        ins = (q, k, v, do)
-    _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
-              *ins, lse, delta, dk, dv, delta, seq_lens, *_strides(q, k, v, do, dk, dv),
+    m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]  # k/v: a key tile, q/dO: query tiles
+    _bwd_dkdv((b * h_kv, _cdiv(n, nn)),
+              _arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd),
+              lse, delta, dk, dv, delta, seq_lens, *_strides(q, k, v, do, dk, dv),
               h, h_kv, h // h_kv, n, 0, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal,
               BIDIR=bidirectional, TMA=tma, STORE_DS=False, **cfg)
 
@@ -890,20 +878,14 @@ def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_
     cfg_dq = _launch_config("dq_stored", d, q.dtype)
     if any(np_ % cfg_[key] for cfg_ in (cfg, cfg_dq) for key in ("BLOCK_M", "BLOCK_N")):
         raise ValueError(f"stored schedule: tiles must divide {np_} (dS is read and written without masks)")
-    if tma:
-        m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-        ins = (_desc(q, m, bd), _desc(k, nn, bd), _desc(v, nn, bd), _desc(do, m, bd), _ds_desc(ds, nn, m))
-    else:
-        ins = (q, k, v, do, ds)
-    _bwd_dkdv((b * h_kv, _cdiv(n, cfg["BLOCK_N"])),
-              *ins[:4], lse, delta, dk, dv, ins[4], seq_lens, *_strides(q, k, v, do, dk, dv),
+    m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    _bwd_dkdv((b * h_kv, _cdiv(n, nn)),
+              _arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd),
+              lse, delta, dk, dv, _arg(ds, tma, nn, m), seq_lens, *_strides(q, k, v, do, dk, dv),
               h, h_kv, h // h_kv, n, np_, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal,
               BIDIR=bidirectional, TMA=tma, STORE_DS=True, **cfg)
     cfg = cfg_dq
-    if tma:
-        k_in, ds_in = _desc(k, cfg["BLOCK_N"], cfg["BLOCK_D"]), _ds_desc(ds, cfg["BLOCK_N"], cfg["BLOCK_M"])
-    else:
-        k_in, ds_in = k, ds
-    _bwd_dq_stored((b * h, _cdiv(n, cfg["BLOCK_M"])),
-                   k_in, ds_in, dq, seq_lens, *_strides(k, dq), h, h // h_kv, n, np_, num_read, num_write, scale,
-                   CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg)
+    m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    _bwd_dq_stored((b * h, _cdiv(n, m)),
+                   _arg(k, tma, nn, bd), _arg(ds, tma, nn, m), dq, seq_lens, *_strides(k, dq), h, h // h_kv, n, np_,
+                   num_read, num_write, scale, CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg)
