@@ -29,7 +29,8 @@ and with ``--append-results FILE`` appends a dated section (GPU, versions, comma
 dK/dV kernels, the fused backward, the stored backward's dQ kernel; dK/dV under ``--sweep-schedule``) at the
 chosen shapes, to retune ``_launch_config`` on a new GPU.
 ``--methods triton_split triton_fused triton_stored`` time ours with one backward schedule forced ("triton" is
-the automatic choice); ``triton_tma triton_pointer`` with its row loads forced (TMA tensor descriptors on sm_90+,
+the automatic choice; ``triton_stored_whole``: stored in one chunk, with no cap on its dS buffer);
+``triton_tma triton_pointer`` with its row loads forced (TMA tensor descriptors on sm_90+,
 or pointer arithmetic). ``--loads`` sets the row loads of everything the run times (sweeps included).
 
 Example: ``python benchmarks/attention.py --append-results benchmarks/RESULTS.md``
@@ -49,9 +50,12 @@ DEFAULT_METHODS = ("reference", "sdpa_mask", "flex", "triton", "cuda", "sdpa_cau
 # ours with one backward schedule forced (rmt_fast/ops/memory_attention/triton.py ``_schedule``); "triton" is the
 # automatic choice
 SCHEDULE_METHODS = ("triton_split", "triton_fused", "triton_stored")
+# the stored schedule in one chunk whatever its dS takes (STORED_MAX_BYTES unlimited): what chunking costs
+WHOLE_METHODS = ("triton_stored_whole",)
 # ours with the row loads forced (``row_loads``): TMA tensor descriptors or pointer arithmetic
 LOADS_METHODS = ("triton_tma", "triton_pointer")
-METHODS = DEFAULT_METHODS + SCHEDULE_METHODS + LOADS_METHODS
+VARIANTS = SCHEDULE_METHODS + WHOLE_METHODS + LOADS_METHODS  # ours under a context
+METHODS = DEFAULT_METHODS + VARIANTS
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -150,7 +154,7 @@ class Problem:
                                                                           enable_gqa=gqa),
             "triton": lambda q, k, v: _triton(q, k, v, lay, scale),
         }
-        for method in SCHEDULE_METHODS + LOADS_METHODS:
+        for method in VARIANTS:
             self.fns[method] = self.fns["triton"]
         self.skipped: dict[str, str] = {}
         if "flex" in args.methods:
@@ -205,6 +209,8 @@ class Problem:
             return attention.backward_schedule(method.removeprefix("triton_"))
         if method in LOADS_METHODS:
             return attention.row_loads(method.removeprefix("triton_"))
+        if method in WHOLE_METHODS:
+            return _stored_whole(attention)
         return contextlib.nullcontext()
 
     def inputs(self, method):
@@ -214,6 +220,21 @@ class Problem:
 
 
 _FLEX = None
+
+
+def _stored_whole(attention):
+    """The stored schedule with an unlimited dS budget (one chunk of heads)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        saved, attention.STORED_MAX_BYTES = attention.STORED_MAX_BYTES, 2 ** 62
+        try:
+            with attention.backward_schedule("stored"):
+                yield
+        finally:
+            attention.STORED_MAX_BYTES = saved
+    return ctx()
 
 
 def _compiled_flex(torch, flex_attention):
@@ -564,7 +585,7 @@ def run(args, torch):
                         print(note)
                     continue
                 errs[method] = ""
-                if method in ("triton", "cuda", *SCHEDULE_METHODS, *LOADS_METHODS):
+                if method in ("triton", "cuda", *VARIANTS):
                     e = max_errors(prob, method)
                     errs[method] = max(e["o"], e["dq"], e["dk"], e["dv"])
                     print(f"[check] {shape_txt} bidir={bidir} {method}: "

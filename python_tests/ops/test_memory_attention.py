@@ -380,6 +380,44 @@ def test_triton_stored_schedule_reads_only_written_ds(loads, causal, bidir, monk
             check_backend("triton", *_inputs(3, 4, 2, n, 16, torch.float32, seed=n), layout)
 
 
+@pytest.mark.parametrize("hkv,budget_pairs,chunk_sizes", [(2, 1, [1] * 6), (2, 2, [2, 2, 2]), (2, 4, [3, 3]),
+                                                          (1, 2, [2, 1]), (2, 100, [6])])
+@_NEEDS_TRITON
+def test_triton_stored_schedule_in_chunks(hkv, budget_pairs, chunk_sizes, monkeypatch):
+    """A dS budget below the whole problem: the stored schedule runs its (b, kv head) pairs in even chunks of whole
+    GQA groups through one buffer of the chunk's size, with the same results (ragged rows, three masks); the buffer
+    starts as NaN, so a chunk that read another chunk's or an unwritten block would show."""
+    from rmt_fast.ops import launch
+
+    att = _triton_module()
+    b, hq, n = 3, 4, 37  # 3 * hkv (b, kv head) pairs of 4 / hkv query heads
+    groups = hq // hkv
+    monkeypatch.setattr(att, "STORED_MAX_BYTES", budget_pairs * att._group_bytes(groups, n, torch.float32))
+    buffers = []
+
+    def new_ds(q, rows, np_):
+        buffers.append(rows)
+        return torch.full((rows, np_, np_), float("nan"), dtype=q.dtype, device=q.device)
+
+    monkeypatch.setattr(att, "_new_ds", new_ds)
+    for causal, bidir in MASKS:
+        layout = _layout(3, 5, [27, 9, 0], causal, bidir)
+        with att.backward_schedule("stored"):
+            check_backend("triton", *_inputs(b, hq, hkv, n, 16, torch.float32, transposed=True, seed=21), layout)
+    assert buffers and set(buffers) == {chunk_sizes[0] * groups}
+    q = torch.empty(b, hq, n, 16)
+    k = torch.empty(b, hkv, n, 16)
+    lse, lens = torch.empty(b, hq, n), torch.full((b,), n - 8, dtype=torch.int32)
+    with launch.recording() as calls, att.backward_schedule("stored"):
+        att.backward(q, q, k, k, q, lse, lens, 3, 5, True, False, 0.25)
+    dkdv = [(grid[0], args) for fn, grid, args, _meta in calls if fn.__name__ == "_bwd_dkdv_kernel"]
+    dq = [(grid[0], args) for fn, grid, args, _meta in calls if fn.__name__ == "_bwd_dq_stored_kernel"]
+    assert [g for g, _args in dkdv] == chunk_sizes and [g for g, _args in dq] == [c * groups for c in chunk_sizes]
+    starts = [sum(chunk_sizes[:i]) for i in range(len(chunk_sizes))]
+    assert [args[-5] for _g, args in dkdv] == starts  # PAIR0
+    assert [args[-4] for _g, args in dq] == [s * groups for s in starts]  # BH0
+
+
 def test_triton_stored_schedule_without_memory_falls_back_to_split(monkeypatch):
     """No room for the dS buffer (CUDA out of memory): the backward takes the split schedule."""
     from rmt_fast.ops import launch
@@ -434,12 +472,16 @@ def test_triton_backward_schedule_choice():
     assert launched(64, "fused") == ["_bwd_fused_kernel"]
     assert launched(64, "stored") == stored
     assert launched(64) == ["_bwd_fused_kernel"]  # 2 * 64 * 64 * 16: far below FUSED_MAX_WORK
-    big = int((att.FUSED_MAX_WORK / 32) ** 0.5) + 16  # above FUSED_MAX_WORK; its dS buffer: 2 * 16512^2 fp32
-    assert att._stored_bytes(1, 2, big, torch.float32) > att.STORED_MAX_BYTES
-    assert launched(big) == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]
+    big = int((att.FUSED_MAX_WORK / 32) ** 0.5) + 16  # above FUSED_MAX_WORK; dS of one head: 16512^2 fp32
+    assert att._group_bytes(1, big, torch.float32) > att.STORED_MAX_BYTES
+    assert launched(big) == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]  # not even one head's dS fits: split
     saved, att.STORED_MAX_BYTES = att.STORED_MAX_BYTES, 2 ** 40
     try:
         assert launched(big) == stored
+        att.STORED_MAX_BYTES = att._group_bytes(1, big, torch.float32)  # one head per chunk: two chunks
+        assert launched(big) == stored[:1] + stored[1:] * 2
+        att.STORED_MAX_BYTES = 0
+        assert launched(big) == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]
     finally:
         att.STORED_MAX_BYTES = saved
     with pytest.raises(ValueError, match="name must be one of"):

@@ -20,8 +20,9 @@ The backward has three schedules (``_schedule``), built from two program bodies 
 
 "fused" (small problems, where an eager call is host-bound): ``_bwd_fused_kernel``, one launch whose 1-D grid
 holds the dK/dV programs and then the dQ programs, each computing delta from O itself. "stored" (larger problems
-whose dS fits ``STORED_MAX_BYTES``): ``_bwd_delta_kernel``, then ``_bwd_dkdv_kernel`` writing dS, then
-``_bwd_dq_stored_kernel``: five matmuls per tile pair, like FlashAttention's backward, without its atomics.
+where one GQA group's dS fits ``STORED_MAX_BYTES``): ``_bwd_delta_kernel``, then per chunk of heads
+``_bwd_dkdv_kernel`` writing dS and ``_bwd_dq_stored_kernel``: five matmuls per tile pair, like FlashAttention's
+backward, without its atomics.
 "split" (the rest): ``_bwd_dq_kernel`` (stores delta) then ``_bwd_dkdv_kernel`` (reads it): seven matmuls, no
 quadratic memory.
 
@@ -78,11 +79,11 @@ def _allowed(i, j, valid, num_read, write_start, CAUSAL: tl.constexpr, BIDIR: tl
 
 
 @triton.jit
-def _query_tile(H, GROUPS):
-    """``(bh, b, q head, kv head, query tile)`` of a program of a (B*H, query tiles) grid, the last query tiles
-    first: under the causal mask they have the most keys, so the long programs start in the first wave and the
-    short ones fill the tail."""
-    bh = tl.program_id(0)
+def _query_tile(H, GROUPS, BH0):
+    """``(bh, b, q head, kv head, query tile)`` of a program of a (heads, query tiles) grid whose first row is
+    (b, q head) ``BH0`` (flattened ``b * H + h``), the last query tiles first: under the causal mask they have the
+    most keys, so the long programs start in the first wave and the short ones fill the tail."""
+    bh = BH0 + tl.program_id(0)
     h = bh % H
     return bh, bh // H, h, h // GROUPS, tl.num_programs(1) - 1 - tl.program_id(1)
 
@@ -220,7 +221,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
                 CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 TMA: tl.constexpr):
     # Grid (B*H, query tiles), the last query tiles first (``_query_tile``).
-    bh, b, h, hk, pid_m = _query_tile(H, GROUPS)
+    bh, b, h, hk, pid_m = _query_tile(H, GROUPS, 0)
     write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
 
     m0 = pid_m * BLOCK_M
@@ -263,7 +264,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, lse_base, delta_ba
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr,
-                    ds_src, bh, n0, NP, STORE_DS: tl.constexpr):
+                    ds_src, ds_row, n0, NP, STORE_DS: tl.constexpr):
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q = _rows(q_src, b, h, m0, stride_qn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, TMA)
@@ -287,7 +288,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, lse_base, delta_ba
         if STORE_DS:  # for the dQ kernel of the "stored" schedule: dS^T, key-major, NP x NP per (b, q head)
             if TMA:
                 tile = ds_t.to(ds_src.dtype).reshape(1, ds_t.shape[0], ds_t.shape[1])
-                ds_src.store([bh.to(tl.int32), n0, m0], tile)
+                ds_src.store([ds_row.to(tl.int32), n0, m0], tile)
             else:
                 tl.store(ds_src + offs_n[:, None].to(tl.int64) * NP + offs_m[None, :],
                          ds_t.to(ds_src.dtype.element_ty))
@@ -300,14 +301,15 @@ def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, DS, SEQ_LE
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                       stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
-                      stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, NP, num_read, num_write, scale,
-                      qk_scale,
+                      stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, NP, DS_ROW0, num_read, num_write,
+                      scale, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr, STORE_DS: tl.constexpr):
     """dK/dV of key tile ``pid_n`` of (b, kv head) ``bhk``: loops over the query heads of the GQA group and the query
     tiles that can see the key tile. ``DELTA_FROM_O``: compute delta = rowsum(dO * O) per query tile instead of
-    reading it from DELTA. ``STORE_DS``: also write each dS^T tile to DS (``[B * Hq, NP, NP]``, key-major)."""
+    reading it from DELTA. ``STORE_DS``: also write each dS^T tile to DS (``[heads, NP, NP]``, key-major; row
+    ``b * Hq + h - DS_ROW0`` for (b, q head h): a buffer that holds a chunk of the heads)."""
     b = bhk // H_KV
     hk = bhk % H_KV
     write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
@@ -330,19 +332,20 @@ def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, DS, SEQ_LE
         q_src = _src(Q, b, h, stride_qb, stride_qh, TMA)
         do_src = _src(DO, b, h, stride_dob, stride_doh, TMA)
         o_src = _src(O, b, h, stride_ob, stride_oh, TMA)
-        ds_src = DS  # a TMA descriptor [B * Hq, NP, NP] with TMA, else the pointer to (b, h)'s NP x NP block
+        ds_row = bh - DS_ROW0
+        ds_src = DS  # a TMA descriptor [heads, NP, NP] with TMA, else the pointer to (b, h)'s NP x NP block
         if not TMA:
-            ds_src = DS + bh * NP * NP
+            ds_src = DS + ds_row * NP * NP
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, LSE + bh * N, DELTA + bh * N,
                                  stride_qn, stride_don, stride_on, offs_n, offs_d, start, full_start,
                                  N, valid, num_read, write_start, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True,
-                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_src, bh, n0, NP,
-                                 STORE_DS)
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_src, ds_row, n0,
+                                 NP, STORE_DS)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, LSE + bh * N, DELTA + bh * N,
                                  stride_qn, stride_don, stride_on, offs_n, offs_d, full_start, end,
                                  N, valid, num_read, write_start, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False,
-                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_src, bh, n0, NP,
-                                 STORE_DS)
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_src, ds_row, n0,
+                                 NP, STORE_DS)
     dk = dk * scale
     store_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -438,22 +441,23 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True, TMA)
 
 
-@triton.jit(do_not_specialize=["num_read", "num_write"])
+@triton.jit(do_not_specialize=["PAIR0", "num_read", "num_write"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     H, H_KV, GROUPS, N, NP, num_read, num_write, scale, qk_scale,
+                     H, H_KV, GROUPS, N, NP, PAIR0, num_read, num_write, scale, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      TMA: tl.constexpr, STORE_DS: tl.constexpr):
-    # Grid (B*H_KV, key tiles): the first key tiles (the most queries under the causal mask) start first. Reads the
-    # delta stored by the kernel before it (O is not needed: its strides are passed as 0); with STORE_DS writes dS.
-    _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, Q, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS,
+    # Grid (kv heads, key tiles), its first row (b, kv head) PAIR0 (flattened b * H_KV + hk): the first key tiles
+    # (the most queries under the causal mask) start first. Reads the delta stored by the kernel before it (O is not
+    # needed: its strides are passed as 0); with STORE_DS writes dS, row 0 of DS being (b, q head) PAIR0 * GROUPS.
+    _bwd_dkdv_program(PAIR0 + tl.program_id(0), tl.program_id(1), Q, K, V, Q, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, 0, 0, 0, stride_dob, stride_doh, stride_don,
                       stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                      H, H_KV, GROUPS, N, NP, num_read, num_write, scale, qk_scale,
+                      H, H_KV, GROUPS, N, NP, PAIR0 * GROUPS, num_read, num_write, scale, qk_scale,
                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False, TMA, STORE_DS)
 
 
@@ -474,15 +478,15 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob,
 
 
 @triton.jit
-def _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, bh, stride_kn, NP, m0, offs_m, offs_d, lo, hi, N, valid, num_read,
-                         write_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+def _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, ds_row, stride_kn, NP, m0, offs_m, offs_d, lo, hi, N, valid,
+                         num_read, write_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr,
                          UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _rows(k_src, b, hk, n0, stride_kn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)
         if TMA:
-            ds_t = ds_src.load([bh, n0, m0]).reshape(BLOCK_N, BLOCK_M)
+            ds_t = ds_src.load([ds_row, n0, m0]).reshape(BLOCK_N, BLOCK_M)
         else:
             ds_t = tl.load(ds_src + offs_n[:, None].to(tl.int64) * NP + offs_m[None, :])
         if UPCAST:
@@ -494,31 +498,33 @@ def _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, bh, stride_kn, NP, m0, offs_m
     return dq
 
 
-@triton.jit(do_not_specialize=["num_read", "num_write"])
+@triton.jit(do_not_specialize=["BH0", "num_read", "num_write"])
 def _bwd_dq_stored_kernel(K, DS, DQ, SEQ_LENS, stride_kb, stride_kh, stride_kn, stride_dqb, stride_dqh, stride_dqn,
-                          H, GROUPS, N, NP, num_read, num_write, scale,
+                          H, GROUPS, N, NP, BH0, num_read, num_write, scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
-    # Grid (B*H, query tiles), the last first: dQ = dS K * scale from the dS^T tiles the dK/dV kernel stored. Only
-    # the allowed pairs of valid queries were stored: masked tiles select them, and rows past ``valid`` (which may
-    # have read unwritten memory) are zeroed at the end; every row of dQ depends on its own row of dS only.
-    bh, b, h, hk, pid_m = _query_tile(H, GROUPS)
+    # Grid (heads, query tiles) from (b, q head) BH0 on (row 0 of DS), the last query tiles first: dQ = dS K * scale
+    # from the dS^T tiles the dK/dV kernel stored. Only the allowed pairs of valid queries were stored: masked tiles
+    # select them, and rows past ``valid`` (which may have read unwritten memory) are zeroed at the end; every row
+    # of dQ depends on its own row of dS only.
+    bh, b, h, hk, pid_m = _query_tile(H, GROUPS, BH0)
     write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     k_src = _src(K, b, hk, stride_kb, stride_kh, TMA)
+    ds_row = bh - BH0
     ds_src = DS
     if not TMA:
-        ds_src = DS + bh.to(tl.int64) * NP * NP
+        ds_src = DS + ds_row.to(tl.int64) * NP * NP
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end, end = _key_range(m0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
-    dq = _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, bh, stride_kn, NP, m0, offs_m, offs_d, 0, full_end, N, valid,
-                              num_read, write_start, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, BIDIR,
+    dq = _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, ds_row, stride_kn, NP, m0, offs_m, offs_d, 0, full_end, N,
+                              valid, num_read, write_start, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, BIDIR,
                               UPCAST, DOT_PRECISION, TMA)
-    dq = _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, bh, stride_kn, NP, m0, offs_m, offs_d, full_end, end, N, valid,
-                              num_read, write_start, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, BIDIR,
+    dq = _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, ds_row, stride_kn, NP, m0, offs_m, offs_d, full_end, end, N,
+                              valid, num_read, write_start, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, BIDIR,
                               UPCAST, DOT_PRECISION, TMA)
     dq = tl.where(offs_m[:, None] < valid, dq * scale, 0.0)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqn
@@ -544,7 +550,7 @@ def _bwd_fused_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS,
                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                           stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
-                          stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, 0, num_read, num_write, scale,
+                          stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, 0, 0, num_read, num_write, scale,
                           qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True,
                           False, False)
     else:
@@ -608,9 +614,11 @@ _schedule_override: str | None = None
 # Below this much work (B * Hq * N * N * D) the backward takes one launch ("fused"): at such sizes an eager call is
 # host-bound, and the launch saved is worth more than the GPU time the fused kernel spends recomputing delta.
 FUSED_MAX_WORK = 8 * 2 ** 30
-# The "stored" schedule's dS buffer (B * Hq * NP * NP elements of q's dtype, NP = N rounded up to 128; allocated for
-# the backward call and freed after it) may take at most this many bytes; larger problems take "split". 0 turns
-# "stored" off; e.g. 4x16x2080x128 bf16 needs 606 MB, 1x16x8224x128 2.2 GB.
+# The "stored" schedule's dS buffer (NP * NP elements of q's dtype per (b, q head), NP = N rounded up to 128;
+# allocated for the backward call and freed after it) may take at most this many bytes: the heads are processed in
+# chunks of whole GQA groups that fit (e.g. 4x16x2080x128 bf16 needs 606 MB, one chunk; 1x16x8224x128 needs 138 MB
+# per head, 2.2 GB in all: three chunks of 6, 6 and 4 heads). A problem whose one GQA group does not fit takes
+# "split"; 0 turns "stored" off.
 STORED_MAX_BYTES = 2 ** 30
 _NP_ROUND = 128
 
@@ -640,26 +648,34 @@ def _padded_rows(n: int) -> int:
     return _cdiv(n, _NP_ROUND) * _NP_ROUND
 
 
-def _stored_bytes(b: int, h: int, n: int, dtype: torch.dtype) -> int:
-    return b * h * _padded_rows(n) ** 2 * dtype.itemsize
+def _group_bytes(groups: int, n: int, dtype: torch.dtype) -> int:
+    """The stored schedule's dS bytes for one (b, kv head): its GQA group of ``groups`` query heads."""
+    return groups * _padded_rows(n) ** 2 * dtype.itemsize
 
 
-def _schedule(b: int, h: int, n: int, d: int, dtype: torch.dtype) -> str:
+def _chunk_pairs(pairs: int, groups: int, n: int, dtype: torch.dtype) -> int:
+    """(b, kv head) pairs per chunk of the stored schedule: the fewest chunks whose dS fits STORED_MAX_BYTES, sized
+    evenly (the last may hold fewer)."""
+    chunks = _cdiv(pairs, max(1, STORED_MAX_BYTES // _group_bytes(groups, n, dtype)))
+    return _cdiv(pairs, chunks)
+
+
+def _schedule(b: int, h: int, h_kv: int, n: int, d: int, dtype: torch.dtype) -> str:
     """How the backward runs: "fused" (one launch; dK/dV and dQ programs side by side, each computing delta),
     "stored" (delta; dK/dV writing dS; dQ from dS) or "split" (a dQ kernel that stores delta, then a dK/dV kernel
     that reads it). All are deterministic and agree with the reference to rounding; they differ in launches (host
     time), GPU time and memory. Measured on an H200 (benchmarks/RESULTS.md, bf16, CUDA graphs): "fused" took 46-82 µs
     less host time per eager fwd+bwd at 8x12x544x64 and the same GPU time (0.094 vs 0.092 ms; session 6), and
     6-10 % more GPU time at D128 with N >= 2080. There "stored" beats "split" (fwd+bwd 0.784-0.801 vs 0.818-0.862 ms
-    at 4x16x2080x128, 2.505-2.578 vs 2.730-2.788 ms at 1x16x8224x128; session 7) for ``B * Hq * NP^2`` elements of
-    transient memory, hence: "fused" up to FUSED_MAX_WORK, "stored" while its buffer fits STORED_MAX_BYTES, else
-    "split"."""
+    at 4x16x2080x128, 2.505-2.578 vs 2.730-2.788 ms at 1x16x8224x128; session 7) for ``NP^2`` elements of transient
+    memory per head, hence: "fused" up to FUSED_MAX_WORK, "stored" (its heads in chunks of at most
+    STORED_MAX_BYTES of dS) while one GQA group of heads fits that budget, else "split"."""
     name = _schedule_override
     if name is None:
         if b * h * n * n * d <= FUSED_MAX_WORK:
             name = "fused"
         else:
-            name = "stored" if _stored_bytes(b, h, n, dtype) <= STORED_MAX_BYTES else "split"
+            name = "stored" if _group_bytes(h // h_kv, n, dtype) <= STORED_MAX_BYTES else "split"
     return name
 
 
@@ -810,7 +826,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     b, h, n, d = q.shape
     h_kv = k.shape[1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    schedule = _schedule(b, h, n, d, q.dtype)
+    schedule = _schedule(b, h, h_kv, n, d, q.dtype)
     if schedule == "fused":
         cfg = _launch_config("fused", d, q.dtype)
         kv_tiles, q_tiles = _cdiv(n, cfg["BLOCK_N1"]), _cdiv(n, cfg["BLOCK_M2"])
@@ -822,8 +838,9 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return dq, dk, dv
     run = _backward_split
     if schedule == "stored":
+        groups = h // h_kv
         try:
-            ds = _new_ds(q, b * h, _padded_rows(n))
+            ds = _new_ds(q, _chunk_pairs(b * h_kv, groups, n, q.dtype) * groups, _padded_rows(n))
             run = functools.partial(_backward_stored, ds=ds)
         except torch.OutOfMemoryError:  # no room for dS: the split schedule needs none
             pass
@@ -833,8 +850,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def _new_ds(q: torch.Tensor, rows: int, np_: int) -> torch.Tensor:
-    """The stored schedule's dS^T buffer ``[rows, NP, NP]`` in q's dtype (uninitialised: only the pairs the dQ
-    kernel reads unmasked are written)."""
+    """The stored schedule's dS^T buffer ``[rows, NP, NP]`` in q's dtype, one ``NP x NP`` block per query head of a
+    chunk (uninitialised: only the pairs the dQ kernel reads unmasked are written)."""
     return q.new_empty((rows, np_, np_))
 
 
@@ -856,19 +873,22 @@ def _backward_split(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_w
     _bwd_dkdv((b * h_kv, _cdiv(n, nn)),
               _arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd),
               lse, delta, dk, dv, delta, seq_lens, *_strides(q, k, v, do, dk, dv),
-              h, h_kv, h // h_kv, n, 0, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal,
+              h, h_kv, h // h_kv, n, 0, 0, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal,
               BIDIR=bidirectional, TMA=tma, STORE_DS=False, **cfg)
 
 
 def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional,
                      scale, tma: bool, ds: torch.Tensor) -> None:
-    """The "stored" schedule: delta, then dK/dV (which also writes every dS tile it computes, ``[B * Hq, NP, NP]``
-    in q's dtype, NP = N rounded up to 128), then dQ = dS K from the stored tiles: five matmuls per tile pair
-    instead of the split schedule's seven, for ``B * Hq * NP * NP`` elements of transient memory (freed on return;
-    at most STORED_MAX_BYTES, see :func:`_schedule`)."""
+    """The "stored" schedule: delta, then per chunk of (b, kv head) pairs dK/dV (which also writes every dS tile it
+    computes into ``ds``, ``[chunk's query heads, NP, NP]`` in q's dtype, NP = N rounded up to 128) and dQ = dS K
+    from the stored tiles: five matmuls per tile pair instead of the split schedule's seven, for ``NP * NP``
+    elements of transient memory per query head of a chunk (freed on return; at most STORED_MAX_BYTES, see
+    :func:`_schedule`)."""
     b, h, n, d = q.shape
     h_kv = k.shape[1]
+    groups = h // h_kv
     np_ = ds.shape[-1]
+    per_chunk = ds.shape[0] // groups  # (b, kv head) pairs
     delta = torch.empty_like(lse)
     block_d = max(16, triton.next_power_of_2(d))
     rows = 16 if _INTERPRET else 64
@@ -879,13 +899,15 @@ def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_
     if any(np_ % cfg_[key] for cfg_ in (cfg, cfg_dq) for key in ("BLOCK_M", "BLOCK_N")):
         raise ValueError(f"stored schedule: tiles must divide {np_} (dS is read and written without masks)")
     m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    _bwd_dkdv((b * h_kv, _cdiv(n, nn)),
-              _arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd),
-              lse, delta, dk, dv, _arg(ds, tma, nn, m), seq_lens, *_strides(q, k, v, do, dk, dv),
-              h, h_kv, h // h_kv, n, np_, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal,
-              BIDIR=bidirectional, TMA=tma, STORE_DS=True, **cfg)
-    cfg = cfg_dq
-    m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    _bwd_dq_stored((b * h, _cdiv(n, m)),
-                   _arg(k, tma, nn, bd), _arg(ds, tma, nn, m), dq, seq_lens, *_strides(k, dq), h, h // h_kv, n, np_,
-                   num_read, num_write, scale, CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg)
+    dkdv_args = (_arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd),
+                 lse, delta, dk, dv, _arg(ds, tma, nn, m), seq_lens, *_strides(q, k, v, do, dk, dv),
+                 h, h_kv, groups, n, np_)
+    m_dq, nn_dq = cfg_dq["BLOCK_M"], cfg_dq["BLOCK_N"]
+    dq_args = (_arg(k, tma, nn_dq, bd), _arg(ds, tma, nn_dq, m_dq), dq, seq_lens, *_strides(k, dq), h, groups, n,
+               np_)
+    for pair0 in range(0, b * h_kv, per_chunk):  # one buffer: each dQ launch reads before the next dK/dV writes
+        pairs = min(per_chunk, b * h_kv - pair0)
+        _bwd_dkdv((pairs, _cdiv(n, nn)), *dkdv_args, pair0, num_read, num_write, scale, scale * _LOG2E,
+                  CAUSAL=causal, BIDIR=bidirectional, TMA=tma, STORE_DS=True, **cfg)
+        _bwd_dq_stored((pairs * groups, _cdiv(n, m_dq)), *dq_args, pair0 * groups, num_read, num_write, scale,
+                       CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg_dq)
