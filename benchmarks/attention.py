@@ -26,7 +26,7 @@ which is what a graph-captured RMT segment step sees.
 Writes ``<out>/attention.csv`` and ``<out>/attention.png`` (``attention_graph.*`` with --graph), prints a table,
 and with ``--append-results FILE`` appends a dated section (GPU, versions, command, table) to FILE.
 ``--sweep`` instead times every candidate tile config of our kernels (the forward, the split backward's dQ and
-dK/dV kernels, the fused backward, the stored backward's dK/dV and dQ tiles) at the
+dK/dV kernels, the fused backward, the stored backward's dQ kernel; dK/dV under ``--sweep-schedule``) at the
 chosen shapes, to retune ``_launch_config`` on a new GPU.
 ``--methods triton_split triton_fused triton_stored`` time ours with one backward schedule forced ("triton" is
 the automatic choice; ``triton_stored_whole``: stored in one chunk, with no cap on its dS buffer);
@@ -83,10 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--graph", action="store_true",
                    help="time replays of CUDA graphs (no Python/launch overhead: what a graph-captured step sees)")
     p.add_argument("--sweep", action="store_true", help="time candidate tile configs of our kernels instead")
-    p.add_argument("--sweep-kernels", nargs="+", choices=["fwd", "dkdv", "dq", "fused", "stored"],
+    p.add_argument("--sweep-kernels", nargs="+", choices=["fwd", "dkdv", "dq", "fused", "dq_stored"],
                    help="with --sweep: the kernels to sweep (default: all)")
-    p.add_argument("--stored-chunks", type=int, metavar="C",
-                   help="the stored schedule's minimum chunk count (STORED_CHUNKS) for the whole run")
+    p.add_argument("--sweep-schedule", choices=["split", "stored"], default="split",
+                   help="with --sweep: the backward schedule the dkdv kernel is swept under (default: split)")
     p.add_argument("--loads", choices=["auto", "tma", "pointer"], default="auto",
                    help="row loads of our kernels for the whole run (default: auto)")
     p.add_argument("--seed", type=int, default=0)
@@ -491,17 +491,15 @@ SWEEP = {
               (32, 64, 64, 64, 4, 3), (16, 64, 64, 32, 4, 3), (16, 128, 128, 32, 4, 3), (32, 64, 64, 32, 8, 3),
               (32, 128, 128, 32, 8, 3), (16, 128, 64, 32, 4, 4), (32, 64, 64, 32, 4, 2)],
     # the "stored" schedule's dQ kernel (dQ = dS K from stored dS tiles)
-    "stored": [(32, 64, 64, 32, 4, 3), (32, 64, 64, 64, 4, 3), (32, 64, 128, 32, 4, 3), (32, 64, 128, 64, 4, 3),
-               (32, 64, 64, 32, 4, 4), (32, 64, 64, 32, 4, 2), (64, 128, 64, 32, 8, 3), (32, 128, 64, 32, 8, 3),
-               (32, 64, 64, 64, 8, 3), (64, 64, 64, 64, 4, 3)],
+    "dq_stored": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
+                  (64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 4), (64, 128, 8, 3)],
 }
-# the backward schedule each backward kernel belongs to
-_SWEEP_SCHEDULE = {"dq": "split", "dkdv": "split", "fused": "fused", "stored": "stored"}
+# the backward schedule each backward kernel belongs to ("dkdv" is swept under --sweep-schedule)
+_SWEEP_SCHEDULE = {"dq": "split", "fused": "fused", "dq_stored": "stored"}
 
 
 def _candidate(kernel, values):
-    two_kinds = kernel in ("fused", "stored")  # dK/dV programs' tiles, then dQ programs'
-    names = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if two_kinds else ("BLOCK_M", "BLOCK_N")
+    names = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if kernel == "fused" else ("BLOCK_M", "BLOCK_N")
     *blocks, warps, stages = values
     return {**dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages}
 
@@ -537,7 +535,7 @@ def sweep(args, torch):
                                           rep=args.rep, return_mode="median")
                     else:
                         out = _triton(q, k, v, prob.layout, prob.scale)
-                        with attention.backward_schedule(_SWEEP_SCHEDULE[kernel]):
+                        with attention.backward_schedule(_SWEEP_SCHEDULE.get(kernel, args.sweep_schedule)):
                             ms = do_bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
                                           warmup=args.warmup, rep=args.rep, return_mode="median")
                     timings.append((ms, cand))
@@ -562,12 +560,7 @@ def main(argv=None):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import importlib
 
-    attention = importlib.import_module("rmt_fast.ops.memory_attention.triton")
-    if args.stored_chunks is not None:
-        if args.stored_chunks < 1:
-            raise SystemExit(f"--stored-chunks must be >= 1, got {args.stored_chunks}")
-        attention.STORED_CHUNKS = args.stored_chunks
-    with attention.row_loads(args.loads):
+    with importlib.import_module("rmt_fast.ops.memory_attention.triton").row_loads(args.loads):
         return sweep(args, torch) if args.sweep else run(args, torch)
 
 

@@ -312,7 +312,7 @@ def test_triton_tma_loads(schedule, causal, bidir, dtype):
             out, lse = att.forward(q, k, v, layout.seq_lens.to(q.device), 3, 5, causal, bidir, 0.2)
             att.backward(out, q, k, v, out, lse, layout.seq_lens.to(q.device), 3, 5, causal, bidir, 0.2)
     with_rows = [(fn, args, meta) for fn, _grid, args, meta in calls if "TMA" in meta]  # not the delta kernel
-    assert len(with_rows) >= 3 and all(meta["TMA"] for _fn, _args, meta in with_rows)
+    assert len(with_rows) == 3 and all(meta["TMA"] for _fn, _args, meta in with_rows)
     assert all(type(args[0]).__name__ == "TensorDescriptor" for _fn, args, _meta in with_rows)
 
 
@@ -332,7 +332,7 @@ def test_triton_tma_failure_falls_back_to_pointer_loads(monkeypatch):
             return launcher(grid, *args, **meta)
         return run
 
-    for name in ("_fwd", "_bwd_dq", "_bwd_dkdv", "_bwd_stored"):
+    for name in ("_fwd", "_bwd_dq", "_bwd_dkdv", "_bwd_dq_stored"):
         monkeypatch.setattr(att, name, failing(getattr(att, name)))
     layout = _layout(2, 3, [20, 7], True, True)
     inputs = _inputs(2, 2, 2, 29, 16, torch.float32, seed=5)
@@ -368,7 +368,7 @@ def test_triton_stored_schedule_reads_only_written_ds(loads, causal, bidir, monk
     buffer starts as NaN, and the two kernels get different tiles (as on a GPU), for row counts that are not
     multiples of either; ragged rows, padding, GQA."""
     att = _triton_module()
-    tiles = {"stored": {"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16}}
+    tiles = {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 32}, "dq_stored": {"BLOCK_M": 32, "BLOCK_N": 16}}
     default = att._launch_config
     monkeypatch.setattr(att, "_launch_config", lambda kernel, d, dtype: {**default(kernel, d, dtype),
                                                                           **tiles.get(kernel, {})})
@@ -380,25 +380,19 @@ def test_triton_stored_schedule_reads_only_written_ds(loads, causal, bidir, monk
             check_backend("triton", *_inputs(3, 4, 2, n, 16, torch.float32, seed=n), layout)
 
 
-@pytest.mark.parametrize("hkv,min_chunks,budget_pairs,per_chunk", [(2, 1, 100, 6), (2, 4, 100, 2), (2, 1, 2, 1),
-                                                                     (1, 2, 4, 2), (2, 8, 100, 1), (2, 3, 4, 2)])
+@pytest.mark.parametrize("hkv,budget_pairs,chunk_sizes", [(2, 1, [1] * 6), (2, 2, [2, 2, 2]), (2, 4, [3, 3]),
+                                                          (1, 2, [2, 1]), (2, 100, [6])])
 @_NEEDS_TRITON
-def test_triton_stored_schedule_in_chunks(hkv, min_chunks, budget_pairs, per_chunk, monkeypatch):
-    """The stored schedule's pipeline over chunks of (b, kv head) pairs: at least STORED_CHUNKS chunks, more where
-    a chunk's dS would not fit half of STORED_MAX_BYTES (two slots: each launch stores one chunk's dS while the
-    previous chunk's is read); launch c holds chunk c's dK/dV programs and chunk c - 1's dQ programs. The results
-    equal the reference (ragged rows, three masks, GQA), with the buffer starting as NaN, so a launch that read a
-    slot before it was written, or the wrong slot, would show."""
+def test_triton_stored_schedule_in_chunks(hkv, budget_pairs, chunk_sizes, monkeypatch):
+    """A dS budget below the whole problem: the stored schedule runs its (b, kv head) pairs in even chunks of whole
+    GQA groups through one buffer of the chunk's size, with the same results (ragged rows, three masks); the buffer
+    starts as NaN, so a chunk that read another chunk's or an unwritten block would show."""
     from rmt_fast.ops import launch
 
     att = _triton_module()
     b, hq, n = 3, 4, 37  # 3 * hkv (b, kv head) pairs of 4 / hkv query heads
-    groups, pairs = hq // hkv, 3 * hkv
-    monkeypatch.setattr(att, "STORED_CHUNKS", min_chunks)
+    groups = hq // hkv
     monkeypatch.setattr(att, "STORED_MAX_BYTES", budget_pairs * att._group_bytes(groups, n, torch.float32))
-    chunks = -(-pairs // per_chunk)
-    slots = 1 if chunks == 1 else 2
-    assert att._stored_plan(pairs, groups, n, torch.float32) == (per_chunk, slots)
     buffers = []
 
     def new_ds(q, rows, np_):
@@ -410,21 +404,18 @@ def test_triton_stored_schedule_in_chunks(hkv, min_chunks, budget_pairs, per_chu
         layout = _layout(3, 5, [27, 9, 0], causal, bidir)
         with att.backward_schedule("stored"):
             check_backend("triton", *_inputs(b, hq, hkv, n, 16, torch.float32, transposed=True, seed=21), layout)
-    assert buffers and set(buffers) == {slots * per_chunk * groups}
-    q, k = torch.empty(b, hq, n, 16), torch.empty(b, hkv, n, 16)
+    assert buffers and set(buffers) == {chunk_sizes[0] * groups}
+    q = torch.empty(b, hq, n, 16)
+    k = torch.empty(b, hkv, n, 16)
     lse, lens = torch.empty(b, hq, n), torch.full((b,), n - 8, dtype=torch.int32)
     with launch.recording() as calls, att.backward_schedule("stored"):
         att.backward(q, q, k, k, q, lse, lens, 3, 5, True, False, 0.25)
-    assert [fn.__name__ for fn, *_ in calls] == ["_bwd_delta_kernel"] + ["_bwd_stored_kernel"] * (chunks + 1)
-    writes = [min(per_chunk, pairs - c * per_chunk) for c in range(chunks)] + [0]
-    reads = [0] + writes[:-1]
-    launched = [args[-10:-4] for _fn, _grid, args, _meta in calls[1:]]  # PAIR_W, PAIRS_W, ROW0_W, PAIR_R, ...
-    assert [a[1] for a in launched] == writes and [a[4] for a in launched] == reads
-    assert [a[0] for a in launched[:-1]] == [c * per_chunk for c in range(chunks)]
-    assert [a[3] for a in launched[1:]] == [c * per_chunk for c in range(chunks)]
-    # chunk c's dS rows are bh - ROW0: slot c % slots, in both launches that touch it
-    assert [a[0] * groups - a[2] for a in launched[:-1]] == [c % slots * per_chunk * groups for c in range(chunks)]
-    assert [a[3] * groups - a[5] for a in launched[1:]] == [c % slots * per_chunk * groups for c in range(chunks)]
+    dkdv = [(grid[0], args) for fn, grid, args, _meta in calls if fn.__name__ == "_bwd_dkdv_kernel"]
+    dq = [(grid[0], args) for fn, grid, args, _meta in calls if fn.__name__ == "_bwd_dq_stored_kernel"]
+    assert [g for g, _args in dkdv] == chunk_sizes and [g for g, _args in dq] == [c * groups for c in chunk_sizes]
+    starts = [sum(chunk_sizes[:i]) for i in range(len(chunk_sizes))]
+    assert [args[-5] for _g, args in dkdv] == starts  # PAIR0
+    assert [args[-4] for _g, args in dq] == [s * groups for s in starts]  # BH0
 
 
 def test_triton_stored_schedule_without_memory_falls_back_to_split(monkeypatch):
@@ -476,7 +467,7 @@ def test_triton_backward_schedule_choice():
             att.backward(q, q, q, q, q, lse, lens, 2, 2, True, False, 0.25)
         return [fn.__name__ for fn, _grid, _args, _meta in calls]
 
-    stored = ["_bwd_delta_kernel"] + ["_bwd_stored_kernel"] * 3  # 2 (b, kv head) pairs: two chunks, three launches
+    stored = ["_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_stored_kernel"]
     assert launched(64, "split") == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]
     assert launched(64, "fused") == ["_bwd_fused_kernel"]
     assert launched(64, "stored") == stored
@@ -484,12 +475,11 @@ def test_triton_backward_schedule_choice():
     big = int((att.FUSED_MAX_WORK / 32) ** 0.5) + 16  # above FUSED_MAX_WORK; dS of one head: 16512^2 fp32
     assert att._group_bytes(1, big, torch.float32) > att.STORED_MAX_BYTES
     assert launched(big) == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]  # not even one head's dS fits: split
-    saved = att.STORED_MAX_BYTES
+    saved, att.STORED_MAX_BYTES = att.STORED_MAX_BYTES, 2 ** 40
     try:
-        att.STORED_MAX_BYTES = 2 * att._group_bytes(1, big, torch.float32)  # a slot of one head for each chunk
         assert launched(big) == stored
-        att.STORED_MAX_BYTES -= 1  # two heads do not fit in two slots: split
-        assert launched(big) == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]
+        att.STORED_MAX_BYTES = att._group_bytes(1, big, torch.float32)  # one head per chunk: two chunks
+        assert launched(big) == stored[:1] + stored[1:] * 2
         att.STORED_MAX_BYTES = 0
         assert launched(big) == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]
     finally:

@@ -79,11 +79,11 @@ def _allowed(i, j, valid, num_read, write_start, CAUSAL: tl.constexpr, BIDIR: tl
 
 
 @triton.jit
-def _query_tile(H, GROUPS):
-    """``(bh, b, q head, kv head, query tile)`` of a program of a (B*H, query tiles) grid, the last query tiles
-    first: under the causal mask they have the most keys, so the long programs start in the first wave and the
-    short ones fill the tail."""
-    bh = tl.program_id(0)
+def _query_tile(H, GROUPS, BH0):
+    """``(bh, b, q head, kv head, query tile)`` of a program of a (heads, query tiles) grid whose first row is
+    (b, q head) ``BH0`` (flattened ``b * H + h``), the last query tiles first: under the causal mask they have the
+    most keys, so the long programs start in the first wave and the short ones fill the tail."""
+    bh = BH0 + tl.program_id(0)
     h = bh % H
     return bh, bh // H, h, h // GROUPS, tl.num_programs(1) - 1 - tl.program_id(1)
 
@@ -221,7 +221,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
                 CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 TMA: tl.constexpr):
     # Grid (B*H, query tiles), the last query tiles first (``_query_tile``).
-    bh, b, h, hk, pid_m = _query_tile(H, GROUPS)
+    bh, b, h, hk, pid_m = _query_tile(H, GROUPS, 0)
     write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
 
     m0 = pid_m * BLOCK_M
@@ -441,23 +441,24 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True, TMA)
 
 
-@triton.jit(do_not_specialize=["num_read", "num_write"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_LENS,
+@triton.jit(do_not_specialize=["PAIR0", "num_read", "num_write"])
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     H, H_KV, GROUPS, N, num_read, num_write, scale, qk_scale,
+                     H, H_KV, GROUPS, N, NP, PAIR0, num_read, num_write, scale, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     TMA: tl.constexpr):
-    # Grid (B*H_KV, key tiles): the first key tiles (the most queries under the causal mask) start first. Reads the
-    # delta stored by the kernel before it (O is not needed: its strides are passed as 0).
-    _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, Q, DO, LSE, DELTA, DK, DV, DELTA, SEQ_LENS,
+                     TMA: tl.constexpr, STORE_DS: tl.constexpr):
+    # Grid (kv heads, key tiles), its first row (b, kv head) PAIR0 (flattened b * H_KV + hk): the first key tiles
+    # (the most queries under the causal mask) start first. Reads the delta stored by the kernel before it (O is not
+    # needed: its strides are passed as 0); with STORE_DS writes dS, row 0 of DS being (b, q head) PAIR0 * GROUPS.
+    _bwd_dkdv_program(PAIR0 + tl.program_id(0), tl.program_id(1), Q, K, V, Q, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, 0, 0, 0, stride_dob, stride_doh, stride_don,
                       stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                      H, H_KV, GROUPS, N, 0, 0, num_read, num_write, scale, qk_scale,
-                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False, TMA, False)
+                      H, H_KV, GROUPS, N, NP, PAIR0 * GROUPS, num_read, num_write, scale, qk_scale,
+                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False, TMA, STORE_DS)
 
 
 @triton.jit
@@ -497,25 +498,23 @@ def _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, ds_row, stride_kn, NP, m0, of
     return dq
 
 
-@triton.jit
-def _bwd_dq_stored_program(bh, pid_m, K, DS, DQ, SEQ_LENS, stride_kb, stride_kh, stride_kn, stride_dqb, stride_dqh,
-                           stride_dqn, H, GROUPS, N, NP, DS_ROW0, num_read, num_write, scale,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """dQ = dS K * scale of query tile ``pid_m`` of (b, q head) ``bh`` from the dS^T tiles a dK/dV program stored
-    (DS row ``bh - DS_ROW0``). Only the allowed pairs of valid queries were stored: masked tiles select them, and
-    rows past ``valid`` (which may have read unwritten memory) are zeroed at the end; every row of dQ depends on its
-    own row of dS only."""
-    b = bh // H
-    h = bh % H
-    hk = h // GROUPS
+@triton.jit(do_not_specialize=["BH0", "num_read", "num_write"])
+def _bwd_dq_stored_kernel(K, DS, DQ, SEQ_LENS, stride_kb, stride_kh, stride_kn, stride_dqb, stride_dqh, stride_dqn,
+                          H, GROUPS, N, NP, BH0, num_read, num_write, scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    # Grid (heads, query tiles) from (b, q head) BH0 on (row 0 of DS), the last query tiles first: dQ = dS K * scale
+    # from the dS^T tiles the dK/dV kernel stored. Only the allowed pairs of valid queries were stored: masked tiles
+    # select them, and rows past ``valid`` (which may have read unwritten memory) are zeroed at the end; every row
+    # of dQ depends on its own row of dS only.
+    bh, b, h, hk, pid_m = _query_tile(H, GROUPS, BH0)
     write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     k_src = _src(K, b, hk, stride_kb, stride_kh, TMA)
-    ds_row = bh - DS_ROW0
+    ds_row = bh - BH0
     ds_src = DS
     if not TMA:
         ds_src = DS + ds_row.to(tl.int64) * NP * NP
@@ -530,53 +529,6 @@ def _bwd_dq_stored_program(bh, pid_m, K, DS, DQ, SEQ_LENS, stride_kb, stride_kh,
     dq = tl.where(offs_m[:, None] < valid, dq * scale, 0.0)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqn
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
-
-
-@triton.jit(do_not_specialize=["PAIR_W", "PAIRS_W", "ROW0_W", "PAIR_R", "PAIRS_R", "ROW0_R", "num_read",
-                               "num_write"])
-def _bwd_stored_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DS_W, DS_R, K_R, SEQ_LENS,
-                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                       stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                       stride_dqb, stride_dqh, stride_dqn, stride_dkb, stride_dkh, stride_dkn,
-                       stride_dvb, stride_dvh, stride_dvn,
-                       H, H_KV, GROUPS, N, NP, KV_TILES, Q_TILES, PAIR_W, PAIRS_W, ROW0_W, PAIR_R, PAIRS_R, ROW0_R,
-                       num_read, num_write, scale, qk_scale,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M1: tl.constexpr,
-                       BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
-                       CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       TMA: tl.constexpr):
-    # One launch of the "stored" schedule's pipeline, a 1-D grid of two independent kinds of program, interleaved
-    # (so that the memory-bound dQ programs share the SMs with the compute-bound dK/dV ones):
-    # - PAIRS_W * KV_TILES dK/dV programs of the (b, kv head) pairs [PAIR_W, PAIR_W + PAIRS_W), first key tiles
-    #   first, writing each dS^T tile into DS_W (row ``b * H + h - ROW0_W``);
-    # - PAIRS_R * GROUPS * Q_TILES dQ programs of the pairs [PAIR_R, PAIR_R + PAIRS_R), last query tiles first,
-    #   reading the dS that the previous launch stored (DS_R row ``b * H + h - ROW0_R``, another part of the buffer)
-    #   and K through K_R (with TMA a descriptor of their key tile: K's is of the dK/dV programs' tile).
-    # Delta was stored by the kernel before (O is not needed: its strides are passed as 0).
-    pid = tl.program_id(0)
-    n_kv = PAIRS_W * KV_TILES
-    n_q = PAIRS_R * GROUPS * Q_TILES
-    both = tl.minimum(n_kv, n_q)
-    if pid < 2 * both:
-        is_kv = pid % 2 == 0
-        idx = pid // 2
-    else:
-        is_kv = n_kv > n_q
-        idx = pid - both
-    if is_kv:
-        _bwd_dkdv_program(PAIR_W + idx % PAIRS_W, idx // PAIRS_W, Q, K, V, Q, DO, LSE, DELTA, DK, DV, DS_W, SEQ_LENS,
-                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                          stride_vb, stride_vh, stride_vn, 0, 0, 0, stride_dob, stride_doh, stride_don,
-                          stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                          H, H_KV, GROUPS, N, NP, ROW0_W, num_read, num_write, scale, qk_scale,
-                          HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False, TMA,
-                          True)
-    else:
-        heads = PAIRS_R * GROUPS
-        _bwd_dq_stored_program(PAIR_R * GROUPS + idx % heads, Q_TILES - 1 - idx // heads, K_R, DS_R, DQ, SEQ_LENS,
-                               stride_kb, stride_kh, stride_kn, stride_dqb, stride_dqh, stride_dqn,
-                               H, GROUPS, N, NP, ROW0_R, num_read, num_write, scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
 
 
 @triton.jit(do_not_specialize=["num_read", "num_write"])
@@ -616,22 +568,21 @@ def _bwd_fused_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-KERNELS = ("fwd", "dq", "dkdv", "fused", "stored")
+KERNELS = ("fwd", "dq", "dkdv", "fused", "dq_stored")
 
 
 @functools.lru_cache(maxsize=None)
 def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes, warps and pipeline stages for ``kernel`` with the head-dim constants.
 
-    kernel: "fwd", "dq" and "dkdv" (the split backward), "fused" (the one-launch backward) or "stored" (the stored
-    backward's launches); the last two hold two kinds of program: ``BLOCK_M1`` and ``BLOCK_N1`` of the dK/dV
-    programs, ``BLOCK_M2`` and ``BLOCK_N2`` of the dQ programs. Fixed per head dim rather
+    kernel: "fwd", "dq" and "dkdv" (the split backward; "dkdv" also in the stored one), "dq_stored" (the stored
+    backward's dQ from dS) or "fused" (the one-launch backward: ``BLOCK_M1`` and ``BLOCK_N1`` of its dK/dV programs,
+    ``BLOCK_M2`` and ``BLOCK_N2`` of its dQ programs). Fixed per head dim rather
     than autotuned: no first-call tuning pause, and the op can be captured in a CUDA graph on its first call. Picked
     from sweeps on an H200 (bf16; B8 H12 N544 D64, B4 H16 N2080 D128, B1 H16 N8224 D128): each choice is within a
     few percent of the best at every one of those shapes; the fused tiles are those of the split kernels (at D128
     the best of 11 fused candidates, session 6). Session 7 re-swept fwd/dq/dkdv with TMA loads at 4x16x2080x128
-    (the defaults stayed within 2.1 % of the best) and picked the stored dQ tiles 64x32 (best of 10; not swept at
-    D64 or fp32; the stored dK/dV tiles are split's).
+    (the defaults stayed within 2.1 % of the best) and picked dq_stored 64x32 (best of 10; not swept at D64 or fp32).
     Warp specialisation of the forward's key loop (``tl.range(warp_specialize=True)``) was measured and left out:
     no gain at D128, and Triton 3.6 fails to compile it for 64x64 tiles.
     ``python benchmarks/attention.py --sweep`` re-measures the candidates on another GPU.
@@ -641,21 +592,20 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     dims = {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "UPCAST": _INTERPRET,
             "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
     if _INTERPRET:  # the interpreter runs one program at a time on numpy: small tiles
-        if kernel in ("fused", "stored"):
+        if kernel == "fused":
             return {**dims, "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16}
         return {**dims, "BLOCK_M": 16, "BLOCK_N": 16}
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: smaller tiles, fewer stages (shared memory)
         table = {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2),
-                 "fused": (32, 32, 32, 32, 4, 2), "stored": (32, 32, 32, 32, 4, 2)}
+                 "fused": (32, 32, 32, 32, 4, 2), "dq_stored": (32, 32, 4, 2)}
     elif head_dim > 64:
         table = {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3), "dq": (64, 32, 4, 3),
-                 "fused": (32, 64, 64, 32, 4, 3), "stored": (32, 64, 64, 32, 4, 3)}
+                 "fused": (32, 64, 64, 32, 4, 3), "dq_stored": (64, 32, 4, 3)}
     else:
         table = {"fwd": (64, 64, 4, 3), "dkdv": (16, 128, 4, 3), "dq": (64, 32, 4, 4),
-                 "fused": (16, 128, 64, 32, 4, 3), "stored": (16, 128, 64, 32, 4, 3)}
+                 "fused": (16, 128, 64, 32, 4, 3), "dq_stored": (64, 32, 4, 3)}
     *blocks, warps, stages = table[kernel]
-    two_kinds = kernel in ("fused", "stored")
-    names = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if two_kinds else ("BLOCK_M", "BLOCK_N")
+    names = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if kernel == "fused" else ("BLOCK_M", "BLOCK_N")
     return {**dims, **dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages}
 
 
@@ -670,9 +620,6 @@ FUSED_MAX_WORK = 8 * 2 ** 30
 # per head, 2.2 GB in all: three chunks of 6, 6 and 4 heads). A problem whose one GQA group does not fit takes
 # "split"; 0 turns "stored" off.
 STORED_MAX_BYTES = 2 ** 30
-# The stored schedule runs its heads in at least this many chunks, pipelined: each launch computes dK/dV (and dS)
-# of one chunk and dQ of the one before, so the memory-bound dQ programs share the GPU with compute-bound ones.
-STORED_CHUNKS = 4
 _NP_ROUND = 128
 
 
@@ -706,22 +653,11 @@ def _group_bytes(groups: int, n: int, dtype: torch.dtype) -> int:
     return groups * _padded_rows(n) ** 2 * dtype.itemsize
 
 
-def _stored_plan(pairs: int, groups: int, n: int, dtype: torch.dtype) -> tuple[int, int] | None:
-    """How the stored schedule splits its ``pairs`` (b, kv head) pairs: ``(pairs per chunk, slots)``, or None when
-    it cannot keep its dS within STORED_MAX_BYTES.
-
-    At least STORED_CHUNKS chunks (as many as there are pairs at most), more where the dS of a chunk would not fit,
-    all of one size but the last. One chunk needs one slot of dS; more chunks need two, as each launch stores one
-    chunk's dS while reading the previous chunk's: then each slot gets half the budget.
-    """
-    group = _group_bytes(groups, n, dtype)
-    chunks = min(STORED_CHUNKS, pairs)
-    if chunks <= 1 and pairs * group <= STORED_MAX_BYTES:
-        return pairs, 1
-    per_slot = STORED_MAX_BYTES // 2 // group
-    if per_slot == 0 or pairs == 1:
-        return None
-    return _cdiv(pairs, max(chunks, _cdiv(pairs, per_slot))), 2
+def _chunk_pairs(pairs: int, groups: int, n: int, dtype: torch.dtype) -> int:
+    """(b, kv head) pairs per chunk of the stored schedule: the fewest chunks whose dS fits STORED_MAX_BYTES, sized
+    evenly (the last may hold fewer)."""
+    chunks = _cdiv(pairs, max(1, STORED_MAX_BYTES // _group_bytes(groups, n, dtype)))
+    return _cdiv(pairs, chunks)
 
 
 def _schedule(b: int, h: int, h_kv: int, n: int, d: int, dtype: torch.dtype) -> str:
@@ -739,7 +675,7 @@ def _schedule(b: int, h: int, h_kv: int, n: int, d: int, dtype: torch.dtype) -> 
         if b * h * n * n * d <= FUSED_MAX_WORK:
             name = "fused"
         else:
-            name = "stored" if _stored_plan(b * h_kv, h // h_kv, n, dtype) else "split"
+            name = "stored" if _group_bytes(h // h_kv, n, dtype) <= STORED_MAX_BYTES else "split"
     return name
 
 
@@ -825,7 +761,7 @@ _bwd_dq = Launcher(_bwd_dq_kernel)
 _bwd_dkdv = Launcher(_bwd_dkdv_kernel)
 _bwd_fused = Launcher(_bwd_fused_kernel)
 _bwd_delta = Launcher(_bwd_delta_kernel)
-_bwd_stored = Launcher(_bwd_stored_kernel)
+_bwd_dq_stored = Launcher(_bwd_dq_stored_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -903,10 +839,9 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     run = _backward_split
     if schedule == "stored":
         groups = h // h_kv
-        per_chunk, slots = _stored_plan(b * h_kv, groups, n, q.dtype) or (1, 2)  # (forced beyond the budget)
         try:
-            ds = _new_ds(q, slots * per_chunk * groups, _padded_rows(n))
-            run = functools.partial(_backward_stored, ds=ds, per_chunk=per_chunk)
+            ds = _new_ds(q, _chunk_pairs(b * h_kv, groups, n, q.dtype) * groups, _padded_rows(n))
+            run = functools.partial(_backward_stored, ds=ds)
         except torch.OutOfMemoryError:  # no room for dS: the split schedule needs none
             pass
     _with_tma_fallback(run, _use_tma(b * h * n * n * d, q, k, v, out, do),
@@ -937,49 +872,42 @@ def _backward_split(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_w
     m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]  # k/v: a key tile, q/dO: query tiles
     _bwd_dkdv((b * h_kv, _cdiv(n, nn)),
               _arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd),
-              lse, delta, dk, dv, seq_lens, *_strides(q, k, v, do, dk, dv),
-              h, h_kv, h // h_kv, n, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal,
-              BIDIR=bidirectional, TMA=tma, **cfg)
+              lse, delta, dk, dv, delta, seq_lens, *_strides(q, k, v, do, dk, dv),
+              h, h_kv, h // h_kv, n, 0, 0, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal,
+              BIDIR=bidirectional, TMA=tma, STORE_DS=False, **cfg)
 
 
 def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional,
-                     scale, tma: bool, ds: torch.Tensor, per_chunk: int) -> None:
-    """The "stored" schedule: delta, then a pipeline over chunks of ``per_chunk`` (b, kv head) pairs. Launch c
-    (``_bwd_stored_kernel``) runs the dK/dV programs of chunk c, which also write every dS tile they compute into
-    one slot of ``ds`` (``[slots * chunk's query heads, NP, NP]`` in q's dtype, NP = N rounded up to 128), beside
-    the dQ programs of chunk c - 1, which compute dQ = dS K from the other slot: five matmuls per tile pair instead
-    of the split schedule's seven, for the transient ``ds`` (freed on return; at most STORED_MAX_BYTES, see
-    :func:`_stored_plan`)."""
+                     scale, tma: bool, ds: torch.Tensor) -> None:
+    """The "stored" schedule: delta, then per chunk of (b, kv head) pairs dK/dV (which also writes every dS tile it
+    computes into ``ds``, ``[chunk's query heads, NP, NP]`` in q's dtype, NP = N rounded up to 128) and dQ = dS K
+    from the stored tiles: five matmuls per tile pair instead of the split schedule's seven, for ``NP * NP``
+    elements of transient memory per query head of a chunk (freed on return; at most STORED_MAX_BYTES, see
+    :func:`_schedule`)."""
     b, h, n, d = q.shape
     h_kv = k.shape[1]
     groups = h // h_kv
     np_ = ds.shape[-1]
-    pairs = b * h_kv
-    heads_per_slot = per_chunk * groups
-    slots = ds.shape[0] // heads_per_slot
+    per_chunk = ds.shape[0] // groups  # (b, kv head) pairs
     delta = torch.empty_like(lse)
     block_d = max(16, triton.next_power_of_2(d))
     rows = 16 if _INTERPRET else 64
     _bwd_delta((b * h, _cdiv(n, rows)), out, do, delta, *_strides(out, do), h, n,
                HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
-    cfg = _launch_config("stored", d, q.dtype)
-    m1, n1, m2, n2 = cfg["BLOCK_M1"], cfg["BLOCK_N1"], cfg["BLOCK_M2"], cfg["BLOCK_N2"]
-    if any(np_ % tile for tile in (m1, n1, m2, n2)):
+    cfg = _launch_config("dkdv", d, q.dtype)
+    cfg_dq = _launch_config("dq_stored", d, q.dtype)
+    if any(np_ % cfg_[key] for cfg_ in (cfg, cfg_dq) for key in ("BLOCK_M", "BLOCK_N")):
         raise ValueError(f"stored schedule: tiles must divide {np_} (dS is read and written without masks)")
-    bd = cfg["BLOCK_D"]
-    kv_tiles, q_tiles = _cdiv(n, n1), _cdiv(n, m2)
-    args = (_arg(q, tma, m1, bd), _arg(k, tma, n1, bd), _arg(v, tma, n1, bd), _arg(do, tma, m1, bd), lse, delta,
-            dq, dk, dv, _arg(ds, tma, n1, m1), _arg(ds, tma, n2, m2), _arg(k, tma, n2, bd), seq_lens,
-            *_strides(q, k, v, do, dq, dk, dv),
-            h, h_kv, groups, n, np_, kv_tiles, q_tiles)
-    chunks = _cdiv(pairs, per_chunk)
-    for c in range(chunks + 1):  # launch c: dK/dV (and dS) of chunk c, dQ of chunk c - 1
-        pair_w, pair_r = c * per_chunk, (c - 1) * per_chunk
-        pairs_w = min(per_chunk, pairs - pair_w) if c < chunks else 0
-        pairs_r = min(per_chunk, pairs - pair_r) if c > 0 else 0
-        # the dS row of (b, q head) bh is bh - ROW0: chunk c's heads in slot c % slots
-        row0_w = pair_w * groups - (c % slots) * heads_per_slot
-        row0_r = pair_r * groups - ((c - 1) % slots) * heads_per_slot
-        _bwd_stored((pairs_w * kv_tiles + pairs_r * groups * q_tiles,), *args, pair_w, pairs_w, row0_w, pair_r,
-                    pairs_r, row0_r, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional,
-                    TMA=tma, **cfg)
+    m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    dkdv_args = (_arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd),
+                 lse, delta, dk, dv, _arg(ds, tma, nn, m), seq_lens, *_strides(q, k, v, do, dk, dv),
+                 h, h_kv, groups, n, np_)
+    m_dq, nn_dq = cfg_dq["BLOCK_M"], cfg_dq["BLOCK_N"]
+    dq_args = (_arg(k, tma, nn_dq, bd), _arg(ds, tma, nn_dq, m_dq), dq, seq_lens, *_strides(k, dq), h, groups, n,
+               np_)
+    for pair0 in range(0, b * h_kv, per_chunk):  # one buffer: each dQ launch reads before the next dK/dV writes
+        pairs = min(per_chunk, b * h_kv - pair0)
+        _bwd_dkdv((pairs, _cdiv(n, nn)), *dkdv_args, pair0, num_read, num_write, scale, scale * _LOG2E,
+                  CAUSAL=causal, BIDIR=bidirectional, TMA=tma, STORE_DS=True, **cfg)
+        _bwd_dq_stored((pairs * groups, _cdiv(n, m_dq)), *dq_args, pair0 * groups, num_read, num_write, scale,
+                       CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg_dq)
