@@ -667,8 +667,9 @@ def _schedule(b: int, h: int, h_kv: int, n: int, d: int, dtype: torch.dtype) -> 
     time), GPU time and memory. Measured on an H200 (benchmarks/RESULTS.md, bf16, CUDA graphs): "fused" took 46-82 µs
     less host time per eager fwd+bwd at 8x12x544x64 and the same GPU time (0.094 vs 0.092 ms; session 6), and
     6-10 % more GPU time at D128 with N >= 2080. There "stored" beats "split" (fwd+bwd 0.784-0.801 vs 0.818-0.862 ms
-    at 4x16x2080x128, 2.505-2.578 vs 2.730-2.788 ms at 1x16x8224x128; session 7) for ``NP^2`` elements of transient
-    memory per head, hence: "fused" up to FUSED_MAX_WORK, "stored" (its heads in chunks of at most
+    at 4x16x2080x128, 2.505-2.578 vs 2.730-2.788 ms at 1x16x8224x128; session 7; at that size in the three chunks
+    of the default budget 2.583-2.594 vs 2.760-2.778 ms, session 8) for ``NP^2`` elements of transient memory per
+    head, hence: "fused" up to FUSED_MAX_WORK, "stored" (its heads in chunks of at most
     STORED_MAX_BYTES of dS) while one GQA group of heads fits that budget, else "split"."""
     name = _schedule_override
     if name is None:
@@ -883,7 +884,11 @@ def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_
     computes into ``ds``, ``[chunk's query heads, NP, NP]`` in q's dtype, NP = N rounded up to 128) and dQ = dS K
     from the stored tiles: five matmuls per tile pair instead of the split schedule's seven, for ``NP * NP``
     elements of transient memory per query head of a chunk (freed on return; at most STORED_MAX_BYTES, see
-    :func:`_schedule`)."""
+    :func:`_schedule`). Chunking cost 3-4 % at 1x16x8224x128 (three chunks 2.583-2.594 ms, one 2.492-2.508 ms;
+    session 8). Measured and removed (session 8): a pipelined variant, one kernel per launch running chunk c's dK/dV
+    programs beside chunk c-1's dQ programs on two dS slots, to overlap the memory-bound dQ with the compute-bound
+    dK/dV: 2.86 ms at 8224 with 1-4 chunks, 3.43 ms with 8, 0.794 vs 0.758 ms at 4x16x2080x128 (the merged kernel
+    gives the dQ programs the dK/dV programs' registers and shared memory)."""
     b, h, n, d = q.shape
     h_kv = k.shape[1]
     groups = h // h_kv
