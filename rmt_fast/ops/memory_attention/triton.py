@@ -884,8 +884,8 @@ def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_
     computes into ``ds``, ``[chunk's query heads, NP, NP]`` in q's dtype, NP = N rounded up to 128) and dQ = dS K
     from the stored tiles: five matmuls per tile pair instead of the split schedule's seven, for ``NP * NP``
     elements of transient memory per query head of a chunk (freed on return; at most STORED_MAX_BYTES, see
-    :func:`_schedule`). Chunking cost 3-4 % at 1x16x8224x128 (three chunks 2.583-2.594 ms, one 2.492-2.508 ms;
-    session 8). Measured and removed (session 8): a pipelined variant, one kernel per launch running chunk c's dK/dV
+    :func:`_schedule`). At 1x16x8224x128 chunking cost 3-4 % under the causal mask (three chunks 2.594 ms, one
+    2.492-2.508 ms) and nothing with bidirectional memory blocks (2.583 vs 2.593 ms; session 8). Measured and removed (session 8): a pipelined variant, one kernel per launch running chunk c's dK/dV
     programs beside chunk c-1's dQ programs on two dS slots, to overlap the memory-bound dQ with the compute-bound
     dK/dV: 2.86 ms at 8224 with 1-4 chunks, 3.43 ms with 8, 0.794 vs 0.758 ms at 4x16x2080x128 (the merged kernel
     gives the dQ programs the dK/dV programs' registers and shared memory)."""
