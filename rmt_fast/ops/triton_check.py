@@ -11,15 +11,21 @@ Shared-memory limits (opt-in, per block): sm_90 227 KiB; sm_80 163 KiB, and an s
 
 Run without ``TRITON_INTERPRET`` (under the interpreter the kernels are not compilable objects)::
 
-    python -m rmt_fast.ops.triton_check [--arch 80 90]
+    python -m rmt_fast.ops.triton_check [--arch 80 90] [--resources]
 
-Prints one row per compiled kernel and exits with 1 if any kernel fails to compile or to fit.
+Prints one row per compiled kernel and exits with 1 if any kernel fails to compile or to fit. ``--resources`` adds
+what the compiled code uses per thread, read from the cubin by the ``cuobjdump`` bundled with Triton: registers
+(``REG``, at most 255) and stack bytes (``STACK``: register spills and local arrays), the first thing to look at when
+a kernel is slower than its FLOPs suggest.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -154,11 +160,47 @@ def compile_launch(item: KernelLaunch, arch: int):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(item.options))
 
 
-def check(archs=(80, 90), stream=sys.stdout) -> list[dict]:
-    """Compile every recorded launch for each arch; one dict per (launch, arch) with ``ok`` and ``why``."""
+def _cuobjdump() -> str | None:
+    """The ``cuobjdump`` bundled with Triton's NVIDIA backend, or None."""
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.access(path, os.X_OK) else None
+
+
+_USAGE = re.compile(r"REG:(\d+) STACK:(\d+)")
+
+
+def parse_resource_usage(text: str) -> dict[str, int] | None:
+    """``{"registers": n, "stack": bytes}`` from ``cuobjdump -res-usage`` output of a one-kernel cubin, or None."""
+    m = _USAGE.search(text)
+    return None if m is None else {"registers": int(m.group(1)), "stack": int(m.group(2))}
+
+
+def resource_usage(cubin: bytes, tool: str | None) -> dict[str, int] | None:
+    """Registers and stack bytes per thread of a compiled kernel (None without the tool or on failure)."""
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        try:
+            out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return parse_resource_usage(out)
+
+
+def check(archs=(80, 90), stream=sys.stdout, resources: bool = False) -> list[dict]:
+    """Compile every recorded launch for each arch; one dict per (launch, arch) with ``ok`` and ``why`` (and with
+    ``resources`` the per-thread ``registers`` and ``stack`` bytes of the compiled code, None where unknown)."""
     rows = []
     launches = record_launches()
     print(f"{len(launches)} distinct launches x {len(archs)} architectures", file=stream, flush=True)
+    tool = _cuobjdump() if resources else None
+    if resources and tool is None:
+        print("--resources: Triton's bundled cuobjdump was not found; registers and stack are not shown", file=stream)
     recorded = {item.name for item in launches}
     for name in sorted(set(all_launchers()) - recorded):  # a kernel added without a line in record_launches
         rows.append({"kernel": name, "config": "", "arch": None, "shared_bytes": -1, "seconds": 0.0, "ok": False,
@@ -170,15 +212,24 @@ def check(archs=(80, 90), stream=sys.stdout) -> list[dict]:
             if arch < item.min_arch:
                 continue
             t0 = time.perf_counter()
+            usage = None
             try:
-                shared = compile_launch(item, arch).metadata.shared
+                compiled = compile_launch(item, arch)
+                shared = compiled.metadata.shared
                 why = "" if shared <= min(limits) else f"needs {shared} B of shared memory (limit {min(limits)} B)"
+                if tool is not None:
+                    usage = resource_usage(compiled.asm["cubin"], tool)
             except Exception as exc:  # noqa: BLE001 - a compile error is the finding
                 shared, why = -1, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             row = {"kernel": item.name, "config": item.describe(), "arch": arch, "shared_bytes": shared,
                    "seconds": round(time.perf_counter() - t0, 2), "ok": not why, "why": why}
+            if resources:
+                row.update(usage or {"registers": None, "stack": None})
             rows.append(row)
-            print(f"sm_{arch} {'ok  ' if row['ok'] else 'FAIL'} {item.name:26s} {shared:7d} B  {item.describe()}"
+            regs = ""
+            if usage is not None:
+                regs = f"REG={usage['registers']:3d} STACK={usage['stack']:4d}  "
+            print(f"sm_{arch} {'ok  ' if row['ok'] else 'FAIL'} {item.name:26s} {shared:7d} B  {regs}{item.describe()}"
                   + (f"  <- {why}" if why else ""), file=stream, flush=True)
     return rows
 
@@ -186,11 +237,13 @@ def check(archs=(80, 90), stream=sys.stdout) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities x10 (default: 80 90)")
+    p.add_argument("--resources", action="store_true",
+                   help="also show each compiled kernel's registers and stack (spill) bytes per thread")
     args = p.parse_args(argv)
     bad = [a for a in args.arch if a < 80]
     if bad:
         p.error(f"--arch: rmt_fast's Triton kernels run on sm_80 and newer, got {bad}")
-    rows = check(tuple(args.arch))
+    rows = check(tuple(args.arch), resources=args.resources)
     failed = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)} of {len(rows)} compiled and fit" + (f"; {len(failed)} FAILED" if failed else ""))
     return 1 if failed else 0
