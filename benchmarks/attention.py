@@ -38,6 +38,7 @@ Example: ``python benchmarks/attention.py --append-results benchmarks/RESULTS.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import math
@@ -222,19 +223,15 @@ class Problem:
 _FLEX = None
 
 
+@contextlib.contextmanager
 def _stored_whole(attention):
     """The stored schedule with an unlimited dS budget (one chunk of heads)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        saved, attention.STORED_MAX_BYTES = attention.STORED_MAX_BYTES, 2 ** 62
-        try:
-            with attention.backward_schedule("stored"):
-                yield
-        finally:
-            attention.STORED_MAX_BYTES = saved
-    return ctx()
+    saved, attention.STORED_MAX_BYTES = attention.STORED_MAX_BYTES, 2 ** 62
+    try:
+        with attention.backward_schedule("stored"):
+            yield
+    finally:
+        attention.STORED_MAX_BYTES = saved
 
 
 def _compiled_flex(torch, flex_attention):
