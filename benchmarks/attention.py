@@ -88,6 +88,9 @@ def parse_args(argv=None):
                    help="with --sweep: the kernels to sweep (default: all)")
     p.add_argument("--sweep-schedule", choices=["split", "stored"], default="split",
                    help="with --sweep: the backward schedule the dkdv kernel is swept under (default: split)")
+    p.add_argument("--sweep-configs", nargs="+", metavar="A,B,..,WARPS,STAGES",
+                   help="with --sweep: time these configs (blocks, warps, stages, comma-separated; 6 numbers for "
+                        "fused, else 4) and the default instead of the built-in candidate list")
     p.add_argument("--loads", choices=["auto", "tma", "pointer"], default="auto",
                    help="row loads of our kernels for the whole run (default: auto)")
     p.add_argument("--seed", type=int, default=0)
@@ -502,9 +505,29 @@ _SWEEP_SCHEDULE = {"dq": "split", "fused": "fused", "dq_stored": "stored"}
 
 
 def _candidate(kernel, values):
+    if not values:  # the default config
+        return {}
     names = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if kernel == "fused" else ("BLOCK_M", "BLOCK_N")
     *blocks, warps, stages = values
     return {**dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages}
+
+
+def _sweep_list(kernel: str, configs: list[str] | None) -> list[tuple[int, ...]]:
+    """The configs to time for ``kernel``: ``SWEEP[kernel]``, or ``configs`` (``--sweep-configs``) after the
+    default."""
+    if not configs:
+        return SWEEP[kernel]
+    size = 6 if kernel == "fused" else 4
+    chosen = [()]  # the default
+    for text in configs:
+        try:
+            values = tuple(int(x) for x in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != size:
+            raise SystemExit(f"--sweep-configs: {kernel} takes {size} comma-separated integers, got {text!r}")
+        chosen.append(values)
+    return chosen
 
 
 def sweep(args, torch):
@@ -527,7 +550,7 @@ def sweep(args, torch):
               + ", ".join(f"{kn} {default(kn, shape[3], q.dtype)}" for kn in kernels) + ")")
         for kernel in kernels:
             timings = []
-            for values in SWEEP[kernel]:
+            for values in _sweep_list(kernel, args.sweep_configs):
                 cand = _candidate(kernel, values)
                 attention._launch_config = lambda kn, d, dt, cand=cand, kernel=kernel: (
                     {**default(kn, d, dt), **cand} if kn == kernel else default(kn, d, dt))
@@ -541,14 +564,15 @@ def sweep(args, torch):
                         with attention.backward_schedule(_SWEEP_SCHEDULE.get(kernel, args.sweep_schedule)):
                             ms = do_bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
                                           warmup=args.warmup, rep=args.rep, return_mode="median")
-                    timings.append((ms, cand))
+                    timings.append((ms, {**default(kernel, shape[3], q.dtype), **cand}, not cand))
                 except Exception as e:  # out of shared memory / registers: not a usable config
                     print(f"  {kernel} {cand}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
                 finally:
                     attention._launch_config = default
-            for ms, cand in sorted(timings, key=lambda t: t[0]):
-                blocks = " ".join(f"{name[6:]}={value:3d}" for name, value in cand.items() if name.startswith("BLOCK"))
-                print(f"  {kernel:6s} {ms:8.4f} ms  {blocks} w={cand['num_warps']} s={cand['num_stages']}")
+            for ms, cfg, is_default in sorted(timings, key=lambda t: t[0]):
+                blocks = " ".join(f"{name[6:]}={value:3d}" for name, value in cfg.items() if name.startswith("BLOCK"))
+                print(f"  {kernel:6s} {ms:8.4f} ms  {blocks} w={cfg['num_warps']} s={cfg['num_stages']}"
+                      + ("  (default)" if is_default else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------
