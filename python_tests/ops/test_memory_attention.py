@@ -418,6 +418,48 @@ def test_triton_stored_schedule_in_chunks(hkv, budget_pairs, chunk_sizes, monkey
     assert [args[-4] for _g, args in dq] == [s * groups for s in starts]  # BH0
 
 
+@pytest.mark.parametrize("budget_pairs,min_chunks,plan", [(100, 2, (3, 2)), (100, 4, (2, 2)), (2, 2, (1, 2)),
+                                                         (4, 2, (2, 2)), (1, 2, (1, 1))])
+@_NEEDS_TRITON
+def test_triton_stored_schedule_on_two_streams(budget_pairs, min_chunks, plan, monkeypatch):
+    """Two streams: each holds one dS slot of half the budget, chunk i runs on stream i % 2 through slot i % 2
+    (its dK/dV launch writing and its dQ launch reading the same slot), at least STORED_MIN_CHUNKS chunks; one
+    stream when two GQA groups do not fit the budget. On the CPU the streams are the caller's, in order; the
+    results equal the reference with NaN-filled slots (three masks, ragged rows, GQA)."""
+    from rmt_fast.ops import launch
+
+    att = _triton_module()
+    b, hq, hkv, n = 3, 4, 2, 37  # 6 (b, kv head) pairs of 2 query heads
+    groups = hq // hkv
+    monkeypatch.setattr(att, "STORED_MAX_BYTES", budget_pairs * att._group_bytes(groups, n, torch.float32))
+    monkeypatch.setattr(att, "STORED_MIN_CHUNKS", min_chunks)
+    assert att._stored_plan(b * hkv, groups, n, torch.float32, 2) == plan
+    assert att._stored_plan(b * hkv, groups, n, torch.float32, 1)[1] == 1
+    per_chunk, streams = plan
+    monkeypatch.setattr(att, "_new_ds", lambda q, rows, np_: torch.full((rows, np_, np_), float("nan"),
+                                                                         dtype=q.dtype, device=q.device))
+    for causal, bidir in MASKS:
+        layout = _layout(3, 5, [27, 9, 0], causal, bidir)
+        with att.backward_schedule("stored"), att.stored_streams(2):
+            check_backend("triton", *_inputs(b, hq, hkv, n, 16, torch.float32, seed=22), layout)
+    q, k = torch.empty(b, hq, n, 16), torch.empty(b, hkv, n, 16)
+    lse, lens = torch.empty(b, hq, n), torch.full((b,), n - 8, dtype=torch.int32)
+    with launch.recording() as calls, att.backward_schedule("stored"), att.stored_streams(2):
+        att.backward(q, q, k, k, q, lse, lens, 3, 5, True, False, 0.25)
+    dkdv = [args for fn, _grid, args, _meta in calls if fn.__name__ == "_bwd_dkdv_kernel"]
+    dq = [args for fn, _grid, args, _meta in calls if fn.__name__ == "_bwd_dq_stored_kernel"]
+    chunks = -(-b * hkv // per_chunk)
+    assert len(dkdv) == len(dq) == chunks
+    assert [args[-5] for args in dkdv] == [i * per_chunk for i in range(chunks)]  # PAIR0
+    slots = [args[8].data_ptr() for args in dkdv]
+    assert slots == [args[1].data_ptr() for args in dq]  # each chunk's dQ reads the slot its dK/dV wrote
+    assert len(set(slots)) == streams and all(slots[i] == slots[i % streams] for i in range(chunks))
+    assert all(args[8].shape[0] == per_chunk * groups for args in dkdv)
+    with pytest.raises(ValueError, match="count must be one of"):
+        with att.stored_streams(3):
+            pass
+
+
 def test_triton_stored_schedule_without_memory_falls_back_to_split(monkeypatch):
     """No room for the dS buffer (CUDA out of memory): the backward takes the split schedule."""
     from rmt_fast.ops import launch

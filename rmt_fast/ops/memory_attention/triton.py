@@ -621,10 +621,16 @@ FUSED_MAX_WORK = 8 * 2 ** 30
 # "split"; 0 turns "stored" off.
 STORED_MAX_BYTES = 2 ** 30
 _NP_ROUND = 128
+# On a GPU the stored schedule's chunks alternate between two streams, each with its own dS slot of half the budget
+# (the caller's stream and a second one), in at least STORED_MIN_CHUNKS chunks: one chunk's dQ launch (memory-bound)
+# and the tail of its dK/dV launch run beside the other stream's dK/dV (compute-bound).
+STORED_STREAMS = 2
+STORED_MIN_CHUNKS = 2
+_streams_override: int | None = None
 
 
 @contextlib.contextmanager
-def _override(variable: str, value: str, allowed: tuple, arg: str):
+def _override(variable: str, value, allowed: tuple, arg: str):
     """Set the module-level ``variable`` to ``value`` (one of ``allowed``, else a ValueError naming ``arg``) inside
     the context."""
     if value not in allowed:
@@ -643,6 +649,49 @@ def backward_schedule(name: str):
     return _override("_schedule_override", name, SCHEDULES, "name")
 
 
+def stored_streams(count: int):
+    """Inside this context the stored schedule runs its chunks on ``count`` streams (1 or 2; on the CPU the
+    chunks and slots are planned the same way and run in order) instead of STORED_STREAMS on a GPU and one on
+    the CPU (for benchmarks and tests)."""
+    return _override("_streams_override", count, (1, 2), "count")
+
+
+def _stored_streams(q: torch.Tensor) -> int:
+    if _streams_override is not None:
+        return _streams_override
+    return STORED_STREAMS if q.is_cuda else 1
+
+
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+class _Streams:
+    """Where the stored schedule's chunks run. ``with _Streams(device, count) as on_stream``: ``on_stream(i)`` is a
+    context that makes stream i current: 0 the caller's current stream, 1 a second stream of the device (created
+    once per device). The second stream first waits for the work queued before the context, and at exit the
+    caller's stream waits for it, so outputs and buffers are safe to use and free in the caller's stream order (and
+    a CUDA graph capture forks and joins). On the CPU, or with one stream, every ``on_stream(i)`` is a no-op."""
+
+    def __init__(self, device: torch.device, count: int):
+        self.streams = None
+        if count > 1 and device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            if index not in _side_streams:
+                _side_streams[index] = torch.cuda.Stream(device=index)
+            self.streams = (torch.cuda.current_stream(index), _side_streams[index])
+
+    def __enter__(self):
+        if self.streams is None:
+            return lambda i: contextlib.nullcontext()
+        self.streams[1].wait_stream(self.streams[0])
+        return lambda i: torch.cuda.stream(self.streams[i])
+
+    def __exit__(self, *exc) -> bool:
+        if self.streams is not None:
+            self.streams[0].wait_stream(self.streams[1])
+        return False
+
+
 def _padded_rows(n: int) -> int:
     """NP: the side of the stored schedule's per-(b, head) dS block."""
     return _cdiv(n, _NP_ROUND) * _NP_ROUND
@@ -653,11 +702,20 @@ def _group_bytes(groups: int, n: int, dtype: torch.dtype) -> int:
     return groups * _padded_rows(n) ** 2 * dtype.itemsize
 
 
-def _chunk_pairs(pairs: int, groups: int, n: int, dtype: torch.dtype) -> int:
-    """(b, kv head) pairs per chunk of the stored schedule: the fewest chunks whose dS fits STORED_MAX_BYTES, sized
-    evenly (the last may hold fewer)."""
-    chunks = _cdiv(pairs, max(1, STORED_MAX_BYTES // _group_bytes(groups, n, dtype)))
-    return _cdiv(pairs, chunks)
+def _chunk_pairs(pairs: int, groups: int, n: int, dtype: torch.dtype, budget: int, min_chunks: int = 1) -> int:
+    """(b, kv head) pairs per chunk of the stored schedule: the fewest chunks (at least ``min_chunks``) whose dS fits
+    ``budget`` bytes each, sized evenly (the last may hold fewer)."""
+    chunks = max(min_chunks, _cdiv(pairs, max(1, budget // _group_bytes(groups, n, dtype))))
+    return _cdiv(pairs, min(chunks, pairs))
+
+
+def _stored_plan(pairs: int, groups: int, n: int, dtype: torch.dtype, streams: int) -> tuple[int, int]:
+    """``(pairs per chunk, streams)`` of the stored schedule for ``pairs`` (b, kv head) pairs. With two streams
+    each holds one dS slot of half the STORED_MAX_BYTES budget, and the pairs run in at least STORED_MIN_CHUNKS
+    chunks; one stream when a single pair (or one GQA group in half the budget) leaves nothing to overlap."""
+    if streams > 1 and pairs > 1 and 2 * _group_bytes(groups, n, dtype) <= STORED_MAX_BYTES:
+        return _chunk_pairs(pairs, groups, n, dtype, STORED_MAX_BYTES // 2, max(2, STORED_MIN_CHUNKS)), 2
+    return _chunk_pairs(pairs, groups, n, dtype, STORED_MAX_BYTES), 1
 
 
 def _schedule(b: int, h: int, h_kv: int, n: int, d: int, dtype: torch.dtype) -> str:
@@ -840,9 +898,10 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     run = _backward_split
     if schedule == "stored":
         groups = h // h_kv
+        per_chunk, streams = _stored_plan(b * h_kv, groups, n, q.dtype, _stored_streams(q))
         try:
-            ds = _new_ds(q, _chunk_pairs(b * h_kv, groups, n, q.dtype) * groups, _padded_rows(n))
-            run = functools.partial(_backward_stored, ds=ds)
+            ds = _new_ds(q, streams * per_chunk * groups, _padded_rows(n))
+            run = functools.partial(_backward_stored, ds=ds, per_chunk=per_chunk, streams=streams)
         except torch.OutOfMemoryError:  # no room for dS: the split schedule needs none
             pass
     _with_tma_fallback(run, _use_tma(b * h * n * n * d, q, k, v, out, do),
@@ -879,7 +938,7 @@ def _backward_split(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_w
 
 
 def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional,
-                     scale, tma: bool, ds: torch.Tensor) -> None:
+                     scale, tma: bool, ds: torch.Tensor, per_chunk: int, streams: int = 1) -> None:
     """The "stored" schedule: delta, then per chunk of (b, kv head) pairs dK/dV (which also writes every dS tile it
     computes into ``ds``, ``[chunk's query heads, NP, NP]`` in q's dtype, NP = N rounded up to 128) and dQ = dS K
     from the stored tiles: five matmuls per tile pair instead of the split schedule's seven, for ``NP * NP``
@@ -893,7 +952,6 @@ def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_
     h_kv = k.shape[1]
     groups = h // h_kv
     np_ = ds.shape[-1]
-    per_chunk = ds.shape[0] // groups  # (b, kv head) pairs
     delta = torch.empty_like(lse)
     block_d = max(16, triton.next_power_of_2(d))
     rows = 16 if _INTERPRET else 64
@@ -904,15 +962,20 @@ def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_
     if any(np_ % cfg_[key] for cfg_ in (cfg, cfg_dq) for key in ("BLOCK_M", "BLOCK_N")):
         raise ValueError(f"stored schedule: tiles must divide {np_} (dS is read and written without masks)")
     m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    dkdv_args = (_arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd),
-                 lse, delta, dk, dv, _arg(ds, tma, nn, m), seq_lens, *_strides(q, k, v, do, dk, dv),
-                 h, h_kv, groups, n, np_)
     m_dq, nn_dq = cfg_dq["BLOCK_M"], cfg_dq["BLOCK_N"]
-    dq_args = (_arg(k, tma, nn_dq, bd), _arg(ds, tma, nn_dq, m_dq), dq, seq_lens, *_strides(k, dq), h, groups, n,
-               np_)
-    for pair0 in range(0, b * h_kv, per_chunk):  # one buffer: each dQ launch reads before the next dK/dV writes
-        pairs = min(per_chunk, b * h_kv - pair0)
-        _bwd_dkdv((pairs, _cdiv(n, nn)), *dkdv_args, pair0, num_read, num_write, scale, scale * _LOG2E,
-                  CAUSAL=causal, BIDIR=bidirectional, TMA=tma, STORE_DS=True, **cfg)
-        _bwd_dq_stored((pairs * groups, _cdiv(n, m_dq)), *dq_args, pair0 * groups, num_read, num_write, scale,
-                       CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg_dq)
+    slots = ds.chunk(streams)  # one dS slot per stream
+    dkdv_args = [(_arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd),
+                  lse, delta, dk, dv, _arg(slot, tma, nn, m), seq_lens, *_strides(q, k, v, do, dk, dv),
+                  h, h_kv, groups, n, np_) for slot in slots]
+    dq_args = [(_arg(k, tma, nn_dq, bd), _arg(slot, tma, nn_dq, m_dq), dq, seq_lens, *_strides(k, dq), h, groups, n,
+                np_) for slot in slots]
+    with _Streams(q.device, streams) as on_stream:
+        # Chunk i runs on stream i % streams through that stream's slot; within a stream each dQ launch reads its
+        # slot before the next dK/dV launch writes it.
+        for i, pair0 in enumerate(range(0, b * h_kv, per_chunk)):
+            pairs = min(per_chunk, b * h_kv - pair0)
+            with on_stream(i % streams):
+                _bwd_dkdv((pairs, _cdiv(n, nn)), *dkdv_args[i % streams], pair0, num_read, num_write, scale,
+                          scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, TMA=tma, STORE_DS=True, **cfg)
+                _bwd_dq_stored((pairs * groups, _cdiv(n, m_dq)), *dq_args[i % streams], pair0 * groups, num_read,
+                               num_write, scale, CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg_dq)
