@@ -30,6 +30,7 @@ dK/dV kernels, the fused backward, the stored backward's dQ kernel; dK/dV under 
 chosen shapes, to retune ``_launch_config`` on a new GPU.
 ``--methods triton_split triton_fused triton_stored`` time ours with one backward schedule forced ("triton" is
 the automatic choice; ``triton_stored_whole``: stored in one chunk, with no cap on its dS buffer);
+``triton_one_stream`` with the stored schedule's chunks on the caller's stream only (no second stream);
 ``triton_tma triton_pointer`` with its row loads forced (TMA tensor descriptors on sm_90+,
 or pointer arithmetic). ``--loads`` sets the row loads of everything the run times (sweeps included).
 
@@ -55,7 +56,9 @@ SCHEDULE_METHODS = ("triton_split", "triton_fused", "triton_stored")
 WHOLE_METHODS = ("triton_stored_whole",)
 # ours with the row loads forced (``row_loads``): TMA tensor descriptors or pointer arithmetic
 LOADS_METHODS = ("triton_tma", "triton_pointer")
-VARIANTS = SCHEDULE_METHODS + WHOLE_METHODS + LOADS_METHODS  # ours under a context
+# ours with the stored schedule's chunks on one stream (the caller's) instead of two
+STREAM_METHODS = ("triton_one_stream",)
+VARIANTS = SCHEDULE_METHODS + WHOLE_METHODS + LOADS_METHODS + STREAM_METHODS  # ours under a context
 METHODS = DEFAULT_METHODS + VARIANTS
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -215,6 +218,8 @@ class Problem:
             return attention.row_loads(method.removeprefix("triton_"))
         if method in WHOLE_METHODS:
             return _stored_whole(attention)
+        if method in STREAM_METHODS:
+            return attention.stored_streams(1)
         return contextlib.nullcontext()
 
     def inputs(self, method):
@@ -546,14 +551,15 @@ def sweep(args, torch):
         shape = parse_shape(shape_txt)
         prob = Problem(args, shape, bidir=args.bidirectional != "off", torch=torch)
         q, k, v, do = prob.q, prob.k, prob.v, prob.do
+        long_rows = shape[2] >= attention.LONG_ROWS
         print(f"\n== {shape_txt} {args.dtype} (default: "
-              + ", ".join(f"{kn} {default(kn, shape[3], q.dtype)}" for kn in kernels) + ")")
+              + ", ".join(f"{kn} {default(kn, shape[3], q.dtype, long_rows)}" for kn in kernels) + ")")
         for kernel in kernels:
             timings = []
             for values in _sweep_list(kernel, args.sweep_configs):
                 cand = _candidate(kernel, values)
-                attention._launch_config = lambda kn, d, dt, cand=cand, kernel=kernel: (
-                    {**default(kn, d, dt), **cand} if kn == kernel else default(kn, d, dt))
+                attention._launch_config = lambda kn, d, dt, long_rows=False, cand=cand, kernel=kernel: (
+                    {**default(kn, d, dt, long_rows), **cand} if kn == kernel else default(kn, d, dt, long_rows))
                 try:
                     if kernel == "fwd":
                         with torch.no_grad():
@@ -564,7 +570,7 @@ def sweep(args, torch):
                         with attention.backward_schedule(_SWEEP_SCHEDULE.get(kernel, args.sweep_schedule)):
                             ms = do_bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
                                           warmup=args.warmup, rep=args.rep, return_mode="median")
-                    timings.append((ms, {**default(kernel, shape[3], q.dtype), **cand}, not cand))
+                    timings.append((ms, {**default(kernel, shape[3], q.dtype, long_rows), **cand}, not cand))
                 except Exception as e:  # out of shared memory / registers: not a usable config
                     print(f"  {kernel} {cand}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
                 finally:

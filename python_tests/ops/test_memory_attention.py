@@ -370,8 +370,8 @@ def test_triton_stored_schedule_reads_only_written_ds(loads, causal, bidir, monk
     att = _triton_module()
     tiles = {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 32}, "dq_stored": {"BLOCK_M": 32, "BLOCK_N": 16}}
     default = att._launch_config
-    monkeypatch.setattr(att, "_launch_config", lambda kernel, d, dtype: {**default(kernel, d, dtype),
-                                                                          **tiles.get(kernel, {})})
+    monkeypatch.setattr(att, "_launch_config", lambda kernel, d, dtype, long_rows=False: {
+        **default(kernel, d, dtype, long_rows), **tiles.get(kernel, {})})
     monkeypatch.setattr(att, "_new_ds", lambda q, rows, np_: torch.full((rows, np_, np_), float("nan"),
                                                                          dtype=q.dtype, device=q.device))
     for n, lens in ((37, [27, 9, 0]), (70, [61, 40, 12])):
@@ -418,14 +418,15 @@ def test_triton_stored_schedule_in_chunks(hkv, budget_pairs, chunk_sizes, monkey
     assert [args[-4] for _g, args in dq] == [s * groups for s in starts]  # BH0
 
 
-@pytest.mark.parametrize("budget_pairs,min_chunks,plan", [(100, 2, (3, 2)), (100, 4, (2, 2)), (2, 2, (1, 2)),
-                                                         (4, 2, (2, 2)), (1, 2, (1, 1))])
+@pytest.mark.parametrize("budget_pairs,min_chunks,plan", [(100, 2, ([3, 3], 2)), (100, 4, ([2, 2, 1, 1], 2)),
+                                                         (2, 2, ([1] * 6, 2)), (4, 2, ([2, 2, 2], 2)),
+                                                         (5, 2, ([2, 2, 2], 2)), (1, 2, ([1] * 6, 1))])
 @_NEEDS_TRITON
 def test_triton_stored_schedule_on_two_streams(budget_pairs, min_chunks, plan, monkeypatch):
     """Two streams: each holds one dS slot of half the budget, chunk i runs on stream i % 2 through slot i % 2
-    (its dK/dV launch writing and its dQ launch reading the same slot), at least STORED_MIN_CHUNKS chunks; one
-    stream when two GQA groups do not fit the budget. On the CPU the streams are the caller's, in order; the
-    results equal the reference with NaN-filled slots (three masks, ragged rows, GQA)."""
+    (its dK/dV launch writing and its dQ launch reading the same slot), at least STORED_MIN_CHUNKS chunks of
+    balanced sizes; one stream when one GQA group does not fit half the budget. On the CPU the streams are the
+    caller's, in order; the results equal the reference with NaN-filled slots (three masks, ragged rows, GQA)."""
     from rmt_fast.ops import launch
 
     att = _triton_module()
@@ -435,29 +436,104 @@ def test_triton_stored_schedule_on_two_streams(budget_pairs, min_chunks, plan, m
     monkeypatch.setattr(att, "STORED_MIN_CHUNKS", min_chunks)
     assert att._stored_plan(b * hkv, groups, n, torch.float32, 2) == plan
     assert att._stored_plan(b * hkv, groups, n, torch.float32, 1)[1] == 1
-    per_chunk, streams = plan
-    monkeypatch.setattr(att, "_new_ds", lambda q, rows, np_: torch.full((rows, np_, np_), float("nan"),
-                                                                         dtype=q.dtype, device=q.device))
+    sizes, streams = plan
+    buffers = []
+
+    def new_ds(q, rows, np_):
+        buffers.append(rows)
+        return torch.full((rows, np_, np_), float("nan"), dtype=q.dtype, device=q.device)
+
+    monkeypatch.setattr(att, "_new_ds", new_ds)
     for causal, bidir in MASKS:
         layout = _layout(3, 5, [27, 9, 0], causal, bidir)
         with att.backward_schedule("stored"), att.stored_streams(2):
             check_backend("triton", *_inputs(b, hq, hkv, n, 16, torch.float32, seed=22), layout)
+    assert set(buffers) == {streams * sizes[0] * groups}
     q, k = torch.empty(b, hq, n, 16), torch.empty(b, hkv, n, 16)
     lse, lens = torch.empty(b, hq, n), torch.full((b,), n - 8, dtype=torch.int32)
     with launch.recording() as calls, att.backward_schedule("stored"), att.stored_streams(2):
         att.backward(q, q, k, k, q, lse, lens, 3, 5, True, False, 0.25)
-    dkdv = [args for fn, _grid, args, _meta in calls if fn.__name__ == "_bwd_dkdv_kernel"]
-    dq = [args for fn, _grid, args, _meta in calls if fn.__name__ == "_bwd_dq_stored_kernel"]
-    chunks = -(-b * hkv // per_chunk)
-    assert len(dkdv) == len(dq) == chunks
-    assert [args[-5] for args in dkdv] == [i * per_chunk for i in range(chunks)]  # PAIR0
-    slots = [args[8].data_ptr() for args in dkdv]
-    assert slots == [args[1].data_ptr() for args in dq]  # each chunk's dQ reads the slot its dK/dV wrote
-    assert len(set(slots)) == streams and all(slots[i] == slots[i % streams] for i in range(chunks))
-    assert all(args[8].shape[0] == per_chunk * groups for args in dkdv)
+    dkdv = [(grid[0], args) for fn, grid, args, _meta in calls if fn.__name__ == "_bwd_dkdv_kernel"]
+    dq = [(grid[0], args) for fn, grid, args, _meta in calls if fn.__name__ == "_bwd_dq_stored_kernel"]
+    assert [g for g, _args in dkdv] == sizes and [g for g, _args in dq] == [c * groups for c in sizes]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    assert [args[-5] for _g, args in dkdv] == starts  # PAIR0
+    assert [args[-4] for _g, args in dq] == [st * groups for st in starts]  # BH0
+    slots = [args[8].data_ptr() for _g, args in dkdv]
+    assert slots == [args[1].data_ptr() for _g, args in dq]  # each chunk's dQ reads the slot its dK/dV wrote
+    assert len(set(slots)) == streams and all(slots[i] == slots[i % streams] for i in range(len(sizes)))
+    assert all(args[8].shape[0] == sizes[0] * groups for _g, args in dkdv)
     with pytest.raises(ValueError, match="count must be one of"):
         with att.stored_streams(3):
             pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
+def test_triton_stored_two_streams_in_cuda_graph():
+    """The stored backward on two streams (a fork and a join inside the capture) captured in a CUDA graph: each
+    replay equals the one-stream eager gradients, also after new inputs are copied into the captured buffers."""
+    att = _triton_module()
+    layout = _layout(3, 5, [180, 77, 0], True, True)
+    q, k, v = _inputs(3, 4, 2, 256, 64, torch.bfloat16, seed=9)
+    dout = torch.randn_like(q)
+
+    def grads():
+        return torch.autograd.grad(memory_attention(q, k, v, layout, backend="triton"), (q, k, v), dout)
+
+    with att.backward_schedule("stored"):
+        with att.stored_streams(1):
+            want = grads()
+        with att.stored_streams(2):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture (compiles, the second stream)
+                grads()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static = grads()
+    graph.replay()
+    for g, w in zip(static, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    with torch.no_grad():
+        for x in (q, k, v, dout):
+            x.copy_(torch.randn_like(x))
+    with att.backward_schedule("stored"), att.stored_streams(1):
+        want = grads()
+    graph.replay()
+    for g, w in zip(static, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+def test_triton_launch_config_long_rows(monkeypatch):
+    """The GPU tile table (read with the interpreter switched off): from LONG_ROWS rows on, the D > 64
+    half-precision forward and stored dQ kernels take other tiles, and nothing else changes; the forward and the
+    stored backward pick them by N (launches recorded, not run)."""
+    from rmt_fast.ops import launch
+
+    att = _triton_module()
+    monkeypatch.setattr(att, "_INTERPRET", False)
+    att._launch_config.cache_clear()
+    try:
+        cfg = att._launch_config
+        for kernel in att.KERNELS:
+            for d, dtype in ((64, torch.bfloat16), (128, torch.float32)):
+                assert cfg(kernel, d, dtype, True) == cfg(kernel, d, dtype, False)
+        changed = {k for k in att.KERNELS if cfg(k, 128, torch.bfloat16, True) != cfg(k, 128, torch.bfloat16, False)}
+        assert changed == {"fwd", "dq_stored"}
+        for n in (att.LONG_ROWS - 128, att.LONG_ROWS):
+            q = torch.empty(1, 2, n, 128, dtype=torch.bfloat16)
+            lse, lens = torch.empty(1, 2, n), torch.full((1,), n - 4, dtype=torch.int32)
+            with launch.recording() as calls, att.backward_schedule("stored"):
+                att.forward(q, q, q, lens, 2, 2, True, False, 0.1)
+                att.backward(q, q, q, q, q, lse, lens, 2, 2, True, False, 0.1)
+            meta = {fn.__name__: meta for fn, _grid, _args, meta in calls}
+            for name, kernel in (("_fwd_kernel", "fwd"), ("_bwd_dq_stored_kernel", "dq_stored"),
+                                 ("_bwd_dkdv_kernel", "dkdv")):
+                want = cfg(kernel, 128, torch.bfloat16, n >= att.LONG_ROWS)
+                assert {key: meta[name][key] for key in want} == want
+    finally:
+        att._launch_config.cache_clear()
 
 
 def test_triton_stored_schedule_without_memory_falls_back_to_split(monkeypatch):
@@ -515,10 +591,10 @@ def test_triton_backward_schedule_choice():
     assert launched(64, "stored") == stored
     assert launched(64) == ["_bwd_fused_kernel"]  # 2 * 64 * 64 * 16: far below FUSED_MAX_WORK
     big = int((att.FUSED_MAX_WORK / 32) ** 0.5) + 16  # above FUSED_MAX_WORK; dS of one head: 16512^2 fp32
-    assert att._group_bytes(1, big, torch.float32) > att.STORED_MAX_BYTES
-    assert launched(big) == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]  # not even one head's dS fits: split
-    saved, att.STORED_MAX_BYTES = att.STORED_MAX_BYTES, 2 ** 40
+    saved, att.STORED_MAX_BYTES = att.STORED_MAX_BYTES, att._group_bytes(1, big, torch.float32) - 1
     try:
+        assert launched(big) == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]  # not even one head's dS fits: split
+        att.STORED_MAX_BYTES = 2 ** 40
         assert launched(big) == stored
         att.STORED_MAX_BYTES = att._group_bytes(1, big, torch.float32)  # one head per chunk: two chunks
         assert launched(big) == stored[:1] + stored[1:] * 2

@@ -114,14 +114,24 @@ def record_launches() -> list[KernelLaunch]:
                 handoff.place_forward(memory, e(2, 40, 64, dtype=dtype), 0, writes)
             for write_grad in (False, True):
                 lce.cross_entropy_rows(e(4, 1000, dtype=dtype), torch.zeros(4, dtype=torch.int64), -100, write_grad)
+    with launch.recording() as hopper_calls:  # the long-row tiles (N >= LONG_ROWS; sm_90+ only), both row loads
+        n = attention.LONG_ROWS
+        for dtype in (torch.float16, torch.bfloat16):
+            for d in (80, 128):
+                q, kv = e(1, 2, n, d, dtype=dtype), e(1, 1, n, d, dtype=dtype)
+                lens = torch.full((1,), n - 16, dtype=torch.int32)
+                for loads in ("pointer", "tma"):
+                    with attention.row_loads(loads), attention.backward_schedule("stored"):
+                        out, lse = attention.forward(q, kv, kv, lens, 8, 8, True, False, d ** -0.5)
+                        attention.backward(out, q, kv, kv, out, lse, lens, 8, 8, True, False, d ** -0.5)
     seen, out = set(), []
-    for fn, _grid, args, meta in calls:
+    for hopper, (fn, _grid, args, meta) in [(False, c) for c in calls] + [(True, c) for c in hopper_calls]:
         options = tuple((k, meta[k]) for k in ("num_warps", "num_stages") if k in meta)
         constexprs = tuple((k, v) for k, v in meta.items() if k not in ("num_warps", "num_stages"))
         names = [p.name for p in fn.params]
         signature = tuple(zip(names, [_arg_type(a) for a in args] + ["constexpr"] * (len(names) - len(args))))
         tma = any(t.startswith("tensordesc") for _, t in signature)
-        item = KernelLaunch(fn, signature, constexprs, options, 90 if tma else 80)
+        item = KernelLaunch(fn, signature, constexprs, options, 90 if tma or hopper else 80)
         key = (id(fn), signature, tuple((k, _short(v)) for k, v in constexprs), options)
         if key not in seen:
             seen.add(key)

@@ -572,7 +572,7 @@ KERNELS = ("fwd", "dq", "dkdv", "fused", "dq_stored")
 
 
 @functools.lru_cache(maxsize=None)
-def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
+def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype, long_rows: bool = False) -> dict:
     """Tile sizes, warps and pipeline stages for ``kernel`` with the head-dim constants.
 
     kernel: "fwd", "dq" and "dkdv" (the split backward; "dkdv" also in the stored one), "dq_stored" (the stored
@@ -601,13 +601,19 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     elif head_dim > 64:
         table = {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3), "dq": (64, 32, 4, 3),
                  "fused": (32, 64, 64, 32, 4, 3), "dq_stored": (64, 32, 4, 3)}
+        if long_rows:  # N >= LONG_ROWS: longer loops per program favour larger tiles and deeper pipelines
+            table.update({"fwd": (128, 128, 8, 3), "dq_stored": (128, 32, 4, 4)})
     else:
         table = {"fwd": (64, 64, 4, 3), "dkdv": (16, 128, 4, 3), "dq": (64, 32, 4, 4),
-                 "fused": (16, 128, 64, 32, 4, 3), "dq_stored": (64, 32, 4, 3)}
+                 "fused": (16, 64, 64, 32, 4, 3), "dq_stored": (64, 32, 4, 3)}
     *blocks, warps, stages = table[kernel]
     names = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2") if kernel == "fused" else ("BLOCK_M", "BLOCK_N")
     return {**dims, **dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages}
 
+
+# Rows (N) from which the D > 64 half-precision forward and stored dQ kernels take the long-row tiles of
+# ``_launch_config`` (measured at N = 2080, where the short-row tiles are faster, and 8224; session 9).
+LONG_ROWS = 4096
 
 SCHEDULES = ("split", "fused", "stored")
 _schedule_override: str | None = None
@@ -619,7 +625,7 @@ FUSED_MAX_WORK = 8 * 2 ** 30
 # chunks of whole GQA groups that fit (e.g. 4x16x2080x128 bf16 needs 606 MB, one chunk; 1x16x8224x128 needs 138 MB
 # per head, 2.2 GB in all: three chunks of 6, 6 and 4 heads). A problem whose one GQA group does not fit takes
 # "split"; 0 turns "stored" off.
-STORED_MAX_BYTES = 2 ** 30
+STORED_MAX_BYTES = 5 * 2 ** 28
 _NP_ROUND = 128
 # On a GPU the stored schedule's chunks alternate between two streams, each with its own dS slot of half the budget
 # (the caller's stream and a second one), in at least STORED_MIN_CHUNKS chunks: one chunk's dQ launch (memory-bound)
@@ -702,20 +708,21 @@ def _group_bytes(groups: int, n: int, dtype: torch.dtype) -> int:
     return groups * _padded_rows(n) ** 2 * dtype.itemsize
 
 
-def _chunk_pairs(pairs: int, groups: int, n: int, dtype: torch.dtype, budget: int, min_chunks: int = 1) -> int:
-    """(b, kv head) pairs per chunk of the stored schedule: the fewest chunks (at least ``min_chunks``) whose dS fits
-    ``budget`` bytes each, sized evenly (the last may hold fewer)."""
+def _chunk_sizes(pairs: int, groups: int, n: int, dtype: torch.dtype, budget: int, min_chunks: int = 1) -> list[int]:
+    """(b, kv head) pairs of each chunk of the stored schedule: the fewest chunks (at least ``min_chunks``, at most
+    one per pair) whose dS fits ``budget`` bytes each, balanced (sizes differ by at most one, larger first)."""
     chunks = max(min_chunks, _cdiv(pairs, max(1, budget // _group_bytes(groups, n, dtype))))
-    return _cdiv(pairs, min(chunks, pairs))
+    chunks = min(chunks, pairs)
+    return [pairs // chunks + (i < pairs % chunks) for i in range(chunks)]
 
 
-def _stored_plan(pairs: int, groups: int, n: int, dtype: torch.dtype, streams: int) -> tuple[int, int]:
-    """``(pairs per chunk, streams)`` of the stored schedule for ``pairs`` (b, kv head) pairs. With two streams
-    each holds one dS slot of half the STORED_MAX_BYTES budget, and the pairs run in at least STORED_MIN_CHUNKS
-    chunks; one stream when a single pair (or one GQA group in half the budget) leaves nothing to overlap."""
+def _stored_plan(pairs: int, groups: int, n: int, dtype: torch.dtype, streams: int) -> tuple[list[int], int]:
+    """``(pairs of each chunk, streams)`` of the stored schedule for ``pairs`` (b, kv head) pairs. With two streams
+    each holds one dS slot of half the STORED_MAX_BYTES budget, and there are at least STORED_MIN_CHUNKS chunks;
+    one stream when there is a single pair or one GQA group does not fit half the budget."""
     if streams > 1 and pairs > 1 and 2 * _group_bytes(groups, n, dtype) <= STORED_MAX_BYTES:
-        return _chunk_pairs(pairs, groups, n, dtype, STORED_MAX_BYTES // 2, max(2, STORED_MIN_CHUNKS)), 2
-    return _chunk_pairs(pairs, groups, n, dtype, STORED_MAX_BYTES), 1
+        return _chunk_sizes(pairs, groups, n, dtype, STORED_MAX_BYTES // 2, max(2, STORED_MIN_CHUNKS)), 2
+    return _chunk_sizes(pairs, groups, n, dtype, STORED_MAX_BYTES), 1
 
 
 def _schedule(b: int, h: int, h_kv: int, n: int, d: int, dtype: torch.dtype) -> str:
@@ -753,6 +760,13 @@ def row_loads(mode: str):
 @functools.lru_cache(maxsize=None)
 def _has_tma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _long_rows(q: torch.Tensor) -> bool:
+    """Whether the forward and the stored dQ kernel take ``_launch_config``'s long-row tiles: N >= LONG_ROWS on a GPU
+    of compute capability 9.0+ (the tiles need more shared memory than sm_8x gives a block). CPU tensors (launches
+    that triton_check records and compiles for sm_90) count as such a GPU."""
+    return q.shape[2] >= LONG_ROWS and (not q.is_cuda or _has_tma(q.device.index))
 
 
 def _tma_aligned(x: torch.Tensor) -> bool:
@@ -840,7 +854,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.T
     b, h, n, d = q.shape
     o = torch.empty_like(q)
     lse = q.new_empty((b, h, n), dtype=torch.float32)
-    cfg = _launch_config("fwd", d, q.dtype)
+    cfg = _launch_config("fwd", d, q.dtype, _long_rows(q))
     _with_tma_fallback(_forward, _use_tma(b * h * n * n * d, q, k, v),
                        q, k, v, o, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, cfg)
     return o, lse
@@ -898,10 +912,10 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     run = _backward_split
     if schedule == "stored":
         groups = h // h_kv
-        per_chunk, streams = _stored_plan(b * h_kv, groups, n, q.dtype, _stored_streams(q))
+        chunks, streams = _stored_plan(b * h_kv, groups, n, q.dtype, _stored_streams(q))
         try:
-            ds = _new_ds(q, streams * per_chunk * groups, _padded_rows(n))
-            run = functools.partial(_backward_stored, ds=ds, per_chunk=per_chunk, streams=streams)
+            ds = _new_ds(q, streams * chunks[0] * groups, _padded_rows(n))
+            run = functools.partial(_backward_stored, ds=ds, chunks=chunks, streams=streams)
         except torch.OutOfMemoryError:  # no room for dS: the split schedule needs none
             pass
     _with_tma_fallback(run, _use_tma(b * h * n * n * d, q, k, v, out, do),
@@ -938,7 +952,7 @@ def _backward_split(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_w
 
 
 def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional,
-                     scale, tma: bool, ds: torch.Tensor, per_chunk: int, streams: int = 1) -> None:
+                     scale, tma: bool, ds: torch.Tensor, chunks: list[int], streams: int = 1) -> None:
     """The "stored" schedule: delta, then per chunk of (b, kv head) pairs dK/dV (which also writes every dS tile it
     computes into ``ds``, ``[chunk's query heads, NP, NP]`` in q's dtype, NP = N rounded up to 128) and dQ = dS K
     from the stored tiles: five matmuls per tile pair instead of the split schedule's seven, for ``NP * NP``
@@ -958,7 +972,7 @@ def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_
     _bwd_delta((b * h, _cdiv(n, rows)), out, do, delta, *_strides(out, do), h, n,
                HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
     cfg = _launch_config("dkdv", d, q.dtype)
-    cfg_dq = _launch_config("dq_stored", d, q.dtype)
+    cfg_dq = _launch_config("dq_stored", d, q.dtype, _long_rows(q))
     if any(np_ % cfg_[key] for cfg_ in (cfg, cfg_dq) for key in ("BLOCK_M", "BLOCK_N")):
         raise ValueError(f"stored schedule: tiles must divide {np_} (dS is read and written without masks)")
     m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
@@ -972,10 +986,11 @@ def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_
     with _Streams(q.device, streams) as on_stream:
         # Chunk i runs on stream i % streams through that stream's slot; within a stream each dQ launch reads its
         # slot before the next dK/dV launch writes it.
-        for i, pair0 in enumerate(range(0, b * h_kv, per_chunk)):
-            pairs = min(per_chunk, b * h_kv - pair0)
+        pair0 = 0
+        for i, pairs in enumerate(chunks):
             with on_stream(i % streams):
                 _bwd_dkdv((pairs, _cdiv(n, nn)), *dkdv_args[i % streams], pair0, num_read, num_write, scale,
                           scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, TMA=tma, STORE_DS=True, **cfg)
                 _bwd_dq_stored((pairs * groups, _cdiv(n, m_dq)), *dq_args[i % streams], pair0 * groups, num_read,
                                num_write, scale, CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg_dq)
+            pair0 += pairs
