@@ -312,7 +312,10 @@ def test_triton_tma_loads(schedule, causal, bidir, dtype):
             out, lse = att.forward(q, k, v, layout.seq_lens.to(q.device), 3, 5, causal, bidir, 0.2)
             att.backward(out, q, k, v, out, lse, layout.seq_lens.to(q.device), 3, 5, causal, bidir, 0.2)
     with_rows = [(fn, args, meta) for fn, _grid, args, meta in calls if "TMA" in meta]  # not the delta kernel
-    assert len(with_rows) == 3 and all(meta["TMA"] for _fn, _args, meta in with_rows)
+    kernels = {"split": {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"},
+               "stored": {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_stored_kernel"}}[schedule]
+    assert {fn.__name__ for fn, _args, _meta in with_rows} == kernels  # stored on a GPU: a launch pair per chunk
+    assert all(meta["TMA"] for _fn, _args, meta in with_rows)
     assert all(type(args[0]).__name__ == "TensorDescriptor" for _fn, args, _meta in with_rows)
 
 
@@ -384,9 +387,10 @@ def test_triton_stored_schedule_reads_only_written_ds(loads, causal, bidir, monk
                                                           (1, 2, [2, 1]), (2, 100, [6])])
 @_NEEDS_TRITON
 def test_triton_stored_schedule_in_chunks(hkv, budget_pairs, chunk_sizes, monkeypatch):
-    """A dS budget below the whole problem: the stored schedule runs its (b, kv head) pairs in even chunks of whole
-    GQA groups through one buffer of the chunk's size, with the same results (ragged rows, three masks); the buffer
-    starts as NaN, so a chunk that read another chunk's or an unwritten block would show."""
+    """A dS budget below the whole problem: on one stream the stored schedule runs its (b, kv head) pairs in
+    balanced chunks of whole GQA groups through one buffer of the chunk's size, with the same results (ragged rows,
+    three masks); the buffer starts as NaN, so a chunk that read another chunk's or an unwritten block would
+    show."""
     from rmt_fast.ops import launch
 
     att = _triton_module()
@@ -402,13 +406,13 @@ def test_triton_stored_schedule_in_chunks(hkv, budget_pairs, chunk_sizes, monkey
     monkeypatch.setattr(att, "_new_ds", new_ds)
     for causal, bidir in MASKS:
         layout = _layout(3, 5, [27, 9, 0], causal, bidir)
-        with att.backward_schedule("stored"):
+        with att.backward_schedule("stored"), att.stored_streams(1):
             check_backend("triton", *_inputs(b, hq, hkv, n, 16, torch.float32, transposed=True, seed=21), layout)
     assert buffers and set(buffers) == {chunk_sizes[0] * groups}
     q = torch.empty(b, hq, n, 16)
     k = torch.empty(b, hkv, n, 16)
     lse, lens = torch.empty(b, hq, n), torch.full((b,), n - 8, dtype=torch.int32)
-    with launch.recording() as calls, att.backward_schedule("stored"):
+    with launch.recording() as calls, att.backward_schedule("stored"), att.stored_streams(1):
         att.backward(q, q, k, k, q, lse, lens, 3, 5, True, False, 0.25)
     dkdv = [(grid[0], args) for fn, grid, args, _meta in calls if fn.__name__ == "_bwd_dkdv_kernel"]
     dq = [(grid[0], args) for fn, grid, args, _meta in calls if fn.__name__ == "_bwd_dq_stored_kernel"]

@@ -22,7 +22,7 @@ The backward has three schedules (``_schedule``), built from two program bodies 
 holds the dK/dV programs and then the dQ programs, each computing delta from O itself. "stored" (larger problems
 where one GQA group's dS fits ``STORED_MAX_BYTES``): ``_bwd_delta_kernel``, then per chunk of heads
 ``_bwd_dkdv_kernel`` writing dS and ``_bwd_dq_stored_kernel``: five matmuls per tile pair, like FlashAttention's
-backward, without its atomics.
+backward, without its atomics. On a GPU the chunks alternate between two streams, each with its own dS slot.
 "split" (the rest): ``_bwd_dq_kernel`` (stores delta) then ``_bwd_dkdv_kernel`` (reads it): seven matmuls, no
 quadratic memory.
 
@@ -33,8 +33,9 @@ either a descriptor or a pointer.
 
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU tensors with one fixed
 small tile config, and every loaded tile is upcast to fp32 (the interpreter's bf16/fp16 dot is not reliable).
-On a GPU the tile sizes come from a fixed table per head dim (``_launch_config``). The op never synchronises with
-the host, so it can be captured in a CUDA graph.
+On a GPU the tile sizes come from a fixed table per head dim (``_launch_config``; larger forward and stored-dQ tiles
+from ``LONG_ROWS`` rows on sm_90+). The op never synchronises with the host, so it can be captured in a CUDA graph
+(the stored schedule's second stream forks from and joins the caller's stream inside the capture).
 """
 from __future__ import annotations
 
@@ -583,6 +584,12 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype, long_rows: bo
     few percent of the best at every one of those shapes; the fused tiles are those of the split kernels (at D128
     the best of 11 fused candidates, session 6). Session 7 re-swept fwd/dq/dkdv with TMA loads at 4x16x2080x128
     (the defaults stayed within 2.1 % of the best) and picked dq_stored 64x32 (best of 10; not swept at D64 or fp32).
+    Session 9 (``long_rows``, see :func:`_long_rows`): at 1x16x8224x128 the forward's 128x128 tiles at 8 warps took
+    0.545 ms against 0.567 for 64x64 (which stays the best at 2080), and the stored dQ kernel's 128x32 tiles at 4
+    stages brought the backward from 2.046 to 1.907 ms (best of 10; at 2080 64x32 stays the best); at D64 the fused
+    backward's dK/dV tiles went from 16x128 to 16x64 (graphed fwd+bwd at 8x12x544x64: 89.8-90.4 µs against
+    93.9-95.2; 16x128 spills registers: 255 + 256 stack bytes). 8-warp dK/dV tiles at D128, which do not spill, were
+    1.5-3x slower.
     Warp specialisation of the forward's key loop (``tl.range(warp_specialize=True)``) was measured and left out:
     no gain at D128, and Triton 3.6 fails to compile it for 64x64 tiles.
     ``python benchmarks/attention.py --sweep`` re-measures the candidates on another GPU.
@@ -621,15 +628,19 @@ _schedule_override: str | None = None
 # host-bound, and the launch saved is worth more than the GPU time the fused kernel spends recomputing delta.
 FUSED_MAX_WORK = 8 * 2 ** 30
 # The "stored" schedule's dS buffer (NP * NP elements of q's dtype per (b, q head), NP = N rounded up to 128;
-# allocated for the backward call and freed after it) may take at most this many bytes: the heads are processed in
-# chunks of whole GQA groups that fit (e.g. 4x16x2080x128 bf16 needs 606 MB, one chunk; 1x16x8224x128 needs 138 MB
-# per head, 2.2 GB in all: three chunks of 6, 6 and 4 heads). A problem whose one GQA group does not fit takes
-# "split"; 0 turns "stored" off.
+# allocated for the backward call and freed after it) may take at most this many bytes (1.25 GiB): the heads are
+# processed in balanced chunks of whole GQA groups that fit (see _stored_plan; e.g. 4x16x2080x128 bf16 needs 606 MB
+# in all: two chunks of 32 heads on two streams, 606 MB; 1x16x8224x128 needs 138 MB per head, 2.2 GB in all: four
+# chunks of 4 heads on two streams, 1.1 GB). A problem whose one GQA group does not fit half the budget takes one
+# stream, one that does not fit the budget "split"; 0 turns "stored" off.
 STORED_MAX_BYTES = 5 * 2 ** 28
 _NP_ROUND = 128
 # On a GPU the stored schedule's chunks alternate between two streams, each with its own dS slot of half the budget
 # (the caller's stream and a second one), in at least STORED_MIN_CHUNKS chunks: one chunk's dQ launch (memory-bound)
-# and the tail of its dK/dV launch run beside the other stream's dK/dV (compute-bound).
+# and the tails of its launches run beside the other stream's dK/dV (compute-bound). Measured on an H200 (session
+# 9, graphed fwd+bwd): 4x16x2080x128 0.726 / 0.759 ms (causal / bidirectional memory) against 0.759 / 0.782 on one
+# stream; 1x16x8224x128 2.350 / 2.351 ms against 2.398 / 2.526 on one stream (two chunks of 8 heads). Four chunks
+# on two streams beat three (2.497 vs 2.537 ms, session 9 call 2); half-budget slots of 3 heads (six chunks) lost.
 STORED_STREAMS = 2
 STORED_MIN_CHUNKS = 2
 _streams_override: int | None = None
@@ -733,9 +744,10 @@ def _schedule(b: int, h: int, h_kv: int, n: int, d: int, dtype: torch.dtype) -> 
     less host time per eager fwd+bwd at 8x12x544x64 and the same GPU time (0.094 vs 0.092 ms; session 6), and
     6-10 % more GPU time at D128 with N >= 2080. There "stored" beats "split" (fwd+bwd 0.784-0.801 vs 0.818-0.862 ms
     at 4x16x2080x128, 2.505-2.578 vs 2.730-2.788 ms at 1x16x8224x128; session 7; at that size in the three chunks
-    of the default budget 2.583-2.594 vs 2.760-2.778 ms, session 8) for ``NP^2`` elements of transient memory per
-    head, hence: "fused" up to FUSED_MAX_WORK, "stored" (its heads in chunks of at most
-    STORED_MAX_BYTES of dS) while one GQA group of heads fits that budget, else "split"."""
+    of the default budget 2.583-2.594 vs 2.760-2.778 ms, session 8; 2.350 ms on two streams with the long-row
+    tiles, session 9) for ``NP^2`` elements of transient memory per head, hence: "fused" up to FUSED_MAX_WORK,
+    "stored" (its heads in chunks of at most STORED_MAX_BYTES of dS) while one GQA group of heads fits that budget,
+    else "split"."""
     name = _schedule_override
     if name is None:
         if b * h * n * n * d <= FUSED_MAX_WORK:
@@ -953,15 +965,17 @@ def _backward_split(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_w
 
 def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional,
                      scale, tma: bool, ds: torch.Tensor, chunks: list[int], streams: int = 1) -> None:
-    """The "stored" schedule: delta, then per chunk of (b, kv head) pairs dK/dV (which also writes every dS tile it
-    computes into ``ds``, ``[chunk's query heads, NP, NP]`` in q's dtype, NP = N rounded up to 128) and dQ = dS K
-    from the stored tiles: five matmuls per tile pair instead of the split schedule's seven, for ``NP * NP``
-    elements of transient memory per query head of a chunk (freed on return; at most STORED_MAX_BYTES, see
-    :func:`_schedule`). At 1x16x8224x128 chunking cost 3-4 % under the causal mask (three chunks 2.594 ms, one
-    2.492-2.508 ms) and nothing with bidirectional memory blocks (2.583 vs 2.593 ms; session 8). Measured and removed (session 8): a pipelined variant, one kernel per launch running chunk c's dK/dV
-    programs beside chunk c-1's dQ programs on two dS slots, to overlap the memory-bound dQ with the compute-bound
-    dK/dV: 2.86 ms at 8224 with 1-4 chunks, 3.43 ms with 8, 0.794 vs 0.758 ms at 4x16x2080x128 (the merged kernel
-    gives the dQ programs the dK/dV programs' registers and shared memory)."""
+    """The "stored" schedule: delta, then per chunk of (b, kv head) pairs (``chunks``: their sizes) dK/dV (which also
+    writes every dS tile it computes into its stream's slot of ``ds``, ``[chunk's query heads, NP, NP]`` in q's
+    dtype, NP = N rounded up to 128) and dQ = dS K from the stored tiles: five matmuls per tile pair instead of the
+    split schedule's seven, for ``NP * NP`` elements of transient memory per query head of a slot (freed on return;
+    at most STORED_MAX_BYTES, see :func:`_stored_plan`). With ``streams`` 2 chunk i runs on stream i % 2 (see
+    STORED_STREAMS). One stream, session 8: at 1x16x8224x128 three chunks cost 3-4 % under the causal mask against
+    one (2.594 vs 2.492-2.508 ms) and nothing with bidirectional memory blocks (2.583 vs 2.593 ms).
+    Measured and removed (session 8): a pipelined variant, one kernel per launch running chunk c's dK/dV programs
+    beside chunk c-1's dQ programs on two dS slots: 2.86 ms at 8224 with 1-4 chunks, 3.43 ms with 8, 0.794 vs
+    0.758 ms at 4x16x2080x128 (the merged kernel gives the dQ programs the dK/dV programs' registers and shared
+    memory). Separate launches on two streams keep each kernel's own footprint."""
     b, h, n, d = q.shape
     h_kv = k.shape[1]
     groups = h // h_kv
