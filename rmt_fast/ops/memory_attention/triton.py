@@ -776,8 +776,8 @@ def _has_tma(device_index: int) -> bool:
 
 def _long_rows(q: torch.Tensor) -> bool:
     """Whether the forward and the stored dQ kernel take ``_launch_config``'s long-row tiles: N >= LONG_ROWS on a GPU
-    of compute capability 9.0+ (the tiles need more shared memory than sm_8x gives a block). CPU tensors (launches
-    that triton_check records and compiles for sm_90) count as such a GPU."""
+    of compute capability 9.0+ (they were measured on an H200 only; with TMA loads the forward's take 225 KB of
+    shared memory). CPU tensors (launches that triton_check records and compiles for sm_90) count as such a GPU."""
     return q.shape[2] >= LONG_ROWS and (not q.is_cuda or _has_tma(q.device.index))
 
 
