@@ -383,20 +383,13 @@ def test_triton_stored_schedule_reads_only_written_ds(loads, causal, bidir, monk
             check_backend("triton", *_inputs(3, 4, 2, n, 16, torch.float32, seed=n), layout)
 
 
-@pytest.mark.parametrize("hkv,budget_pairs,chunk_sizes", [(2, 1, [1] * 6), (2, 2, [2, 2, 2]), (2, 4, [3, 3]),
-                                                          (1, 2, [2, 1]), (2, 100, [6])])
-@_NEEDS_TRITON
-def test_triton_stored_schedule_in_chunks(hkv, budget_pairs, chunk_sizes, monkeypatch):
-    """A dS budget below the whole problem: on one stream the stored schedule runs its (b, kv head) pairs in
-    balanced chunks of whole GQA groups through one buffer of the chunk's size, with the same results (ragged rows,
-    three masks); the buffer starts as NaN, so a chunk that read another chunk's or an unwritten block would
-    show."""
+def _run_stored_chunks(att, monkeypatch, hkv, streams, seed, transposed=False):
+    """The stored schedule on ``streams`` streams with NaN-filled dS buffers: results against the reference under
+    three masks (ragged rows, b=3, hq=4, n=37), then one backward recorded. Returns ``(buffer rows allocated,
+    [(grid, args)] of the dK/dV launches, the same of the dQ launches)``."""
     from rmt_fast.ops import launch
 
-    att = _triton_module()
-    b, hq, n = 3, 4, 37  # 3 * hkv (b, kv head) pairs of 4 / hkv query heads
-    groups = hq // hkv
-    monkeypatch.setattr(att, "STORED_MAX_BYTES", budget_pairs * att._group_bytes(groups, n, torch.float32))
+    b, hq, n = 3, 4, 37
     buffers = []
 
     def new_ds(q, rows, np_):
@@ -406,20 +399,39 @@ def test_triton_stored_schedule_in_chunks(hkv, budget_pairs, chunk_sizes, monkey
     monkeypatch.setattr(att, "_new_ds", new_ds)
     for causal, bidir in MASKS:
         layout = _layout(3, 5, [27, 9, 0], causal, bidir)
-        with att.backward_schedule("stored"), att.stored_streams(1):
-            check_backend("triton", *_inputs(b, hq, hkv, n, 16, torch.float32, transposed=True, seed=21), layout)
-    assert buffers and set(buffers) == {chunk_sizes[0] * groups}
-    q = torch.empty(b, hq, n, 16)
-    k = torch.empty(b, hkv, n, 16)
+        with att.backward_schedule("stored"), att.stored_streams(streams):
+            check_backend("triton", *_inputs(b, hq, hkv, n, 16, torch.float32, transposed, seed), layout)
+    q, k = torch.empty(b, hq, n, 16), torch.empty(b, hkv, n, 16)
     lse, lens = torch.empty(b, hq, n), torch.full((b,), n - 8, dtype=torch.int32)
-    with launch.recording() as calls, att.backward_schedule("stored"), att.stored_streams(1):
+    with launch.recording() as calls, att.backward_schedule("stored"), att.stored_streams(streams):
         att.backward(q, q, k, k, q, lse, lens, 3, 5, True, False, 0.25)
     dkdv = [(grid[0], args) for fn, grid, args, _meta in calls if fn.__name__ == "_bwd_dkdv_kernel"]
     dq = [(grid[0], args) for fn, grid, args, _meta in calls if fn.__name__ == "_bwd_dq_stored_kernel"]
-    assert [g for g, _args in dkdv] == chunk_sizes and [g for g, _args in dq] == [c * groups for c in chunk_sizes]
-    starts = [sum(chunk_sizes[:i]) for i in range(len(chunk_sizes))]
+    return buffers, dkdv, dq
+
+
+def _check_chunk_launches(dkdv, dq, sizes, groups):
+    """Launch i covers chunk i: grids of its pairs (dK/dV) and query heads (dQ), first pair PAIR0 / BH0."""
+    assert [g for g, _args in dkdv] == sizes and [g for g, _args in dq] == [c * groups for c in sizes]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
     assert [args[-5] for _g, args in dkdv] == starts  # PAIR0
-    assert [args[-4] for _g, args in dq] == [s * groups for s in starts]  # BH0
+    assert [args[-4] for _g, args in dq] == [st * groups for st in starts]  # BH0
+
+
+@pytest.mark.parametrize("hkv,budget_pairs,chunk_sizes", [(2, 1, [1] * 6), (2, 2, [2, 2, 2]), (2, 4, [3, 3]),
+                                                          (1, 2, [2, 1]), (2, 100, [6])])
+@_NEEDS_TRITON
+def test_triton_stored_schedule_in_chunks(hkv, budget_pairs, chunk_sizes, monkeypatch):
+    """A dS budget below the whole problem: on one stream the stored schedule runs its (b, kv head) pairs in
+    balanced chunks of whole GQA groups through one buffer of the chunk's size, with the same results (ragged rows,
+    three masks, transposed inputs); the buffer starts as NaN, so a chunk that read another chunk's or an unwritten
+    block would show."""
+    att = _triton_module()
+    groups = 4 // hkv  # 3 * hkv (b, kv head) pairs of 4 / hkv query heads
+    monkeypatch.setattr(att, "STORED_MAX_BYTES", budget_pairs * att._group_bytes(groups, 37, torch.float32))
+    buffers, dkdv, dq = _run_stored_chunks(att, monkeypatch, hkv, 1, seed=21, transposed=True)
+    assert buffers and set(buffers) == {chunk_sizes[0] * groups}
+    _check_chunk_launches(dkdv, dq, chunk_sizes, groups)
 
 
 @pytest.mark.parametrize("budget_pairs,min_chunks,plan", [(100, 2, ([3, 3], 2)), (100, 4, ([2, 2, 1, 1], 2)),
@@ -431,38 +443,16 @@ def test_triton_stored_schedule_on_two_streams(budget_pairs, min_chunks, plan, m
     (its dK/dV launch writing and its dQ launch reading the same slot), at least STORED_MIN_CHUNKS chunks of
     balanced sizes; one stream when one GQA group does not fit half the budget. On the CPU the streams are the
     caller's, in order; the results equal the reference with NaN-filled slots (three masks, ragged rows, GQA)."""
-    from rmt_fast.ops import launch
-
     att = _triton_module()
-    b, hq, hkv, n = 3, 4, 2, 37  # 6 (b, kv head) pairs of 2 query heads
-    groups = hq // hkv
-    monkeypatch.setattr(att, "STORED_MAX_BYTES", budget_pairs * att._group_bytes(groups, n, torch.float32))
+    hkv, groups, pairs = 2, 2, 6  # b=3, 4 query heads
+    monkeypatch.setattr(att, "STORED_MAX_BYTES", budget_pairs * att._group_bytes(groups, 37, torch.float32))
     monkeypatch.setattr(att, "STORED_MIN_CHUNKS", min_chunks)
-    assert att._stored_plan(b * hkv, groups, n, torch.float32, 2) == plan
-    assert att._stored_plan(b * hkv, groups, n, torch.float32, 1)[1] == 1
+    assert att._stored_plan(pairs, groups, 37, torch.float32, 2) == plan
+    assert att._stored_plan(pairs, groups, 37, torch.float32, 1)[1] == 1
     sizes, streams = plan
-    buffers = []
-
-    def new_ds(q, rows, np_):
-        buffers.append(rows)
-        return torch.full((rows, np_, np_), float("nan"), dtype=q.dtype, device=q.device)
-
-    monkeypatch.setattr(att, "_new_ds", new_ds)
-    for causal, bidir in MASKS:
-        layout = _layout(3, 5, [27, 9, 0], causal, bidir)
-        with att.backward_schedule("stored"), att.stored_streams(2):
-            check_backend("triton", *_inputs(b, hq, hkv, n, 16, torch.float32, seed=22), layout)
+    buffers, dkdv, dq = _run_stored_chunks(att, monkeypatch, hkv, 2, seed=22)
     assert set(buffers) == {streams * sizes[0] * groups}
-    q, k = torch.empty(b, hq, n, 16), torch.empty(b, hkv, n, 16)
-    lse, lens = torch.empty(b, hq, n), torch.full((b,), n - 8, dtype=torch.int32)
-    with launch.recording() as calls, att.backward_schedule("stored"), att.stored_streams(2):
-        att.backward(q, q, k, k, q, lse, lens, 3, 5, True, False, 0.25)
-    dkdv = [(grid[0], args) for fn, grid, args, _meta in calls if fn.__name__ == "_bwd_dkdv_kernel"]
-    dq = [(grid[0], args) for fn, grid, args, _meta in calls if fn.__name__ == "_bwd_dq_stored_kernel"]
-    assert [g for g, _args in dkdv] == sizes and [g for g, _args in dq] == [c * groups for c in sizes]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    assert [args[-5] for _g, args in dkdv] == starts  # PAIR0
-    assert [args[-4] for _g, args in dq] == [st * groups for st in starts]  # BH0
+    _check_chunk_launches(dkdv, dq, sizes, groups)
     slots = [args[8].data_ptr() for _g, args in dkdv]
     assert slots == [args[1].data_ptr() for _g, args in dq]  # each chunk's dQ reads the slot its dK/dV wrote
     assert len(set(slots)) == streams and all(slots[i] == slots[i % streams] for i in range(len(sizes)))
