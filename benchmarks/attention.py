@@ -20,8 +20,9 @@ For a causal mask of length L, ``P = L (L + 1) / 2`` per row; ``sdpa_causal`` is
 By default calls are timed eagerly, so at small shapes Python and kernel-launch overhead count: ``--iters``
 back-to-back calls between two synchronisations (what a training loop issues; the time per call is the larger
 of host and GPU time), median of ``--rounds`` rounds in which the methods take turns (the host's speed drifts
-during a run and hits them alike). ``--graph`` times CUDA-graph replays instead (``triton.testing.do_bench``),
-which is what a graph-captured RMT segment step sees.
+during a run and hits them alike). ``--graph`` times CUDA-graph replays instead (``triton.testing.do_bench``; every
+method is captured first, then ``--graph-rounds`` rounds in which the methods take turns, median), which is what a
+graph-captured RMT segment step sees.
 
 Writes ``<out>/attention.csv`` and ``<out>/attention.png`` (``attention_graph.*`` with --graph), prints a table,
 and with ``--append-results FILE`` appends a dated section (GPU, versions, command, table) to FILE.
@@ -86,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--append-results", type=Path, metavar="FILE", help="append a markdown section to FILE")
     p.add_argument("--graph", action="store_true",
                    help="time replays of CUDA graphs (no Python/launch overhead: what a graph-captured step sees)")
+    p.add_argument("--graph-rounds", type=int, default=3,
+                   help="with --graph: rounds in which the methods take turns; the median is reported (default: 3)")
     p.add_argument("--sweep", action="store_true", help="time candidate tile configs of our kernels instead")
     p.add_argument("--sweep-kernels", nargs="+", choices=["fwd", "dkdv", "dq", "fused", "dq_stored"],
                    help="with --sweep: the kernels to sweep (default: all)")
@@ -97,7 +100,10 @@ def parse_args(argv=None):
     p.add_argument("--loads", choices=["auto", "tma", "pointer"], default="auto",
                    help="row loads of our kernels for the whole run (default: auto)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.graph_rounds < 1:
+        p.error(f"--graph-rounds must be at least 1, got {args.graph_rounds}")
+    return args
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -289,18 +295,33 @@ def max_errors(prob: Problem, method: str) -> dict[str, float]:
     return errs
 
 
-def time_method(prob: Problem, method: str, args) -> tuple[float, float]:
-    """Median ms of the forward (no grad) and of forward+backward, as replays of a captured CUDA graph."""
+def time_graphs(prob: Problem, methods, args) -> tuple[dict, dict, dict]:
+    """Graphed timing: each method's forward (no grad) and forward+backward are captured in CUDA graphs first, then
+    replayed in ``--graph-rounds`` rounds in which the methods take turns (each replay timed by
+    ``triton.testing.do_bench``, median), so a drift of the GPU's clocks during the run hits all methods alike.
+    Returns ``(times, samples, failed)``: the median ms over the rounds of (forward, forward+backward) per method,
+    the per-round values, and the methods whose capture failed (with the error text)."""
+    import statistics
+
     from triton.testing import do_bench
 
     torch = prob.torch
-    (q, k, v), do = prob.inputs(method)
-    times = []
-    for step in _steps(prob, method, clear_grads=False):  # _captured and do_bench reset the grads themselves
-        step = _captured(step, (q, k, v), torch)
-        times.append(do_bench(step, warmup=args.warmup, rep=args.rep, grad_to_none=[q, k, v],
-                              return_mode="median"))
-    return times[0], times[1]
+    replays, failed = {}, {}
+    for method in methods:
+        (q, k, v), _do = prob.inputs(method)
+        try:  # _captured and do_bench reset the grads themselves
+            replays[method] = [_captured(step, (q, k, v), torch) for step in _steps(prob, method, clear_grads=False)]
+        except Exception as e:  # e.g. a method that cannot be captured in a CUDA graph
+            failed[method] = f"{type(e).__name__}: {e}"
+    samples = {method: ([], []) for method in replays}
+    for _ in range(args.graph_rounds):
+        for method, steps in replays.items():
+            (q, k, v), _do = prob.inputs(method)
+            for i, replay in enumerate(steps):
+                samples[method][i].append(do_bench(replay, warmup=args.warmup, rep=args.rep, grad_to_none=[q, k, v],
+                                                   return_mode="median"))
+    times = {method: tuple(statistics.median(s) for s in samples[method]) for method in replays}
+    return times, samples, failed
 
 
 def _steps(prob: Problem, method: str, clear_grads: bool = True):
@@ -448,7 +469,8 @@ def plot(rows, path: Path):
 
 def _timing_text(args) -> str:
     if args.graph:
-        return "CUDA graph replays, medians of triton.testing.do_bench"
+        return (f"CUDA graph replays: median over {args.graph_rounds} rounds, the methods taking turns in each round, "
+                "of triton.testing.do_bench medians")
     return (f"eager back-to-back calls (Python and launch overhead included), {args.iters} calls per round, median "
             f"of {args.rounds} rounds, the methods taking turns in each round")
 
@@ -627,14 +649,14 @@ def run(args, torch):
                         notes.append(f"{method} at {shape_txt} bidir={bidir}: bad check {e}")
                 timed.append(method)
             if args.graph:
-                times = {}
-                for method in timed:
-                    try:
-                        times[method] = time_method(prob, method, args)
-                    except Exception as e:  # e.g. a method that cannot be captured in a CUDA graph
-                        note = f"{method} at {shape_txt} bidir={bidir} not timed: {type(e).__name__}: {e}"
-                        notes.append(note.splitlines()[0][:200])
-                        print(notes[-1])
+                times, samples, failed = time_graphs(prob, timed, args)
+                for method, why in failed.items():
+                    note = f"{method} at {shape_txt} bidir={bidir} not timed: {why}"
+                    notes.append(note.splitlines()[0][:200])
+                    print(notes[-1])
+                for method, (_fwd, fwd_bwd) in samples.items():
+                    print(f"  {shape_txt} bidir={bidir} {method:12s} fwd+bwd per round: "
+                          + " ".join(f"{x:.3f}" for x in fwd_bwd) + " ms")
             else:
                 times = time_eager(prob, timed, args)
             for method, (fwd, fwd_bwd) in times.items():

@@ -1,0 +1,38 @@
+"""benchmarks/attention.py's argument handling (no GPU needed: the script imports torch only when it runs)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_attention", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_configs(bench):
+    """--sweep-configs replaces the built-in candidates; the default config (an empty candidate) comes first."""
+    assert bench._sweep_list("dkdv", None) == bench.SWEEP["dkdv"]
+    assert bench._sweep_list("dkdv", ["32,64,8,3", "16,128,4,4"]) == [(), (32, 64, 8, 3), (16, 128, 4, 4)]
+    assert bench._sweep_list("fused", ["16,64,64,32,4,3"]) == [(), (16, 64, 64, 32, 4, 3)]
+    assert bench._candidate("dkdv", ()) == {}
+    assert bench._candidate("dkdv", (32, 64, 8, 3)) == {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    assert bench._candidate("fused", (16, 64, 64, 32, 4, 3)) == {"BLOCK_M1": 16, "BLOCK_N1": 64, "BLOCK_M2": 64,
+                                                                "BLOCK_N2": 32, "num_warps": 4, "num_stages": 3}
+    for kernel, bad in (("dkdv", "32,64,8"), ("fused", "16,64,4,3"), ("dq", "32,x,4,3")):
+        with pytest.raises(SystemExit, match=f"{kernel} takes"):
+            bench._sweep_list(kernel, [bad])
+
+
+def test_parse_args(bench, capsys):
+    args = bench.parse_args(["--graph", "--sweep-configs", "32,64,4,3", "--methods", "triton", "triton_one_stream"])
+    assert args.graph and args.graph_rounds == 3 and args.sweep_configs == ["32,64,4,3"]
+    assert "triton_one_stream" in bench.VARIANTS
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--graph-rounds", "0"])
+    assert "--graph-rounds must be at least 1" in capsys.readouterr().err
