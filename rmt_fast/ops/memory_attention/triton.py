@@ -991,12 +991,12 @@ def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_
         raise ValueError(f"stored schedule: tiles must divide {np_} (dS is read and written without masks)")
     m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     m_dq, nn_dq = cfg_dq["BLOCK_M"], cfg_dq["BLOCK_N"]
-    slots = ds.chunk(streams)  # one dS slot per stream
-    dkdv_args = [(_arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd),
-                  lse, delta, dk, dv, _arg(slot, tma, nn, m), seq_lens, *_strides(q, k, v, do, dk, dv),
-                  h, h_kv, groups, n, np_) for slot in slots]
-    dq_args = [(_arg(k, tma, nn_dq, bd), _arg(slot, tma, nn_dq, m_dq), dq, seq_lens, *_strides(k, dq), h, groups, n,
-                np_) for slot in slots]
+    slots = ds.chunk(streams)  # one dS slot per stream; the other arguments are shared
+    head = (_arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd), lse, delta, dk, dv)
+    tail = (seq_lens, *_strides(q, k, v, do, dk, dv), h, h_kv, groups, n, np_)
+    dkdv_args = [(*head, _arg(slot, tma, nn, m), *tail) for slot in slots]
+    k_dq, tail_dq = _arg(k, tma, nn_dq, bd), (dq, seq_lens, *_strides(k, dq), h, groups, n, np_)
+    dq_args = [(k_dq, _arg(slot, tma, nn_dq, m_dq), *tail_dq) for slot in slots]
     with _Streams(q.device, streams) as on_stream:
         # Chunk i runs on stream i % streams through that stream's slot; within a stream each dQ launch reads its
         # slot before the next dK/dV launch writes it.
