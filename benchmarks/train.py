@@ -76,8 +76,8 @@ def bench_paths(args, rows, part, model, make_ids, labels_of, wrap_kw, official_
                     rmt.zero_grad(set_to_none=True)
             try:
                 peak = peak_gib(step)
-                # A 1-segment step is short: one pause (allocator, garbage collector) moved its median of --reps 2
-                # to 0.56x of a standalone timing (RESULTS, session 10); more warm-ups and repetitions cost little.
+                # A 1-segment step is short, and its median of --reps 2 after one warm-up read 0.56x of a standalone
+                # timing of the same step (RESULTS, session 10); more warm-ups and repetitions cost little here.
                 short = n_seg == 1
                 t = timeit(step, warmup=3 if short else 1,
                            reps=1 if n_seg > n_main else max(args.reps, 7) if short else args.reps)
