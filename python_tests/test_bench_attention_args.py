@@ -1,18 +1,12 @@
 """benchmarks/attention.py's argument handling (no GPU needed: the script imports torch only when it runs)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+import bench_scripts
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_attention", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("attention")
 
 
 def test_sweep_configs(bench):

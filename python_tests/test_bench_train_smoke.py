@@ -1,19 +1,14 @@
 """benchmarks/train.py end to end on tiny models (``--smoke``, CPU): the rows it writes and how it times them."""
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "train.py"
+import bench_scripts
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("train")
 
 
 def test_smoke_bert_rows_and_repetitions(bench, tmp_path, monkeypatch, capsys):
