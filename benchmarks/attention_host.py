@@ -3,10 +3,11 @@
 At RMT segment shapes an eager attention call is host-bound: its kernels take less GPU time than Python, the
 Triton launches and the autograd engine take on the CPU. This times pieces of the call in isolation, each as
 back-to-back calls between two synchronisations (median of rounds): the whole op, its forward, its backward
-through autograd, the kernel entry points without autograd, one backward kernel launched directly and through
-Triton's ordinary launch (the first kernel of the backward's schedule), the op and SDPA with the autograd
-engine's backward on the calling thread (``set_multithreading_enabled(False)``), a trivial Python autograd
-Function and a one-op C++ autograd graph (the engine's own cost), and SDPA with the explicit mask for comparison.
+through autograd, the kernel entry points without autograd, the backward's first kernel launched three ways
+(rmt_fast's direct launch, the compiled kernel's runner, which the direct launch called before its lean form, and
+Triton's ordinary launch), the op and SDPA with the autograd engine's backward on the calling thread
+(``set_multithreading_enabled(False)``), a trivial Python autograd Function and a one-op C++ autograd graph (the
+engine's own cost), and SDPA with the explicit mask for comparison.
 "host" is the time until the last call returned, "wall" until the GPU finished: host == wall means host-bound.
 
 Writes ``<out>/attention_host.csv`` and prints a table.
@@ -106,6 +107,11 @@ def main(argv=None):
     kernel, grid, launch_args, meta = calls[0]
     launcher = next(x for x in vars(att).values() if isinstance(x, launch.Launcher) and x.fn is kernel)
     name = kernel.__name__.strip("_").removesuffix("_kernel")
+    launcher(grid, *launch_args, **meta)  # first launches: compiled, then verified (lean where this Triton allows)
+    launcher(grid, *launch_args, **meta)
+    compiled, constexprs, _, lean = next(iter(launcher._compiled.values()))
+    device, grid3, runner_args = torch.cuda.current_device(), (*grid, 1, 1)[:3], (*launch_args, *constexprs)
+    print(f"direct launches of {name}: {'lean (the generated C launcher called directly)' if lean else 'runner'}")
     pieces = [
         ("memory_attention fwd+bwd (eager)", op_fwd_bwd),
         ("SDPA + explicit mask fwd+bwd", sdpa_fwd_bwd),
@@ -116,6 +122,7 @@ def main(argv=None):
          lambda: att.backward(do, q, k, v, out, lse, seq_lens, 16, 16, True, False, scale)),
         (f"{name} kernel ({len(calls)} launch(es) per backward), direct launch",
          lambda: launcher(grid, *launch_args, **meta)),
+        (f"{name} kernel, the compiled kernel's runner", lambda: launch._launch(compiled, grid3, device, runner_args)),
         (f"{name} kernel, Triton's launch", lambda: kernel[grid](*launch_args, **meta)),
         ("memory_attention fwd+bwd, autograd multithreading off", lambda: _single_threaded(op_fwd_bwd)),
         ("SDPA + explicit mask fwd+bwd, multithreading off", lambda: _single_threaded(sdpa_fwd_bwd)),

@@ -184,6 +184,105 @@ def test_interpreter_keeps_the_ordinary_path(monkeypatch):
     assert not run.direct and [c[0] for c in fn.calls] == ["ordinary", "ordinary"]
 
 
+class LeanRunner:
+    """The compiled kernel's runner of Triton 3.5-3.6 (``CudaLauncher``): its generated C ``launch`` function (here
+    recording) and the attributes the lean launch reads."""
+
+    def __init__(self, calls, scratch=0, fail=False):
+        self.calls, self.fail = calls, fail
+        self.global_scratch_size, self.profile_scratch_size = scratch, 0
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+
+    def launch(self, *args):
+        if self.fail:
+            raise TypeError("function takes exactly 60 arguments")
+        self.calls.append(("lean", args))
+
+    def __call__(self, *args):
+        self.calls.append(("runner", args))
+
+
+class LeanCompiled(FakeCompiled):
+    def __init__(self, calls, **kw):
+        super().__init__(calls)
+        self.run = LeanRunner(calls, **kw)
+
+
+class LeanJit(FakeJit):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.calls.append(("ordinary", grid, args, meta))
+            return LeanCompiled(self.calls, **self.kw)
+        return run
+
+
+@pytest.fixture
+def lean(gpu_less, monkeypatch):
+    """Triton 3.5-3.6's launcher form, the fake runner's ``launch`` taken for the generated C function."""
+    monkeypatch.setattr(launch, "_LAUNCH_FORMAT", launch._LEAN_FORMAT)
+    monkeypatch.setattr(launch, "_c_function", lambda f: True)
+
+
+def test_lean_launch_passes_addresses_and_no_metadata_or_hooks(lean):
+    fn = LeanJit()
+    run = launch.Launcher(fn)
+    x = torch.zeros(8)
+    run((4,), x, 8, 0.5, B=2, A=1, num_warps=4)
+    run((4, 3), x, 8, 0.25, B=2, A=1, num_warps=4)
+    assert [c[0] for c in fn.calls] == ["ordinary", "lean"]
+    # grid, stream, function, cooperative, pdl, 2 scratch, packed metadata, launch metadata, 2 hooks, the arguments
+    assert fn.calls[1][1] == (4, 3, 1, "stream", "function", False, True, None, None, "packed", None, None, None,
+                              x.data_ptr(), 8, 0.25, 1, 2)
+
+
+@pytest.mark.parametrize("case", ["hook", "scratch", "format", "None after a tensor"])
+def test_lean_launch_only_where_it_is_the_same_launch(lean, monkeypatch, case):
+    """A registered launch hook (a profiler), a kernel needing scratch memory, another launcher form, or a None in a
+    slot where the first call had a tensor (keyed argument by argument): the compiled kernel's own runner launches
+    instead."""
+    import triton
+
+    fn = LeanJit(scratch=64 if case == "scratch" else 0)
+    if case == "format":
+        monkeypatch.setattr(launch, "_LAUNCH_FORMAT", "iiiKKOOOO")
+    run = launch.Launcher(fn)
+    x = torch.zeros(8)
+    if case == "None after a tensor":
+        run((4,), x, 8, 0.5, B=2, A=1)
+        fn.calls.clear()
+        x = None
+    seen = []  # the hook
+    hooks = triton.knobs.runtime.launch_enter_hook
+    if case == "hook":
+        if not hasattr(hooks, "add"):
+            pytest.skip("this Triton has no launch hook chain")
+        hooks.add(seen.append)
+    try:
+        for _ in range(2):
+            run((4,), x, 8, 0.5, B=2, A=1)
+    finally:
+        if case == "hook":
+            hooks.remove(seen.append)
+    assert [c[0] for c in fn.calls] == ["ordinary", "runner"]
+    if case == "hook":  # the runner got the hook chain to call (the generated C launcher calls it)
+        assert fn.calls[1][1][7] is hooks
+
+
+def test_a_failing_lean_launch_falls_back_and_launches_once(lean):
+    fn = LeanJit(fail=True)
+    run = launch.Launcher(fn)
+    x = torch.zeros(2)
+    run((1,), x, 2, 0.5, A=1, B=1)
+    with pytest.warns(RuntimeWarning, match="60 arguments"):
+        run((1,), x, 2, 0.5, A=1, B=1)
+    run((1,), x, 2, 0.5, A=1, B=1)
+    assert [c[0] for c in fn.calls] == ["ordinary", "ordinary", "ordinary"]
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_attention_direct_launch_equals_ordinary_launch(dtype, monkeypatch):
@@ -195,7 +294,7 @@ def test_gpu_attention_direct_launch_equals_ordinary_launch(dtype, monkeypatch):
 
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the Triton backend needs sm_80+")
-    for name in ("_fwd", "_bwd_dq", "_bwd_dkdv"):
+    for name in ("_fwd", "_bwd_dq", "_bwd_dkdv", "_bwd_fused"):
         monkeypatch.setattr(attention, name, launch.Launcher(getattr(attention, name).fn))
     b, h, n, d = 2, 4, 75, 64
     layout = SegmentLayout(4, 4, torch.tensor([40, 67], device="cuda"), causal=True, memory_bidirectional=True)
@@ -215,6 +314,10 @@ def test_gpu_attention_direct_launch_equals_ordinary_launch(dtype, monkeypatch):
     assert attention._fwd.direct and all(e[2] for e in attention._fwd._compiled.values())
     assert all(e[2] for e in attention._bwd_dq._compiled.values())
     assert all(e[2] for e in attention._bwd_dkdv._compiled.values())
+    assert attention._bwd_fused._compiled and all(e[2] for e in attention._bwd_fused._compiled.values())
+    if launch._LAUNCH_FORMAT == launch._LEAN_FORMAT:  # Triton 3.5-3.6: the lean launch ran
+        assert all(e[3] is not None for e in (*attention._fwd._compiled.values(),
+                                              *attention._bwd_fused._compiled.values()))
     for x, y in zip(first, second):
         assert torch.equal(x, y)
     keys = len(attention._fwd._compiled)
@@ -238,3 +341,35 @@ def test_recording_collects_launches_instead_of_running_them(gpu_less):
     assert fn.calls == [] and calls == [(fn, (1,), (x, 2, 0.5), {"A": 1, "B": 3, "num_warps": 4})]
     run((1,), x, 2, 0.5, A=1, B=3)  # outside the context: launched again
     assert [c[0] for c in fn.calls] == ["ordinary"]
+
+
+@cuda
+def test_gpu_launch_hooks_see_direct_launches(monkeypatch):
+    """With a launch hook registered (what a profiler such as Proton does) a direct launch goes through the
+    compiled kernel's runner, which calls the hook with the kernel's launch metadata; results stay bit-equal."""
+    import triton
+
+    from rmt_fast.ops import SegmentLayout, memory_attention
+    from rmt_fast.ops.memory_attention import triton as attention
+
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the Triton backend needs sm_80+")
+    hooks = triton.knobs.runtime.launch_enter_hook
+    if not hasattr(hooks, "add"):
+        pytest.skip("this Triton has no launch hook chain")
+    monkeypatch.setattr(attention, "_fwd", launch.Launcher(attention._fwd.fn))
+    layout = SegmentLayout(4, 4, torch.tensor([40, 67], device="cuda"), causal=True)
+    q, k, v = (torch.randn(2, 4, 75, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    plain = [memory_attention(q, k, v, layout, backend="triton") for _ in range(2)]
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata.get()["name"] if metadata is not None else None)
+
+    hooks.add(hook)
+    try:
+        hooked = memory_attention(q, k, v, layout, backend="triton")
+    finally:
+        hooks.remove(hook)
+    assert seen == ["_fwd_kernel"]
+    assert torch.equal(hooked, plain[0]) and torch.equal(plain[1], plain[0])

@@ -14,6 +14,14 @@ the current device. Two calls with one key therefore get the same compiled kerne
 keying on integer values (shapes, strides) is finer than Triton's own ``== 1`` / ``% 16`` specialisation, so a
 new shape costs one ordinary launch and then launches directly.
 
+Where the installed Triton's compiled launcher has the known form (Triton 3.5-3.6: a generated C function taking
+``"iiiKKppOOOOOO"`` before the kernel's arguments), the kernel needs no scratch buffers and no launch hook is
+registered (``triton.knobs.runtime.launch_enter_hook`` / ``launch_exit_hook``, which profilers such as Proton
+set), :class:`Launcher` calls that C function itself (a *lean* launch): no ``launch_metadata`` object, no Python
+``CudaLauncher.__call__``, no calls into empty hook chains, and the pointer arguments passed as the integer
+addresses it already read for the key, so the C launcher neither calls ``data_ptr()`` nor asks the driver about
+each pointer (``cuPointerGetAttribute``). Any other case takes the compiled kernel's ordinary runner.
+
 Under ``TRITON_INTERPRET=1`` (CPU tests), or if the installed Triton's compiled kernels lack the
 launcher interface this module calls (checked on each kernel's first direct launch), every call takes the ordinary
 path.
@@ -22,11 +30,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 import warnings
 
 import torch
 import triton
 from torch import Tensor
+
+try:  # the generated launcher's leading argument format, whose form the lean launch knows (see above)
+    from triton.backends.nvidia.driver import _BASE_ARGS_FORMAT as _LAUNCH_FORMAT
+except ImportError:  # another Triton layout, or no NVIDIA backend: no lean launches
+    _LAUNCH_FORMAT = None
+# grid x3, stream, function, cooperative, pdl, 2 scratch buffers, packed metadata, launch metadata, 2 hooks
+_LEAN_FORMAT = "iiiKKppOOOOOO"
 
 # What Triton's own launch path calls for the stream (absent from CPU-only builds of torch: no direct launches).
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -60,6 +76,44 @@ def _launch(kernel, grid: tuple, device: int, args: tuple) -> None:
     metadata = None if enter is None else kernel.launch_metadata(grid, stream, *args)
     kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, metadata, enter, exit_,
                *args)
+
+
+def _lean_launch(lean: tuple, grid: tuple, device: int, ptrs: list, rest: tuple, constexprs: tuple) -> None:
+    """Call the generated C launcher directly (see :func:`_lean_entry`): pointer arguments as integer addresses,
+    no scratch buffers, no launch metadata, no hooks."""
+    c_launch, function, cooperative, pdl, packed = lean
+    c_launch(grid[0], grid[1], grid[2], _current_stream(device), function, cooperative, pdl, None, None, packed, None,
+             None, None, *ptrs, *rest, *constexprs)
+
+
+def _c_function(f) -> bool:
+    return isinstance(f, types.BuiltinFunctionType)
+
+
+def _lean_entry(kernel) -> tuple | None:
+    """``(c_launch, function, cooperative, pdl, packed_metadata)`` for lean launches of the compiled ``kernel``, or
+    None where the installed Triton's launcher is not the known form (see the module docstring), the launch function
+    is wrapped in Python (tensor descriptors) or the kernel needs global or profile scratch memory."""
+    if _LAUNCH_FORMAT != _LEAN_FORMAT:
+        return None
+    try:
+        runner = kernel.run
+        c_launch = runner.launch
+        if not _c_function(c_launch) or runner.global_scratch_size or runner.profile_scratch_size:
+            return None
+        return c_launch, kernel.function, runner.launch_cooperative_grid, runner.launch_pdl, kernel.packed_metadata
+    except AttributeError:
+        return None
+
+
+def _idle(hook) -> bool:
+    """No launch hook: None, or Triton 3.5+'s hook chain with nothing in it."""
+    return hook is None or (type(getattr(hook, "calls", None)) is list and not hook.calls)
+
+
+def _hooks_idle() -> bool:
+    runtime = triton.knobs.runtime
+    return _idle(runtime.launch_enter_hook) and _idle(runtime.launch_exit_hook)
 
 
 def _arg_key(a):
@@ -111,26 +165,35 @@ class Launcher:
         device = torch.cuda.current_device()
         nt = self._leading_tensors
         try:  # the usual form: the kernel's pointer arguments first, all tensors
-            key = (device, tuple([(a.dtype, a.data_ptr() % 16 == 0) for a in args[:nt]]),
+            ptrs = [a.data_ptr() for a in args[:nt]]
+            key = (device, tuple([(a.dtype, p % 16 == 0) for a, p in zip(args, ptrs)]),
                    tuple([a if type(a) is int else type(a) for a in args[nt:]]), tuple(meta.items()))
         except AttributeError:  # a tensor descriptor, or a None where the first call had a tensor
+            ptrs = None
             key = (device, tuple([_arg_key(a) for a in args]), tuple(meta.items()))
         entry = self._compiled.get(key)
         if entry is None:
             self._first_launch(key, grid, args, meta)
             return
-        kernel, constexprs, verified = entry
+        kernel, constexprs, verified, lean = entry
         grid = grid if len(grid) == 3 else (*grid, 1, 1)[:3]
         if verified:
+            if lean is not None and ptrs is not None and _hooks_idle():
+                _lean_launch(lean, grid, device, ptrs, args[nt:], constexprs)
+                return
             _launch(kernel, grid, device, (*args, *constexprs))
             return
         try:  # the first direct launch of this kernel object: an installed Triton that differs fails here, once
-            _launch(kernel, grid, device, (*args, *constexprs))
+            lean = _lean_entry(kernel) if ptrs is not None else None
+            if lean is not None and _hooks_idle():
+                _lean_launch(lean, grid, device, ptrs, args[nt:], constexprs)
+            else:
+                _launch(kernel, grid, device, (*args, *constexprs))
         except Exception as e:  # noqa: BLE001 - any failure of the direct path falls back to the ordinary one
             self._give_up(f"{type(e).__name__}: {e}")
             self.fn[grid](*args, **meta)
             return
-        entry[2] = True
+        entry[2], entry[3] = True, lean
 
     def _first_launch(self, key, grid, args, meta) -> None:
         kernel = self.fn[grid](*args, **meta)  # the ordinary launch compiles (or finds) the kernel
@@ -144,7 +207,7 @@ class Launcher:
             return
         if len(self._compiled) >= MAX_KEYS:
             self._compiled.clear()
-        self._compiled[key] = [kernel, constexprs, False]
+        self._compiled[key] = [kernel, constexprs, False, None]
 
     def _give_up(self, why: str) -> None:
         self.direct = False
