@@ -3,11 +3,11 @@
 At RMT segment shapes an eager attention call is host-bound: its kernels take less GPU time than Python, the
 Triton launches and the autograd engine take on the CPU. This times pieces of the call in isolation, each as
 back-to-back calls between two synchronisations (median of rounds): the whole op, its forward, its backward
-through autograd, the kernel entry points without autograd, the backward's first kernel launched three ways
-(rmt_fast's direct launch, the compiled kernel's runner, which the direct launch called before its lean form, and
-Triton's ordinary launch), the op and SDPA with the autograd engine's backward on the calling thread
-(``set_multithreading_enabled(False)``), a trivial Python autograd Function and a one-op C++ autograd graph (the
-engine's own cost), and SDPA with the explicit mask for comparison.
+through autograd, the kernel entry points without autograd, the backward's first kernel launched four ways
+(rmt_fast's direct launch; its lean C launch alone, without the launch key; the compiled kernel's runner, which
+the direct launch called before its lean form; Triton's ordinary launch), the op and SDPA with the autograd
+engine's backward on the calling thread (``set_multithreading_enabled(False)``), a trivial Python autograd
+Function and a one-op C++ autograd graph (the engine's own cost), and SDPA with the explicit mask for comparison.
 "host" is the time until the last call returned, "wall" until the GPU finished: host == wall means host-bound.
 
 Writes ``<out>/attention_host.csv`` and prints a table.
@@ -112,6 +112,13 @@ def main(argv=None):
     compiled, constexprs, _, lean = next(iter(launcher._compiled.values()))
     device, grid3, runner_args = torch.cuda.current_device(), (*grid, 1, 1)[:3], (*launch_args, *constexprs)
     print(f"direct launches of {name}: {'lean (the generated C launcher called directly)' if lean else 'runner'}")
+    tensors = next(i for i, a in enumerate(launch_args) if not isinstance(a, torch.Tensor))
+
+    def lean_alone():  # what a direct launch costs past its launch key
+        if lean is None:
+            return launch._launch(compiled, grid3, device, runner_args)
+        launch._lean_launch(lean, grid3, device, [a.data_ptr() for a in launch_args[:tensors]],
+                            launch_args[tensors:], constexprs)
     pieces = [
         ("memory_attention fwd+bwd (eager)", op_fwd_bwd),
         ("SDPA + explicit mask fwd+bwd", sdpa_fwd_bwd),
@@ -122,6 +129,7 @@ def main(argv=None):
          lambda: att.backward(do, q, k, v, out, lse, seq_lens, 16, 16, True, False, scale)),
         (f"{name} kernel ({len(calls)} launch(es) per backward), direct launch",
          lambda: launcher(grid, *launch_args, **meta)),
+        (f"{name} kernel, the lean launch alone (no launch key)", lean_alone),
         (f"{name} kernel, the compiled kernel's runner", lambda: launch._launch(compiled, grid3, device, runner_args)),
         (f"{name} kernel, Triton's launch", lambda: kernel[grid](*launch_args, **meta)),
         ("memory_attention fwd+bwd, autograd multithreading off", lambda: _single_threaded(op_fwd_bwd)),
