@@ -6,6 +6,7 @@ ordinary launch, a misaligned view getting its own compiled kernel).
 """
 from __future__ import annotations
 
+import contextlib
 import types
 
 import pytest
@@ -283,6 +284,50 @@ def test_a_failing_lean_launch_falls_back_and_launches_once(lean):
     assert [c[0] for c in fn.calls] == ["ordinary", "ordinary", "ordinary"]
 
 
+def test_plan_after_a_verified_lean_launch_launches_with_the_fixed_arguments(lean):
+    fn = LeanJit()
+    run = launch.Launcher(fn)
+    x, y = torch.zeros(8), torch.zeros(8)
+    assert run.plan((4,), x, 8, 0.5, B=2, A=1) is None  # the kernel never ran
+    run((4,), x, 8, 0.5, B=2, A=1)
+    assert run.plan((4,), x, 8, 0.5, B=2, A=1) is None  # ran once, through the ordinary launch: not verified yet
+    run((4,), x, 8, 0.5, B=2, A=1)
+    plan = run.plan((4,), x, 8, 0.5, B=2, A=1)
+    assert run.plan((4,), torch.zeros(9)[1:], 8, 0.5, B=2, A=1) is None  # a misaligned pointer: no plan
+    assert run.plan((4,), x, 9, 0.5, B=2, A=1) is None  # another launch key, never launched
+    assert plan(y) is True
+    assert fn.calls[-1] == ("lean", (4, 1, 1, "stream", "function", False, True, None, None, "packed", None, None,
+                                     None, y.data_ptr(), 8, 0.5, 1, 2))
+
+
+@pytest.mark.parametrize("case", ["misaligned", "recording", "hook", "device"])
+def test_plan_declines_what_it_cannot_stand_for(lean, monkeypatch, case):
+    import triton
+
+    fn = LeanJit()
+    run = launch.Launcher(fn)
+    x = torch.zeros(8)
+    for _ in range(2):
+        run((4,), x, 8, 0.5, B=2, A=1)
+    plan = run.plan((4,), x, 8, 0.5, B=2, A=1)
+    fn.calls.clear()
+    arg = torch.zeros(9)[1:] if case == "misaligned" else x
+    hooks = triton.knobs.runtime.launch_enter_hook
+    if case == "hook" and not hasattr(hooks, "add"):
+        pytest.skip("this Triton has no launch hook chain")
+    if case == "device":
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    with launch.recording() if case == "recording" else contextlib.nullcontext() as calls:
+        if case == "hook":
+            hooks.add(print)
+        try:
+            assert plan(arg) is False
+        finally:
+            if case == "hook":
+                hooks.remove(print)
+    assert fn.calls == [] and not calls
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_attention_direct_launch_equals_ordinary_launch(dtype, monkeypatch):
@@ -296,6 +341,7 @@ def test_gpu_attention_direct_launch_equals_ordinary_launch(dtype, monkeypatch):
         pytest.skip("the Triton backend needs sm_80+")
     for name in ("_fwd", "_bwd_dq", "_bwd_dkdv", "_bwd_fused"):
         monkeypatch.setattr(attention, name, launch.Launcher(getattr(attention, name).fn))
+    monkeypatch.setattr(attention, "_plans", {})  # plans made by earlier tests would bypass these launchers
     b, h, n, d = 2, 4, 75, 64
     layout = SegmentLayout(4, 4, torch.tensor([40, 67], device="cuda"), causal=True, memory_bidirectional=True)
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -315,9 +361,16 @@ def test_gpu_attention_direct_launch_equals_ordinary_launch(dtype, monkeypatch):
     assert all(e[2] for e in attention._bwd_dq._compiled.values())
     assert all(e[2] for e in attention._bwd_dkdv._compiled.values())
     assert attention._bwd_fused._compiled and all(e[2] for e in attention._bwd_fused._compiled.values())
-    if launch._LAUNCH_FORMAT == launch._LEAN_FORMAT:  # Triton 3.5-3.6: the lean launch ran
+    if launch._LAUNCH_FORMAT == launch._LEAN_FORMAT:  # Triton 3.5-3.6: the lean launch ran, plans were made
         assert all(e[3] is not None for e in (*attention._fwd._compiled.values(),
                                               *attention._bwd_fused._compiled.values()))
+        assert sorted(key[0] for key in attention._plans) == ["bwd", "fwd"]
+        for _ in range(2):  # through the plans: the same bits, the launchers untouched
+            calls = {name: len(getattr(attention, name)._compiled) for name in ("_fwd", "_bwd_fused")}
+            _, planned = run(0)
+            for x, y in zip(first, planned):
+                assert torch.equal(x, y)
+            assert calls == {name: len(getattr(attention, name)._compiled) for name in ("_fwd", "_bwd_fused")}
     for x, y in zip(first, second):
         assert torch.equal(x, y)
     keys = len(attention._fwd._compiled)
@@ -358,6 +411,7 @@ def test_gpu_launch_hooks_see_direct_launches(monkeypatch):
     if not hasattr(hooks, "add"):
         pytest.skip("this Triton has no launch hook chain")
     monkeypatch.setattr(attention, "_fwd", launch.Launcher(attention._fwd.fn))
+    monkeypatch.setattr(attention, "_plans", {})
     layout = SegmentLayout(4, 4, torch.tensor([40, 67], device="cuda"), causal=True)
     q, k, v = (torch.randn(2, 4, 75, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     plain = [memory_attention(q, k, v, layout, backend="triton") for _ in range(2)]

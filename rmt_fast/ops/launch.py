@@ -22,6 +22,13 @@ set), :class:`Launcher` calls that C function itself (a *lean* launch): no ``lau
 addresses it already read for the key, so the C launcher neither calls ``data_ptr()`` nor asks the driver about
 each pointer (``cuPointerGetAttribute``). Any other case takes the compiled kernel's ordinary runner.
 
+An op that calls the same kernel with the same shapes again and again (an eager training step at segment shapes)
+can skip even the launch key: :meth:`Launcher.plan` turns one call into a :class:`Plan` that holds the compiled
+kernel with every non-pointer argument fixed, and the op keeps it under a key of its own inputs (shapes, strides,
+dtypes, flags: whatever determines those arguments). A plan launches only the lean way and only with 16-byte
+aligned pointers; anything else (a hook, recording, another device, a misaligned tensor) returns False and the op
+takes its ordinary path.
+
 Under ``TRITON_INTERPRET=1`` (CPU tests), or if the installed Triton's compiled kernels lack the
 launcher interface this module calls (checked on each kernel's first direct launch), every call takes the ordinary
 path.
@@ -116,6 +123,14 @@ def _hooks_idle() -> bool:
     return _idle(runtime.launch_enter_hook) and _idle(runtime.launch_exit_hook)
 
 
+def _usual_key(device: int, nt: int, args: tuple, meta: dict) -> tuple[list, tuple]:
+    """``(pointers, launch key)`` of a call whose first ``nt`` arguments are tensors (AttributeError otherwise): what
+    :func:`_arg_key` gives, built for that form in one pass per part."""
+    ptrs = [a.data_ptr() for a in args[:nt]]
+    return ptrs, (device, tuple([(a.dtype, p % 16 == 0) for a, p in zip(args, ptrs)]),
+                  tuple([a if type(a) is int else type(a) for a in args[nt:]]), tuple(meta.items()))
+
+
 def _arg_key(a):
     """What the compiled kernel depends on in argument ``a``: a tensor's dtype and 16-byte alignment, a TMA tensor
     descriptor's dtype, block shape and padding (Triton's ``tensordesc<dtype[block]>`` type; the descriptor itself
@@ -127,6 +142,32 @@ def _arg_key(a):
     if hasattr(a, "block_shape"):
         return (type(a), a.base.dtype, tuple(a.block_shape), a.padding)
     return type(a)
+
+
+class Plan:
+    """One launch of a compiled kernel with everything but the pointers fixed: ``plan(*tensors)`` launches it with
+    ``tensors`` in the leading (pointer) slots, in order, and returns True; it returns False, launching nothing,
+    where it cannot stand for the ordinary launch: a launch hook is registered, launches are being recorded, the
+    current device is another one, or a pointer is not 16-byte aligned (the plan was made from an all-aligned
+    call). The caller guarantees the rest: tensors of the plan's dtypes, and a key that determines the other
+    arguments (see :meth:`Launcher.plan`)."""
+
+    __slots__ = ("lean", "grid", "device", "rest", "constexprs")
+
+    def __init__(self, lean: tuple, grid: tuple, device: int, rest: tuple, constexprs: tuple):
+        self.lean, self.grid, self.device, self.rest, self.constexprs = lean, grid, device, rest, constexprs
+
+    def __call__(self, *tensors) -> bool:
+        if _recording is not None or not _hooks_idle() or torch.cuda.current_device() != self.device:
+            return False
+        ptrs = [t.data_ptr() for t in tensors]
+        aligned = 0
+        for p in ptrs:
+            aligned |= p
+        if aligned & 15:
+            return False
+        _lean_launch(self.lean, self.grid, self.device, ptrs, self.rest, self.constexprs)
+        return True
 
 
 class Launcher:
@@ -165,9 +206,7 @@ class Launcher:
         device = torch.cuda.current_device()
         nt = self._leading_tensors
         try:  # the usual form: the kernel's pointer arguments first, all tensors
-            ptrs = [a.data_ptr() for a in args[:nt]]
-            key = (device, tuple([(a.dtype, p % 16 == 0) for a, p in zip(args, ptrs)]),
-                   tuple([a if type(a) is int else type(a) for a in args[nt:]]), tuple(meta.items()))
+            ptrs, key = _usual_key(device, nt, args, meta)
         except AttributeError:  # a tensor descriptor, or a None where the first call had a tensor
             ptrs = None
             key = (device, tuple([_arg_key(a) for a in args]), tuple(meta.items()))
@@ -194,6 +233,24 @@ class Launcher:
             self.fn[grid](*args, **meta)
             return
         entry[2], entry[3] = True, lean
+
+    def plan(self, grid, *args, **meta) -> Plan | None:
+        """A :class:`Plan` for calls like this one (same grid, non-pointer arguments, meta, tensor dtypes), or None
+        where there is none to make: no verified lean launch for its launch key yet (a kernel's first two calls
+        of a key launch through the ordinary and the checked direct path), pointers not all tensors or not all
+        16-byte aligned. Launches nothing. The caller keeps the plan under a key of its own that determines
+        ``grid``, the non-pointer arguments, ``meta`` and the tensor dtypes."""
+        if not self.direct or self._leading_tensors is None:
+            return None
+        nt = self._leading_tensors
+        try:
+            ptrs, key = _usual_key(torch.cuda.current_device(), nt, args, meta)
+        except AttributeError:
+            return None
+        entry = self._compiled.get(key)
+        if entry is None or not entry[2] or entry[3] is None or any(p % 16 for p in ptrs):
+            return None
+        return Plan(entry[3], grid if len(grid) == 3 else (*grid, 1, 1)[:3], key[0], tuple(args[nt:]), entry[1])
 
     def _first_launch(self, key, grid, args, meta) -> None:
         kernel = self.fn[grid](*args, **meta)  # the ordinary launch compiles (or finds) the kernel
