@@ -201,3 +201,57 @@ def test_step_graphs_pending_call_and_autograd_grad():
             assert rmt.runner.step_graphs.get("captured")
     for a, b in zip(res[False], res[True]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("make,kw", [
+    (gpt2, dict(num_mem_tokens=3, segment_size=16)),
+    (llama, dict(num_mem_tokens=4, segment_size=20, bptt_depth=2)),
+])
+def test_step_graphs_with_kept_logits_equal_full_bptt(make, kw):
+    """The default decoder call (``keep_logits=True``: per-token logits returned) is replayed as step graphs when
+    every segment is full and every input column is a content token: losses, logits and gradients equal eager
+    full BPTT over 3 optimizer steps, the middle one with a loss taken from the returned logits as well (their
+    gradient enters the backward graph)."""
+    base = _no_dropout(make)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    torch.manual_seed(1)
+    ids = tokens(3, 5 * kw["segment_size"]).cuda()
+    res = {}
+    for graphs in (False, True):
+        model = _no_dropout(make)
+        model.load_state_dict(state)
+        rmt = rmt_fast.wrap(model.cuda(), cuda_graphs=graphs, **kw).cuda()
+        rmt.memory.data.copy_(torch.linspace(-1, 1, rmt.memory.numel(), device="cuda").view_as(rmt.memory) * 0.02)
+        rmt.train()
+        opt = torch.optim.SGD(rmt.parameters(), lr=0.1)
+        got = []
+        for i in range(3):
+            opt.zero_grad(set_to_none=True)
+            out = rmt(ids, labels=ids)
+            loss = out.loss + (out.logits.float().square().mean() if i == 1 else 0)
+            loss.backward()
+            got += [loss.detach(), out.logits.detach().clone(),
+                    *[p.grad.clone() for p in rmt.parameters() if p.grad is not None]]
+            opt.step()
+        if graphs:
+            assert rmt.runner.step_graphs.get("captured"), "the step graphs were not used"
+        res[graphs] = got
+    assert len(res[True]) == len(res[False])
+    for a, b in zip(res[False], res[True]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-3)
+
+
+def test_step_graphs_with_kept_logits_leave_padded_columns_eager():
+    """Kept logits with a padding column (every segment still full of content): the output's columns are not the
+    segments side by side, so the call runs eagerly; logits keep the input's width."""
+    model = gpt2(resid_pdrop=0.0, embd_pdrop=0.0).cuda()
+    rmt = rmt_fast.wrap(model, num_mem_tokens=3, segment_size=16).cuda()
+    ids = tokens(2, 81).cuda()
+    mask = torch.ones_like(ids)
+    mask[:, 0] = 0  # left padding: 80 content tokens, five full segments
+    for _ in range(3):
+        out = rmt(ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+    assert out.logits.shape[:2] == (2, 81)
+    assert not rmt.runner.step_graphs.get("captured")

@@ -370,6 +370,22 @@ def flat_outputs(output) -> tuple:
     return output if isinstance(output, tuple) else (output,)
 
 
+class ConcatRecord:
+    """Per-token outputs ``[B, W, ...]`` of every segment side by side, ``[B, G * W, ...]``: what the scheme's
+    TokenRecord gives for a call whose every row fills every segment and keeps every input column (its columns
+    are then the identity), without TokenRecord's index arithmetic over the call's plan (which a captured graph
+    does not have). What :class:`StepGraphs` records for such calls (see ``SegmentRunner.run``)."""
+
+    def __init__(self):
+        self.pieces: list = []
+
+    def add(self, params: torch.Tensor, piece: torch.Tensor) -> None:
+        self.pieces.append(piece)
+
+    def result(self) -> torch.Tensor | None:
+        return torch.cat(self.pieces, 1) if self.pieces else None
+
+
 def _copy_or_zero(buf: torch.Tensor, value) -> None:
     if value is None:
         buf.zero_()
@@ -442,7 +458,7 @@ class StepGraphs:
             memory = self.mem_in
             loss_sum = torch.zeros((), dtype=torch.float32, device=memory.device)
             count = torch.zeros((), dtype=torch.long, device=memory.device)
-            record = r.scheme.new_record(None, 0)
+            record = ConcatRecord() if r.scheme.output_per_segment else r.scheme.new_record(None, 0)
             for g in range(self.g_total):
                 if r.config.cuts_memory_before(g, self.g_total):
                     memory = memory.detach()

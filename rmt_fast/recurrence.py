@@ -127,7 +127,9 @@ class SegmentRunner:
             return run_two_sweep(self, memory, plan, targets, params, want_output, total_len, progress)
         lens_host = plan.lens.tolist()  # one host sync for all segments
         if (cfg.graphs_enabled and memory.is_cuda and torch.is_grad_enabled() and not output_hidden_states
-                and not (want_output and self.scheme.output_per_segment)):
+                and not (want_output and self.scheme.output_per_segment and plan.content.shape[1] != total_len)):
+            # Per-token outputs (a decoder's logits) are captured only where every input column is a content token:
+            # with every segment full too (run_step_graphs' condition), the record is the segments side by side.
             from .graphs import run_step_graphs
 
             res = run_step_graphs(self, memory, plan, targets, params, want_output, lens_host)
