@@ -2,8 +2,8 @@
 
 Paths per configuration (bf16 autocast, AdamW step included only in the memory-task part):
   official      the official loop restated (rmt_fast/experiments/official.py): full BPTT, all activations kept
-  default       rmt_fast.wrap(model) with no flags (full BPTT; decoders keep logits and run eagerly; classifiers
-                replay the whole call as forward/backward CUDA graphs, rmt_fast.graphs.StepGraphs)
+  default       rmt_fast.wrap(model) with no flags (full BPTT replayed as forward/backward CUDA graphs of the whole
+                call, rmt_fast.graphs.StepGraphs; decoders keep logits, captured since session 11)
   full_eager    full BPTT with cuda_graphs=False (what `default` was before the step graphs)
   no_logits     decoders: keep_logits=False (the fused linear + cross-entropy loss; full BPTT as step graphs)
   no_logits_eager  the same with cuda_graphs=False

@@ -31,8 +31,10 @@ class RMTConfig:
         bos_token_id, eos_token_id: seq2seq segments start with BOS (None: no BOS, as T5) and end with EOS.
         max_positions: positions the backbone can embed in one segment.
         cuda_graphs: "auto" (default) | True | False. On CUDA, replay the segment step as a CUDA graph under
-            ``torch.no_grad`` and, with ``checkpoint_segments``, both training sweeps; False: always eager. A
-            capture failure falls back to eager with one warning (True and "auto" alike).
+            ``torch.no_grad`` and, with ``checkpoint_segments``, both training sweeps; with full BPTT a training
+            call whose segments are all full replays as one forward and one backward graph (see
+            rmt_fast.graphs.StepGraphs and the README's "What is graphed"); False: always eager. A capture failure
+            falls back to eager with one warning (True and "auto" alike).
         torch_compile: compile the backbone modules a segment calls with ``torch.compile`` (inductor,
             ``dynamic=False``, in place: ``nn.Module.compile``) at wrap time; runs inside the CUDA graphs. Fuses the
             backbone's small kernels (norms, rotary embeddings, activations): a large gain at small batch, e.g. one
