@@ -295,9 +295,28 @@ def test_plan_after_a_verified_lean_launch_launches_with_the_fixed_arguments(lea
     plan = run.plan((4,), x, 8, 0.5, B=2, A=1)
     assert run.plan((4,), torch.zeros(9)[1:], 8, 0.5, B=2, A=1) is None  # a misaligned pointer: no plan
     assert run.plan((4,), x, 9, 0.5, B=2, A=1) is None  # another launch key, never launched
-    assert plan(y) is True
+    assert isinstance(plan, launch.Plan) and plan(y) is True
     assert fn.calls[-1] == ("lean", (4, 1, 1, "stream", "function", False, True, None, None, "packed", None, None,
                                      None, y.data_ptr(), 8, 0.5, 1, 2))
+
+
+@pytest.mark.parametrize("case", ["format", "scratch", "None pointer", "interpreter"])
+def test_no_plan_where_there_will_never_be_one(lean, monkeypatch, case):
+    """False (not None, "not yet"): the op then stops asking for this key. Another launcher form, a kernel whose
+    verified direct launch is not lean (scratch memory), a pointer slot holding None, no direct launches at all."""
+    fn = LeanJit(scratch=64 if case == "scratch" else 0)
+    if case == "format":
+        monkeypatch.setattr(launch, "_LAUNCH_FORMAT", "iiiKKOOOO")
+    if case == "interpreter":
+        monkeypatch.setattr(launch, "_INTERPRET", True)
+    run = launch.Launcher(fn)
+    x = torch.zeros(8)
+    for _ in range(2):
+        run((4,), x, 8, 0.5, B=2, A=1)
+    if case == "None pointer":
+        assert run.plan((4,), None, 8, 0.5, B=2, A=1) is False
+    else:
+        assert run.plan((4,), x, 8, 0.5, B=2, A=1) is False
 
 
 @pytest.mark.parametrize("case", ["misaligned", "recording", "hook", "device"])

@@ -234,21 +234,28 @@ class Launcher:
             return
         entry[2], entry[3] = True, lean
 
-    def plan(self, grid, *args, **meta) -> Plan | None:
-        """A :class:`Plan` for calls like this one (same grid, non-pointer arguments, meta, tensor dtypes), or None
-        where there is none to make: no verified lean launch for its launch key yet (a kernel's first two calls
-        of a key launch through the ordinary and the checked direct path), pointers not all tensors or not all
-        16-byte aligned. Launches nothing. The caller keeps the plan under a key of its own that determines
-        ``grid``, the non-pointer arguments, ``meta`` and the tensor dtypes."""
-        if not self.direct or self._leading_tensors is None:
+    def plan(self, grid, *args, **meta) -> Plan | bool | None:
+        """A :class:`Plan` for calls like this one (same grid, non-pointer arguments, meta, tensor dtypes); None
+        where there is none yet (a kernel's first two calls of a launch key go through the ordinary and the checked
+        direct path; a pointer not 16-byte aligned); False where there will be none for such calls (no lean launches
+        with this Triton or for this kernel, or pointer slots that are not all tensors). Launches nothing. The
+        caller keeps the plan (or the False) under a key of its own that determines ``grid``, the non-pointer
+        arguments, ``meta`` and the tensor dtypes."""
+        if not self.direct or _LAUNCH_FORMAT != _LEAN_FORMAT:
+            return False
+        if self._leading_tensors is None:
             return None
         nt = self._leading_tensors
         try:
             ptrs, key = _usual_key(torch.cuda.current_device(), nt, args, meta)
         except AttributeError:
-            return None
+            return False
         entry = self._compiled.get(key)
-        if entry is None or not entry[2] or entry[3] is None or any(p % 16 for p in ptrs):
+        if entry is None or not entry[2]:
+            return None
+        if entry[3] is None:
+            return False
+        if any(p % 16 for p in ptrs):
             return None
         return Plan(entry[3], grid if len(grid) == 3 else (*grid, 1, 1)[:3], key[0], tuple(args[nt:]), entry[1])
 

@@ -852,7 +852,8 @@ MAX_PLANS = 4096
 
 
 def _remember(key, launcher: Launcher, grid: tuple, args: tuple, meta: dict) -> None:
-    """Keep a plan of this launch (just made) under ``key`` once the launcher has one to give."""
+    """Keep a plan of this launch (just made) under ``key`` once the launcher has one to give, or False once it says
+    there will be none (another Triton: the key is then not built again for nothing)."""
     plan = launcher.plan(grid, *args, **meta)
     if plan is not None:
         if len(_plans) >= MAX_PLANS:
@@ -890,8 +891,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.T
         key = ("fwd", q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, seq_lens.dtype,
                num_read, num_write, causal, bidirectional, scale)
         plan = _plans.get(key)
-        if plan is not None and plan(q, k, v, o, lse, seq_lens):
+        if plan and plan(q, k, v, o, lse, seq_lens):
             return o, lse
+        if plan is not None:  # a plan that declined this call, or none to be had: nothing to remember
+            key = None
     cfg = _launch_config("fwd", d, q.dtype, _long_rows(q))
     _with_tma_fallback(_forward, _use_tma(b * h * n * n * d, q, k, v),
                        q, k, v, o, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, cfg, key)
@@ -947,8 +950,10 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                k.dtype, v.dtype, out.dtype, do.dtype, lse.dtype, seq_lens.dtype, num_read, num_write, causal,
                bidirectional, scale)
         plan = _plans.get(key)
-        if plan is not None and plan(q, k, v, out, do, lse, dq, dk, dv, seq_lens):
+        if plan and plan(q, k, v, out, do, lse, dq, dk, dv, seq_lens):
             return dq, dk, dv
+        if plan is not None:  # a plan that declined this call, or none to be had: nothing to remember
+            key = None
     schedule = _schedule(b, h, h_kv, n, d, q.dtype)
     if schedule == "fused":
         cfg = _launch_config("fused", d, q.dtype)
