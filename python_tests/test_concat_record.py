@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rmt_fast
-from models import gpt2, tokens
+from models import CLS, PAD, SEP, bert, gpt2, tokens
 from rmt_fast.graphs import ConcatRecord
 from rmt_fast.recurrence import compact_rows, plan_segments
 from rmt_fast.schemes import TokenRecord
@@ -14,7 +14,7 @@ from rmt_fast.schemes import TokenRecord
 
 def _records(rmt, ids, keep, width):
     content, lengths, orig = compact_rows(ids, keep, 0)
-    plan = plan_segments(content, lengths, orig, width, "left")
+    plan = plan_segments(content, lengths, orig, width, rmt.rmt_config.segment_alignment)
     params = rmt.runner.scheme.segment_params(plan)
     token, concat = TokenRecord(plan, ids.shape[1]), ConcatRecord()
     g = torch.Generator().manual_seed(0)
@@ -25,10 +25,18 @@ def _records(rmt, ids, keep, width):
     return plan, token.result(), concat.result()
 
 
+def _wrap(kind):
+    if kind == "decoder":  # segments aligned left
+        return rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=8)
+    return rmt_fast.wrap(bert(), num_mem_tokens=2, segment_size=8, cls_token_id=CLS, sep_token_id=SEP,
+                         pad_token_id=PAD)  # an encoder's token outputs: segments aligned right
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
 @pytest.mark.parametrize("segments", [1, 3])
-def test_concat_equals_token_record_for_full_calls(segments):
-    rmt = rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=8)
-    ids = tokens(3, 8 * segments)
+def test_concat_equals_token_record_for_full_calls(segments, kind):
+    rmt = _wrap(kind)
+    ids = tokens(3, 8 * segments, low=max(CLS, SEP, PAD) + 1)
     plan, token, concat = _records(rmt, ids, torch.ones_like(ids, dtype=torch.bool), 8)
     assert plan.content.shape[1] == ids.shape[1] and bool((plan.lens == 8).all())  # what SegmentRunner.run checks
     assert torch.equal(concat, token)

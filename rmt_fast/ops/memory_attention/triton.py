@@ -945,7 +945,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     h_kv = k.shape[1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     key = None
-    if q.is_cuda and _schedule_override is None:
+    if q.is_cuda and _schedule_override is None and b * h * n * n * d <= FUSED_MAX_WORK:
         key = ("bwd", q.shape, k.shape, q.stride(), k.stride(), v.stride(), out.stride(), do.stride(), q.dtype,
                k.dtype, v.dtype, out.dtype, do.dtype, lse.dtype, seq_lens.dtype, num_read, num_write, causal,
                bidirectional, scale)
