@@ -110,9 +110,9 @@ def main(argv=None):
     launcher(grid, *launch_args, **meta)  # first launches: compiled, then verified (lean where this Triton allows)
     launcher(grid, *launch_args, **meta)
     compiled, constexprs, _, lean = next(iter(launcher._compiled.values()))
-    device, grid3, runner_args = torch.cuda.current_device(), (*grid, 1, 1)[:3], (*launch_args, *constexprs)
+    device, grid3, runner_args = torch.cuda.current_device(), launch.grid3(grid), (*launch_args, *constexprs)
     print(f"direct launches of {name}: {'lean (the generated C launcher called directly)' if lean else 'runner'}")
-    tensors = next(i for i, a in enumerate(launch_args) if not isinstance(a, torch.Tensor))
+    tensors = launcher._leading_tensors  # the pointer arguments, as the direct launch counted them
 
     def lean_alone():  # what a direct launch costs past its launch key
         if lean is None:

@@ -85,6 +85,11 @@ def _launch(kernel, grid: tuple, device: int, args: tuple) -> None:
                *args)
 
 
+def grid3(grid: tuple) -> tuple:
+    """``grid`` padded to three dimensions with 1s: the compiled kernel's launcher reads three."""
+    return grid if len(grid) == 3 else (*grid, 1, 1)[:3]
+
+
 def _lean_launch(lean: tuple, grid: tuple, device: int, ptrs: list, rest: tuple, constexprs: tuple) -> None:
     """Call the generated C launcher directly (see :func:`_lean_entry`): pointer arguments as integer addresses,
     no scratch buffers, no launch metadata, no hooks."""
@@ -215,7 +220,7 @@ class Launcher:
             self._first_launch(key, grid, args, meta)
             return
         kernel, constexprs, verified, lean = entry
-        grid = grid if len(grid) == 3 else (*grid, 1, 1)[:3]
+        grid = grid3(grid)
         if verified:
             if lean is not None and ptrs is not None and _hooks_idle():
                 _lean_launch(lean, grid, device, ptrs, args[nt:], constexprs)
@@ -257,7 +262,7 @@ class Launcher:
             return False
         if any(p % 16 for p in ptrs):
             return None
-        return Plan(entry[3], grid if len(grid) == 3 else (*grid, 1, 1)[:3], key[0], tuple(args[nt:]), entry[1])
+        return Plan(entry[3], grid3(grid), key[0], tuple(args[nt:]), entry[1])
 
     def _first_launch(self, key, grid, args, meta) -> None:
         kernel = self.fn[grid](*args, **meta)  # the ordinary launch compiles (or finds) the kernel
