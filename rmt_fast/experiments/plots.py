@@ -4,13 +4,15 @@ imported inside each function).
 * :func:`plot_accuracy`: accuracy vs input length on a log2 axis (Fig. 1 of arXiv 2304.11062), one line per
   curve with its 95% Wilson band, and a peak-memory panel below, labelled with what was measured;
 * :func:`plot_heatmap`: train length x eval length (Fig. 5);
+* :func:`plot_curves`: training loss and validation accuracy against the step, over a curriculum's stages (one
+  figure per run, or several runs side by side);
 * :func:`plot_speedup`: FLOPs of full attention / FLOPs of RMT vs input tokens (Fig. 3).
 """
 from __future__ import annotations
 
 import os
 
-__all__ = ["plot_accuracy", "plot_heatmap", "plot_speedup"]
+__all__ = ["plot_accuracy", "plot_heatmap", "plot_curves", "plot_speedup"]
 
 
 def _figure(figsize):
@@ -119,6 +121,51 @@ def plot_heatmap(path: str, heatmap: dict, title: str | None = None) -> str:
             ax.text(j, i, f"{acc[i, j]:.0f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="accuracy (%)")
     ax.set_title(title or "generalisation: train length x eval length")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_curves(path: str, runs: dict, title: str | None = None) -> str:
+    """Training loss (log scale, upper panel) and validation accuracy (lower panel) against the global step.
+
+    runs: ``{label: history}``, a history being the trainer's list of validation records (``global_step``,
+    ``loss``: the mean training loss since the previous record, ``val_accuracy``, ``num_segments``, and optionally
+    ``val_accuracy_multiple`` / ``val_segments_multiple``). The accuracy at the longer validation length is dashed.
+    With one run, each curriculum stage's first step gets a vertical line labelled with its segments.
+    """
+    fig = _figure((9, 6.5))
+    ax_l = fig.add_subplot(2, 1, 1)
+    ax_a = fig.add_subplot(2, 1, 2, sharex=ax_l)
+    for label, hist in runs.items():
+        if not hist:
+            continue
+        xs = [h["global_step"] for h in hist]
+        line, = ax_l.plot(xs, [max(h["loss"], 1e-6) for h in hist], lw=1.2, label=label)
+        ax_a.plot(xs, [100.0 * h["val_accuracy"] for h in hist], lw=1.5, color=line.get_color(), label=label)
+        multi = [(h["global_step"], 100.0 * h["val_accuracy_multiple"]) for h in hist if "val_accuracy_multiple" in h]
+        if multi:
+            ax_a.plot(*zip(*multi), lw=1, ls="--", color=line.get_color(),
+                      label=f"{label}: at the longer validation length")
+    if len(runs) == 1:
+        hist = next(iter(runs.values())) or []
+        prev = None
+        for h in hist:
+            if h["num_segments"] != prev:
+                start = h["global_step"] - h["step"]
+                for a in (ax_l, ax_a):
+                    a.axvline(start, color="gray", lw=0.6, ls=":")
+                ax_a.text(start, 2, f" {h['num_segments']}", color="gray", fontsize=7, va="bottom")
+                prev = h["num_segments"]
+    ax_l.set_yscale("log")
+    ax_l.set_ylabel("training loss (mean between validations)")
+    ax_l.grid(True, alpha=0.3)
+    ax_l.tick_params(labelbottom=False)
+    ax_a.set_ylim(0, 102)
+    ax_a.set_ylabel("validation accuracy (%)")
+    ax_a.set_xlabel("optimizer step" + (" (dotted: a stage starts; its segments below)" if len(runs) == 1 else ""))
+    ax_a.grid(True, alpha=0.3)
+    ax_a.legend(loc="lower right", fontsize=7)
+    ax_l.set_title(title or "training curves")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 

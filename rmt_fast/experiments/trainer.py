@@ -494,13 +494,17 @@ class Trainer:
                    f"{n} seg x {cfg.segment_size}", disable=not (self.is_main and cfg.progress), dynamic_ncols=True,
                    leave=True)
         reason, acc, stop_all = None, None, False
+        loss_sum, loss_steps = None, 0  # the training loss summed on the device since the last validation
         while reason is None:
             loss = self.step(n, scheduler)
+            loss_sum = loss.float() if loss_sum is None else loss_sum + loss.float()
+            loss_steps += 1
             step += 1
             bar.update(1)
             metric = None
             if step % cfg.eval_every == 0 or step >= cfg.max_steps_per_stage:
-                metric = self.log_validation(stage_index, n, step, loss, scheduler)
+                metric = self.log_validation(stage_index, n, step, loss_sum / loss_steps, scheduler)
+                loss_sum, loss_steps = None, 0
                 acc = self.history[-1]["val_accuracy"]
                 bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}", val_acc=f"{acc:.3f}")
             reason = tracker.update(step, metric)
@@ -563,7 +567,8 @@ class Trainer:
         return correct / max(total, 1)
 
     def log_validation(self, stage_index: int, n: int, step: int, loss: torch.Tensor, scheduler) -> float:
-        """Validate and append a record (loss averaged over ranks) to the history; returns the accuracy."""
+        """Validate and append a record to the history; returns the stage metric. ``loss``: the mean training loss
+        of the steps since the previous validation (averaged over ranks here)."""
         lt = loss.float().reshape(1)
         if self.world > 1:
             torch.distributed.all_reduce(lt)

@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = [
     "NAMES", "VERBS", "PLACES", "ANSWERS", "DIRECTIONS", "OPPOSITE", "Example",
-    "qa1_example", "qa4_example", "qa4_candidates", "read_babi", "answer_qa4",
+    "qa1_example", "qa4_example", "qa4_candidates", "qa4_question_kind", "read_babi", "answer_qa4",
     "all_qa1_facts", "all_qa1_questions", "all_qa4_facts", "all_qa4_questions",
 ]
 
@@ -158,6 +158,37 @@ def qa4_candidates(facts: Sequence[Tuple[str, str, str]]) -> List[Tuple[str, str
         if len({y for (x, dd, y) in full if x == a and dd == d}) == 1:
             out.append((qa4_question_what_is_x_dir_of(a, d), b))
     return out
+
+
+def qa4_question_kind(facts: Sequence[str], question: str) -> Dict[str, str]:
+    """What a QA4 question asks of its facts, for error analysis:
+
+    * ``role``: "leaf" when the place in the question is named by one fact only (the answer is the other place of
+      that fact), "hub" when both facts name it (the direction decides between the two other places);
+    * ``form``: "what_is_dir_of" ("What is north of the X?") or "what_is_x_dir_of" ("What is the X north of?");
+    * ``relation``: "stated" when a fact says the asked relation in the question's direction, "converse" when only
+      its converse is stated ("A north of B" answers "What is the B south of?").
+    """
+    parsed = []
+    for f in facts:
+        m = _FACT4.match(f)
+        if not m:
+            raise ValueError(f"not a QA4 fact: {f!r}")
+        parsed.append(m.groups())
+    m = _Q_DIR_OF.match(question)
+    if m:
+        d, x = m.groups()
+        form = "what_is_dir_of"
+        stated = any(dd == d and b == x for (_, dd, b) in parsed)
+    else:
+        m = _Q_X_DIR_OF.match(question)
+        if not m:
+            raise ValueError(f"not a QA4 question: {question!r}")
+        x, d = m.groups()
+        form = "what_is_x_dir_of"
+        stated = any(a == x and dd == d for (a, dd, _) in parsed)
+    named = sum(x in (a, b) for (a, _, b) in parsed)
+    return {"role": "hub" if named > 1 else "leaf", "form": form, "relation": "stated" if stated else "converse"}
 
 
 def qa4_example(rng: np.random.Generator) -> Example:

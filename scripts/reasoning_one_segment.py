@@ -1,0 +1,207 @@
+"""Reasoning (bAbI QA4 facts in noise) on ONE segment: which training setting learns it, and what the errors are.
+
+The curriculum of the reasoning task starts on one 499-token segment; the RMT memory plays no part there (one
+segment reads its facts and its question itself), so this is the upper bound of every later stage. Each
+``--config NAME:key=value,...`` (keys: fields of rmt_fast.experiments.trainer.TrainConfig, e.g. lr, num_mem_tokens,
+warmup_steps, weight_decay, grad_clip, batch_size) trains one model for ``--steps`` steps on one segment, with a
+validation every ``--eval-every`` steps, then answers ``--test-samples`` test samples whose errors are split by what
+the question asks (facts.qa4_question_kind):
+
+* role "leaf": the question names a place of one fact only -- the answer is the other place of that fact;
+* role "hub": both facts name it -- only the direction (and the fact's orientation) tells which other place;
+* relation "stated" / "converse": the fact says the relation in the question's direction, or only its converse.
+
+A model that only learned "the place that shares a fact with the question's place" is right on every leaf and on
+half of the hub questions: about 67% overall. ``num_mem_tokens=0`` is the plain classifier (no memory tokens).
+
+Writes OUT/diagnosis.json (config, validation history, test accuracy by kind, seconds per config), OUT/curves.png
+(training loss and validation accuracy of every config) and prints a table. On CUDA the configs run as concurrent
+processes (``--jobs``, default: all at once); each process also writes OUT/<NAME>/diagnosis.json.
+
+    python scripts/reasoning_one_segment.py --out runs/r1 --steps 6000 \\
+        --config base:lr=1e-4 --config plain:lr=1e-4,num_mem_tokens=0 --config slow:lr=5e-5
+    python scripts/reasoning_one_segment.py --out /tmp/r1 --smoke      # tiny CPU run of the same pipeline
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+DEFAULT_CONFIGS = ("lr1e-4:lr=1e-4", "lr5e-5:lr=5e-5", "lr2e-4:lr=2e-4", "plain:lr=1e-4,num_mem_tokens=0")
+
+
+def parse_config(spec: str) -> tuple[str, dict]:
+    """"NAME:key=value,key=value" -> (NAME, {key: value}) with values read as JSON where they parse (numbers,
+    true/false), else as strings; the keys must be TrainConfig fields."""
+    from rmt_fast.experiments.trainer import TrainConfig
+    import dataclasses
+
+    name, _, rest = spec.partition(":")
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"--config {spec!r}: expected NAME:key=value,... with NAME of letters, digits, '-', '_', '.'")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields:
+            raise ValueError(f"--config {spec!r}: {item!r} is not key=value with a TrainConfig field as key")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return name, out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", action="append", default=None,
+                   help=f"NAME:key=value,... (repeatable; default: {' '.join(DEFAULT_CONFIGS)})")
+    p.add_argument("--steps", type=int, default=6000, help="training steps per config (%(default)s)")
+    p.add_argument("--eval-every", type=int, default=250, help="(%(default)s)")
+    p.add_argument("--eval-samples", type=int, default=512, help="validation samples (%(default)s)")
+    p.add_argument("--test-samples", type=int, default=1024, help="(%(default)s)")
+    p.add_argument("--backbone", default="minilm", help="(%(default)s)")
+    p.add_argument("--segment-size", type=int, default=499, help="(%(default)s)")
+    p.add_argument("--max-train-time", type=float, default=None,
+                   help="seconds of training per config at most (checked at validations)")
+    p.add_argument("--jobs", type=int, default=None, help="concurrent configs (default: all on CUDA, 1 on the CPU)")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a worker process: run this one config
+    p.add_argument("--smoke", action="store_true", help="tiny-bert on the CPU, a few steps: checks the pipeline")
+    return p.parse_args(argv)
+
+
+def test_breakdown(rmt, tokenizer, cfg, samples: int, batch_size: int = 256) -> dict:
+    """Test accuracy overall and by question kind (role, relation, form), and how often the prediction is a place
+    of the facts / the question's own place."""
+    import torch
+    from rmt_fast.experiments.runtime import autocast_ctx
+    from rmt_fast.experiments.tasks import collate, make_task
+    from rmt_fast.experiments.tasks import facts as F
+
+    ds = make_task("reasoning", tokenizer, 1, cfg.segment_size, split="test", seed=cfg.seed, length=samples)
+    counts = collections.defaultdict(lambda: [0, 0])
+    in_facts = own_place = 0
+    rmt.eval()
+    for start in range(0, samples, batch_size):
+        items = [ds[i] for i in range(start, min(samples, start + batch_size))]
+        batch = collate(items)
+        with torch.no_grad(), autocast_ctx(rmt.device, cfg.bf16):
+            pred = rmt(input_ids=batch["input_ids"].to(rmt.device)).logits.argmax(-1).cpu()
+        for item, p in zip(items, pred.tolist()):
+            kind = F.qa4_question_kind(item["facts"], item["question"])
+            ok = p == int(item["labels"])
+            guess = ds.answers[p]
+            in_facts += any(f" {guess} " in f" {f[:-1]} " for f in item["facts"])
+            own_place += f" {guess} " in f" {item['question'][:-1]} "
+            for key in ("all", f"role={kind['role']}", f"relation={kind['relation']}", f"form={kind['form']}",
+                        f"{kind['role']}+{kind['relation']}"):
+                counts[key][0] += ok
+                counts[key][1] += 1
+    out = {k: {"accuracy": c / n, "samples": n} for k, (c, n) in sorted(counts.items())}
+    out["prediction_in_facts"] = in_facts / samples
+    out["prediction_is_question_place"] = own_place / samples
+    return out
+
+
+def run_one(a, name: str, overrides: dict) -> dict:
+    from rmt_fast.experiments.trainer import TrainConfig, train
+
+    base = dict(task="reasoning", backbone=a.backbone, num_mem_tokens=10, segment_size=a.segment_size,
+                max_segments=1, max_steps_per_stage=a.steps, min_steps_per_stage=a.steps, eval_every=a.eval_every,
+                eval_samples=a.eval_samples, eval_batch_size=256, batch_size=32, lr=1e-4,
+                warmup_steps=max(1, a.steps // 10), threshold=1.01, out_dir=os.path.join(a.out, name),
+                progress=False, save_stages=False, max_time_s=a.max_train_time)
+    if a.smoke:
+        base.update(backbone="tiny-bert", num_mem_tokens=2, segment_size=32, eval_samples=16, eval_batch_size=16,
+                    batch_size=8, lr=1e-3, device="cpu")
+    base.update(overrides)
+    cfg = TrainConfig(**base)
+    t0 = time.time()
+    res = train(cfg)
+    seconds = time.time() - t0
+    doc = {"name": name, "overrides": overrides, "config": cfg.to_dict(), "train_seconds": round(seconds, 1),
+           "history": res.history,
+           "test": test_breakdown(res.model, res.tokenizer, cfg, a.test_samples if not a.smoke else 16)}
+    with open(os.path.join(a.out, name, "diagnosis.json"), "w") as f:
+        json.dump(doc, f, indent=2, default=str)
+    return doc
+
+
+def table(docs: list[dict]) -> str:
+    keys = ["all", "role=leaf", "role=hub", "hub+stated", "hub+converse", "leaf+converse"]
+    head = f"{'config':<14}" + "".join(f"{k:>14}" for k in keys) + f"{'best val':>10}{'in facts':>10}{'sec':>7}"
+    lines = [head, "-" * len(head)]
+    for d in docs:
+        t = d["test"]
+        best = max((h["val_accuracy"] for h in d["history"]), default=float("nan"))
+        lines.append(f"{d['name']:<14}" + "".join(f"{100 * t[k]['accuracy']:>13.1f}%" if k in t else f"{'-':>14}"
+                                                  for k in keys)
+                     + f"{100 * best:>9.1f}%{100 * t['prediction_in_facts']:>9.1f}%{d['train_seconds']:>7.0f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    configs = [parse_config(c) for c in (a.config or DEFAULT_CONFIGS)]
+    names = [n for n, _ in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--config: names must differ, got {names}")
+    os.makedirs(a.out, exist_ok=True)
+    if a.only is not None:
+        run_one(a, a.only, dict(configs)[a.only])
+        return 0
+    import torch
+
+    jobs = a.jobs or (len(configs) if torch.cuda.is_available() and not a.smoke else 1)
+    docs = {}
+    if jobs <= 1:
+        for name, over in configs:
+            docs[name] = run_one(a, name, over)
+    else:  # one process per config, `jobs` at a time (they share the GPU)
+        argv_base = [sys.executable, os.path.abspath(__file__)] + [x for x in (argv or sys.argv[1:])]
+        pending, running = list(names), {}
+        while pending or running:
+            while pending and len(running) < jobs:
+                name = pending.pop(0)
+                os.makedirs(os.path.join(a.out, name), exist_ok=True)
+                log = open(os.path.join(a.out, name, "log.txt"), "w")
+                running[name] = (subprocess.Popen(argv_base + ["--only", name], stdout=log, stderr=subprocess.STDOUT),
+                                 log)
+            time.sleep(2)
+            for name, (proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    del running[name]
+                    if proc.returncode:
+                        print(f"{name}: exit status {proc.returncode}; see {a.out}/{name}/log.txt", flush=True)
+                    else:
+                        print(f"{name}: done", flush=True)
+        for name in names:
+            path = os.path.join(a.out, name, "diagnosis.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    docs[name] = json.load(f)
+    from rmt_fast.experiments.plots import plot_curves
+
+    plot_curves(os.path.join(a.out, "curves.png"), {n: d["history"] for n, d in docs.items()},
+                title=f"reasoning on one segment: {docs[next(iter(docs))]['config']['segment_size']} tokens, "
+                      f"{docs[next(iter(docs))]['config']['backbone']}, {a.steps} steps per config")
+    with open(os.path.join(a.out, "diagnosis.json"), "w") as f:
+        json.dump({"steps": a.steps, "configs": docs}, f, indent=2, default=str)
+    print(table(list(docs.values())))
+    return 0 if len(docs) == len(configs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
