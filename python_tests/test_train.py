@@ -399,3 +399,67 @@ def test_train_with_torch_compile_matches_eager(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
     assert json.loads((tmp_path / "on" / "train_config.json").read_text())["torch_compile"] == "on"
     assert json.loads((tmp_path / "False" / "train_config.json").read_text())["torch_compile"] == "off"
+
+
+# ------------------------------------------------------------------------------------------------------
+# pausing (machines lent by the hour) and per-stage evaluation
+# ------------------------------------------------------------------------------------------------------
+def test_pause_and_resume_equals_one_run(tmp_path):
+    """pause_after_s so small that every process pauses at its first chance: each trains until its first validation
+    (or the end of a stage), then pauses; resuming until done gives the run of one process, weights included."""
+    kw = dict(max_steps_per_stage=4, eval_every=2, schedule=[1, 2], stage_eval_lengths="1-2", stage_eval_samples=4)
+    ref = train(tiny(tmp_path / "ref", **kw))
+    processes = 0
+    while True:
+        res = train(tiny(tmp_path / "run", pause_after_s=1e-9, resume=processes > 0, **kw))
+        processes += 1
+        assert processes < 10
+        if not res.paused:
+            break
+        st = json.loads((tmp_path / "run" / "checkpoint-last" / "state.json").read_text())
+        assert not st["done"] and st["global_step"] == 2 * processes
+    # process 1: steps 1-2; 2: steps 3-4, stage 1 ends, stage 2 is not started (its forecast); 3: 5-6; 4: 7-8
+    assert processes == 4
+    assert [s["steps"] for s in res.stages] == [4, 4] and res.history[-1]["global_step"] == 8
+    assert [h["global_step"] for h in res.history] == [h["global_step"] for h in ref.history]
+    assert [h["val_accuracy"] for h in res.history] == [h["val_accuracy"] for h in ref.history]
+    for k, v in res.model.state_dict().items():
+        torch.testing.assert_close(v, ref.model.state_dict()[k], atol=1e-6, rtol=1e-5, msg=k)
+    # every stage's model was evaluated at its end, on the test split, and those rows make the heatmap
+    assert [sorted(s["eval"]) for s in res.stages] == [["1", "2"], ["1", "2"]]
+    assert [s["eval"] for s in res.stages] == [s["eval"] for s in ref.stages]
+    doc = evaluate_run(str(tmp_path / "run"), lengths=[1, 2], num_samples=4, batch_size=4, stages=True,
+                       progress=False, model=res.model, tokenizer=res.tokenizer, kind=res.kind,
+                       train_info={"stages": res.stages})
+    assert doc["heatmap"]["accuracy"] == [[s["eval"]["1"], s["eval"]["2"]] for s in res.stages]
+    final = evaluate_lengths(res.model, res.tokenizer, res.kind, "memorize", [1, 2], 4, 4, progress=False)
+    assert [final[n]["accuracy"] for n in (1, 2)] == [res.stages[-1]["eval"][k] for k in ("1", "2")]
+
+
+def test_pause_forecast_skips_a_stage_that_would_not_fit(tmp_path, monkeypatch):
+    """After a stage, the next one starts only when its forecast (seconds per trained segment so far x its steps x
+    its segments, + 15%) ends before pause_after_s."""
+    trainer = tr.Trainer(tiny(tmp_path, schedule=[1, 3], max_steps_per_stage=10, pause_after_s=100.0))
+    trainer.t_process = 1000.0
+    trainer.segment_steps, trainer.segment_step_seconds = 10, 30.0  # 3 s per segment
+    monkeypatch.setattr(tr.time, "time", lambda: 1000.0 + 30.0)
+    assert trainer._pause_before(1)            # 30 s gone + 1.15 * 3 s * 10 steps * 3 segments = 133.5 > 100
+    trainer.segment_step_seconds = 10.0         # 1 s per segment: 30 + 34.5 = 64.5 < 100
+    assert not trainer._pause_before(1)
+    trainer.segment_steps = 0                   # no measurement in this process yet: no forecast
+    trainer.segment_step_seconds = 1e9
+    assert not trainer._pause_before(1)
+
+
+def test_pause_after_validation():
+    with pytest.raises(ValueError, match="pause_after_s"):
+        tiny(pause_after_s=0).validate()
+    with pytest.raises(ValueError, match="lengths"):
+        tiny(stage_eval_lengths="0-4").validate()
+
+
+def test_history_loss_is_the_mean_since_the_previous_validation(monkeypatch):
+    losses = iter([torch.tensor(1.0), torch.tensor(3.0), torch.tensor(5.0), torch.tensor(7.0)])
+    monkeypatch.setattr(tr.Trainer, "step", lambda self, n, scheduler: next(losses))
+    res = train(tiny(None, schedule=[1], max_steps_per_stage=4, eval_every=2))
+    assert [h["loss"] for h in res.history] == [2.0, 6.0]

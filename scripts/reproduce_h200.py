@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -49,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="memorize,detect_memorize,reasoning", help="comma-separated (%(default)s)")
     p.add_argument("--max-segments", type=int, default=5, help="last curriculum stage (%(default)s)")
     p.add_argument("--train-time", type=float, default=300.0,
-                   help="training time per task in seconds, split evenly over the stages (%(default)s)")
+                   help="training time per task in seconds, split evenly over the stages; 0: no limit (%(default)s)")
     p.add_argument("--max-steps-per-stage", type=int, default=400, help="(%(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="training batch (%(default)s)")
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: per task, 1e-4)")
@@ -76,6 +77,15 @@ def parse_args(argv=None):
                    help="after training, write a bf16 transfer copy of each task's checkpoint-last (shards < 16 MiB) "
                    "to DIR/<task>/ (put DIR under $OUT on the device; carry it into the next call)")
     p.add_argument("--skip-eval", action="store_true", help="train only (a later call evaluates)")
+    p.add_argument("--pause-after", type=float, default=None,
+                   help="pause training after SECONDS (a stage that would not end in time is not started); the task is "
+                   "then not evaluated, and --transfer-out / --resume-from carry it into the next call")
+    p.add_argument("--stage-eval", action="store_true",
+                   help="evaluate each stage's model at 1..--heatmap-max segments when the stage ends (kept in the "
+                   "training state, so the heatmap needs no stage checkpoints from earlier calls)")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between validations (%(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps of each stage (default: 10%% of the max steps, at most 50)")
     p.add_argument("--estimate-only", action="store_true", help="print the time estimate and exit")
     p.add_argument("--dry-run", "--smoke", dest="dry_run", action="store_true",
                    help="tiny CPU configuration (tiny-bert, 32-token segments, a few steps, lengths 1-4): checks the "
@@ -94,19 +104,23 @@ def task_config(a, task: str):
                            batch_size=4, lr=1e-3, warmup_steps=1, threshold=1.01, device="cpu", seed=a.seed,
                            out_dir=os.path.join(a.out, task), resume=a.resume or bool(a.resume_from),
                            progress=a.progress, validate_at_multiple=a.validate_at_multiple,
-                           validate_max_segments=a.validate_max_segments)
+                           validate_max_segments=a.validate_max_segments, pause_after_s=a.pause_after,
+                           stage_eval_lengths="1-2" if a.stage_eval else None, stage_eval_samples=8)
     from rmt_fast.experiments.trainer import build_schedule
 
     stages = build_schedule(1, a.max_segments)
+    warmup = a.warmup_steps if a.warmup_steps is not None else min(50, a.max_steps_per_stage // 10 or 1)
     return TrainConfig(task=task, backbone=a.backbone, num_mem_tokens=10, segment_size=499, max_segments=a.max_segments,
-                       max_steps_per_stage=a.max_steps_per_stage, eval_every=50, eval_samples=128,
+                       max_steps_per_stage=a.max_steps_per_stage, eval_every=a.eval_every, eval_samples=128,
                        eval_batch_size=128, batch_size=a.batch_size, lr=a.lr or TASK_LR[task],
-                       warmup_steps=min(50, a.max_steps_per_stage // 10 or 1), threshold=a.threshold,
-                       mix_prob=a.mix_prob, max_stage_time_s=a.train_time / len(stages),
-                       max_time_s=1.2 * a.train_time, seed=a.seed, out_dir=os.path.join(a.out, task),
-                       resume=a.resume or bool(a.resume_from), progress=a.progress,
+                       warmup_steps=warmup, threshold=a.threshold, mix_prob=a.mix_prob,
+                       max_stage_time_s=a.train_time / len(stages) if a.train_time else None,
+                       max_time_s=1.2 * a.train_time if a.train_time else None, seed=a.seed,
+                       out_dir=os.path.join(a.out, task), resume=a.resume or bool(a.resume_from), progress=a.progress,
                        min_steps_per_stage=a.min_steps_per_stage, validate_at_multiple=a.validate_at_multiple,
-                       validate_max_segments=a.validate_max_segments)
+                       validate_max_segments=a.validate_max_segments, pause_after_s=a.pause_after,
+                       stage_eval_lengths=f"1-{a.heatmap_max}" if a.stage_eval else None,
+                       stage_eval_samples=a.heatmap_samples)
 
 
 def run_task(a, task: str) -> dict:
@@ -127,11 +141,19 @@ def run_task(a, task: str) -> dict:
           f"{cfg.max_stage_time_s or 0:.0f} s per stage", flush=True)
     res = train(cfg)
     t_train = time.time() - t0
+    from rmt_fast.experiments.plots import plot_curves
+
+    curves = plot_curves(os.path.join(cfg.out_dir, "curves.png"), {task: res.history},
+                         title=f"{task}: training loss and validation accuracy, curriculum {cfg.stages()}")
+    shutil.copy2(curves, os.path.join(a.out, f"curves_{task}.png"))
     if a.transfer_out:
         dest = save_transfer_copy(os.path.join(cfg.out_dir, LAST_CHECKPOINT), os.path.join(a.transfer_out, task))
         print(f"=== {task}: transfer copy in {dest}", flush=True)
-    if a.skip_eval:
-        return {"train": {"stages": res.stages, "seconds": res.seconds, "trained_segments": res.trained_segments}}
+    if a.skip_eval or res.paused:
+        print(f"=== {task}: {'paused' if res.paused else 'trained'} after {t_train:.0f}s, stages done "
+              f"{[s['num_segments'] for s in res.stages]}; not evaluated", flush=True)
+        return {"train": {"stages": res.stages, "seconds": res.seconds, "trained_segments": res.trained_segments,
+                          "paused": res.paused}}
     lengths = parse_lengths("1-4" if a.dry_run else a.lengths)
     heat_lengths = [n for n in lengths if n <= (2 if a.dry_run else a.heatmap_max)]
     samples = 8 if a.dry_run else a.eval_samples
@@ -148,7 +170,6 @@ def run_task(a, task: str) -> dict:
         json.dump(doc, f, indent=2, default=str)
     heat = os.path.join(cfg.out_dir, "heatmap.png")
     if os.path.isfile(heat):
-        import shutil
         shutil.copy2(heat, os.path.join(a.out, f"heatmap_{task}.png"))
     print(f"=== {task}: train {t_train:.0f}s, total {time.time() - t0:.0f}s", flush=True)
     return doc
@@ -253,8 +274,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     for t in tasks:
         docs[t] = run_task(a, t)
-    if a.skip_eval:
-        print(f"trained {', '.join(tasks)} in {time.time() - t0:.0f}s (no evaluation: --skip-eval)")
+    docs = {t: d for t, d in docs.items() if "accuracy" in d}
+    if not docs:
+        print(f"trained {', '.join(tasks)} in {time.time() - t0:.0f}s (not evaluated: --skip-eval or paused)")
         return 0
     table = summary(a.out, docs)
     print()

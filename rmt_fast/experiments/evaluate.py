@@ -208,7 +208,9 @@ def evaluate_run(path: str, lengths=None, num_samples: int | None = None, batch_
                  bf16: bool = True, progress: bool = True, out_dir: str | None = None, split: str | None = None,
                  model=None, tokenizer=None, kind: str | None = None, train_info: dict | None = None) -> dict:
     """Evaluate a training run (or one checkpoint) at ``lengths`` and, with ``stages``, every curriculum stage
-    checkpoint (at ``stage_lengths``, default ``lengths``) for the train x eval heatmap. Writes the results to
+    (at ``stage_lengths``, default ``lengths``) for the train x eval heatmap: from the accuracies the trainer
+    measured at each stage's end (``TrainConfig.stage_eval_lengths``) when they cover ``stage_lengths``, else by
+    evaluating the stage checkpoints. Writes the results to
     ``out_dir`` if given. Returns the results dict of :func:`write_results`.
 
     ``lengths``, ``num_samples``, ``batch_size``, ``split`` left None: those of the run's own evaluation
@@ -234,10 +236,19 @@ def evaluate_run(path: str, lengths=None, num_samples: int | None = None, batch_
     noise, babi = tcfg.get("noise"), tcfg.get("babi_path")
     final = evaluate_lengths(model, tokenizer, kind, task, lengths, num_samples, batch_size, seed, split, noise, babi,
                              bf16, progress, desc="[final] ")
+    if train_info is None and path and os.path.isfile(os.path.join(path, SUMMARY_FILE)):
+        with open(os.path.join(path, SUMMARY_FILE)) as f:
+            summ = json.load(f)
+        train_info = {k: summ.get(k) for k in ("stages", "seconds", "trained_segments")}
     heat = None
+    s_lengths = parse_lengths(stage_lengths) if stage_lengths is not None else lengths
+    records = (train_info or {}).get("stages") or []
     sd = stage_dirs(path) if (stages and path and os.path.isdir(path)) else []
-    if len(sd) > 1:
-        s_lengths = parse_lengths(stage_lengths) if stage_lengths is not None else lengths
+    if stages and len(records) > 1 and all(all(str(n) in r.get("eval", {}) for n in s_lengths) for r in records):
+        # each stage was evaluated when it ended (TrainConfig.stage_eval_lengths)
+        heat = {"train_segments": [r["num_segments"] for r in records], "eval_segments": s_lengths,
+                "accuracy": [[r["eval"][str(n)] for n in s_lengths] for r in records]}
+    elif len(sd) > 1:
         rows = []
         for n_train, p in sd:
             rmt_s, tok_s, kind_s, _ = load_checkpoint(p, model.device)
@@ -246,10 +257,6 @@ def evaluate_run(path: str, lengths=None, num_samples: int | None = None, batch_
             rows.append([res[n]["accuracy"] for n in s_lengths])
             del rmt_s
         heat = {"train_segments": [n for n, _ in sd], "eval_segments": s_lengths, "accuracy": rows}
-    if train_info is None and path and os.path.isfile(os.path.join(path, SUMMARY_FILE)):
-        with open(os.path.join(path, SUMMARY_FILE)) as f:
-            summ = json.load(f)
-        train_info = {k: summ.get(k) for k in ("stages", "seconds", "trained_segments")}
     config = {"task": task, "backbone": tcfg.get("backbone"), "tokenizer": tcfg.get("tokenizer"),
               "segment_size": model.rmt_config.segment_size, "num_mem_tokens": model.rmt_config.num_mem_tokens,
               "kind": kind, "lengths": lengths, "num_samples": num_samples, "batch_size": batch_size, "split": split,

@@ -140,6 +140,14 @@ class TrainConfig:
                                     flags=("--max-time",))
     max_stage_time_s: float | None = _arg(None, "end each stage after SECONDS", CURRICULUM,
                                           flags=("--max-stage-time",))
+    pause_after_s: float | None = _arg(None, "pause this process after SECONDS of training (for machines lent by the "
+                                       "hour): a stage that would not end in time is not started, a running one "
+                                       "stops mid-stage at a validation; checkpoint-last is written and --resume goes "
+                                       "on where it paused, with the same curriculum (each process trains at least "
+                                       "until its first validation)", RUN, flags=("--pause-after",))
+    stage_eval_lengths: str | None = _arg(None, "after each stage, test accuracy of its model at these lengths, "
+                                          "e.g. 1-64 (the train x eval heatmap, kept in the stage record)", RUN)
+    stage_eval_samples: int = _arg(128, "test samples per length of --stage-eval-lengths", RUN)
 
     def stages(self) -> list[int]:
         return build_schedule(self.start_segments, self.max_segments, self.segment_step, self.schedule)
@@ -174,6 +182,12 @@ class TrainConfig:
             raise ValueError(f"validate_max_segments must be >= 1, got {self.validate_max_segments}")
         if self.patience < 0 or self.min_steps_per_stage < 0 or self.save_every < 0:
             raise ValueError("patience, min_steps_per_stage and save_every must be >= 0")
+        if self.stage_eval_lengths is not None:
+            from .evaluate import parse_lengths
+
+            parse_lengths(self.stage_eval_lengths)
+        if self.pause_after_s is not None and self.pause_after_s <= 0:
+            raise ValueError(f"pause_after_s must be > 0 seconds, got {self.pause_after_s}")
         if self.resume and not self.out_dir:
             raise ValueError("resume=True needs out_dir (where checkpoint-last/ is)")
         self.stages()
@@ -276,6 +290,7 @@ class TrainResult:
     history: list = field(default_factory=list)
     seconds: float = 0.0
     out_dir: str | None = None
+    paused: bool = False
 
     @property
     def trained_segments(self) -> int:
@@ -283,7 +298,7 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "kind": self.kind, "stages": self.stages, "history": self.history,
-                "seconds": self.seconds, "trained_segments": self.trained_segments}
+                "seconds": self.seconds, "trained_segments": self.trained_segments, "paused": self.paused}
 
 
 def build_model(cfg: TrainConfig, device: torch.device):
@@ -359,6 +374,10 @@ class Trainer:
         self.history: list = []
         self.t_start = time.time()
         self.resume_state: dict | None = None  # checkpoint-last's state.json, until its stage is restored
+        self.t_process = time.time()  # pause_after_s counts from here
+        self.segment_steps = 0  # segments trained by this process (sum over steps), and the seconds they took
+        self.segment_step_seconds = 0.0
+        self.paused = False
 
     # ---- setup ---------------------------------------------------------------------------------------
     def build(self) -> "Trainer":
@@ -442,7 +461,12 @@ class Trainer:
         self.rmt.train()
         stop_all = False  # a resumed run goes on with the stages left (none if the schedule is done)
         while self.stage_index < len(self.stages) and not stop_all:
+            if self._pause_before(self.stage_index):
+                self.paused = True
+                break
             stop_all = self.run_stage(self.stage_index)
+            if self.paused:
+                break
             self.stage_index += 1
             if self.out:
                 self.save_last(self.stage_index, 0, None, None, done=stop_all or self.stage_index >= len(self.stages))
@@ -450,14 +474,37 @@ class Trainer:
                 torch.distributed.barrier()
         result = TrainResult(model=self.rmt, tokenizer=self.tokenizer, kind=self.kind, config=self.cfg,
                              stages=self.done_stages, history=self.history,
-                             seconds=round(time.time() - self.t_start, 3), out_dir=self.out)
+                             seconds=round(time.time() - self.t_start, 3), out_dir=self.out, paused=self.paused)
+        if self.paused and self.is_main and self.cfg.progress:
+            print(f"paused after {time.time() - self.t_process:.0f}s (pause_after_s={self.cfg.pause_after_s}) at stage "
+                  f"{self.stage_index + 1}/{len(self.stages)}; --resume goes on from {self.last_dir}", flush=True)
         if self.is_main and self.out:
             atomic_json(os.path.join(self.out, SUMMARY_FILE), result.to_dict())
         self.rmt.eval()
         return result
 
+    def _expected_segments(self, n: int) -> float:
+        """Mean segments per training step of a stage of ``n`` segments (``mix_prob`` draws lengths 1..n)."""
+        mix = self.cfg.mix_prob if n > 1 else 0.0
+        return (1.0 - mix) * n + mix * (n + 1) / 2.0
+
+    def _pause_before(self, stage_index: int) -> bool:
+        """With ``pause_after_s``: would this stage (what is left of it) run past the pause? Forecast from this
+        process's seconds per trained segment (validation included), with a 15% margin; no forecast before the
+        first stage of the process has run (a mid-stage pause catches that one)."""
+        cfg = self.cfg
+        if cfg.pause_after_s is None or not self.segment_steps:
+            return False
+        state = self.resume_state
+        done = int(state["step_in_stage"]) if state is not None and state["stage_index"] == stage_index else 0
+        per_segment = self.segment_step_seconds / self.segment_steps
+        forecast = 1.15 * per_segment * (cfg.max_steps_per_stage - done) * self._expected_segments(
+            self.stages[stage_index])
+        return self._any_rank(time.time() - self.t_process + forecast > cfg.pause_after_s)
+
     def _stage_schedule(self, stage_index: int):
-        """(scheduler, tracker, first step) of a stage: fresh, or restored from checkpoint-last mid-stage."""
+        """(scheduler, tracker, first step, seconds already spent) of a stage: fresh, or restored from
+        checkpoint-last mid-stage."""
         cfg = self.cfg
         state = self.resume_state
         mid_stage = state is not None and state["stage_index"] == stage_index and state["step_in_stage"]
@@ -468,9 +515,10 @@ class Trainer:
             g["initial_lr"] = cfg.lr
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.warmup, cfg.max_steps_per_stage))
         tracker = StageTracker(cfg.threshold, cfg.max_steps_per_stage, cfg.min_steps_per_stage, cfg.patience)
-        step = 0
+        step, seconds = 0, 0.0
         if mid_stage:
             step = int(state["step_in_stage"])
+            seconds = float(state.get("stage_seconds", 0.0))
             if state.get("tracker"):
                 tracker.load_state_dict(state["tracker"])
             sp = os.path.join(self.last_dir, "scheduler.pt")
@@ -479,7 +527,7 @@ class Trainer:
                 for g, lr in zip(self.optimizer.param_groups, scheduler.get_last_lr()):
                     g["lr"] = lr
         self.resume_state = None
-        return scheduler, tracker, step
+        return scheduler, tracker, step, seconds
 
     def run_stage(self, stage_index: int) -> bool:
         """Train one stage until its tracker (or a time limit) ends it; returns True if the whole run stops."""
@@ -488,14 +536,20 @@ class Trainer:
         cfg, n = self.cfg, self.stages[stage_index]
         if self.world == 1:  # (under torchrun the schedule stays what the gradient reduction was set up for)
             self.rmt.rmt_config.checkpoint_segments = uses_two_sweep(cfg, self.device, n)
-        scheduler, tracker, step = self._stage_schedule(stage_index)
-        t_stage = time.time()
+        scheduler, tracker, step, stage_seconds = self._stage_schedule(stage_index)
+        self.t_stage = time.time() - stage_seconds
         bar = tqdm(total=cfg.max_steps_per_stage, initial=step, desc=f"stage {stage_index + 1}/{len(self.stages)}: "
                    f"{n} seg x {cfg.segment_size}", disable=not (self.is_main and cfg.progress), dynamic_ncols=True,
                    leave=True)
         reason, acc, stop_all = None, None, False
         loss_sum, loss_steps = None, 0  # the training loss summed on the device since the last validation
+        t_loop = time.time()
         while reason is None:
+            if (cfg.pause_after_s is not None and self.segment_steps and step % cfg.eval_every == 0
+                    and self._any_rank(time.time() - self.t_process > cfg.pause_after_s)):
+                self.paused = True
+                break
+            self.segment_steps += self._expected_segments(n)
             loss = self.step(n, scheduler)
             loss_sum = loss.float() if loss_sum is None else loss_sum + loss.float()
             loss_steps += 1
@@ -512,22 +566,41 @@ class Trainer:
                 if self._any_rank(time.time() - self.t_start > cfg.max_time_s):
                     reason, stop_all = "time", True
             if metric is not None and reason is None and cfg.max_stage_time_s is not None:
-                if self._any_rank(time.time() - t_stage > cfg.max_stage_time_s):
+                if self._any_rank(time.time() - self.t_stage > cfg.max_stage_time_s):
                     reason = "stage_time"
             if reason is None and cfg.save_every and self.out and step % cfg.save_every == 0:
                 self.save_last(stage_index, step, tracker, scheduler)
+        self.segment_step_seconds += time.time() - t_loop
         bar.close()
+        if self.paused:
+            if self.out:
+                self.save_last(stage_index, step, tracker, scheduler)
+            return False
         if acc is None or self.history[-1]["global_step"] != self.global_step:
             acc = self.validate(n)
         rec = {"stage": stage_index, "num_segments": n, "steps": step, "reason": reason,
                "val_accuracy": acc, "best_val_accuracy": max(tracker.best, acc),
-               "seconds": round(time.time() - t_stage, 3), "global_step": self.global_step, "checkpoint": None}
+               "seconds": round(time.time() - self.t_stage, 3),
+               "global_step": self.global_step, "checkpoint": None}
+        if cfg.stage_eval_lengths:
+            rec["eval"] = self.stage_eval()
         self.save_stage(rec)
         self.done_stages.append(rec)
         if self.is_main and cfg.progress:
             print(f"stage {stage_index + 1}/{len(self.stages)} ({n} segments) done after {step} steps "
                   f"({STAGE_REASONS[reason]}): val accuracy {acc:.3f}, {rec['seconds']:.1f}s", flush=True)
         return stop_all
+
+    def stage_eval(self) -> dict:
+        """Test accuracy of the current model at ``stage_eval_lengths`` (``{segments: accuracy}``, str keys)."""
+        from .evaluate import evaluate_lengths
+
+        cfg = self.cfg
+        res = evaluate_lengths(self.rmt, self.tokenizer, self.kind, cfg.task, cfg.stage_eval_lengths,
+                               cfg.stage_eval_samples, cfg.eval_batch_size, cfg.seed, "test", cfg.noise, cfg.babi_path,
+                               cfg.bf16, progress=False, rank=self.rank, world=self.world)
+        self.rmt.train()
+        return {str(n): r["accuracy"] for n, r in res.items()}
 
     def step(self, n: int, scheduler) -> torch.Tensor:
         """One optimisation step on the batch of the current global step; returns the (detached) loss."""
@@ -620,6 +693,7 @@ class Trainer:
         st = {"stage_index": stage_index, "step_in_stage": step_in_stage, "global_step": self.global_step,
               "tracker": tracker.state_dict() if tracker else None, "stages": self.done_stages,
               "history": self.history, "elapsed": time.time() - self.t_start, "done": done,
+              "stage_seconds": time.time() - self.t_stage if step_in_stage else 0.0,
               "config": self.cfg.to_dict(), "num_segments": self.stages[min(stage_index, len(self.stages) - 1)]}
         if self.is_main:
             tmp = self.last_dir + ".tmp"
