@@ -39,3 +39,79 @@ def test_smoke_transfer_and_resume(tmp_path):
 def test_estimate_only():
     stdout = _run("--out", "/nonexistent-not-written", "--estimate-only", "--tasks", "reasoning")
     assert "estimate per task" in stdout and "total" in stdout
+
+
+RESUMABLE = os.path.join(ROOT, "scripts", "reproduce_resumable.sh")
+
+
+def _piece(task, run_dir, pack, transfer_in, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", RESUMABLE, task, str(run_dir), str(pack), str(transfer_in), "--smoke", "--no-progress",
+                        *args], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_resumable_pieces_on_fresh_machines(tmp_path):
+    """Every piece pauses at its first chance; each next piece runs on a "fresh machine" (a new run directory) with
+    only the packed transfer copy of the last one, until the task is trained (2 stages) and evaluated."""
+    import tarfile
+
+    transfer_in = "-"
+    for piece in range(6):
+        run, pack = tmp_path / f"run{piece}", tmp_path / f"pack{piece}"
+        stdout = _piece("memorize", run, pack, transfer_in, "--pause-after", "1e-9", "--stage-eval")
+        assert ("a new run" in stdout) == (piece == 0)
+        parts = sorted(pack.glob("memorize.tar.part*"))
+        assert parts and all(p.stat().st_size <= 15 * 2 ** 20 for p in parts)
+        with tarfile.open(pack / "memorize_files.tar") as t:
+            names = t.getnames()
+        assert "memorize/curves.png" in names and "memorize.log" in names
+        if "memorize/results.json" in names:
+            break
+        unpacked = tmp_path / f"in{piece}"
+        unpacked.mkdir()
+        with open(tmp_path / "joined.tar", "wb") as f:
+            for p in parts:
+                f.write(p.read_bytes())
+        with tarfile.open(tmp_path / "joined.tar") as t:
+            t.extractall(unpacked)
+        transfer_in = unpacked
+    else:
+        raise AssertionError("not done after 6 pieces")
+    # the smoke curriculum has 2 stages of 3 steps, one validation each: piece 0 trains stage 1 and does not start
+    # stage 2 (its forecast runs past the pause), piece 1 trains stage 2 and evaluates
+    assert piece == 1
+    doc = json.loads((run / "memorize" / "results.json").read_text())
+    assert doc["train"]["trained_segments"] == 2
+    assert doc["heatmap"]["train_segments"] == [1, 2]  # from the stage records: no stage checkpoint travelled
+
+
+@pytest.mark.slow
+def test_resumable_piece_on_the_same_machine(tmp_path):
+    """A warm machine keeps the run directory: the next piece resumes from it (with the AdamW state)."""
+    _piece("memorize", tmp_path / "run", tmp_path / "pack", "-", "--pause-after", "1e-9")
+    stdout = _piece("memorize", tmp_path / "run", tmp_path / "pack", "-")
+    assert "resuming from " + str(tmp_path / "run" / "memorize" / "checkpoint-last") in stdout
+    assert (tmp_path / "run" / "memorize" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_reasoning_one_segment_smoke(tmp_path):
+    script = os.path.join(ROOT, "scripts", "reasoning_one_segment.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--smoke", "--steps", "4", "--eval-every", "2",
+                        "--test-samples", "16", "--config", "a:lr=1e-3", "--config", "plain:lr=1e-3,num_mem_tokens=0"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((tmp_path / "diagnosis.json").read_text())["configs"]
+    assert doc["plain"]["config"]["num_mem_tokens"] == 0 and doc["a"]["config"]["num_mem_tokens"] == 2
+    for d in doc.values():
+        assert [h["step"] for h in d["history"]] == [2, 4]
+        test = d["test"]
+        assert test["all"]["samples"] == 16
+        assert test["role=leaf"]["samples"] + test["role=hub"]["samples"] == 16
+        assert 0.0 <= test["prediction_in_facts"] <= 1.0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "role=hub" in r.stdout

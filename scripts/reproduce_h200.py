@@ -31,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+T_START = time.time()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -80,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--pause-after", type=float, default=None,
                    help="pause training after SECONDS (a stage that would not end in time is not started); the task is "
                    "then not evaluated, and --transfer-out / --resume-from carry it into the next call")
+    p.add_argument("--no-eval-after", type=float, default=None,
+                   help="when training ends more than SECONDS after the start, leave the evaluation to the next call "
+                   "(which resumes, finds nothing to train, and evaluates)")
     p.add_argument("--stage-eval", action="store_true",
                    help="evaluate each stage's model at 1..--heatmap-max segments when the stage ends (kept in the "
                    "training state, so the heatmap needs no stage checkpoints from earlier calls)")
@@ -149,9 +153,11 @@ def run_task(a, task: str) -> dict:
     if a.transfer_out:
         dest = save_transfer_copy(os.path.join(cfg.out_dir, LAST_CHECKPOINT), os.path.join(a.transfer_out, task))
         print(f"=== {task}: transfer copy in {dest}", flush=True)
-    if a.skip_eval or res.paused:
+    late = a.no_eval_after is not None and time.time() - T_START > a.no_eval_after
+    if a.skip_eval or res.paused or late:
         print(f"=== {task}: {'paused' if res.paused else 'trained'} after {t_train:.0f}s, stages done "
-              f"{[s['num_segments'] for s in res.stages]}; not evaluated", flush=True)
+              f"{[s['num_segments'] for s in res.stages]}; not evaluated"
+              + (f" (past --no-eval-after {a.no_eval_after:.0f}s)" if late and not res.paused else ""), flush=True)
         return {"train": {"stages": res.stages, "seconds": res.seconds, "trained_segments": res.trained_segments,
                           "paused": res.paused}}
     lengths = parse_lengths("1-4" if a.dry_run else a.lengths)
