@@ -9,7 +9,8 @@ the question asks (facts.qa4_question_kind):
 
 * role "leaf": the question names a place of one fact only -- the answer is the other place of that fact;
 * role "hub": both facts name it -- only the direction (and the fact's orientation) tells which other place;
-* relation "stated" / "converse": the fact says the relation in the question's direction, or only its converse.
+* relation "stated" / "converse": the fact says the relation in the question's direction, or only its converse;
+* axes "same" / "different": both facts on one axis (the three places on a line) or not.
 
 A model that only learned "the place that shares a fact with the question's place" is right on every leaf and on
 half of the hub questions: about 67% overall. ``num_mem_tokens=0`` is the plain classifier (no memory tokens).
@@ -92,25 +93,35 @@ def test_breakdown(rmt, tokenizer, cfg, samples: int, batch_size: int = 256) -> 
     ds = make_task("reasoning", tokenizer, 1, cfg.segment_size, split="test", seed=cfg.seed, length=samples)
     counts = collections.defaultdict(lambda: [0, 0])
     in_facts = own_place = 0
+    wrong, top_probability = [], []
     rmt.eval()
     for start in range(0, samples, batch_size):
         items = [ds[i] for i in range(start, min(samples, start + batch_size))]
         batch = collate(items)
         with torch.no_grad(), autocast_ctx(rmt.device, cfg.bf16):
-            pred = rmt(input_ids=batch["input_ids"].to(rmt.device)).logits.argmax(-1).cpu()
-        for item, p in zip(items, pred.tolist()):
+            prob = rmt(input_ids=batch["input_ids"].to(rmt.device)).logits.float().softmax(-1).cpu()
+        pred = prob.argmax(-1)
+        for item, p, pr in zip(items, pred.tolist(), prob):
             kind = F.qa4_question_kind(item["facts"], item["question"])
             ok = p == int(item["labels"])
+            top_probability.append(float(pr.max()))
+            if not ok and len(wrong) < 100:
+                wrong.append({"facts": item["facts"], "question": item["question"], "answer": item["answer"],
+                              "prediction": ds.answers[p], "probability": round(float(pr[p]), 4),
+                              "answer_probability": round(float(pr[int(item["labels"])]), 4), **kind})
             guess = ds.answers[p]
             in_facts += any(f" {guess} " in f" {f[:-1]} " for f in item["facts"])
             own_place += f" {guess} " in f" {item['question'][:-1]} "
             for key in ("all", f"role={kind['role']}", f"relation={kind['relation']}", f"form={kind['form']}",
-                        f"{kind['role']}+{kind['relation']}"):
+                        f"{kind['role']}+{kind['relation']}", f"axes={kind['axes']}", f"{kind['role']}+axes={kind['axes']}"):
                 counts[key][0] += ok
                 counts[key][1] += 1
     out = {k: {"accuracy": c / n, "samples": n} for k, (c, n) in sorted(counts.items())}
     out["prediction_in_facts"] = in_facts / samples
     out["prediction_is_question_place"] = own_place / samples
+    top = sorted(top_probability)
+    out["top_probability_quantiles"] = {q: round(top[int(q * (len(top) - 1))], 4) for q in (0.1, 0.25, 0.5, 0.75)}
+    out["wrong_samples"] = wrong
     return out
 
 
@@ -139,13 +150,13 @@ def run_one(a, name: str, overrides: dict) -> dict:
 
 
 def table(docs: list[dict]) -> str:
-    keys = ["all", "role=leaf", "role=hub", "hub+stated", "hub+converse", "leaf+converse"]
-    head = f"{'config':<14}" + "".join(f"{k:>14}" for k in keys) + f"{'best val':>10}{'in facts':>10}{'sec':>7}"
+    keys = ["all", "role=leaf", "role=hub", "hub+axes=same", "hub+axes=different", "hub+stated", "hub+converse"]
+    head = f"{'config':<14}" + "".join(f"{k:>20}" for k in keys) + f"{'best val':>10}{'in facts':>10}{'sec':>7}"
     lines = [head, "-" * len(head)]
     for d in docs:
         t = d["test"]
         best = max((h["val_accuracy"] for h in d["history"]), default=float("nan"))
-        lines.append(f"{d['name']:<14}" + "".join(f"{100 * t[k]['accuracy']:>13.1f}%" if k in t else f"{'-':>14}"
+        lines.append(f"{d['name']:<14}" + "".join(f"{100 * t[k]['accuracy']:>19.1f}%" if k in t else f"{'-':>20}"
                                                   for k in keys)
                      + f"{100 * best:>9.1f}%{100 * t['prediction_in_facts']:>9.1f}%{d['train_seconds']:>7.0f}")
     return "\n".join(lines)

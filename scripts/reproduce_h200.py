@@ -181,9 +181,10 @@ def run_task(a, task: str) -> dict:
     return doc
 
 
-# rough H200 costs (MiniLM-L6, 512 positions, bf16): seconds per segment of one training step of batch 32 (forward +
-# two-sweep backward) and per segment of an evaluation batch of 256 (forward only); adjust after the first call
-TRAIN_S_PER_SEGMENT_STEP = 0.02
+# rough costs (MiniLM-L6, 512 positions, bf16): seconds per segment of one training step of batch 32 (forward +
+# backward, graphed; 12 ms per segment on an H100 in stages of 3-4 segments, 2026-12-06, validations included)
+# and per segment of an evaluation batch of 256 (forward only)
+TRAIN_S_PER_SEGMENT_STEP = 0.012
 EVAL_S_PER_SEGMENT_BATCH = 0.05
 
 
@@ -194,10 +195,11 @@ def estimate(a) -> dict:
 
     stages = build_schedule(1, a.max_segments)
     k = max(1, a.validate_at_multiple)
-    train_s = sum(a.max_steps_per_stage * n * TRAIN_S_PER_SEGMENT_STEP * a.batch_size / 32 for n in stages)
-    val_s = sum((a.max_steps_per_stage // 50 + 1) * (n + min(k * n, a.validate_max_segments or k * n))
+    per_step = [(1 - a.mix_prob) * n + a.mix_prob * (n + 1) / 2 if n > 1 else 1 for n in stages]
+    train_s = sum(a.max_steps_per_stage * m * TRAIN_S_PER_SEGMENT_STEP * a.batch_size / 32 for m in per_step)
+    val_s = sum((a.max_steps_per_stage // a.eval_every + 1) * (n + min(k * n, a.validate_max_segments or k * n))
                 * EVAL_S_PER_SEGMENT_BATCH * 128 / 256 for n in stages)
-    train_s = min(train_s + val_s, 1.2 * a.train_time)
+    train_s = min(train_s + val_s, 1.2 * a.train_time) if a.train_time else train_s + val_s
     lengths = parse_lengths(a.lengths)
     batches = -(-a.eval_samples // a.eval_batch_size)
     eval_s = sum(lengths) * batches * EVAL_S_PER_SEGMENT_BATCH * a.eval_batch_size / 256

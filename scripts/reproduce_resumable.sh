@@ -10,10 +10,11 @@
 #
 # usage: scripts/reproduce_resumable.sh TASK RUN_DIR PACK_DIR [TRANSFER_IN|-] [options of reproduce_h200.py]
 #   TRANSFER_IN: a folder holding <task>/ (an unpacked transfer copy), used when RUN_DIR/<task> has no
-#   checkpoint-last; "-" for none (a new run).
+#   checkpoint-last (when it has neither, the call stops with status 2); "-": a new run unless RUN_DIR/<task> has
+#   a checkpoint-last.
 set -euo pipefail
 if [[ $# -lt 4 || "$1" == -h || "$1" == --help ]]; then
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 TASK=$1 RUN_DIR=$2 PACK_DIR=$3 TRANSFER_IN=$4; shift 4
@@ -28,6 +29,9 @@ if [[ -f "$RUN_DIR/$TASK/checkpoint-last/state.json" ]]; then
 elif [[ "$TRANSFER_IN" != "-" && -d "$TRANSFER_IN/$TASK" ]]; then
   echo "=== $TASK: resuming from the transfer copy $TRANSFER_IN/$TASK"
   resume=(--resume-from "$TRANSFER_IN")
+elif [[ "$TRANSFER_IN" != "-" ]]; then
+  echo "=== $TASK: nothing to resume (no $RUN_DIR/$TASK/checkpoint-last, no $TRANSFER_IN/$TASK)" >&2
+  exit 2
 else
   echo "=== $TASK: a new run"
 fi

@@ -164,7 +164,7 @@ def plot_curves(path: str, runs: dict, title: str | None = None) -> str:
     ax_a.set_ylabel("validation accuracy (%)")
     ax_a.set_xlabel("optimizer step" + (" (dotted: a stage starts; its segments below)" if len(runs) == 1 else ""))
     ax_a.grid(True, alpha=0.3)
-    ax_a.legend(loc="lower right", fontsize=7)
+    ax_a.legend(loc="best", fontsize=7)
     ax_l.set_title(title or "training curves")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path

@@ -167,7 +167,11 @@ def qa4_question_kind(facts: Sequence[str], question: str) -> Dict[str, str]:
       that fact), "hub" when both facts name it (the direction decides between the two other places);
     * ``form``: "what_is_dir_of" ("What is north of the X?") or "what_is_x_dir_of" ("What is the X north of?");
     * ``relation``: "stated" when a fact says the asked relation in the question's direction, "converse" when only
-      its converse is stated ("A north of B" answers "What is the B south of?").
+      its converse is stated ("A north of B" answers "What is the B south of?");
+    * ``axes``: "same" when both facts lie on one axis (north/south, or east/west: the three places on a line, the
+      two facts' direction words equal or opposite), "different" otherwise. On one axis a hub question needs the
+      direction word, the fact's orientation (which place is its subject) and the question's form together;
+      on two axes the axis of the question's direction alone picks the fact.
     """
     parsed = []
     for f in facts:
@@ -188,7 +192,10 @@ def qa4_question_kind(facts: Sequence[str], question: str) -> Dict[str, str]:
         form = "what_is_x_dir_of"
         stated = any(a == x and dd == d for (a, dd, _) in parsed)
     named = sum(x in (a, b) for (a, _, b) in parsed)
-    return {"role": "hub" if named > 1 else "leaf", "form": form, "relation": "stated" if stated else "converse"}
+    axes = {"north": 0, "south": 0, "east": 1, "west": 1}
+    same = len({axes[dd] for (_, dd, _) in parsed}) == 1
+    return {"role": "hub" if named > 1 else "leaf", "form": form, "relation": "stated" if stated else "converse",
+            "axes": "same" if same else "different"}
 
 
 def qa4_example(rng: np.random.Generator) -> Example:
