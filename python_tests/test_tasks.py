@@ -461,3 +461,47 @@ def test_sentences_noise_single_sentence(char_tok):
     assert text.replace(" " + ds[1]["facts"][0], "").startswith(" Just one sentence here. Just one")
     with pytest.raises(TypeError, match="sentences"):
         SentencesNoise("not a list")
+
+
+# --------------------------------------------------------------------------------------------------
+# reasoning: question kinds and same-axis training mixes
+# --------------------------------------------------------------------------------------------------
+def test_qa4_question_kind():
+    k = F.qa4_question_kind(["The garden is east of the bathroom.", "The office is east of the garden."],
+                            "What is east of the garden?")
+    assert k == {"role": "hub", "form": "what_is_dir_of", "relation": "stated", "axes": "same"}
+    k = F.qa4_question_kind(["The office is west of the bedroom.", "The office is north of the hallway."],
+                            "What is the bedroom east of?")
+    assert k == {"role": "leaf", "form": "what_is_x_dir_of", "relation": "converse", "axes": "different"}
+    with pytest.raises(ValueError, match="QA4 question"):
+        F.qa4_question_kind(["The office is west of the bedroom."], "Where is Mary?")
+    # on one axis every question is about the shared place: a leaf question would have two answers
+    rng = np.random.default_rng(0)
+    kinds = [F.qa4_question_kind(e.facts, e.question) for e in (F.qa4_example(rng) for _ in range(3000))]
+    assert all(k["role"] == "hub" for k in kinds if k["axes"] == "same")
+    assert abs(sum(k["axes"] == "same" for k in kinds) / 3000 - 1 / 3) < 0.03
+
+
+@pytest.mark.parametrize("p", [0.0, 0.8, 1.0])
+def test_same_axis_mix(char_tok, p):
+    rng = np.random.default_rng(1)
+    examples = [F.qa4_example(rng, same_axis=p) for _ in range(1500)]
+    same = [F.qa4_question_kind(e.facts, e.question)["axes"] == "same" for e in examples]
+    assert abs(sum(same) / 1500 - p) < 0.04
+    for e in examples:
+        assert _solve_qa4(e.facts, e.question) == {e.answer}
+    ds = make_task("reasoning", char_tok, 1, 128, length=200, same_axis=p)
+    same = [F.qa4_question_kind(s["facts"], s["question"])["axes"] == "same" for s in (ds[i] for i in range(200))]
+    assert abs(sum(same) / 200 - p) < 0.1
+
+
+def test_same_axis_default_stream_unchanged_and_errors(char_tok):
+    a = make_task("reasoning", char_tok, 1, 128, length=20)
+    b = make_task("reasoning", char_tok, 1, 128, length=20, same_axis=None)
+    assert all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(20))
+    with pytest.raises(ValueError, match="same_axis"):
+        make_task("memorize", char_tok, 1, 128, same_axis=0.5)
+    with pytest.raises(ValueError, match="same_axis"):
+        make_task("reasoning", char_tok, 1, 128, same_axis=1.5)
+    with pytest.raises(ValueError, match="same_axis"):
+        F.qa4_example(np.random.default_rng(0), same_axis=-0.1)

@@ -463,3 +463,19 @@ def test_history_loss_is_the_mean_since_the_previous_validation(monkeypatch):
     monkeypatch.setattr(tr.Trainer, "step", lambda self, n, scheduler: next(losses))
     res = train(tiny(None, schedule=[1], max_steps_per_stage=4, eval_every=2))
     assert [h["loss"] for h in res.history] == [2.0, 6.0]
+
+
+def test_train_same_axis_changes_training_samples_only(tmp_path):
+    cfg = tiny(None, task="reasoning", segment_size=32, train_same_axis=1.0, eval_samples=60)
+    trainer = tr.Trainer(cfg).build()
+    from rmt_fast.experiments.tasks import facts as F
+
+    def share(ds):
+        return sum(F.qa4_question_kind(ds[i]["facts"], ds[i]["question"])["axes"] == "same" for i in range(60)) / 60
+
+    assert share(trainer.dataset(1, "train")) == 1.0
+    assert share(trainer.dataset(1, "valid")) < 0.6
+    with pytest.raises(ValueError, match="train_same_axis"):
+        tiny(train_same_axis=0.5).validate()  # memorize
+    with pytest.raises(ValueError, match="train_same_axis"):
+        tiny(task="reasoning", train_same_axis=2.0).validate()

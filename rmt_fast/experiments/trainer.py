@@ -129,6 +129,8 @@ class TrainConfig:
     noise: str | None = _arg(None, "noise text file or saved HF dataset directory (default: Python's pydoc texts)",
                              MODEL)
     babi_path: str | None = _arg(None, "bAbI file or en/ directory for the facts", MODEL)
+    train_same_axis: float | None = _arg(None, "reasoning: the probability that a TRAINING sample's two facts lie on one "
+                                         "axis (default: the task's own 1/3; validation and tests keep it)", MODEL)
     out_dir: str | None = _arg(None, "output directory (checkpoints, logs)", RUN, flags=("--out",))
     resume: bool = _arg(False, "continue from OUT/checkpoint-last", RUN)
     save_every: int = _arg(0, "also checkpoint every N steps (0: at stage ends only)", RUN)
@@ -176,6 +178,9 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.mix_prob <= 1.0:
             raise ValueError(f"mix_prob must be in [0, 1], got {self.mix_prob}")
+        if self.train_same_axis is not None and (self.task != "reasoning" or not 0 <= self.train_same_axis <= 1):
+            raise ValueError("train_same_axis: a probability in [0, 1], for the reasoning task only; got "
+                             f"{self.train_same_axis!r} for task {self.task!r}")
         if self.validate_at_multiple < 1:
             raise ValueError(f"validate_at_multiple must be >= 1, got {self.validate_at_multiple}")
         if self.validate_max_segments is not None and self.validate_max_segments < 1:
@@ -453,7 +458,8 @@ class Trainer:
             self.datasets[key] = make_task(cfg.task, self.tokenizer, n, cfg.segment_size, split=split, seed=cfg.seed,
                                            noise=cfg.noise, babi_path=cfg.babi_path,
                                            for_decoder=(self.kind == "decoder"),
-                                           length=cfg.eval_samples if split == "valid" else None)
+                                           length=cfg.eval_samples if split == "valid" else None,
+                                           same_axis=cfg.train_same_axis if split == "train" else None)
         return self.datasets[key]
 
     # ---- the curriculum ------------------------------------------------------------------------------

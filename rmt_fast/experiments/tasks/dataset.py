@@ -135,7 +135,7 @@ class MemoryTaskDataset(Dataset):
 
     def __init__(self, task: str, tokenizer, num_segments: int, segment_size: int, split: str = "train",
                  seed: int = 0, noise=None, babi_path=None, for_decoder: bool = False,
-                 length: Optional[int] = None):
+                 length: Optional[int] = None, same_axis: Optional[float] = None):
         # ---- argument validation -------------------------------------------------------------
         if not isinstance(task, str) or task not in TASKS:
             raise ValueError(f"task (name): unknown task {task!r}; choose one of {list(TASKS)}")
@@ -156,6 +156,12 @@ class MemoryTaskDataset(Dataset):
             raise ValueError(f"length must be a positive int, got {length!r}")
         if not isinstance(for_decoder, bool):
             raise TypeError(f"for_decoder must be a bool, got {type(for_decoder).__name__}")
+        if same_axis is not None:
+            if task != "reasoning" or babi_path is not None:
+                raise ValueError("same_axis: only for the generated reasoning task (task='reasoning', no babi_path)")
+            if isinstance(same_axis, bool) or not isinstance(same_axis, (int, float)) or not 0 <= same_axis <= 1:
+                raise ValueError(f"same_axis must be None or a probability in [0, 1], got {same_axis!r}")
+        self.same_axis = None if same_axis is None else float(same_axis)
 
         self.task, self.split, self.seed = task, split, int(seed)
         self.num_segments, self.segment_size = int(num_segments), int(segment_size)
@@ -232,7 +238,7 @@ class MemoryTaskDataset(Dataset):
         rng = self.rng(i) if rng is None else rng
         if self.examples is not None:
             return self.examples[int(self._order[int(i) % len(self.examples)])]
-        return F.qa4_example(rng) if self.task == "reasoning" else F.qa1_example(rng)
+        return F.qa4_example(rng, self.same_axis) if self.task == "reasoning" else F.qa1_example(rng)
 
     def _unsplit(self, where: np.ndarray, bounds: np.ndarray, lens: Sequence[int]) -> np.ndarray:
         """Move facts that a segment boundary would cut to the nearest sentence boundary (in story order) where
@@ -315,7 +321,7 @@ class MemoryTaskDataset(Dataset):
 
 def make_task(name: str, tokenizer, num_segments: int, segment_size: int, split: str = "train",
               seed: int = 0, noise=None, babi_path=None, for_decoder: bool = False,
-              length: Optional[int] = None) -> MemoryTaskDataset:
+              length: Optional[int] = None, same_axis: Optional[float] = None) -> MemoryTaskDataset:
     """Build one of the RMT paper's synthetic memory tasks as a map-style torch Dataset.
 
     Args:
@@ -333,6 +339,8 @@ def make_task(name: str, tokenizer, num_segments: int, segment_size: int, split:
             All story statements before a question become its facts.
         for_decoder: append the answer tokens after the question and return token-level labels.
         length: ``len(dataset)``; default 10**6 for train, 1000 for valid/test.
+        same_axis: reasoning only: the probability that both facts lie on one axis (None: the task's own 1/3; see
+            :func:`~rmt_fast.experiments.tasks.facts.qa4_question_kind`), for training mixes.
 
     Returns:
         :class:`MemoryTaskDataset`; ``ds[i]["input_ids"]`` is ``LongTensor [n * segment_size]`` and
@@ -340,7 +348,8 @@ def make_task(name: str, tokenizer, num_segments: int, segment_size: int, split:
         ``LongTensor [n * segment_size]`` (-100 except the answer tokens).
     """
     return MemoryTaskDataset(name, tokenizer, num_segments, segment_size, split=split, seed=seed,
-                             noise=noise, babi_path=babi_path, for_decoder=for_decoder, length=length)
+                             noise=noise, babi_path=babi_path, for_decoder=for_decoder, length=length,
+                             same_axis=same_axis)
 
 
 def collate(batch: Sequence[Dict[str, object]]) -> Dict[str, object]:

@@ -198,14 +198,28 @@ def qa4_question_kind(facts: Sequence[str], question: str) -> Dict[str, str]:
             "axes": "same" if same else "different"}
 
 
-def qa4_example(rng: np.random.Generator) -> Example:
+def qa4_example(rng: np.random.Generator, same_axis: float | None = None) -> Example:
     """Two facts relating two places to a shared third one (in different directions) + a question.
 
     The fact order and the orientation of each fact ("A north of B" vs "B south of A") are random; the
     question is uniform over the unambiguous candidates of :func:`qa4_candidates`.
+
+    same_axis: None draws the two directions uniformly (distinct), which puts both facts on one axis (see
+    :func:`qa4_question_kind`) in 1/3 of the examples; a probability draws that case with this probability instead
+    (for training mixes; other random draws follow, so the examples differ from the default stream).
     """
     hub, a, c = (PLACES[int(k)] for k in rng.choice(len(PLACES), size=3, replace=False))
-    d1, d2 = (DIRECTIONS[int(k)] for k in rng.choice(len(DIRECTIONS), size=2, replace=False))
+    if same_axis is None:
+        d1, d2 = (DIRECTIONS[int(k)] for k in rng.choice(len(DIRECTIONS), size=2, replace=False))
+    else:
+        if not 0.0 <= same_axis <= 1.0:
+            raise ValueError(f"same_axis must be None or a probability in [0, 1], got {same_axis}")
+        d1 = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
+        if rng.random() < same_axis:
+            d2 = OPPOSITE[d1]
+        else:
+            others = [d for d in DIRECTIONS if d not in (d1, OPPOSITE[d1])]
+            d2 = others[int(rng.integers(len(others)))]
     rels = [(a, d1, hub), (c, d2, hub)]
     triples = []
     for (x, d, y) in rels:
