@@ -66,3 +66,32 @@ def test_minilm_fp16_script(tmp_path):
     w, w_ref = model.bert.embeddings.word_embeddings.weight, ref.bert.embeddings.word_embeddings.weight
     torch.testing.assert_close(w, w_ref, atol=1e-3, rtol=1e-3)
     assert tok.tokenize("The hallway") == ["the", "hallway"]
+
+
+def test_backbone_from_transfer_when_the_backbone_folder_did_not_travel(tmp_path):
+    """A run started from a backbone folder resumes on a machine that has only the transfer copy: the folder is
+    written from the copy (architecture and tokenizer; the weights are the copy's), and the resumed run equals one
+    resumed with the original folder."""
+    from rmt_fast.experiments.backbones import load_backbone
+    from rmt_fast.experiments.rundir import backbone_from_transfer
+    from rmt_fast.experiments.tasks import load_saved_tokenizer
+
+    model, tok, _ = load_backbone("tiny-bert", hidden_size=32, num_layers=2, seed=0)
+    backbone = tmp_path / "machine1" / "backbone"
+    model.save_pretrained(backbone)
+    tok.save_pretrained(backbone)
+    assert load_saved_tokenizer(str(backbone)).__class__ is tok.__class__
+    kw = dict(backbone=str(backbone), max_steps_per_stage=3, eval_every=3, reset_optimizer=True, lr=1e-3,
+              tokenizer="auto")
+    train(tiny(tmp_path / "run1", schedule=[1, 2], **kw))
+    t = save_transfer_copy(str(tmp_path / "run1" / LAST_CHECKPOINT), str(tmp_path / "carry" / "memorize"))
+    # machine 2: the copy but no backbone folder at the path the run was started with
+    shutil.rmtree(backbone)
+    backbone_from_transfer(t, str(backbone))
+    install_transfer_copy(t, str(tmp_path / "run2"))
+    resumed = train(tiny(tmp_path / "run2", schedule=[1, 2, 3], resume=True, **kw))
+    assert [s["num_segments"] for s in resumed.stages] == [1, 2, 3]
+    assert [h["global_step"] for h in resumed.history if h["num_segments"] == 3] == [9]
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        shutil.rmtree(os.path.join(t, "tokenizer"))
+        backbone_from_transfer(t, str(tmp_path / "nowhere"))

@@ -131,7 +131,9 @@ def run_task(a, task: str) -> dict:
     from rmt_fast.experiments.evaluate import evaluate_run, parse_lengths
     from rmt_fast.experiments.trainer import train
 
-    from rmt_fast.experiments.rundir import LAST_CHECKPOINT, install_transfer_copy, save_transfer_copy
+    from rmt_fast.experiments.backbones import BACKBONES
+    from rmt_fast.experiments.rundir import (LAST_CHECKPOINT, backbone_from_transfer, install_transfer_copy,
+                                             save_transfer_copy)
 
     t0 = time.time()
     cfg = task_config(a, task)
@@ -140,6 +142,11 @@ def run_task(a, task: str) -> dict:
         if os.path.isdir(src):
             print(f"=== {task}: resuming from the transfer copy {src}", flush=True)
             install_transfer_copy(src, cfg.out_dir)
+            if cfg.backbone not in BACKBONES and not os.path.exists(cfg.backbone):
+                # the backbone folder did not travel (the copy alone fills the transfer): its architecture and
+                # tokenizer come from the copy
+                print(f"=== {task}: no backbone folder {cfg.backbone}: written from the transfer copy", flush=True)
+                backbone_from_transfer(src, cfg.backbone)
     print(f"=== {task}: {cfg.backbone}, m={cfg.num_mem_tokens}, {cfg.segment_size}-token segments, curriculum "
           f"{cfg.stages()}, lr {cfg.lr}, batch {cfg.batch_size}, at most {cfg.max_steps_per_stage} steps and "
           f"{cfg.max_stage_time_s or 0:.0f} s per stage", flush=True)

@@ -28,7 +28,8 @@ import torch
 
 __all__ = ["CONFIG_FILE", "SUMMARY_FILE", "STATE_FILE", "RESULTS_FILE", "STAGE_PREFIX", "LAST_CHECKPOINT",
            "TOKENIZER_DIR", "atomic_json", "stage_dir", "stage_dirs", "save_tokenizer", "load_checkpoint",
-           "load_weights_into", "find_results", "save_transfer_copy", "install_transfer_copy", "TRANSFER_FILE"]
+           "load_weights_into", "find_results", "save_transfer_copy", "install_transfer_copy", "TRANSFER_FILE",
+           "backbone_from_transfer"]
 
 STAGE_PREFIX = "stage-"
 LAST_CHECKPOINT = "checkpoint-last"
@@ -217,3 +218,20 @@ def install_transfer_copy(transfer: str, out_dir: str) -> str:
             rec["checkpoint"] = sdir
             atomic_json(os.path.join(sdir, "stage.json"), rec)
     return last
+
+
+def backbone_from_transfer(transfer: str, dest: str, dtype=torch.float16) -> str:
+    """Write a backbone folder (the HF model and its tokenizer, loadable as ``TrainConfig.backbone``) from a transfer
+    copy, for a machine that holds the copy but not the backbone the run was started from. Resuming needs the
+    backbone's architecture and tokenizer only: the weights written here are the copy's (trained) ones, and the
+    resumed run replaces them with the copy's again. Returns ``dest``."""
+    from ..model import from_pretrained
+    from .tasks import load_saved_tokenizer
+
+    tok_dir = os.path.join(transfer, TOKENIZER_DIR)
+    if not os.path.isdir(tok_dir):
+        raise FileNotFoundError(f"transfer copy {transfer!r} has no {TOKENIZER_DIR}/ (the backbone's tokenizer)")
+    rmt = from_pretrained(transfer)
+    rmt.model.to(dtype).save_pretrained(dest, max_shard_size="15MB")
+    load_saved_tokenizer(tok_dir).save_pretrained(dest)
+    return dest
