@@ -124,14 +124,20 @@ def _closure(rel: set) -> set:
     return rel
 
 
-def answer_qa4(facts: Sequence[str], question: str, transitive: bool = True) -> List[str]:
-    """All answers to a QA4 question given the fact sentences (sorted; unique iff ``len == 1``)."""
+def _parse_qa4_facts(facts: Sequence[str]) -> List[Tuple[str, str, str]]:
+    """(a, direction, b) of each "The {a} is {direction} of the {b}." sentence."""
     parsed = []
     for f in facts:
         m = _FACT4.match(f)
         if not m:
             raise ValueError(f"not a QA4 fact: {f!r}")
         parsed.append(m.groups())
+    return parsed
+
+
+def answer_qa4(facts: Sequence[str], question: str, transitive: bool = True) -> List[str]:
+    """All answers to a QA4 question given the fact sentences (sorted; unique iff ``len == 1``)."""
+    parsed = _parse_qa4_facts(facts)
     rel = _relations(parsed)
     if transitive:
         rel = _closure(rel)
@@ -173,12 +179,7 @@ def qa4_question_kind(facts: Sequence[str], question: str) -> Dict[str, str]:
       direction word, the fact's orientation (which place is its subject) and the question's form together;
       on two axes the axis of the question's direction alone picks the fact.
     """
-    parsed = []
-    for f in facts:
-        m = _FACT4.match(f)
-        if not m:
-            raise ValueError(f"not a QA4 fact: {f!r}")
-        parsed.append(m.groups())
+    parsed = _parse_qa4_facts(facts)
     m = _Q_DIR_OF.match(question)
     if m:
         d, x = m.groups()
