@@ -128,6 +128,20 @@ def test_train_then_eval_cli(tmp_path, capsys):
     assert json.loads((tmp_path / "ev2" / "results.json").read_text())["samples"] == {"3": 2}
 
 
+def test_train_pause_then_resume_cli(tmp_path, capsys):
+    """--pause-after: a paused run says so and is not evaluated; --resume goes on and then evaluates."""
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--backbone", "tiny-bert", "--hidden-size", "32", "-m", "2", "--segment-size",
+            str(SEG), "--max-segments", "2", "--max-steps-per-stage", "2", "--eval-every", "2", "--eval-samples", "4",
+            "--batch-size", "4", "--no-progress", "--eval-lengths", "1,2", "--pause-after", "1e-9"]
+    rc, text = run_main(args, capsys)
+    assert rc == 0 and "paused" in text and "no evaluation yet" in text
+    assert not (out / "eval").exists()
+    rc, text = run_main(args[:-2] + ["--resume"], capsys)
+    assert rc == 0 and text.count("seg:") == 2
+    assert json.loads((out / "eval" / "results.json").read_text())["accuracy"].keys() == {"1", "2"}
+
+
 def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path), "--backbone", "gpt-17", "--no-progress"]) == 1
     err = capsys.readouterr().err

@@ -247,6 +247,11 @@ def _cmd_train(a) -> int:
     if rank == 0:
         print("trained stages: " + ", ".join(f"{s['num_segments']} seg: {s['val_accuracy']:.3f} ({s['reason']})"
                                              for s in res.stages))
+    if res.paused:
+        if rank == 0:
+            print(f"paused (--pause-after); run again with --resume to go on; {'no evaluation yet' if a.eval_lengths else ''}"
+                  .rstrip("; "))
+        return 0
     if a.eval_lengths and rank == 0:
         from .evaluate import evaluate_run, format_table
 
