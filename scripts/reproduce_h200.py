@@ -198,12 +198,12 @@ EVAL_S_PER_SEGMENT_BATCH = 0.05
 def estimate(a) -> dict:
     """Seconds per task from the configured steps and lengths (rough, from the constants above)."""
     from rmt_fast.experiments.evaluate import parse_lengths
-    from rmt_fast.experiments.trainer import build_schedule
+    from rmt_fast.experiments.trainer import build_schedule, expected_segments
 
     stages = build_schedule(1, a.max_segments)
     k = max(1, a.validate_at_multiple)
-    per_step = [(1 - a.mix_prob) * n + a.mix_prob * (n + 1) / 2 if n > 1 else 1 for n in stages]
-    train_s = sum(a.max_steps_per_stage * m * TRAIN_S_PER_SEGMENT_STEP * a.batch_size / 32 for m in per_step)
+    train_s = sum(a.max_steps_per_stage * expected_segments(n, a.mix_prob) * TRAIN_S_PER_SEGMENT_STEP
+                  * a.batch_size / 32 for n in stages)
     val_s = sum((a.max_steps_per_stage // a.eval_every + 1) * (n + min(k * n, a.validate_max_segments or k * n))
                 * EVAL_S_PER_SEGMENT_BATCH * 128 / 256 for n in stages)
     train_s = min(train_s + val_s, 1.2 * a.train_time) if a.train_time else train_s + val_s

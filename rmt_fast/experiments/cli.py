@@ -249,8 +249,8 @@ def _cmd_train(a) -> int:
                                              for s in res.stages))
     if res.paused:
         if rank == 0:
-            print(f"paused (--pause-after); run again with --resume to go on; {'no evaluation yet' if a.eval_lengths else ''}"
-                  .rstrip("; "))
+            print("paused (--pause-after); run again with --resume to go on"
+                  + ("; no evaluation yet" if a.eval_lengths else ""))
         return 0
     if a.eval_lengths and rank == 0:
         from .evaluate import evaluate_run, format_table

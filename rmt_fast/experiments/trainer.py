@@ -43,7 +43,7 @@ from .runtime import autocast_ctx, dist_info, init_distributed, resolve_device, 
 from .tasks import TASKS, collate, make_task
 
 __all__ = ["TrainConfig", "TrainResult", "StageTracker", "Trainer", "build_schedule", "build_model", "train",
-           "STAGE_REASONS"]
+           "expected_segments", "STAGE_REASONS"]
 
 #: why a stage ended (``stage.json`` "reason") -> what the progress line says
 STAGE_REASONS = {
@@ -339,6 +339,12 @@ def uses_two_sweep(cfg: TrainConfig, device: torch.device, num_segments: int | N
     return device.type == "cuda" and (num_segments is None or num_segments > FULL_BPTT_MAX_SEGMENTS)
 
 
+def expected_segments(n: int, mix_prob: float) -> float:
+    """Mean segments per training step of a stage of ``n`` segments (``mix_prob``: a batch of random length 1..n)."""
+    mix = mix_prob if n > 1 else 0.0
+    return (1.0 - mix) * n + mix * (n + 1) / 2.0
+
+
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -380,6 +386,7 @@ class Trainer:
         self.t_start = time.time()
         self.resume_state: dict | None = None  # checkpoint-last's state.json, until its stage is restored
         self.t_process = time.time()  # pause_after_s counts from here
+        self.t_stage = self.t_process  # the current stage's start (earlier processes' time on it included)
         self.segment_steps = 0  # segments trained by this process (sum over steps), and the seconds they took
         self.segment_step_seconds = 0.0
         self.paused = False
@@ -489,11 +496,6 @@ class Trainer:
         self.rmt.eval()
         return result
 
-    def _expected_segments(self, n: int) -> float:
-        """Mean segments per training step of a stage of ``n`` segments (``mix_prob`` draws lengths 1..n)."""
-        mix = self.cfg.mix_prob if n > 1 else 0.0
-        return (1.0 - mix) * n + mix * (n + 1) / 2.0
-
     def _pause_before(self, stage_index: int) -> bool:
         """With ``pause_after_s``: would this stage (what is left of it) run past the pause? Forecast from this
         process's seconds per trained segment (validation included), with a 15% margin; no forecast before the
@@ -504,8 +506,8 @@ class Trainer:
         state = self.resume_state
         done = int(state["step_in_stage"]) if state is not None and state["stage_index"] == stage_index else 0
         per_segment = self.segment_step_seconds / self.segment_steps
-        forecast = 1.15 * per_segment * (cfg.max_steps_per_stage - done) * self._expected_segments(
-            self.stages[stage_index])
+        forecast = 1.15 * per_segment * (cfg.max_steps_per_stage - done) * expected_segments(
+            self.stages[stage_index], cfg.mix_prob)
         return self._any_rank(time.time() - self.t_process + forecast > cfg.pause_after_s)
 
     def _stage_schedule(self, stage_index: int):
@@ -549,13 +551,14 @@ class Trainer:
                    leave=True)
         reason, acc, stop_all = None, None, False
         loss_sum, loss_steps = None, 0  # the training loss summed on the device since the last validation
+        segments_per_step = expected_segments(n, cfg.mix_prob)
         t_loop = time.time()
         while reason is None:
             if (cfg.pause_after_s is not None and self.segment_steps and step % cfg.eval_every == 0
                     and self._any_rank(time.time() - self.t_process > cfg.pause_after_s)):
                 self.paused = True
                 break
-            self.segment_steps += self._expected_segments(n)
+            self.segment_steps += segments_per_step
             loss = self.step(n, scheduler)
             loss_sum = loss.float() if loss_sum is None else loss_sum + loss.float()
             loss_steps += 1
@@ -605,7 +608,6 @@ class Trainer:
         res = evaluate_lengths(self.rmt, self.tokenizer, self.kind, cfg.task, cfg.stage_eval_lengths,
                                cfg.stage_eval_samples, cfg.eval_batch_size, cfg.seed, "test", cfg.noise, cfg.babi_path,
                                cfg.bf16, progress=False, rank=self.rank, world=self.world)
-        self.rmt.train()
         return {str(n): r["accuracy"] for n, r in res.items()}
 
     def step(self, n: int, scheduler) -> torch.Tensor:
