@@ -511,7 +511,8 @@ SWEEP = {
              (64, 64, 8, 2), (32, 64, 4, 4), (16, 64, 4, 4), (32, 128, 4, 4), (32, 128, 4, 5), (64, 128, 8, 2),
              (64, 64, 4, 4), (32, 64, 4, 5), (64, 128, 4, 2),
              # 8 warps at 32x64: no register spills at D128 (200-212 registers vs 255 + 48-80 stack bytes at 4 warps;
-             # `python -m rmt_fast.ops.triton_check --arch 90 --resources`, session 8), not yet timed
+             # `python -m rmt_fast.ops.triton_check --arch 90 --resources`, RESULTS.md "2026-11-29: the stored
+             # backward in chunks of heads"), not yet timed
              (32, 64, 8, 3), (32, 64, 8, 2), (16, 64, 8, 3)],
     "dq": [(128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 16, 4, 3),
            (64, 32, 4, 4), (32, 64, 4, 3), (64, 16, 4, 4), (128, 32, 4, 4), (128, 64, 8, 2), (64, 64, 4, 4),
@@ -521,7 +522,8 @@ SWEEP = {
               (32, 64, 64, 64, 4, 3), (16, 64, 64, 32, 4, 3), (16, 128, 128, 32, 4, 3), (32, 64, 64, 32, 8, 3),
               (32, 128, 128, 32, 8, 3), (16, 128, 64, 32, 4, 4), (32, 64, 64, 32, 4, 2),
               # at D64 the default (16, 128, 64, 32, 4, 3) spills (255 registers + 384 stack bytes); these do not
-              # (176-248 registers; triton_check --resources, session 8), not yet timed at D64
+              # (176-248 registers; triton_check --resources, RESULTS.md "2026-11-29: the stored backward in chunks
+              # of heads"), not yet timed at D64
               (16, 128, 64, 32, 8, 3), (16, 64, 64, 32, 8, 3), (16, 64, 64, 32, 4, 3)],
     # the "stored" schedule's dQ kernel (dQ = dS K from stored dS tiles)
     "dq_stored": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),

@@ -3,7 +3,8 @@
 Paths per configuration (bf16 autocast, AdamW step included only in the memory-task part):
   official      the official loop restated (rmt_fast/experiments/official.py): full BPTT, all activations kept
   default       rmt_fast.wrap(model) with no flags (full BPTT replayed as forward/backward CUDA graphs of the whole
-                call, rmt_fast.graphs.StepGraphs; decoders keep logits, captured since session 11)
+                call, rmt_fast.graphs.StepGraphs; decoders keep logits, captured since RESULTS.md "2026-11-30: lean
+                Triton launches")
   full_eager    full BPTT with cuda_graphs=False (what `default` was before the step graphs)
   no_logits     decoders: keep_logits=False (the fused linear + cross-entropy loss; full BPTT as step graphs)
   no_logits_eager  the same with cuda_graphs=False
@@ -77,7 +78,8 @@ def bench_paths(args, rows, part, model, make_ids, labels_of, wrap_kw, official_
             try:
                 peak = peak_gib(step)
                 # A 1-segment step is short, and its median of --reps 2 after one warm-up read 0.56x of a standalone
-                # timing of the same step (RESULTS, session 10); more warm-ups and repetitions cost little here.
+                # timing of the same step (RESULTS.md "2026-11-30: the issue's targets re-measured"); more warm-ups
+                # and repetitions cost little here.
                 short = n_seg == 1
                 t = timeit(step, warmup=3 if short else 1,
                            reps=1 if n_seg > n_main else max(args.reps, 7) if short else args.reps)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call: build the extension, run the test suite on the GPU, then the chosen benchmarks.
+# One GPU run: build the extension, run the test suite on the GPU, then the chosen benchmarks.
 # usage: scripts/gpu_session.sh "<stages>"   stages: build|pipinstall tests attention handoff e2e[:parts]
 # Results go to $OUT (CSV, PNG, logs) and benchmarks/RESULTS.md sections to $OUT/RESULTS_part.md.
 set -uo pipefail

@@ -17,7 +17,7 @@ OUT/results.csv, OUT/accuracy.png (all tasks, as Fig. 1); the summary table is p
     python scripts/reproduce_h200.py --out runs/h200 --tasks memorize
     python scripts/reproduce_h200.py --out /tmp/x --dry-run          # (= --smoke) tiny CPU configuration, < 1 min
     python scripts/reproduce_h200.py --out runs/h200 --estimate-only # seconds per task from the steps and lengths
-    # across 10-minute device calls: --skip-eval --transfer-out $OUT/carry, then --resume-from carry (see --help)
+    # across 10-minute GPU runs: --skip-eval --transfer-out $OUT/carry, then --resume-from carry (see --help)
 """
 from __future__ import annotations
 

@@ -582,9 +582,11 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype, long_rows: bo
     than autotuned: no first-call tuning pause, and the op can be captured in a CUDA graph on its first call. Picked
     from sweeps on an H200 (bf16; B8 H12 N544 D64, B4 H16 N2080 D128, B1 H16 N8224 D128): each choice is within a
     few percent of the best at every one of those shapes; the fused tiles are those of the split kernels (at D128
-    the best of 11 fused candidates, session 6). Session 7 re-swept fwd/dq/dkdv with TMA loads at 4x16x2080x128
+    the best of 11 fused candidates, RESULTS.md "2026-11-29: a one-launch attention backward"). RESULTS.md
+    "2026-11-29: TMA row loads" re-swept fwd/dq/dkdv with TMA loads at 4x16x2080x128
     (the defaults stayed within 2.1 % of the best) and picked dq_stored 64x32 (best of 10; not swept at D64 or fp32).
-    Session 9 (``long_rows``, see :func:`_long_rows`): at 1x16x8224x128 the forward's 128x128 tiles at 8 warps took
+    RESULTS.md "2026-11-29/30: long-row tiles" (``long_rows``, see :func:`_long_rows`): at 1x16x8224x128 the
+    forward's 128x128 tiles at 8 warps took
     0.545 ms against 0.567 for 64x64 (which stays the best at 2080), and the stored dQ kernel's 128x32 tiles at 4
     stages brought the backward from 2.046 to 1.907 ms (best of 10; at 2080 64x32 stays the best); at D64 the fused
     backward's dK/dV tiles went from 16x128 to 16x64 (graphed fwd+bwd at 8x12x544x64: 89.8-90.4 µs against
@@ -619,7 +621,8 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype, long_rows: bo
 
 
 # Rows (N) from which the D > 64 half-precision forward and stored dQ kernels take the long-row tiles of
-# ``_launch_config`` (measured at N = 2080, where the short-row tiles are faster, and 8224; session 9).
+# ``_launch_config`` (measured at N = 2080, where the short-row tiles are faster, and 8224; RESULTS.md
+# "2026-11-29/30: long-row tiles").
 LONG_ROWS = 4096
 
 SCHEDULES = ("split", "fused", "stored")
@@ -637,10 +640,12 @@ STORED_MAX_BYTES = 5 * 2 ** 28
 _NP_ROUND = 128
 # On a GPU the stored schedule's chunks alternate between two streams, each with its own dS slot of half the budget
 # (the caller's stream and a second one), in at least STORED_MIN_CHUNKS chunks: one chunk's dQ launch (memory-bound)
-# and the tails of its launches run beside the other stream's dK/dV (compute-bound). Measured on an H200 (session
-# 9, graphed fwd+bwd): 4x16x2080x128 0.726 / 0.759 ms (causal / bidirectional memory) against 0.759 / 0.782 on one
+# and the tails of its launches run beside the other stream's dK/dV (compute-bound). Measured on an H200 (RESULTS.md
+# "2026-11-29/30: long-row tiles", graphed fwd+bwd): 4x16x2080x128 0.726 / 0.759 ms (causal / bidirectional memory)
+# against 0.759 / 0.782 on one
 # stream; 1x16x8224x128 2.350 / 2.351 ms against 2.398 / 2.526 on one stream (two chunks of 8 heads). Four chunks
-# on two streams beat three (2.497 vs 2.537 ms, session 9 call 2); half-budget slots of 3 heads (six chunks) lost.
+# on two streams beat three (2.497 vs 2.537 ms, RESULTS.md "2026-11-29/30: long-row tiles", run 2); half-budget slots
+# of 3 heads (six chunks) lost.
 STORED_STREAMS = 2
 STORED_MIN_CHUNKS = 2
 _streams_override: int | None = None
@@ -741,11 +746,15 @@ def _schedule(b: int, h: int, h_kv: int, n: int, d: int, dtype: torch.dtype) -> 
     "stored" (delta; dK/dV writing dS; dQ from dS) or "split" (a dQ kernel that stores delta, then a dK/dV kernel
     that reads it). All are deterministic and agree with the reference to rounding; they differ in launches (host
     time), GPU time and memory. Measured on an H200 (benchmarks/RESULTS.md, bf16, CUDA graphs): "fused" took 46-82 µs
-    less host time per eager fwd+bwd at 8x12x544x64 and the same GPU time (0.094 vs 0.092 ms; session 6), and
+    less host time per eager fwd+bwd at 8x12x544x64 and the same GPU time (0.094 vs 0.092 ms; RESULTS.md "2026-11-29:
+    a one-launch attention backward"), and
     6-10 % more GPU time at D128 with N >= 2080. There "stored" beats "split" (fwd+bwd 0.784-0.801 vs 0.818-0.862 ms
-    at 4x16x2080x128, 2.505-2.578 vs 2.730-2.788 ms at 1x16x8224x128; session 7; at that size in the three chunks
-    of the default budget 2.583-2.594 vs 2.760-2.778 ms, session 8; 2.350 ms on two streams with the long-row
-    tiles, session 9) for ``NP^2`` elements of transient memory per head, hence: "fused" up to FUSED_MAX_WORK,
+    at 4x16x2080x128, 2.505-2.578 vs 2.730-2.788 ms at 1x16x8224x128; RESULTS.md "2026-11-29: TMA row loads"; at that
+    size in the three chunks
+    of the default budget 2.583-2.594 vs 2.760-2.778 ms, RESULTS.md "2026-11-29: the stored backward in chunks of
+    heads"; 2.350 ms on two streams with the long-row
+    tiles, RESULTS.md "2026-11-29/30: long-row tiles") for ``NP^2`` elements of transient memory per head, hence:
+    "fused" up to FUSED_MAX_WORK,
     "stored" (its heads in chunks of at most STORED_MAX_BYTES of dS) while one GQA group of heads fits that budget,
     else "split"."""
     name = _schedule_override
@@ -793,7 +802,8 @@ def _use_tma(work: int, *xs: torch.Tensor) -> bool:
     """Load rows through TMA descriptors: forced by :func:`row_loads`, or ("auto") on a GPU of compute capability
     9.0+ when ``work`` (B * Hq * N * N * D) is above FUSED_MAX_WORK. Either way only when every tensor's base
     address and (batch, head, row) strides are 16-byte aligned (a TMA requirement), and never again after a TMA
-    launch failed (``_tma_off``). Measured on an H200 (session 7, graphed, bf16): forward 0.203 -> 0.185 ms and
+    launch failed (``_tma_off``). Measured on an H200 (RESULTS.md "2026-11-29: TMA row loads", graphed, bf16):
+    forward 0.203 -> 0.185 ms and
     fwd+bwd 0.871 -> 0.832 ms at 4x16x2080x128; 0.641 -> 0.598 and 2.832 -> 2.719 ms at 1x16x8224x128."""
     mode = _loads_override or "auto"
     if mode == "pointer" or TensorDescriptor is None or _tma_failed is not None:
@@ -846,7 +856,8 @@ def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
 # another schedule). Keyed by what determines every non-pointer argument of the launch: the inputs' shapes,
 # strides and dtypes, the mask arguments and the scale (outputs are allocated like q, k, v: their strides follow).
 # A plan skips the schedule and launch-config lookups, the argument building and the launch key: about 7 µs of
-# the 14 µs of host time that a direct launch of the fused backward took on the H200 host (session 11).
+# the 14 µs of host time that a direct launch of the fused backward took on the H200 host (RESULTS.md "2026-11-30:
+# lean Triton launches").
 _plans: dict = {}
 MAX_PLANS = 4096
 
@@ -1016,9 +1027,11 @@ def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_
     dtype, NP = N rounded up to 128) and dQ = dS K from the stored tiles: five matmuls per tile pair instead of the
     split schedule's seven, for ``NP * NP`` elements of transient memory per query head of a slot (freed on return;
     at most STORED_MAX_BYTES, see :func:`_stored_plan`). With ``streams`` 2 chunk i runs on stream i % 2 (see
-    STORED_STREAMS). One stream, session 8: at 1x16x8224x128 three chunks cost 3-4 % under the causal mask against
+    STORED_STREAMS). One stream, RESULTS.md "2026-11-29: the stored backward in chunks of heads": at 1x16x8224x128
+    three chunks cost 3-4 % under the causal mask against
     one (2.594 vs 2.492-2.508 ms) and nothing with bidirectional memory blocks (2.583 vs 2.593 ms).
-    Measured and removed (session 8): a pipelined variant, one kernel per launch running chunk c's dK/dV programs
+    Measured and removed (RESULTS.md "2026-11-29: the stored backward in chunks of heads"): a pipelined variant, one
+    kernel per launch running chunk c's dK/dV programs
     beside chunk c-1's dQ programs on two dS slots: 2.86 ms at 8224 with 1-4 chunks, 3.43 ms with 8, 0.794 vs
     0.758 ms at 4x16x2080x128 (the merged kernel gives the dQ programs the dK/dV programs' registers and shared
     memory). Separate launches on two streams keep each kernel's own footprint."""
