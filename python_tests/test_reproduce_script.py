@@ -34,6 +34,24 @@ def test_smoke_transfer_and_resume(tmp_path):
     assert "resuming from the transfer copy" in stdout
     doc2 = json.loads((out2 / "results.json").read_text())["tasks"]["memorize"]
     assert doc2["train"]["trained_segments"] == doc["train"]["trained_segments"] == 2
+    # tasks evaluated by separate runs: one table, results.json/.csv and accuracy.png
+    out3 = tmp_path / "c"
+    stdout = _run("--out", str(out3), "--collect", str(out2 / "memorize"))
+    merged = json.loads((out3 / "results.json").read_text())
+    assert merged["tasks"]["memorize"]["accuracy"] == doc2["accuracy"] and "paper_fig1" in merged
+    assert (out3 / "accuracy.png").exists()
+    rows = (out3 / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("task,segments") and len(rows) == 1 + len(doc2["accuracy"])
+
+
+def test_collect_rejects_what_it_cannot_read(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    (tmp_path / "notatask").mkdir()
+    (tmp_path / "memorize").mkdir()
+    for d, msg in ((tmp_path / "notatask", "must be a task"), (tmp_path / "memorize", "no results.json")):
+        r = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "o"), "--collect", str(d)],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
 
 
 def test_estimate_only():

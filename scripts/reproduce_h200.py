@@ -18,6 +18,8 @@ OUT/results.csv, OUT/accuracy.png (all tasks, as Fig. 1); the summary table is p
     python scripts/reproduce_h200.py --out /tmp/x --dry-run          # (= --smoke) tiny CPU configuration, < 1 min
     python scripts/reproduce_h200.py --out runs/h200 --estimate-only # seconds per task from the steps and lengths
     # across 10-minute GPU runs: --skip-eval --transfer-out $OUT/carry, then --resume-from carry (see --help)
+    # tasks trained and evaluated by separate runs, one table and figure (OUT/results.json, .csv, accuracy.png):
+    python scripts/reproduce_h200.py --out benchmarks/results/reproduction --collect runs/a/memorize runs/b/detect_memorize
 """
 from __future__ import annotations
 
@@ -95,7 +97,32 @@ def parse_args(argv=None):
                    help="tiny CPU configuration (tiny-bert, 32-token segments, a few steps, lengths 1-4): checks the "
                    "pipeline, not the result")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--collect", nargs="+", default=None, metavar="TASK_DIR",
+                   help="train nothing: read TASK_DIR/results.json of each task evaluated by an earlier run (the task "
+                   "is the folder's name) and write OUT/results.json, results.csv and accuracy.png for them together")
     return p.parse_args(argv)
+
+
+def collect(dirs) -> dict:
+    """{task: results.json document} from task folders written by earlier runs (TASK_DIR/results.json)."""
+    from rmt_fast.experiments.tasks import TASKS
+
+    docs = {}
+    for d in dirs:
+        task = os.path.basename(os.path.normpath(d))
+        path = os.path.join(d, "results.json")
+        if task not in TASKS:
+            raise ValueError(f"--collect {d!r}: the folder's name must be a task ({', '.join(TASKS)}), got {task!r}")
+        if not os.path.isfile(path):
+            raise ValueError(f"--collect {d!r}: no results.json there (the task was not evaluated)")
+        if task in docs:
+            raise ValueError(f"--collect: task {task!r} given twice")
+        with open(path) as f:
+            doc = json.load(f)
+        if "accuracy" not in doc:
+            raise ValueError(f"--collect {path!r}: no 'accuracy' in it (not written by evaluate_run)")
+        docs[task] = doc
+    return docs
 
 
 def task_config(a, task: str):
@@ -265,6 +292,16 @@ def main(argv=None) -> int:
     transformers.utils.logging.disable_progress_bar()
     from rmt_fast.experiments.tasks import TASKS
 
+    if a.collect:
+        try:
+            docs = collect(a.collect)
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 2
+        os.makedirs(a.out, exist_ok=True)
+        print(summary(a.out, docs))
+        print(f"wrote {a.out}/results.json, results.csv, accuracy.png")
+        return 0
     tasks = [t for t in a.tasks.split(",") if t]
     bad = [t for t in tasks if t not in TASKS]
     if bad:
