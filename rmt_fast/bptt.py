@@ -7,13 +7,19 @@ Here (``checkpoint_segments=True``):
    (``[G, B, m, d]``), the RNG state before it (dropout is replayed exactly) and what the caller asked for
    (the loss sum, the final memory, the recorded outputs);
 2. **backward sweep**, from the last segment to the first: recompute segment ``g`` with autograd from its saved
-   memory and backpropagate its loss, its recorded outputs and its new memory (whose gradient came from segment
-   ``g + 1``); parameter gradients accumulate into ``.grad`` as they go, and ``d memory_g`` is handed back to
-   segment ``g - 1`` (dropped where ``bptt_depth`` cuts the graph, as full BPTT's ``detach`` does).
+   memory and differentiate its loss, its recorded outputs and its new memory (whose gradient came from segment
+   ``g + 1``) against its memory and the backbone's trainable parameters; ``d memory_g`` is handed back to
+   segment ``g - 1`` (dropped where ``bptt_depth`` cuts the graph, as full BPTT's ``detach`` does) and the
+   parameter gradients are summed over the segments.
+
+The trainable parameters are inputs of the autograd Function, and their summed gradients are what its backward
+returns: each parameter's gradient arrives once per backward, as with full BPTT, so ``torch.autograd.grad``,
+gradient hooks and DistributedDataParallel (one reduction per parameter and step) see one ordinary backward. The
+recompute runs on leaf aliases of the parameters (:class:`rmt_fast.graphs.ParameterAliases`), so hooks on the
+parameters do not fire for each segment.
 
 The gradients equal full BPTT's (up to the order of floating-point summation). Peak memory is one segment's
-activations plus the saved memories. Like reentrant checkpointing, the parameter gradients are accumulated
-inside the backward pass, so use ``loss.backward()`` (not ``torch.autograd.grad`` on parameters).
+activations, the saved memories and one set of parameter gradients.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .graphs import MAX_CAPTURES, TrainingGraphs, autocast_state, flat_outputs, recover_from_failed_capture
+from .graphs import (MAX_CAPTURES, ParameterAliases, TrainingGraphs, autocast_state, flat_outputs,
+                     recover_from_failed_capture)
 from .schemes import P_LAST
 
 
@@ -33,6 +40,7 @@ class _Sweep:
 
     runner: object
     plan: object
+    parameters: list  # the backbone's trainable parameters, the Function's differentiable inputs after the memory
     targets: torch.Tensor | None
     params: torch.Tensor
     widths: list
@@ -49,7 +57,7 @@ class _Sweep:
 
 class _TwoSweep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sweep: _Sweep, memory, _dummy):
+    def forward(ctx, sweep: _Sweep, memory, *parameters):
         r = sweep.runner
         device = memory.device
         sweep.autocast = autocast_state(device.type)
@@ -97,6 +105,11 @@ class _TwoSweep(torch.autograd.Function):
                 per_segment[g] = grad_outputs[k:k + n]
                 k, i = k + n, i + 1
         grad_first = None
+        param_grads = [None] * len(sweep.parameters)
+        aliases = None
+        if sweep.graphs is None:
+            aliases = ParameterAliases(r.adapter.model)
+            aliases.make()
         device_type, autocast_on, autocast_dtype = sweep.autocast
         for g in reversed(range(g_total)):
             seg_grads = per_segment.get(g, ())
@@ -112,15 +125,15 @@ class _TwoSweep(torch.autograd.Function):
                 else:
                     grad_memory = None if cut else grad_in
                 continue
-            mem_in = states[g].detach().requires_grad_(not cut)
+            mem_in = states[g].detach().requires_grad_(not cut and (g > 0 or ctx.needs_input_grad[1]))
             with contextlib.ExitStack() as stack:
                 if sweep.rng is not None:
                     stack.enter_context(torch.random.fork_rng(devices=_rng_devices(mem_in.device)))
                     _set_rng_state(mem_in.device, sweep.rng[g])
                 stack.enter_context(torch.enable_grad())
                 stack.enter_context(torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on))
-                res = r.step(mem_in, sweep.plan.content, sweep.targets, sweep.params[g], sweep.widths[g],
-                             bool(seg_grads), False, sweep.dense[g])
+                res = aliases.run(lambda: r.step(mem_in, sweep.plan.content, sweep.targets, sweep.params[g],
+                                                 sweep.widths[g], bool(seg_grads), False, sweep.dense[g]))
             outs, grads = [], []
             if grad_memory is not None and res.memory.requires_grad:
                 outs.append(res.memory)
@@ -133,17 +146,34 @@ class _TwoSweep(torch.autograd.Function):
                     if grad is not None and out.requires_grad:
                         outs.append(out)
                         grads.append(grad)
+            grad_in = None
             if outs:
-                torch.autograd.backward(outs, grads)
+                wrt = ([mem_in] if mem_in.requires_grad else []) + aliases.leaves
+                got = list(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
+                if mem_in.requires_grad:
+                    grad_in = got.pop(0)
+                _accumulate(param_grads, got)
             if g == 0:
-                grad_first = mem_in.grad
+                grad_first = grad_in
             else:
-                grad_memory = None if cut else mem_in.grad
+                grad_memory = None if cut else grad_in
         if sweep.graphs is not None:
             for graphs in {id(x): x for x in sweep.graphs}.values():
-                graphs.finish()
+                _accumulate(param_grads, graphs.finish())
             _set_rng_state(states[0].device, sweep.rng_after)
-        return None, grad_first, None
+        return (None, grad_first, *param_grads)
+
+
+def _accumulate(total: list, grads) -> None:
+    """``total[i] += grads[i]`` where a gradient came (None: none yet); the first one is copied, not kept: what
+    autograd returns may share storage with the gradients given to it."""
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        if total[i] is None:
+            total[i] = g.clone()
+        else:
+            total[i].add_(g)
 
 
 def _training_graphs(runner, memory, plan, targets, want_output, dense):
@@ -202,15 +232,15 @@ def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, tota
     dense = [min(row) == w for row, w in zip(lens_host, widths)]
     ends = params[:, P_LAST].any(1).tolist()
     records = [bool(want_output and (e or runner.scheme.output_per_segment)) for e in ends]
-    sweep = _Sweep(runner, plan, targets, params, widths, dense, records, want_output, progress)
+    parameters = [p for p in runner.adapter.model.parameters() if p.requires_grad]
+    sweep = _Sweep(runner, plan, parameters, targets, params, widths, dense, records, want_output, progress)
     if runner.config.graphs_enabled and memory.is_cuda and not (want_output and runner.scheme.output_per_segment):
         # segments whose rows are all full replay captures with the plain-layout kernels
         full = [min(row) == runner.config.segment_size for row in lens_host]
         variants = {f: _training_graphs(runner, memory, plan, targets, want_output, f) for f in set(full)}
         if all(v is not None for v in variants.values()):
             sweep.graphs = [variants[f] for f in full]
-    dummy = torch.empty(0, device=memory.device, requires_grad=True)
-    memory, loss_sum, count, *outputs = _TwoSweep.apply(sweep, memory, dummy)
+    memory, loss_sum, count, *outputs = _TwoSweep.apply(sweep, memory, *parameters)
     record = runner.scheme.new_record(plan, total_len)
     it = iter(outputs)
     j = 0

@@ -255,7 +255,8 @@ class TrainingGraphs:
     - ``backward``: the step recomputed with autograd and differentiated, ``torch.autograd.grad`` of (new memory,
       loss, recorded output) against (memory in, every trainable backbone parameter) with the incoming gradients
       from static buffers; parameter gradients are added into static accumulators, the memory gradient is written
-      to a static output. :meth:`finish` adds the accumulators into the parameters' ``.grad``.
+      to a static output. :meth:`finish` hands the accumulated gradients over, which the two-sweep Function
+      returns as the gradients of its parameter inputs (once per backward, as in the eager sweeps).
 
     Dropout draws the same numbers in both graphs of a segment: the generator state saved before the forward
     replay is restored before the backward replay.
@@ -353,14 +354,13 @@ class TrainingGraphs:
         self.bwd.replay()
         return self.grad_mem_in.clone()
 
-    def finish(self) -> None:
-        """Add the accumulated parameter gradients into ``.grad`` and reset the accumulators."""
-        for p, acc in zip(self.parameters, self.accum):
-            if p.grad is None:
-                p.grad = acc.clone()
-            else:
-                p.grad.add_(acc)
+    def finish(self) -> list:
+        """The parameter gradients accumulated since the last call (fresh tensors, in the order of
+        ``self.parameters``); resets the accumulators."""
+        grads = [acc.clone() for acc in self.accum]
+        for acc in self.accum:
             acc.zero_()
+        return grads
 
 
 def flat_outputs(output) -> tuple:
