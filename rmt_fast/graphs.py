@@ -106,13 +106,17 @@ class ParameterAliases:
     whose gradient nodes are made by the capture itself. They share storage with the parameters, so optimizer
     steps reach the replays; gradients are taken with respect to the aliases.
 
-    Used by :class:`StepGraphs`. :class:`TrainingGraphs` (forward and backward in one capture) keeps the
-    parameters: with aliases there, its 16-segment GPT-2 run fell back to eager speed on the H200 (cause not
-    found; without them it captures in every test and benchmark).
+    Used by :class:`StepGraphs` and by the eager backward sweep of :mod:`rmt_fast.bptt` (there, so that the
+    parameters' own gradient nodes and hooks see one gradient per backward, not one per segment).
+    :class:`TrainingGraphs` (forward and backward in one capture) keeps the parameters: with aliases there, its
+    16-segment GPT-2 run fell back to eager speed on the H200 (cause not found; without them it captures in every
+    test and benchmark).
     """
 
-    def __init__(self, model: torch.nn.Module):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    def __init__(self, model: torch.nn.Module, named: list | None = None):
+        """named: the ``(name, parameter)`` pairs to alias (default: every trainable parameter of ``model``)."""
+        if named is None:
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.parameters = [p for _, p in named]
         self.aliases = None
