@@ -2,7 +2,7 @@
 :data:`STEPS` optimizer steps on one batch of :data:`BATCH` rows, split over the ranks, under one data-parallel
 engine, and writes what rank 0 ends with (parameters, first-step gradients) to ``OUT/<engine>-<case>.pt``.
 
-    python data_parallel.py OUT ENGINE[,ENGINE...] [CASE,...]
+    python data_parallel.py OUT ENGINE[,ENGINE...] [CASE,...] [cpu|cuda]
 
 Engines: ``single`` (one process, the whole batch: the reference), ``ddp`` (DistributedDataParallel with its
 defaults), ``ddp_static`` (``static_graph=True``), ``fsdp`` (``fully_shard`` on every backbone block and the
@@ -10,6 +10,7 @@ model), ``trainer`` (transformers' Trainer; in one process, its own reference), 
 ``gradient_checkpointing=True``: activation checkpointing inside the segments), ``accelerate`` (an Accelerator
 loop). Cases: ``<decoder|encoder>-<full|two_sweep>`` (full BPTT or ``checkpoint_segments=True``); default all.
 Every optimizer is plain SGD with a constant learning rate, so the engines agree with one process to rounding.
+``cuda`` (single and ddp only): each rank on its own GPU (NCCL), where the segments replay as CUDA graphs.
 """
 import os
 import sys
@@ -52,7 +53,8 @@ def rank_world() -> tuple:
 
 
 def result(rmt, first_grads) -> dict:
-    return {"params": {n: p.detach().clone() for n, p in rmt.named_parameters()}, "grads": first_grads,
+    return {"params": {n: p.detach().cpu() for n, p in rmt.named_parameters()},
+            "grads": {n: g.cpu() for n, g in first_grads.items()},
             "world": rank_world()[1]}
 
 
@@ -60,17 +62,18 @@ def grads_of(rmt) -> dict:
     return {n: p.grad.detach().clone() for n, p in rmt.named_parameters() if p.grad is not None}
 
 
-def train_loop(case: str, engine: str) -> dict:
+def train_loop(case: str, engine: str, device: str = "cpu") -> dict:
     """single / ddp / ddp_static / fsdp: rank r trains on rows [r * BATCH / world, (r + 1) * BATCH / world)."""
     rank, world = rank_world()
-    rmt = build(case)
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device("cpu")
+    rmt = build(case).to(dev)
     model = rmt
     reductions = []
     if engine in ("ddp", "ddp_static"):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(rmt, static_graph=engine == "ddp_static")
+        model = DDP(rmt, static_graph=engine == "ddp_static", device_ids=[dev.index] if dev.type == "cuda" else None)
 
         def counting_allreduce(state, bucket):
             reductions.append(bucket.index())
@@ -86,7 +89,7 @@ def train_loop(case: str, engine: str) -> dict:
         fully_shard(rmt)
     data = rows(case)
     share = BATCH // world
-    batch = torch.utils.data.default_collate(data[rank * share:(rank + 1) * share])
+    batch = {k: v.to(dev) for k, v in torch.utils.data.default_collate(data[rank * share:(rank + 1) * share]).items()}
     opt = torch.optim.SGD(rmt.parameters(), lr=LR)
     first, per_step = None, []
     for _ in range(STEPS):
@@ -147,11 +150,13 @@ def train_accelerate(case: str) -> dict:
     return result(rmt, first)
 
 
-def main(out_dir: str, engines: str, cases: str | None = None) -> None:
+def main(out_dir: str, engines: str, cases: str = "", device: str = "cpu") -> None:
     rank, world = rank_world()
     torch.set_num_threads(1)
     if world > 1 and any(e in ("ddp", "ddp_static", "fsdp") for e in engines.split(",")):
-        torch.distributed.init_process_group("gloo")
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
     for engine in engines.split(","):
         for case in (cases.split(",") if cases else CASES):
             if engine in ("trainer", "trainer_ac"):
@@ -159,7 +164,7 @@ def main(out_dir: str, engines: str, cases: str | None = None) -> None:
             elif engine == "accelerate":
                 res = train_accelerate(case)
             else:
-                res = train_loop(case, engine)
+                res = train_loop(case, engine, device)
             if rank == 0:
                 torch.save(res, os.path.join(out_dir, f"{engine}-{case}.pt"))
     if torch.distributed.is_initialized():
