@@ -24,6 +24,7 @@ from models import CLS, PAD, SEP, bert_cls, gpt2  # noqa: E402
 
 STEPS, BATCH, LENGTH, LR = 3, 4, 50, 0.1  # 50 tokens: 5 segments of 10
 CASES = [f"{kind}-{schedule}" for kind in ("decoder", "encoder") for schedule in ("full", "two_sweep")]
+ENGINES = ("single", "ddp", "ddp_static", "fsdp", "trainer", "trainer_ac", "accelerate")
 
 
 def build(case: str) -> rmt_fast.RecurrentMemoryModel:
@@ -112,7 +113,7 @@ def train_loop(case: str, engine: str, device: str = "cpu") -> dict:
 def train_trainer(case: str, out_dir: str, activation_checkpointing: bool = False) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    rank, world = rank_world()
+    _, world = rank_world()
     rmt = build(case)
     first = {}
 
@@ -151,6 +152,12 @@ def train_accelerate(case: str) -> dict:
 
 
 def main(out_dir: str, engines: str, cases: str = "", device: str = "cpu") -> None:
+    checks = [("engine", engines.split(","), ENGINES), ("case", cases.split(",") if cases else [], CASES),
+              ("device", [device], ("cpu", "cuda"))]
+    for name, given, allowed in checks:
+        bad = [x for x in given if x not in allowed]
+        if bad:
+            raise ValueError(f"unknown {name} {bad}; allowed: {', '.join(allowed)}")
     rank, world = rank_world()
     torch.set_num_threads(1)
     if world > 1 and any(e in ("ddp", "ddp_static", "fsdp") for e in engines.split(",")):
