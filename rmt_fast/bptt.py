@@ -273,7 +273,8 @@ def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, tota
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in sharded]
     sweep = _Sweep(runner, plan, named, targets, params, widths, dense, records, want_output, progress,
                    fsdp_states=_fsdp_states(fsdp))
-    if runner.config.graphs_enabled and memory.is_cuda and not fsdp and not (want_output and runner.scheme.output_per_segment):
+    if (runner.config.graphs_enabled and memory.is_cuda and not fsdp
+            and not (want_output and runner.scheme.output_per_segment)):
         # segments whose rows are all full replay captures with the plain-layout kernels
         full = [min(row) == runner.config.segment_size for row in lens_host]
         variants = {f: _training_graphs(runner, memory, plan, targets, want_output, f) for f in set(full)}
