@@ -1,13 +1,27 @@
-"""The two-sweep (checkpointed) schedule under data parallelism: 2 CPU processes (gloo), gradients reduced once
-per step with rmt_fast.distributed, equal to one process running the whole batch."""
+"""Data-parallel training on the engines users run, 2 CPU processes (gloo): DistributedDataParallel, FSDP2
+(``fully_shard``), transformers' Trainer under torchrun and an Accelerator loop under ``accelerate launch``. For
+both schedules (full BPTT and ``checkpoint_segments=True``), a decoder and an encoder-classifier: after 3 SGD steps
+on a batch split over the ranks, the parameters (and the first step's gradients) equal one process running the
+whole batch. The runs are python_tests/data_parallel.py; each launcher starts once per module."""
 import os
+import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
-import rmt_fast
-from rmt_fast.distributed import all_reduce_gradients, broadcast_parameters
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SCRIPT = os.path.join(HERE, "data_parallel.py")
+sys.path.insert(0, HERE)
+from data_parallel import CASES  # noqa: E402
+
+# engine -> (launcher, the engine whose one-process run is its reference)
+ENGINES = {"ddp": ("torchrun", "single"), "ddp_static": ("torchrun", "single"), "fsdp": ("torchrun", "single"),
+           "trainer": ("torchrun", "trainer"), "trainer_ac": ("torchrun", "trainer"),
+           "accelerate": ("accelerate", "single")}
 
 
 def _free_port() -> int:
@@ -16,56 +30,90 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _setup(kind):
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from models import CLS, PAD, SEP, bert_cls, gpt2
-
-    torch.manual_seed(0)
-    if kind == "decoder":
-        model = gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        rmt = rmt_fast.wrap(model, num_mem_tokens=2, segment_size=8, checkpoint_segments=True, keep_logits=False)
-    else:
-        model = bert_cls(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        rmt = rmt_fast.wrap(model, num_mem_tokens=2, segment_size=9, checkpoint_segments=True, cls_token_id=CLS,
-                            sep_token_id=SEP, pad_token_id=PAD)
-    ids = torch.randint(4, 97, (4, 36))
-    labels = ids if kind == "decoder" else torch.tensor([0, 3, 1, 5])
-    return rmt.train(), ids, labels
-
-
-def _worker(rank, world, port, out, kind):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _run(cmd: list, timeout: int = 300) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
     try:
-        rmt, ids, labels = _setup(kind)
-        if rank == 1:  # a different start on rank 1: broadcast_parameters must fix it
-            with torch.no_grad():
-                rmt.memory.add_(1.0)
-        broadcast_parameters(rmt)
-        part = slice(rank * 2, rank * 2 + 2)
-        rmt(ids[part], labels=labels[part]).loss.backward()
-        all_reduce_gradients(rmt)
-        torch.save({n: p.grad for n, p in rmt.named_parameters() if p.grad is not None}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+
+
+class Runs:
+    """Launches each launcher's engines (and the one-process references) on first use; loads their results."""
+
+    def __init__(self, out):
+        self.out = out
+        self.done: set = set()
+
+    def _launch(self, launcher: str) -> None:
+        if launcher in self.done:
+            return
+        out = self.out / launcher
+        out.mkdir()
+        if launcher == "reference":
+            _run([sys.executable, SCRIPT, str(out), "single,trainer"])
+        elif launcher == "torchrun":
+            engines = ",".join(e for e, (l, _) in ENGINES.items() if l == "torchrun")
+            _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                  f"--master_port={_free_port()}", SCRIPT, str(out), engines])
+        else:  # --multi_gpu picks accelerate's torchrun launcher; the Accelerator itself is on the CPU
+            _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                  "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+                  f"--main_process_port={_free_port()}", SCRIPT, str(out), "accelerate"])
+        self.done.add(launcher)
+
+    def load(self, launcher: str, engine: str, case: str) -> dict:
+        self._launch(launcher)
+        return torch.load(self.out / launcher / f"{engine}-{case}.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("data_parallel"))
+
+
+def _assert_close(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys() and len(want) > 0, what
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-4, msg=lambda m: f"{what} {n}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_data_parallel_equals_one_process(runs, engine, case):
+    launcher, reference = ENGINES[engine]
+    got = runs.load(launcher, engine, case)
+    want = runs.load("reference", reference, case)
+    assert got["world"] == 2 and want["world"] == 1
+    _assert_close(got["grads"], want["grads"], "first step's gradient of")
+    _assert_close(got["params"], want["params"], "after 3 steps,")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
-def test_two_sweep_under_data_parallel_equals_one_process(tmp_path, kind):
-    import torch.multiprocessing as mp
+def test_ddp_reduces_once_per_step_with_either_schedule(runs, kind):
+    """The two-sweep schedule's parameter gradients reach DDP once per backward: it all-reduces the same buckets,
+    as often, as with full BPTT (one reduction of each parameter per optimizer step, not one per segment)."""
+    full = runs.load("torchrun", "ddp", f"{kind}-full")["reductions_per_step"]
+    two_sweep = runs.load("torchrun", "ddp", f"{kind}-two_sweep")["reductions_per_step"]
+    assert two_sweep == full and len(full) == 3 and min(full) >= 1
 
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2, join=True,
-                       start_method="spawn")
-    g0 = torch.load(tmp_path / "rank0.pt")
-    g1 = torch.load(tmp_path / "rank1.pt")
-    rmt, ids, labels = _setup(kind)
-    rmt(ids, labels=labels).loss.backward()
-    whole = {n: p.grad for n, p in rmt.named_parameters() if p.grad is not None}
-    assert g0.keys() == g1.keys() == whole.keys()
-    for n in whole:
-        assert torch.equal(g0[n], g1[n]), n
-        torch.testing.assert_close(g0[n], whole[n], atol=1e-6, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL, CUDA graphs)")
+@pytest.mark.parametrize("case", CASES)
+def test_ddp_with_cuda_graphs_equals_one_process(tmp_path, case):
+    """On 2 GPUs, where both schedules replay their segments as CUDA graphs (StepGraphs, TrainingGraphs)."""
+    _run([sys.executable, SCRIPT, str(tmp_path), "single", case, "cuda"])
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+          f"--master_port={_free_port()}", SCRIPT, str(tmp_path), "ddp", case, "cuda"])
+    got = torch.load(tmp_path / f"ddp-{case}.pt", weights_only=False)
+    want = torch.load(tmp_path / f"single-{case}.pt", weights_only=False)
+    assert got["world"] == 2
+    for n in want["params"]:
+        torch.testing.assert_close(got["params"][n], want["params"][n], atol=1e-4, rtol=1e-3, msg=n)

@@ -27,6 +27,16 @@ def test_num_items_in_batch_sums_the_token_losses():
     torch.testing.assert_close(rmt(ids, labels=ids, num_items_in_batch=4 * total).loss, mean / 4)
 
 
+def test_num_items_in_batch_sums_the_classifier_losses():
+    """Sequence classifiers too (Trainer under DDP scales the loss by the number of processes and relies on it)."""
+    rmt = rmt_fast.wrap(bert_cls(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), num_mem_tokens=2,
+                        segment_size=9, cls_token_id=CLS, sep_token_id=SEP, pad_token_id=PAD)
+    ids = tokens(3, 20)
+    labels = torch.tensor([0, 4, 2])
+    mean = rmt(ids, labels=labels).loss
+    torch.testing.assert_close(rmt(ids, labels=labels, num_items_in_batch=torch.tensor(6)).loss, mean / 2)
+
+
 def test_num_segments_is_an_attribute_not_a_field():
     rmt = rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=8)
     out = rmt(tokens(1, 20))

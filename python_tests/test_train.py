@@ -346,7 +346,7 @@ def _ddp_worker(rank, world, port, out_dir, backbone, find_unused, two_sweep="of
 @pytest.mark.parametrize("backbone,find_unused,two_sweep", [("tiny-bert", False, "off"), ("tiny-gpt2", False, "off"),
                                                             ("tiny-bert", False, "on")])
 def test_ddp_two_processes_keep_parameters_identical(tmp_path, backbone, find_unused, two_sweep):
-    """DDP (full BPTT) or, with the two-sweep schedule, one gradient all-reduce per step (rmt_fast.distributed)."""
+    """The trainer under DistributedDataParallel, with full BPTT or the two-sweep schedule."""
     import time
 
     import torch.multiprocessing as mp

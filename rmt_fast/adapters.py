@@ -156,8 +156,10 @@ class Adapter:
             return None
         return head.weight, head.bias
 
-    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The loss HF's ...ForSequenceClassification heads compute (problem_type rules)."""
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor, num_items=None) -> torch.Tensor:
+        """The loss HF's ...ForSequenceClassification heads compute (problem_type rules): the mean over the label
+        entries, or, given ``num_items`` (transformers' Trainer's ``num_items_in_batch``: the label entries of the
+        whole batch over processes and accumulation steps), their sum divided by it."""
         cfg = self.model.config
         problem = cfg.problem_type
         if problem is None:
@@ -167,13 +169,17 @@ class Adapter:
                 problem = "single_label_classification"
             else:
                 problem = "multi_label_classification"
+        reduction = "mean" if num_items is None else "sum"
         if problem == "regression":
             if cfg.num_labels == 1:
-                return F.mse_loss(logits.squeeze().float(), labels.squeeze().float())
-            return F.mse_loss(logits.float(), labels.float())
-        if problem == "single_label_classification":
-            return F.cross_entropy(logits.view(-1, cfg.num_labels).float(), labels.view(-1))
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+                loss = F.mse_loss(logits.squeeze().float(), labels.squeeze().float(), reduction=reduction)
+            else:
+                loss = F.mse_loss(logits.float(), labels.float(), reduction=reduction)
+        elif problem == "single_label_classification":
+            loss = F.cross_entropy(logits.view(-1, cfg.num_labels).float(), labels.view(-1), reduction=reduction)
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction=reduction)
+        return loss if num_items is None else loss / num_items
 
 
 def _max_positions(model, mode: str, model_type: str) -> int:

@@ -8,22 +8,31 @@ Here (``checkpoint_segments=True``):
    (the loss sum, the final memory, the recorded outputs);
 2. **backward sweep**, from the last segment to the first: recompute segment ``g`` with autograd from its saved
    memory and backpropagate its loss, its recorded outputs and its new memory (whose gradient came from segment
-   ``g + 1``); parameter gradients accumulate into ``.grad`` as they go, and ``d memory_g`` is handed back to
-   segment ``g - 1`` (dropped where ``bptt_depth`` cuts the graph, as full BPTT's ``detach`` does).
+   ``g + 1``); ``d memory_g`` is handed back to segment ``g - 1`` (dropped where ``bptt_depth`` cuts the graph,
+   as full BPTT's ``detach`` does).
+
+The backbone's trainable parameters are inputs of the autograd Function, and the backward sweep recomputes on leaf
+aliases of them (:class:`rmt_fast.graphs.ParameterAliases`), whose ``.grad`` sums the segments; those sums are the
+gradients the Function returns. So each parameter's gradient arrives once per backward, as with full BPTT:
+``torch.autograd.grad``, gradient hooks and DistributedDataParallel (one reduction per parameter and step) see an
+ordinary backward. Parameters that FSDP2 (``fully_shard``) manages below the model are the exception: FSDP swaps
+them for their unsharded versions around every module call, so they are not aliased; the recompute reaches them
+directly and FSDP's own hooks reduce-scatter their gradients as each segment's backward produces them.
 
 The gradients equal full BPTT's (up to the order of floating-point summation). Peak memory is one segment's
-activations plus the saved memories. Like reentrant checkpointing, the parameter gradients are accumulated
-inside the backward pass, so use ``loss.backward()`` (not ``torch.autograd.grad`` on parameters).
+activations, the saved memories and one set of parameter gradients.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .graphs import MAX_CAPTURES, TrainingGraphs, autocast_state, flat_outputs, recover_from_failed_capture
+from .graphs import (MAX_CAPTURES, ParameterAliases, TrainingGraphs, autocast_state, flat_outputs,
+                     recover_from_failed_capture)
 from .schemes import P_LAST
 
 
@@ -33,6 +42,7 @@ class _Sweep:
 
     runner: object
     plan: object
+    named: list  # (name, parameter): the Function's differentiable inputs after the memory (see the module doc)
     targets: torch.Tensor | None
     params: torch.Tensor
     widths: list
@@ -45,11 +55,12 @@ class _Sweep:
     rng: list | None = None
     rng_after: object = None
     autocast: tuple | None = None
+    fsdp_states: list = ()  # FSDP2 states of the fully_shard modules inside the backbone
 
 
 class _TwoSweep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sweep: _Sweep, memory, _dummy):
+    def forward(ctx, sweep: _Sweep, memory, *parameters):
         r = sweep.runner
         device = memory.device
         sweep.autocast = autocast_state(device.type)
@@ -97,7 +108,11 @@ class _TwoSweep(torch.autograd.Function):
                 per_segment[g] = grad_outputs[k:k + n]
                 k, i = k + n, i + 1
         grad_first = None
-        device_type, autocast_on, autocast_dtype = sweep.autocast
+        param_grads = [None] * len(sweep.named)
+        aliases = None
+        if sweep.graphs is None:
+            aliases = ParameterAliases(r.adapter.model, sweep.named)
+            aliases.make()
         for g in reversed(range(g_total)):
             seg_grads = per_segment.get(g, ())
             has_out_grad = any(t is not None for t in seg_grads)
@@ -112,38 +127,51 @@ class _TwoSweep(torch.autograd.Function):
                 else:
                     grad_memory = None if cut else grad_in
                 continue
-            mem_in = states[g].detach().requires_grad_(not cut)
+            mem_in = states[g].detach().requires_grad_(not cut and (g > 0 or ctx.needs_input_grad[1]))
             with contextlib.ExitStack() as stack:
                 if sweep.rng is not None:
                     stack.enter_context(torch.random.fork_rng(devices=_rng_devices(mem_in.device)))
                     _set_rng_state(mem_in.device, sweep.rng[g])
                 stack.enter_context(torch.enable_grad())
-                stack.enter_context(torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on))
-                res = r.step(mem_in, sweep.plan.content, sweep.targets, sweep.params[g], sweep.widths[g],
-                             bool(seg_grads), False, sweep.dense[g])
-            outs, grads = [], []
-            if grad_memory is not None and res.memory.requires_grad:
-                outs.append(res.memory)
-                grads.append(grad_memory)
-            if grad_loss is not None and res.loss_sum.requires_grad:
-                outs.append(res.loss_sum)
-                grads.append(grad_loss)
-            if has_out_grad:
-                for out, grad in zip(flat_outputs(res.output), seg_grads):
-                    if grad is not None and out.requires_grad:
-                        outs.append(out)
-                        grads.append(grad)
-            if outs:
-                torch.autograd.backward(outs, grads)
+                # the aliases stand in for the parameters through the backward too: a reentrant activation
+                # checkpoint inside the backbone recomputes its layers there
+                aliases.run(lambda: _backpropagate_segment(sweep, g, mem_in, grad_memory, grad_loss, seg_grads))
+            if sweep.fsdp_states:
+                _fsdp_recompute_as_forward(sweep.fsdp_states)
             if g == 0:
                 grad_first = mem_in.grad
             else:
                 grad_memory = None if cut else mem_in.grad
-        if sweep.graphs is not None:
+        if sweep.graphs is None:
+            param_grads = [a.grad for a in aliases.aliases]
+        else:
             for graphs in {id(x): x for x in sweep.graphs}.values():
-                graphs.finish()
+                for i, grad in enumerate(graphs.finish()):
+                    param_grads[i] = grad if param_grads[i] is None else param_grads[i].add_(grad)
             _set_rng_state(states[0].device, sweep.rng_after)
-        return None, grad_first, None
+        return (None, grad_first, *param_grads)
+
+
+def _backpropagate_segment(sweep: _Sweep, g: int, mem_in, grad_memory, grad_loss, seg_grads) -> None:
+    """Recompute segment ``g`` from ``mem_in`` and backpropagate the gradients of its new memory, its loss and its
+    recorded outputs (None: no gradient) into ``mem_in`` and the parameters (their aliases)."""
+    device_type, autocast_on, autocast_dtype = sweep.autocast
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+        res = sweep.runner.step(mem_in, sweep.plan.content, sweep.targets, sweep.params[g], sweep.widths[g],
+                                bool(seg_grads), False, sweep.dense[g])
+    outs, grads = [], []
+    if grad_memory is not None and res.memory.requires_grad:
+        outs.append(res.memory)
+        grads.append(grad_memory)
+    if grad_loss is not None and res.loss_sum.requires_grad:
+        outs.append(res.loss_sum)
+        grads.append(grad_loss)
+    for out, grad in zip(flat_outputs(res.output), seg_grads):
+        if grad is not None and out.requires_grad:
+            outs.append(out)
+            grads.append(grad)
+    if outs:
+        torch.autograd.backward(outs, grads)
 
 
 def _training_graphs(runner, memory, plan, targets, want_output, dense):
@@ -179,6 +207,43 @@ def _training_graphs(runner, memory, plan, targets, want_output, dense):
     return graphs
 
 
+def fsdp_modules(model: torch.nn.Module) -> list:
+    """The FSDP2 (``fully_shard``) modules inside ``model``."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no module is sharded
+    if fsdp is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)]
+
+
+def _fsdp_states(modules: list) -> list:
+    """The FSDP2 states of ``modules``, whose training state the backward sweep resets after every segment."""
+    if not modules:
+        return []
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+        states = [m._get_fsdp_state() for m in modules]
+        if not all(isinstance(getattr(s, "_training_state", None), TrainingState) for s in states):
+            raise AttributeError("an FSDP state without a TrainingState _training_state")
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError("rmt_fast: checkpoint_segments=True with fully_shard modules inside the backbone relies "
+                           f"on FSDP2's training states as torch 2.13 has them ({type(e).__name__}: {e}); use "
+                           "checkpoint_segments=False, or fully_shard the RMT model only") from e
+    return states
+
+
+def _fsdp_recompute_as_forward(states: list) -> None:
+    """After a segment's backward, put the FSDP2 states back to idle. FSDP keeps a module "in backward" from its
+    first gradient to the end of the whole backward and takes any forward it sees then for the recompute of
+    activation checkpointing, whose hooks the original forward registered: the next segment's recompute would run
+    without the hooks that reduce-scatter its gradients. Idle, each recompute runs FSDP's forward hooks (unshard,
+    the gradient hooks) as the first did."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    for state in states:
+        state._training_state = TrainingState.IDLE
+
+
 def _rng_devices(device: torch.device) -> list:
     return [device] if device.type == "cuda" else []
 
@@ -202,15 +267,20 @@ def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, tota
     dense = [min(row) == w for row, w in zip(lens_host, widths)]
     ends = params[:, P_LAST].any(1).tolist()
     records = [bool(want_output and (e or runner.scheme.output_per_segment)) for e in ends]
-    sweep = _Sweep(runner, plan, targets, params, widths, dense, records, want_output, progress)
-    if runner.config.graphs_enabled and memory.is_cuda and not (want_output and runner.scheme.output_per_segment):
+    model = runner.adapter.model
+    fsdp = fsdp_modules(model)
+    sharded = {id(p) for m in fsdp for p in m.parameters()}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in sharded]
+    sweep = _Sweep(runner, plan, named, targets, params, widths, dense, records, want_output, progress,
+                   fsdp_states=_fsdp_states(fsdp))
+    if (runner.config.graphs_enabled and memory.is_cuda and not fsdp
+            and not (want_output and runner.scheme.output_per_segment)):
         # segments whose rows are all full replay captures with the plain-layout kernels
         full = [min(row) == runner.config.segment_size for row in lens_host]
         variants = {f: _training_graphs(runner, memory, plan, targets, want_output, f) for f in set(full)}
         if all(v is not None for v in variants.values()):
             sweep.graphs = [variants[f] for f in full]
-    dummy = torch.empty(0, device=memory.device, requires_grad=True)
-    memory, loss_sum, count, *outputs = _TwoSweep.apply(sweep, memory, dummy)
+    memory, loss_sum, count, *outputs = _TwoSweep.apply(sweep, memory, *(p for _, p in named))
     record = runner.scheme.new_record(plan, total_len)
     it = iter(outputs)
     j = 0

@@ -106,13 +106,17 @@ class ParameterAliases:
     whose gradient nodes are made by the capture itself. They share storage with the parameters, so optimizer
     steps reach the replays; gradients are taken with respect to the aliases.
 
-    Used by :class:`StepGraphs`. :class:`TrainingGraphs` (forward and backward in one capture) keeps the
-    parameters: with aliases there, its 16-segment GPT-2 run fell back to eager speed on the H200 (cause not
-    found; without them it captures in every test and benchmark).
+    Used by :class:`StepGraphs` and by the eager backward sweep of :mod:`rmt_fast.bptt` (there, so that the
+    parameters' own gradient nodes and hooks see one gradient per backward, not one per segment).
+    :class:`TrainingGraphs` (forward and backward in one capture) keeps the parameters: with aliases there, its
+    16-segment GPT-2 run fell back to eager speed on the H200 (cause not found; without them it captures in every
+    test and benchmark).
     """
 
-    def __init__(self, model: torch.nn.Module):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    def __init__(self, model: torch.nn.Module, named: list | None = None):
+        """named: the ``(name, parameter)`` pairs to alias (default: every trainable parameter of ``model``)."""
+        if named is None:
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.parameters = [p for _, p in named]
         self.aliases = None
@@ -255,7 +259,8 @@ class TrainingGraphs:
     - ``backward``: the step recomputed with autograd and differentiated, ``torch.autograd.grad`` of (new memory,
       loss, recorded output) against (memory in, every trainable backbone parameter) with the incoming gradients
       from static buffers; parameter gradients are added into static accumulators, the memory gradient is written
-      to a static output. :meth:`finish` adds the accumulators into the parameters' ``.grad``.
+      to a static output. :meth:`finish` hands the accumulated gradients over, which the two-sweep Function
+      returns as the gradients of its parameter inputs (once per backward, as in the eager sweeps).
 
     Dropout draws the same numbers in both graphs of a segment: the generator state saved before the forward
     replay is restored before the backward replay.
@@ -353,14 +358,13 @@ class TrainingGraphs:
         self.bwd.replay()
         return self.grad_mem_in.clone()
 
-    def finish(self) -> None:
-        """Add the accumulated parameter gradients into ``.grad`` and reset the accumulators."""
-        for p, acc in zip(self.parameters, self.accum):
-            if p.grad is None:
-                p.grad = acc.clone()
-            else:
-                p.grad.add_(acc)
+    def finish(self) -> list:
+        """The parameter gradients accumulated since the last call (fresh tensors, in the order of
+        ``self.parameters``); resets the accumulators."""
+        grads = [acc.clone() for acc in self.accum]
+        for acc in self.accum:
             acc.zero_()
+        return grads
 
 
 def flat_outputs(output) -> tuple:

@@ -115,9 +115,10 @@ class RecurrentMemoryModel(nn.Module):
         continue from instead of the learned initial memory. return_logits: override ``keep_logits`` of the
         config. progress: a callable wrapping the segment range (e.g. ``tqdm``). token_type_ids: accepted as a
         tokenizer returns them; the segment layout gives every token type 0, so nonzero types (sentence pairs) are
-        refused. num_items_in_batch: as transformers' Trainer passes it; per-token losses are then summed and
-        divided by it (exact under gradient accumulation). Seq2seq: labels are the decoder's targets ``[B, L]``;
-        kwargs may hold ``decoder_input_ids`` and ``decoder_attention_mask`` for the decoder.
+        refused. num_items_in_batch: as transformers' Trainer passes it; per-token (classifiers: per-label) losses
+        are then summed and divided by it (exact under gradient accumulation and over processes). Seq2seq: labels
+        are the decoder's targets ``[B, L]``; kwargs may hold ``decoder_input_ids`` and ``decoder_attention_mask``
+        for the decoder.
         """
         scheme = self.runner.scheme
         finish_kwargs = {k: kwargs.pop(k) for k in scheme.finish_kwargs if k in kwargs}
@@ -143,8 +144,10 @@ class RecurrentMemoryModel(nn.Module):
             scheme.check_labels(labels, input_ids)
         targets = scheme.targets(plan, labels)
         res = self.runner.run(memory, plan, targets, keep_logits, output_hidden_states, input_ids.shape[1], progress)
-        if num_items_in_batch is not None and targets is not None:
-            res["count"] = torch.as_tensor(num_items_in_batch, device=res["loss_sum"].device)
+        if num_items_in_batch is not None:
+            res["num_items"] = torch.as_tensor(num_items_in_batch, device=res["loss_sum"].device)
+            if targets is not None:
+                res["count"] = res["num_items"]
         out = RMTOutput(memory=res["memory"], **scheme.finish(self.adapter, res, labels, **finish_kwargs))
         out.num_segments = plan.num_segments
         return out

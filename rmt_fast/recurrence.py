@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters import Adapter
 from .config import RMTConfig
-from .bptt import run_two_sweep
+from .bptt import fsdp_modules, run_two_sweep
 from .ops import segment_handoff
 from .schemes import P_GATHER, Scheme
 
@@ -127,7 +127,8 @@ class SegmentRunner:
             return run_two_sweep(self, memory, plan, targets, params, want_output, total_len, progress)
         lens_host = plan.lens.tolist()  # one host sync for all segments
         if (cfg.graphs_enabled and memory.is_cuda and torch.is_grad_enabled() and not output_hidden_states
-                and not (want_output and self.scheme.output_per_segment and plan.content.shape[1] != total_len)):
+                and not (want_output and self.scheme.output_per_segment and plan.content.shape[1] != total_len)
+                and not fsdp_modules(self.adapter.model)):  # FSDP2 swaps parameters in and out around its modules
             # Per-token outputs (a decoder's logits) are captured only where every input column is a content token:
             # with every segment full too (run_step_graphs' condition), the record is the segments side by side.
             from .graphs import run_step_graphs

@@ -99,7 +99,7 @@ class Scheme(abc.ABC):
     def _finish_classifier(self, adapter, res, labels) -> dict:
         output = res["output"]
         logits, last_h = output if isinstance(output, tuple) else (output, None)
-        loss = adapter.classification_loss(logits, labels) if labels is not None else None
+        loss = adapter.classification_loss(logits, labels, res.get("num_items")) if labels is not None else None
         return {"loss": loss, "logits": logits, "last_hidden_state": last_h, "hidden_states": res["hidden"]}
 
     @staticmethod

@@ -405,14 +405,7 @@ class Trainer:
             atomic_json(os.path.join(self.out, CONFIG_FILE), cfg.to_dict())
             save_tokenizer(self.tokenizer, self.out)
         self.model = self.rmt
-        # the two-sweep schedule backpropagates segment by segment inside backward(): DDP's per-parameter hooks
-        # would fire once per segment, so the gradients are reduced once per step instead (rmt_fast.distributed)
-        self.reduce_by_hand = self.world > 1 and uses_two_sweep(cfg, self.device)
-        if self.reduce_by_hand:
-            from ..distributed import broadcast_parameters
-
-            broadcast_parameters(self.rmt)
-        elif self.world > 1:
+        if self.world > 1:  # either schedule: the gradients reach DDP once per backward
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ddp_kw = {"find_unused_parameters": cfg.find_unused_parameters}
@@ -626,10 +619,6 @@ class Trainer:
             loss = self.model(input_ids=ids, labels=labels, return_logits=False).loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.reduce_by_hand:
-            from ..distributed import all_reduce_gradients
-
-            all_reduce_gradients(self.rmt)
         if cfg.grad_clip and cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.rmt.parameters(), cfg.grad_clip)
         self.optimizer.step()
