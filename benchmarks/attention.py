@@ -200,7 +200,7 @@ class Problem:
 
     def _add_cuda(self):
         from rmt_fast.ops import cuda as cuda_ops
-        from rmt_fast.ops import memory_attention
+        from rmt_fast.ops.memory_attention import memory_attention
 
         if not cuda_ops.has_op("memory_attention"):
             self.skipped["cuda"] = "rmt_fast._C not built or has no memory_attention op"
@@ -266,7 +266,7 @@ def _ref(q, k, v, layout, scale):
 
 
 def _triton(q, k, v, layout, scale):
-    from rmt_fast.ops import memory_attention
+    from rmt_fast.ops.memory_attention import memory_attention
 
     return memory_attention(q, k, v, layout, scale, backend="triton")
 
@@ -564,10 +564,7 @@ def sweep(args, torch):
     (under the schedule that kernel belongs to)."""
     from triton.testing import do_bench
 
-    import importlib
-
-    # importlib: the attribute rmt_fast.ops.memory_attention is the op (a function), not the subpackage
-    attention = importlib.import_module("rmt_fast.ops.memory_attention.triton")
+    import rmt_fast.ops.memory_attention.triton as attention
 
     default = attention._launch_config
     kernels = args.sweep_kernels or list(SWEEP)

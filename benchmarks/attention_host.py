@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -41,9 +40,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/attention_host.py needs a CUDA GPU")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from rmt_fast.ops import SegmentLayout, memory_attention
+    import rmt_fast.ops.memory_attention.triton as att
+    from rmt_fast.ops.memory_attention import SegmentLayout, memory_attention
 
-    att = importlib.import_module("rmt_fast.ops.memory_attention.triton")
     b, h, n, d = (int(x) for x in args.shape.lower().split("x"))
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)

@@ -352,7 +352,7 @@ def test_plan_declines_what_it_cannot_stand_for(lean, monkeypatch, case):
 def test_gpu_attention_direct_launch_equals_ordinary_launch(dtype, monkeypatch):
     """The real kernels: the second call of each shape launches directly and is bit-equal to the first (ordinary)
     one; a misaligned view of q gets its own compiled kernel and matches the reference."""
-    from rmt_fast.ops import SegmentLayout, memory_attention
+    from rmt_fast.ops.memory_attention import SegmentLayout, memory_attention
     from rmt_fast.ops.memory_attention import triton as attention
     from rmt_fast.ops.memory_attention.reference import memory_attention_ref
 
@@ -421,7 +421,7 @@ def test_gpu_launch_hooks_see_direct_launches(monkeypatch):
     compiled kernel's runner, which calls the hook with the kernel's launch metadata; results stay bit-equal."""
     import triton
 
-    from rmt_fast.ops import SegmentLayout, memory_attention
+    from rmt_fast.ops.memory_attention import SegmentLayout, memory_attention
     from rmt_fast.ops.memory_attention import triton as attention
 
     if torch.cuda.get_device_capability()[0] < 8:

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rmt_fast.ops import SegmentLayout, memory_attention
 from op_backends import DEVICE, TRITON, cuda_param
-from rmt_fast.ops.memory_attention import fused_attention, mask_rule
+from rmt_fast.ops.memory_attention import SegmentLayout, fused_attention, mask_rule, memory_attention
 from rmt_fast.ops.memory_attention.reference import memory_attention_ref
 
 CUDA = cuda_param("memory_attention")
