@@ -53,7 +53,7 @@ DEFAULT_METHODS = ("reference", "sdpa_mask", "flex", "triton", "cuda", "sdpa_cau
 # ours with one backward schedule forced (rmt_fast/ops/memory_attention/triton.py ``_schedule``); "triton" is the
 # automatic choice
 SCHEDULE_METHODS = ("triton_split", "triton_fused", "triton_stored")
-# the stored schedule in one chunk whatever its dS takes (STORED_MAX_BYTES unlimited): what chunking costs
+# the stored schedule in one chunk whatever its dS takes (StoredBackward.max_bytes unlimited): what chunking costs
 WHOLE_METHODS = ("triton_stored_whole",)
 # ours with the row loads forced (``row_loads``): TMA tensor descriptors or pointer arithmetic
 LOADS_METHODS = ("triton_tma", "triton_pointer")
@@ -240,12 +240,12 @@ _FLEX = None
 @contextlib.contextmanager
 def _stored_whole(attention):
     """The stored schedule with an unlimited dS budget (one chunk of heads)."""
-    saved, attention.STORED_MAX_BYTES = attention.STORED_MAX_BYTES, 2 ** 62
+    saved = attention.set_stored_backward(attention.StoredBackward(max_bytes=2 ** 62))
     try:
         with attention.backward_schedule("stored"):
             yield
     finally:
-        attention.STORED_MAX_BYTES = saved
+        attention.set_stored_backward(saved)
 
 
 def _compiled_flex(torch, flex_attention):
