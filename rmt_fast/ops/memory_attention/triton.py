@@ -579,22 +579,13 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype, long_rows: bo
 
     kernel: "fwd", "dq" and "dkdv" (the split backward; "dkdv" also in the stored one), "dq_stored" (the stored
     backward's dQ from dS) or "fused" (the one-launch backward: ``BLOCK_M1`` and ``BLOCK_N1`` of its dK/dV programs,
-    ``BLOCK_M2`` and ``BLOCK_N2`` of its dQ programs). Fixed per head dim rather
-    than autotuned: no first-call tuning pause, and the op can be captured in a CUDA graph on its first call. Picked
-    from sweeps on an H200 (bf16; B8 H12 N544 D64, B4 H16 N2080 D128, B1 H16 N8224 D128): each choice is within a
-    few percent of the best at every one of those shapes; the fused tiles are those of the split kernels (at D128
-    the best of 11 fused candidates, RESULTS.md "2026-11-29: a one-launch attention backward"). RESULTS.md
-    "2026-11-29: TMA row loads" re-swept fwd/dq/dkdv with TMA loads at 4x16x2080x128
-    (the defaults stayed within 2.1 % of the best) and picked dq_stored 64x32 (best of 10; not swept at D64 or fp32).
-    RESULTS.md "2026-11-29/30: long-row tiles" (``long_rows``, see :func:`_long_rows`): at 1x16x8224x128 the
-    forward's 128x128 tiles at 8 warps took
-    0.545 ms against 0.567 for 64x64 (which stays the best at 2080), and the stored dQ kernel's 128x32 tiles at 4
-    stages brought the backward from 2.046 to 1.907 ms (best of 10; at 2080 64x32 stays the best); at D64 the fused
-    backward's dK/dV tiles went from 16x128 to 16x64 (graphed fwd+bwd at 8x12x544x64: 89.8-90.4 µs against
-    93.9-95.2; 16x128 spills registers: 255 + 256 stack bytes). 8-warp dK/dV tiles at D128, which do not spill, were
-    1.5-3x slower.
-    Warp specialisation of the forward's key loop (``tl.range(warp_specialize=True)``) was measured and left out:
-    no gain at D128, and Triton 3.6 fails to compile it for 64x64 tiles.
+    ``BLOCK_M2`` and ``BLOCK_N2`` of its dQ programs). Fixed per head dim rather than autotuned: no first-call
+    tuning pause, and the op can be captured in a CUDA graph on its first call. The table holds the tiles that
+    sweeps on an H200 picked (bf16 at 8x12x544x64, 4x16x2080x128 and 1x16x8224x128; RESULTS.md "2026-11-29: a
+    one-launch attention backward", "2026-11-29: TMA row loads", "2026-11-29/30: long-row tiles"); ``long_rows``
+    (see :func:`_long_rows`) selects larger forward and stored-dQ tiles for N >= LONG_ROWS at D > 64. The D64 fused
+    dK/dV tiles are 16x64 because 16x128 spills registers. The forward's key loop is not warp-specialised
+    (``tl.range(warp_specialize=True)``): Triton 3.6 fails to compile it for 64x64 tiles.
     ``python benchmarks/attention.py --sweep`` re-measures the candidates on another GPU.
     """
     if kernel not in KERNELS:
@@ -835,9 +826,7 @@ def _use_tma(work: int, *xs: torch.Tensor) -> bool:
     """Load rows through TMA descriptors: forced by :func:`row_loads`, or ("auto") on a GPU of compute capability
     9.0+ when ``work`` (B * Hq * N * N * D) is above FUSED_MAX_WORK. Either way only when every tensor's base
     address and (batch, head, row) strides are 16-byte aligned (a TMA requirement), and never again after a TMA
-    launch failed (``_tma_off``). Measured on an H200 (RESULTS.md "2026-11-29: TMA row loads", graphed, bf16):
-    forward 0.203 -> 0.185 ms and
-    fwd+bwd 0.871 -> 0.832 ms at 4x16x2080x128; 0.641 -> 0.598 and 2.832 -> 2.719 ms at 1x16x8224x128."""
+    launch failed (``_tma_off``). Timings with and without: RESULTS.md "2026-11-29: TMA row loads"."""
     mode = _loads_override or "auto"
     if mode == "pointer" or TensorDescriptor is None or _tma_failed is not None:
         return False
@@ -888,9 +877,8 @@ def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
 # loads and the "fused" backward, each at most FUSED_MAX_WORK (where the automatic choices take neither TMA nor
 # another schedule). Keyed by what determines every non-pointer argument of the launch: the inputs' shapes,
 # strides and dtypes, the mask arguments and the scale (outputs are allocated like q, k, v: their strides follow).
-# A plan skips the schedule and launch-config lookups, the argument building and the launch key: about 7 µs of
-# the 14 µs of host time that a direct launch of the fused backward took on the H200 host (RESULTS.md "2026-11-30:
-# lean Triton launches").
+# A plan skips the schedule and launch-config lookups, the argument building and the launch key (host times:
+# RESULTS.md "2026-11-30: lean Triton launches").
 _plans: dict = {}
 MAX_PLANS = 4096
 
