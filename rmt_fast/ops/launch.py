@@ -34,6 +34,8 @@ on the versions in :data:`DIRECT_TRITON_VERSIONS` (see :func:`direct_launches`);
 this module calls (checked on each kernel's first direct launch, one warning), every call is Triton's public
 ``kernel[grid](*args, **meta)``.
 """
+from __future__ import annotations
+
 import contextlib
 import os
 import re
