@@ -53,7 +53,7 @@ DEFAULT_METHODS = ("reference", "sdpa_mask", "flex", "triton", "cuda", "sdpa_cau
 # ours with one backward schedule forced (rmt_fast/ops/memory_attention/triton.py ``_schedule``); "triton" is the
 # automatic choice
 SCHEDULE_METHODS = ("triton_split", "triton_fused", "triton_stored")
-# the stored schedule in one chunk whatever its dS takes (STORED_MAX_BYTES unlimited): what chunking costs
+# the stored schedule in one chunk whatever its dS takes (StoredBackward.max_bytes unlimited): what chunking costs
 WHOLE_METHODS = ("triton_stored_whole",)
 # ours with the row loads forced (``row_loads``): TMA tensor descriptors or pointer arithmetic
 LOADS_METHODS = ("triton_tma", "triton_pointer")
@@ -200,7 +200,7 @@ class Problem:
 
     def _add_cuda(self):
         from rmt_fast.ops import cuda as cuda_ops
-        from rmt_fast.ops import memory_attention
+        from rmt_fast.ops.memory_attention import memory_attention
 
         if not cuda_ops.has_op("memory_attention"):
             self.skipped["cuda"] = "rmt_fast._C not built or has no memory_attention op"
@@ -240,12 +240,12 @@ _FLEX = None
 @contextlib.contextmanager
 def _stored_whole(attention):
     """The stored schedule with an unlimited dS budget (one chunk of heads)."""
-    saved, attention.STORED_MAX_BYTES = attention.STORED_MAX_BYTES, 2 ** 62
+    saved = attention.set_stored_backward(attention.StoredBackward(max_bytes=2 ** 62))
     try:
         with attention.backward_schedule("stored"):
             yield
     finally:
-        attention.STORED_MAX_BYTES = saved
+        attention.set_stored_backward(saved)
 
 
 def _compiled_flex(torch, flex_attention):
@@ -266,7 +266,7 @@ def _ref(q, k, v, layout, scale):
 
 
 def _triton(q, k, v, layout, scale):
-    from rmt_fast.ops import memory_attention
+    from rmt_fast.ops.memory_attention import memory_attention
 
     return memory_attention(q, k, v, layout, scale, backend="triton")
 
@@ -564,10 +564,7 @@ def sweep(args, torch):
     (under the schedule that kernel belongs to)."""
     from triton.testing import do_bench
 
-    import importlib
-
-    # importlib: the attribute rmt_fast.ops.memory_attention is the op (a function), not the subpackage
-    attention = importlib.import_module("rmt_fast.ops.memory_attention.triton")
+    import rmt_fast.ops.memory_attention.triton as attention
 
     default = attention._launch_config
     kernels = args.sweep_kernels or list(SWEEP)

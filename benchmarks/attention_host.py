@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -41,9 +40,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/attention_host.py needs a CUDA GPU")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from rmt_fast.ops import SegmentLayout, memory_attention
+    import rmt_fast.ops.memory_attention.triton as att
+    from rmt_fast.ops.memory_attention import SegmentLayout, memory_attention
 
-    att = importlib.import_module("rmt_fast.ops.memory_attention.triton")
     b, h, n, d = (int(x) for x in args.shape.lower().split("x"))
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
@@ -109,16 +108,30 @@ def main(argv=None):
     name = kernel.__name__.strip("_").removesuffix("_kernel")
     launcher(grid, *launch_args, **meta)  # first launches: compiled, then verified (lean where this Triton allows)
     launcher(grid, *launch_args, **meta)
-    compiled, constexprs, _, lean = next(iter(launcher._compiled.values()))
-    device, grid3, runner_args = torch.cuda.current_device(), launch.grid3(grid), (*launch_args, *constexprs)
-    print(f"direct launches of {name}: {'lean (the generated C launcher called directly)' if lean else 'runner'}")
-    tensors = launcher._leading_tensors  # the pointer arguments, as the direct launch counted them
+    kernel_pieces = [(f"{name} kernel, Triton's launch", lambda: kernel[grid](*launch_args, **meta))]
+    if launcher.direct:
+        compiled, constexprs, _, lean = next(iter(launcher._compiled.values()))
+        device, grid3, runner_args = torch.cuda.current_device(), launch.grid3(grid), (*launch_args, *constexprs)
+        print(f"direct launches of {name}: {'lean (the generated C launcher called directly)' if lean else 'runner'}")
+        tensors = launcher._leading_tensors  # the pointer arguments, as the direct launch counted them
 
-    def lean_alone():  # what a direct launch costs past its launch key
-        if lean is None:
-            return launch._launch(compiled, grid3, device, runner_args)
-        launch._lean_launch(lean, grid3, device, [a.data_ptr() for a in launch_args[:tensors]],
-                            launch_args[tensors:], constexprs)
+        def lean_alone():  # what a direct launch costs past its launch key
+            if lean is None:
+                return launch._launch(compiled, grid3, device, runner_args)
+            launch._lean_launch(lean, grid3, device, [a.data_ptr() for a in launch_args[:tensors]],
+                                launch_args[tensors:], constexprs)
+
+        kernel_pieces = [
+            (f"{name} kernel ({len(calls)} launch(es) per backward), direct launch",
+             lambda: launcher(grid, *launch_args, **meta)),
+            (f"{name} kernel, the lean launch alone (no launch key)", lean_alone),
+            (f"{name} kernel, the compiled kernel's runner",
+             lambda: launch._launch(compiled, grid3, device, runner_args)),
+            *kernel_pieces,
+        ]
+    else:
+        print(f"no direct launches on Triton {launch.TRITON_VERSION} (see rmt_fast.ops.launch.direct_launches): "
+              f"{name} takes Triton's launch")
     pieces = [
         ("memory_attention fwd+bwd (eager)", op_fwd_bwd),
         ("SDPA + explicit mask fwd+bwd", sdpa_fwd_bwd),
@@ -127,11 +140,7 @@ def main(argv=None):
         ("triton.forward (no autograd)", lambda: att.forward(q, k, v, seq_lens, 16, 16, True, False, scale)),
         ("triton.backward (no autograd)",
          lambda: att.backward(do, q, k, v, out, lse, seq_lens, 16, 16, True, False, scale)),
-        (f"{name} kernel ({len(calls)} launch(es) per backward), direct launch",
-         lambda: launcher(grid, *launch_args, **meta)),
-        (f"{name} kernel, the lean launch alone (no launch key)", lean_alone),
-        (f"{name} kernel, the compiled kernel's runner", lambda: launch._launch(compiled, grid3, device, runner_args)),
-        (f"{name} kernel, Triton's launch", lambda: kernel[grid](*launch_args, **meta)),
+        *kernel_pieces,
         ("memory_attention fwd+bwd, autograd multithreading off", lambda: _single_threaded(op_fwd_bwd)),
         ("SDPA + explicit mask fwd+bwd, multithreading off", lambda: _single_threaded(sdpa_fwd_bwd)),
         ("trivial Python autograd.Function fwd+bwd", python_function),

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_results, markdown_table, write_csv  # noqa: E402
 
-from rmt_fast.ops import segment_handoff  # noqa: E402
+from rmt_fast.ops.segment_handoff import segment_handoff  # noqa: E402
 
 SHAPES = [(4, 512, 16, 768), (16, 512, 16, 768), (64, 512, 10, 384), (8, 2048, 32, 2048), (32, 2048, 32, 4096)]
 

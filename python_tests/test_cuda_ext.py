@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rmt_fast.ops import SegmentLayout, memory_attention, segment_handoff
+from rmt_fast.ops import SegmentLayout
+from rmt_fast.ops.memory_attention import memory_attention
+from rmt_fast.ops.segment_handoff import segment_handoff
 from rmt_fast.ops import cuda
 from rmt_fast.ops.memory_attention.reference import memory_attention_ref
 from rmt_fast.ops.segment_handoff.reference import segment_handoff_ref

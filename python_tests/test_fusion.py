@@ -209,3 +209,34 @@ def test_a_failing_kernel_falls_back_once_with_a_warning(calls, monkeypatch):
     with torch.no_grad():
         rmt(ids)
     assert calls["rotary"] == n  # off for the process
+
+
+def test_segment_active_nests_and_is_per_thread():
+    """The flag that lets the kernels run is scoped to the thread inside segment_active: a nested call restores
+    the outer setting, and another thread entering and leaving its own segment call meanwhile changes nothing
+    here (a module global flipped by both would)."""
+    import threading
+
+    inner_entered, outer_checked = threading.Event(), threading.Event()
+    seen = {}
+
+    def other_thread():
+        seen["start"] = fusion._active.get()
+        with fusion.segment_active(False):
+            inner_entered.set()
+            outer_checked.wait(5)
+        seen["end"] = fusion._active.get()
+
+    assert fusion._active.get() is False
+    with fusion.segment_active(True):
+        with fusion.segment_active(False):
+            assert fusion._active.get() is False
+        assert fusion._active.get() is True
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        assert inner_entered.wait(5)
+        assert fusion._active.get() is True  # the other thread is inside segment_active(False)
+        outer_checked.set()
+        thread.join(5)
+        assert fusion._active.get() is True
+    assert fusion._active.get() is False and seen == {"start": False, "end": False}

@@ -22,7 +22,9 @@ import torch
 from torch.utils import cpp_extension
 
 import rmt_fast.ops
-from rmt_fast.ops import SegmentLayout, cuda, memory_attention, segment_handoff
+from rmt_fast.ops import SegmentLayout, cuda
+from rmt_fast.ops.memory_attention import memory_attention
+from rmt_fast.ops.segment_handoff import segment_handoff
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPILE_ERROR = ("Error building extension 'rmt_fast_C': [1/3] nvcc -c memory_attention.cu\n"
@@ -213,9 +215,9 @@ def test_auto_on_a_gpu_falls_back_after_a_failed_build(fresh_loader, build_calls
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
-    monkeypatch.setattr(rmt_fast.ops, "triton_available", lambda: False)
-    monkeypatch.setattr(rmt_fast.ops, "_warned", set())
-    resolve = rmt_fast.ops._resolve_backend.__wrapped__  # uncached: other tests resolved "auto" already
+    monkeypatch.setattr(rmt_fast.ops.backends, "triton_available", lambda: False)
+    monkeypatch.setattr(rmt_fast.ops.backends, "_warned", set())
+    resolve = rmt_fast.ops.backends._resolve_backend.__wrapped__  # uncached: other tests resolved "auto" already
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         assert resolve("auto", torch.device("cuda")) == "reference"

@@ -23,6 +23,7 @@ on the CPU interpreter, bf16 too on the GPU.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 import types
 import warnings
@@ -31,19 +32,20 @@ import torch
 
 ALLOW_CPU = False  # tests set True to run the kernels on CPU tensors under TRITON_INTERPRET=1
 
-_active = False  # inside a segment call that may use the kernels
+# Inside a segment call that may use the kernels: per thread and per asyncio task, so that concurrent calls (of
+# RMTs with and without fused_kernels) and nested ones each see their own.
+_active: contextvars.ContextVar[bool] = contextvars.ContextVar("rmt_fast_fusion_active", default=False)
 
 
 @contextlib.contextmanager
 def segment_active(fused: bool):
-    """Let the installed kernels run (``fused``) or not for the duration of one segment call."""
-    global _active
-    before = _active
-    _active = fused
+    """Let the installed kernels run (``fused``) or not for the duration of one segment call, in this thread (or
+    asyncio task) only; nested calls restore the outer one's setting on exit."""
+    token = _active.set(bool(fused))
     try:
         yield
     finally:
-        _active = before
+        _active.reset(token)
 
 
 _block_kernels = None
@@ -64,7 +66,7 @@ _failed = False  # a kernel raised (e.g. Triton cannot compile for this GPU): th
 
 def _usable(x: torch.Tensor) -> bool:
     # is_compiling() first: under torch.compile it is a constant and nothing after it is traced (no guards)
-    return (not torch.compiler.is_compiling() and _active and not _failed and not torch.is_grad_enabled()
+    return (not torch.compiler.is_compiling() and _active.get() and not _failed and not torch.is_grad_enabled()
             and (x.is_cuda or ALLOW_CPU) and _kernels().supported(x))
 
 

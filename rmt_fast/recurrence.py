@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from .adapters import Adapter
 from .config import RMTConfig
 from .bptt import fsdp_modules, run_two_sweep
-from .ops import segment_handoff
+from .ops.segment_handoff import segment_handoff
 from .schemes import P_GATHER, Scheme
 
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import types
+import warnings
 
 import pytest
 import torch
 
+from op_backends import TRITON
 from rmt_fast.ops import launch
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+_NEEDS_TRITON = TRITON.marks[0]  # the skip mark of the "triton" backend param
 
 
 class FakeCompiled:
@@ -54,10 +57,11 @@ class FakeJit:
 
 @pytest.fixture
 def gpu_less(monkeypatch):
-    """The direct path on the CPU: not under the interpreter, device 0."""
+    """The direct path on the CPU: not under the interpreter, device 0, a Triton version it was written for."""
     monkeypatch.setattr(launch, "_INTERPRET", False)
     monkeypatch.setattr(launch, "_current_stream", lambda device: "stream")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch, "TRITON_VERSION", "3.5.1")
 
 
 def test_first_launch_ordinary_then_direct_with_constexprs_in_signature_order(gpu_less):
@@ -352,12 +356,14 @@ def test_plan_declines_what_it_cannot_stand_for(lean, monkeypatch, case):
 def test_gpu_attention_direct_launch_equals_ordinary_launch(dtype, monkeypatch):
     """The real kernels: the second call of each shape launches directly and is bit-equal to the first (ordinary)
     one; a misaligned view of q gets its own compiled kernel and matches the reference."""
-    from rmt_fast.ops import SegmentLayout, memory_attention
+    from rmt_fast.ops.memory_attention import SegmentLayout, memory_attention
     from rmt_fast.ops.memory_attention import triton as attention
     from rmt_fast.ops.memory_attention.reference import memory_attention_ref
 
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the Triton backend needs sm_80+")
+    if not launch.direct_launches():
+        pytest.skip(f"no direct launches on Triton {launch.TRITON_VERSION}")
     for name in ("_fwd", "_bwd_dq", "_bwd_dkdv", "_bwd_fused"):
         monkeypatch.setattr(attention, name, launch.Launcher(getattr(attention, name).fn))
     monkeypatch.setattr(attention, "_plans", {})  # plans made by earlier tests would bypass these launchers
@@ -404,6 +410,72 @@ def test_gpu_attention_direct_launch_equals_ordinary_launch(dtype, monkeypatch):
         torch.testing.assert_close(got.float(), want.float(), atol=5 * tol, rtol=5 * tol)
 
 
+@pytest.mark.parametrize("version,direct", [("3.5.0", True), ("3.5.1", True), ("3.6.0+git1a2b3c4", True),
+                                            ("3.4.0", False), ("3.7.0", False), ("4.0.0", False), ("2.3.1", False),
+                                            ("dev", False)])
+def test_direct_launches_only_on_the_triton_versions_written_for(version, direct, monkeypatch):
+    assert launch.direct_launches(version) is direct
+    monkeypatch.setattr(launch, "TRITON_VERSION", version)
+    assert launch.direct_launches() is direct
+
+
+@pytest.mark.parametrize("version", ["3.4.0", "3.7.0"])
+def test_another_triton_version_takes_the_public_path_silently(lean, monkeypatch, version):
+    """Everything else in place for lean launches (a GPU, the known launcher format): on a Triton outside
+    DIRECT_TRITON_VERSIONS every call is ``fn[grid](...)``, no direct launch is tried, no warning, no plan."""
+    monkeypatch.setattr(launch, "TRITON_VERSION", version)
+    fn = LeanJit()
+    run = launch.Launcher(fn)
+    x = torch.zeros(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            run((4,), x, 8, 0.5, B=2, A=1)
+        assert run.plan((4,), x, 8, 0.5, B=2, A=1) is False
+    assert not run.direct and [c[0] for c in fn.calls] == ["ordinary"] * 3
+    assert fn.calls[0] == ("ordinary", (4,), (x, 8, 0.5), {"B": 2, "A": 1})
+
+
+@_NEEDS_TRITON
+def test_another_triton_version_gives_the_same_results_in_the_interpreter(monkeypatch):
+    """The real kernels under TRITON_INTERPRET=1, launched by Launchers made as on a GPU machine (not interpreting,
+    a CUDA stream) whose Triton is another version: they take the public path, without a warning, and give the
+    bits the module's own Launchers give."""
+    import rmt_fast.ops.memory_attention.triton as attention
+    import rmt_fast.ops.segment_handoff.triton as handoff
+    from rmt_fast.ops.memory_attention import SegmentLayout, memory_attention
+    from rmt_fast.ops.segment_handoff import segment_handoff
+
+    layout = SegmentLayout(2, 2, torch.tensor([5, 3]), causal=True, memory_bidirectional=True)
+    q, k, v = (torch.randn(2, 2, 11, 16, requires_grad=True) for _ in range(3))
+    hidden, memory, tok = torch.randn(2, 9, 16), torch.randn(2, 2, 16), torch.randn(2, 9, 16)
+    gather, write = torch.tensor([5, -1]), torch.tensor([7, 5])
+
+    def run():
+        out = memory_attention(q, k, v, layout, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=torch.Generator().manual_seed(0)))
+        return (out, *grads, *segment_handoff(hidden, memory, gather, tok, 0, write, backend="triton"))
+
+    want = run()
+    monkeypatch.setattr(launch, "_INTERPRET", False)
+    monkeypatch.setattr(launch, "_current_stream", lambda device: pytest.fail("no direct launch on another Triton"))
+    monkeypatch.setattr(launch, "TRITON_VERSION", "3.7.0")
+    launchers = 0
+    for module in (attention, handoff):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, launch.Launcher):
+                fresh = launch.Launcher(value.fn)
+                assert not fresh.direct
+                monkeypatch.setattr(module, name, fresh)
+                launchers += 1
+    assert launchers == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = run()
+    for x, y in zip(want, got):
+        assert torch.equal(x, y)
+
+
 def test_recording_collects_launches_instead_of_running_them(gpu_less):
     fn = FakeJit()
     run = launch.Launcher(fn)
@@ -421,7 +493,7 @@ def test_gpu_launch_hooks_see_direct_launches(monkeypatch):
     compiled kernel's runner, which calls the hook with the kernel's launch metadata; results stay bit-equal."""
     import triton
 
-    from rmt_fast.ops import SegmentLayout, memory_attention
+    from rmt_fast.ops.memory_attention import SegmentLayout, memory_attention
     from rmt_fast.ops.memory_attention import triton as attention
 
     if torch.cuda.get_device_capability()[0] < 8:

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rmt_fast.ops import SegmentLayout, memory_attention
 from op_backends import DEVICE, TRITON, cuda_param
-from rmt_fast.ops.memory_attention import fused_attention, mask_rule
+from rmt_fast.ops.memory_attention import SegmentLayout, fused_attention, mask_rule, memory_attention
 from rmt_fast.ops.memory_attention.reference import memory_attention_ref
 
 CUDA = cuda_param("memory_attention")
@@ -265,9 +264,36 @@ _NEEDS_TRITON = TRITON.marks[0]  # the skip mark of the "triton" backend param
 
 
 def _triton_module():
-    import importlib
+    import rmt_fast.ops.memory_attention.triton as att
 
-    return importlib.import_module("rmt_fast.ops.memory_attention.triton")
+    return att
+
+
+@contextlib.contextmanager
+def _stored_backward(att, **fields):
+    """The triton backend's stored schedule set to ``StoredBackward(**fields)`` inside the context."""
+    previous = att.set_stored_backward(att.StoredBackward(**fields))
+    try:
+        yield
+    finally:
+        att.set_stored_backward(previous)
+
+
+@_NEEDS_TRITON
+def test_stored_backward_config():
+    """The defaults of the stored schedule's tunables, their checks, and setting them process-wide."""
+    att = _triton_module()
+    assert att.StoredBackward() == att.StoredBackward(max_bytes=5 * 2 ** 28, streams=2, min_chunks=2)
+    assert att.stored_backward() == att.StoredBackward()
+    for fields, arg in [({"max_bytes": -1}, "max_bytes"), ({"max_bytes": 1.5}, "max_bytes"),
+                        ({"streams": 3}, "streams"), ({"min_chunks": 0}, "min_chunks")]:
+        with pytest.raises(ValueError, match=arg):
+            att.StoredBackward(**fields)
+    with pytest.raises(TypeError, match="StoredBackward"):
+        att.set_stored_backward(2 ** 30)
+    with _stored_backward(att, max_bytes=0):
+        assert att.stored_backward() == att.StoredBackward(max_bytes=0)
+    assert att.stored_backward() == att.StoredBackward()
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -428,8 +454,8 @@ def test_triton_stored_schedule_in_chunks(hkv, budget_pairs, chunk_sizes, monkey
     block would show."""
     att = _triton_module()
     groups = 4 // hkv  # 3 * hkv (b, kv head) pairs of 4 / hkv query heads
-    monkeypatch.setattr(att, "STORED_MAX_BYTES", budget_pairs * att._group_bytes(groups, 37, torch.float32))
-    buffers, dkdv, dq = _run_stored_chunks(att, monkeypatch, hkv, 1, seed=21, transposed=True)
+    with _stored_backward(att, max_bytes=budget_pairs * att._group_bytes(groups, 37, torch.float32)):
+        buffers, dkdv, dq = _run_stored_chunks(att, monkeypatch, hkv, 1, seed=21, transposed=True)
     assert buffers and set(buffers) == {chunk_sizes[0] * groups}
     _check_chunk_launches(dkdv, dq, chunk_sizes, groups)
 
@@ -440,17 +466,18 @@ def test_triton_stored_schedule_in_chunks(hkv, budget_pairs, chunk_sizes, monkey
 @_NEEDS_TRITON
 def test_triton_stored_schedule_on_two_streams(budget_pairs, min_chunks, plan, monkeypatch):
     """Two streams: each holds one dS slot of half the budget, chunk i runs on stream i % 2 through slot i % 2
-    (its dK/dV launch writing and its dQ launch reading the same slot), at least STORED_MIN_CHUNKS chunks of
+    (its dK/dV launch writing and its dQ launch reading the same slot), at least ``min_chunks`` chunks of
     balanced sizes; one stream when one GQA group does not fit half the budget. On the CPU the streams are the
     caller's, in order; the results equal the reference with NaN-filled slots (three masks, ragged rows, GQA)."""
     att = _triton_module()
     hkv, groups, pairs = 2, 2, 6  # b=3, 4 query heads
-    monkeypatch.setattr(att, "STORED_MAX_BYTES", budget_pairs * att._group_bytes(groups, 37, torch.float32))
-    monkeypatch.setattr(att, "STORED_MIN_CHUNKS", min_chunks)
-    assert att._stored_plan(pairs, groups, 37, torch.float32, 2) == plan
-    assert att._stored_plan(pairs, groups, 37, torch.float32, 1)[1] == 1
+    stored = att.StoredBackward(max_bytes=budget_pairs * att._group_bytes(groups, 37, torch.float32),
+                                min_chunks=min_chunks)
+    assert att._stored_plan(pairs, groups, 37, torch.float32, 2, stored) == plan
+    assert att._stored_plan(pairs, groups, 37, torch.float32, 1, stored)[1] == 1
     sizes, streams = plan
-    buffers, dkdv, dq = _run_stored_chunks(att, monkeypatch, hkv, 2, seed=22)
+    with _stored_backward(att, max_bytes=stored.max_bytes, min_chunks=min_chunks):
+        buffers, dkdv, dq = _run_stored_chunks(att, monkeypatch, hkv, 2, seed=22)
     assert set(buffers) == {streams * sizes[0] * groups}
     _check_chunk_launches(dkdv, dq, sizes, groups)
     slots = [args[8].data_ptr() for _g, args in dkdv]
@@ -572,11 +599,12 @@ def test_triton_backward_schedule_choice():
 
     att = _triton_module()
 
-    def launched(n, schedule=None):
+    def launched(n, schedule=None, max_bytes=None):
         q = torch.empty(1, 2, n, 16)
         lse, lens = torch.empty(1, 2, n), torch.full((1,), n - 4, dtype=torch.int32)
+        stored = None if max_bytes is None else att.StoredBackward(max_bytes=max_bytes)
         with launch.recording() as calls, (att.backward_schedule(schedule) if schedule else contextlib.nullcontext()):
-            att.backward(q, q, q, q, q, lse, lens, 2, 2, True, False, 0.25)
+            att.backward(q, q, q, q, q, lse, lens, 2, 2, True, False, 0.25, stored=stored)
         return [fn.__name__ for fn, _grid, _args, _meta in calls]
 
     stored = ["_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_stored_kernel"]
@@ -585,17 +613,15 @@ def test_triton_backward_schedule_choice():
     assert launched(64, "stored") == stored
     assert launched(64) == ["_bwd_fused_kernel"]  # 2 * 64 * 64 * 16: far below FUSED_MAX_WORK
     big = int((att.FUSED_MAX_WORK / 32) ** 0.5) + 16  # above FUSED_MAX_WORK; dS of one head: 16512^2 fp32
-    saved, att.STORED_MAX_BYTES = att.STORED_MAX_BYTES, att._group_bytes(1, big, torch.float32) - 1
-    try:
-        assert launched(big) == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]  # not even one head's dS fits: split
-        att.STORED_MAX_BYTES = 2 ** 40
-        assert launched(big) == stored
-        att.STORED_MAX_BYTES = att._group_bytes(1, big, torch.float32)  # one head per chunk: two chunks
-        assert launched(big) == stored[:1] + stored[1:] * 2
-        att.STORED_MAX_BYTES = 0
+    head = att._group_bytes(1, big, torch.float32)
+    assert launched(big, max_bytes=head - 1) == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]  # not even one head: split
+    assert launched(big, max_bytes=2 ** 40) == stored
+    assert launched(big, max_bytes=head) == stored[:1] + stored[1:] * 2  # one head per chunk: two chunks
+    assert launched(big, max_bytes=0) == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]
+    assert head < att.StoredBackward().max_bytes < 2 * head and launched(big) == stored[:1] + stored[1:] * 2
+    with _stored_backward(att, max_bytes=0):  # the process-wide setting, where no argument is given
         assert launched(big) == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"]
-    finally:
-        att.STORED_MAX_BYTES = saved
+    assert launched(big) == stored[:1] + stored[1:] * 2
     with pytest.raises(ValueError, match="name must be one of"):
         with att.backward_schedule("fast"):
             pass

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from op_backends import DEVICE, INTERPRET, TRITON, cuda_param
-from rmt_fast.ops import segment_handoff
-from rmt_fast.ops.segment_handoff import fused_gather, fused_place
+from rmt_fast.ops.segment_handoff import fused_gather, fused_place, segment_handoff
 from rmt_fast.ops.segment_handoff.reference import segment_handoff_ref
 
 CUDA = cuda_param("segment_handoff")

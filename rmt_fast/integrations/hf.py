@@ -7,7 +7,7 @@ own layers with two changes, both scoped to the segment call (:func:`segment_cal
 - the implementation name is "rmt_fast" while the call runs (and restored afterwards, so the bare model is
   untouched);
 - the segment's :class:`~rmt_fast.ops.SegmentLayout` and backend travel as the keyword arguments ``rmt_layout``
-  and ``rmt_backend`` down to :func:`rmt_attention_forward`, which calls :func:`rmt_fast.ops.memory_attention`.
+  and ``rmt_backend`` down to :func:`rmt_attention_forward`, which calls :func:`rmt_fast.ops.memory_attention.memory_attention`.
 
 transformers builds no mask tensor for an implementation without a registered mask function, so nothing is
 materialised; the mask is the layout's rule. The function is registered once, when this module is imported.
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from ..fusion import segment_active
-from ..ops import SegmentLayout, memory_attention
+from ..ops.memory_attention import SegmentLayout, memory_attention
 
 ATTN_NAME = "rmt_fast"
 _warned_dropout = False

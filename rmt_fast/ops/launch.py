@@ -1,11 +1,9 @@
-"""Launching ``@triton.jit`` kernels with less Python per call.
+"""Launching ``@triton.jit`` kernels with less Python per call, on the Triton versions this module was written for.
 
 ``kernel[grid](*args)`` runs Triton's ``JITFunction.run`` on every call: it binds and specialises every argument
 (tensor alignment, integer values), hashes the result and looks up the compiled kernel, then launches. An eager
 training step at segment shapes is host-bound (its attention kernels take less GPU time than the host takes to
-issue them), so each launch's Python counts. Measured on the H200 host of the device tool (2026-11-29), one launch
-of the attention dQ kernel (34 arguments) took 27 µs of host time through ``JITFunction.run`` and 22 µs through
-this class; most of the rest is Triton's C launcher and the driver.
+issue them), so each launch's Python counts (RESULTS.md "2026-11-30: lean Triton launches" has the host times).
 
 :class:`Launcher` does that once per *launch key* and then calls the compiled kernel's own launcher. The key holds
 everything the specialisation depends on: each tensor's dtype and whether its address is 16-byte aligned, the
@@ -29,14 +27,18 @@ dtypes, flags: whatever determines those arguments). A plan launches only the le
 aligned pointers; anything else (a hook, recording, another device, a misaligned tensor) returns False and the op
 takes its ordinary path.
 
-Under ``TRITON_INTERPRET=1`` (CPU tests), or if the installed Triton's compiled kernels lack the
-launcher interface this module calls (checked on each kernel's first direct launch), every call takes the ordinary
-path.
+All of that reads Triton internals (the compiled kernel's runner and its arguments, the launch hooks, the
+generated launcher's format), which change between Triton releases. So a :class:`Launcher` launches directly only
+on the versions in :data:`DIRECT_TRITON_VERSIONS` (see :func:`direct_launches`); on any other Triton, under
+``TRITON_INTERPRET=1`` (CPU tests), with a CPU-only torch, or if a compiled kernel lacks the launcher interface
+this module calls (checked on each kernel's first direct launch, one warning), every call is Triton's public
+``kernel[grid](*args, **meta)``.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import types
 import warnings
 
@@ -55,6 +57,19 @@ _LEAN_FORMAT = "iiiKKppOOOOOO"
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# (major, minor) releases of Triton whose compiled-kernel interface the direct path calls
+DIRECT_TRITON_VERSIONS = ((3, 5), (3, 6))
+TRITON_VERSION = triton.__version__  # the installed one; tests set another to take the public path
+
+
+def direct_launches(version: str | None = None) -> bool:
+    """Whether Triton ``version`` (default: :data:`TRITON_VERSION`, the installed one) is one the direct path was
+    written for: its "major.minor" in :data:`DIRECT_TRITON_VERSIONS` ("3.5.1", "3.6.0+git1234" are; "3.4.0",
+    "3.7.0" and unparsable strings are not)."""
+    match = re.match(r"(\d+)\.(\d+)", TRITON_VERSION if version is None else version)
+    return match is not None and (int(match[1]), int(match[2])) in DIRECT_TRITON_VERSIONS
+
+
 MAX_KEYS = 4096  # launch keys kept per kernel; past that the table starts over
 _recording: list | None = None
 
@@ -180,13 +195,15 @@ class Launcher:
 
     ``args`` are the kernel's non-constexpr parameters in signature order (tensors, ints, floats), ``meta`` its
     constexpr parameters by name plus Triton options (``num_warps``, ``num_stages``). The kernel must declare its
-    constexpr parameters after all the others.
+    constexpr parameters after all the others. ``direct`` is False where every call is the public launch (see the
+    module docstring: another Triton version, the interpreter, no CUDA torch, or a kernel whose direct launch
+    failed).
     """
 
     def __init__(self, fn):
         self.fn = fn
         self._compiled: dict = {}
-        self.direct = not _INTERPRET and _current_stream is not None
+        self.direct = not _INTERPRET and _current_stream is not None and direct_launches()
         params = getattr(fn, "params", None)
         if params is None:
             self.direct = False

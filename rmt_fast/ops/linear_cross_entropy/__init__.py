@@ -3,10 +3,8 @@
 Backends: "triton" (cuBLAS logits in the model's dtype + a Triton row kernel for the loss and its gradient; CUDA,
 or CPU under ``TRITON_INTERPRET=1``), "chunked" (PyTorch over row chunks, any device), "liger" (liger-kernel's
 fused linear cross-entropy, when ``liger_kernel`` imports), "reference" (plain logits + cross-entropy, the
-specification). "auto": triton on CUDA, else chunked. All return the fp32 summed loss.
-
-Measured on an H200 (GPT-2 vocabulary, 2048 rows, bf16, forward + backward; benchmarks/train.py breakdown):
-reference 5.5 ms, chunked 6.6-9.6 ms, liger 23.5 ms: liger is not the default.
+specification). "auto": triton on CUDA, else chunked. All return the fp32 summed loss. liger is not the default: on an
+H200 it was slower than the reference and chunked paths (``benchmarks/train.py`` breakdown).
 """
 from __future__ import annotations
 

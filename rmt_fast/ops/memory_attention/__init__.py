@@ -2,7 +2,8 @@
 PyTorch), and the fused kernels ``triton.py`` and ``cuda.py`` behind the custom ops ``rmt_fast::memory_attention``
 and ``rmt_fast::memory_attention_backward`` (defined here, so ``torch.compile`` traces through them).
 
-The entry point that picks a backend is :func:`rmt_fast.ops.memory_attention`.
+The entry point that picks a backend (see :mod:`rmt_fast.ops.backends`) is :func:`memory_attention`, here:
+``from rmt_fast.ops.memory_attention import memory_attention``.
 """
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import types
 import torch
 from torch import Tensor
 
+from ..backends import resolve_backend
+from .reference import memory_attention_ref
+from .sdpa import memory_attention_sdpa
 from .spec import SegmentLayout, check_attention_inputs, mask_rule
 
-__all__ = ["SegmentLayout", "check_attention_inputs", "mask_rule", "check_fused_inputs", "fused_memory_attention",
-           "kernels"]
+__all__ = ["memory_attention", "SegmentLayout", "check_attention_inputs", "mask_rule", "check_fused_inputs",
+           "fused_memory_attention", "kernels"]
 
 MAX_HEAD_DIM = 128  # of both fused backends
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # cuda computes bfloat16 in float32
@@ -122,3 +126,33 @@ def fused_memory_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor, nu
     if torch.compiler.is_compiling():
         return fused_attention(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale, backend)[0]
     return _EagerAttention.apply(q, k, v, seq_lens, (num_read, num_write, causal, bidirectional, scale, backend))
+
+
+def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, scale: float | None = None,
+                     backend: str = "auto") -> Tensor:
+    """Softmax attention under the RMT segment mask (see :class:`SegmentLayout` and ``spec.py``).
+
+    q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]``, ``Hq % Hkv == 0``; scale: default ``D ** -0.5``; backend: one of
+    :data:`rmt_fast.ops.BACKENDS`. Returns ``[B, Hq, N, D]`` in q's dtype. Outputs at padding positions
+    (``>= layout.valid_lens[b]``) are unspecified; valid outputs never depend on padded k/v.
+
+    No host synchronisation on the fused paths ("sdpa", "triton", "cuda"): ``valid_lens <= N`` is the caller's
+    promise there (the kernels clamp to N); only the reference checks it.
+    """
+    if backend in ("auto", "sdpa") and layout.is_plain:
+        return memory_attention_sdpa(q, k, v, layout, scale)
+    if backend == "sdpa":
+        raise ValueError(f"backend='sdpa' needs a plain layout (causal without memory_bidirectional, or dense), got "
+                         f"layout causal={layout.causal}, memory_bidirectional={layout.memory_bidirectional}, "
+                         f"dense={layout.dense}")
+    impl = resolve_backend(backend, q.device)
+    if impl == "reference":
+        return memory_attention_ref(q, k, v, layout, scale)
+    check_attention_inputs(q, k, v, layout)
+    check_fused_inputs(q, k, v, impl)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    seq_lens = layout.seq_lens_int32
+    if seq_lens.device != q.device:  # a layout built on another device: copied on every call
+        seq_lens = seq_lens.to(q.device)
+    return fused_memory_attention(q, k, v, seq_lens, layout.num_read, layout.num_write, layout.causal,
+                                  layout.bidirectional, scale, impl)

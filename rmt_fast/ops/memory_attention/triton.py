@@ -20,7 +20,7 @@ The backward has three schedules (``_schedule``), built from two program bodies 
 
 "fused" (small problems, where an eager call is host-bound): ``_bwd_fused_kernel``, one launch whose 1-D grid
 holds the dK/dV programs and then the dQ programs, each computing delta from O itself. "stored" (larger problems
-where one GQA group's dS fits ``STORED_MAX_BYTES``): ``_bwd_delta_kernel``, then per chunk of heads
+where one GQA group's dS fits ``StoredBackward.max_bytes``): ``_bwd_delta_kernel``, then per chunk of heads
 ``_bwd_dkdv_kernel`` writing dS and ``_bwd_dq_stored_kernel``: five matmuls per tile pair, like FlashAttention's
 backward, without its atomics. On a GPU the chunks alternate between two streams, each with its own dS slot.
 "split" (the rest): ``_bwd_dq_kernel`` (stores delta) then ``_bwd_dkdv_kernel`` (reads it): seven matmuls, no
@@ -40,6 +40,7 @@ from ``LONG_ROWS`` rows on sm_90+). The op never synchronises with the host, so 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -578,22 +579,13 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype, long_rows: bo
 
     kernel: "fwd", "dq" and "dkdv" (the split backward; "dkdv" also in the stored one), "dq_stored" (the stored
     backward's dQ from dS) or "fused" (the one-launch backward: ``BLOCK_M1`` and ``BLOCK_N1`` of its dK/dV programs,
-    ``BLOCK_M2`` and ``BLOCK_N2`` of its dQ programs). Fixed per head dim rather
-    than autotuned: no first-call tuning pause, and the op can be captured in a CUDA graph on its first call. Picked
-    from sweeps on an H200 (bf16; B8 H12 N544 D64, B4 H16 N2080 D128, B1 H16 N8224 D128): each choice is within a
-    few percent of the best at every one of those shapes; the fused tiles are those of the split kernels (at D128
-    the best of 11 fused candidates, RESULTS.md "2026-11-29: a one-launch attention backward"). RESULTS.md
-    "2026-11-29: TMA row loads" re-swept fwd/dq/dkdv with TMA loads at 4x16x2080x128
-    (the defaults stayed within 2.1 % of the best) and picked dq_stored 64x32 (best of 10; not swept at D64 or fp32).
-    RESULTS.md "2026-11-29/30: long-row tiles" (``long_rows``, see :func:`_long_rows`): at 1x16x8224x128 the
-    forward's 128x128 tiles at 8 warps took
-    0.545 ms against 0.567 for 64x64 (which stays the best at 2080), and the stored dQ kernel's 128x32 tiles at 4
-    stages brought the backward from 2.046 to 1.907 ms (best of 10; at 2080 64x32 stays the best); at D64 the fused
-    backward's dK/dV tiles went from 16x128 to 16x64 (graphed fwd+bwd at 8x12x544x64: 89.8-90.4 µs against
-    93.9-95.2; 16x128 spills registers: 255 + 256 stack bytes). 8-warp dK/dV tiles at D128, which do not spill, were
-    1.5-3x slower.
-    Warp specialisation of the forward's key loop (``tl.range(warp_specialize=True)``) was measured and left out:
-    no gain at D128, and Triton 3.6 fails to compile it for 64x64 tiles.
+    ``BLOCK_M2`` and ``BLOCK_N2`` of its dQ programs). Fixed per head dim rather than autotuned: no first-call
+    tuning pause, and the op can be captured in a CUDA graph on its first call. The table holds the tiles that
+    sweeps on an H200 picked (bf16 at 8x12x544x64, 4x16x2080x128 and 1x16x8224x128; RESULTS.md "2026-11-29: a
+    one-launch attention backward", "2026-11-29: TMA row loads", "2026-11-29/30: long-row tiles"); ``long_rows``
+    (see :func:`_long_rows`) selects larger forward and stored-dQ tiles for N >= LONG_ROWS at D > 64. The D64 fused
+    dK/dV tiles are 16x64 because 16x128 spills registers. The forward's key loop is not warp-specialised
+    (``tl.range(warp_specialize=True)``): Triton 3.6 fails to compile it for 64x64 tiles.
     ``python benchmarks/attention.py --sweep`` re-measures the candidates on another GPU.
     """
     if kernel not in KERNELS:
@@ -621,8 +613,7 @@ def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype, long_rows: bo
 
 
 # Rows (N) from which the D > 64 half-precision forward and stored dQ kernels take the long-row tiles of
-# ``_launch_config`` (measured at N = 2080, where the short-row tiles are faster, and 8224; RESULTS.md
-# "2026-11-29/30: long-row tiles").
+# ``_launch_config`` (RESULTS.md "2026-11-29/30: long-row tiles").
 LONG_ROWS = 4096
 
 SCHEDULES = ("split", "fused", "stored")
@@ -630,24 +621,61 @@ _schedule_override: str | None = None
 # Below this much work (B * Hq * N * N * D) the backward takes one launch ("fused"): at such sizes an eager call is
 # host-bound, and the launch saved is worth more than the GPU time the fused kernel spends recomputing delta.
 FUSED_MAX_WORK = 8 * 2 ** 30
-# The "stored" schedule's dS buffer (NP * NP elements of q's dtype per (b, q head), NP = N rounded up to 128;
-# allocated for the backward call and freed after it) may take at most this many bytes (1.25 GiB): the heads are
-# processed in balanced chunks of whole GQA groups that fit (see _stored_plan; e.g. 4x16x2080x128 bf16 needs 606 MB
-# in all: two chunks of 32 heads on two streams, 606 MB; 1x16x8224x128 needs 138 MB per head, 2.2 GB in all: four
-# chunks of 4 heads on two streams, 1.1 GB). A problem whose one GQA group does not fit half the budget takes one
-# stream, one that does not fit the budget "split"; 0 turns "stored" off.
-STORED_MAX_BYTES = 5 * 2 ** 28
 _NP_ROUND = 128
-# On a GPU the stored schedule's chunks alternate between two streams, each with its own dS slot of half the budget
-# (the caller's stream and a second one), in at least STORED_MIN_CHUNKS chunks: one chunk's dQ launch (memory-bound)
-# and the tails of its launches run beside the other stream's dK/dV (compute-bound). Measured on an H200 (RESULTS.md
-# "2026-11-29/30: long-row tiles", graphed fwd+bwd): 4x16x2080x128 0.726 / 0.759 ms (causal / bidirectional memory)
-# against 0.759 / 0.782 on one
-# stream; 1x16x8224x128 2.350 / 2.351 ms against 2.398 / 2.526 on one stream (two chunks of 8 heads). Four chunks
-# on two streams beat three (2.497 vs 2.537 ms, RESULTS.md "2026-11-29/30: long-row tiles", run 2); half-budget slots
-# of 3 heads (six chunks) lost.
-STORED_STREAMS = 2
-STORED_MIN_CHUNKS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredBackward:
+    """The memory and streams of the "stored" backward schedule (see :func:`_schedule`).
+
+    Its dS buffer holds NP * NP elements of q's dtype per (b, q head), NP = N rounded up to 128, and lives for one
+    backward call. ``max_bytes`` (default 1.25 GiB) caps it: the (b, kv head) pairs run in balanced chunks of whole
+    GQA groups that fit (see :func:`_stored_plan`; e.g. 4x16x2080x128 bf16 needs 606 MB in all: two chunks of 32
+    heads on two streams; 1x16x8224x128 needs 138 MB per head, 2.2 GB in all: four chunks of 4 heads on two
+    streams, 1.1 GB). A problem whose one GQA group does not fit the cap takes the "split" schedule; 0 turns
+    "stored" off.
+
+    ``streams`` (1 or 2, default 2): on a GPU the chunks alternate between the caller's stream and a second one,
+    each with its own dS slot of half the cap, in at least ``min_chunks`` chunks (>= 1; two streams make two at
+    least), so one chunk's memory-bound dQ launch runs beside the other's compute-bound dK/dV launch. One stream
+    where there is a single (b, kv head) pair or one GQA group does not fit half the cap; always one on the CPU.
+    Measurements: RESULTS.md "2026-11-29: the stored backward in chunks of heads" and "2026-11-29/30: long-row
+    tiles".
+    """
+
+    max_bytes: int = 5 * 2 ** 28
+    streams: int = 2
+    min_chunks: int = 2
+
+    def __post_init__(self):
+        if not (isinstance(self.max_bytes, int) and self.max_bytes >= 0):
+            raise ValueError(f"max_bytes must be an int >= 0, got {self.max_bytes!r}")
+        if self.streams not in (1, 2):
+            raise ValueError(f"streams must be one of (1, 2), got {self.streams!r}")
+        if not (isinstance(self.min_chunks, int) and self.min_chunks >= 1):
+            raise ValueError(f"min_chunks must be an int >= 1, got {self.min_chunks!r}")
+
+
+_stored_backward = StoredBackward()  # what backward() takes when it is given none; set_stored_backward replaces it
+
+
+def set_stored_backward(config: StoredBackward) -> StoredBackward:
+    """Make ``config`` what every later backward of this backend takes (the op's calls through autograd and
+    ``torch.compile`` included) unless :func:`backward` is given one; returns the one it replaces. Process-wide on
+    purpose: the autograd engine runs CUDA backwards on its own threads, where a context-local setting made around
+    ``loss.backward()`` would not be seen. E.g. ``set_stored_backward(StoredBackward(max_bytes=2 ** 30))``."""
+    global _stored_backward
+    if not isinstance(config, StoredBackward):
+        raise TypeError(f"config must be a StoredBackward, got {type(config).__name__}")
+    previous, _stored_backward = _stored_backward, config
+    return previous
+
+
+def stored_backward() -> StoredBackward:
+    """The :class:`StoredBackward` that a backward given none takes."""
+    return _stored_backward
+
+
 _streams_override: int | None = None
 
 
@@ -673,15 +701,15 @@ def backward_schedule(name: str):
 
 def stored_streams(count: int):
     """Inside this context the stored schedule runs its chunks on ``count`` streams (1 or 2; on the CPU the
-    chunks and slots are planned the same way and run in order) instead of STORED_STREAMS on a GPU and one on
-    the CPU (for benchmarks and tests)."""
+    chunks and slots are planned the same way and run in order) instead of ``StoredBackward.streams`` on a GPU and
+    one on the CPU (for benchmarks and tests)."""
     return _override("_streams_override", count, (1, 2), "count")
 
 
-def _stored_streams(q: torch.Tensor) -> int:
+def _stored_streams(q: torch.Tensor, stored: StoredBackward) -> int:
     if _streams_override is not None:
         return _streams_override
-    return STORED_STREAMS if q.is_cuda else 1
+    return stored.streams if q.is_cuda else 1
 
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
@@ -732,37 +760,33 @@ def _chunk_sizes(pairs: int, groups: int, n: int, dtype: torch.dtype, budget: in
     return [pairs // chunks + (i < pairs % chunks) for i in range(chunks)]
 
 
-def _stored_plan(pairs: int, groups: int, n: int, dtype: torch.dtype, streams: int) -> tuple[list[int], int]:
-    """``(pairs of each chunk, streams)`` of the stored schedule for ``pairs`` (b, kv head) pairs. With two streams
-    each holds one dS slot of half the STORED_MAX_BYTES budget, and there are at least STORED_MIN_CHUNKS chunks;
-    one stream when there is a single pair or one GQA group does not fit half the budget."""
-    if streams > 1 and pairs > 1 and 2 * _group_bytes(groups, n, dtype) <= STORED_MAX_BYTES:
-        return _chunk_sizes(pairs, groups, n, dtype, STORED_MAX_BYTES // 2, max(2, STORED_MIN_CHUNKS)), 2
-    return _chunk_sizes(pairs, groups, n, dtype, STORED_MAX_BYTES), 1
+def _stored_plan(pairs: int, groups: int, n: int, dtype: torch.dtype, streams: int,
+                 stored: StoredBackward) -> tuple[list[int], int]:
+    """``(pairs of each chunk, streams)`` of the stored schedule for ``pairs`` (b, kv head) pairs on at most
+    ``streams`` streams. With two streams each holds one dS slot of half the ``stored.max_bytes`` budget, and there
+    are at least ``stored.min_chunks`` chunks (two at least); one stream when there is a single pair or one GQA group
+    does not fit half the budget."""
+    budget = stored.max_bytes
+    if streams > 1 and pairs > 1 and 2 * _group_bytes(groups, n, dtype) <= budget:
+        return _chunk_sizes(pairs, groups, n, dtype, budget // 2, max(2, stored.min_chunks)), 2
+    return _chunk_sizes(pairs, groups, n, dtype, budget), 1
 
 
-def _schedule(b: int, h: int, h_kv: int, n: int, d: int, dtype: torch.dtype) -> str:
+def _schedule(b: int, h: int, h_kv: int, n: int, d: int, dtype: torch.dtype, stored: StoredBackward) -> str:
     """How the backward runs: "fused" (one launch; dK/dV and dQ programs side by side, each computing delta),
     "stored" (delta; dK/dV writing dS; dQ from dS) or "split" (a dQ kernel that stores delta, then a dK/dV kernel
     that reads it). All are deterministic and agree with the reference to rounding; they differ in launches (host
-    time), GPU time and memory. Measured on an H200 (benchmarks/RESULTS.md, bf16, CUDA graphs): "fused" took 46-82 µs
-    less host time per eager fwd+bwd at 8x12x544x64 and the same GPU time (0.094 vs 0.092 ms; RESULTS.md "2026-11-29:
-    a one-launch attention backward"), and
-    6-10 % more GPU time at D128 with N >= 2080. There "stored" beats "split" (fwd+bwd 0.784-0.801 vs 0.818-0.862 ms
-    at 4x16x2080x128, 2.505-2.578 vs 2.730-2.788 ms at 1x16x8224x128; RESULTS.md "2026-11-29: TMA row loads"; at that
-    size in the three chunks
-    of the default budget 2.583-2.594 vs 2.760-2.778 ms, RESULTS.md "2026-11-29: the stored backward in chunks of
-    heads"; 2.350 ms on two streams with the long-row
-    tiles, RESULTS.md "2026-11-29/30: long-row tiles") for ``NP^2`` elements of transient memory per head, hence:
-    "fused" up to FUSED_MAX_WORK,
-    "stored" (its heads in chunks of at most STORED_MAX_BYTES of dS) while one GQA group of heads fits that budget,
-    else "split"."""
+    time), GPU time and memory. "fused" saves host time where an eager call is host-bound and costs GPU time at
+    D128 with thousands of rows; there "stored" (five matmuls per tile pair) is faster than "split" (seven) for
+    ``NP^2`` elements of transient memory per head (RESULTS.md "2026-11-29: a one-launch attention backward",
+    "2026-11-29: TMA row loads"). Hence: "fused" up to FUSED_MAX_WORK, "stored" (its heads in chunks of at most
+    ``stored.max_bytes`` of dS) while one GQA group of heads fits that budget, else "split"."""
     name = _schedule_override
     if name is None:
         if b * h * n * n * d <= FUSED_MAX_WORK:
             name = "fused"
         else:
-            name = "stored" if _group_bytes(h // h_kv, n, dtype) <= STORED_MAX_BYTES else "split"
+            name = "stored" if _group_bytes(h // h_kv, n, dtype) <= stored.max_bytes else "split"
     return name
 
 
@@ -802,9 +826,7 @@ def _use_tma(work: int, *xs: torch.Tensor) -> bool:
     """Load rows through TMA descriptors: forced by :func:`row_loads`, or ("auto") on a GPU of compute capability
     9.0+ when ``work`` (B * Hq * N * N * D) is above FUSED_MAX_WORK. Either way only when every tensor's base
     address and (batch, head, row) strides are 16-byte aligned (a TMA requirement), and never again after a TMA
-    launch failed (``_tma_off``). Measured on an H200 (RESULTS.md "2026-11-29: TMA row loads", graphed, bf16):
-    forward 0.203 -> 0.185 ms and
-    fwd+bwd 0.871 -> 0.832 ms at 4x16x2080x128; 0.641 -> 0.598 and 2.832 -> 2.719 ms at 1x16x8224x128."""
+    launch failed (``_tma_off``). Timings with and without: RESULTS.md "2026-11-29: TMA row loads"."""
     mode = _loads_override or "auto"
     if mode == "pointer" or TensorDescriptor is None or _tma_failed is not None:
         return False
@@ -855,9 +877,8 @@ def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
 # loads and the "fused" backward, each at most FUSED_MAX_WORK (where the automatic choices take neither TMA nor
 # another schedule). Keyed by what determines every non-pointer argument of the launch: the inputs' shapes,
 # strides and dtypes, the mask arguments and the scale (outputs are allocated like q, k, v: their strides follow).
-# A plan skips the schedule and launch-config lookups, the argument building and the launch key: about 7 µs of
-# the 14 µs of host time that a direct launch of the fused backward took on the H200 host (RESULTS.md "2026-11-30:
-# lean Triton launches").
+# A plan skips the schedule and launch-config lookups, the argument building and the launch key (host times:
+# RESULTS.md "2026-11-30: lean Triton launches").
 _plans: dict = {}
 MAX_PLANS = 4096
 
@@ -945,12 +966,16 @@ def _forward(q, k, v, o, lse, seq_lens, num_read, num_write, causal, bidirection
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, seq_lens: torch.Tensor, num_read: int, num_write: int, causal: bool,
-             bidirectional: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             bidirectional: bool, scale: float, stored: StoredBackward | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` shaped, typed and laid out like q, k, v; exactly 0 at padding positions.
 
     One launch ("fused") for small problems; "stored" (delta, dK/dV writing dS, dQ from dS) or "split" (dQ, which
-    also writes ``delta = rowsum(dO * O)``, then dK/dV) otherwise: see :func:`_schedule`.
+    also writes ``delta = rowsum(dO * O)``, then dK/dV) otherwise: see :func:`_schedule`. ``stored``: the stored
+    schedule's dS budget and streams, default :func:`stored_backward` (see :func:`set_stored_backward`).
     """
+    if stored is None:
+        stored = _stored_backward
     q, k, v, do = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v), _inner_contiguous(dout)
     b, h, n, d = q.shape
     h_kv = k.shape[1]
@@ -965,7 +990,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             return dq, dk, dv
         if plan is not None:  # a plan that declined this call, or none to be had: nothing to remember
             key = None
-    schedule = _schedule(b, h, h_kv, n, d, q.dtype)
+    schedule = _schedule(b, h, h_kv, n, d, q.dtype, stored)
     if schedule == "fused":
         cfg = _launch_config("fused", d, q.dtype)
         kv_tiles, q_tiles = _cdiv(n, cfg["BLOCK_N1"]), _cdiv(n, cfg["BLOCK_M2"])
@@ -981,7 +1006,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     run = _backward_split
     if schedule == "stored":
         groups = h // h_kv
-        chunks, streams = _stored_plan(b * h_kv, groups, n, q.dtype, _stored_streams(q))
+        chunks, streams = _stored_plan(b * h_kv, groups, n, q.dtype, _stored_streams(q, stored), stored)
         try:
             ds = _new_ds(q, streams * chunks[0] * groups, _padded_rows(n))
             run = functools.partial(_backward_stored, ds=ds, chunks=chunks, streams=streams)
@@ -1026,15 +1051,10 @@ def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_
     writes every dS tile it computes into its stream's slot of ``ds``, ``[chunk's query heads, NP, NP]`` in q's
     dtype, NP = N rounded up to 128) and dQ = dS K from the stored tiles: five matmuls per tile pair instead of the
     split schedule's seven, for ``NP * NP`` elements of transient memory per query head of a slot (freed on return;
-    at most STORED_MAX_BYTES, see :func:`_stored_plan`). With ``streams`` 2 chunk i runs on stream i % 2 (see
-    STORED_STREAMS). One stream, RESULTS.md "2026-11-29: the stored backward in chunks of heads": at 1x16x8224x128
-    three chunks cost 3-4 % under the causal mask against
-    one (2.594 vs 2.492-2.508 ms) and nothing with bidirectional memory blocks (2.583 vs 2.593 ms).
-    Measured and removed (RESULTS.md "2026-11-29: the stored backward in chunks of heads"): a pipelined variant, one
-    kernel per launch running chunk c's dK/dV programs
-    beside chunk c-1's dQ programs on two dS slots: 2.86 ms at 8224 with 1-4 chunks, 3.43 ms with 8, 0.794 vs
-    0.758 ms at 4x16x2080x128 (the merged kernel gives the dQ programs the dK/dV programs' registers and shared
-    memory). Separate launches on two streams keep each kernel's own footprint."""
+    at most ``StoredBackward.max_bytes``, see :func:`_stored_plan`). With ``streams`` 2 chunk i runs on stream
+    i % 2. Each chunk is two launches of their own kernels (not one kernel running a chunk's dK/dV programs beside
+    the previous chunk's dQ programs), so each kernel keeps its own registers and shared memory (RESULTS.md
+    "2026-11-29: the stored backward in chunks of heads")."""
     b, h, n, d = q.shape
     h_kv = k.shape[1]
     groups = h // h_kv

@@ -2,7 +2,8 @@
 ``cuda.py`` behind the custom ops ``rmt_fast::gather_memory`` and ``rmt_fast::place_memory`` (with their backward
 ops; defined here, so ``torch.compile`` traces through them).
 
-The entry point that picks a backend is :func:`rmt_fast.ops.segment_handoff`.
+The entry point that picks a backend (see :mod:`rmt_fast.ops.backends`) is :func:`segment_handoff`, here:
+``from rmt_fast.ops.segment_handoff import segment_handoff``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import types
 import torch
 from torch import Tensor
 
-__all__ = ["gather_memory", "place_memory", "kernels"]
+from ..backends import resolve_backend
+from .reference import gather_memory_ref, place_memory_ref
+
+__all__ = ["segment_handoff", "gather_memory", "place_memory", "kernels"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,3 +157,44 @@ def place_memory(memory: Tensor, token_embeds: Tensor, read_offset: int, write_o
     if torch.compiler.is_compiling():
         return fused_place(memory, token_embeds, read_offset, write_offsets, backend)
     return _EagerPlace.apply(memory, token_embeds, read_offset, write_offsets, backend)
+
+
+def segment_handoff(hidden: Tensor | None, memory: Tensor, gather_offsets: Tensor | None,
+                    token_embeds: Tensor | None, read_offset: int, write_offsets: Tensor | None,
+                    backend: str = "auto") -> tuple[Tensor, Tensor | None]:
+    """One memory handoff between segments: gather each row's new memory, place it into the next segment's input.
+
+    hidden: ``[B, N_prev, d]`` last-layer states of the previous segment, or None (no gather).
+    memory: ``[B, m, d]`` the memory that entered the previous segment.
+    gather_offsets: ``[B]`` int; row b's new memory is ``hidden[b, g_b : g_b + m]`` (``g_b + m <= N_prev``), or
+        ``memory[b]`` where ``g_b < 0`` (the row had no segment). Required with ``hidden``.
+    token_embeds: ``[B, N, d]`` the next segment's input embeddings (anything at the memory slots), or None
+        (no placement).
+    read_offset: first read slot of every row (0 for decoders, 1 for encoders after [CLS]).
+    write_offsets: ``[B]`` int, first write slot of each row, or None (no write slots). Slots lie inside
+        ``[0, N)`` and a row's read and write blocks do not overlap.
+    backend: one of :data:`rmt_fast.ops.BACKENDS` ("sdpa" runs the reference).
+
+    Returns ``(new_memory [B, m, d], inputs_embeds [B, N, d] or None)``: new_memory in hidden's dtype (``memory``
+    itself without hidden), inputs_embeds in token_embeds' dtype with new_memory at the read and write slots.
+    The three call forms (both; gather only: ``token_embeds=None``; place only: ``hidden=None``) run natively on
+    every backend; the recurrence calls the two halves around the backbone. Gradients flow to ``hidden``
+    (gathered rows), ``memory`` (kept rows and the placed copies) and ``token_embeds`` (positions not overwritten).
+    """
+    impl = resolve_backend(backend, memory.device)
+    m = memory.shape[1]
+    if hidden is not None and m > 0:
+        if gather_offsets is None:
+            raise ValueError("gather_offsets is required when hidden is given")
+        if impl == "reference":
+            memory = gather_memory_ref(hidden, memory, gather_offsets)
+        else:
+            memory = gather_memory(hidden, memory, gather_offsets, impl)
+    if token_embeds is None or m == 0:
+        return memory, token_embeds
+    if not 0 <= read_offset <= token_embeds.shape[1] - m:
+        raise ValueError(f"read_offset must be in [0, {token_embeds.shape[1] - m}] so that {m} read slots fit into "
+                         f"{token_embeds.shape[1]} positions, got {read_offset}")
+    if impl == "reference":
+        return memory, place_memory_ref(memory, token_embeds, read_offset, write_offsets)
+    return memory, place_memory(memory, token_embeds, int(read_offset), write_offsets, impl)
