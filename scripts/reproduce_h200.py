@@ -244,6 +244,13 @@ def estimate(a) -> dict:
             "total_s": round(train_s + (0 if a.skip_eval else eval_s + heat_s) + 30)}
 
 
+def _train_seconds(doc: dict):
+    """The task's training time over every call that trained it (the stages' seconds, kept in the training state),
+    else this call's."""
+    sec = doc.get("train", {}).get("seconds")
+    return round(sec) if isinstance(sec, (int, float)) else doc.get("wall_seconds", {}).get("train", "?")
+
+
 def summary(out: str, docs: dict) -> str:
     from rmt_fast.experiments.plots import plot_accuracy
 
@@ -264,7 +271,8 @@ def summary(out: str, docs: dict) -> str:
                   memory_label=first["memory_measure"] + ", the largest over the tasks",
                   intervals={t: d["ci95"] for t, d in docs.items()}, segment_size=first["config"].get("segment_size"),
                   trained_segments=first.get("train", {}).get("trained_segments"),
-                  title=f"RMT ({first['config'].get('backbone')}, m={first['config'].get('num_mem_tokens')}, "
+                  title=f"RMT ({os.path.basename(str(first['config'].get('backbone')))}, "
+                        f"m={first['config'].get('num_mem_tokens')}, "
                         f"{first['config'].get('segment_size')}-token segments) accuracy vs input length")
     head = f"{'segments':>8} {'tokens':>11} " + " ".join(f"{t[:15]:>15}" for t in docs) + f" {'peak MiB':>9}"
     lines = [head, "-" * len(head)]
@@ -280,7 +288,7 @@ def summary(out: str, docs: dict) -> str:
         lines.append(f"{n:>8} {tok:>11,} " + " ".join(cells) + f" {mem.get(k, 0):>9.1f}")
     lines.append("accuracy % (paper's Fig. 1 in parentheses); trained segments: "
                  + ", ".join(f"{t} {d.get('train', {}).get('trained_segments')} in "
-                             f"{d.get('wall_seconds', {}).get('train', '?')}s" for t, d in docs.items()))
+                             f"{_train_seconds(d)}s of training" for t, d in docs.items()))
     return "\n".join(lines)
 
 

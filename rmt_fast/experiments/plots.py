@@ -140,7 +140,7 @@ def plot_curves(path: str, runs: dict, title: str | None = None) -> str:
         if not hist:
             continue
         xs = [h["global_step"] for h in hist]
-        line, = ax_l.plot(xs, [max(h["loss"], 1e-6) for h in hist], lw=1.2, label=label)
+        line, = ax_l.plot(xs, [max(h["loss"], 1e-12) for h in hist], lw=1.2, label=label)
         ax_a.plot(xs, [100.0 * h["val_accuracy"] for h in hist], lw=1.5, color=line.get_color(), label=label)
         multi = [(h["global_step"], 100.0 * h["val_accuracy_multiple"]) for h in hist if "val_accuracy_multiple" in h]
         if multi:
