@@ -28,6 +28,11 @@ def _train_grads(model, ids, labels, mask, mode, seed=0, steps=2, **kw):
         opt.step()
     if mode == "step":  # full BPTT replayed as graphs: captured from the second call on (see run_step_graphs)
         assert rmt.runner.step_graphs.get("captured"), "the step graphs were not used"
+        if mask is None:
+            expect = {"full-BPTT eager": 1, "full-BPTT captured": 1, "full-BPTT graphed": steps - 2}
+            assert rmt.executor_counts() == {k: v for k, v in expect.items() if v}
+    if mode == "graphed" and mask is None:
+        assert rmt.executor_counts() == {"two-sweep graphed": steps}
     return torch.stack(losses), grads
 
 

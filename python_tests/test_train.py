@@ -479,3 +479,13 @@ def test_train_same_axis_changes_training_samples_only(tmp_path):
         tiny(train_same_axis=0.5).validate()  # memorize
     with pytest.raises(ValueError, match="train_same_axis"):
         tiny(task="reasoning", train_same_axis=2.0).validate()
+
+
+def test_history_counts_the_training_calls_by_executor(tmp_path):
+    """Each validation record holds the training calls since the previous one by executor (on the CPU: eager full
+    BPTT, or the two-sweep schedule when asked), and each stage record their sum over the stage."""
+    res = train(tiny(tmp_path / "a", max_steps_per_stage=4, eval_every=2, schedule=[1, 2]))
+    assert [h["executors"] for h in res.history] == [{"full-BPTT eager": 2}] * 4
+    assert [s["executors"] for s in res.stages] == [{"full-BPTT eager": 4}] * 2
+    res = train(tiny(tmp_path / "b", max_steps_per_stage=2, eval_every=2, schedule=[2], checkpoint_segments="on"))
+    assert [h["executors"] for h in res.history] == [{"two-sweep eager": 2}]

@@ -280,6 +280,7 @@ def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, tota
         variants = {f: _training_graphs(runner, memory, plan, targets, want_output, f) for f in set(full)}
         if all(v is not None for v in variants.values()):
             sweep.graphs = [variants[f] for f in full]
+    runner.calls["two-sweep eager" if sweep.graphs is None else "two-sweep graphed"] += 1
     memory, loss_sum, count, *outputs = _TwoSweep.apply(sweep, memory, *(p for _, p in named))
     record = runner.scheme.new_record(plan, total_len)
     it = iter(outputs)

@@ -538,6 +538,7 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, le
     seen = state.setdefault("seen", {})
     cache = state.setdefault("captured", {})
     graphs = cache.get(key)
+    captured = graphs is None
     if graphs is None:
         seen[key] = seen.get(key, 0) + 1
         while len(seen) > 64:
@@ -564,6 +565,7 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, le
     if not graphs.available():
         return None
     graphs.load(memory, plan, targets, params)
+    runner.calls["full-BPTT captured" if captured else "full-BPTT graphed"] += 1
     outs = _GraphedStep.apply(graphs, memory, *graphs.parameters)
     output = None
     if graphs.structure is not None:

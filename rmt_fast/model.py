@@ -152,6 +152,19 @@ class RecurrentMemoryModel(nn.Module):
         out.num_segments = plan.num_segments
         return out
 
+    def executor_counts(self, reset: bool = False) -> dict:
+        """How many forward calls each executor ran since the model was built (or the last ``reset=True``):
+        ``{"full-BPTT graphed": 950, "full-BPTT eager": 50, ...}`` with the keys "inference graphed", "inference
+        eager", "two-sweep graphed", "two-sweep eager", "full-BPTT graphed", "full-BPTT captured" (a new capture,
+        then its first replay) and "full-BPTT eager"; only executors that ran appear. Shows whether a training
+        loop replays CUDA graphs or falls back to eager calls (a new length, a pending backward, a failed capture)."""
+        if not isinstance(reset, bool):
+            raise TypeError(f"reset must be a bool, got {type(reset).__name__}")
+        counts = dict(self.runner.calls)
+        if reset:
+            self.runner.calls.clear()
+        return counts
+
     # ---- generation -----------------------------------------------------------------------------------
     def generate(self, input_ids, generation_config=None, *, attention_mask=None, max_new_tokens: int | None = None,
                  max_length: int | None = None, do_sample: bool | None = None, temperature: float | None = None,

@@ -6,6 +6,8 @@ segment looks like, where memory is read and written and what a segment records 
 """
 from __future__ import annotations
 
+import collections
+
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -94,6 +96,10 @@ class SegmentRunner:
         self.graphs = None  # a rmt_fast.graphs.GraphedSegments, built on first CUDA use (cuda_graphs True or "auto")
         self.training_graphs: dict = {}  # rmt_fast.graphs.TrainingGraphs per call shape (checkpointed training)
         self.step_graphs: dict = {}  # rmt_fast.graphs.run_step_graphs' captures and counters (full-BPTT training)
+        # what ran each call, by executor: "inference graphed", "inference eager", "two-sweep graphed",
+        # "two-sweep eager", "full-BPTT graphed", "full-BPTT captured" (a capture, then its first replay) and
+        # "full-BPTT eager"; read with RecurrentMemoryModel.executor_counts()
+        self.calls: collections.Counter = collections.Counter()
 
     def step(self, memory, content, targets, params, width, want_output, want_hidden, dense=False) -> StepResult:
         """One segment: memory ``[B, m, d]`` -> :class:`StepResult`. params: the segment's ``[5, B]`` block."""
@@ -122,9 +128,11 @@ class SegmentRunner:
                 self.graphs = GraphedSegments(self)
             res = self.graphs.run(memory, plan, targets, params, want_output, total_len, progress)
             if res is not None:
+                self.calls["inference graphed"] += 1
                 return res
         if cfg.checkpoint_segments and torch.is_grad_enabled() and not output_hidden_states:
             return run_two_sweep(self, memory, plan, targets, params, want_output, total_len, progress)
+        graded = torch.is_grad_enabled()
         lens_host = plan.lens.tolist()  # one host sync for all segments
         if (cfg.graphs_enabled and memory.is_cuda and torch.is_grad_enabled() and not output_hidden_states
                 and not (want_output and self.scheme.output_per_segment and plan.content.shape[1] != total_len)
@@ -136,6 +144,7 @@ class SegmentRunner:
             res = run_step_graphs(self, memory, plan, targets, params, want_output, lens_host)
             if res is not None:
                 return res
+        self.calls["full-BPTT eager" if graded else "inference eager"] += 1
         return self.run_eager(memory, plan, targets, params, want_output, output_hidden_states, total_len,
                               lens_host, progress)
 

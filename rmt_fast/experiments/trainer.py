@@ -23,6 +23,8 @@ Usage::
 """
 from __future__ import annotations
 
+import collections
+
 import dataclasses
 import json
 import math
@@ -583,14 +585,17 @@ class Trainer:
         rec = {"stage": stage_index, "num_segments": n, "steps": step, "reason": reason,
                "val_accuracy": acc, "best_val_accuracy": max(tracker.best, acc),
                "seconds": round(time.time() - self.t_stage, 3),
-               "global_step": self.global_step, "checkpoint": None}
+               "global_step": self.global_step, "checkpoint": None,
+               "executors": dict(sum((collections.Counter(h.get("executors", {})) for h in self.history
+                                      if h["stage"] == stage_index), collections.Counter()))}
         if cfg.stage_eval_lengths:
             rec["eval"] = self.stage_eval()
         self.save_stage(rec)
         self.done_stages.append(rec)
-        if self.is_main and cfg.progress:
+        if self.is_main:
             print(f"stage {stage_index + 1}/{len(self.stages)} ({n} segments) done after {step} steps "
-                  f"({STAGE_REASONS[reason]}): val accuracy {acc:.3f}, {rec['seconds']:.1f}s", flush=True)
+                  f"({STAGE_REASONS[reason]}): val accuracy {acc:.3f}, {rec['seconds']:.1f}s; training calls by "
+                  f"executor: {rec['executors']}", flush=True)
         return stop_all
 
     def stage_eval(self) -> dict:
@@ -643,9 +648,12 @@ class Trainer:
         if self.world > 1:
             torch.distributed.all_reduce(lt)
             lt = lt / self.world
+        # the training calls since the previous validation, by executor (graphed or eager: the speed's first suspect)
+        executors = {k: v for k, v in self.rmt.executor_counts(reset=True).items() if not k.startswith("inference")}
         acc = self.validate(n)
         rec = {"stage": stage_index, "num_segments": n, "step": step, "global_step": self.global_step,
-               "loss": float(lt.item()), "val_accuracy": acc, "lr": scheduler.get_last_lr()[0]}
+               "loss": float(lt.item()), "val_accuracy": acc, "lr": scheduler.get_last_lr()[0],
+               "executors": executors}
         metric = acc
         nk = self.multiple_segments(n)
         if nk != n:
