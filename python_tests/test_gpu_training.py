@@ -260,3 +260,33 @@ def test_step_graphs_with_kept_logits_leave_padded_columns_eager():
         out.loss.backward()
     assert out.logits.shape[:2] == (2, 81)
     assert not rmt.runner.step_graphs.get("captured")
+
+
+def test_step_graphs_keep_a_capture_per_length():
+    """A curriculum's mixed lengths (1, 2 or 3 full segments per call) under full BPTT: each length is captured
+    once (on its second call) and replayed from then on, and the losses and gradients equal eager training's."""
+    kw = dict(num_mem_tokens=3, segment_size=16, keep_logits=False)
+    base = _no_dropout(gpt2)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    torch.manual_seed(1)
+    lengths = [1, 2, 3, 2, 1, 3, 3, 1, 2, 1]
+    batches = [tokens(2, n * kw["segment_size"]).cuda() for n in lengths]
+    runs = {}
+    for graphs in (False, True):
+        model = _no_dropout(gpt2)
+        model.load_state_dict(state)
+        rmt = rmt_fast.wrap(model.cuda(), cuda_graphs=graphs, **kw).cuda().train()
+        opt = torch.optim.SGD(rmt.parameters(), lr=0.1)
+        losses, grads = [], []
+        for ids in batches:
+            opt.zero_grad(set_to_none=True)
+            loss = rmt(ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append(rmt.memory.grad.clone())
+            opt.step()
+        runs[graphs] = (torch.stack(losses), grads, rmt.executor_counts())
+    torch.testing.assert_close(runs[True][0], runs[False][0], atol=1e-5, rtol=1e-5)
+    for g_step, g_eager in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(g_step, g_eager, atol=2e-5, rtol=1e-3)
+    assert runs[True][2] == {"full-BPTT eager": 3, "full-BPTT captured": 3, "full-BPTT graphed": 4}

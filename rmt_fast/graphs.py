@@ -397,7 +397,11 @@ def _copy_or_zero(buf: torch.Tensor, value) -> None:
         buf.copy_(value)
 
 
-MAX_STEP_CAPTURES = 1  # each holds a whole call's activations (full BPTT) in its graph's memory pool
+# Each StepGraphs capture holds a whole call's activations (full BPTT) in its graph's memory pool. Captures of
+# several call shapes (a curriculum's mixed lengths) are kept while their pools together fit this share of the
+# GPU's memory (RecurrentMemoryModel.set_capture_memory changes it per model); the least recently used one that is
+# not waiting for its backward makes room first.
+STEP_GRAPHS_MEMORY_FRACTION = 0.25
 MAX_RECAPTURES = 3  # a shape captured this often (evicted by others in between) runs eagerly from then on
 CAPTURE_ATTEMPTS = 2  # a failed capture is tried once more before the shape trains eagerly for good
 
@@ -450,10 +454,13 @@ class StepGraphs:
         self.params_of.make()
         warm_up(dev, forward_backward)
         self.params_of.make()
+        reserved = torch.cuda.memory_reserved(dev)
         with capture(self.fwd):
             self.outs = self.params_of.run(self._forward_body)
         with capture(self.bwd, pool=self.fwd.pool()):
             self.grads = self._backward_body(self.outs)
+        # what the private pool of the two graphs keeps from the rest of the program
+        self.pool_bytes = max(0, torch.cuda.memory_reserved(dev) - reserved)
 
     def _forward_body(self) -> list:
         """[memory out, loss sum, count, *recorded output tensors]"""
@@ -522,6 +529,29 @@ class _GraphedStep(torch.autograd.Function):
         return (None, grad_mem, *graphs.grads[1:])
 
 
+def capture_budget(state: dict, device: torch.device) -> int:
+    """Bytes the StepGraphs captures of one model may keep in their pools: ``state["budget_bytes"]`` when set
+    (RecurrentMemoryModel.set_capture_memory), else STEP_GRAPHS_MEMORY_FRACTION of the device's memory."""
+    if state.get("budget_bytes") is not None:
+        return state["budget_bytes"]
+    return int(STEP_GRAPHS_MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+
+
+def make_room(cache: dict, need: int, budget: int) -> bool:
+    """Drop the least recently used captures of ``cache`` (ordered oldest first) that are not waiting for their
+    backward until ``need`` more bytes fit ``budget`` beside the rest; True when they fit. An empty cache always
+    takes one capture, whatever its size (as one capture always could)."""
+    def held() -> int:
+        return sum(g.pool_bytes for g in cache.values())
+
+    for k in list(cache):
+        if held() + need <= budget:
+            break
+        if cache[k].available():
+            del cache[k]
+    return not cache or held() + need <= budget
+
+
 def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, lens_host: list) -> dict | None:
     """Full-BPTT training of one call through :class:`StepGraphs`; returns the eager runner's result dict, or
     None when this call runs eagerly (first sight of its shape, a ragged segment, a pending earlier call, a failed
@@ -536,7 +566,7 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, le
            runner.config.bptt_depth, tuple(id(p) for p in runner.adapter.model.parameters() if p.requires_grad))
     state = runner.step_graphs
     seen = state.setdefault("seen", {})
-    cache = state.setdefault("captured", {})
+    cache = state.setdefault("captured", {})  # least recently used first
     graphs = cache.get(key)
     captured = graphs is None
     if graphs is None:
@@ -545,11 +575,9 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, le
             seen.pop(next(iter(seen)))
         if seen[key] < 2 or seen[key] > 1 + MAX_RECAPTURES or key in state.setdefault("failed", set()):
             return None  # capture a shape from its second call on: one-off shapes don't pay for a capture
-        for k in list(cache):  # free the previous capture's pool before capturing
-            if len(cache) >= MAX_STEP_CAPTURES and cache[k].available():
-                del cache[k]
-        if len(cache) >= MAX_STEP_CAPTURES:
-            return None
+        need = state.get("bytes_per_row_segment", 0) * b * g_total
+        if not make_room(cache, need, capture_budget(state, memory.device)):
+            return None  # the captures that would make room wait for their backward
         for attempt in range(CAPTURE_ATTEMPTS):
             try:
                 graphs = StepGraphs(runner, b, g_total, memory, want_output, targets, plan.content.dtype, autocast)
@@ -562,6 +590,10 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, le
                                   f"({type(e).__name__}: {e}); training eagerly", RuntimeWarning, stacklevel=4)
                     return None
         cache[key] = graphs
+        per = graphs.pool_bytes / (b * g_total)
+        state["bytes_per_row_segment"] = max(state.get("bytes_per_row_segment", 0), per)
+    else:
+        cache[key] = cache.pop(key)  # most recently used last
     if not graphs.available():
         return None
     graphs.load(memory, plan, targets, params)
