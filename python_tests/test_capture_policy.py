@@ -135,3 +135,27 @@ def test_set_capture_memory_and_drop_captures():
     rmt.runner.training_graphs["t"] = object()
     rmt.drop_captures()
     assert "captured" not in rmt.runner.step_graphs and not rmt.runner.training_graphs and rmt.runner.graphs is None
+
+
+def test_captures_do_not_keep_the_model_alive():
+    """The captures hold their runner weakly: deleting the model frees it (and on CUDA the graphs' pools) by
+    reference counting alone, with Python's cyclic collector off."""
+    import gc
+    import os
+    import sys
+    import weakref
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from models import gpt2
+
+    gc.collect()
+    gc.disable()
+    try:
+        rmt = rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=8)
+        rmt.runner.graphs = graphs_mod.GraphedSegments(rmt.runner)  # as the first CUDA inference call builds it
+        assert rmt.runner.graphs.runner.config is rmt.runner.config
+        runner, backbone = weakref.ref(rmt.runner), weakref.ref(rmt.runner.adapter.model)
+        del rmt
+        assert runner() is None and backbone() is None
+    finally:
+        gc.enable()

@@ -290,3 +290,45 @@ def test_step_graphs_keep_a_capture_per_length():
     for g_step, g_eager in zip(runs[True][1], runs[False][1]):
         torch.testing.assert_close(g_step, g_eager, atol=2e-5, rtol=1e-3)
     assert runs[True][2] == {"full-BPTT eager": 3, "full-BPTT captured": 3, "full-BPTT graphed": 4}
+
+
+def test_deleting_the_model_frees_its_captures_without_gc():
+    """After graphed training (full BPTT and two-sweep) and inference, ``del rmt`` frees the runner and every
+    capture (and so the graphs' pools) by reference counting alone: the captures hold their runner weakly.
+    drop_captures() frees the captures of a model still in use."""
+    import gc
+    import weakref
+
+    def trained(**kw):
+        rmt = rmt_fast.wrap(_no_dropout(gpt2).cuda(), num_mem_tokens=3, segment_size=16, keep_logits=False,
+                            **kw).cuda()
+        ids = tokens(2, 3 * 16).cuda()
+        for _ in range(3):
+            rmt(ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            rmt(ids)
+            rmt(ids)
+        counts = rmt.executor_counts()
+        assert counts.get("inference graphed") and (counts.get("full-BPTT graphed") or counts.get("two-sweep graphed"))
+        return rmt
+
+    gc.collect()
+    gc.disable()
+    try:
+        for kw in ({}, dict(checkpoint_segments=True)):
+            rmt = trained(**kw)
+            r = rmt.runner
+            held = [r, r.graphs, *r.step_graphs.get("captured", {}).values(), *r.training_graphs.values()]
+            assert len(held) == 3
+            refs = [weakref.ref(x) for x in held]
+            del rmt, r, held
+            assert all(ref() is None for ref in refs), kw
+    finally:
+        gc.enable()
+    rmt = trained()
+    rmt.drop_captures()
+    assert not rmt.runner.step_graphs.get("captured") and rmt.runner.graphs is None
+    ids = tokens(2, 3 * 16).cuda()
+    rmt(ids, labels=ids).loss.backward()  # captures again from the second call of a shape
+    rmt(ids, labels=ids).loss.backward()
+    assert rmt.executor_counts()["full-BPTT captured"] == 2

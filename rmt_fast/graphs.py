@@ -59,6 +59,12 @@ def recover_from_failed_capture(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
+def weak_runner(runner):
+    """The runner as the captures hold it: a weak proxy. The runner keeps its captures; a strong reference back would
+    make a cycle, and the graphs' memory pools would then outlive the model until Python's cyclic collector ran."""
+    return runner if isinstance(runner, weakref.ProxyTypes) else weakref.proxy(runner)
+
+
 @contextlib.contextmanager
 def capture(graph: torch.cuda.CUDAGraph, pool=None):
     """``torch.cuda.graph(graph, pool)`` with Python's cyclic garbage collector paused while it captures: a
@@ -159,7 +165,7 @@ class GraphedSegments:
     """Captures and replays :meth:`SegmentRunner.step` for one model; see the module docstring."""
 
     def __init__(self, runner):
-        self.runner = runner
+        self.runner = weak_runner(runner)
         self.captured: dict[tuple, _Captured] = {}
         self.failed: set[tuple] = set()
 
@@ -268,7 +274,7 @@ class TrainingGraphs:
 
     def __init__(self, runner, b: int, capacity: int, memory: torch.Tensor, want_output: bool,
                  targets: torch.Tensor | None, content_dtype, autocast: tuple, dense: bool = False):
-        self.runner, self.want_output, self.autocast, self.dense = runner, want_output, autocast, dense
+        self.runner, self.want_output, self.autocast, self.dense = weak_runner(runner), want_output, autocast, dense
         dev = memory.device
         self.width = runner.config.segment_size
         self.content = torch.zeros(b, capacity, dtype=content_dtype, device=dev)
@@ -430,7 +436,7 @@ class StepGraphs:
 
     def __init__(self, runner, b: int, g_total: int, memory: torch.Tensor, want_output: bool,
                  targets: torch.Tensor | None, content_dtype, autocast: tuple):
-        self.runner, self.want_output, self.autocast = runner, want_output, autocast
+        self.runner, self.want_output, self.autocast = weak_runner(runner), want_output, autocast
         dev = memory.device
         self.width = runner.config.segment_size
         self.g_total = g_total
