@@ -260,3 +260,18 @@ def test_clear_errors():
                       num_mem_tokens=2)
     with pytest.raises(ValueError, match="mode must be 'auto', 'decoder', 'encoder' or 'seq2seq'"):
         rmt_fast.wrap(t5(), mode="encoder-decoder")
+
+
+@pytest.mark.parametrize("make", [t5, bart])
+def test_num_items_in_batch_sums_the_decoder_token_losses(make):
+    """As transformers' Trainer passes it (gradient accumulation; under DDP it scales the loss by the number of
+    processes and relies on it): loss = the summed decoder token loss / num_items_in_batch."""
+    torch.manual_seed(0)
+    rmt = rmt_fast.wrap(make(), num_mem_tokens=2, segment_size=8)
+    ids = tokens(2, 20)
+    labels = _targets(2, 5)
+    labels[1, 3:] = -100
+    mean = rmt(ids, labels=labels).loss
+    valid = int((labels != -100).sum())
+    torch.testing.assert_close(rmt(ids, labels=labels, num_items_in_batch=4 * valid).loss, mean / 4)
+    torch.testing.assert_close(rmt(ids, labels=labels, num_items_in_batch=torch.tensor(valid)).loss, mean)

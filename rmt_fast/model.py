@@ -115,8 +115,9 @@ class RecurrentMemoryModel(nn.Module):
         continue from instead of the learned initial memory. return_logits: override ``keep_logits`` of the
         config. progress: a callable wrapping the segment range (e.g. ``tqdm``). token_type_ids: accepted as a
         tokenizer returns them; the segment layout gives every token type 0, so nonzero types (sentence pairs) are
-        refused. num_items_in_batch: as transformers' Trainer passes it; per-token (classifiers: per-label) losses
-        are then summed and divided by it (exact under gradient accumulation and over processes). Seq2seq: labels
+        refused. num_items_in_batch: as transformers' Trainer passes it; per-token (classifiers: per-label;
+        seq2seq: per decoder token) losses are then summed and divided by it (exact under gradient accumulation and
+        over processes). Seq2seq: labels
         are the decoder's targets ``[B, L]``; kwargs may hold ``decoder_input_ids`` and ``decoder_attention_mask``
         for the decoder.
         """

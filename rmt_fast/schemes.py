@@ -402,7 +402,12 @@ class Seq2SeqScheme(Scheme):
         if labels is None and decoder_input_ids is None:
             return fields
         out = adapter.run_decoder(states, mask, labels, decoder_input_ids, decoder_attention_mask)
-        fields.update(loss=out.loss, logits=out.logits)
+        loss = out.loss
+        if loss is not None and labels is not None and res.get("num_items") is not None:
+            # transformers' seq2seq loss is the mean over the label entries that are not -100; Trainer's
+            # num_items_in_batch asks for their sum over it (exact under gradient accumulation and over processes)
+            loss = loss * (labels != -100).sum() / res["num_items"]
+        fields.update(loss=loss, logits=out.logits)
         return fields
 
 
