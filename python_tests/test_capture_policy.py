@@ -49,7 +49,7 @@ def runner(monkeypatch):
     model = torch.nn.Linear(2, 2)
     return types.SimpleNamespace(config=types.SimpleNamespace(segment_size=SEG, bptt_depth=None),
                                  adapter=types.SimpleNamespace(model=model), step_graphs={},
-                                 calls=collections.Counter())
+                                 calls=collections.Counter(), warned=set())
 
 
 def _call(runner, g_total, b=2):
@@ -81,9 +81,11 @@ def test_a_small_budget_evicts_the_least_recently_used_and_gives_up_after_recapt
     _call(runner, 4)
     _call(runner, 4)  # 800 bytes: the two older captures make room
     assert [k[2] for k in runner.step_graphs["captured"]] == [4]
-    for _ in range(10):  # 1 and 4 alternate: each evicts the other until both were captured MAX_RECAPTURES times
-        _call(runner, 1)
-        _call(runner, 4)
+    with pytest.warns(RuntimeWarning, match="captured 3 times") as record:
+        for _ in range(10):  # 1 and 4 alternate: each evicts the other until both were captured MAX_RECAPTURES times
+            _call(runner, 1)
+            _call(runner, 4)
+    assert len([w for w in record if "captured 3 times" in str(w.message)]) == 1  # once per model
     assert FakeCapture.made.count(1) == FakeCapture.made.count(4) == graphs_mod.MAX_RECAPTURES
     assert runner.calls["full-BPTT eager"] > 0 and runner.calls["full-BPTT graphed"] > 0
 
@@ -95,7 +97,8 @@ def test_a_capture_waiting_for_its_backward_is_not_evicted(runner):
     (only,) = runner.step_graphs["captured"].values()
     only.pending = True
     _call(runner, 1)
-    assert _call(runner, 1) is None  # no room: the pending capture stays, this call runs eagerly
+    with pytest.warns(RuntimeWarning, match="still waits for its backward"):
+        assert _call(runner, 1) is None  # no room: the pending capture stays, this call runs eagerly
     assert list(runner.step_graphs["captured"].values()) == [only]
     only.pending = False
     assert _call(runner, 1) is not None  # now it makes room
@@ -159,3 +162,25 @@ def test_captures_do_not_keep_the_model_alive():
         assert runner() is None and backbone() is None
     finally:
         gc.enable()
+
+
+def test_two_sweep_with_kept_logits_warns_once_that_it_trains_eagerly(monkeypatch):
+    """On CUDA with graphs on, checkpoint_segments=True keeping a decoder's per-token logits runs eagerly: one
+    warning names keep_logits=False. (The CPU stands in: the tensors claim to be on CUDA for the check.)"""
+    import os
+    import sys
+
+    import rmt_fast.bptt as bptt
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from models import gpt2, tokens
+
+    rmt = rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=8, checkpoint_segments=True, cuda_graphs=True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(bptt, "_training_graphs", lambda *a: pytest.fail("a capture was attempted"))
+    ids = tokens(2, 20)
+    with pytest.warns(RuntimeWarning, match="keep_logits=False") as record:
+        for _ in range(2):
+            rmt(ids, labels=ids).loss.backward()
+    assert len([w for w in record if "keep_logits=False" in str(w.message)]) == 1
+    assert rmt.executor_counts() == {"two-sweep eager": 2}

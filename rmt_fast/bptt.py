@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .graphs import (MAX_CAPTURES, ParameterAliases, TrainingGraphs, autocast_state, flat_outputs,
-                     recover_from_failed_capture)
+                     recover_from_failed_capture, warn_eager_once)
 from .schemes import P_LAST
 
 
@@ -273,6 +273,10 @@ def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, tota
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in sharded]
     sweep = _Sweep(runner, plan, named, targets, params, widths, dense, records, want_output, progress,
                    fsdp_states=_fsdp_states(fsdp))
+    if runner.config.graphs_enabled and memory.is_cuda and want_output and runner.scheme.output_per_segment:
+        warn_eager_once(runner, "two-sweep outputs", "checkpoint_segments=True keeping per-token outputs (a decoder's "
+                        "logits with keep_logits=True) trains eagerly; keep_logits=False (the loss computed per "
+                        "segment, logits dropped) replays CUDA graphs")
     if (runner.config.graphs_enabled and memory.is_cuda and not fsdp
             and not (want_output and runner.scheme.output_per_segment)):
         # segments whose rows are all full replay captures with the plain-layout kernels

@@ -59,6 +59,14 @@ def recover_from_failed_capture(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
+def warn_eager_once(runner, reason: str, message: str) -> None:
+    """One RuntimeWarning per model and reason when CUDA-graph training falls back to eager calls (same results,
+    slower): the message names the reason and what changes it."""
+    if reason not in runner.warned:
+        runner.warned.add(reason)
+        warnings.warn(f"rmt_fast: {message}", RuntimeWarning, stacklevel=5)
+
+
 def weak_runner(runner):
     """The runner as the captures hold it: a weak proxy. The runner keeps its captures; a strong reference back would
     make a cycle, and the graphs' memory pools would then outlive the model until Python's cyclic collector ran."""
@@ -535,6 +543,11 @@ class _GraphedStep(torch.autograd.Function):
         return (None, grad_mem, *graphs.grads[1:])
 
 
+_PENDING = ("a full-BPTT training call was made while an earlier call of its shape still waits for its backward: "
+            "it runs eagerly (its captured graph holds the earlier call's activations); call backward() before "
+            "the next forward to keep replaying CUDA graphs")
+
+
 def capture_budget(state: dict, device: torch.device) -> int:
     """Bytes the StepGraphs captures of one model may keep in their pools: ``state["budget_bytes"]`` when set
     (RecurrentMemoryModel.set_capture_memory), else STEP_GRAPHS_MEMORY_FRACTION of the device's memory."""
@@ -579,10 +592,16 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, le
         seen[key] = seen.get(key, 0) + 1
         while len(seen) > 64:
             seen.pop(next(iter(seen)))
+        if seen[key] == 2 + MAX_RECAPTURES:
+            warn_eager_once(runner, "recaptures", f"full-BPTT training calls of batch {b} x {g_total} segments were "
+                            f"captured {MAX_RECAPTURES} times, each time evicted by other call shapes: they run "
+                            "eagerly from now on (the captures of all shapes do not fit the capture memory; raise it "
+                            "with rmt.set_capture_memory(bytes), see rmt.executor_counts())")
         if seen[key] < 2 or seen[key] > 1 + MAX_RECAPTURES or key in state.setdefault("failed", set()):
             return None  # capture a shape from its second call on: one-off shapes don't pay for a capture
         need = state.get("bytes_per_row_segment", 0) * b * g_total
         if not make_room(cache, need, capture_budget(state, memory.device)):
+            warn_eager_once(runner, "pending", _PENDING)
             return None  # the captures that would make room wait for their backward
         for attempt in range(CAPTURE_ATTEMPTS):
             try:
@@ -601,6 +620,7 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, le
     else:
         cache[key] = cache.pop(key)  # most recently used last
     if not graphs.available():
+        warn_eager_once(runner, "pending", _PENDING)
         return None
     graphs.load(memory, plan, targets, params)
     runner.calls["full-BPTT captured" if captured else "full-BPTT graphed"] += 1

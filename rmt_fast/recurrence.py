@@ -100,6 +100,7 @@ class SegmentRunner:
         # "two-sweep eager", "full-BPTT graphed", "full-BPTT captured" (a capture, then its first replay) and
         # "full-BPTT eager"; read with RecurrentMemoryModel.executor_counts()
         self.calls: collections.Counter = collections.Counter()
+        self.warned: set = set()  # the reasons for eager training calls already warned about (once each)
 
     def step(self, memory, content, targets, params, width, want_output, want_hidden, dense=False) -> StepResult:
         """One segment: memory ``[B, m, d]`` -> :class:`StepResult`. params: the segment's ``[5, B]`` block."""
