@@ -11,7 +11,6 @@ from . import fusion, persistence
 from .adapters import Adapter, make_adapter
 from .config import RMTConfig
 from .integrations import hf
-from .persistence import from_pretrained  # noqa: F401  (rmt_fast.from_pretrained)
 from .recurrence import SegmentRunner, compact_rows, plan_segments
 
 
@@ -295,3 +294,15 @@ class RecurrentMemoryModel(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self.is_activation_checkpointing
+
+
+def from_pretrained(directory, model_class=None, **backbone_kwargs) -> RecurrentMemoryModel:
+    """Load a model written by :meth:`RecurrentMemoryModel.save_pretrained`, or the ``model.safetensors`` that
+    ``transformers.Trainer`` writes for one (checkpoints, ``trainer.save_model``).
+
+    model_class: the transformers class of the backbone (default: the class it was saved from). backbone_kwargs
+    go to its ``from_pretrained`` (e.g. ``dtype``, ``device_map``); for a Trainer directory only ``dtype``.
+    A PEFT backbone comes back as a PeftModel with trainable adapters. Raises ValueError naming the file when a
+    file is missing, corrupt or does not match the config or the backbone.
+    """
+    return persistence.load(RecurrentMemoryModel, directory, model_class, backbone_kwargs)

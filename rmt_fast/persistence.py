@@ -1,6 +1,6 @@
 """Saving and loading a :class:`~rmt_fast.RecurrentMemoryModel`.
 
-:func:`from_pretrained` reads two layouts:
+:func:`rmt_fast.from_pretrained` (:func:`load` here) reads two layouts:
 
 - the directory :func:`save_pretrained` writes::
 
@@ -162,27 +162,23 @@ def save_pretrained(rmt, save_directory, state_dict: dict | None = None, is_main
 
 
 # ---- load -------------------------------------------------------------------------------------------------
-def from_pretrained(directory, model_class=None, **backbone_kwargs):
-    """Load a model written by :meth:`RecurrentMemoryModel.save_pretrained`, or the ``model.safetensors`` that
-    ``transformers.Trainer`` writes for one (checkpoints, ``trainer.save_model``).
-
-    model_class: the transformers class of the backbone (default: the class it was saved from). backbone_kwargs
-    go to its ``from_pretrained`` (e.g. ``dtype``, ``device_map``); for a Trainer directory only ``dtype``.
-    A PEFT backbone comes back as a PeftModel with trainable adapters. Raises ValueError naming the file when a
-    file is missing, corrupt or does not match the config or the backbone.
-    """
+def load(rmt_class, directory, model_class=None, backbone_kwargs: dict | None = None):
+    """What :func:`rmt_fast.from_pretrained` does, building an ``rmt_class`` (RecurrentMemoryModel: passed in, so
+    that this module does not import the model's)."""
+    backbone_kwargs = backbone_kwargs or {}
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise ValueError(f"directory: {directory!r} is not a directory")
     if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-        return _load_rmt_dir(directory, model_class, backbone_kwargs)
+        return _load_rmt_dir(rmt_class, directory, model_class, backbone_kwargs)
     if os.path.isfile(os.path.join(directory, FLAT_WEIGHTS_NAME)):
-        return _load_state_dict_file(os.path.join(directory, FLAT_WEIGHTS_NAME), model_class, backbone_kwargs)
+        return _load_state_dict_file(rmt_class, os.path.join(directory, FLAT_WEIGHTS_NAME), model_class,
+                                     backbone_kwargs)
     raise ValueError(f"directory: {directory!r} holds neither {CONFIG_NAME} (RecurrentMemoryModel.save_pretrained) "
                      f"nor {FLAT_WEIGHTS_NAME} (transformers.Trainer)")
 
 
-def _load_rmt_dir(directory: str, model_class, backbone_kwargs: dict):
+def _load_rmt_dir(rmt_class, directory: str, model_class, backbone_kwargs: dict):
     path = os.path.join(directory, CONFIG_NAME)
     config = _rmt_config(_read_json(path), path)
     bdir = os.path.join(directory, BACKBONE_DIR)
@@ -202,10 +198,10 @@ def _load_rmt_dir(directory: str, model_class, backbone_kwargs: dict):
     memory = _read_safetensors(mpath).get("memory")
     if memory is None:
         raise ValueError(f"{mpath}: has no 'memory' tensor")
-    return _build(model, config, memory, mpath, path)
+    return _build(rmt_class, model, config, memory, mpath, path)
 
 
-def _load_state_dict_file(path: str, model_class, backbone_kwargs: dict):
+def _load_state_dict_file(rmt_class, path: str, model_class, backbone_kwargs: dict):
     import transformers
 
     unknown = set(backbone_kwargs) - {"dtype"}
@@ -239,7 +235,7 @@ def _load_state_dict_file(path: str, model_class, backbone_kwargs: dict):
     memory = sd.get("memory")
     if memory is None:
         raise ValueError(f"{path}: has no 'memory' tensor")
-    rmt = _build(model, config, memory, path, path)
+    rmt = _build(rmt_class, model, config, memory, path, path)
     try:
         rmt.load_state_dict(sd)
     except RuntimeError as e:
@@ -247,11 +243,9 @@ def _load_state_dict_file(path: str, model_class, backbone_kwargs: dict):
     return rmt.to(backbone_kwargs.get("dtype", memory.dtype))
 
 
-def _build(model, config: RMTConfig, memory: torch.Tensor, memory_source: str, config_source: str):
-    """The RecurrentMemoryModel over ``model`` (a backbone or PeftModel), after checking the memory and the
-    config against the backbone."""
-    from .model import RecurrentMemoryModel
-
+def _build(rmt_class, model, config: RMTConfig, memory: torch.Tensor, memory_source: str, config_source: str):
+    """The ``rmt_class`` (RecurrentMemoryModel) over ``model`` (a backbone or PeftModel), after checking the memory
+    and the config against the backbone."""
     base = backbone_of(model)
     try:
         adapter = make_adapter(base, config.mode)
@@ -266,7 +260,7 @@ def _build(model, config: RMTConfig, memory: torch.Tensor, memory_source: str, c
         raise ValueError(f"{memory_source}: memory has shape {tuple(memory.shape)}, expected {want} "
                          f"(num_mem_tokens={config.num_mem_tokens} of the config, hidden size {emb.shape[1]} of "
                          f"the backbone)")
-    return RecurrentMemoryModel(model, config, adapter, memory=memory.to(device=emb.device, dtype=emb.dtype))
+    return rmt_class(model, config, adapter, memory=memory.to(device=emb.device, dtype=emb.dtype))
 
 
 def _adapter_dirs(directory: str) -> list[tuple[str, str]]:
