@@ -3,7 +3,7 @@
 Paths per configuration (bf16 autocast, AdamW step included only in the memory-task part):
   official      the official loop restated (rmt_fast/experiments/official.py): full BPTT, all activations kept
   default       rmt_fast.wrap(model) with no flags (full BPTT replayed as forward/backward CUDA graphs of the whole
-                call, rmt_fast.graphs.StepGraphs; decoders keep logits, captured since RESULTS.md "2026-11-30: lean
+                call, rmt_fast.graphs.CallGraphs; decoders keep logits, captured since RESULTS.md "2026-11-30: lean
                 Triton launches")
   full_eager    full BPTT with cuda_graphs=False (what `default` was before the step graphs)
   no_logits     decoders: keep_logits=False (the fused linear + cross-entropy loss; full BPTT as step graphs)
@@ -247,7 +247,7 @@ def part_breakdown(args, rows):
         with _autocast(args.device):
             out = rmt(ids, labels=labels)
         (out.loss if labels is not None else out.memory.float().square().mean()).backward()
-        graphs = next(iter(rmt.runner.training_graphs.values()))
+        graphs = next(iter(rmt.runner.segment_training_graphs.values()))
         fwd, bwd = _replay_ms(graphs.fwd), _replay_ms(graphs.bwd)
         rows.append(dict(part="breakdown", path=f"forward-sweep graph, {name}", seconds=fwd / 1e3))
         rows.append(dict(part="breakdown", path=f"backward graph, {name}", seconds=bwd / 1e3))

@@ -1,4 +1,4 @@
-"""The cache policy of full-BPTT training captures (rmt_fast.graphs.run_step_graphs) on the CPU: the captures
+"""The cache policy of full-BPTT training captures (rmt_fast.graphs.run_call_graphs) on the CPU: the captures
 themselves are replaced by stand-ins (a real capture needs CUDA; python_tests/test_gpu_training.py runs those),
 so what is tested is which call shapes get captured, replayed, evicted or run eagerly, and the byte budget."""
 import collections
@@ -15,7 +15,7 @@ SEG = 4
 
 
 class FakeCapture:
-    """Stands in for StepGraphs: pool bytes proportional to batch x segments, a pending flag."""
+    """Stands in for CallGraphs: pool bytes proportional to batch x segments, a pending flag."""
 
     made = []
 
@@ -43,12 +43,12 @@ class FakeApply:
 
 @pytest.fixture
 def runner(monkeypatch):
-    monkeypatch.setattr(graphs_mod, "StepGraphs", FakeCapture)
-    monkeypatch.setattr(graphs_mod, "_GraphedStep", FakeApply)
+    monkeypatch.setattr(graphs_mod, "CallGraphs", FakeCapture)
+    monkeypatch.setattr(graphs_mod, "_GraphedCall", FakeApply)
     FakeCapture.made = []
     model = torch.nn.Linear(2, 2)
     return types.SimpleNamespace(config=types.SimpleNamespace(segment_size=SEG, bptt_depth=None),
-                                 adapter=types.SimpleNamespace(model=model), step_graphs={},
+                                 adapter=types.SimpleNamespace(model=model), call_graphs={},
                                  calls=collections.Counter(), warned=set())
 
 
@@ -56,31 +56,31 @@ def _call(runner, g_total, b=2):
     memory = torch.zeros(b, 1, 2)
     plan = types.SimpleNamespace(content=torch.zeros(b, g_total * SEG, dtype=torch.long), num_segments=g_total)
     params = torch.zeros(g_total, 5, b, dtype=torch.long)
-    res = graphs_mod.run_step_graphs(runner, memory, plan, None, params, False, [[SEG] * g_total] * b)
+    res = graphs_mod.run_call_graphs(runner, memory, plan, None, params, False, [[SEG] * g_total] * b)
     if res is None:  # (SegmentRunner.run counts the eager call it then makes)
         runner.calls["full-BPTT eager"] += 1
     return res
 
 
 def test_mixed_lengths_keep_one_capture_each_within_the_budget(runner):
-    runner.step_graphs["budget_bytes"] = 10_000  # the stand-in pools: 200 bytes per segment at b=2
+    runner.call_graphs["budget_bytes"] = 10_000  # the stand-in pools: 200 bytes per segment at b=2
     lengths = [1, 2, 3, 4, 5] * 6
     for n in lengths:
         _call(runner, n)
     # each length: eager on its first call, captured on its second, replayed from then on; never captured again
     assert sorted(FakeCapture.made) == [1, 2, 3, 4, 5]
     assert runner.calls == {"full-BPTT eager": 5, "full-BPTT captured": 5, "full-BPTT graphed": 20}
-    assert list(runner.step_graphs["captured"])[-1][2] == 5  # most recently used last
+    assert list(runner.call_graphs["captured"])[-1][2] == 5  # most recently used last
 
 
 def test_a_small_budget_evicts_the_least_recently_used_and_gives_up_after_recaptures(runner):
-    runner.step_graphs["budget_bytes"] = 900  # room for 4.5 segments' pools at b=2
+    runner.call_graphs["budget_bytes"] = 900  # room for 4.5 segments' pools at b=2
     for n in [1, 2, 1, 2]:
         _call(runner, n)
-    assert FakeCapture.made == [1, 2] and len(runner.step_graphs["captured"]) == 2  # 200 + 400 bytes fit
+    assert FakeCapture.made == [1, 2] and len(runner.call_graphs["captured"]) == 2  # 200 + 400 bytes fit
     _call(runner, 4)
     _call(runner, 4)  # 800 bytes: the two older captures make room
-    assert [k[2] for k in runner.step_graphs["captured"]] == [4]
+    assert [k[2] for k in runner.call_graphs["captured"]] == [4]
     with pytest.warns(RuntimeWarning, match="captured 3 times") as record:
         for _ in range(10):  # 1 and 4 alternate: each evicts the other until both were captured MAX_RECAPTURES times
             _call(runner, 1)
@@ -91,18 +91,18 @@ def test_a_small_budget_evicts_the_least_recently_used_and_gives_up_after_recapt
 
 
 def test_a_capture_waiting_for_its_backward_is_not_evicted(runner):
-    runner.step_graphs["budget_bytes"] = 500
+    runner.call_graphs["budget_bytes"] = 500
     _call(runner, 2)
     _call(runner, 2)
-    (only,) = runner.step_graphs["captured"].values()
+    (only,) = runner.call_graphs["captured"].values()
     only.pending = True
     _call(runner, 1)
     with pytest.warns(RuntimeWarning, match="still waits for its backward"):
         assert _call(runner, 1) is None  # no room: the pending capture stays, this call runs eagerly
-    assert list(runner.step_graphs["captured"].values()) == [only]
+    assert list(runner.call_graphs["captured"].values()) == [only]
     only.pending = False
     assert _call(runner, 1) is not None  # now it makes room
-    assert [k[2] for k in runner.step_graphs["captured"]] == [1]
+    assert [k[2] for k in runner.call_graphs["captured"]] == [1]
 
 
 def test_make_room():
@@ -128,16 +128,17 @@ def test_set_capture_memory_and_drop_captures():
 
     rmt = rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=8)
     rmt.set_capture_memory(1 << 30)
-    assert rmt.runner.step_graphs["budget_bytes"] == 1 << 30
+    assert rmt.runner.call_graphs["budget_bytes"] == 1 << 30
     rmt.set_capture_memory(None)
-    assert rmt.runner.step_graphs["budget_bytes"] is None
+    assert rmt.runner.call_graphs["budget_bytes"] is None
     for bad in (-1, 1.5, True, "1G"):
         with pytest.raises(ValueError, match="max_bytes"):
             rmt.set_capture_memory(bad)
-    rmt.runner.step_graphs.update(captured={"k": object()}, seen={"k": 2})
-    rmt.runner.training_graphs["t"] = object()
+    rmt.runner.call_graphs.update(captured={"k": object()}, seen={"k": 2})
+    rmt.runner.segment_training_graphs["t"] = object()
     rmt.drop_captures()
-    assert "captured" not in rmt.runner.step_graphs and not rmt.runner.training_graphs and rmt.runner.graphs is None
+    r = rmt.runner
+    assert "captured" not in r.call_graphs and not r.segment_training_graphs and r.inference_graphs is None
 
 
 def test_captures_do_not_keep_the_model_alive():
@@ -155,8 +156,9 @@ def test_captures_do_not_keep_the_model_alive():
     gc.disable()
     try:
         rmt = rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=8)
-        rmt.runner.graphs = graphs_mod.GraphedSegments(rmt.runner)  # as the first CUDA inference call builds it
-        assert rmt.runner.graphs.runner.config is rmt.runner.config
+        # as the first CUDA inference call builds it
+        rmt.runner.inference_graphs = graphs_mod.SegmentInferenceGraphs(rmt.runner)
+        assert rmt.runner.inference_graphs.runner.config is rmt.runner.config
         runner, backbone = weakref.ref(rmt.runner), weakref.ref(rmt.runner.adapter.model)
         del rmt
         assert runner() is None and backbone() is None
@@ -177,7 +179,7 @@ def test_two_sweep_with_kept_logits_warns_once_that_it_trains_eagerly(monkeypatc
 
     rmt = rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=8, checkpoint_segments=True, cuda_graphs=True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(bptt, "_training_graphs", lambda *a: pytest.fail("a capture was attempted"))
+    monkeypatch.setattr(bptt, "_segment_training_graphs", lambda *a: pytest.fail("a capture was attempted"))
     ids = tokens(2, 20)
     with pytest.warns(RuntimeWarning, match="keep_logits=False") as record:
         for _ in range(2):

@@ -1,4 +1,4 @@
-"""rmt_fast.graphs.ConcatRecord, what the step graphs record per-token outputs with (kept logits): for a call whose
+"""rmt_fast.graphs.ConcatRecord, what the call graphs record per-token outputs with (kept logits): for a call whose
 every row fills every segment and keeps every input column, the segments' outputs side by side equal what the
 eager path's TokenRecord scatters to the input columns. The GPU tests (test_gpu_training.py) compare whole
 graphed and eager training calls."""

@@ -108,7 +108,7 @@ def test_ddp_reduces_once_per_step_with_either_schedule(runs, kind):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL, CUDA graphs)")
 @pytest.mark.parametrize("case", CASES)
 def test_ddp_with_cuda_graphs_equals_one_process(tmp_path, case):
-    """On 2 GPUs, where both schedules replay their segments as CUDA graphs (StepGraphs, TrainingGraphs)."""
+    """On 2 GPUs, where both schedules replay their segments as CUDA graphs (CallGraphs, SegmentTrainingGraphs)."""
     _run([sys.executable, SCRIPT, str(tmp_path), "single", case, "cuda"])
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
           f"--master_port={_free_port()}", SCRIPT, str(tmp_path), "ddp", case, "cuda"])

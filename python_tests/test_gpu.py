@@ -67,7 +67,8 @@ def test_cuda_graphs_equal_eager(make, kw):
             torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-3)
             if labels_ok:
                 torch.testing.assert_close(b.loss, a.loss, atol=1e-4, rtol=1e-3)
-    assert graphed.runner.graphs is not None and graphed.runner.graphs.captured, "no graph was captured"
+    captures = graphed.runner.inference_graphs
+    assert captures is not None and captures.captured, "no graph was captured"
 
 
 def test_bf16_fast_path_close_to_reference():

@@ -1,4 +1,4 @@
-"""GPU-only: graphed checkpointed training (rmt_fast.graphs.TrainingGraphs) against the eager two-sweep schedule
+"""GPU-only: graphed checkpointed training (rmt_fast.graphs.SegmentTrainingGraphs) against the eager two-sweep schedule
 and full BPTT. Graphs change speed, never results."""
 import pytest
 import torch
@@ -26,8 +26,8 @@ def _train_grads(model, ids, labels, mask, mode, seed=0, steps=2, **kw):
         losses.append(out.loss.detach())
         grads = {n: p.grad.clone() for n, p in rmt.named_parameters() if p.grad is not None}
         opt.step()
-    if mode == "step":  # full BPTT replayed as graphs: captured from the second call on (see run_step_graphs)
-        assert rmt.runner.step_graphs.get("captured"), "the step graphs were not used"
+    if mode == "step":  # full BPTT replayed as graphs: captured from the second call on (see run_call_graphs)
+        assert rmt.runner.call_graphs.get("captured"), "the call graphs were not used"
         if mask is None:
             expect = {"full-BPTT eager": 1, "full-BPTT captured": 1, "full-BPTT graphed": steps - 2}
             assert rmt.executor_counts() == {k: v for k, v in expect.items() if v}
@@ -97,8 +97,8 @@ def _no_dropout(make):
 ])
 def test_step_graphs_equal_full_bptt(make, kw):
     """Full-BPTT training (checkpoint_segments=False) replayed as forward/backward graphs of the whole call
-    (rmt_fast.graphs.StepGraphs) gives eager full BPTT's losses and gradients over 3 optimizer steps. Every
-    segment full (what StepGraphs captures): 5 segments of segment_size tokens per row."""
+    (rmt_fast.graphs.CallGraphs) gives eager full BPTT's losses and gradients over 3 optimizer steps. Every
+    segment full (what CallGraphs captures): 5 segments of segment_size tokens per row."""
     base = _no_dropout(make)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     torch.manual_seed(1)
@@ -142,7 +142,7 @@ def test_step_graphs_with_a_live_earlier_graph():
             opt.step()
         torch.randn(2, device="cuda")
         if graphs:
-            assert rmt.runner.step_graphs.get("captured")
+            assert rmt.runner.call_graphs.get("captured")
         res[graphs] = (torch.stack(losses), model.get_input_embeddings().weight.detach().clone())
     for a, b in zip(res[False], res[True]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
@@ -161,7 +161,7 @@ def test_step_graphs_leave_ragged_calls_eager():
         for _ in range(3):
             rmt(ids, labels=ids).loss.backward()
     assert not [w for w in caught if "capture" in str(w.message)]
-    assert not rmt.runner.step_graphs.get("captured")
+    assert not rmt.runner.call_graphs.get("captured")
 
 
 def test_recover_from_failed_capture():
@@ -203,7 +203,7 @@ def test_step_graphs_pending_call_and_autograd_grad():
         (g,) = torch.autograd.grad(rmt(ids, labels=ids).loss, [w])
         res[graphs] = (loss.detach(), acc, twice, g)
         if graphs:
-            assert rmt.runner.step_graphs.get("captured")
+            assert rmt.runner.call_graphs.get("captured")
     for a, b in zip(res[False], res[True]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-3)
 
@@ -213,7 +213,7 @@ def test_step_graphs_pending_call_and_autograd_grad():
     (llama, dict(num_mem_tokens=4, segment_size=20, bptt_depth=2)),
 ])
 def test_step_graphs_with_kept_logits_equal_full_bptt(make, kw):
-    """The default decoder call (``keep_logits=True``: per-token logits returned) is replayed as step graphs when
+    """The default decoder call (``keep_logits=True``: per-token logits returned) is replayed as call graphs when
     every segment is full and every input column is a content token: losses, logits and gradients equal eager
     full BPTT over 3 optimizer steps, the middle one with a loss taken from the returned logits as well (their
     gradient enters the backward graph)."""
@@ -239,7 +239,7 @@ def test_step_graphs_with_kept_logits_equal_full_bptt(make, kw):
                     *[p.grad.clone() for p in rmt.parameters() if p.grad is not None]]
             opt.step()
         if graphs:
-            assert rmt.runner.step_graphs.get("captured"), "the step graphs were not used"
+            assert rmt.runner.call_graphs.get("captured"), "the call graphs were not used"
         res[graphs] = got
     assert len(res[True]) == len(res[False])
     for a, b in zip(res[False], res[True]):
@@ -259,7 +259,7 @@ def test_step_graphs_with_kept_logits_leave_padded_columns_eager():
         out = rmt(ids, attention_mask=mask, labels=ids)
         out.loss.backward()
     assert out.logits.shape[:2] == (2, 81)
-    assert not rmt.runner.step_graphs.get("captured")
+    assert not rmt.runner.call_graphs.get("captured")
 
 
 def test_step_graphs_keep_a_capture_per_length():
@@ -318,7 +318,8 @@ def test_deleting_the_model_frees_its_captures_without_gc():
         for kw in ({}, dict(checkpoint_segments=True)):
             rmt = trained(**kw)
             r = rmt.runner
-            held = [r, r.graphs, *r.step_graphs.get("captured", {}).values(), *r.training_graphs.values()]
+            held = [r, r.inference_graphs, *r.call_graphs.get("captured", {}).values(),
+                    *r.segment_training_graphs.values()]
             assert len(held) == 3
             refs = [weakref.ref(x) for x in held]
             del rmt, r, held
@@ -327,7 +328,7 @@ def test_deleting_the_model_frees_its_captures_without_gc():
         gc.enable()
     rmt = trained()
     rmt.drop_captures()
-    assert not rmt.runner.step_graphs.get("captured") and rmt.runner.graphs is None
+    assert not rmt.runner.call_graphs.get("captured") and rmt.runner.inference_graphs is None
     ids = tokens(2, 3 * 16).cuda()
     rmt(ids, labels=ids).loss.backward()  # captures again from the second call of a shape
     rmt(ids, labels=ids).loss.backward()

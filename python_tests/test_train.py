@@ -379,7 +379,7 @@ def test_ddp_two_processes_keep_parameters_identical(tmp_path, backbone, find_un
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the default compiles only on CUDA")
 def test_trainer_compiles_by_default_on_cuda(tmp_path):
-    """torch_compile "auto": the backbone runs under inductor on CUDA (inside the step graphs) and trains as eager."""
+    """torch_compile "auto": the backbone runs under inductor on CUDA (inside the CUDA graphs) and trains as eager."""
     from rmt_fast.experiments.trainer import build_model, uses_compile
 
     cfg = tiny(tmp_path / "auto", schedule=[1, 2], torch_compile="auto", device="cuda")

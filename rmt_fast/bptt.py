@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .graphs import (MAX_CAPTURES, ParameterAliases, TrainingGraphs, autocast_state, flat_outputs,
+from .graphs import (MAX_CAPTURES, ParameterAliases, SegmentTrainingGraphs, autocast_state, flat_outputs,
                      recover_from_failed_capture, warn_eager_once)
 from .schemes import P_LAST
 
@@ -50,7 +50,7 @@ class _Sweep:
     records: list  # per segment: whether its output is recorded (returned)
     want_output: bool
     progress: object = None
-    graphs: list | None = None  # per segment, the rmt_fast.graphs.TrainingGraphs that replays it; None: eager
+    graphs: list | None = None  # per segment, the rmt_fast.graphs.SegmentTrainingGraphs that replays it; None: eager
     structure: list | None = None  # per recorded segment: number of tensors in its output (tuple or single)
     rng: list | None = None
     rng_after: object = None
@@ -174,7 +174,7 @@ def _backpropagate_segment(sweep: _Sweep, g: int, mem_in, grad_memory, grad_loss
         torch.autograd.backward(outs, grads)
 
 
-def _training_graphs(runner, memory, plan, targets, want_output, dense):
+def _segment_training_graphs(runner, memory, plan, targets, want_output, dense):
     """The runner's captured training graphs for this call's shape (captured on first use), or None when capture
     is impossible (one warning; the eager sweeps run instead)."""
     b, tc = plan.content.shape
@@ -182,7 +182,7 @@ def _training_graphs(runner, memory, plan, targets, want_output, dense):
     autocast = autocast_state(device_type)
     key = ("train", b, want_output, targets is not None, memory.dtype, memory.device, autocast, dense,
            tuple(id(p) for p in runner.adapter.model.parameters() if p.requires_grad))
-    cache = runner.training_graphs
+    cache = runner.segment_training_graphs
     if key in cache and cache[key] is None:
         return None
     graphs = cache.get(key)
@@ -190,8 +190,8 @@ def _training_graphs(runner, memory, plan, targets, want_output, dense):
         capacity = max(tc, 2 * graphs.content.shape[1] if graphs is not None else tc)
         cache.pop(key, None)
         try:
-            graphs = TrainingGraphs(runner, b, capacity, memory, want_output, targets, plan.content.dtype, autocast,
-                                    dense)
+            graphs = SegmentTrainingGraphs(runner, b, capacity, memory, want_output, targets, plan.content.dtype,
+                                           autocast, dense)
         except Exception as e:  # capture is impossible for this model/shape: train eagerly
             cache[key] = None
             warnings.warn(f"rmt_fast: CUDA graph capture of the training step failed ({type(e).__name__}: {e}); "
@@ -281,7 +281,7 @@ def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, tota
             and not (want_output and runner.scheme.output_per_segment)):
         # segments whose rows are all full replay captures with the plain-layout kernels
         full = [min(row) == runner.config.segment_size for row in lens_host]
-        variants = {f: _training_graphs(runner, memory, plan, targets, want_output, f) for f in set(full)}
+        variants = {f: _segment_training_graphs(runner, memory, plan, targets, want_output, f) for f in set(full)}
         if all(v is not None for v in variants.values()):
             sweep.graphs = [variants[f] for f in full]
     runner.calls["two-sweep eager" if sweep.graphs is None else "two-sweep graphed"] += 1

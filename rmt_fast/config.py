@@ -33,7 +33,7 @@ class RMTConfig:
         cuda_graphs: "auto" (default) | True | False. On CUDA, replay the segment step as a CUDA graph under
             ``torch.no_grad`` and, with ``checkpoint_segments``, both training sweeps; with full BPTT a training
             call whose segments are all full replays as one forward and one backward graph (see
-            rmt_fast.graphs.StepGraphs and the README's "What is graphed"); False: always eager. A capture failure
+            rmt_fast.graphs.CallGraphs and the README's "What is graphed"); False: always eager. A capture failure
             falls back to eager with one warning (True and "auto" alike).
         torch_compile: compile the backbone modules a segment calls with ``torch.compile`` (inductor,
             ``dynamic=False``, in place: ``nn.Module.compile``) at wrap time; runs inside the CUDA graphs. Fuses the

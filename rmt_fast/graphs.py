@@ -10,8 +10,12 @@ Used for inference (``torch.no_grad``) on CUDA unless ``cuda_graphs=False``; if 
 the eager path runs instead (same results). One capture per (batch, recorded output, targets, dtype, device,
 autocast state); the :data:`MAX_CAPTURES` most recently used are kept.
 
-Training: :class:`TrainingGraphs` replays both sweeps of the checkpointed schedule (:mod:`rmt_fast.bptt`) segment by
-segment; :class:`StepGraphs` replays a whole full-BPTT call as a forward and a backward graph.
+Three kinds of capture, named by what one capture holds:
+
+- :class:`SegmentInferenceGraphs`: one segment's step without autograd, replayed once per segment (inference);
+- :class:`SegmentTrainingGraphs`: one segment's forward and its backward, replayed segment by segment by both sweeps
+  of the checkpointed schedule (:mod:`rmt_fast.bptt`);
+- :class:`CallGraphs`: a whole full-BPTT training call, every segment, as one forward and one backward graph.
 """
 from __future__ import annotations
 
@@ -120,9 +124,9 @@ class ParameterAliases:
     whose gradient nodes are made by the capture itself. They share storage with the parameters, so optimizer
     steps reach the replays; gradients are taken with respect to the aliases.
 
-    Used by :class:`StepGraphs` and by the eager backward sweep of :mod:`rmt_fast.bptt` (there, so that the
+    Used by :class:`CallGraphs` and by the eager backward sweep of :mod:`rmt_fast.bptt` (there, so that the
     parameters' own gradient nodes and hooks see one gradient per backward, not one per segment).
-    :class:`TrainingGraphs` (forward and backward in one capture) keeps the parameters: with aliases there, its
+    :class:`SegmentTrainingGraphs` (forward and backward in one capture) keeps the parameters: with aliases there, its
     16-segment GPT-2 run fell back to eager speed on the H200 (cause not found; without them it captures in every
     test and benchmark).
     """
@@ -169,7 +173,7 @@ class _Captured:
     output: object = None  # the segment's recorded output (static tensors written by every replay), or None
 
 
-class GraphedSegments:
+class SegmentInferenceGraphs:
     """Captures and replays :meth:`SegmentRunner.step` for one model; see the module docstring."""
 
     def __init__(self, runner):
@@ -264,7 +268,7 @@ class GraphedSegments:
                     output=record.result(), hidden=None)
 
 
-class TrainingGraphs:
+class SegmentTrainingGraphs:
     """Captured segment steps for checkpointed training (:mod:`rmt_fast.bptt`) on CUDA.
 
     Two graphs over shared static buffers, every segment at the full width:
@@ -392,7 +396,7 @@ class ConcatRecord:
     """Per-token outputs ``[B, W, ...]`` of every segment side by side, ``[B, G * W, ...]``: what the scheme's
     TokenRecord gives for a call whose every row fills every segment and keeps every input column (its columns
     are then the identity), without TokenRecord's index arithmetic over the call's plan (which a captured graph
-    does not have). What :class:`StepGraphs` records for such calls (see ``SegmentRunner.run``)."""
+    does not have). What :class:`CallGraphs` records for such calls (see ``SegmentRunner.run``)."""
 
     def __init__(self):
         self.pieces: list = []
@@ -411,7 +415,7 @@ def _copy_or_zero(buf: torch.Tensor, value) -> None:
         buf.copy_(value)
 
 
-# Each StepGraphs capture holds a whole call's activations (full BPTT) in its graph's memory pool. Captures of
+# Each CallGraphs capture holds a whole call's activations (full BPTT) in its graph's memory pool. Captures of
 # several call shapes (a curriculum's mixed lengths) are kept while their pools together fit this share of the
 # GPU's memory (RecurrentMemoryModel.set_capture_memory changes it per model); the least recently used one that is
 # not waiting for its backward makes room first.
@@ -421,10 +425,10 @@ CAPTURE_ATTEMPTS = 2  # a failed capture is tried once more before the shape tra
 
 
 class _Owner:
-    """Marks the call whose activations a :class:`StepGraphs` holds (weakly referenced: dies with its graph)."""
+    """Marks the call whose activations a :class:`CallGraphs` holds (weakly referenced: dies with its graph)."""
 
 
-class StepGraphs:
+class CallGraphs:
     """A whole training call with full BPTT (``checkpoint_segments=False``), captured on CUDA as two graphs:
 
     - ``forward``: every segment with autograd, from the memory in to (memory out, loss sum, count, recorded
@@ -517,9 +521,9 @@ class StepGraphs:
             self.mem_in.copy_(memory)
 
 
-class _GraphedStep(torch.autograd.Function):
+class _GraphedCall(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, graphs: StepGraphs, memory, *parameters):
+    def forward(ctx, graphs: CallGraphs, memory, *parameters):
         graphs.fwd.replay()
         ctx.graphs = graphs
         ctx.owner = _Owner()
@@ -549,7 +553,7 @@ _PENDING = ("a full-BPTT training call was made while an earlier call of its sha
 
 
 def capture_budget(state: dict, device: torch.device) -> int:
-    """Bytes the StepGraphs captures of one model may keep in their pools: ``state["budget_bytes"]`` when set
+    """Bytes the CallGraphs captures of one model may keep in their pools: ``state["budget_bytes"]`` when set
     (RecurrentMemoryModel.set_capture_memory), else STEP_GRAPHS_MEMORY_FRACTION of the device's memory."""
     if state.get("budget_bytes") is not None:
         return state["budget_bytes"]
@@ -571,8 +575,8 @@ def make_room(cache: dict, need: int, budget: int) -> bool:
     return not cache or held() + need <= budget
 
 
-def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, lens_host: list) -> dict | None:
-    """Full-BPTT training of one call through :class:`StepGraphs`; returns the eager runner's result dict, or
+def run_call_graphs(runner, memory, plan, targets, params, want_output: bool, lens_host: list) -> dict | None:
+    """Full-BPTT training of one call through :class:`CallGraphs`; returns the eager runner's result dict, or
     None when this call runs eagerly (first sight of its shape, a ragged segment, a pending earlier call, a failed
     capture). ``lens_host``: ``plan.lens`` as lists (read once by the caller)."""
     if any(min(row) != runner.config.segment_size for row in lens_host):
@@ -583,7 +587,7 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, le
     autocast = autocast_state(memory.device.type)
     key = ("step", b, g_total, want_output, targets is not None, memory.dtype, memory.device, autocast,
            runner.config.bptt_depth, tuple(id(p) for p in runner.adapter.model.parameters() if p.requires_grad))
-    state = runner.step_graphs
+    state = runner.call_graphs
     seen = state.setdefault("seen", {})
     cache = state.setdefault("captured", {})  # least recently used first
     graphs = cache.get(key)
@@ -605,7 +609,7 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, le
             return None  # the captures that would make room wait for their backward
         for attempt in range(CAPTURE_ATTEMPTS):
             try:
-                graphs = StepGraphs(runner, b, g_total, memory, want_output, targets, plan.content.dtype, autocast)
+                graphs = CallGraphs(runner, b, g_total, memory, want_output, targets, plan.content.dtype, autocast)
                 break
             except Exception as e:  # capture is impossible for this model/shape: train eagerly
                 recover_from_failed_capture(memory.device)
@@ -624,7 +628,7 @@ def run_step_graphs(runner, memory, plan, targets, params, want_output: bool, le
         return None
     graphs.load(memory, plan, targets, params)
     runner.calls["full-BPTT captured" if captured else "full-BPTT graphed"] += 1
-    outs = _GraphedStep.apply(graphs, memory, *graphs.parameters)
+    outs = _GraphedCall.apply(graphs, memory, *graphs.parameters)
     output = None
     if graphs.structure is not None:
         output = tuple(outs[3:]) if graphs.structure else outs[3]

@@ -172,18 +172,18 @@ class RecurrentMemoryModel(nn.Module):
         keeps exactly one. Takes effect at the next capture."""
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
             raise ValueError(f"max_bytes must be None or an int >= 0, got {max_bytes!r}")
-        self.runner.step_graphs["budget_bytes"] = max_bytes
+        self.runner.call_graphs["budget_bytes"] = max_bytes
 
     def drop_captures(self) -> None:
         """Free every CUDA graph this model captured (inference, both training schedules) and their memory pools,
         then return the cached blocks to the driver (``torch.cuda.empty_cache``). The next calls capture again.
         A capture whose call still waits for its backward stays alive until that backward has run."""
         runner = self.runner
-        runner.graphs = None
-        runner.training_graphs.clear()
-        runner.step_graphs.pop("captured", None)
-        runner.step_graphs.pop("seen", None)
-        runner.step_graphs.pop("bytes_per_row_segment", None)
+        runner.inference_graphs = None
+        runner.segment_training_graphs.clear()
+        runner.call_graphs.pop("captured", None)
+        runner.call_graphs.pop("seen", None)
+        runner.call_graphs.pop("bytes_per_row_segment", None)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
 

@@ -93,9 +93,11 @@ class SegmentRunner:
         self.adapter = adapter
         self.config = config
         self.scheme = Scheme.from_config(config, adapter.head)
-        self.graphs = None  # a rmt_fast.graphs.GraphedSegments, built on first CUDA use (cuda_graphs True or "auto")
-        self.training_graphs: dict = {}  # rmt_fast.graphs.TrainingGraphs per call shape (checkpointed training)
-        self.step_graphs: dict = {}  # rmt_fast.graphs.run_step_graphs' captures and counters (full-BPTT training)
+        # rmt_fast.graphs' captures: SegmentInferenceGraphs, built on first CUDA use (cuda_graphs True or "auto");
+        # SegmentTrainingGraphs per call shape (checkpointed training); run_call_graphs' captures and counters
+        self.inference_graphs = None
+        self.segment_training_graphs: dict = {}
+        self.call_graphs: dict = {}
         # what ran each call, by executor: "inference graphed", "inference eager", "two-sweep graphed",
         # "two-sweep eager", "full-BPTT graphed", "full-BPTT captured" (a capture, then its first replay) and
         # "full-BPTT eager"; read with RecurrentMemoryModel.executor_counts()
@@ -123,11 +125,11 @@ class SegmentRunner:
         want_output = self.scheme.wants_output(keep_output)
         params = self.scheme.segment_params(plan)
         if cfg.graphs_enabled and memory.is_cuda and not torch.is_grad_enabled() and not output_hidden_states:
-            from .graphs import GraphedSegments
+            from .graphs import SegmentInferenceGraphs
 
-            if self.graphs is None:
-                self.graphs = GraphedSegments(self)
-            res = self.graphs.run(memory, plan, targets, params, want_output, total_len, progress)
+            if self.inference_graphs is None:
+                self.inference_graphs = SegmentInferenceGraphs(self)
+            res = self.inference_graphs.run(memory, plan, targets, params, want_output, total_len, progress)
             if res is not None:
                 self.calls["inference graphed"] += 1
                 return res
@@ -139,10 +141,10 @@ class SegmentRunner:
                 and not (want_output and self.scheme.output_per_segment and plan.content.shape[1] != total_len)
                 and not fsdp_modules(self.adapter.model)):  # FSDP2 swaps parameters in and out around its modules
             # Per-token outputs (a decoder's logits) are captured only where every input column is a content token:
-            # with every segment full too (run_step_graphs' condition), the record is the segments side by side.
-            from .graphs import run_step_graphs
+            # with every segment full too (run_call_graphs' condition), the record is the segments side by side.
+            from .graphs import run_call_graphs
 
-            res = run_step_graphs(self, memory, plan, targets, params, want_output, lens_host)
+            res = run_call_graphs(self, memory, plan, targets, params, want_output, lens_host)
             if res is not None:
                 return res
         self.calls["full-BPTT eager" if graded else "inference eager"] += 1

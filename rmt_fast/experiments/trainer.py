@@ -334,7 +334,7 @@ def uses_compile(cfg: TrainConfig, device: torch.device) -> bool:
 def uses_two_sweep(cfg: TrainConfig, device: torch.device, num_segments: int | None = None) -> bool:
     """Whether training runs the two-sweep checkpointed schedule. "auto": on CUDA for stages longer than
     FULL_BPTT_MAX_SEGMENTS segments (or when the stage is not known); shorter stages run full BPTT, replayed as
-    CUDA graphs of the whole call (rmt_fast.graphs.StepGraphs: no recompute, memory of a few segments' activations);
+    CUDA graphs of the whole call (rmt_fast.graphs.CallGraphs: no recompute, memory of a few segments' activations);
     on the CPU only when asked (the recompute costs time)."""
     if cfg.checkpoint_segments != "auto":
         return cfg.checkpoint_segments == "on"
