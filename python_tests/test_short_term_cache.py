@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, OPTConfig, OPTForCausalLM
 
 import rmt_fast
+from checkpointing import grads_with_and_without_checkpointing
 from models import CLS, PAD, SEP, VOCAB, bert_cls, gpt2, llama, tokens
 
 DECODERS = {"gpt2": lambda: gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "llama": llama}
@@ -115,6 +116,23 @@ def test_ragged_rows_equal_running_each_alone(family):
         keep = mask[row].bool()
         alone = rmt(ids[row:row + 1, keep]).logits[0]
         torch.testing.assert_close(out.logits[row, keep], alone, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family,depth", [("gpt2", None), ("gpt2", 1), ("llama", None)])
+def test_two_sweep_schedule_equals_full_bptt(family, depth):
+    """checkpoint_segments=True saves the cache entering each segment and hands its gradient back: the loss and
+    every gradient as full BPTT's, with ragged rows (a left-padded row ends its segments elsewhere)."""
+    ids = tokens(2, 29)
+    mask = torch.ones_like(ids)
+    mask[1, :8] = 0
+    (l0, m0, p0), (l1, m1, p1) = grads_with_and_without_checkpointing(
+        DECODERS[family](), ids, ids, mask=mask, num_mem_tokens=2, segment_size=6, num_cache_tokens=4,
+        bptt_depth=depth)
+    torch.testing.assert_close(l0, l1, atol=0, rtol=0)
+    torch.testing.assert_close(m0, m1, atol=1e-6, rtol=1e-4)
+    assert p0.keys() == p1.keys() and len(p0) > 0
+    for n in p0:
+        torch.testing.assert_close(p0[n], p1[n], atol=1e-6, rtol=1e-4, msg=lambda msg: f"{n}: {msg}")
 
 
 @pytest.mark.parametrize("make", [DECODERS["gpt2"], DECODERS["llama"], bert_cls])
