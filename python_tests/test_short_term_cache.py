@@ -3,13 +3,22 @@ gradients by ``bptt_depth``, ragged rows, the option's checks and persistence; `
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, OPTConfig, OPTForCausalLM
+from transformers import (DynamicCache, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import rmt_fast
 from checkpointing import grads_with_and_without_checkpointing
 from models import CLS, PAD, SEP, VOCAB, bert_cls, gpt2, llama, tokens
 
 DECODERS = {"gpt2": lambda: gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "llama": llama}
+LLAMA_LIKE = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+              "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+
+
+def _llama_like(family):
+    config, model = LLAMA_LIKE[family]
+    return model(config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128, head_dim=8)).eval()
 
 
 def restated(model, memory, ids, m, s, c, rotary, depth=None, cache_kwarg="cache"):
@@ -63,19 +72,19 @@ def _grads(loss, params):
     return torch.autograd.grad(loss, params)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("depth", [None, 1])
+@pytest.mark.parametrize("family,depth", [("gpt2", None), ("gpt2", 1), ("llama", None), ("llama", 1),
+                                          *((f, None) for f in LLAMA_LIKE)])
 def test_cache_equals_restatement(family, depth):
     """Logits, loss and gradients (memory, embeddings, a key projection) against the restatement, over four
     segments (the last one short) with a cache of 3 tokens; ``bptt_depth`` cuts the cache where it cuts memory."""
-    model = DECODERS[family]()
+    model = DECODERS[family]() if family in DECODERS else _llama_like(family)
     m, s, c = 2, 6, 3
     rmt = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=s, num_cache_tokens=c, bptt_depth=depth)
     ids = tokens(2, 22)
     params = [rmt.memory, model.get_input_embeddings().weight, next(p for n, p in model.named_parameters()
                                                                     if "attn" in n and "weight" in n)]
     out = rmt(ids, labels=ids)
-    want_logits, want_loss = restated(model, rmt.memory, ids, m, s, c, family == "llama", depth,
+    want_logits, want_loss = restated(model, rmt.memory, ids, m, s, c, family != "gpt2", depth,
                                       rmt.adapter.cache_kwarg)
     torch.testing.assert_close(out.logits, want_logits, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(out.loss, want_loss, atol=1e-5, rtol=1e-5)

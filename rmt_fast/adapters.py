@@ -20,9 +20,9 @@ from .short_term_cache import KeyShift, shift_rotary_keys
 # "absolute" (position embeddings added to the input: the keys keep the positions they had), "rotary" (the keys are
 # rotated on to the positions right before the segment's first, ``base_model.rotary_emb``'s frequencies); families
 # without it have no short-term cache yet.
-_LLAMA_BLOCKS = {"fused_blocks": ("rms_norm", "rotary", "swiglu")}
+_LLAMA_BLOCKS = {"fused_blocks": ("rms_norm", "rotary", "swiglu"), "cache_positions": "rotary"}
 DECODER_FAMILIES = {
-    "gpt2": {"cache_positions": "absolute"}, "llama": {**_LLAMA_BLOCKS, "cache_positions": "rotary"}, "mistral": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS, "qwen3": _LLAMA_BLOCKS,
+    "gpt2": {"cache_positions": "absolute"}, "llama": _LLAMA_BLOCKS, "mistral": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS, "qwen3": _LLAMA_BLOCKS,
     "opt": {}, "gpt_neox": {}, "phi3": {"fused_blocks": ("rms_norm",)},
 }
 ENCODER_FAMILIES = {
