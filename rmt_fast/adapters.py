@@ -1,6 +1,7 @@
 """The only place that knows model families: which layout a model uses and how to run it on one segment."""
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -9,14 +10,19 @@ import torch.nn.functional as F
 
 from .integrations import hf
 from .ops.linear_cross_entropy import lm_logits
+from .short_term_cache import KeyShift, shift_rotary_keys
 
 # model_type -> family facts. Every family here routes attention through transformers' AttentionInterface,
 # which is how the RMT mask reaches the model's own layers. position_offset: first position id the model uses.
 # fused_blocks: the pieces of its blocks that are LlamaRMSNorm / apply_rotary_pos_emb / a SwiGLU MLP exactly, which
 # rmt_fast.fusion swaps for one-kernel versions at inference (Phi-3: a partial rotary and a fused gate_up_proj).
-_LLAMA_BLOCKS = {"fused_blocks": ("rms_norm", "rotary", "swiglu")}
+# cache_positions: how the short-term cache's keys carry positions into the next segment (docs/short_term_cache.md):
+# "absolute" (position embeddings added to the input: the keys keep the positions they had), "rotary" (the keys are
+# rotated on to the positions right before the segment's first, ``base_model.rotary_emb``'s frequencies); families
+# without it have no short-term cache yet.
+_LLAMA_BLOCKS = {"fused_blocks": ("rms_norm", "rotary", "swiglu"), "cache_positions": "rotary"}
 DECODER_FAMILIES = {
-    "gpt2": {}, "llama": _LLAMA_BLOCKS, "mistral": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS, "qwen3": _LLAMA_BLOCKS,
+    "gpt2": {"cache_positions": "absolute"}, "llama": _LLAMA_BLOCKS, "mistral": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS, "qwen3": _LLAMA_BLOCKS,
     "opt": {}, "gpt_neox": {}, "phi3": {"fused_blocks": ("rms_norm",)},
 }
 ENCODER_FAMILIES = {
@@ -62,6 +68,18 @@ class Adapter:
 
         base = self.model.base_model if self.head == "lm" else self.model
         return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+    def cache_key_shift(self) -> KeyShift | None:
+        """How the short-term cache moves keys into the next segment: None (absolute positions: keys keep theirs)
+        or a rotation (rotary families). Raises ValueError naming num_cache_tokens for families without a rule."""
+        rule = self.family.get("cache_positions")
+        if rule is None:
+            have = sorted(t for t, f in DECODER_FAMILIES.items() if "cache_positions" in f)
+            raise ValueError(f"num_cache_tokens > 0: model_type={getattr(self.model.config, 'model_type', None)!r} "
+                             f"({self.mode}) has no short-term cache yet; supported: {have}")
+        if rule == "absolute":
+            return None
+        return functools.partial(shift_rotary_keys, self.model.base_model.rotary_emb)
 
     def compile_backbone(self) -> None:
         """``torch.compile`` (inductor, ``dynamic=False``, in place) the modules a segment calls: the model, its base

@@ -4,12 +4,13 @@ Full BPTT keeps every segment's activations until the backward pass: memory grow
 Here (``checkpoint_segments=True``):
 
 1. **forward sweep** without autograd: run every segment once, keep only the memory entering each segment
-   (``[G, B, m, d]``), the RNG state before it (dropout is replayed exactly) and what the caller asked for
-   (the loss sum, the final memory, the recorded outputs);
+   (``[G, B, m, d]``) and the short-term cache entering it (``num_cache_tokens``), the RNG state before it
+   (dropout is replayed exactly) and what the caller asked for (the loss sum, the final memory, the recorded
+   outputs);
 2. **backward sweep**, from the last segment to the first: recompute segment ``g`` with autograd from its saved
-   memory and backpropagate its loss, its recorded outputs and its new memory (whose gradient came from segment
-   ``g + 1``); ``d memory_g`` is handed back to segment ``g - 1`` (dropped where ``bptt_depth`` cuts the graph,
-   as full BPTT's ``detach`` does).
+   memory (and cache) and backpropagate its loss, its recorded outputs and its new memory and cache (whose
+   gradients came from segment ``g + 1``); ``d memory_g`` (and ``d cache_g``) is handed back to segment ``g - 1``
+   (dropped where ``bptt_depth`` cuts the graph, as full BPTT's ``detach`` does).
 
 The backbone's trainable parameters are inputs of the autograd Function, and the backward sweep recomputes on leaf
 aliases of them (:class:`rmt_fast.graphs.ParameterAliases`), whose ``.grad`` sums the segments; those sums are the
@@ -34,6 +35,7 @@ import torch
 from .graphs import (MAX_CAPTURES, ParameterAliases, SegmentTrainingGraphs, autocast_state, flat_outputs,
                      recover_from_failed_capture, warn_eager_once)
 from .schemes import P_LAST
+from .short_term_cache import ShortTermCache
 
 
 @dataclass
@@ -53,6 +55,7 @@ class _Sweep:
     graphs: list | None = None  # per segment, the rmt_fast.graphs.SegmentTrainingGraphs that replays it; None: eager
     structure: list | None = None  # per recorded segment: number of tensors in its output (tuple or single)
     rng: list | None = None
+    caches: list | None = None  # per segment, the short-term cache entering it (None: none)
     rng_after: object = None
     autocast: tuple | None = None
     fsdp_states: list = ()  # FSDP2 states of the fully_shard modules inside the backbone
@@ -67,18 +70,21 @@ class _TwoSweep(torch.autograd.Function):
         keep_rng = r.adapter.model.training or sweep.graphs is not None
         sweep.rng = [] if keep_rng else None
         states, outputs, structure = [], [], []
+        sweep.caches, cache = [], None
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         count = torch.zeros((), dtype=torch.long, device=device)
         g_total = sweep.plan.num_segments
         for g in (range(g_total) if sweep.progress is None else sweep.progress(range(g_total))):
             states.append(memory)
+            sweep.caches.append(cache)
             if keep_rng:
                 sweep.rng.append(_rng_state(device))
             if sweep.graphs is not None:
                 res = sweep.graphs[g].forward(memory, sweep.params[g])
             else:
                 res = r.step(memory, sweep.plan.content, sweep.targets, sweep.params[g], sweep.widths[g],
-                             sweep.want_output and sweep.records[g], False, sweep.dense[g])
+                             sweep.want_output and sweep.records[g], False, sweep.dense[g], cache)
+                cache = res.cache
             memory = res[0]
             loss_sum = loss_sum + res[1]
             count = count + res[2]
@@ -107,7 +113,7 @@ class _TwoSweep(torch.autograd.Function):
                 n = sweep.structure[i]
                 per_segment[g] = grad_outputs[k:k + n]
                 k, i = k + n, i + 1
-        grad_first = None
+        grad_first = grad_cache = None
         param_grads = [None] * len(sweep.named)
         aliases = None
         if sweep.graphs is None:
@@ -116,7 +122,7 @@ class _TwoSweep(torch.autograd.Function):
         for g in reversed(range(g_total)):
             seg_grads = per_segment.get(g, ())
             has_out_grad = any(t is not None for t in seg_grads)
-            if grad_memory is None and grad_loss is None and not has_out_grad:
+            if grad_memory is None and grad_loss is None and grad_cache is None and not has_out_grad:
                 continue  # nothing downstream of this segment needs a gradient
             cut = r.config.cuts_memory_before(g, g_total)
             if sweep.graphs is not None:
@@ -128,6 +134,10 @@ class _TwoSweep(torch.autograd.Function):
                     grad_memory = None if cut else grad_in
                 continue
             mem_in = states[g].detach().requires_grad_(not cut and (g > 0 or ctx.needs_input_grad[1]))
+            cache_in = sweep.caches[g]
+            if cache_in is not None:
+                cache_in = ShortTermCache(*(tuple(t.detach().requires_grad_(not cut) for t in kv)
+                                            for kv in cache_in[:2]), cache_in.lens)
             with contextlib.ExitStack() as stack:
                 if sweep.rng is not None:
                     stack.enter_context(torch.random.fork_rng(devices=_rng_devices(mem_in.device)))
@@ -135,13 +145,15 @@ class _TwoSweep(torch.autograd.Function):
                 stack.enter_context(torch.enable_grad())
                 # the aliases stand in for the parameters through the backward too: a reentrant activation
                 # checkpoint inside the backbone recomputes its layers there
-                aliases.run(lambda: _backpropagate_segment(sweep, g, mem_in, grad_memory, grad_loss, seg_grads))
+                aliases.run(lambda: _backpropagate_segment(sweep, g, mem_in, grad_memory, grad_loss, seg_grads,
+                                                           cache_in, grad_cache))
             if sweep.fsdp_states:
                 _fsdp_recompute_as_forward(sweep.fsdp_states)
             if g == 0:
                 grad_first = mem_in.grad
             else:
                 grad_memory = None if cut else mem_in.grad
+                grad_cache = None if cut or cache_in is None else [t.grad for t in (*cache_in.keys, *cache_in.values)]
         if sweep.graphs is None:
             param_grads = [a.grad for a in aliases.aliases]
         else:
@@ -152,14 +164,22 @@ class _TwoSweep(torch.autograd.Function):
         return (None, grad_first, *param_grads)
 
 
-def _backpropagate_segment(sweep: _Sweep, g: int, mem_in, grad_memory, grad_loss, seg_grads) -> None:
-    """Recompute segment ``g`` from ``mem_in`` and backpropagate the gradients of its new memory, its loss and its
-    recorded outputs (None: no gradient) into ``mem_in`` and the parameters (their aliases)."""
+def _backpropagate_segment(sweep: _Sweep, g: int, mem_in, grad_memory, grad_loss, seg_grads, cache_in=None,
+                           grad_cache=None) -> None:
+    """Recompute segment ``g`` from ``mem_in`` (and the short-term cache ``cache_in``) and backpropagate the
+    gradients of its new memory, its loss, its recorded outputs and its new cache (``grad_cache``: keys then values,
+    as :class:`ShortTermCache` holds them; None: no gradient) into ``mem_in``, ``cache_in`` and the parameters
+    (their aliases)."""
     device_type, autocast_on, autocast_dtype = sweep.autocast
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
         res = sweep.runner.step(mem_in, sweep.plan.content, sweep.targets, sweep.params[g], sweep.widths[g],
-                                bool(seg_grads), False, sweep.dense[g])
+                                bool(seg_grads), False, sweep.dense[g], cache_in)
     outs, grads = [], []
+    if grad_cache is not None:
+        for out, grad in zip((*res.cache.keys, *res.cache.values), grad_cache):
+            if grad is not None and out.requires_grad:
+                outs.append(out)
+                grads.append(grad)
     if grad_memory is not None and res.memory.requires_grad:
         outs.append(res.memory)
         grads.append(grad_memory)

@@ -22,6 +22,10 @@ class RMTConfig:
         bptt_depth: None for full BPTT; k >= 0: gradients cross at most k memory handoffs.
         checkpoint_segments: recompute each segment in backward (flat peak memory, identical gradients).
         memory_bidirectional: the NeurIPS-2022 mask (memory blocks attend bidirectionally).
+        num_cache_tokens: the short-term cache (decoders): every segment also attends the keys and values, in every
+            layer, of the previous segment's last ``num_cache_tokens`` tokens (Transformer-XL style, beside the
+            memory; gradients cross it where they cross the memory, see ``bptt_depth``); 0 (default): plain RMT.
+            At most ``segment_size``; runs eagerly on the reference attention (docs/short_term_cache.md).
         segment_alignment: "left" (last segment short) or "right" (first segment short).
         backend: "auto" | "reference" | "sdpa" | "triton" | "cuda" for memory attention and the handoff (speed
             only). "sdpa" needs plain layouts: a decoder without ``memory_bidirectional``, or encoder batches whose
@@ -51,6 +55,7 @@ class RMTConfig:
     bptt_depth: int | None = None
     checkpoint_segments: bool = False
     memory_bidirectional: bool = False
+    num_cache_tokens: int = 0
     segment_alignment: str = "left"
     backend: str = "auto"
     keep_logits: bool = True
@@ -78,8 +83,9 @@ class RMTConfig:
 
     @property
     def graphs_enabled(self) -> bool:
-        """Whether CUDA graphs may be used (True or "auto"); they are only ever used on CUDA tensors."""
-        return self.cuda_graphs is not False
+        """Whether CUDA graphs may be used (True or "auto", without a short-term cache, which the captures do not
+        carry yet); they are only ever used on CUDA tensors."""
+        return self.cuda_graphs is not False and not self.num_cache_tokens
 
     def validate(self) -> None:
         scheme_class(self.mode)  # raises for an unknown mode
@@ -116,6 +122,28 @@ class RMTConfig:
         if missing:
             raise ValueError(f"{self.mode} mode needs {' and '.join(missing)}: pass tokenizer= or "
                              f"{'=/'.join(missing)}=")
+        self._validate_cache()
+
+    def _validate_cache(self) -> None:
+        k = self.num_cache_tokens
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"num_cache_tokens must be an int, got {type(k).__name__}")
+        if k < 0:
+            raise ValueError(f"num_cache_tokens must be >= 0, got {k}")
+        if not k:
+            return
+        if self.mode != "decoder":
+            raise ValueError(f"num_cache_tokens={k} needs mode='decoder' (the short-term cache is a decoder layout; "
+                             f"got mode={self.mode!r}); use num_cache_tokens=0")
+        if k > self.segment_size:
+            raise ValueError(f"num_cache_tokens must be <= segment_size={self.segment_size} (the cache holds tokens "
+                             f"of the previous segment), got {k}")
+        if self.backend not in ("auto", "reference"):
+            raise ValueError(f"num_cache_tokens={k} runs on backend='auto' or 'reference' only (the fused kernels do "
+                             f"not implement the cache yet), got backend={self.backend!r}")
+        if self.cuda_graphs is True:
+            raise ValueError(f"num_cache_tokens={k} runs eagerly (the CUDA graphs do not carry the cache yet): use "
+                             f"cuda_graphs='auto' or False, got cuda_graphs=True")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

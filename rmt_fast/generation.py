@@ -226,6 +226,9 @@ def generate(rmt, input_ids, attention_mask=None, generation_config=None, genera
     cfg = rmt.rmt_config
     if cfg.mode != "decoder" or rmt.adapter.head != "lm":
         raise ValueError("generate needs a decoder with an LM head (a ...ForCausalLM model)")
+    if cfg.num_cache_tokens:
+        raise ValueError(f"generate does not keep the short-term cache yet (num_cache_tokens="
+                         f"{cfg.num_cache_tokens}); wrap the model with num_cache_tokens=0 to generate")
     if cfg.segment_alignment != "left":
         raise ValueError("generate needs segment_alignment='left' (right alignment re-segments the whole sequence "
                          "at every new token)")

@@ -19,6 +19,7 @@ from .config import RMTConfig
 from .bptt import fsdp_modules, run_two_sweep
 from .ops.segment_handoff import segment_handoff
 from .schemes import P_GATHER, Scheme
+from .short_term_cache import SegmentCache, ShortTermCache
 
 
 @dataclass
@@ -77,13 +78,15 @@ def plan_segments(content, lengths, orig_pos, segment_size: int, alignment: str)
 
 class StepResult(NamedTuple):
     """What one segment gives back: the next memory ``[B, m, d]``, the summed loss (fp32 scalar) and the number of
-    targets it covers, the segment's recorded output (see the scheme) and per-layer hidden states (on request)."""
+    targets it covers, the segment's recorded output (see the scheme), per-layer hidden states (on request) and the
+    short-term cache for the next segment (None without one)."""
 
     memory: torch.Tensor
     loss_sum: torch.Tensor
     count: torch.Tensor
     output: torch.Tensor | None
     hidden: tuple | None
+    cache: ShortTermCache | None = None
 
 
 class SegmentRunner:
@@ -93,6 +96,8 @@ class SegmentRunner:
         self.adapter = adapter
         self.config = config
         self.scheme = Scheme.from_config(config, adapter.head)
+        # how the short-term cache moves keys between segments (raises for families without a rule)
+        self.cache_key_shift = adapter.cache_key_shift() if config.num_cache_tokens else None
         # rmt_fast.graphs' captures: SegmentInferenceGraphs, built on first CUDA use (cuda_graphs True or "auto");
         # SegmentTrainingGraphs per call shape (checkpointed training); run_call_graphs' captures and counters
         self.inference_graphs = None
@@ -104,17 +109,24 @@ class SegmentRunner:
         self.calls: collections.Counter = collections.Counter()
         self.warned: set = set()  # the reasons for eager training calls already warned about (once each)
 
-    def step(self, memory, content, targets, params, width, want_output, want_hidden, dense=False) -> StepResult:
-        """One segment: memory ``[B, m, d]`` -> :class:`StepResult`. params: the segment's ``[5, B]`` block."""
+    def step(self, memory, content, targets, params, width, want_output, want_hidden, dense=False,
+             cache: ShortTermCache | None = None) -> StepResult:
+        """One segment: memory ``[B, m, d]`` (and the previous segment's short-term cache, None for none yet) ->
+        :class:`StepResult`. params: the segment's ``[5, B]`` block."""
         a, s, backend = self.adapter, self.scheme, self.config.backend
         ids, layout = s.segment_inputs(content, params, width, dense)
         emb = a.embed(ids)
         _, x = segment_handoff(None, memory, None, emb, s.read_offset, s.write_offsets(params), backend=backend)
-        h, out = s.run_backbone(a, x, layout, backend, output_hidden_states=want_hidden)
+        extra = {}
+        if self.config.num_cache_tokens:
+            extra["rmt_cache"] = segment_cache = SegmentCache(cache, self.config.num_cache_tokens,
+                                                              self.cache_key_shift)
+            layout = segment_cache.layout(layout)
+        h, out = s.run_backbone(a, x, layout, backend, output_hidden_states=want_hidden, **extra)
         new_memory, _ = segment_handoff(h, memory, params[P_GATHER], None, s.read_offset, None, backend=backend)
         output, loss_sum, count = s.segment_outputs(a, h, out, targets, params, width, want_output)
         hidden = s.segment_hidden(out.hidden_states, width) if want_hidden else None
-        return StepResult(new_memory, loss_sum, count, output, hidden)
+        return StepResult(new_memory, loss_sum, count, output, hidden, extra["rmt_cache"].result() if extra else None)
 
     # ---- the whole sequence ---------------------------------------------------------------------------
     def run(self, memory, plan: SegmentPlan, targets, keep_output: bool, output_hidden_states: bool, total_len: int,
@@ -162,16 +174,19 @@ class SegmentRunner:
         count = torch.zeros((), dtype=torch.long, device=memory.device)
         record = self.scheme.new_record(plan, total_len)
         hidden_records = None
+        cache = None  # the short-term cache (num_cache_tokens > 0)
         rng = range(g_total) if progress is None else progress(range(g_total))
         for g in rng:
             if cfg.cuts_memory_before(g, g_total):
                 memory = memory.detach()
-            args = (memory, plan.content, targets, params[g], widths[g], want_output, output_hidden_states, dense[g])
+                cache = None if cache is None else cache.detach()
+            args = (memory, plan.content, targets, params[g], widths[g], want_output, output_hidden_states, dense[g],
+                    cache)
             if cfg.checkpoint_segments and torch.is_grad_enabled():  # with hidden states: per-segment checkpoints
                 res = StepResult(*checkpoint(self.step, *args, use_reentrant=False))
             else:
                 res = self.step(*args)
-            memory = res.memory
+            memory, cache = res.memory, res.cache
             loss_sum = loss_sum + res.loss_sum
             count = count + res.count
             if res.output is not None:

@@ -9,7 +9,7 @@ from .schemes import scheme_class
 
 def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, tokenizer=None, mode: str = "auto",
          bptt_depth: int | None = None, checkpoint_segments: bool = False, memory_bidirectional: bool = False,
-         segment_alignment: str | None = None, backend: str = "auto", keep_logits: bool = True,
+         num_cache_tokens: int = 0, segment_alignment: str | None = None, backend: str = "auto", keep_logits: bool = True,
          cuda_graphs: bool | str = "auto", torch_compile: bool = False, fused_kernels: bool = True,
          cls_token_id: int | None = None, sep_token_id: int | None = None,
          pad_token_id: int | None = None, bos_token_id: int | None = None,
@@ -30,6 +30,9 @@ def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, to
         bptt_depth: None = full BPTT; k: gradients cross at most k memory handoffs.
         checkpoint_segments: recompute each segment in backward; same gradients, flat peak memory.
         memory_bidirectional: the NeurIPS-2022 mask (memory blocks bidirectional).
+        num_cache_tokens: decoders: every segment also attends the keys/values of the previous segment's last
+            ``num_cache_tokens`` tokens in every layer (a short-term cache beside the memory); 0: plain RMT. See
+            :class:`~rmt_fast.RMTConfig`.
         segment_alignment: "left" (decoder default) or "right" (encoder and seq2seq default).
         backend: "auto" | "reference" | "triton" | "cuda"; changes speed only.
         keep_logits: return full decoder logits; False keeps memory flat in the number of segments.
@@ -66,7 +69,7 @@ def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, to
     config = RMTConfig(
         mode=adapter.mode, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
         max_positions=adapter.max_positions, bptt_depth=bptt_depth, checkpoint_segments=checkpoint_segments,
-        memory_bidirectional=memory_bidirectional,
+        memory_bidirectional=memory_bidirectional, num_cache_tokens=num_cache_tokens,
         segment_alignment=segment_alignment or scheme.default_alignment,
         backend=backend, keep_logits=keep_logits, cuda_graphs=cuda_graphs, torch_compile=torch_compile,
         fused_kernels=fused_kernels,

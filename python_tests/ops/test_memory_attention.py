@@ -105,6 +105,120 @@ def test_layout_and_input_errors():
             memory_attention(q, q, q, layout, backend="cuda")
 
 
+# ---- the short-term cache: a key prefix --------------------------------------------------------------------------
+
+
+def brute_cache_mask(layout: SegmentLayout, n: int) -> torch.Tensor:
+    """The mask over keys ``[cache | segment]`` restated: the row's real cache keys (the last ``cache_lens[b]`` of
+    the prefix) for every valid query, then the segment's own mask (:func:`brute_mask`)."""
+    c = layout.num_cache
+    b = layout.seq_lens.shape[0]
+    lens = layout.cache_lens if layout.cache_lens is not None else torch.full((b,), c)
+    out = torch.zeros(b, n, c + n, dtype=torch.bool)
+    out[:, :, c:] = brute_mask(layout, n)
+    for row in range(b):
+        out[row, :int(layout.valid_lens[row]), c - int(lens[row]):c] = True
+    return out
+
+
+def _cache_layout(r, w, lens, causal, bidir, num_cache, cache_lens):
+    cache_lens = None if cache_lens is None else torch.tensor(cache_lens)
+    return SegmentLayout(r, w, torch.tensor(lens), causal, bidir, num_cache=num_cache, cache_lens=cache_lens)
+
+
+@st.composite
+def _cache_cases(draw):
+    b = draw(st.integers(1, 3))
+    num_cache = draw(st.integers(0, 5))
+    cache_lens = draw(st.none() | st.lists(st.integers(0, num_cache), min_size=b, max_size=b))
+    return dict(r=draw(st.integers(0, 3)), w=draw(st.integers(0, 3)),
+                lens=draw(st.lists(st.integers(0, 7), min_size=b, max_size=b)), causal=draw(st.booleans()),
+                bidir=draw(st.booleans()), num_cache=num_cache, cache_lens=cache_lens, extra=draw(st.integers(0, 2)))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(case=_cache_cases())
+def test_mask_rule_with_cache_is_a_visible_key_prefix(case):
+    extra = case.pop("extra")
+    layout = _cache_layout(**case)
+    n = case["r"] + case["w"] + max(case["lens"]) + extra
+    allowed = layout.allowed(n)
+    assert allowed.shape == (len(case["lens"]), n, case["num_cache"] + n)
+    assert torch.equal(allowed, brute_cache_mask(layout, n))
+    # the rule on plain ints, one pair at a time (FlexAttention's mask_mod over [cache | segment] keys)
+    r, length, c = case["r"], case["lens"][0], case["num_cache"]
+    start = c - (c if case["cache_lens"] is None else case["cache_lens"][0])
+    on_ints = [[bool(mask_rule(i, j, r + length + case["w"], r, r + length, case["causal"],
+                               case["causal"] and case["bidir"], c, start)) for j in range(c + n)] for i in range(n)]
+    assert on_ints == allowed[0].tolist()
+
+
+def test_cache_of_zero_is_the_plain_layout():
+    """num_cache=0 (with or without cache_lens) is today's layout: the same mask, plainness and outputs."""
+    for causal, bidir in MASKS:
+        plain = _layout(2, 2, [5, 1], causal, bidir)
+        zero = SegmentLayout(2, 2, torch.tensor([5, 1]), causal, bidir, num_cache=0, cache_lens=torch.tensor([0, 0]))
+        assert torch.equal(plain.allowed(10), zero.allowed(10)) and plain.is_plain == zero.is_plain
+        q, k, v = _inputs(2, 2, 2, 10, 8, torch.float32, seed=11)
+        assert torch.equal(memory_attention(q, k, v, plain), memory_attention(q, k, v, zero))
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(case=_cache_cases(), groups=st.sampled_from([1, 2]))
+def test_reference_with_cache_is_attention_over_cache_and_segment(case, groups):
+    """The reference against a dense softmax over the concatenated keys ``[cache | segment]``, one query at a time;
+    gradients into padding cache keys (and padded segment keys) are exactly zero."""
+    case.pop("extra")
+    layout = _cache_layout(**case)
+    c = case["num_cache"]
+    n = case["r"] + case["w"] + max(case["lens"]) + 1
+    b, hkv, d = len(case["lens"]), 2, 8
+    q = torch.randn(b, hkv * groups, n, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, hkv, c + n, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, hkv, c + n, d, dtype=torch.float64, requires_grad=True)
+    out = memory_attention(q, k, v, layout, backend="reference")
+    mask = brute_cache_mask(layout, n)
+    for row in range(b):
+        for h in range(hkv * groups):
+            s = (q[row, h] @ k[row, h // groups].T) / d ** 0.5
+            for i in range(int(layout.valid_lens[row])):
+                p = torch.softmax(s[i][mask[row, i]], -1)
+                torch.testing.assert_close(out[row, h, i], p @ v[row, h // groups][mask[row, i]])
+    valid = _valid_rows(layout, n).cpu()
+    out.backward(valid.expand_as(out).double())
+    unseen = ~mask.any(1)  # [B, C + N] keys no valid query attends
+    assert torch.all(k.grad.masked_fill(~unseen[:, None, :, None], 0) == 0)
+    assert torch.all(v.grad.masked_fill(~unseen[:, None, :, None], 0) == 0)
+
+
+@pytest.mark.parametrize("backend", ["auto", *ALL])
+def test_cache_backends(backend):
+    """Until their kernels follow the cache prefix, explicit fused backends and "sdpa" refuse a cache layout; the
+    reference (and "auto" on the CPU) computes it."""
+    layout = SegmentLayout(2, 2, torch.tensor([6, 3], device=DEVICE), True, num_cache=3,
+                           cache_lens=torch.tensor([3, 1], device=DEVICE))
+    assert not layout.is_plain
+    q = torch.randn(2, 2, 10, 8, device=DEVICE)
+    kv = torch.randn(2, 2, 13, 8, device=DEVICE)
+    if backend in ("reference", "auto"):
+        torch.testing.assert_close(memory_attention(q, kv, kv, layout, backend=backend),
+                                   memory_attention_ref(q, kv, kv, layout))
+    else:
+        with pytest.raises(ValueError, match="backend"):
+            memory_attention(q, kv, kv, layout, backend=backend)
+    with pytest.raises(ValueError, match="num_cache"):
+        memory_attention(q, q, q, layout, backend="reference")  # keys without the cache prefix
+
+
+def test_cache_layout_errors():
+    with pytest.raises(ValueError, match="num_cache"):
+        SegmentLayout(1, 1, torch.tensor([2]), True, num_cache=-1)
+    with pytest.raises(TypeError, match="cache_lens"):
+        SegmentLayout(1, 1, torch.tensor([2]), True, num_cache=2, cache_lens=torch.tensor([1, 1]))
+    with pytest.raises(TypeError, match="cache_lens"):
+        SegmentLayout(1, 1, torch.tensor([2]), True, num_cache=2, cache_lens=torch.tensor([1.0]))
+
+
 # ---- the dispatcher --------------------------------------------------------------------------------------------
 
 

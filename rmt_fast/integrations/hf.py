@@ -7,7 +7,9 @@ own layers with two changes, both scoped to the segment call (:func:`segment_cal
 - the implementation name is "rmt_fast" while the call runs (and restored afterwards, so the bare model is
   untouched);
 - the segment's :class:`~rmt_fast.ops.SegmentLayout` and backend travel as the keyword arguments ``rmt_layout``
-  and ``rmt_backend`` down to :func:`rmt_attention_forward`, which calls :func:`rmt_fast.ops.memory_attention.memory_attention`.
+  and ``rmt_backend`` down to :func:`rmt_attention_forward`, which calls :func:`rmt_fast.ops.memory_attention.memory_attention`;
+  with a short-term cache, the segment's :class:`~rmt_fast.short_term_cache.SegmentCache` travels as ``rmt_cache``
+  and puts each layer's cached keys/values (found by the attention module's ``layer_idx``) in front of its own.
 
 transformers builds no mask tensor for an implementation without a registered mask function, so nothing is
 materialised; the mask is the layout's rule. The function is registered once, when this module is imported.
@@ -30,7 +32,7 @@ _warned_dropout = False
 
 def rmt_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                           is_causal=None, rmt_layout: SegmentLayout | None = None, rmt_backend: str = "auto",
-                          **kwargs):
+                          rmt_cache=None, **kwargs):
     """AttentionInterface-compatible: query ``[B, Hq, Nq, D]``, key/value ``[B, Hkv, Nk, D]`` ->
     ``([B, Nq, Hq, D], None)``.
 
@@ -42,7 +44,9 @@ def rmt_attention_forward(module, query, key, value, attention_mask, dropout: fl
         _warned_dropout = True
         warnings.warn("rmt_fast: attention-probability dropout is not applied by memory_attention "
                       "(hidden-state dropout still is)", RuntimeWarning, stacklevel=2)
-    if rmt_layout is not None and query.shape[2] == key.shape[2]:
+    if rmt_cache is not None and rmt_layout is not None:
+        key, value = rmt_cache.extend(module.layer_idx, key, value, rmt_layout)
+    if rmt_layout is not None and query.shape[2] + rmt_layout.num_cache == key.shape[2]:
         out = memory_attention(query, key, value, rmt_layout, scale=scaling, backend=rmt_backend)
     elif rmt_layout is None and query.shape[2] == 1:
         groups = query.shape[1] // key.shape[1]

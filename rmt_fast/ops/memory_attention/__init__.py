@@ -14,7 +14,7 @@ import types
 import torch
 from torch import Tensor
 
-from ..backends import resolve_backend
+from ..backends import _warn_once, resolve_backend
 from .reference import memory_attention_ref
 from .sdpa import memory_attention_sdpa
 from .spec import SegmentLayout, check_attention_inputs, mask_rule
@@ -132,9 +132,13 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
                      backend: str = "auto") -> Tensor:
     """Softmax attention under the RMT segment mask (see :class:`SegmentLayout` and ``spec.py``).
 
-    q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]``, ``Hq % Hkv == 0``; scale: default ``D ** -0.5``; backend: one of
-    :data:`rmt_fast.ops.BACKENDS`. Returns ``[B, Hq, N, D]`` in q's dtype. Outputs at padding positions
-    (``>= layout.valid_lens[b]``) are unspecified; valid outputs never depend on padded k/v.
+    q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, num_cache + N, D]`` (``layout.num_cache`` short-term cache keys first),
+    ``Hq % Hkv == 0``; scale: default ``D ** -0.5``; backend: one of :data:`rmt_fast.ops.BACKENDS`. Returns
+    ``[B, Hq, N, D]`` in q's dtype. Outputs at padding positions (``>= layout.valid_lens[b]``) are unspecified;
+    valid outputs never depend on padded k/v.
+
+    A layout with a short-term cache runs on the reference only, until the fused kernels follow the spec's cache
+    prefix: "triton" and "cuda" raise ValueError, "auto" on a GPU takes the reference with one warning.
 
     No host synchronisation on the fused paths ("sdpa", "triton", "cuda"): ``valid_lens <= N`` is the caller's
     promise there (the kernels clamp to N); only the reference checks it.
@@ -142,10 +146,17 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
     if backend in ("auto", "sdpa") and layout.is_plain:
         return memory_attention_sdpa(q, k, v, layout, scale)
     if backend == "sdpa":
-        raise ValueError(f"backend='sdpa' needs a plain layout (causal without memory_bidirectional, or dense), got "
-                         f"layout causal={layout.causal}, memory_bidirectional={layout.memory_bidirectional}, "
-                         f"dense={layout.dense}")
+        raise ValueError(f"backend='sdpa' needs a plain layout (causal without memory_bidirectional, or dense, and "
+                         f"no short-term cache), got layout causal={layout.causal}, memory_bidirectional="
+                         f"{layout.memory_bidirectional}, dense={layout.dense}, num_cache={layout.num_cache}")
     impl = resolve_backend(backend, q.device)
+    if layout.num_cache and impl != "reference":
+        if backend != "auto":
+            raise ValueError(f"backend={backend!r} does not implement the short-term cache (layout.num_cache="
+                             f"{layout.num_cache}) yet; use backend='reference' or 'auto'")
+        _warn_once("cache-reference", "rmt_fast: the fused attention kernels do not implement the short-term cache "
+                   "yet; memory attention with a cache runs on the reference path (slower, same results)")
+        impl = "reference"
     if impl == "reference":
         return memory_attention_ref(q, k, v, layout, scale)
     check_attention_inputs(q, k, v, layout)

@@ -11,8 +11,8 @@ def memory_attention_ref(
 ) -> torch.Tensor:
     """Softmax attention under the RMT segment mask, in fp32 math (fp64 inputs stay fp64, for gradcheck).
 
-    q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]`` with ``Hq % Hkv == 0`` (grouped-query attention), any floating
-    dtypes. Returns ``[B, Hq, N, D]`` in q's dtype; padding queries (no allowed key) get zeros here, but callers
+    q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, num_cache + N, D]`` with ``Hq % Hkv == 0`` (grouped-query attention;
+    ``layout.num_cache`` short-term cache keys first), any floating dtypes. Returns ``[B, Hq, N, D]`` in q's dtype; padding queries (no allowed key) get zeros here, but callers
     may rely only on valid positions (see :class:`SegmentLayout`).
     """
     check_attention_inputs(q, k, v, layout)
@@ -26,7 +26,7 @@ def memory_attention_ref(
         kf = kf.repeat_interleave(groups, dim=1)
         vf = vf.repeat_interleave(groups, dim=1)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    allowed = layout.allowed(n).unsqueeze(1)  # [B, 1, N, N]
+    allowed = layout.allowed(n).unsqueeze(1)  # [B, 1, N, num_cache + N]
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.where(allowed, probs, torch.zeros((), dtype=acc, device=q.device))  # keyless rows: 0, not NaN
