@@ -74,16 +74,23 @@ def test_reference_is_masked_softmax(r, w, lens, causal, bidir, groups):
     v = torch.randn(b, hkv, n, d, dtype=torch.float64, requires_grad=True)
     out = memory_attention_ref(q, k, v, layout)
     mask = brute_mask(layout, n)
-    for row in range(b):
-        for h in range(hkv * groups):
-            s = (q[row, h] @ k[row, h // groups].T) / d ** 0.5
-            for i in range(int(layout.valid_lens[row])):
-                p = torch.softmax(s[i][mask[row, i]], -1)
-                torch.testing.assert_close(out[row, h, i], p @ v[row, h // groups][mask[row, i]])
+    _assert_plain_softmax(out, q, k, v, mask, layout.valid_lens, groups)
     out.sum().backward()
     for row in range(b):
         valid = int(layout.valid_lens[row])
         assert torch.all(k.grad[row, :, valid:] == 0) and torch.all(v.grad[row, :, valid:] == 0)
+
+
+def _assert_plain_softmax(out, q, k, v, mask, valid_lens, groups):
+    """out at every valid query equals a softmax over the keys ``mask`` allows, head by head (GQA: ``groups`` query
+    heads per key head)."""
+    d = q.shape[-1]
+    for row in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            s = (q[row, h] @ k[row, h // groups].T) / d ** 0.5
+            for i in range(int(valid_lens[row])):
+                p = torch.softmax(s[i][mask[row, i]], -1)
+                torch.testing.assert_close(out[row, h, i], p @ v[row, h // groups][mask[row, i]])
 
 
 def test_layout_and_input_errors():
@@ -178,12 +185,7 @@ def test_reference_with_cache_is_attention_over_cache_and_segment(case, groups):
     v = torch.randn(b, hkv, c + n, d, dtype=torch.float64, requires_grad=True)
     out = memory_attention(q, k, v, layout, backend="reference")
     mask = brute_cache_mask(layout, n)
-    for row in range(b):
-        for h in range(hkv * groups):
-            s = (q[row, h] @ k[row, h // groups].T) / d ** 0.5
-            for i in range(int(layout.valid_lens[row])):
-                p = torch.softmax(s[i][mask[row, i]], -1)
-                torch.testing.assert_close(out[row, h, i], p @ v[row, h // groups][mask[row, i]])
+    _assert_plain_softmax(out, q, k, v, mask, layout.valid_lens, groups)
     valid = _valid_rows(layout, n).cpu()
     out.backward(valid.expand_as(out).double())
     unseen = ~mask.any(1)  # [B, C + N] keys no valid query attends
