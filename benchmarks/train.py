@@ -14,7 +14,9 @@ Paths per configuration (bf16 autocast, AdamW step included only in the memory-t
 
 Parts (``--parts``): gpt2 (GPT-2 small, B=4, m=16, 16 x 512 tokens; peaks at 1/16/256 segments), bert (BERT-base
 classifier, B=8, m=10, 16 x 499 tokens; peaks at 1/16/256), task (the memory-task configuration: MiniLM-L6-shaped
-BERT, m=10, 499-token segments, 5 segments, batch 32, AdamW: the old trainer settings vs the new ones).
+BERT, m=10, 499-token segments, 5 segments, batch 32, AdamW: the old trainer settings vs the new ones), curriculum
+(the same model over a curriculum stage's mixed lengths 1..n: call-graph captures per length vs one, the two-sweep
+schedule, eager, the official loop).
 Writes CSV and PNG under --out and, with --append-results, a section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -195,6 +198,96 @@ def part_task(args, rows):
         row["speed_vs_before"] = before / row["seconds"]
 
 
+def part_curriculum(args, rows):
+    """A curriculum stage as the experiments' trainer runs it (mix_prob 0.5: half the steps on n segments, the other
+    half on a random 1..n): MiniLM-L6-shaped BERT, m=10, 499-token segments, batch 32, bf16 autocast, fused AdamW,
+    gradient clipping. Every path runs the same sequence of lengths; ms per step over --curriculum-steps after
+    40 warm-up steps (each length captured on its second call), the training calls by executor, peak reserved."""
+    import numpy as np
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, num_labels=6)
+    b, n, steps, warm = 32, args.curriculum_segments, args.curriculum_steps, 40
+    if args.smoke:
+        cfg = BertConfig(num_labels=6, num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=64)
+        b, n, steps, warm = 4, 3, 6, 4
+    model = BertForSequenceClassification(cfg).to(args.device).train()
+    m = 10
+    seg = cfg.max_position_embeddings - m - 3
+    rng = np.random.default_rng(0)
+    lengths = [int(rng.integers(1, n + 1)) if rng.random() < 0.5 else n for _ in range(warm + steps)]
+    ids = {k: torch.randint(1000, cfg.vocab_size, (b, k * seg), device=args.device) for k in range(1, n + 1)}
+    labels = torch.randint(0, 6, (b,), device=args.device)
+    kw = dict(num_mem_tokens=m, cls_token_id=101, sep_token_id=102, pad_token_id=0, segment_size=seg)
+    total = torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else 0
+    paths = {"official loop (full BPTT, eager)": None,
+             "default (full BPTT, call graphs, 1/4 of the GPU)": (dict(), None),
+             "full BPTT, call graphs, 3/4 of the GPU": (dict(), int(0.75 * total)),
+             "full BPTT, one call capture": (dict(), 0),
+             "two-sweep graphed": (dict(checkpoint_segments=True), None),
+             "full BPTT eager": (dict(cuda_graphs=False), None)}
+    base = None
+    for name, spec in paths.items():
+        if spec is None:  # the official loop runs first, on the model before any wrap
+            mem = torch.nn.Parameter(torch.randn(m, cfg.hidden_size, device=args.device) * 0.02)
+            params = [mem, *model.parameters()]
+            rmt = None
+        else:
+            rmt = rmt_fast.wrap(model, **kw, **spec[0]).to(args.device)
+            if spec[1] is not None:
+                rmt.set_capture_memory(spec[1])
+            params = list(rmt.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-3, fused=args.device == "cuda")
+
+        def step(k):
+            with _autocast(args.device):
+                if rmt is None:
+                    out, _ = official_encoder(model, mem, ids[k], seg, 101, 102, 0)
+                    loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
+                else:
+                    loss = rmt(ids[k], labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        try:
+            for k in lengths[:warm]:
+                step(k)
+            counts0 = rmt.executor_counts(reset=True) if rmt is not None else {}
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for k in lengths[warm:]:
+                step(k)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            t = (time.perf_counter() - t0) / steps
+            counts = rmt.executor_counts() if rmt is not None else {}
+            graphed = sum(v for c, v in counts.items() if "graphed" in c or "captured" in c)
+            row = dict(part="curriculum", path=name, segments=n, seconds=t,
+                       ms_per_segment_step=1e3 * t * steps / sum(lengths[warm:]),
+                       tok_per_s=b * seg * sum(lengths[warm:]) / (t * steps),
+                       graphed_share=graphed / max(1, sum(counts.values())),
+                       warmup_captures=counts0.get("full-BPTT captured", 0),
+                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30 if args.device == "cuda" else 0)
+        except torch.cuda.OutOfMemoryError as e:
+            row = dict(part="curriculum", path=name, segments=n, error=f"OOM: {e}"[:120])
+        base = base or row.get("seconds")
+        if base and row.get("seconds"):
+            row["speed_vs_official"] = base / row["seconds"]
+        rows.append(row)
+        print(f"curriculum {name:50s} " + (f"{row['ms_per_segment_step']:6.1f} ms/segment-step, graphed "
+              f"{row['graphed_share']:.0%}, {row['peak_reserved_gib']:.1f} GiB reserved" if "seconds" in row
+              else row["error"]), flush=True)
+        del rmt, opt
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def _replay_ms(graph, reps=20) -> float:
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -315,7 +408,10 @@ def plot(rows, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="gpt2,bert,task", help="comma list of gpt2, bert, task, breakdown (CUDA)")
+    p.add_argument("--parts", default="gpt2,bert,task",
+                   help="comma list of gpt2, bert, task, curriculum, breakdown (CUDA)")
+    p.add_argument("--curriculum-segments", type=int, default=7, help="the stage length n of the curriculum part")
+    p.add_argument("--curriculum-steps", type=int, default=200, help="timed steps of the curriculum part")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--segments", type=int, default=16)
     p.add_argument("--long", type=int, default=256, help="segments of the long flat-memory check (0: skip)")
@@ -332,11 +428,12 @@ def main(argv=None):
         args.gpt2_seg, args.segments, args.long, args.reps = 16, 3, 0, 1
     rows = []
     for part in args.parts.split(","):
-        {"gpt2": part_gpt2, "bert": part_bert, "task": part_task, "breakdown": part_breakdown}[part](args, rows)
+        {"gpt2": part_gpt2, "bert": part_bert, "task": part_task, "curriculum": part_curriculum,
+         "breakdown": part_breakdown}[part](args, rows)
         write_csv(os.path.join(args.out, "train.csv"), rows)
     plot(rows, os.path.join(args.out, "train.png"))
     cols = ["part", "path", "segments", "tok_per_s", "speed_vs_official", "peak_gib", "peak_vs_1seg", "seconds",
-            "speed_vs_before", "error"]
+            "speed_vs_before", "ms_per_segment_step", "graphed_share", "peak_reserved_gib", "error"]
     table = markdown_table(rows, cols)
     print(table)
     if args.append_results:
