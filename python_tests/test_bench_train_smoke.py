@@ -36,3 +36,14 @@ def test_smoke_bert_rows_and_repetitions(bench, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "train.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "| bert | ckpt_graphed | 3 |" in out
+
+
+def test_smoke_curriculum_rows(bench, tmp_path):
+    """The curriculum part: every path trains the same mixed lengths; on the CPU nothing is graphed."""
+    bench.main(["--smoke", "--parts", "curriculum", "--out", str(tmp_path)])
+    with open(tmp_path / "train.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows][0].startswith("official") and len(rows) == 6
+    for r in rows:
+        assert not r.get("error") and float(r["ms_per_segment_step"]) > 0 and float(r["graphed_share"]) == 0
+    assert float(rows[0]["speed_vs_official"]) == 1
