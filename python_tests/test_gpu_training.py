@@ -95,7 +95,7 @@ def _no_dropout(make):
     (llama, dict(num_mem_tokens=4, segment_size=20, keep_logits=False)),
     (bert_cls, dict(num_mem_tokens=3, segment_size=20, cls_token_id=CLS, sep_token_id=SEP, pad_token_id=PAD)),
 ])
-def test_step_graphs_equal_full_bptt(make, kw):
+def test_call_graphs_equal_full_bptt(make, kw):
     """Full-BPTT training (checkpoint_segments=False) replayed as forward/backward graphs of the whole call
     (rmt_fast.graphs.CallGraphs) gives eager full BPTT's losses and gradients over 3 optimizer steps. Every
     segment full (what CallGraphs captures): 5 segments of segment_size tokens per row."""
@@ -116,7 +116,7 @@ def test_step_graphs_equal_full_bptt(make, kw):
         torch.testing.assert_close(g_step[n], g_full[n], atol=2e-5, rtol=1e-3, msg=lambda m: f"step {n}: {m}")
 
 
-def test_step_graphs_with_a_live_earlier_graph():
+def test_call_graphs_with_a_live_earlier_graph():
     """Each call's graph stays alive while the next one runs (the usual ``loss = model(...).loss`` loop): the
     capture must not reuse gradient nodes of the earlier eager graph (rmt_fast.graphs.ParameterAliases; before
     it, this capture was invalidated on an H200). Results equal eager full BPTT; the generator still works."""
@@ -148,7 +148,7 @@ def test_step_graphs_with_a_live_earlier_graph():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-def test_step_graphs_leave_ragged_calls_eager():
+def test_call_graphs_leave_ragged_calls_eager():
     """A call with a ragged segment (padding; a length not a multiple of segment_size) is not captured: no
     warning, eager results."""
     import warnings
@@ -179,7 +179,7 @@ def test_recover_from_failed_capture():
     torch.randn(3, device="cuda")
 
 
-def test_step_graphs_pending_call_and_autograd_grad():
+def test_call_graphs_pending_call_and_autograd_grad():
     """Two calls before one backward (gradient accumulation in one graph): the second runs eagerly, the sum's
     gradients equal eager ones; torch.autograd.grad reaches the parameters; gradients accumulate over calls."""
     torch.manual_seed(0)
@@ -212,7 +212,7 @@ def test_step_graphs_pending_call_and_autograd_grad():
     (gpt2, dict(num_mem_tokens=3, segment_size=16)),
     (llama, dict(num_mem_tokens=4, segment_size=20, bptt_depth=2)),
 ])
-def test_step_graphs_with_kept_logits_equal_full_bptt(make, kw):
+def test_call_graphs_with_kept_logits_equal_full_bptt(make, kw):
     """The default decoder call (``keep_logits=True``: per-token logits returned) is replayed as call graphs when
     every segment is full and every input column is a content token: losses, logits and gradients equal eager
     full BPTT over 3 optimizer steps, the middle one with a loss taken from the returned logits as well (their
@@ -247,7 +247,7 @@ def test_step_graphs_with_kept_logits_equal_full_bptt(make, kw):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-3)
 
 
-def test_step_graphs_with_kept_logits_leave_padded_columns_eager():
+def test_call_graphs_with_kept_logits_leave_padded_columns_eager():
     """Kept logits with a padding column (every segment still full of content): the output's columns are not the
     segments side by side, so the call runs eagerly; logits keep the input's width."""
     model = gpt2(resid_pdrop=0.0, embd_pdrop=0.0).cuda()
@@ -262,7 +262,7 @@ def test_step_graphs_with_kept_logits_leave_padded_columns_eager():
     assert not rmt.runner.call_graphs.get("captured")
 
 
-def test_step_graphs_keep_a_capture_per_length():
+def test_call_graphs_keep_a_capture_per_length():
     """A curriculum's mixed lengths (1, 2 or 3 full segments per call) under full BPTT: each length is captured
     once (on its second call) and replayed from then on, and the losses and gradients equal eager training's."""
     kw = dict(num_mem_tokens=3, segment_size=16, keep_logits=False)
