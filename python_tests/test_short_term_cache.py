@@ -3,8 +3,9 @@ gradients by ``bptt_depth``, ragged rows, the option's checks and persistence; `
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (DynamicCache, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM, MistralConfig, MistralForCausalLM,
+                          OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 import rmt_fast
 from checkpointing import grads_with_and_without_checkpointing
@@ -19,6 +20,22 @@ def _llama_like(family):
     config, model = LLAMA_LIKE[family]
     return model(config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                         intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128, head_dim=8)).eval()
+
+
+# the other decoder families: partial rotary (GPT-NeoX, Phi-3: half of each head's dims rotated), absolute (OPT)
+OTHERS = {
+    "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
+        max_position_embeddings=128, rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0)).eval(),
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        partial_rotary_factor=0.5)).eval(),
+    "opt": lambda: OPTForCausalLM(OPTConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64, vocab_size=VOCAB,
+        max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0)).eval(),
+}
+ABSOLUTE = ("gpt2", "opt")
 
 
 def restated(model, memory, ids, m, s, c, rotary, depth=None, cache_kwarg="cache"):
@@ -56,7 +73,7 @@ def restated(model, memory, ids, m, s, c, rotary, depth=None, cache_kwarg="cache
             pos = (offset if rotary else 0) + torch.arange(n).expand(b, n)
             out = base(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kwarg: cache})
             h = out.last_hidden_state
-            logits.append(model.lm_head(h[:, m:m + n_tok]))
+            logits.append(model.get_output_embeddings()(h[:, m:m + n_tok]))
             memory = h[:, m + n_tok:]
             last = slice(k + m + n_tok - c, k + m + n_tok)
             past = [(lay.keys[:, :, last], lay.values[:, :, last]) for lay in cache.layers]
@@ -73,18 +90,20 @@ def _grads(loss, params):
 
 
 @pytest.mark.parametrize("family,depth", [("gpt2", None), ("gpt2", 1), ("llama", None), ("llama", 1),
-                                          *((f, None) for f in LLAMA_LIKE)])
+                                          *((f, None) for f in LLAMA_LIKE), *((f, None) for f in OTHERS)])
 def test_cache_equals_restatement(family, depth):
-    """Logits, loss and gradients (memory, embeddings, a key projection) against the restatement, over four
+    """Logits, loss and gradients (memory, embeddings, an attention projection) against the restatement, over four
     segments (the last one short) with a cache of 3 tokens; ``bptt_depth`` cuts the cache where it cuts memory."""
-    model = DECODERS[family]() if family in DECODERS else _llama_like(family)
+    torch.manual_seed(0)
+    model = (DECODERS[family]() if family in DECODERS else OTHERS[family]() if family in OTHERS
+             else _llama_like(family))
     m, s, c = 2, 6, 3
     rmt = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=s, num_cache_tokens=c, bptt_depth=depth)
     ids = tokens(2, 22)
-    params = [rmt.memory, model.get_input_embeddings().weight, next(p for n, p in model.named_parameters()
-                                                                    if "attn" in n and "weight" in n)]
+    attn = next(p for n, p in model.named_parameters() if ("attn" in n or ".attention." in n) and p.dim() == 2)
+    params = [rmt.memory, model.get_input_embeddings().weight, attn]
     out = rmt(ids, labels=ids)
-    want_logits, want_loss = restated(model, rmt.memory, ids, m, s, c, family != "gpt2", depth,
+    want_logits, want_loss = restated(model, rmt.memory, ids, m, s, c, family not in ABSOLUTE, depth,
                                       rmt.adapter.cache_kwarg)
     torch.testing.assert_close(out.logits, want_logits, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(out.loss, want_loss, atol=1e-5, rtol=1e-5)
@@ -185,10 +204,6 @@ def test_bad_values_raise():
     with pytest.raises(ValueError, match="num_cache_tokens.*decoder"):
         rmt_fast.wrap(bert_cls(), num_mem_tokens=2, segment_size=6, num_cache_tokens=2, cls_token_id=CLS,
                       sep_token_id=SEP)
-    opt = OPTForCausalLM(OPTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, ffn_dim=32,
-                                   vocab_size=VOCAB, max_position_embeddings=32, word_embed_proj_dim=16))
-    with pytest.raises(ValueError, match="num_cache_tokens.*opt"):
-        rmt_fast.wrap(opt, num_mem_tokens=2, segment_size=6, num_cache_tokens=2)
     rmt = rmt_fast.wrap(model, num_mem_tokens=2, segment_size=6, num_cache_tokens=2)
     with pytest.raises(ValueError, match="num_cache_tokens"):
         rmt.generate(tokens(1, 8), max_new_tokens=2)

@@ -18,12 +18,13 @@ from .short_term_cache import KeyShift, shift_rotary_keys
 # rmt_fast.fusion swaps for one-kernel versions at inference (Phi-3: a partial rotary and a fused gate_up_proj).
 # cache_positions: how the short-term cache's keys carry positions into the next segment (docs/short_term_cache.md):
 # "absolute" (position embeddings added to the input: the keys keep the positions they had), "rotary" (the keys are
-# rotated on to the positions right before the segment's first, ``base_model.rotary_emb``'s frequencies); families
-# without it have no short-term cache yet.
+# rotated on to the positions right before the segment's first, ``base_model.rotary_emb``'s frequencies; partial
+# rotary as GPT-NeoX and Phi-3 have it rotates the first dims only); families without it have no short-term cache.
 _LLAMA_BLOCKS = {"fused_blocks": ("rms_norm", "rotary", "swiglu"), "cache_positions": "rotary"}
 DECODER_FAMILIES = {
     "gpt2": {"cache_positions": "absolute"}, "llama": _LLAMA_BLOCKS, "mistral": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS, "qwen3": _LLAMA_BLOCKS,
-    "opt": {}, "gpt_neox": {}, "phi3": {"fused_blocks": ("rms_norm",)},
+    "opt": {"cache_positions": "absolute"}, "gpt_neox": {"cache_positions": "rotary"},
+    "phi3": {"fused_blocks": ("rms_norm",), "cache_positions": "rotary"},
 }
 ENCODER_FAMILIES = {
     "bert": {}, "distilbert": {}, "electra": {},
