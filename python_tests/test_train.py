@@ -489,3 +489,10 @@ def test_history_counts_the_training_calls_by_executor(tmp_path):
     assert [s["executors"] for s in res.stages] == [{"full-BPTT eager": 4}] * 2
     res = train(tiny(tmp_path / "b", max_steps_per_stage=2, eval_every=2, schedule=[2], checkpoint_segments="on"))
     assert [h["executors"] for h in res.history] == [{"two-sweep eager": 2}]
+
+
+def test_capture_memory_is_a_share_of_the_gpu():
+    assert TrainConfig(capture_memory=0.75).capture_memory == 0.75
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="capture_memory"):
+            TrainConfig(capture_memory=bad)

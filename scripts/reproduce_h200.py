@@ -94,6 +94,8 @@ def parse_args(argv=None):
                    help="linear warm-up steps of each stage (default: 10%% of the max steps, at most 50)")
     p.add_argument("--checkpoint-segments", choices=("auto", "on", "off"), default="auto",
                    help="the two-sweep schedule: auto (full BPTT up to 8 segments on CUDA), on, off (%(default)s)")
+    p.add_argument("--capture-memory", type=float, default=None,
+                   help="share of the GPU's memory for the full-BPTT graph captures (default: the library's 1/4)")
     p.add_argument("--estimate-only", action="store_true", help="print the time estimate and exit")
     p.add_argument("--dry-run", "--smoke", dest="dry_run", action="store_true",
                    help="tiny CPU configuration (tiny-bert, 32-token segments, a few steps, lengths 1-4): checks the "
@@ -153,7 +155,8 @@ def task_config(a, task: str):
                        min_steps_per_stage=a.min_steps_per_stage, validate_at_multiple=a.validate_at_multiple,
                        validate_max_segments=a.validate_max_segments, pause_after_s=a.pause_after,
                        stage_eval_lengths=f"1-{a.heatmap_max}" if a.stage_eval else None,
-                       stage_eval_samples=a.heatmap_samples, checkpoint_segments=a.checkpoint_segments)
+                       stage_eval_samples=a.heatmap_samples, checkpoint_segments=a.checkpoint_segments,
+                       capture_memory=a.capture_memory)
 
 
 def run_task(a, task: str) -> dict:

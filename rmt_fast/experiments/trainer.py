@@ -128,6 +128,8 @@ class TrainConfig:
     checkpoint_segments: str = _arg("auto", "the two-sweep checkpointed BPTT (flat memory; graphed on CUDA): auto (on "
                                     "for CUDA stages of more than 8 segments; shorter stages run full BPTT as "
                                     "CUDA graphs; off for the CPU) | on | off", OPTIM, choices=("auto", "on", "off"))
+    capture_memory: float | None = _arg(None, "share of the GPU's memory that the full-BPTT CUDA-graph captures (one "
+                                        "per call length of a stage) may keep (default: the library's 1/4)", RUN)
     noise: str | None = _arg(None, "noise text file or saved HF dataset directory (default: Python's pydoc texts)",
                              MODEL)
     babi_path: str | None = _arg(None, "bAbI file or en/ directory for the facts", MODEL)
@@ -183,6 +185,8 @@ class TrainConfig:
         if self.train_same_axis is not None and (self.task != "reasoning" or not 0 <= self.train_same_axis <= 1):
             raise ValueError("train_same_axis: a probability in [0, 1], for the reasoning task only; got "
                              f"{self.train_same_axis!r} for task {self.task!r}")
+        if self.capture_memory is not None and not 0 <= self.capture_memory <= 1:
+            raise ValueError(f"capture_memory must be a share of the GPU's memory in [0, 1], got {self.capture_memory}")
         if self.validate_at_multiple < 1:
             raise ValueError(f"validate_at_multiple must be >= 1, got {self.validate_at_multiple}")
         if self.validate_max_segments is not None and self.validate_max_segments < 1:
@@ -319,6 +323,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
     rmt = wrap(model, num_mem_tokens=cfg.num_mem_tokens, segment_size=cfg.segment_size, tokenizer=tok,
                backend=cfg.backend, bptt_depth=cfg.bptt_depth, checkpoint_segments=uses_two_sweep(cfg, device),
                keep_logits=False, torch_compile=uses_compile(cfg, device))
+    if cfg.capture_memory is not None and device.type == "cuda":
+        rmt.set_capture_memory(int(cfg.capture_memory * torch.cuda.get_device_properties(device).total_memory))
     return rmt.to(device), tok, kind
 
 
