@@ -492,7 +492,7 @@ def test_history_counts_the_training_calls_by_executor(tmp_path):
 
 
 def test_capture_memory_is_a_share_of_the_gpu():
-    assert TrainConfig(capture_memory=0.75).capture_memory == 0.75
+    TrainConfig(capture_memory=0.75).validate()
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="capture_memory"):
-            TrainConfig(capture_memory=bad)
+            TrainConfig(capture_memory=bad).validate()
