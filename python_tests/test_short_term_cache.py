@@ -205,5 +205,61 @@ def test_bad_values_raise():
         rmt_fast.wrap(bert_cls(), num_mem_tokens=2, segment_size=6, num_cache_tokens=2, cls_token_id=CLS,
                       sep_token_id=SEP)
     rmt = rmt_fast.wrap(model, num_mem_tokens=2, segment_size=6, num_cache_tokens=2)
-    with pytest.raises(ValueError, match="num_cache_tokens"):
-        rmt.generate(tokens(1, 8), max_new_tokens=2)
+    with pytest.raises(TypeError, match="short_term_cache"):
+        rmt(tokens(1, 8), short_term_cache=("not", "a cache"))
+    with pytest.raises(ValueError, match="short_term_cache"):
+        rmt(tokens(2, 8), short_term_cache=rmt(tokens(1, 6)).short_term_cache)  # another batch
+    plain = rmt_fast.wrap(DECODERS["gpt2"](), num_mem_tokens=2, segment_size=6)
+    with pytest.raises(ValueError, match="num_cache_tokens=0"):
+        plain(tokens(1, 8), short_term_cache=rmt(tokens(1, 6)).short_term_cache)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_call_continues_from_the_previous_calls_cache(family):
+    """Two calls, the second from the first's memory and short-term cache, equal one call over the joined input
+    when the first ends on a segment boundary (here after two segments)."""
+    torch.manual_seed(0)
+    rmt = rmt_fast.wrap(DECODERS[family](), num_mem_tokens=2, segment_size=6, num_cache_tokens=3).eval()
+    ids = tokens(2, 22)
+    with torch.no_grad():
+        whole = rmt(ids)
+        first = rmt(ids[:, :12])
+        second = rmt(ids[:, 12:], memory=first.memory, short_term_cache=first.short_term_cache)
+    torch.testing.assert_close(second.logits, whole.logits[:, 12:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second.memory, whole.memory, atol=1e-5, rtol=1e-5)
+    assert whole.short_term_cache is not None and len(whole.short_term_cache.keys) == 2
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_greedy_generate_keeps_the_cache(family):
+    """Streaming greedy decoding across segment boundaries equals re-running the whole sequence at every step."""
+    torch.manual_seed(0)
+    rmt = rmt_fast.wrap(DECODERS[family](), num_mem_tokens=2, segment_size=5, num_cache_tokens=3).eval()
+    prompt = tokens(2, 8)
+    out = rmt.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=[])
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(14):
+            nxt = rmt(seq).logits[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoding_logits_equal_the_forward_pass(family):
+    """The streaming decoder's next-token logits (prefill, KV-cached steps, segment roll-overs, with the short-term
+    cache before every segment) equal the forward pass over the sequence so far, step by step."""
+    from rmt_fast.generation import _SegmentDecoder
+
+    torch.manual_seed(0)
+    rmt = rmt_fast.wrap(DECODERS[family](), num_mem_tokens=2, segment_size=5, num_cache_tokens=3).eval()
+    seq = tokens(2, 8)
+    with torch.no_grad():
+        first = rmt(seq[:, :5], return_logits=False)
+        dec = _SegmentDecoder(rmt, first.memory, first.short_term_cache)
+        logits = dec.start(seq[:, 5:])
+        for _ in range(12):
+            torch.testing.assert_close(logits, rmt(seq).logits[:, -1], atol=1e-5, rtol=1e-5)
+            nxt = tokens(2, 1)[:, 0]
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            logits = dec.push(nxt)

@@ -56,6 +56,7 @@ class _Sweep:
     structure: list | None = None  # per recorded segment: number of tensors in its output (tuple or single)
     rng: list | None = None
     caches: list | None = None  # per segment, the short-term cache entering it (None: none)
+    cache_out: object = None  # the short-term cache the last segment leaves (detached)
     rng_after: object = None
     autocast: tuple | None = None
     fsdp_states: list = ()  # FSDP2 states of the fully_shard modules inside the backbone
@@ -93,6 +94,7 @@ class _TwoSweep(torch.autograd.Function):
                 structure.append(len(flat))
                 outputs.extend(flat)
         sweep.structure = structure
+        sweep.cache_out = None if cache is None else cache.detach()
         if sweep.rng is not None:
             sweep.rng_after = _rng_state(device)
         ctx.sweep = sweep
@@ -315,4 +317,6 @@ def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, tota
             j += 1
             flat = tuple(next(it) for _ in range(n))
             record.add(params[g], flat if n > 1 else flat[0])
-    return dict(memory=memory, loss_sum=loss_sum, count=count, output=record.result(), hidden=None)
+    # the short-term cache the last segment leaves, for a following call (no gradient flows back through it)
+    return dict(memory=memory, loss_sum=loss_sum, count=count, output=record.result(), hidden=None,
+                cache=sweep.cache_out)

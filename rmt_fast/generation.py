@@ -147,42 +147,56 @@ def _token_ids(name: str, v) -> tuple[int, ...]:
 
 
 class _SegmentDecoder:
-    """Decodes inside one segment with a KV cache; rolls the memory over when the segment is full."""
+    """Decodes inside one segment with a KV cache; rolls the memory (and the short-term cache) over when the
+    segment is full."""
 
-    def __init__(self, rmt, memory: torch.Tensor):
+    def __init__(self, rmt, memory: torch.Tensor, short_term=None):
         self.rmt, self.memory = rmt, memory
+        self.short_term = short_term  # the short-term cache the previous segment left (num_cache_tokens), or None
         self.cfg = rmt.rmt_config
         self.tokens: torch.Tensor | None = None  # [B, n] tokens of the current segment
         self.cache = None
 
-    def _base(self, inputs_embeds, layout):
+    def _base(self, inputs_embeds, layout, **extra):
         from transformers import DynamicCache
 
         a = self.rmt.adapter
         if self.cache is None:
             self.cache = DynamicCache(config=a.model.config)
         h, _ = self.rmt.runner.scheme.run_backbone(a, inputs_embeds, layout, self.cfg.backend, use_cache=True,
-                                                   **{a.cache_kwarg: self.cache})
+                                                   **{a.cache_kwarg: self.cache}, **extra)
         return a.lm_logits(h[:, -1])
 
     def start(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Prefill ``[memory | tokens]``; returns next-token logits ``[B, V]``."""
+        """Prefill ``[memory | tokens]`` (after the short-term cache); returns next-token logits ``[B, V]``."""
         a, m = self.rmt.adapter, self.cfg.num_mem_tokens
         self.tokens, self.cache = tokens, None
         b, n = tokens.shape
         x = torch.cat([self.memory.to(a.model.dtype), a.embed(tokens)], 1)
         lens = torch.full((b,), n, dtype=torch.long, device=tokens.device)
         layout = SegmentLayout(m, 0, lens, causal=True, memory_bidirectional=self.cfg.memory_bidirectional)
-        return self._base(x, layout)
+        extra = {}
+        if self.short_term is not None:
+            from .short_term_cache import SegmentCache
+
+            extra["rmt_cache"] = prefix = SegmentCache(self.short_term, self.cfg.num_cache_tokens,
+                                                       self.rmt.runner.cache_key_shift)
+            layout = prefix.layout(layout)
+        return self._base(x, layout, **extra)
 
     def push(self, token: torch.Tensor) -> torch.Tensor:
         """Append ``token`` ``[B]``; returns the logits after it."""
         if self.tokens.shape[1] == self.cfg.segment_size:
-            out = self.rmt(self.tokens, memory=self.memory, return_logits=False)
-            self.memory = out.memory
+            out = self.rmt(self.tokens, memory=self.memory, return_logits=False, short_term_cache=self.short_term)
+            self.memory, self.short_term = out.memory, out.short_term_cache
             return self.start(token[:, None])
         self.tokens = torch.cat([self.tokens, token[:, None]], 1)
-        return self._base(self.rmt.adapter.embed(token[:, None]), None)
+        extra = {}
+        if self.short_term is not None:
+            from .short_term_cache import DecodingPrefix
+
+            extra["rmt_cache"] = DecodingPrefix(self.short_term)
+        return self._base(self.rmt.adapter.embed(token[:, None]), None, **extra)
 
 
 def _decode(rmt, content: torch.Tensor, st: DecodingSettings, generator, progress) -> torch.Tensor:
@@ -191,10 +205,11 @@ def _decode(rmt, content: torch.Tensor, st: DecodingSettings, generator, progres
     r, n = content.shape
     s = rmt.rmt_config.segment_size
     done_len = ((n - 1) // s) * s  # tokens in completed segments; the rest is the current segment
-    memory = rmt.initial_memory(r)
+    memory, short_term = rmt.initial_memory(r), None
     if done_len:
-        memory = rmt(content[:, :done_len], return_logits=False).memory
-    dec = _SegmentDecoder(rmt, memory)
+        out = rmt(content[:, :done_len], return_logits=False)
+        memory, short_term = out.memory, out.short_term_cache
+    dec = _SegmentDecoder(rmt, memory, short_term)
     logits = dec.start(content[:, done_len:])
     seen = None
     if st.repetition_penalty != 1.0:
@@ -226,9 +241,6 @@ def generate(rmt, input_ids, attention_mask=None, generation_config=None, genera
     cfg = rmt.rmt_config
     if cfg.mode != "decoder" or rmt.adapter.head != "lm":
         raise ValueError("generate needs a decoder with an LM head (a ...ForCausalLM model)")
-    if cfg.num_cache_tokens:
-        raise ValueError(f"generate does not keep the short-term cache yet (num_cache_tokens="
-                         f"{cfg.num_cache_tokens}); wrap the model with num_cache_tokens=0 to generate")
     if cfg.segment_alignment != "left":
         raise ValueError("generate needs segment_alignment='left' (right alignment re-segments the whole sequence "
                          "at every new token)")

@@ -106,7 +106,7 @@ class RecurrentMemoryModel(nn.Module):
     # ---- forward --------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, memory=None, output_hidden_states=False,
                 return_logits=None, progress=None, token_type_ids=None, num_items_in_batch=None,
-                **kwargs) -> RMTOutput:
+                short_term_cache=None, **kwargs) -> RMTOutput:
         """Run the recurrence over ``input_ids`` ``[B, T]``.
 
         attention_mask: ``[B, T]`` 1 for tokens (left or right padding). labels: LM ``[B, T]`` (-100 = ignore; the
@@ -118,7 +118,12 @@ class RecurrentMemoryModel(nn.Module):
         seq2seq: per decoder token) losses are then summed and divided by it (exact under gradient accumulation and
         over processes). Seq2seq: labels
         are the decoder's targets ``[B, L]``; kwargs may hold ``decoder_input_ids`` and ``decoder_attention_mask``
-        for the decoder.
+        for the decoder. short_term_cache: with ``num_cache_tokens``, the ``out.short_term_cache`` of a previous call
+        to continue from (with its ``out.memory`` as ``memory``): the two calls then equal one over the joined input
+        when the first ended on a segment boundary.
+
+        The output's ``short_term_cache`` attribute (with ``num_cache_tokens``, else None) is the cache the last
+        segment leaves, like ``out.memory``.
         """
         scheme = self.runner.scheme
         finish_kwargs = {k: kwargs.pop(k) for k in scheme.finish_kwargs if k in kwargs}
@@ -142,15 +147,33 @@ class RecurrentMemoryModel(nn.Module):
         if labels is not None:
             labels = labels.to(self.device)
             scheme.check_labels(labels, input_ids)
+        if short_term_cache is not None:
+            self._check_short_term_cache(short_term_cache, b)
         targets = scheme.targets(plan, labels)
-        res = self.runner.run(memory, plan, targets, keep_logits, output_hidden_states, input_ids.shape[1], progress)
+        res = self.runner.run(memory, plan, targets, keep_logits, output_hidden_states, input_ids.shape[1], progress,
+                              cache=short_term_cache)
         if num_items_in_batch is not None:
             res["num_items"] = torch.as_tensor(num_items_in_batch, device=res["loss_sum"].device)
             if targets is not None:
                 res["count"] = res["num_items"]
         out = RMTOutput(memory=res["memory"], **scheme.finish(self.adapter, res, labels, **finish_kwargs))
         out.num_segments = plan.num_segments
+        out.short_term_cache = res.get("cache")
         return out
+
+    def _check_short_term_cache(self, cache, batch: int) -> None:
+        from .short_term_cache import ShortTermCache
+
+        c = self.rmt_config.num_cache_tokens
+        if not c:
+            raise ValueError("short_term_cache: this model has no short-term cache (num_cache_tokens=0)")
+        if not isinstance(cache, ShortTermCache):
+            raise TypeError(f"short_term_cache must be the out.short_term_cache of a previous call (a ShortTermCache), "
+                            f"got {type(cache).__name__}")
+        if cache.lens.shape != (batch,) or any(k.shape[0] != batch or k.shape[2] != c for k in cache.keys):
+            raise ValueError(f"short_term_cache: made for another batch or cache size (lens {tuple(cache.lens.shape)}, "
+                             f"keys {tuple(cache.keys[0].shape) if cache.keys else ()}; this call: batch {batch}, "
+                             f"num_cache_tokens={c})")
 
     def executor_counts(self, reset: bool = False) -> dict:
         """How many forward calls each executor ran since the model was built (or the last ``reset=True``):

@@ -130,9 +130,11 @@ class SegmentRunner:
 
     # ---- the whole sequence ---------------------------------------------------------------------------
     def run(self, memory, plan: SegmentPlan, targets, keep_output: bool, output_hidden_states: bool, total_len: int,
-            progress=None) -> dict:
-        """Every segment of ``plan`` from ``memory``. Returns ``dict(memory, loss_sum, count, output, hidden)``:
-        output is the scheme's record of the segment outputs, hidden a tuple of per-layer records (or None)."""
+            progress=None, cache: ShortTermCache | None = None) -> dict:
+        """Every segment of ``plan`` from ``memory`` (and ``cache``: the short-term cache a previous call left, None
+        for none). Returns ``dict(memory, loss_sum, count, output, hidden, cache)``: output is the scheme's record of
+        the segment outputs, hidden a tuple of per-layer records (or None), cache the short-term cache the last
+        segment leaves (None without ``num_cache_tokens``)."""
         cfg = self.config
         want_output = self.scheme.wants_output(keep_output)
         params = self.scheme.segment_params(plan)
@@ -146,6 +148,10 @@ class SegmentRunner:
                 self.calls["inference graphed"] += 1
                 return res
         if cfg.checkpoint_segments and torch.is_grad_enabled() and not output_hidden_states:
+            if cache is not None:
+                raise ValueError("short_term_cache: continuing from a previous call's cache is not supported by the "
+                                 "two-sweep schedule (checkpoint_segments=True) while training; run it under "
+                                 "torch.no_grad() or with checkpoint_segments=False")
             return run_two_sweep(self, memory, plan, targets, params, want_output, total_len, progress)
         graded = torch.is_grad_enabled()
         lens_host = plan.lens.tolist()  # one host sync for all segments
@@ -161,11 +167,12 @@ class SegmentRunner:
                 return res
         self.calls["full-BPTT eager" if graded else "inference eager"] += 1
         return self.run_eager(memory, plan, targets, params, want_output, output_hidden_states, total_len,
-                              lens_host, progress)
+                              lens_host, progress, cache)
 
     def run_eager(self, memory, plan, targets, params, want_output, output_hidden_states, total_len, lens_host,
-                  progress=None):
-        """Every segment eagerly; ``lens_host``: ``plan.lens`` read to the host (segment widths and layouts)."""
+                  progress=None, cache: ShortTermCache | None = None):
+        """Every segment eagerly; ``lens_host``: ``plan.lens`` read to the host (segment widths and layouts);
+        ``cache``: the short-term cache entering the first segment."""
         cfg = self.config
         g_total = plan.num_segments
         widths = [max(row) for row in lens_host]
@@ -174,7 +181,6 @@ class SegmentRunner:
         count = torch.zeros((), dtype=torch.long, device=memory.device)
         record = self.scheme.new_record(plan, total_len)
         hidden_records = None
-        cache = None  # the short-term cache (num_cache_tokens > 0)
         rng = range(g_total) if progress is None else progress(range(g_total))
         for g in rng:
             if cfg.cuts_memory_before(g, g_total):
@@ -197,4 +203,5 @@ class SegmentRunner:
                 for r, hs in zip(hidden_records, res.hidden):
                     r.add(params[g], hs)
         hidden = None if hidden_records is None else tuple(r.result() for r in hidden_records)
-        return dict(memory=memory, loss_sum=loss_sum, count=count, output=record.result(), hidden=hidden)
+        return dict(memory=memory, loss_sum=loss_sum, count=count, output=record.result(), hidden=hidden,
+                    cache=cache)

@@ -85,3 +85,21 @@ class SegmentCache:
         """The cache the next segment reads (every layer's recorded keys and values)."""
         layers = sorted(self.keys)
         return ShortTermCache(tuple(self.keys[i] for i in layers), tuple(self.values[i] for i in layers), self.lens)
+
+
+class DecodingPrefix:
+    """The short-term cache during token-by-token decoding inside a segment (:mod:`rmt_fast.generation`): the
+    segment's prefill saw ``[cache | memory | tokens]``; each decoding step's query sees the same cache before the
+    KV cache of the segment, masked where a row has fewer than ``C`` real entries."""
+
+    def __init__(self, past: ShortTermCache):
+        self.past = past
+
+    def prepend(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """``key``/``value`` ``[B, Hkv, S, D]`` (the segment's KV cache) -> ``[cache | segment]`` and the boolean
+        mask ``[B, 1, 1, C + S]`` of the keys a decoding step may attend."""
+        past_k, past_v = self.past.keys[layer], self.past.values[layer]
+        c = past_k.shape[2]
+        real = torch.arange(c, device=key.device).view(1, -1) >= (c - self.past.lens.to(key.device)).view(-1, 1)
+        mask = torch.cat([real, real.new_ones(key.shape[0], key.shape[2])], 1)
+        return torch.cat([past_k, key], 2), torch.cat([past_v, value], 2), mask[:, None, None, :]

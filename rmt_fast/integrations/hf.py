@@ -49,11 +49,14 @@ def rmt_attention_forward(module, query, key, value, attention_mask, dropout: fl
     if rmt_layout is not None and query.shape[2] + rmt_layout.num_cache == key.shape[2]:
         out = memory_attention(query, key, value, rmt_layout, scale=scaling, backend=rmt_backend)
     elif rmt_layout is None and query.shape[2] == 1:
+        mask = None
+        if rmt_cache is not None:  # a DecodingPrefix: the short-term cache before the segment's KV cache
+            key, value, mask = rmt_cache.prepend(module.layer_idx, key, value)
         groups = query.shape[1] // key.shape[1]
         if groups > 1:
             key = key.repeat_interleave(groups, dim=1)
             value = value.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(query, key, value, scale=scaling)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     else:
         raise RuntimeError("rmt_fast attention was called outside an RMT segment (no rmt_layout was passed)")
     return out.transpose(1, 2).contiguous(), None
