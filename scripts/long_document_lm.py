@@ -1,0 +1,312 @@
+"""Long-document language modelling on real text: does the memory (and the short-term cache) help a pretrained LM?
+
+Corpus: the source files of the Python standard library installed on the machine (text nobody here wrote,
+available offline), each file one document, tokenized by the backbone's tokenizer; documents with at least
+``--min-doc-tokens`` tokens are kept and cut to ``--doc-tokens``. A document is held out when the CRC32 of its
+path relative to the library is divisible by ``--heldout-every`` (the split is by document and the same on every
+machine with the same Python).
+
+Variants, each evaluated on the held-out documents as the mean negative log-likelihood of every token by
+``--block``-token block of position (up to ``--doc-tokens``), reported as perplexity:
+
+  segment_alone   the pretrained backbone on each ``--segment``-token segment alone (no memory, no cache)
+  full_context    the pretrained backbone with full attention over the document's first tokens, up to its own
+                  context limit (its positions; blocks past it are not reported)
+  rmt             rmt_fast.wrap(backbone, num_mem_tokens=--mem), fine-tuned with the curriculum
+  rmt_cache       the same with num_cache_tokens=--cache (the previous segment's last tokens in every layer)
+  cache_alone     num_mem_tokens=0, num_cache_tokens=--cache, fine-tuned the same way
+
+Fine-tuning: the curriculum ``--stages`` (segments per training window), ``--steps-per-stage`` AdamW steps each, on
+windows drawn at random from the training documents, batch ``--batch``, bf16 autocast on CUDA. Evaluation runs each
+held-out document through the model in calls of ``--eval-chunk`` segments, each continuing from the last call's
+memory and short-term cache (``forward(memory=..., short_term_cache=...)``), so 64k-token documents run with flat
+memory.
+
+Writes OUT/ppl_by_position.csv (variant, block, first token, tokens, nll, ppl), OUT/ppl_by_position.png,
+OUT/summary.json (mean perplexity per variant over position ranges, training seconds, settings) and prints a table.
+
+    python scripts/long_document_lm.py --out runs/lm                       # SmolLM2-135M, 64k-token documents
+    python scripts/long_document_lm.py --out /tmp/lm --smoke                # tiny random GPT-2 on the CPU, < 1 min
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import sys
+import time
+import zlib
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+VARIANTS = ("segment_alone", "full_context", "rmt", "rmt_cache", "cache_alone")
+RANGES = ((0, 8192), (8192, 65536))  # summary.json: mean perplexity over these token positions
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--backbone", default="smollm2", help="a decoder of rmt_fast.experiments.backbones (%(default)s)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of %(default)s")
+    p.add_argument("--segment", type=int, default=512, help="tokens per segment (%(default)s)")
+    p.add_argument("--mem", type=int, default=16, help="memory tokens of rmt and rmt_cache (%(default)s)")
+    p.add_argument("--cache", type=int, default=512, help="short-term cache tokens of rmt_cache, cache_alone")
+    p.add_argument("--doc-tokens", type=int, default=65536, help="documents cut to this many tokens (%(default)s)")
+    p.add_argument("--min-doc-tokens", type=int, default=16384, help="shorter documents are dropped (%(default)s)")
+    p.add_argument("--heldout-every", type=int, default=10, help="1 in N documents is held out (%(default)s)")
+    p.add_argument("--eval-docs", type=int, default=16, help="held-out documents evaluated at most (%(default)s)")
+    p.add_argument("--block", type=int, default=512, help="tokens per reported position block (%(default)s)")
+    p.add_argument("--stages", default="1,2,4,8", help="curriculum: segments per training window (%(default)s)")
+    p.add_argument("--steps-per-stage", type=int, default=250, help="(%(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="training windows per step (%(default)s)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak lr (%(default)s)")
+    p.add_argument("--eval-chunk", type=int, default=16, help="segments per evaluation call (%(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny random GPT-2 and short documents: checks the pipeline")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.backbone, a.segment, a.mem, a.cache = "tiny-gpt2", 16, 2, 8
+        a.doc_tokens, a.min_doc_tokens, a.eval_docs, a.block = 256, 200, 2, 32
+        a.stages, a.steps_per_stage, a.batch, a.eval_chunk = "1,2", 3, 2, 4
+    a.variants = [v for v in a.variants.split(",") if v]
+    bad = [v for v in a.variants if v not in VARIANTS]
+    if bad:
+        p.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
+    a.stages = [int(s) for s in a.stages.split(",") if s]
+    if not a.stages or min(a.stages) < 1:
+        p.error("--stages: a comma list of segment counts >= 1")
+    for name in ("segment", "doc_tokens", "min_doc_tokens", "heldout_every", "eval_docs", "block", "batch",
+                 "eval_chunk"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.mem < 0 or a.cache < 0 or a.cache > a.segment:
+        p.error("--mem must be >= 0 and --cache in [0, --segment]")
+    return a
+
+
+# ---- corpus -----------------------------------------------------------------------------------------------
+def corpus(tok, min_tokens: int, max_tokens: int, heldout_every: int) -> tuple[list, list]:
+    """(train, held-out) lists of ``(relative path, token ids)`` from the standard library's .py files."""
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    train, held = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if os.path.getsize(path) < min_tokens:  # fewer bytes than the tokens wanted: too short
+                continue
+            with open(path, encoding="utf-8", errors="replace") as f:
+                ids = _encode(tok, f.read())
+            if len(ids) < min_tokens:
+                continue
+            (held if zlib.crc32(rel.encode()) % heldout_every == 0 else train).append((rel, ids[:max_tokens]))
+    return train, held
+
+
+def _encode(tok, text: str) -> list:
+    try:
+        return tok.encode(text, add_special_tokens=False)
+    except TypeError:
+        return tok.encode(text)
+
+
+# ---- models -----------------------------------------------------------------------------------------------
+def _autocast(device):
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def fine_tune(a, base, train_docs, device, mem: int, cache: int):
+    """rmt_fast.wrap(a copy of ``base``) trained with the curriculum; returns (rmt, seconds, final losses)."""
+    import numpy as np
+    import torch
+
+    import rmt_fast
+
+    rmt = rmt_fast.wrap(copy.deepcopy(base), num_mem_tokens=mem, segment_size=a.segment, num_cache_tokens=cache,
+                        keep_logits=False).to(device).train()
+    opt = torch.optim.AdamW(rmt.parameters(), lr=a.lr, weight_decay=0.0)
+    rng = np.random.default_rng(a.seed)
+    lengths = [len(ids) for _, ids in train_docs]
+    losses = []
+    t0 = time.time()
+    for n in a.stages:
+        width = n * a.segment
+        usable = [i for i, length in enumerate(lengths) if length >= width]
+        if not usable:
+            raise ValueError(f"no training document has {width} tokens (stage of {n} segments)")
+        for step in range(a.steps_per_stage):
+            lr = a.lr * min(1.0, (step + 1) / max(1, a.steps_per_stage // 10))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            rows = []
+            for _ in range(a.batch):
+                i = usable[int(rng.integers(len(usable)))]
+                start = int(rng.integers(0, lengths[i] - width + 1))
+                rows.append(train_docs[i][1][start:start + width])
+            ids = torch.tensor(rows, device=device)
+            with _autocast(device):
+                loss = rmt(ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(rmt.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step == a.steps_per_stage - 1:
+                losses.append(round(float(loss.detach()), 4))
+        print(f"  stage of {n} segments: loss {losses[-1]:.3f} after {a.steps_per_stage} steps, "
+              f"{time.time() - t0:.0f}s", flush=True)
+    return rmt.eval(), time.time() - t0, losses
+
+
+def token_nll(a, variant: str, model, ids, device):
+    """Negative log-likelihood of every token of one document ``ids`` (list) under ``variant``: a float tensor
+    ``[L]`` with NaN where the variant predicts nothing (the document's first token; a segment's first token when
+    segments are alone; positions past the backbone's context for full_context)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.tensor([ids], device=device)
+    L = x.shape[1]
+    nll = torch.full((L,), float("nan"))
+    with torch.no_grad(), _autocast(device):
+        if variant == "segment_alone":
+            for s in range(0, L, a.segment):
+                seg = x[:, s:s + a.segment]
+                logits = model(input_ids=seg).logits.float()
+                nll[s + 1:s + seg.shape[1]] = F.cross_entropy(logits[0, :-1], seg[0, 1:], reduction="none").cpu()
+        elif variant == "full_context":
+            ctx = min(L, model.config.max_position_embeddings)
+            logits = model(input_ids=x[:, :ctx]).logits.float()
+            nll[1:ctx] = F.cross_entropy(logits[0, :-1], x[0, 1:ctx], reduction="none").cpu()
+        else:  # an RMT: calls of eval_chunk segments, each continuing from the last one's memory and cache
+            memory = cache = prev_last = None
+            step = a.eval_chunk * a.segment
+            for s in range(0, L, step):
+                chunk = x[:, s:s + step]
+                out = model(chunk, memory=memory, short_term_cache=cache, return_logits=True)
+                logits = out.logits.float()
+                if prev_last is not None:
+                    nll[s] = F.cross_entropy(prev_last, chunk[0, :1]).cpu()
+                nll[s + 1:s + chunk.shape[1]] = F.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="none").cpu()
+                memory, cache, prev_last = out.memory, out.short_term_cache, logits[0, -1:]
+    return nll
+
+
+def by_block(nll, block: int) -> list:
+    """[(block index, first token, tokens counted, mean nll)] over blocks of ``block`` positions."""
+    import torch
+
+    rows = []
+    for b, s in enumerate(range(0, nll.numel(), block)):
+        part = nll[s:s + block]
+        ok = ~torch.isnan(part)
+        if ok.any():
+            rows.append((b, s, int(ok.sum()), float(part[ok].mean())))
+    return rows
+
+
+# ---- main -------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    import torch
+
+    from rmt_fast.experiments.backbones import backbone_kind, load_backbone
+
+    if backbone_kind(a.backbone) != "decoder":
+        print(f"--backbone {a.backbone!r} is not a decoder", file=sys.stderr)
+        return 2
+    torch.manual_seed(a.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base, tok, _ = load_backbone(a.backbone, seed=a.seed, max_positions=max(4 * a.segment, 2 * a.mem + a.segment))
+    base = base.to(device).eval()
+    t0 = time.time()
+    train_docs, held = corpus(tok, a.min_doc_tokens, a.doc_tokens, a.heldout_every)
+    held = held[:a.eval_docs]
+    print(f"corpus: {len(train_docs)} training and {len(held)} held-out documents of {a.min_doc_tokens}-"
+          f"{a.doc_tokens} tokens ({time.time() - t0:.0f}s); backbone {a.backbone} on {device}", flush=True)
+    if not train_docs or not held:
+        print("no documents long enough: lower --min-doc-tokens", file=sys.stderr)
+        return 2
+    os.makedirs(a.out, exist_ok=True)
+    settings = {"rmt": (a.mem, 0), "rmt_cache": (a.mem, a.cache), "cache_alone": (0, a.cache)}
+    rows, summary = [], {"settings": {k: v for k, v in vars(a).items()}, "variants": {},
+                         "documents": {"train": len(train_docs), "held_out": [p for p, _ in held]}}
+    for variant in a.variants:
+        print(f"=== {variant}", flush=True)
+        info = {}
+        if variant in settings:
+            mem, cache = settings[variant]
+            model, seconds, losses = fine_tune(a, base, train_docs, device, mem, cache)
+            info.update(train_seconds=round(seconds, 1), stage_losses=losses, num_mem_tokens=mem,
+                        num_cache_tokens=cache)
+        else:
+            model = base
+        per_block: dict = {}
+        for _, ids in held:
+            for b, s, count, mean in by_block(token_nll(a, variant, model, ids, device), a.block):
+                acc = per_block.setdefault((b, s), [0, 0.0])
+                acc[0] += count
+                acc[1] += mean * count
+        for (b, s), (count, total) in sorted(per_block.items()):
+            nll = total / count
+            rows.append(dict(variant=variant, block=b, first_token=s, tokens=count, nll=round(nll, 5),
+                             ppl=round(math.exp(nll), 4)))
+        for lo, hi in RANGES:
+            sel = [(c, t) for (b, s), (c, t) in per_block.items() if lo <= s < hi]
+            if sel:
+                info[f"ppl_{lo}_{hi}"] = round(math.exp(sum(t for _, t in sel) / sum(c for c, _ in sel)), 4)
+        summary["variants"][variant] = info
+        print(f"  {info}", flush=True)
+        if model is not base:
+            del model
+    with open(os.path.join(a.out, "ppl_by_position.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(a.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot(rows, os.path.join(a.out, "ppl_by_position.png"), a)
+    print(f"{'variant':14s} " + " ".join(f"{f'ppl {lo}-{hi}':>16s}" for lo, hi in RANGES) + f" {'train s':>8s}")
+    for v, info in summary["variants"].items():
+        print(f"{v:14s} " + " ".join(f"{info.get(f'ppl_{lo}_{hi}', float('nan')):16.3f}" for lo, hi in RANGES)
+              + f" {info.get('train_seconds', 0):8.0f}")
+    print(f"wrote {a.out}/ppl_by_position.csv, ppl_by_position.png, summary.json")
+    return 0
+
+
+def plot(rows, path: str, a) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        pts = [(r["first_token"] + a.block / 2, r["ppl"]) for r in rows if r["variant"] == v]
+        ax.plot(*zip(*pts), lw=1.3, label=v)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"token position in the document ({a.block}-token blocks)")
+    ax.set_ylabel("perplexity (held-out documents)")
+    ax.set_title(f"{a.backbone}: perplexity by position, {a.segment}-token segments, m={a.mem}, cache {a.cache}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
