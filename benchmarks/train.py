@@ -16,7 +16,8 @@ Parts (``--parts``): gpt2 (GPT-2 small, B=4, m=16, 16 x 512 tokens; peaks at 1/1
 classifier, B=8, m=10, 16 x 499 tokens; peaks at 1/16/256), task (the memory-task configuration: MiniLM-L6-shaped
 BERT, m=10, 499-token segments, 5 segments, batch 32, AdamW: the old trainer settings vs the new ones), curriculum
 (the same model over a curriculum stage's mixed lengths 1..n: call-graph captures per length vs one, the two-sweep
-schedule, eager, the official loop).
+schedule, eager, the official loop), loops (GPT-2 small B=4 and BERT-base B=8, 16 segments: the training loops
+users write, LOOPS, each against the official loop).
 Writes CSV and PNG under --out and, with --append-results, a section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -288,6 +289,162 @@ def part_curriculum(args, rows):
             torch.cuda.empty_cache()
 
 
+# The training loops users write (issue: graph speed in every one, or eager with one warning that names why). Each
+# entry: wrap() keywords, and how the loop differs from the plain one (bf16 autocast, AdamW fused, zero_grad(None)).
+LOOPS = {
+    "plain: bf16 autocast, fused AdamW, zero_grad(set_to_none=True)": {},
+    "zero_grad(set_to_none=False)": dict(set_to_none=False),
+    "gradient accumulation over 4 calls": dict(accumulate=4),
+    "AdamW foreach": dict(optimizer="foreach"),
+    "SGD": dict(optimizer="sgd"),
+    "fp16 autocast + GradScaler": dict(precision="fp16"),
+    "bf16 weights, no autocast": dict(precision="bf16-weights"),
+    "only the memory trainable": dict(trainable="memory"),
+    "PEFT LoRA on a frozen backbone": dict(trainable="lora"),
+    "train()/eval() switched between steps": dict(eval_between=True),
+    "a smaller last batch every 5th step": dict(short_batch=5),
+    "length not a multiple of the segment": dict(ragged=True),
+    "checkpoint_segments=True (defaults otherwise)": dict(wrap=dict(checkpoint_segments=True)),
+}
+
+
+def _loop_step(args, rmt, model, opt, scaler, ids, labels, loop: dict, i: int):
+    """One optimizer step of ``loop`` (a LOOPS entry); ``i``: the step's index."""
+    dev = args.device
+    dtype = torch.float16 if loop.get("precision") == "fp16" else torch.bfloat16
+    autocast = torch.autocast(dev, dtype=dtype, enabled=dev == "cuda" and loop.get("precision") != "bf16-weights")
+    if loop.get("short_batch") and i % loop["short_batch"] == loop["short_batch"] - 1:
+        ids, labels = ids[:-1], labels[:-1]
+    k = loop.get("accumulate", 1)
+    for _ in range(k):
+        with autocast:
+            loss = rmt(ids, labels=labels).loss / k
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=loop.get("set_to_none", True))
+    if loop.get("eval_between"):
+        rmt.eval()
+        with torch.no_grad(), autocast:
+            rmt(ids[:1])
+        rmt.train()
+
+
+def part_loops(args, rows):
+    """Every loop of LOOPS for --loop-steps optimizer steps after 3 warm-up steps, on GPT-2 small (B=4, 16 x 512
+    tokens) and a BERT-base classifier (B=8, 16 x 499), beside the official loop's restatement (bf16 autocast, fused
+    AdamW): tokens/s, peak memory allocated and reserved (graph pools count), the share of graphed calls."""
+    import copy
+
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    n_seg, steps, warm = (16, args.loop_steps, 3) if not args.smoke else (3, 2, 1)
+    models = {}
+    if args.smoke:
+        models["gpt2"] = (GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64)), 16, 4, 4)
+        models["bert"] = (BertForSequenceClassification(BertConfig(num_labels=6, num_hidden_layers=2, hidden_size=64,
+                                                                   num_attention_heads=4, intermediate_size=128,
+                                                                   max_position_embeddings=64)), 16, 4, 4)
+    else:
+        cfg = GPT2Config()
+        cfg.n_positions = 512 + 2 * 16
+        models["gpt2"] = (GPT2LMHeadModel(cfg), 512, 16, 4)
+        models["bert"] = (BertForSequenceClassification(BertConfig(num_labels=6)), 499, 10, 8)
+    for part, (base, seg, m, b) in models.items():
+        base = base.to(args.device).train()
+        vocab = base.config.vocab_size
+        kw = dict(num_mem_tokens=m, segment_size=seg)
+        if part == "bert":
+            kw.update(cls_token_id=101 % vocab, sep_token_id=102 % vocab, pad_token_id=0)
+        official_tps = None
+        for name, loop in {"official loop (restated)": None, **LOOPS}.items():
+            if loop is not None and loop.get("trainable") == "lora":
+                try:
+                    import peft  # noqa: F401
+                except ImportError:
+                    rows.append(dict(part=f"loops-{part}", path=name, error="peft is not installed"))
+                    continue
+            model = copy.deepcopy(base)
+            t = n_seg * seg - (seg // 5 + 1 if (loop or {}).get("ragged") else 0)
+            ids = torch.randint(1000 % vocab, vocab, (b, t), device=args.device)
+            labels = ids if part == "gpt2" else torch.randint(0, 6, (b,), device=args.device)
+            if loop is None:
+                mem = torch.nn.Parameter(torch.randn(m, model.config.hidden_size, device=args.device) * 0.02)
+                params = [mem, *model.parameters()]
+                opt = torch.optim.AdamW(params, lr=1e-5, fused=args.device == "cuda")
+
+                def step(i):
+                    with _autocast(args.device):
+                        if part == "gpt2":
+                            loss = official_decoder(model, mem, ids, seg, labels=labels)[2]
+                        else:
+                            out, _ = official_encoder(model, mem, ids, seg, kw["cls_token_id"], kw["sep_token_id"], 0)
+                            loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                rmt = None
+            else:
+                if loop.get("precision") == "bf16-weights":
+                    model = model.to(torch.bfloat16)
+                if loop.get("trainable") == "lora":
+                    from peft import LoraConfig, get_peft_model
+
+                    target = ["c_attn"] if part == "gpt2" else ["query", "value"]
+                    model = get_peft_model(model, LoraConfig(r=8, target_modules=target))
+                rmt = rmt_fast.wrap(model, **kw, **loop.get("wrap", {})).to(args.device).train()
+                if loop.get("trainable") == "memory":
+                    for p_ in rmt.model.parameters():
+                        p_.requires_grad_(False)
+                params = [p_ for p_ in rmt.parameters() if p_.requires_grad]
+                kind = loop.get("optimizer", "fused")
+                opt = (torch.optim.SGD(params, lr=1e-4) if kind == "sgd" else
+                       torch.optim.AdamW(params, lr=1e-5, fused=kind == "fused" and args.device == "cuda",
+                                         foreach=kind == "foreach"))
+                scaler = (torch.amp.GradScaler(args.device) if loop.get("precision") == "fp16"
+                          and args.device == "cuda" else None)
+
+                def step(i, rmt=rmt, opt=opt, scaler=scaler, loop=loop):
+                    _loop_step(args, rmt, model, opt, scaler, ids, labels, loop, i)
+            try:
+                for i in range(warm):
+                    step(i)
+                if rmt is not None:
+                    rmt.executor_counts(reset=True)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    step(warm + i)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                sec = (time.perf_counter() - t0) / steps
+                k = (loop or {}).get("accumulate", 1)
+                tps = k * b * t / sec
+                counts = rmt.executor_counts() if rmt is not None else {}
+                graphed = sum(v for c, v in counts.items() if "graphed" in c or "captured" in c)
+                row = dict(part=f"loops-{part}", path=name, segments=n_seg, seconds=sec, tok_per_s=tps,
+                           graphed_share=graphed / max(1, sum(counts.values())),
+                           peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if args.device == "cuda" else 0,
+                           peak_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30 if args.device == "cuda"
+                           else 0)
+                official_tps = official_tps or tps
+                row["speed_vs_official"] = tps / official_tps
+            except torch.cuda.OutOfMemoryError:
+                row = dict(part=f"loops-{part}", path=name, segments=n_seg, error="out of memory")
+            rows.append(row)
+            print(f"loops {part:4s} {name:55s} " + (f"{row['tok_per_s'] / 1e3:8.1f}k tok/s "
+                  f"{row['speed_vs_official']:5.2f}x graphed {row['graphed_share']:.0%}" if "tok_per_s" in row
+                  else row["error"]), flush=True)
+            del model, opt, rmt
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+
+
 def _replay_ms(graph, reps=20) -> float:
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -409,7 +566,8 @@ def plot(rows, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="gpt2,bert,task",
-                   help="comma list of gpt2, bert, task, curriculum, breakdown (CUDA)")
+                   help="comma list of gpt2, bert, task, curriculum, loops, breakdown (CUDA)")
+    p.add_argument("--loop-steps", type=int, default=20, help="timed optimizer steps per loop of the loops part")
     p.add_argument("--curriculum-segments", type=int, default=7, help="the stage length n of the curriculum part")
     p.add_argument("--curriculum-steps", type=int, default=200, help="timed steps of the curriculum part")
     p.add_argument("--out", default="benchmarks/results")
@@ -429,7 +587,7 @@ def main(argv=None):
     rows = []
     for part in args.parts.split(","):
         {"gpt2": part_gpt2, "bert": part_bert, "task": part_task, "curriculum": part_curriculum,
-         "breakdown": part_breakdown}[part](args, rows)
+         "loops": part_loops, "breakdown": part_breakdown}[part](args, rows)
         write_csv(os.path.join(args.out, "train.csv"), rows)
     plot(rows, os.path.join(args.out, "train.png"))
     cols = ["part", "path", "segments", "tok_per_s", "speed_vs_official", "peak_gib", "peak_vs_1seg", "seconds",

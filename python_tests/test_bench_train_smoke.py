@@ -47,3 +47,18 @@ def test_smoke_curriculum_rows(bench, tmp_path):
     for r in rows:
         assert not r.get("error") and float(r["ms_per_segment_step"]) > 0 and float(r["graphed_share"]) == 0
     assert float(rows[0]["speed_vs_official"]) == 1
+
+
+def test_smoke_loops_rows(bench, tmp_path):
+    """The loops part: every loop of LOOPS (PEFT included when installed) beside the official loop, per model."""
+    bench.main(["--smoke", "--parts", "loops", "--out", str(tmp_path)])
+    with open(tmp_path / "train.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for part in ("loops-gpt2", "loops-bert"):
+        mine = [r for r in rows if r["part"] == part]
+        assert [r["path"] for r in mine] == ["official loop (restated)", *bench.LOOPS]
+        for r in mine:
+            if r.get("error"):
+                assert r["error"] == "peft is not installed"
+            else:
+                assert float(r["tok_per_s"]) > 0 and float(r["speed_vs_official"]) > 0
