@@ -22,7 +22,8 @@ from .short_term_cache import KeyShift, shift_rotary_keys
 # rotary as GPT-NeoX and Phi-3 have it rotates the first dims only); families without it have no short-term cache.
 _LLAMA_BLOCKS = {"fused_blocks": ("rms_norm", "rotary", "swiglu"), "cache_positions": "rotary"}
 DECODER_FAMILIES = {
-    "gpt2": {"cache_positions": "absolute"}, "llama": _LLAMA_BLOCKS, "mistral": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS, "qwen3": _LLAMA_BLOCKS,
+    "gpt2": {"cache_positions": "absolute"},
+    "llama": _LLAMA_BLOCKS, "mistral": _LLAMA_BLOCKS, "qwen2": _LLAMA_BLOCKS, "qwen3": _LLAMA_BLOCKS,
     "opt": {"cache_positions": "absolute"}, "gpt_neox": {"cache_positions": "rotary"},
     "phi3": {"fused_blocks": ("rms_norm",), "cache_positions": "rotary"},
 }

@@ -9,7 +9,8 @@ from .schemes import scheme_class
 
 def wrap(model, num_mem_tokens: int = 10, segment_size: int | None = None, *, tokenizer=None, mode: str = "auto",
          bptt_depth: int | None = None, checkpoint_segments: bool = False, memory_bidirectional: bool = False,
-         num_cache_tokens: int = 0, segment_alignment: str | None = None, backend: str = "auto", keep_logits: bool = True,
+         num_cache_tokens: int = 0, segment_alignment: str | None = None, backend: str = "auto",
+         keep_logits: bool = True,
          cuda_graphs: bool | str = "auto", torch_compile: bool = False, fused_kernels: bool = True,
          cls_token_id: int | None = None, sep_token_id: int | None = None,
          pad_token_id: int | None = None, bos_token_id: int | None = None,

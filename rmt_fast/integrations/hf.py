@@ -7,7 +7,8 @@ own layers with two changes, both scoped to the segment call (:func:`segment_cal
 - the implementation name is "rmt_fast" while the call runs (and restored afterwards, so the bare model is
   untouched);
 - the segment's :class:`~rmt_fast.ops.SegmentLayout` and backend travel as the keyword arguments ``rmt_layout``
-  and ``rmt_backend`` down to :func:`rmt_attention_forward`, which calls :func:`rmt_fast.ops.memory_attention.memory_attention`;
+  and ``rmt_backend`` down to :func:`rmt_attention_forward`, which calls
+  :func:`rmt_fast.ops.memory_attention.memory_attention`;
   with a short-term cache, the segment's :class:`~rmt_fast.short_term_cache.SegmentCache` travels as ``rmt_cache``
   and puts each layer's cached keys/values (found by the attention module's ``layer_idx``) in front of its own.
 
