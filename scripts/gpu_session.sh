@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One GPU run: build the extension, run the test suite on the GPU, then the chosen benchmarks.
-# usage: scripts/gpu_session.sh "<stages>"   stages: build|pipinstall tests attention handoff e2e[:parts]
+# usage: scripts/gpu_session.sh "<stages>"   stages: build|pipinstall tests attention handoff e2e[:parts] train[:parts]
+# e.g. the training executors after changes to graphs.py / bptt.py, without building the extension:
+#   RMT_FAST_NO_EXT=1 TESTS="python_tests/test_gpu_training.py python_tests/test_gpu.py" \
+#     bash scripts/gpu_session.sh "tests train:curriculum"
 # Results go to $OUT (CSV, PNG, logs) and benchmarks/RESULTS.md sections to $OUT/RESULTS_part.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -34,6 +37,9 @@ for st in $stages; do
     e2e*)
       parts=${st#e2e}; parts=${parts#:}
       python3 benchmarks/e2e.py ${parts:+--parts $parts} --out "$OUT" --append-results "$OUT/RESULTS_part.md" 2>&1 | tail -40 ;;
+    train*)
+      parts=${st#train}; parts=${parts#:}
+      python3 benchmarks/train.py ${parts:+--parts $parts} --out "$OUT" 2>&1 | tee "$OUT/train.log" | tail -30 ;;
   esac
   echo "== stage $st took $(( $(date +%s) - t0 )) s"
 done
