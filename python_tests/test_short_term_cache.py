@@ -263,3 +263,17 @@ def test_decoding_logits_equal_the_forward_pass(family):
             nxt = tokens(2, 1)[:, 0]
             seq = torch.cat([seq, nxt[:, None]], 1)
             logits = dec.push(nxt)
+
+
+def test_generate_with_padded_rows_equals_each_row_alone():
+    """Left-padded prompts of different lengths: each row decodes as it would alone (rows are grouped by length)."""
+    torch.manual_seed(0)
+    rmt = rmt_fast.wrap(DECODERS["llama"](), num_mem_tokens=2, segment_size=5, num_cache_tokens=3,
+                        pad_token_id=0).eval()
+    a, b = tokens(1, 12), tokens(1, 7)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    mask = torch.cat([torch.ones(1, 12), torch.cat([torch.zeros(1, 5), torch.ones(1, 7)], 1)]).long()
+    both = rmt.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, eos_token_id=[])
+    alone_a = rmt.generate(a, max_new_tokens=9, do_sample=False, eos_token_id=[])
+    alone_b = rmt.generate(b, max_new_tokens=9, do_sample=False, eos_token_id=[])
+    assert torch.equal(both[0, 12:], alone_a[0, 12:]) and torch.equal(both[1, 12:], alone_b[0, 7:])
