@@ -212,6 +212,33 @@ def test_cache_backends(backend):
         memory_attention(q, q, q, layout, backend="reference")  # keys without the cache prefix
 
 
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(case=_cache_cases(), groups=st.sampled_from([1, 2]))
+def test_masked_sdpa_equals_the_reference_on_any_layout(case, groups):
+    """What "auto" runs on a GPU for a cache layout (SDPA with the layout's boolean mask), on any layout with or
+    without a cache: the reference's outputs at valid queries, finite outputs everywhere, and its gradients."""
+    from rmt_fast.ops.memory_attention.sdpa import memory_attention_sdpa_masked
+
+    case.pop("extra")
+    layout = _cache_layout(**case)
+    c = case["num_cache"]
+    n = case["r"] + case["w"] + max(case["lens"]) + 1
+    b, hkv, d = len(case["lens"]), 2, 8
+    q = torch.randn(b, hkv * groups, n, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, hkv, c + n, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, hkv, c + n, d, dtype=torch.float64, requires_grad=True)
+    out = memory_attention_sdpa_masked(q, k, v, layout)
+    ref = memory_attention_ref(q, k, v, layout)
+    valid = _valid_rows(layout, n).cpu()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.masked_fill(~valid, 0), ref.masked_fill(~valid, 0))
+    g = torch.randn_like(out).masked_fill(~valid, 0)
+    mine = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for a, w in zip(mine, want):
+        torch.testing.assert_close(a, w)
+
+
 def test_cache_layout_errors():
     with pytest.raises(ValueError, match="num_cache"):
         SegmentLayout(1, 1, torch.tensor([2]), True, num_cache=-1)

@@ -14,9 +14,9 @@ import types
 import torch
 from torch import Tensor
 
-from ..backends import _warn_once, resolve_backend
+from ..backends import resolve_backend
 from .reference import memory_attention_ref
-from .sdpa import memory_attention_sdpa
+from .sdpa import memory_attention_sdpa, memory_attention_sdpa_masked
 from .spec import SegmentLayout, check_attention_inputs, mask_rule
 
 __all__ = ["memory_attention", "SegmentLayout", "check_attention_inputs", "mask_rule", "check_fused_inputs",
@@ -137,8 +137,9 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
     ``[B, Hq, N, D]`` in q's dtype. Outputs at padding positions (``>= layout.valid_lens[b]``) are unspecified;
     valid outputs never depend on padded k/v.
 
-    A layout with a short-term cache runs on the reference only, until the fused kernels follow the spec's cache
-    prefix: "triton" and "cuda" raise ValueError, "auto" on a GPU takes the reference with one warning.
+    A layout with a short-term cache runs on the reference or, with "auto" on a GPU, on SDPA with the layout's
+    boolean mask, until the Triton and CUDA kernels follow the spec's cache prefix: "triton", "cuda" and "sdpa"
+    raise ValueError for it.
 
     No host synchronisation on the fused paths ("sdpa", "triton", "cuda"): ``valid_lens <= N`` is the caller's
     promise there (the kernels clamp to N); only the reference checks it.
@@ -154,9 +155,8 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
         if backend != "auto":
             raise ValueError(f"backend={backend!r} does not implement the short-term cache (layout.num_cache="
                              f"{layout.num_cache}) yet; use backend='reference' or 'auto'")
-        _warn_once("cache-reference", "rmt_fast: the fused attention kernels do not implement the short-term cache "
-                   "yet; memory attention with a cache runs on the reference path (slower, same results)")
-        impl = "reference"
+        check_attention_inputs(q, k, v, layout)
+        return memory_attention_sdpa_masked(q, k, v, layout, scale)
     if impl == "reference":
         return memory_attention_ref(q, k, v, layout, scale)
     check_attention_inputs(q, k, v, layout)
