@@ -170,19 +170,26 @@ def test_cache_of_zero_is_the_plain_layout():
         assert torch.equal(memory_attention(q, k, v, plain), memory_attention(q, k, v, zero))
 
 
+def _cache_inputs(case, groups):
+    """(layout, q, k, v) of a ``_cache_cases`` draw: fp64 leaves, two k/v heads of dim 8, ``groups`` query heads
+    per k/v head, one column more than the longest row, keys ``[cache | segment]``."""
+    case = {k: v for k, v in case.items() if k != "extra"}
+    layout = _cache_layout(**case)
+    n = case["r"] + case["w"] + max(case["lens"]) + 1
+    b, hkv, d, c = len(case["lens"]), 2, 8, case["num_cache"]
+    q = torch.randn(b, hkv * groups, n, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, hkv, c + n, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, hkv, c + n, d, dtype=torch.float64, requires_grad=True)
+    return layout, q, k, v
+
+
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(case=_cache_cases(), groups=st.sampled_from([1, 2]))
 def test_reference_with_cache_is_attention_over_cache_and_segment(case, groups):
     """The reference against a dense softmax over the concatenated keys ``[cache | segment]``, one query at a time;
     gradients into padding cache keys (and padded segment keys) are exactly zero."""
-    case.pop("extra")
-    layout = _cache_layout(**case)
-    c = case["num_cache"]
-    n = case["r"] + case["w"] + max(case["lens"]) + 1
-    b, hkv, d = len(case["lens"]), 2, 8
-    q = torch.randn(b, hkv * groups, n, d, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(b, hkv, c + n, d, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(b, hkv, c + n, d, dtype=torch.float64, requires_grad=True)
+    layout, q, k, v = _cache_inputs(case, groups)
+    n = q.shape[2]
     out = memory_attention(q, k, v, layout, backend="reference")
     mask = brute_cache_mask(layout, n)
     _assert_plain_softmax(out, q, k, v, mask, layout.valid_lens, groups)
@@ -219,14 +226,8 @@ def test_masked_sdpa_equals_the_reference_on_any_layout(case, groups):
     without a cache: the reference's outputs at valid queries, finite outputs everywhere, and its gradients."""
     from rmt_fast.ops.memory_attention.sdpa import memory_attention_sdpa_masked
 
-    case.pop("extra")
-    layout = _cache_layout(**case)
-    c = case["num_cache"]
-    n = case["r"] + case["w"] + max(case["lens"]) + 1
-    b, hkv, d = len(case["lens"]), 2, 8
-    q = torch.randn(b, hkv * groups, n, d, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(b, hkv, c + n, d, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(b, hkv, c + n, d, dtype=torch.float64, requires_grad=True)
+    layout, q, k, v = _cache_inputs(case, groups)
+    n = q.shape[2]
     out = memory_attention_sdpa_masked(q, k, v, layout)
     ref = memory_attention_ref(q, k, v, layout)
     valid = _valid_rows(layout, n).cpu()
