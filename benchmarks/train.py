@@ -199,6 +199,31 @@ def part_task(args, rows):
         row["speed_vs_before"] = before / row["seconds"]
 
 
+def _timed_steps(args, step, warm_args, timed_args, rmt) -> dict:
+    """``step(x)`` for every x of ``warm_args``, then timed over ``timed_args``: mean seconds per step, the timed
+    calls' executor counts (``rmt`` None: the official loop), the warm-up's captures, the share of graphed calls and
+    the peak memory allocated and reserved (graph pools count) of the timed steps."""
+    for x in warm_args:
+        step(x)
+    warm_counts = rmt.executor_counts(reset=True) if rmt is not None else {}
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for x in timed_args:
+        step(x)
+    if cuda:
+        torch.cuda.synchronize()
+    sec = (time.perf_counter() - t0) / len(timed_args)
+    counts = rmt.executor_counts() if rmt is not None else {}
+    graphed = sum(v for c, v in counts.items() if "graphed" in c or "captured" in c)
+    return dict(seconds=sec, graphed_share=graphed / max(1, sum(counts.values())),
+                warmup_captures=warm_counts.get("full-BPTT captured", 0),
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else 0)
+
+
 def part_curriculum(args, rows):
     """A curriculum stage as the experiments' trainer runs it (mix_prob 0.5: half the steps on n segments, the other
     half on a random 1..n): MiniLM-L6-shaped BERT, m=10, 499-token segments, batch 32, bf16 autocast, fused AdamW,
@@ -255,26 +280,11 @@ def part_curriculum(args, rows):
             opt.zero_grad(set_to_none=True)
 
         try:
-            for k in lengths[:warm]:
-                step(k)
-            counts0 = rmt.executor_counts(reset=True) if rmt is not None else {}
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            for k in lengths[warm:]:
-                step(k)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            t = (time.perf_counter() - t0) / steps
-            counts = rmt.executor_counts() if rmt is not None else {}
-            graphed = sum(v for c, v in counts.items() if "graphed" in c or "captured" in c)
-            row = dict(part="curriculum", path=name, segments=n, seconds=t,
+            timed = _timed_steps(args, step, lengths[:warm], lengths[warm:], rmt)
+            t = timed["seconds"]
+            row = dict(part="curriculum", path=name, segments=n, **timed,
                        ms_per_segment_step=1e3 * t * steps / sum(lengths[warm:]),
-                       tok_per_s=b * seg * sum(lengths[warm:]) / (t * steps),
-                       graphed_share=graphed / max(1, sum(counts.values())),
-                       warmup_captures=counts0.get("full-BPTT captured", 0),
-                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30 if args.device == "cuda" else 0)
+                       tok_per_s=b * seg * sum(lengths[warm:]) / (t * steps))
         except torch.cuda.OutOfMemoryError as e:
             row = dict(part="curriculum", path=name, segments=n, error=f"OOM: {e}"[:120])
         base = base or row.get("seconds")
@@ -410,28 +420,10 @@ def part_loops(args, rows):
                 def step(i, rmt=rmt, opt=opt, scaler=scaler, loop=loop):
                     _loop_step(args, rmt, model, opt, scaler, ids, labels, loop, i)
             try:
-                for i in range(warm):
-                    step(i)
-                if rmt is not None:
-                    rmt.executor_counts(reset=True)
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                for i in range(steps):
-                    step(warm + i)
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                sec = (time.perf_counter() - t0) / steps
+                timed = _timed_steps(args, step, range(warm), range(warm, warm + steps), rmt)
                 k = (loop or {}).get("accumulate", 1)
-                tps = k * b * t / sec
-                counts = rmt.executor_counts() if rmt is not None else {}
-                graphed = sum(v for c, v in counts.items() if "graphed" in c or "captured" in c)
-                row = dict(part=f"loops-{part}", path=name, segments=n_seg, seconds=sec, tok_per_s=tps,
-                           graphed_share=graphed / max(1, sum(counts.values())),
-                           peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if args.device == "cuda" else 0,
-                           peak_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30 if args.device == "cuda"
-                           else 0)
+                tps = k * b * t / timed["seconds"]
+                row = dict(part=f"loops-{part}", path=name, segments=n_seg, tok_per_s=tps, **timed)
                 official_tps = official_tps or tps
                 row["speed_vs_official"] = tps / official_tps
             except torch.cuda.OutOfMemoryError:

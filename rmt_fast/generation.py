@@ -175,14 +175,10 @@ class _SegmentDecoder:
         x = torch.cat([self.memory.to(a.model.dtype), a.embed(tokens)], 1)
         lens = torch.full((b,), n, dtype=torch.long, device=tokens.device)
         layout = SegmentLayout(m, 0, lens, causal=True, memory_bidirectional=self.cfg.memory_bidirectional)
-        extra = {}
         if self.short_term is not None:
-            from .short_term_cache import SegmentCache
-
-            extra["rmt_cache"] = prefix = SegmentCache(self.short_term, self.cfg.num_cache_tokens,
-                                                       self.rmt.runner.cache_key_shift)
-            layout = prefix.layout(layout)
-        return self._base(x, layout, **extra)
+            layout, extra = self.rmt.runner.with_cache(layout, self.short_term)
+            return self._base(x, layout, **extra)
+        return self._base(x, layout)
 
     def push(self, token: torch.Tensor) -> torch.Tensor:
         """Append ``token`` ``[B]``; returns the logits after it."""

@@ -419,7 +419,7 @@ def _copy_or_zero(buf: torch.Tensor, value) -> None:
 # several call shapes (a curriculum's mixed lengths) are kept while their pools together fit this share of the
 # GPU's memory (RecurrentMemoryModel.set_capture_memory changes it per model); the least recently used one that is
 # not waiting for its backward makes room first.
-STEP_GRAPHS_MEMORY_FRACTION = 0.25
+CALL_GRAPHS_MEMORY_FRACTION = 0.25
 MAX_RECAPTURES = 3  # a shape captured this often (evicted by others in between) runs eagerly from then on
 CAPTURE_ATTEMPTS = 2  # a failed capture is tried once more before the shape trains eagerly for good
 
@@ -554,10 +554,10 @@ _PENDING = ("a full-BPTT training call was made while an earlier call of its sha
 
 def capture_budget(state: dict, device: torch.device) -> int:
     """Bytes the CallGraphs captures of one model may keep in their pools: ``state["budget_bytes"]`` when set
-    (RecurrentMemoryModel.set_capture_memory), else STEP_GRAPHS_MEMORY_FRACTION of the device's memory."""
+    (RecurrentMemoryModel.set_capture_memory), else CALL_GRAPHS_MEMORY_FRACTION of the device's memory."""
     if state.get("budget_bytes") is not None:
         return state["budget_bytes"]
-    return int(STEP_GRAPHS_MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+    return int(CALL_GRAPHS_MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory)
 
 
 def make_room(cache: dict, need: int, budget: int) -> bool:

@@ -117,16 +117,21 @@ class SegmentRunner:
         ids, layout = s.segment_inputs(content, params, width, dense)
         emb = a.embed(ids)
         _, x = segment_handoff(None, memory, None, emb, s.read_offset, s.write_offsets(params), backend=backend)
-        extra = {}
-        if self.config.num_cache_tokens:
-            extra["rmt_cache"] = segment_cache = SegmentCache(cache, self.config.num_cache_tokens,
-                                                              self.cache_key_shift)
-            layout = segment_cache.layout(layout)
+        layout, extra = self.with_cache(layout, cache)
         h, out = s.run_backbone(a, x, layout, backend, output_hidden_states=want_hidden, **extra)
         new_memory, _ = segment_handoff(h, memory, params[P_GATHER], None, s.read_offset, None, backend=backend)
         output, loss_sum, count = s.segment_outputs(a, h, out, targets, params, width, want_output)
         hidden = s.segment_hidden(out.hidden_states, width) if want_hidden else None
         return StepResult(new_memory, loss_sum, count, output, hidden, extra["rmt_cache"].result() if extra else None)
+
+    def with_cache(self, layout, past: ShortTermCache | None) -> tuple:
+        """``(layout, backbone keywords)`` of a segment call: without ``num_cache_tokens`` as given; with it the
+        layout gains the cache as its key prefix and the keywords carry the :class:`SegmentCache` that the
+        attention layers fill (``past``: the previous segment's cache, None for none)."""
+        if not self.config.num_cache_tokens:
+            return layout, {}
+        segment_cache = SegmentCache(past, self.config.num_cache_tokens, self.cache_key_shift)
+        return segment_cache.layout(layout), {"rmt_cache": segment_cache}
 
     # ---- the whole sequence ---------------------------------------------------------------------------
     def run(self, memory, plan: SegmentPlan, targets, keep_output: bool, output_hidden_states: bool, total_len: int,
@@ -155,7 +160,7 @@ class SegmentRunner:
             return run_two_sweep(self, memory, plan, targets, params, want_output, total_len, progress)
         graded = torch.is_grad_enabled()
         lens_host = plan.lens.tolist()  # one host sync for all segments
-        if (cfg.graphs_enabled and memory.is_cuda and torch.is_grad_enabled() and not output_hidden_states
+        if (cfg.graphs_enabled and memory.is_cuda and graded and not output_hidden_states
                 and not (want_output and self.scheme.output_per_segment and plan.content.shape[1] != total_len)
                 and not fsdp_modules(self.adapter.model)):  # FSDP2 swaps parameters in and out around its modules
             # Per-token outputs (a decoder's logits) are captured only where every input column is a content token:
