@@ -547,9 +547,9 @@ class _GraphedCall(torch.autograd.Function):
         return (None, grad_mem, *graphs.grads[1:])
 
 
-_PENDING = ("a full-BPTT training call was made while an earlier call of its shape still waits for its backward: "
-            "it runs eagerly (its captured graph holds the earlier call's activations); call backward() before "
-            "the next forward to keep replaying CUDA graphs")
+_PENDING = ("a full-BPTT training call was made while an earlier call still waits for its backward: it runs eagerly "
+            "(the earlier call's capture holds its activations, and a capture waiting for its backward is never "
+            "evicted to make room); call backward() before the next forward to keep replaying CUDA graphs")
 
 
 def capture_budget(state: dict, device: torch.device) -> int:
