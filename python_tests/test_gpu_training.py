@@ -251,6 +251,51 @@ def test_call_graphs_with_kept_logits_equal_full_bptt(make, kw):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("make,kw,padded", [
+    (gpt2, dict(num_mem_tokens=3, segment_size=16), False),
+    (gpt2, dict(num_mem_tokens=3, segment_size=16), True),
+    (llama, dict(num_mem_tokens=4, segment_size=20, bptt_depth=2), True),
+])
+def test_two_sweep_with_kept_logits_graphed(make, kw, padded):
+    """``checkpoint_segments=True`` with the default ``keep_logits=True`` replays the segment captures: losses,
+    logits and gradients equal the eager two-sweep schedule and full BPTT over 3 optimizer steps (the middle one
+    with a loss on the returned logits too), with full segments and with a left-padded row and a short last
+    segment (ragged segments replay the layout capture)."""
+    base = _no_dropout(make)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    torch.manual_seed(1)
+    ids = tokens(3, 5 * kw["segment_size"] - (7 if padded else 0)).cuda()
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :11] = 0
+    res = {}
+    for ckpt, graphs in ((False, False), (True, False), (True, True)):
+        model = _no_dropout(make)
+        model.load_state_dict(state)
+        rmt = rmt_fast.wrap(model.cuda(), checkpoint_segments=ckpt, cuda_graphs=graphs, **kw).cuda()
+        rmt.memory.data.copy_(torch.linspace(-1, 1, rmt.memory.numel(), device="cuda").view_as(rmt.memory) * 0.02)
+        rmt.train()
+        opt = torch.optim.SGD(rmt.parameters(), lr=0.1)
+        got = []
+        for i in range(3):
+            opt.zero_grad(set_to_none=True)
+            out = rmt(ids, attention_mask=mask, labels=ids)
+            loss = out.loss + (out.logits.float().square().mean() if i == 1 else 0)
+            loss.backward()
+            assert out.logits.shape[:2] == ids.shape
+            got += [loss.detach(), out.logits.detach().clone(),
+                    *[p.grad.clone() for p in rmt.parameters() if p.grad is not None]]
+            opt.step()
+        if ckpt and graphs:
+            assert rmt.executor_counts() == {"two-sweep graphed": 3}
+        res[(ckpt, graphs)] = got
+    for mode in ((True, False), (True, True)):
+        assert len(res[mode]) == len(res[(False, False)])
+        for a, b in zip(res[(False, False)], res[mode]):
+            assert a.shape == b.shape
+            torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-3, msg=lambda m: f"{mode}: {m}")
+
+
 def test_call_graphs_with_kept_logits_leave_padded_columns_eager():
     """Kept logits with a padding column (every segment still full of content): the output's columns are not the
     segments side by side, so the call runs eagerly; logits keep the input's width."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .graphs import (MAX_CAPTURES, ParameterAliases, SegmentTrainingGraphs, autocast_state, flat_outputs,
-                     recover_from_failed_capture, warn_eager_once)
+                     recover_from_failed_capture)
 from .schemes import P_LAST
 from .short_term_cache import ShortTermCache
 
@@ -295,13 +295,10 @@ def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, tota
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in sharded]
     sweep = _Sweep(runner, plan, named, targets, params, widths, dense, records, want_output, progress,
                    fsdp_states=_fsdp_states(fsdp))
-    if runner.config.graphs_enabled and memory.is_cuda and want_output and runner.scheme.output_per_segment:
-        warn_eager_once(runner, "two-sweep outputs", "checkpoint_segments=True keeping per-token outputs (a decoder's "
-                        "logits with keep_logits=True) trains eagerly; keep_logits=False (the loss computed per "
-                        "segment, logits dropped) replays CUDA graphs")
-    if (runner.config.graphs_enabled and memory.is_cuda and not fsdp
-            and not (want_output and runner.scheme.output_per_segment)):
-        # segments whose rows are all full replay captures with the plain-layout kernels
+    if runner.config.graphs_enabled and memory.is_cuda and not fsdp:
+        # Segments whose rows are all full replay captures with the plain-layout kernels. A capture records its
+        # per-token outputs (a decoder's logits with keep_logits=True) at the full segment width; the record places
+        # the columns that hold tokens and discards the rest, as it does for an eager segment's narrower output.
         full = [min(row) == runner.config.segment_size for row in lens_host]
         variants = {f: _segment_training_graphs(runner, memory, plan, targets, want_output, f) for f in set(full)}
         if all(v is not None for v in variants.values()):
