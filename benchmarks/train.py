@@ -489,7 +489,7 @@ def part_breakdown(args, rows):
         with _autocast(args.device):
             out = rmt(ids, labels=labels)
         (out.loss if labels is not None else out.memory.float().square().mean()).backward()
-        graphs = next(iter(rmt.runner.segment_training_graphs.values()))
+        (graphs,) = rmt.runner.captures.of_kind("segment training")
         fwd, bwd = _replay_ms(graphs.fwd), _replay_ms(graphs.bwd)
         rows.append(dict(part="breakdown", path=f"forward-sweep graph, {name}", seconds=fwd / 1e3))
         rows.append(dict(part="breakdown", path=f"backward graph, {name}", seconds=bwd / 1e3))

@@ -1,6 +1,7 @@
-"""The cache policy of full-BPTT training captures (rmt_fast.graphs.run_call_graphs) on the CPU: the captures
-themselves are replaced by stand-ins (a real capture needs CUDA; python_tests/test_gpu_training.py runs those),
-so what is tested is which call shapes get captured, replayed, evicted or run eagerly, and the byte budget."""
+"""The capture cache's policy (rmt_fast.graphs.CaptureCache, used by run_call_graphs, the checkpointed schedule and
+inference) on the CPU: the captures themselves are replaced by stand-ins (a real capture needs CUDA;
+python_tests/test_gpu_training.py and test_gpu.py run those), so what is tested is which call shapes get captured,
+replayed, evicted or run eagerly, and the byte budget all kinds share."""
 import collections
 import types
 
@@ -9,7 +10,7 @@ import torch
 
 import rmt_fast
 import rmt_fast.graphs as graphs_mod
-from rmt_fast.graphs import make_room
+from rmt_fast.graphs import CaptureCache
 
 SEG = 4
 
@@ -48,7 +49,7 @@ def runner(monkeypatch):
     FakeCapture.made = []
     model = torch.nn.Linear(2, 2)
     return types.SimpleNamespace(config=types.SimpleNamespace(segment_size=SEG, bptt_depth=None),
-                                 adapter=types.SimpleNamespace(model=model), call_graphs={},
+                                 adapter=types.SimpleNamespace(model=model), captures=CaptureCache(),
                                  calls=collections.Counter(), warned=set())
 
 
@@ -63,24 +64,24 @@ def _call(runner, g_total, b=2):
 
 
 def test_mixed_lengths_keep_one_capture_each_within_the_budget(runner):
-    runner.call_graphs["budget_bytes"] = 10_000  # the stand-in pools: 200 bytes per segment at b=2
+    runner.captures.budget_bytes = 10_000  # the stand-in pools: 200 bytes per segment at b=2
     lengths = [1, 2, 3, 4, 5] * 6
     for n in lengths:
         _call(runner, n)
     # each length: eager on its first call, captured on its second, replayed from then on; never captured again
     assert sorted(FakeCapture.made) == [1, 2, 3, 4, 5]
     assert runner.calls == {"full-BPTT eager": 5, "full-BPTT captured": 5, "full-BPTT graphed": 20}
-    assert list(runner.call_graphs["captured"])[-1][2] == 5  # most recently used last
+    assert list(runner.captures.entries)[-1][2] == 5  # most recently used last
 
 
 def test_a_small_budget_evicts_the_least_recently_used_and_gives_up_after_recaptures(runner):
-    runner.call_graphs["budget_bytes"] = 900  # room for 4.5 segments' pools at b=2
+    runner.captures.budget_bytes = 900  # room for 4.5 segments' pools at b=2
     for n in [1, 2, 1, 2]:
         _call(runner, n)
-    assert FakeCapture.made == [1, 2] and len(runner.call_graphs["captured"]) == 2  # 200 + 400 bytes fit
+    assert FakeCapture.made == [1, 2] and len(runner.captures) == 2  # 200 + 400 bytes fit
     _call(runner, 4)
     _call(runner, 4)  # 800 bytes: the two older captures make room
-    assert [k[2] for k in runner.call_graphs["captured"]] == [4]
+    assert [k[2] for k in runner.captures.entries] == [4]
     with pytest.warns(RuntimeWarning, match="captured 3 times") as record:
         for _ in range(10):  # 1 and 4 alternate: each evicts the other until both were captured MAX_RECAPTURES times
             _call(runner, 1)
@@ -91,33 +92,77 @@ def test_a_small_budget_evicts_the_least_recently_used_and_gives_up_after_recapt
 
 
 def test_a_capture_waiting_for_its_backward_is_not_evicted(runner):
-    runner.call_graphs["budget_bytes"] = 500
+    runner.captures.budget_bytes = 500
     _call(runner, 2)
     _call(runner, 2)
-    (only,) = runner.call_graphs["captured"].values()
+    (only,) = runner.captures.entries.values()
     only.pending = True
     _call(runner, 1)
     with pytest.warns(RuntimeWarning, match="still waits for its backward"):
         assert _call(runner, 1) is None  # no room: the pending capture stays, this call runs eagerly
-    assert list(runner.call_graphs["captured"].values()) == [only]
+    assert list(runner.captures.entries.values()) == [only]
     only.pending = False
     assert _call(runner, 1) is not None  # now it makes room
-    assert [k[2] for k in runner.call_graphs["captured"]] == [1]
+    assert [k[2] for k in runner.captures.entries] == [1]
+
+
+class Stub:
+    def __init__(self, n, free=True):
+        self.pool_bytes, self.free = n, free
+
+    def available(self):
+        return self.free
 
 
 def test_make_room():
-    class C:
-        def __init__(self, n, free=True):
-            self.pool_bytes, self.free = n, free
+    cache = CaptureCache()
+    cache.entries.update(a=Stub(300), b=Stub(300, free=False), c=Stub(300))
+    assert cache.make_room(100, 1000) and list(cache.entries) == ["a", "b", "c"]
+    assert cache.make_room(400, 1000) and list(cache.entries) == ["b", "c"]
+    assert not cache.make_room(800, 1000) and list(cache.entries) == ["b"]
+    assert CaptureCache().make_room(10**12, 0)  # an empty cache takes one capture of any size
 
-        def available(self):
-            return self.free
 
-    cache = {"a": C(300), "b": C(300, free=False), "c": C(300)}
-    assert make_room(cache, 100, 1000) and list(cache) == ["a", "b", "c"]
-    assert make_room(cache, 400, 1000) and list(cache) == ["b", "c"]
-    assert not make_room(cache, 800, 1000) and list(cache) == ["b"]
-    assert make_room({}, 10**12, 0)  # an empty cache takes one capture of any size
+def test_one_budget_for_every_kind_and_least_recently_used_first():
+    """Segment captures (inference, checkpointed training) and whole-call captures share one byte budget; a get
+    makes a capture the most recently used; a new capture's room is estimated from the largest pool per unit (rows x
+    segments) seen for its kind."""
+    cache = CaptureCache(budget_bytes=1000)
+    dev = torch.device("cpu")
+    assert cache.build(("inference", 1), lambda: Stub(200), dev, 2, "x") is not None
+    assert cache.build(("segment training", 1), lambda: Stub(300), dev, 2, "x") is not None
+    assert cache.build(("call", 1), lambda: Stub(400), dev, 4, "x") is not None
+    assert cache.held() == 900 and cache.unit_bytes == {"inference": 100, "segment training": 150, "call": 100}
+    assert [len(cache.of_kind(k)) for k in ("inference", "segment training", "call")] == [1, 1, 1]
+    cache.get(("inference", 1))  # now the most recently used
+    assert cache.build(("call", 2), lambda: Stub(400), dev, 4, "x") is not None  # estimate 400: drops the LRU
+    assert list(cache.entries) == [("call", 1), ("inference", 1), ("call", 2)]
+    cache.clear()
+    assert len(cache) == 0 and not cache.unit_bytes and cache.budget_bytes == 1000
+
+
+def test_a_failing_capture_is_tried_again_then_runs_eagerly_for_good(monkeypatch):
+    monkeypatch.setattr(graphs_mod, "recover_from_failed_capture", lambda device: None)
+    cache = CaptureCache(budget_bytes=1000)
+    tries = []
+
+    def fail():
+        tries.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.warns(RuntimeWarning, match="capture of the step failed .*RuntimeError: operation not permitted"):
+        assert cache.build(("inference", 1), fail, torch.device("cpu"), 1, "the step") is None
+    assert len(tries) == graphs_mod.CAPTURE_ATTEMPTS and ("inference", 1) in cache.failed
+    assert cache.build(("inference", 1), lambda: Stub(1), torch.device("cpu"), 1, "the step") is None  # not retried
+    flaky = iter([RuntimeError("once"), None])
+
+    def once():
+        e = next(flaky)
+        if e is not None:
+            raise e
+        return Stub(5)
+
+    assert cache.build(("inference", 2), once, torch.device("cpu"), 1, "the step") is not None  # second attempt
 
 
 def test_set_capture_memory_and_drop_captures():
@@ -128,17 +173,16 @@ def test_set_capture_memory_and_drop_captures():
 
     rmt = rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=8)
     rmt.set_capture_memory(1 << 30)
-    assert rmt.runner.call_graphs["budget_bytes"] == 1 << 30
+    assert rmt.runner.captures.budget_bytes == 1 << 30
     rmt.set_capture_memory(None)
-    assert rmt.runner.call_graphs["budget_bytes"] is None
+    assert rmt.runner.captures.budget_bytes is None
     for bad in (-1, 1.5, True, "1G"):
         with pytest.raises(ValueError, match="max_bytes"):
             rmt.set_capture_memory(bad)
-    rmt.runner.call_graphs.update(captured={"k": object()}, seen={"k": 2})
-    rmt.runner.segment_training_graphs["t"] = object()
+    rmt.runner.captures.entries.update({("call", 1): Stub(1), ("inference", 1): Stub(1)})
+    rmt.runner.captures.seen[("call", 1)] = 2
     rmt.drop_captures()
-    r = rmt.runner
-    assert "captured" not in r.call_graphs and not r.segment_training_graphs and r.inference_graphs is None
+    assert len(rmt.runner.captures) == 0 and not rmt.runner.captures.seen
 
 
 def test_captures_do_not_keep_the_model_alive():
@@ -156,9 +200,11 @@ def test_captures_do_not_keep_the_model_alive():
     gc.disable()
     try:
         rmt = rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=8)
-        # as the first CUDA inference call builds it
-        rmt.runner.inference_graphs = graphs_mod.SegmentInferenceGraphs(rmt.runner)
-        assert rmt.runner.inference_graphs.runner.config is rmt.runner.config
+        # what a capture holds of its runner (SegmentInferenceGraphs, SegmentTrainingGraphs and CallGraphs alike)
+        holder = types.SimpleNamespace(runner=graphs_mod.weak_runner(rmt.runner), pool_bytes=0,
+                                       available=lambda: True)
+        rmt.runner.captures.entries[("inference", 1)] = holder
+        assert holder.runner.config is rmt.runner.config
         runner, backbone = weakref.ref(rmt.runner), weakref.ref(rmt.runner.adapter.model)
         del rmt
         assert runner() is None and backbone() is None
@@ -166,9 +212,10 @@ def test_captures_do_not_keep_the_model_alive():
         gc.enable()
 
 
-def test_two_sweep_with_kept_logits_warns_once_that_it_trains_eagerly(monkeypatch):
-    """On CUDA with graphs on, checkpoint_segments=True keeping a decoder's per-token logits runs eagerly: one
-    warning names keep_logits=False. (The CPU stands in: the tensors claim to be on CUDA for the check.)"""
+def test_two_sweep_with_kept_logits_asks_for_captures(monkeypatch):
+    """On CUDA with graphs on, checkpoint_segments=True keeping a decoder's per-token logits replays segment captures
+    like keep_logits=False; where they cannot be made the call runs the eager sweeps. (The CPU stands in: the tensors
+    claim to be on CUDA for the check, and no capture can be made.)"""
     import os
     import sys
 
@@ -179,10 +226,12 @@ def test_two_sweep_with_kept_logits_warns_once_that_it_trains_eagerly(monkeypatc
 
     rmt = rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=8, checkpoint_segments=True, cuda_graphs=True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(bptt, "_segment_training_graphs", lambda *a: pytest.fail("a capture was attempted"))
+    asked = []
+    monkeypatch.setattr(bptt, "_segment_training_graphs", lambda *a: asked.append(a[-1]))
     ids = tokens(2, 20)
-    with pytest.warns(RuntimeWarning, match="keep_logits=False") as record:
-        for _ in range(2):
-            rmt(ids, labels=ids).loss.backward()
-    assert len([w for w in record if "keep_logits=False" in str(w.message)]) == 1
+    for _ in range(2):
+        out = rmt(ids, labels=ids)
+        out.loss.backward()
+    assert out.logits.shape[:2] == ids.shape
+    assert asked == [True, False, True, False] or sorted(asked) == [False, False, True, True]
     assert rmt.executor_counts() == {"two-sweep eager": 2}

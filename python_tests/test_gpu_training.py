@@ -29,7 +29,7 @@ def _train_grads(model, ids, labels, mask, mode, seed=0, steps=2, **kw):
         grads = {n: p.grad.clone() for n, p in rmt.named_parameters() if p.grad is not None}
         opt.step()
     if mode == "step":  # full BPTT replayed as graphs: captured from the second call on (see run_call_graphs)
-        assert rmt.runner.call_graphs.get("captured"), "the call graphs were not used"
+        assert rmt.runner.captures.of_kind("call"), "the call graphs were not used"
         if mask is None:
             expect = {"full-BPTT eager": 1, "full-BPTT captured": 1, "full-BPTT graphed": steps - 2}
             assert rmt.executor_counts() == {k: v for k, v in expect.items() if v}
@@ -144,7 +144,7 @@ def test_call_graphs_with_a_live_earlier_graph():
             opt.step()
         torch.randn(2, device="cuda")
         if graphs:
-            assert rmt.runner.call_graphs.get("captured")
+            assert rmt.runner.captures.of_kind("call")
         res[graphs] = (torch.stack(losses), model.get_input_embeddings().weight.detach().clone())
     for a, b in zip(res[False], res[True]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
@@ -163,7 +163,7 @@ def test_call_graphs_leave_ragged_calls_eager():
         for _ in range(3):
             rmt(ids, labels=ids).loss.backward()
     assert not [w for w in caught if "capture" in str(w.message)]
-    assert not rmt.runner.call_graphs.get("captured")
+    assert not rmt.runner.captures.of_kind("call")
 
 
 def test_recover_from_failed_capture():
@@ -207,7 +207,7 @@ def test_call_graphs_pending_call_and_autograd_grad():
         (g,) = torch.autograd.grad(rmt(ids, labels=ids).loss, [w])
         res[graphs] = (loss.detach(), acc, twice, g)
         if graphs:
-            assert rmt.runner.call_graphs.get("captured")
+            assert rmt.runner.captures.of_kind("call")
     for a, b in zip(res[False], res[True]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-3)
 
@@ -243,7 +243,7 @@ def test_call_graphs_with_kept_logits_equal_full_bptt(make, kw):
                     *[p.grad.clone() for p in rmt.parameters() if p.grad is not None]]
             opt.step()
         if graphs:
-            assert rmt.runner.call_graphs.get("captured"), "the call graphs were not used"
+            assert rmt.runner.captures.of_kind("call"), "the call graphs were not used"
         res[graphs] = got
     assert len(res[True]) == len(res[False])
     for a, b in zip(res[False], res[True]):
@@ -308,7 +308,7 @@ def test_call_graphs_with_kept_logits_leave_padded_columns_eager():
         out = rmt(ids, attention_mask=mask, labels=ids)
         out.loss.backward()
     assert out.logits.shape[:2] == (2, 81)
-    assert not rmt.runner.call_graphs.get("captured")
+    assert not rmt.runner.captures.of_kind("call")
 
 
 def test_call_graphs_keep_a_capture_per_length():
@@ -367,8 +367,7 @@ def test_deleting_the_model_frees_its_captures_without_gc():
         for kw in ({}, dict(checkpoint_segments=True)):
             rmt = trained(**kw)
             r = rmt.runner
-            held = [r, r.inference_graphs, *r.call_graphs.get("captured", {}).values(),
-                    *r.segment_training_graphs.values()]
+            held = [r, *r.captures.entries.values()]
             assert len(held) == 3
             refs = [weakref.ref(x) for x in held]
             del rmt, r, held
@@ -377,7 +376,7 @@ def test_deleting_the_model_frees_its_captures_without_gc():
         gc.enable()
     rmt = trained()
     rmt.drop_captures()
-    assert not rmt.runner.call_graphs.get("captured") and rmt.runner.inference_graphs is None
+    assert len(rmt.runner.captures) == 0
     ids = tokens(2, 3 * 16).cuda()
     rmt(ids, labels=ids).loss.backward()  # captures again from the second call of a shape
     rmt(ids, labels=ids).loss.backward()

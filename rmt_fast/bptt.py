@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .graphs import (MAX_CAPTURES, ParameterAliases, SegmentTrainingGraphs, autocast_state, flat_outputs,
-                     recover_from_failed_capture)
+from .graphs import ParameterAliases, SegmentTrainingGraphs, autocast_state, flat_outputs, trainable_ids
 from .schemes import P_LAST
 from .short_term_cache import ShortTermCache
 
@@ -200,31 +198,19 @@ def _segment_training_graphs(runner, memory, plan, targets, want_output, dense):
     """The runner's captured training graphs for this call's shape (captured on first use), or None when capture
     is impossible (one warning; the eager sweeps run instead)."""
     b, tc = plan.content.shape
-    device_type = memory.device.type
-    autocast = autocast_state(device_type)
-    key = ("train", b, want_output, targets is not None, memory.dtype, memory.device, autocast, dense,
-           tuple(id(p) for p in runner.adapter.model.parameters() if p.requires_grad))
-    cache = runner.segment_training_graphs
-    if key in cache and cache[key] is None:
-        return None
+    key = ("segment training", b, want_output, targets is not None, memory.dtype, memory.device,
+           autocast_state(memory.device.type), dense, trainable_ids(runner.adapter.model))
+    cache = runner.captures
     graphs = cache.get(key)
     if graphs is None or graphs.content.shape[1] < tc:
         capacity = max(tc, 2 * graphs.content.shape[1] if graphs is not None else tc)
-        cache.pop(key, None)
-        try:
-            graphs = SegmentTrainingGraphs(runner, b, capacity, memory, want_output, targets, plan.content.dtype,
-                                           autocast, dense)
-        except Exception as e:  # capture is impossible for this model/shape: train eagerly
-            cache[key] = None
-            warnings.warn(f"rmt_fast: CUDA graph capture of the training step failed ({type(e).__name__}: {e}); "
-                          "training eagerly", RuntimeWarning, stacklevel=4)
-            recover_from_failed_capture(memory.device)
+        cache.discard(key)
+        graphs = cache.build(key, lambda: SegmentTrainingGraphs(runner, b, capacity, memory, want_output, targets,
+                                                                plan.content.dtype, autocast_state(memory.device.type),
+                                                                dense),
+                             memory.device, b, "the training step")
+        if graphs is None:
             return None
-        cache[key] = graphs
-        while len(cache) > MAX_CAPTURES:
-            cache.pop(next(iter(cache)))
-    else:
-        cache[key] = cache.pop(key)  # most recently used last
     graphs.load(plan.content, targets)
     return graphs
 

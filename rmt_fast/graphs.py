@@ -1,21 +1,23 @@
-"""CUDA-graph segment runner: one captured step per (batch, shape), replayed once per segment.
+"""CUDA graphs: captured segment steps and training calls, replayed instead of eager Python.
 
 At small batch the eager recurrence waits on Python and kernel launches (measured on an H200: ~14.5 ms per GPT-2
-segment eager vs ~4.2 ms graphed). Here the whole step (segment ids, embedding, memory placement, backbone,
-memory read, decoder loss or classifier record) is captured once into a CUDA graph over static buffers; per
-segment the host copies one ``[5, B]`` parameter block and replays. Every segment runs at the full width
-(the ragged last segment is padded into the same bucket), so one graph serves the whole sequence.
-
-Used for inference (``torch.no_grad``) on CUDA unless ``cuda_graphs=False``; if capture fails, one warning and
-the eager path runs instead (same results). One capture per (batch, recorded output, targets, dtype, device,
-autocast state); the :data:`MAX_CAPTURES` most recently used are kept.
+segment eager vs ~4.2 ms graphed). Here the work of a segment (segment ids, embedding, memory placement, backbone,
+memory read, decoder loss or classifier record), or of a whole training call, is captured once into CUDA graphs
+over static buffers and replayed; per segment the host copies one ``[5, B]`` parameter block. Every segment runs
+at the full width (the ragged last segment is padded into the same bucket), so one segment capture serves every
+length. If a capture fails: one warning, and the eager path runs instead (same results).
 
 Three kinds of capture, named by what one capture holds:
 
-- :class:`SegmentInferenceGraphs`: one segment's step without autograd, replayed once per segment (inference);
+- :class:`SegmentInferenceGraphs`: one segment's step without autograd, replayed once per segment (inference,
+  :func:`run_inference_graphs`);
 - :class:`SegmentTrainingGraphs`: one segment's forward and its backward, replayed segment by segment by both sweeps
   of the checkpointed schedule (:mod:`rmt_fast.bptt`);
-- :class:`CallGraphs`: a whole full-BPTT training call, every segment, as one forward and one backward graph.
+- :class:`CallGraphs`: a whole full-BPTT training call, every segment, as one forward and one backward graph
+  (:func:`run_call_graphs`).
+
+All captures of one model live in one :class:`CaptureCache` (``SegmentRunner.captures``) under one policy: keyed by
+what changes a capture, least recently used first, bounded by the bytes their private memory pools hold together.
 """
 from __future__ import annotations
 
@@ -23,14 +25,10 @@ import contextlib
 import gc
 import warnings
 import weakref
-from dataclasses import dataclass
 
 import torch
 
 from .schemes import P_GATHER
-
-
-MAX_CAPTURES = 8
 
 
 def autocast_state(device_type: str) -> tuple:
@@ -158,114 +156,217 @@ class ParameterAliases:
                                tie_weights=True, strict=False)
 
 
-@dataclass
-class _Captured:
-    graph: torch.cuda.CUDAGraph
-    capacity: int
-    content: torch.Tensor
-    targets: torch.Tensor | None
-    params: torch.Tensor
-    memory: torch.Tensor
-    loss_sum: torch.Tensor
-    count: torch.Tensor
-    autocast: tuple = ()
-    dense: bool = False  # captured for segments whose rows all hold segment_size tokens (plain-layout kernels)
-    output: object = None  # the segment's recorded output (static tensors written by every replay), or None
+# All captures of one model together keep at most this share of the GPU's memory in their pools
+# (RecurrentMemoryModel.set_capture_memory / wrap(capture_memory=) change it per model); the least recently used
+# capture that is not waiting for its backward makes room first.
+CAPTURE_MEMORY_FRACTION = 0.25
+MAX_RECAPTURES = 3  # a call shape captured this often (evicted by others in between) runs eagerly from then on
+CAPTURE_ATTEMPTS = 2  # a failed capture is tried once more before the shape runs eagerly for good
+
+
+class CaptureCache:
+    """Every CUDA-graph capture of one model (all three kinds), under one policy.
+
+    - **Keys** say what changes a capture: its kind (``"inference"``, ``"segment training"``, ``"call"``), the
+      batch, the segments of a whole call, what is recorded, the dtypes, device, autocast state and trainable
+      parameters.
+    - **Bounded by bytes**, not a count: the private memory pools of all captures together stay within
+      :meth:`budget` (``budget_bytes``, else :data:`CAPTURE_MEMORY_FRACTION` of the device's memory). A new capture
+      makes room by dropping the least recently used captures that are not waiting for their backward; an empty
+      cache always takes one capture, whatever its size.
+    - **Failures**: a key whose capture failed :data:`CAPTURE_ATTEMPTS` times runs eagerly for good (one warning).
+    - Dropping a capture (eviction, :meth:`clear`, the model going away) frees its graphs and pool as soon as no
+      pending call holds it; no cyclic garbage collection is needed (the captures hold the runner weakly).
+
+    Each capture has ``pool_bytes`` (what its pool keeps from the rest of the program, measured around the capture)
+    and ``available()`` (False while it holds a call's activations waiting for the backward).
+    """
+
+    def __init__(self, budget_bytes: int | None = None):
+        self.entries: dict = {}  # key -> capture, least recently used first
+        self.seen: dict = {}  # key -> calls of a not-captured call shape (CallGraphs capture from the second)
+        self.failed: set = set()  # keys that run eagerly for good
+        self.budget_bytes = budget_bytes
+        self.unit_bytes: dict = {}  # kind -> largest pool bytes per (row x segment) seen: a new capture's estimate
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def of_kind(self, kind: str) -> list:
+        """The captures of one kind, least recently used first."""
+        return [c for k, c in self.entries.items() if k[0] == kind]
+
+    def held(self) -> int:
+        """Bytes the pools of every kept capture hold."""
+        return sum(c.pool_bytes for c in self.entries.values())
+
+    def budget(self, device: torch.device) -> int:
+        if self.budget_bytes is not None:
+            return self.budget_bytes
+        return int(CAPTURE_MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+
+    def get(self, key):
+        """The capture kept under ``key`` (now the most recently used), or None."""
+        c = self.entries.pop(key, None)
+        if c is not None:
+            self.entries[key] = c
+        return c
+
+    def make_room(self, need: int, budget: int) -> bool:
+        """Drop least recently used captures that are not waiting for their backward until ``need`` more bytes
+        fit ``budget`` beside the rest; True when they fit (always for an empty cache)."""
+        for k in list(self.entries):
+            if self.held() + need <= budget:
+                break
+            if self.entries[k].available():
+                del self.entries[k]
+        return not self.entries or self.held() + need <= budget
+
+    def estimate(self, kind: str, units: int) -> int:
+        """Pool bytes a new capture of ``kind`` over ``units`` (rows x segments) is expected to hold."""
+        return int(self.unit_bytes.get(kind, 0) * units)
+
+    def build(self, key, make, device: torch.device, units: int, what: str):
+        """Capture with ``make()`` after making room for it; keep and return it, or None when it cannot be kept (the
+        captures that would make room wait for their backward) or failed ``CAPTURE_ATTEMPTS`` times (``key`` is
+        then never tried again; one RuntimeWarning naming ``what`` and the error)."""
+        if key in self.failed:
+            return None
+        if not self.make_room(self.estimate(key[0], units), self.budget(device)):
+            return None
+        for attempt in range(CAPTURE_ATTEMPTS):
+            try:
+                c = make()
+                break
+            except Exception as e:  # capture is impossible for this model/shape: eager
+                recover_from_failed_capture(device)
+                if attempt + 1 == CAPTURE_ATTEMPTS:
+                    self.failed.add(key)
+                    warnings.warn(f"rmt_fast: CUDA graph capture of {what} failed ({type(e).__name__}: {e}); running "
+                                  "it eagerly", RuntimeWarning, stacklevel=5)
+                    return None
+        self.entries.pop(key, None)
+        self.entries[key] = c
+        self.unit_bytes[key[0]] = max(self.unit_bytes.get(key[0], 0), c.pool_bytes / max(units, 1))
+        return c
+
+    def discard(self, key) -> None:
+        self.entries.pop(key, None)
+
+    def clear(self) -> None:
+        """Drop every capture (a call still waiting for its backward keeps its own until then) and what was learnt
+        of call shapes; failed keys stay eager, the budget stays."""
+        self.entries.clear()
+        self.seen.clear()
+        self.unit_bytes.clear()
+
+
+def trainable_ids(model: torch.nn.Module) -> tuple:
+    """Part of a training capture's key: which parameters are trainable (a capture differentiates against them)."""
+    return tuple(id(p) for p in model.parameters() if p.requires_grad)
+
+
+class _PoolMeter:
+    """Measures what a capture's private pool keeps from the rest of the program: the growth of the device's
+    reserved memory from the start of the capture (after the warm-up) to its end."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = torch.cuda.memory_reserved(device)
+
+    def bytes(self) -> int:
+        return max(0, torch.cuda.memory_reserved(self.device) - self.start)
 
 
 class SegmentInferenceGraphs:
-    """Captures and replays :meth:`SegmentRunner.step` for one model; see the module docstring."""
+    """One segment's step without autograd, captured once for a (batch, recorded output, targets, dtype, device,
+    autocast, full segments) shape and replayed once per segment of every call of that shape
+    (:func:`run_inference_graphs`). ``capacity``: the token columns its static buffers hold (calls with more tokens
+    re-capture at twice the size)."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, b: int, capacity: int, memory: torch.Tensor, want_output: bool, has_targets: bool,
+                 content_dtype, dense: bool):
         self.runner = weak_runner(runner)
-        self.captured: dict[tuple, _Captured] = {}
-        self.failed: set[tuple] = set()
+        dev = memory.device
+        self.capacity, self.dense = capacity, dense
+        self.autocast = autocast_state(dev.type)
+        self.graph = torch.cuda.CUDAGraph()
+        self.content = torch.zeros(b, capacity, dtype=content_dtype, device=dev)
+        self.targets = torch.full((b, capacity), -100, dtype=torch.long, device=dev) if has_targets else None
+        self.params = torch.zeros(5, b, dtype=torch.long, device=dev)
+        self.params[P_GATHER] = -1  # warm-up and capture run with every row idle: memory stays as it is
+        self.memory = memory.detach().clone()
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        self.count = torch.zeros((), dtype=torch.long, device=dev)
+        warm_up(dev, lambda: self._body(want_output))
+        meter = _PoolMeter(dev)
+        with capture(self.graph):
+            self.output = self._body(want_output)  # static tensors written by every replay, or None
+        self.pool_bytes = meter.bytes()
 
-    def _body(self, c: _Captured, want_output: bool):
+    def _body(self, want_output: bool):
         r = self.runner
-        with captured_autocast(c.autocast):
-            res = r.step(c.memory, c.content, c.targets, c.params, r.config.segment_size, want_output, False,
-                         c.dense)
-        c.memory.copy_(res.memory)
-        c.loss_sum.add_(res.loss_sum)
-        c.count.add_(res.count)
+        with captured_autocast(self.autocast):
+            res = r.step(self.memory, self.content, self.targets, self.params, r.config.segment_size, want_output,
+                         False, self.dense)
+        self.memory.copy_(res.memory)
+        self.loss_sum.add_(res.loss_sum)
+        self.count.add_(res.count)
         return res.output
 
-    def _capture(self, b: int, capacity: int, memory: torch.Tensor, want_output: bool, has_targets: bool,
-                 content_dtype, dense: bool) -> _Captured:
-        dev = memory.device
-        params = torch.zeros(5, b, dtype=torch.long, device=dev)
-        params[P_GATHER] = -1  # warm-up and capture run with every row idle: memory stays as it is
-        c = _Captured(
-            graph=torch.cuda.CUDAGraph(), capacity=capacity,
-            content=torch.zeros(b, capacity, dtype=content_dtype, device=dev),
-            targets=torch.full((b, capacity), -100, dtype=torch.long, device=dev) if has_targets else None,
-            params=params, memory=memory.detach().clone(),
-            loss_sum=torch.zeros((), dtype=torch.float32, device=dev),
-            count=torch.zeros((), dtype=torch.long, device=dev), autocast=autocast_state(dev.type), dense=dense)
-        warm_up(dev, lambda: self._body(c, want_output))
-        with capture(c.graph):
-            c.output = self._body(c, want_output)
-        return c
+    def available(self) -> bool:
+        return True  # a replay's results are copied out before the call returns
 
-    def _get(self, memory, plan, want_output: bool, has_targets: bool, dense: bool) -> _Captured | None:
-        """The capture for this call's shape (captured on first use), or None when capture is impossible."""
-        b, tc = plan.content.shape
-        key = (b, want_output, has_targets, memory.dtype, memory.device, autocast_state(memory.device.type), dense)
-        if key in self.failed:
+
+def _inference_capture(runner, memory, plan, want_output: bool, has_targets: bool, dense: bool):
+    """The capture for this call's shape (captured on first use), or None when it cannot be captured or kept."""
+    b, tc = plan.content.shape
+    key = ("inference", b, want_output, has_targets, memory.dtype, memory.device, autocast_state(memory.device.type),
+           dense)
+    cache = runner.captures
+    c = cache.get(key)
+    if c is not None and c.capacity >= tc:
+        return c
+    capacity = max(tc, 2 * c.capacity if c is not None else tc)
+    cache.discard(key)
+    return cache.build(key, lambda: SegmentInferenceGraphs(runner, b, capacity, memory, want_output, has_targets,
+                                                           plan.content.dtype, dense),
+                       memory.device, b, "the inference step")
+
+
+def run_inference_graphs(runner, memory, plan, targets, params, want_output: bool, total_len: int, progress=None):
+    """Replay the captured step over every segment; returns the eager runner's result dict, or None when this shape
+    cannot be captured (the caller then runs eagerly). Segments whose rows are all full replay a capture with the
+    plain-layout kernels (one host read of the segment lengths per call)."""
+    full = (plan.lens == runner.config.segment_size).all(1).tolist()
+    variants = {}
+    for dense in set(full):
+        variants[dense] = _inference_capture(runner, memory, plan, want_output, targets is not None, dense)
+        if variants[dense] is None:
             return None
-        c = self.captured.get(key)
-        if c is None or c.capacity < tc:
-            capacity = max(tc, 2 * c.capacity if c is not None else tc)
-            self.captured.pop(key, None)
-            try:
-                c = self._capture(b, capacity, memory, want_output, has_targets, plan.content.dtype, dense)
-            except Exception as e:  # capture is impossible for this model/shape: run eagerly
-                self.failed.add(key)
-                warnings.warn(f"rmt_fast: CUDA graph capture failed ({type(e).__name__}: {e}); running eagerly",
-                              RuntimeWarning, stacklevel=4)
-                recover_from_failed_capture(memory.device)
-                return None
-            self.captured[key] = c
-            while len(self.captured) > MAX_CAPTURES:
-                self.captured.pop(next(iter(self.captured)))
-        else:
-            self.captured[key] = self.captured.pop(key)  # most recently used last
-        return c
-
-    def run(self, memory, plan, targets, params, want_output: bool, total_len: int, progress=None):
-        """Replay the captured step over every segment; returns the eager runner's result dict, or None when
-        this shape cannot be captured (the caller then runs eagerly). Segments whose rows are all full replay
-        a capture with the plain-layout kernels (one host read of the segment lengths per call)."""
-        full = (plan.lens == self.runner.config.segment_size).all(1).tolist()
-        variants = {}
-        for dense in set(full):
-            variants[dense] = self._get(memory, plan, want_output, targets is not None, dense)
-            if variants[dense] is None:
-                return None
-        tc = plan.content.shape[1]
-        for c in variants.values():
-            c.content[:, :tc].copy_(plan.content)
-            if targets is not None:
-                c.targets[:, :tc].copy_(targets)
-            c.loss_sum.zero_()
-            c.count.zero_()
-        record = self.runner.scheme.new_record(plan, total_len)
-        g_total = plan.num_segments
-        rng = range(g_total) if progress is None else progress(range(g_total))
-        current = memory
-        for g in rng:
-            c = variants[full[g]]
-            if c.memory is not current:
-                c.memory.copy_(current)
-            c.params.copy_(params[g])
-            c.graph.replay()
-            current = c.memory
-            if c.output is not None:
-                record.add(params[g], c.output)  # copies out of the static buffers before the next replay
-        cs = list(variants.values())
-        return dict(memory=current.clone(), loss_sum=sum(c.loss_sum for c in cs), count=sum(c.count for c in cs),
-                    output=record.result(), hidden=None)
+    tc = plan.content.shape[1]
+    for c in variants.values():
+        c.content[:, :tc].copy_(plan.content)
+        if targets is not None:
+            c.targets[:, :tc].copy_(targets)
+        c.loss_sum.zero_()
+        c.count.zero_()
+    record = runner.scheme.new_record(plan, total_len)
+    g_total = plan.num_segments
+    rng = range(g_total) if progress is None else progress(range(g_total))
+    current = memory
+    for g in rng:
+        c = variants[full[g]]
+        if c.memory is not current:
+            c.memory.copy_(current)
+        c.params.copy_(params[g])
+        c.graph.replay()
+        current = c.memory
+        if c.output is not None:
+            record.add(params[g], c.output)  # copies out of the static buffers before the next replay
+    cs = list(variants.values())
+    return dict(memory=current.clone(), loss_sum=sum(c.loss_sum for c in cs), count=sum(c.count for c in cs),
+                output=record.result(), hidden=None)
 
 
 class SegmentTrainingGraphs:
@@ -302,14 +403,19 @@ class SegmentTrainingGraphs:
         self.accum = [torch.zeros_like(p) for p in self.parameters]
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         warm_up(dev, lambda: (self._forward_body(), self._backward_body()))
+        meter = _PoolMeter(dev)
         with capture(self.fwd):
             self.loss, self.count, self.output = self._forward_body()
         self.grad_outputs = [torch.zeros_like(t) for t in flat_outputs(self.output)]
         with capture(self.bwd):
             self._backward_body()
+        self.pool_bytes = meter.bytes()
         for t in self.accum:
             t.zero_()
         self.memory.copy_(memory)
+
+    def available(self) -> bool:
+        return True  # a two-sweep call holds the captures it uses; dropping one from the cache does not free it
 
     def _autocast(self):
         return captured_autocast(self.autocast)
@@ -415,15 +521,6 @@ def _copy_or_zero(buf: torch.Tensor, value) -> None:
         buf.copy_(value)
 
 
-# Each CallGraphs capture holds a whole call's activations (full BPTT) in its graph's memory pool. Captures of
-# several call shapes (a curriculum's mixed lengths) are kept while their pools together fit this share of the
-# GPU's memory (RecurrentMemoryModel.set_capture_memory changes it per model); the least recently used one that is
-# not waiting for its backward makes room first.
-CALL_GRAPHS_MEMORY_FRACTION = 0.25
-MAX_RECAPTURES = 3  # a shape captured this often (evicted by others in between) runs eagerly from then on
-CAPTURE_ATTEMPTS = 2  # a failed capture is tried once more before the shape trains eagerly for good
-
-
 class _Owner:
     """Marks the call whose activations a :class:`CallGraphs` holds (weakly referenced: dies with its graph)."""
 
@@ -472,13 +569,12 @@ class CallGraphs:
         self.params_of.make()
         warm_up(dev, forward_backward)
         self.params_of.make()
-        reserved = torch.cuda.memory_reserved(dev)
+        meter = _PoolMeter(dev)
         with capture(self.fwd):
             self.outs = self.params_of.run(self._forward_body)
         with capture(self.bwd, pool=self.fwd.pool()):
             self.grads = self._backward_body(self.outs)
-        # what the private pool of the two graphs keeps from the rest of the program
-        self.pool_bytes = max(0, torch.cuda.memory_reserved(dev) - reserved)
+        self.pool_bytes = meter.bytes()  # the private pool the two graphs share
 
     def _forward_body(self) -> list:
         """[memory out, loss sum, count, *recorded output tensors]"""
@@ -552,29 +648,6 @@ _PENDING = ("a full-BPTT training call was made while an earlier call still wait
             "evicted to make room); call backward() before the next forward to keep replaying CUDA graphs")
 
 
-def capture_budget(state: dict, device: torch.device) -> int:
-    """Bytes the CallGraphs captures of one model may keep in their pools: ``state["budget_bytes"]`` when set
-    (RecurrentMemoryModel.set_capture_memory), else CALL_GRAPHS_MEMORY_FRACTION of the device's memory."""
-    if state.get("budget_bytes") is not None:
-        return state["budget_bytes"]
-    return int(CALL_GRAPHS_MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory)
-
-
-def make_room(cache: dict, need: int, budget: int) -> bool:
-    """Drop the least recently used captures of ``cache`` (ordered oldest first) that are not waiting for their
-    backward until ``need`` more bytes fit ``budget`` beside the rest; True when they fit. An empty cache always
-    takes one capture, whatever its size (as one capture always could)."""
-    def held() -> int:
-        return sum(g.pool_bytes for g in cache.values())
-
-    for k in list(cache):
-        if held() + need <= budget:
-            break
-        if cache[k].available():
-            del cache[k]
-    return not cache or held() + need <= budget
-
-
 def run_call_graphs(runner, memory, plan, targets, params, want_output: bool, lens_host: list) -> dict | None:
     """Full-BPTT training of one call through :class:`CallGraphs`; returns the eager runner's result dict, or
     None when this call runs eagerly (first sight of its shape, a ragged segment, a pending earlier call, a failed
@@ -585,14 +658,15 @@ def run_call_graphs(runner, memory, plan, targets, params, want_output: bool, le
         return None
     b, g_total = plan.content.shape[0], plan.num_segments
     autocast = autocast_state(memory.device.type)
-    key = ("step", b, g_total, want_output, targets is not None, memory.dtype, memory.device, autocast,
-           runner.config.bptt_depth, tuple(id(p) for p in runner.adapter.model.parameters() if p.requires_grad))
-    state = runner.call_graphs
-    seen = state.setdefault("seen", {})
-    cache = state.setdefault("captured", {})  # least recently used first
+    key = ("call", b, g_total, want_output, targets is not None, memory.dtype, memory.device, autocast,
+           runner.config.bptt_depth, trainable_ids(runner.adapter.model))
+    cache = runner.captures
     graphs = cache.get(key)
     captured = graphs is None
     if graphs is None:
+        # capture a shape from its second call on (one-off shapes don't pay for a capture), at most
+        # 1 + MAX_RECAPTURES times (each time evicted by other shapes)
+        seen = cache.seen
         seen[key] = seen.get(key, 0) + 1
         while len(seen) > 64:
             seen.pop(next(iter(seen)))
@@ -601,28 +675,15 @@ def run_call_graphs(runner, memory, plan, targets, params, want_output: bool, le
                             f"captured {MAX_RECAPTURES} times, each time evicted by other call shapes: they run "
                             "eagerly from now on (the captures of all shapes do not fit the capture memory; raise it "
                             "with rmt.set_capture_memory(bytes), see rmt.executor_counts())")
-        if seen[key] < 2 or seen[key] > 1 + MAX_RECAPTURES or key in state.setdefault("failed", set()):
-            return None  # capture a shape from its second call on: one-off shapes don't pay for a capture
-        need = state.get("bytes_per_row_segment", 0) * b * g_total
-        if not make_room(cache, need, capture_budget(state, memory.device)):
-            warn_eager_once(runner, "pending", _PENDING)
-            return None  # the captures that would make room wait for their backward
-        for attempt in range(CAPTURE_ATTEMPTS):
-            try:
-                graphs = CallGraphs(runner, b, g_total, memory, want_output, targets, plan.content.dtype, autocast)
-                break
-            except Exception as e:  # capture is impossible for this model/shape: train eagerly
-                recover_from_failed_capture(memory.device)
-                if attempt + 1 == CAPTURE_ATTEMPTS:
-                    state["failed"].add(key)
-                    warnings.warn(f"rmt_fast: CUDA graph capture of the training call failed "
-                                  f"({type(e).__name__}: {e}); training eagerly", RuntimeWarning, stacklevel=4)
-                    return None
-        cache[key] = graphs
-        per = graphs.pool_bytes / (b * g_total)
-        state["bytes_per_row_segment"] = max(state.get("bytes_per_row_segment", 0), per)
-    else:
-        cache[key] = cache.pop(key)  # most recently used last
+        if seen[key] < 2 or seen[key] > 1 + MAX_RECAPTURES or key in cache.failed:
+            return None
+        graphs = cache.build(key, lambda: CallGraphs(runner, b, g_total, memory, want_output, targets,
+                                                     plan.content.dtype, autocast),
+                             memory.device, b * g_total, "the training call")
+        if graphs is None:
+            if key not in cache.failed:
+                warn_eager_once(runner, "pending", _PENDING)  # the captures that would make room wait for backward
+            return None
     if not graphs.available():
         warn_eager_once(runner, "pending", _PENDING)
         return None

@@ -189,24 +189,19 @@ class RecurrentMemoryModel(nn.Module):
         return counts
 
     def set_capture_memory(self, max_bytes: int | None) -> None:
-        """Bytes that the CUDA-graph captures of full-BPTT training calls (one per call shape: batch, segments,
-        ...) may keep in their memory pools together; ``None``: the default, a quarter of the GPU's memory. The
-        least recently used capture makes room for a new shape; one capture is kept whatever its size, so ``0``
-        keeps exactly one. Takes effect at the next capture."""
+        """Bytes that this model's CUDA-graph captures (inference steps, checkpointed training steps and full-BPTT
+        training calls, one per call shape) may keep in their memory pools together; ``None``: the default, a
+        quarter of the GPU's memory. The least recently used capture makes room for a new one; one capture is
+        kept whatever its size, so ``0`` keeps exactly one. Takes effect at the next capture."""
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
             raise ValueError(f"max_bytes must be None or an int >= 0, got {max_bytes!r}")
-        self.runner.call_graphs["budget_bytes"] = max_bytes
+        self.runner.captures.budget_bytes = max_bytes
 
     def drop_captures(self) -> None:
         """Free every CUDA graph this model captured (inference, both training schedules) and their memory pools,
         then return the cached blocks to the driver (``torch.cuda.empty_cache``). The next calls capture again.
         A capture whose call still waits for its backward stays alive until that backward has run."""
-        runner = self.runner
-        runner.inference_graphs = None
-        runner.segment_training_graphs.clear()
-        runner.call_graphs.pop("captured", None)
-        runner.call_graphs.pop("seen", None)
-        runner.call_graphs.pop("bytes_per_row_segment", None)
+        self.runner.captures.clear()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
 

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .adapters import Adapter
 from .config import RMTConfig
 from .bptt import fsdp_modules, run_two_sweep
+from .graphs import CaptureCache
 from .ops.segment_handoff import segment_handoff
 from .schemes import P_GATHER, Scheme
 from .short_term_cache import SegmentCache, ShortTermCache
@@ -98,11 +99,8 @@ class SegmentRunner:
         self.scheme = Scheme.from_config(config, adapter.head)
         # how the short-term cache moves keys between segments (raises for families without a rule)
         self.cache_key_shift = adapter.cache_key_shift() if config.num_cache_tokens else None
-        # rmt_fast.graphs' captures: SegmentInferenceGraphs, built on first CUDA use (cuda_graphs True or "auto");
-        # SegmentTrainingGraphs per call shape (checkpointed training); run_call_graphs' captures and counters
-        self.inference_graphs = None
-        self.segment_training_graphs: dict = {}
-        self.call_graphs: dict = {}
+        # every CUDA-graph capture of this model (inference steps, checkpointed training steps, full-BPTT calls)
+        self.captures = CaptureCache()
         # what ran each call, by executor: "inference graphed", "inference eager", "two-sweep graphed",
         # "two-sweep eager", "full-BPTT graphed", "full-BPTT captured" (a capture, then its first replay) and
         # "full-BPTT eager"; read with RecurrentMemoryModel.executor_counts()
@@ -144,11 +142,9 @@ class SegmentRunner:
         want_output = self.scheme.wants_output(keep_output)
         params = self.scheme.segment_params(plan)
         if cfg.graphs_enabled and memory.is_cuda and not torch.is_grad_enabled() and not output_hidden_states:
-            from .graphs import SegmentInferenceGraphs
+            from .graphs import run_inference_graphs
 
-            if self.inference_graphs is None:
-                self.inference_graphs = SegmentInferenceGraphs(self)
-            res = self.inference_graphs.run(memory, plan, targets, params, want_output, total_len, progress)
+            res = run_inference_graphs(self, memory, plan, targets, params, want_output, total_len, progress)
             if res is not None:
                 self.calls["inference graphed"] += 1
                 return res
