@@ -325,6 +325,7 @@ def test_call_graphs_keep_a_capture_per_length():
         model = _no_dropout(gpt2)
         model.load_state_dict(state)
         rmt = rmt_fast.wrap(model.cuda(), cuda_graphs=graphs, **kw).cuda().train()
+        rmt.memory.data.copy_(torch.linspace(-1, 1, rmt.memory.numel(), device="cuda").view_as(rmt.memory) * 0.02)
         opt = torch.optim.SGD(rmt.parameters(), lr=0.1)
         losses, grads = [], []
         for ids in batches:
