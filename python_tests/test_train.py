@@ -487,6 +487,7 @@ def test_history_counts_the_training_calls_by_executor(tmp_path):
     res = train(tiny(tmp_path / "a", max_steps_per_stage=4, eval_every=2, schedule=[1, 2]))
     assert [h["executors"] for h in res.history] == [{"full-BPTT eager": 2}] * 4
     assert [s["executors"] for s in res.stages] == [{"full-BPTT eager": 4}] * 2
+    assert [h["capture_pool_mib"] for h in res.history + res.stages] == [0.0] * 6  # no captures on the CPU
     res = train(tiny(tmp_path / "b", max_steps_per_stage=2, eval_every=2, schedule=[2], checkpoint_segments="on"))
     assert [h["executors"] for h in res.history] == [{"two-sweep eager": 2}]
 

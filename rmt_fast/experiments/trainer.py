@@ -593,7 +593,8 @@ class Trainer:
                "seconds": round(time.time() - self.t_stage, 3),
                "global_step": self.global_step, "checkpoint": None,
                "executors": dict(sum((collections.Counter(h.get("executors", {})) for h in self.history
-                                      if h["stage"] == stage_index), collections.Counter()))}
+                                      if h["stage"] == stage_index), collections.Counter())),
+               "capture_pool_mib": round(self.rmt.runner.captures.held() / 2 ** 20, 1)}
         if cfg.stage_eval_lengths:
             rec["eval"] = self.stage_eval()
         self.save_stage(rec)
@@ -601,7 +602,7 @@ class Trainer:
         if self.is_main:
             print(f"stage {stage_index + 1}/{len(self.stages)} ({n} segments) done after {step} steps "
                   f"({STAGE_REASONS[reason]}): val accuracy {acc:.3f}, {rec['seconds']:.1f}s; training calls by "
-                  f"executor: {rec['executors']}", flush=True)
+                  f"executor: {rec['executors']}; capture pools {rec['capture_pool_mib']:.0f} MiB", flush=True)
         return stop_all
 
     def stage_eval(self) -> dict:
@@ -659,7 +660,9 @@ class Trainer:
         acc = self.validate(n)
         rec = {"stage": stage_index, "num_segments": n, "step": step, "global_step": self.global_step,
                "loss": float(lt.item()), "val_accuracy": acc, "lr": scheduler.get_last_lr()[0],
-               "executors": executors}
+               "executors": executors,
+               # what the CUDA-graph captures keep in their memory pools (training calls and inference steps)
+               "capture_pool_mib": round(self.rmt.runner.captures.held() / 2 ** 20, 1)}
         metric = acc
         nk = self.multiple_segments(n)
         if nk != n:
