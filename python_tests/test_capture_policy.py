@@ -237,3 +237,30 @@ def test_two_sweep_with_kept_logits_asks_for_captures(monkeypatch):
     assert out.logits.shape[:2] == ids.shape
     assert asked == [True, False, True, False] or sorted(asked) == [False, False, True, True]
     assert rmt.executor_counts() == {"two-sweep eager": 2}
+
+
+def test_train_and_eval_modes_never_share_a_capture(runner):
+    """A capture bakes in what the modules' modes decide (dropout): train() and eval() switched between calls select
+    different captures, each captured on its own second call."""
+    runner.captures.budget_bytes = 10_000
+    model = runner.adapter.model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    for mode in ("train", "train", "eval", "eval", "train", "eval"):
+        getattr(model, mode)()
+        _call(runner, 2)
+    assert FakeCapture.made == [2, 2]
+    assert runner.calls == {"full-BPTT eager": 2, "full-BPTT captured": 2, "full-BPTT graphed": 2}
+    model[1].eval()  # one submodule's mode is part of the key too
+    model.train()
+    model[1].eval()
+    _call(runner, 2)
+    assert runner.calls["full-BPTT eager"] == 3
+
+
+def test_module_modes():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    modes = {graphs_mod.module_modes(model)}
+    model.eval()
+    modes.add(graphs_mod.module_modes(model))
+    model[1].train()
+    modes.add(graphs_mod.module_modes(model))
+    assert len(modes) == 3 and graphs_mod.module_modes(model.eval()) == 0

@@ -382,3 +382,39 @@ def test_deleting_the_model_frees_its_captures_without_gc():
     rmt(ids, labels=ids).loss.backward()  # captures again from the second call of a shape
     rmt(ids, labels=ids).loss.backward()
     assert rmt.executor_counts()["full-BPTT captured"] == 2
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_train_and_eval_switched_between_calls(ckpt):
+    """A model with dropout, trained with CUDA graphs in train() mode, then called in eval() mode (with gradients, and
+    under no_grad) and in train() mode again: the eval-mode calls give eager eval-mode results (no dropout baked in
+    from a train-mode capture), every time; a train-mode inference capture is not replayed in eval mode either."""
+    torch.manual_seed(0)
+    model = gpt2()  # dropout 0.1
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(num_mem_tokens=3, segment_size=16, keep_logits=False, checkpoint_segments=ckpt)
+    rmt = rmt_fast.wrap(model.cuda(), **kw).cuda()
+    ref_model = gpt2()
+    ref_model.load_state_dict(state)
+    ref = rmt_fast.wrap(ref_model.cuda(), cuda_graphs=False, **kw).cuda()
+    ref.memory.data.copy_(rmt.memory.data)
+    ids = tokens(2, 48).cuda()
+    rmt.train()
+    for _ in range(3):
+        rmt(ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            rmt(ids, labels=ids)  # a train-mode inference capture
+    rmt.eval()
+    ref.eval()
+    with torch.no_grad():
+        expect = ref(ids, labels=ids).loss
+    for _ in range(3):
+        loss = rmt(ids, labels=ids)
+        loss.loss.backward()
+        torch.testing.assert_close(loss.loss.detach(), expect, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(rmt(ids, labels=ids).loss, expect, atol=1e-5, rtol=1e-5)
+    rmt.train()
+    rmt(ids, labels=ids).loss.backward()  # the train-mode captures again
+    counts = rmt.executor_counts()
+    assert counts.get("inference graphed", 0) >= 4, counts

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .graphs import ParameterAliases, SegmentTrainingGraphs, autocast_state, flat_outputs, trainable_ids
+from .graphs import (ParameterAliases, SegmentTrainingGraphs, autocast_state, flat_outputs, module_modes,
+                     trainable_ids)
 from .schemes import P_LAST
 from .short_term_cache import ShortTermCache
 
@@ -199,7 +200,8 @@ def _segment_training_graphs(runner, memory, plan, targets, want_output, dense):
     is impossible (one warning; the eager sweeps run instead)."""
     b, tc = plan.content.shape
     key = ("segment training", b, want_output, targets is not None, memory.dtype, memory.device,
-           autocast_state(memory.device.type), dense, trainable_ids(runner.adapter.model))
+           autocast_state(memory.device.type), dense, trainable_ids(runner.adapter.model),
+           module_modes(runner.adapter.model))
     cache = runner.captures
     graphs = cache.get(key)
     if graphs is None or graphs.content.shape[1] < tc:

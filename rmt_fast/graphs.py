@@ -266,6 +266,17 @@ def trainable_ids(model: torch.nn.Module) -> tuple:
     return tuple(id(p) for p in model.parameters() if p.requires_grad)
 
 
+def module_modes(model: torch.nn.Module) -> int:
+    """Part of every capture's key: which modules are in training mode, one bit per module. A capture bakes in what
+    the mode decides (dropout, batch-norm statistics), so ``train()``/``eval()`` switched between calls selects
+    another capture instead of replaying the other mode's."""
+    bits = 0
+    for i, m in enumerate(model.modules()):
+        if m.training:
+            bits |= 1 << i
+    return bits
+
+
 class _PoolMeter:
     """Measures what a capture's private pool keeps from the rest of the program: the growth of the device's
     reserved memory from the start of the capture (after the warm-up) to its end."""
@@ -322,7 +333,7 @@ def _inference_capture(runner, memory, plan, want_output: bool, has_targets: boo
     """The capture for this call's shape (captured on first use), or None when it cannot be captured or kept."""
     b, tc = plan.content.shape
     key = ("inference", b, want_output, has_targets, memory.dtype, memory.device, autocast_state(memory.device.type),
-           dense)
+           dense, module_modes(runner.adapter.model))
     cache = runner.captures
     c = cache.get(key)
     if c is not None and c.capacity >= tc:
@@ -659,7 +670,7 @@ def run_call_graphs(runner, memory, plan, targets, params, want_output: bool, le
     b, g_total = plan.content.shape[0], plan.num_segments
     autocast = autocast_state(memory.device.type)
     key = ("call", b, g_total, want_output, targets is not None, memory.dtype, memory.device, autocast,
-           runner.config.bptt_depth, trainable_ids(runner.adapter.model))
+           runner.config.bptt_depth, trainable_ids(runner.adapter.model), module_modes(runner.adapter.model))
     cache = runner.captures
     graphs = cache.get(key)
     captured = graphs is None
