@@ -7,7 +7,7 @@ engine, and writes what rank 0 ends with (parameters, first-step gradients) to `
 Engines: ``single`` (one process, the whole batch: the reference), ``ddp`` (DistributedDataParallel with its
 defaults), ``ddp_static`` (``static_graph=True``), ``fsdp`` (``fully_shard`` on every backbone block and the
 model), ``trainer`` (transformers' Trainer; in one process, its own reference), ``trainer_ac`` (the Trainer with
-``gradient_checkpointing=True``: activation checkpointing inside the segments), ``accelerate`` (an Accelerator
+``activation_checkpointing=True``: activation checkpointing inside the segments), ``accelerate`` (an Accelerator
 loop). Cases: ``<decoder|encoder>-<full|two_sweep>`` (full BPTT or ``checkpoint_segments=True``); default all.
 Every optimizer is plain SGD with a constant learning rate, so the engines agree with one process to rounding.
 ``cuda`` (single and ddp only): each rank on its own GPU (NCCL), where the segments replay as CUDA graphs.
@@ -122,11 +122,17 @@ def train_trainer(case: str, out_dir: str, activation_checkpointing: bool = Fals
             if state.global_step == 0:
                 first.update(grads_of(rmt))
 
+    import inspect
+
+    # the switch's name: activation_checkpointing from transformers 5.25, gradient_checkpointing before
+    name = ("activation_checkpointing" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters
+            else "gradient_checkpointing")
+    ckpt = {name: activation_checkpointing}
     args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=BATCH // world, max_steps=STEPS,
                              optim="sgd", learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
                              max_grad_norm=0.0, use_cpu=True, ddp_backend="gloo" if world > 1 else None,
                              save_strategy="no", report_to="none", disable_tqdm=True, logging_strategy="no",
-                             dataloader_drop_last=True, seed=0, gradient_checkpointing=activation_checkpointing)
+                             dataloader_drop_last=True, seed=0, **ckpt)
     Trainer(model=rmt, args=args, train_dataset=rows(case), callbacks=[KeepFirstGrads()]).train()
     return result(rmt, dict(first))
 

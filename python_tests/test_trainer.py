@@ -1,5 +1,6 @@
 """transformers.Trainer over a RecurrentMemoryModel: training, checkpoints, resume, evaluate, predict,
 save_model -> rmt_fast.from_pretrained, gradient checkpointing; the README's Trainer and PEFT examples."""
+import inspect
 import os
 
 import numpy as np
@@ -24,6 +25,14 @@ def _args(out, **kw):
                 use_cpu=True, logging_steps=1, save_strategy="no", seed=0, dataloader_num_workers=0)
     base.update(kw)
     return TrainingArguments(str(out), **base)
+
+
+def checkpointing_arg(on: bool) -> dict:
+    """TrainingArguments' activation checkpointing switch: ``activation_checkpointing`` (transformers >= 5.25), else
+    ``gradient_checkpointing``."""
+    if "activation_checkpointing" in inspect.signature(TrainingArguments.__init__).parameters:
+        return {"activation_checkpointing": on}
+    return {"gradient_checkpointing": on}
 
 
 def _lm_accuracy(eval_pred):
@@ -167,7 +176,7 @@ def test_trainer_gradient_checkpointing_trains_the_same(tmp_path):
     for on in (False, True):
         torch.manual_seed(0)
         rmt = rmt_fast.wrap(gpt2(**NO_DROPOUT_GPT2), num_mem_tokens=2, segment_size=8)
-        trainer = Trainer(model=rmt, args=_args(tmp_path / str(on), max_steps=3, gradient_checkpointing=on),
+        trainer = Trainer(model=rmt, args=_args(tmp_path / str(on), max_steps=3, **checkpointing_arg(on)),
                           train_dataset=train)
         trainer.train()
         assert rmt.is_gradient_checkpointing == on
@@ -191,7 +200,7 @@ rmt = rmt_fast.wrap(model, num_mem_tokens=10, segment_size=256)
 rows = torch.randint(0, model.config.vocab_size, (16, 768))  # your token ids: 3 segments per row
 data = [{"input_ids": x, "labels": x} for x in rows]            # labels are shifted inside
 args = TrainingArguments("rmt-gpt2", per_device_train_batch_size=4, max_steps=8, save_steps=4,
-                         gradient_checkpointing=True, report_to="none")
+                         activation_checkpointing=True, report_to="none")  # before 5.25: gradient_checkpointing
 trainer = Trainer(model=rmt, args=args, train_dataset=data, eval_dataset=data[:4])
 trainer.train()                       # rmt-gpt2/checkpoint-4, -8; train(resume_from_checkpoint=True) resumes
 print(trainer.evaluate())
@@ -220,6 +229,17 @@ rmt = rmt_fast.from_pretrained("rmt-gpt2-lora")
 '''
 
 
+def _readme_blocks() -> list:
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    text = open(readme, encoding="utf-8").read()
+    return [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("python\n")]
+
+
+def test_readme_holds_the_examples_tested_here():
+    blocks = [b.strip() for b in _readme_blocks()]
+    assert README_TRAINER.strip() in blocks and README_PEFT.strip() in blocks
+
+
 @pytest.mark.parametrize("example", ["trainer", "peft"])
 def test_readme_examples_run(tmp_path, monkeypatch, example):
     if example == "peft":
@@ -228,7 +248,10 @@ def test_readme_examples_run(tmp_path, monkeypatch, example):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
                         lambda *a, **k: gpt2(positions=512).train())
     namespace = {}
-    exec(README_TRAINER if example == "trainer" else README_PEFT, namespace)
+    code = README_TRAINER if example == "trainer" else README_PEFT
+    if "activation_checkpointing" not in inspect.signature(TrainingArguments.__init__).parameters:
+        code = code.replace("activation_checkpointing=True", "gradient_checkpointing=True")  # before 5.25
+    exec(code, namespace)
     rmt = namespace["rmt"]
     assert isinstance(rmt, rmt_fast.RecurrentMemoryModel)
     if example == "trainer":
