@@ -315,7 +315,49 @@ LOOPS = {
     "a smaller last batch every 5th step": dict(short_batch=5),
     "length not a multiple of the segment": dict(ragged=True),
     "checkpoint_segments=True (defaults otherwise)": dict(wrap=dict(checkpoint_segments=True)),
+    "transformers.Trainer (bf16, fused AdamW, its defaults)": dict(trainer={}),
+    "transformers.Trainer with activation checkpointing": dict(trainer=dict(checkpointing=True)),
 }
+
+
+def _trainer_timed(args, rmt, ids, labels, loop: dict, warm: int, steps: int) -> dict:
+    """``transformers.Trainer`` over ``rmt`` for ``warm + steps`` optimizer steps (its own loop: bf16 on CUDA, fused
+    AdamW, its gradient clipping and schedule); what :func:`_timed_steps` returns, for the steps after ``warm``
+    (timed from a callback at the end of step ``warm`` to the end of training)."""
+    import inspect
+
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    cuda = args.device == "cuda"
+    mark = {}
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kw):
+            if state.global_step == warm:
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                mark["warm"] = rmt.executor_counts(reset=True)
+                mark["t0"] = time.perf_counter()
+
+    name = ("activation_checkpointing" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters
+            else "gradient_checkpointing")
+    targs = TrainingArguments(os.path.join(args.out, "trainer-loop"), per_device_train_batch_size=ids.shape[0],
+                              max_steps=warm + steps, learning_rate=1e-5, bf16=cuda, use_cpu=not cuda,
+                              optim="adamw_torch_fused" if cuda else "adamw_torch", save_strategy="no",
+                              report_to="none", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+                              **{name: bool(loop["trainer"].get("checkpointing"))})
+    data = [{"input_ids": x, "labels": y} for x, y in zip(ids.cpu(), labels.cpu())]
+    Trainer(model=rmt, args=targs, train_dataset=data, callbacks=[StepTimer()]).train()
+    if cuda:
+        torch.cuda.synchronize()
+    sec = (time.perf_counter() - mark["t0"]) / steps
+    counts = rmt.executor_counts()
+    graphed = sum(v for c, v in counts.items() if "graphed" in c or "captured" in c)
+    return dict(seconds=sec, graphed_share=graphed / max(1, sum(counts.values())),
+                warmup_captures=mark["warm"].get("full-BPTT captured", 0),
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else 0)
 
 
 def _loop_step(args, rmt, model, opt, scaler, ids, labels, loop: dict, i: int):
@@ -420,7 +462,10 @@ def part_loops(args, rows):
                 def step(i, rmt=rmt, opt=opt, scaler=scaler, loop=loop):
                     _loop_step(args, rmt, model, opt, scaler, ids, labels, loop, i)
             try:
-                timed = _timed_steps(args, step, range(warm), range(warm, warm + steps), rmt)
+                if (loop or {}).get("trainer") is not None:
+                    timed = _trainer_timed(args, rmt, ids, labels, loop, warm, steps)
+                else:
+                    timed = _timed_steps(args, step, range(warm), range(warm, warm + steps), rmt)
                 k = (loop or {}).get("accumulate", 1)
                 tps = k * b * t / timed["seconds"]
                 row = dict(part=f"loops-{part}", path=name, segments=n_seg, tok_per_s=tps, **timed)
