@@ -33,6 +33,7 @@ import torch
 
 from .graphs import (ParameterAliases, SegmentTrainingGraphs, autocast_state, flat_outputs, module_modes,
                      trainable_ids)
+from .loop import forward_segments
 from .schemes import P_LAST
 from .short_term_cache import ShortTermCache
 
@@ -70,28 +71,28 @@ class _TwoSweep(torch.autograd.Function):
         keep_rng = r.adapter.model.training or sweep.graphs is not None
         sweep.rng = [] if keep_rng else None
         states, outputs, structure = [], [], []
-        sweep.caches, cache = [], None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        count = torch.zeros((), dtype=torch.long, device=device)
-        g_total = sweep.plan.num_segments
-        for g in (range(g_total) if sweep.progress is None else sweep.progress(range(g_total))):
+        sweep.caches = []
+
+        def before(g, memory, cache):
             states.append(memory)
             sweep.caches.append(cache)
             if keep_rng:
                 sweep.rng.append(_rng_state(device))
+
+        def step(g, memory, cache):
             if sweep.graphs is not None:
-                res = sweep.graphs[g].forward(memory, sweep.params[g])
-            else:
-                res = r.step(memory, sweep.plan.content, sweep.targets, sweep.params[g], sweep.widths[g],
-                             sweep.want_output and sweep.records[g], False, sweep.dense[g], cache)
-                cache = res.cache
-            memory = res[0]
-            loss_sum = loss_sum + res[1]
-            count = count + res[2]
-            if res[3] is not None and sweep.records[g]:
-                flat = flat_outputs(res[3])
+                return sweep.graphs[g].forward(memory, sweep.params[g])
+            return r.step(memory, sweep.plan.content, sweep.targets, sweep.params[g], sweep.widths[g],
+                          sweep.want_output and sweep.records[g], False, sweep.dense[g], cache)
+
+        def collect(g, res):
+            if res.output is not None and sweep.records[g]:
+                flat = flat_outputs(res.output)
                 structure.append(len(flat))
                 outputs.extend(flat)
+
+        memory, cache, loss_sum, count = forward_segments(r, memory, sweep.plan.num_segments, step, collect,
+                                                          before=before, progress=sweep.progress)
         sweep.structure = structure
         sweep.cache_out = None if cache is None else cache.detach()
         if sweep.rng is not None:

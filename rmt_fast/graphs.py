@@ -25,9 +25,11 @@ import contextlib
 import gc
 import warnings
 import weakref
+from typing import NamedTuple
 
 import torch
 
+from .loop import forward_segments
 from .schemes import P_GATHER
 
 
@@ -380,6 +382,17 @@ def run_inference_graphs(runner, memory, plan, targets, params, want_output: boo
                 output=record.result(), hidden=None)
 
 
+class SegmentOutputs(NamedTuple):
+    """What a replayed training segment gives back, with the fields of ``rmt_fast.recurrence.StepResult`` that the
+    segment loop reads (captures carry no short-term cache)."""
+
+    memory: torch.Tensor
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+    output: object
+    cache: None = None
+
+
 class SegmentTrainingGraphs:
     """Captured segment steps for checkpointed training (:mod:`rmt_fast.bptt`) on CUDA.
 
@@ -468,15 +481,15 @@ class SegmentTrainingGraphs:
             self.targets.fill_(-100)
             self.targets[:, :tc].copy_(targets)
 
-    def forward(self, memory: torch.Tensor, params: torch.Tensor):
-        """One segment without autograd: ``(new memory, loss_sum, count, output)`` (fresh tensors)."""
+    def forward(self, memory: torch.Tensor, params: torch.Tensor) -> SegmentOutputs:
+        """One segment without autograd (fresh tensors)."""
         self.memory.copy_(memory)
         self.params.copy_(params)
         self.fwd.replay()
         output = None if self.output is None else tuple(t.clone() for t in flat_outputs(self.output))
         if output is not None and not isinstance(self.output, tuple):
             output = output[0]
-        return self.memory.clone(), self.loss.clone(), self.count.clone(), output
+        return SegmentOutputs(self.memory.clone(), self.loss.clone(), self.count.clone(), output)
 
     def backward(self, memory_in: torch.Tensor, params: torch.Tensor, grad_memory, grad_loss, grad_outputs):
         """Backpropagate one segment; returns d(memory in) (a fresh tensor). None gradients count as zeros."""
@@ -590,21 +603,17 @@ class CallGraphs:
     def _forward_body(self) -> list:
         """[memory out, loss sum, count, *recorded output tensors]"""
         r = self.runner
+        record = ConcatRecord() if r.scheme.output_per_segment else r.scheme.new_record(None, 0)
+
+        def step(g, memory, cache):
+            return r.step(memory, self.content, self.targets, self.params[g], self.width, self.want_output, False, True)
+
+        def collect(g, res):
+            if res.output is not None:
+                record.add(self.params[g], res.output)
+
         with torch.enable_grad(), captured_autocast(self.autocast):
-            memory = self.mem_in
-            loss_sum = torch.zeros((), dtype=torch.float32, device=memory.device)
-            count = torch.zeros((), dtype=torch.long, device=memory.device)
-            record = ConcatRecord() if r.scheme.output_per_segment else r.scheme.new_record(None, 0)
-            for g in range(self.g_total):
-                if r.config.cuts_memory_before(g, self.g_total):
-                    memory = memory.detach()
-                res = r.step(memory, self.content, self.targets, self.params[g], self.width, self.want_output,
-                             False, True)
-                memory = res.memory
-                loss_sum = loss_sum + res.loss_sum
-                count = count + res.count
-                if res.output is not None:
-                    record.add(self.params[g], res.output)
+            memory, _, loss_sum, count = forward_segments(r, self.mem_in, self.g_total, step, collect)
             self.structure = None if record.result() is None else isinstance(record.result(), tuple)
         return [memory, loss_sum, count, *flat_outputs(record.result())]
 

@@ -18,6 +18,7 @@ from .adapters import Adapter
 from .config import RMTConfig
 from .bptt import fsdp_modules, run_two_sweep
 from .graphs import CaptureCache
+from .loop import forward_segments
 from .ops.segment_handoff import segment_handoff
 from .schemes import P_GATHER, Scheme
 from .short_term_cache import SegmentCache, ShortTermCache
@@ -174,35 +175,30 @@ class SegmentRunner:
                   progress=None, cache: ShortTermCache | None = None):
         """Every segment eagerly; ``lens_host``: ``plan.lens`` read to the host (segment widths and layouts);
         ``cache``: the short-term cache entering the first segment."""
-        cfg = self.config
-        g_total = plan.num_segments
         widths = [max(row) for row in lens_host]
         dense = [min(row) == w for row, w in zip(lens_host, widths)]
-        loss_sum = torch.zeros((), dtype=torch.float32, device=memory.device)
-        count = torch.zeros((), dtype=torch.long, device=memory.device)
         record = self.scheme.new_record(plan, total_len)
-        hidden_records = None
-        rng = range(g_total) if progress is None else progress(range(g_total))
-        for g in rng:
-            if cfg.cuts_memory_before(g, g_total):
-                memory = memory.detach()
-                cache = None if cache is None else cache.detach()
+        hidden_records = []
+        per_segment_checkpoints = self.config.checkpoint_segments and torch.is_grad_enabled()  # with hidden states
+
+        def step(g, memory, cache):
             args = (memory, plan.content, targets, params[g], widths[g], want_output, output_hidden_states, dense[g],
                     cache)
-            if cfg.checkpoint_segments and torch.is_grad_enabled():  # with hidden states: per-segment checkpoints
-                res = StepResult(*checkpoint(self.step, *args, use_reentrant=False))
-            else:
-                res = self.step(*args)
-            memory, cache = res.memory, res.cache
-            loss_sum = loss_sum + res.loss_sum
-            count = count + res.count
+            if per_segment_checkpoints:
+                return StepResult(*checkpoint(self.step, *args, use_reentrant=False))
+            return self.step(*args)
+
+        def collect(g, res):
             if res.output is not None:
                 record.add(params[g], res.output)
             if res.hidden is not None:
-                if hidden_records is None:
-                    hidden_records = [self.scheme.new_record(plan, total_len) for _ in res.hidden]
+                if not hidden_records:
+                    hidden_records.extend(self.scheme.new_record(plan, total_len) for _ in res.hidden)
                 for r, hs in zip(hidden_records, res.hidden):
                     r.add(params[g], hs)
-        hidden = None if hidden_records is None else tuple(r.result() for r in hidden_records)
+
+        memory, cache, loss_sum, count = forward_segments(self, memory, plan.num_segments, step, collect, cache,
+                                                          progress=progress)
+        hidden = tuple(r.result() for r in hidden_records) if hidden_records else None
         return dict(memory=memory, loss_sum=loss_sum, count=count, output=record.result(), hidden=hidden,
                     cache=cache)
