@@ -133,3 +133,15 @@ def test_reasoning_one_segment_smoke(tmp_path):
         assert 0.0 <= test["prediction_in_facts"] <= 1.0
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "role=hub" in r.stdout
+
+
+def test_train_same_axis_reaches_the_reasoning_config_only():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_h200", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = mod.parse_args(["--out", "/tmp/x", "--train-same-axis", "0.67"])
+    assert mod.task_config(a, "reasoning").train_same_axis == 0.67
+    assert mod.task_config(a, "memorize").train_same_axis is None
+    assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").train_same_axis is None

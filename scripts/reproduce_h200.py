@@ -96,6 +96,9 @@ def parse_args(argv=None):
                    help="the two-sweep schedule: auto (full BPTT up to 8 segments on CUDA), on, off (%(default)s)")
     p.add_argument("--capture-memory", type=float, default=None,
                    help="share of the GPU's memory for the full-BPTT graph captures (default: the library's 1/4)")
+    p.add_argument("--train-same-axis", type=float, default=None, metavar="P",
+                   help="reasoning: the probability that a TRAINING sample's two facts lie on one axis (default: the "
+                   "task's own 1/3; validation and test keep it); other tasks ignore it")
     p.add_argument("--estimate-only", action="store_true", help="print the time estimate and exit")
     p.add_argument("--dry-run", "--smoke", dest="dry_run", action="store_true",
                    help="tiny CPU configuration (tiny-bert, 32-token segments, a few steps, lengths 1-4): checks the "
@@ -156,7 +159,8 @@ def task_config(a, task: str):
                        validate_max_segments=a.validate_max_segments, pause_after_s=a.pause_after,
                        stage_eval_lengths=f"1-{a.heatmap_max}" if a.stage_eval else None,
                        stage_eval_samples=a.heatmap_samples, checkpoint_segments=a.checkpoint_segments,
-                       capture_memory=a.capture_memory)
+                       capture_memory=a.capture_memory,
+                       train_same_axis=a.train_same_axis if task == "reasoning" else None)
 
 
 def run_task(a, task: str) -> dict:
