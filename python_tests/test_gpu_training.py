@@ -212,6 +212,24 @@ def test_call_graphs_pending_call_and_autograd_grad():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-3)
 
 
+def _steps_with_a_logits_loss(rmt, ids, mask=None, steps=3) -> list:
+    """``steps`` SGD steps in train mode, the middle one with a loss on the returned logits as well (their gradient
+    enters the backward); per step the loss, the logits and every gradient."""
+    rmt.train()
+    opt = torch.optim.SGD(rmt.parameters(), lr=0.1)
+    got = []
+    for i in range(steps):
+        opt.zero_grad(set_to_none=True)
+        out = rmt(ids, attention_mask=mask, labels=ids)
+        loss = out.loss + (out.logits.float().square().mean() if i == steps // 2 else 0)
+        loss.backward()
+        assert out.logits.shape[:2] == ids.shape
+        got += [loss.detach(), out.logits.detach().clone(),
+                *[p.grad.clone() for p in rmt.parameters() if p.grad is not None]]
+        opt.step()
+    return got
+
+
 @pytest.mark.parametrize("make,kw", [
     (gpt2, dict(num_mem_tokens=3, segment_size=16)),
     (llama, dict(num_mem_tokens=4, segment_size=20, bptt_depth=2)),
@@ -231,17 +249,7 @@ def test_call_graphs_with_kept_logits_equal_full_bptt(make, kw):
         model.load_state_dict(state)
         rmt = rmt_fast.wrap(model.cuda(), cuda_graphs=graphs, **kw).cuda()
         rmt.memory.data.copy_(torch.linspace(-1, 1, rmt.memory.numel(), device="cuda").view_as(rmt.memory) * 0.02)
-        rmt.train()
-        opt = torch.optim.SGD(rmt.parameters(), lr=0.1)
-        got = []
-        for i in range(3):
-            opt.zero_grad(set_to_none=True)
-            out = rmt(ids, labels=ids)
-            loss = out.loss + (out.logits.float().square().mean() if i == 1 else 0)
-            loss.backward()
-            got += [loss.detach(), out.logits.detach().clone(),
-                    *[p.grad.clone() for p in rmt.parameters() if p.grad is not None]]
-            opt.step()
+        got = _steps_with_a_logits_loss(rmt, ids)
         if graphs:
             assert rmt.runner.captures.of_kind("call"), "the call graphs were not used"
         res[graphs] = got
@@ -274,18 +282,7 @@ def test_two_sweep_with_kept_logits_graphed(make, kw, padded):
         model.load_state_dict(state)
         rmt = rmt_fast.wrap(model.cuda(), checkpoint_segments=ckpt, cuda_graphs=graphs, **kw).cuda()
         rmt.memory.data.copy_(torch.linspace(-1, 1, rmt.memory.numel(), device="cuda").view_as(rmt.memory) * 0.02)
-        rmt.train()
-        opt = torch.optim.SGD(rmt.parameters(), lr=0.1)
-        got = []
-        for i in range(3):
-            opt.zero_grad(set_to_none=True)
-            out = rmt(ids, attention_mask=mask, labels=ids)
-            loss = out.loss + (out.logits.float().square().mean() if i == 1 else 0)
-            loss.backward()
-            assert out.logits.shape[:2] == ids.shape
-            got += [loss.detach(), out.logits.detach().clone(),
-                    *[p.grad.clone() for p in rmt.parameters() if p.grad is not None]]
-            opt.step()
+        got = _steps_with_a_logits_loss(rmt, ids, mask)
         if ckpt and graphs:
             assert rmt.executor_counts() == {"two-sweep graphed": 3}
         res[(ckpt, graphs)] = got
