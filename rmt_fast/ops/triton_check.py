@@ -114,6 +114,19 @@ def record_launches() -> list[KernelLaunch]:
                 handoff.place_forward(memory, e(2, 40, 64, dtype=dtype), 0, writes)
             for write_grad in (False, True):
                 lce.cross_entropy_rows(e(4, 1000, dtype=dtype), torch.zeros(4, dtype=torch.int64), -100, write_grad)
+        # The short-term cache's kernels (a key prefix of 20 rows, ragged lengths), one head dim per tile table; the
+        # mask flags change only the segment's code, which the launches above compile.
+        for dtype, d, tma_loads in ((torch.float16, 128, False), (torch.bfloat16, 64, False),
+                                    (torch.float32, 80, False), (torch.bfloat16, 128, True)):
+            q, k = e(2, 4, 48, d, dtype=dtype), e(2, 2, 20 + 48, d, dtype=dtype)
+            lens, cache_lens = torch.full((2,), 16, dtype=torch.int32), torch.full((2,), 12, dtype=torch.int32)
+            args = (lens, 8, 8, True, True, d ** -0.5, 20, cache_lens)
+            schedules = ("split", "stored") if tma_loads else attention.SCHEDULES
+            with attention.row_loads("tma" if tma_loads else "pointer"):
+                out, lse = attention.forward(q, k, k, *args)
+                for schedule in schedules:
+                    with attention.backward_schedule(schedule):
+                        attention.backward(out, q, k, k, out, lse, *args)
     with launch.recording() as hopper_calls:  # the long-row tiles (N >= LONG_ROWS; sm_90+ only), both row loads
         n = attention.LONG_ROWS
         for dtype in (torch.float16, torch.bfloat16):

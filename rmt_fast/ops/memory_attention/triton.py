@@ -26,6 +26,15 @@ backward, without its atomics. On a GPU the chunks alternate between two streams
 "split" (the rest): ``_bwd_dq_kernel`` (stores delta) then ``_bwd_dkdv_kernel`` (reads it): seven matmuls, no
 quadratic memory.
 
+Short-term cache (``num_cache > 0``: keys ``[B, Hkv, num_cache + N, D]``, the cache's first; see ``mask_rule``): the
+entry points launch the ``*_cache_kernel`` twin of each kernel, the same program body with the constexpr ``CACHE``
+set (the plain kernels pass ``CACHE=False``, which leaves their code as it is without the cache). The cache and the
+segment reach the kernels as separate views of k/v (and of dk/dv), so the segment's code is the plain one. Each
+query tile first visits the cache's key tiles that hold real keys, ``[cache_start, num_cache)`` with
+``cache_start = num_cache - cache_lens[b]`` read on the device (``_cache_range``; ``_cache_allowed`` masks the edge
+tiles); the first ``cdiv(num_cache, BLOCK_N)`` key tiles of each dK/dV grid row are the cache's, seen by every
+valid query; the stored schedule's dS blocks gain ``CP`` rows (``num_cache`` rounded up to 128) in front.
+
 Row loads: on sm_90+ the forward and the stored/split backward of large problems load Q/K/V/O/dO rows (and dS tiles)
 through host-side TMA tensor descriptors (``TMA=True``: the Hopper tensor memory accelerator does the address
 arithmetic and the bounds; see ``_use_tma``), elsewhere through pointer arithmetic. One code path: ``_rows`` takes
