@@ -129,8 +129,8 @@ class SegmentLayout:
 
     @property
     def cache_lens_int32(self) -> torch.Tensor:
-        """``cache_lens`` as a contiguous int32 tensor on ``seq_lens``' device (all ``num_cache`` where it is None),
-        made once per layout, like :attr:`seq_lens_int32` (the fused kernels read it)."""
+        """``cache_lens`` as a contiguous int32 tensor on its device (where it is None: all ``num_cache``, on
+        ``seq_lens``' device), made once per layout, like :attr:`seq_lens_int32` (the fused kernels read it)."""
         cached = self.__dict__.get("_cache_lens_int32")
         if cached is None:
             c = self.cache_lens
