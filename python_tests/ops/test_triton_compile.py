@@ -26,8 +26,8 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90_and_fits_shared_memory()
     outputs = {arch: p.communicate(timeout=1500)[0] for arch, p in procs.items()}
     kernels = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_fused_kernel", "_bwd_delta_kernel",
                "_bwd_dq_stored_kernel", "_fwd_cache_kernel", "_bwd_dq_cache_kernel", "_bwd_dkdv_cache_kernel",
-               "_bwd_fused_cache_kernel", "_bwd_dq_stored_cache_kernel", "_rms_norm_kernel", "_rotary_kernel", "_silu_mul_kernel",
-               "_gather_memory_kernel", "_place_memory_kernel", "_cross_entropy_rows")
+               "_bwd_fused_cache_kernel", "_bwd_dq_stored_cache_kernel", "_rms_norm_kernel", "_rotary_kernel",
+               "_silu_mul_kernel", "_gather_memory_kernel", "_place_memory_kernel", "_cross_entropy_rows")
     for arch, out in outputs.items():
         assert procs[arch].returncode == 0, out[-4000:]
         assert "FAIL" not in out and "compiled and fit" in out, out[-4000:]

@@ -974,8 +974,9 @@ LONG_ROWS = 4096
 
 SCHEDULES = ("split", "fused", "stored")
 _schedule_override: str | None = None
-# Below this much work (B * Hq * N * N * D) the backward takes one launch ("fused"): at such sizes an eager call is
-# host-bound, and the launch saved is worth more than the GPU time the fused kernel spends recomputing delta.
+# Below this much work (B * Hq * N * (num_cache + N) * D) the backward takes one launch ("fused"): at such sizes an
+# eager call is host-bound, and the launch saved is worth more than the GPU time the fused kernel spends recomputing
+# delta.
 FUSED_MAX_WORK = 8 * 2 ** 30
 _NP_ROUND = 128
 
@@ -1185,9 +1186,9 @@ def _tma_aligned(x: torch.Tensor) -> bool:
 
 def _use_tma(work: int, *xs: torch.Tensor) -> bool:
     """Load rows through TMA descriptors: forced by :func:`row_loads`, or ("auto") on a GPU of compute capability
-    9.0+ when ``work`` (B * Hq * N * N * D) is above FUSED_MAX_WORK. Either way only when every tensor's base
-    address and (batch, head, row) strides are 16-byte aligned (a TMA requirement), and never again after a TMA
-    launch failed (``_tma_off``). Timings with and without: RESULTS.md "2026-11-29: TMA row loads"."""
+    9.0+ when ``work`` (B * Hq * N * (num_cache + N) * D) is above FUSED_MAX_WORK. Either way only when every
+    tensor's base address and (batch, head, row) strides are 16-byte aligned (a TMA requirement), and never again
+    after a TMA launch failed (``_tma_off``). Timings with and without: RESULTS.md "2026-11-29: TMA row loads"."""
     mode = _loads_override or "auto"
     if mode == "pointer" or TensorDescriptor is None or _tma_failed is not None:
         return False
