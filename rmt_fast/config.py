@@ -138,9 +138,9 @@ class RMTConfig:
         if k > self.segment_size:
             raise ValueError(f"num_cache_tokens must be <= segment_size={self.segment_size} (the cache holds tokens "
                              f"of the previous segment), got {k}")
-        if self.backend not in ("auto", "reference"):
-            raise ValueError(f"num_cache_tokens={k} runs on backend='auto' or 'reference' only (the fused kernels do "
-                             f"not implement the cache yet), got backend={self.backend!r}")
+        if self.backend not in ("auto", "reference", "triton"):
+            raise ValueError(f"num_cache_tokens={k} runs on backend='auto', 'triton' or 'reference' only ('sdpa' and "
+                             f"the CUDA extension's kernels do not implement the cache), got backend={self.backend!r}")
         if self.cuda_graphs is True:
             raise ValueError(f"num_cache_tokens={k} runs eagerly (the CUDA graphs do not carry the cache yet): use "
                              f"cuda_graphs='auto' or False, got cuda_graphs=True")

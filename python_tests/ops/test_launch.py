@@ -468,7 +468,7 @@ def test_another_triton_version_gives_the_same_results_in_the_interpreter(monkey
                 assert not fresh.direct
                 monkeypatch.setattr(module, name, fresh)
                 launchers += 1
-    assert launchers == 8
+    assert launchers == 13  # attention: 6 kernels and 5 cache twins; handoff: 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = run()

@@ -202,14 +202,14 @@ def test_reference_with_cache_is_attention_over_cache_and_segment(case, groups):
 
 @pytest.mark.parametrize("backend", ["auto", *ALL])
 def test_cache_backends(backend):
-    """Until their kernels follow the cache prefix, explicit fused backends and "sdpa" refuse a cache layout; the
-    reference (and "auto" on the CPU) computes it."""
+    """The reference, Triton and "auto" compute a cache layout; "cuda" (whose kernels do not follow the cache
+    prefix) and "sdpa" refuse it."""
     layout = SegmentLayout(2, 2, torch.tensor([6, 3], device=DEVICE), True, num_cache=3,
                            cache_lens=torch.tensor([3, 1], device=DEVICE))
     assert not layout.is_plain
     q = torch.randn(2, 2, 10, 8, device=DEVICE)
     kv = torch.randn(2, 2, 13, 8, device=DEVICE)
-    if backend in ("reference", "auto"):
+    if backend in ("reference", "auto", "triton"):
         torch.testing.assert_close(memory_attention(q, kv, kv, layout, backend=backend),
                                    memory_attention_ref(q, kv, kv, layout))
     else:
@@ -312,12 +312,14 @@ def check_backend(backend, q, k, v, layout, scale=None):
     torch.testing.assert_close(torch.where(valid, out, 0).float(), torch.where(valid, ref, 0).float(),
                                atol=atol, rtol=rtol)
     assert torch.isfinite(out).all(), "padding outputs may be anything, but finite"
+    # keys some valid query attends (with a short-term cache the keys are [cache | segment])
+    seen = layout.allowed(n).to(DEVICE).any(1)[:, None, :, None] if layout.num_cache else valid
     for name, g, rg in zip("qkv", grads, ref_grads):
         assert g.shape == rg.shape and g.dtype == rg.dtype
         assert torch.isfinite(g).all(), f"d{name} has non-finite values"
         torch.testing.assert_close(g.float(), rg.float(), atol=atol, rtol=rtol, msg=lambda m: f"d{name}: {m}")
         if name != "q":
-            assert torch.all(g.masked_fill(valid, 0) == 0), f"d{name} must be exactly 0 at padding positions"
+            assert torch.all(g.masked_fill(seen, 0) == 0), f"d{name} must be exactly 0 at padding positions"
 
 
 def _layout(num_read, num_write, lens, causal, bidir, dense=False):
@@ -769,6 +771,209 @@ def test_triton_backward_schedule_choice():
     with pytest.raises(ValueError, match="name must be one of"):
         with att.backward_schedule("fast"):
             pass
+
+
+# ---- the short-term cache on Triton -------------------------------------------------------------------------------
+
+
+def _cache_layout_on(r, w, lens, causal, bidir, num_cache, cache_lens):
+    """A cache layout on DEVICE (``_cache_layout`` builds them on the CPU, for the reference)."""
+    return SegmentLayout(r, w, torch.tensor(lens, device=DEVICE), causal, bidir, num_cache=num_cache,
+                         cache_lens=None if cache_lens is None else torch.tensor(cache_lens, device=DEVICE))
+
+
+def _cache_kv_inputs(b, hq, hkv, n, num_cache, d, dtype, transposed=False, seed=0):
+    """Leaf q ``[B, Hq, N, D]`` and k, v ``[B, Hkv, num_cache + N, D]`` (see ``_inputs``)."""
+    q = _inputs(b, hq, hkv, n, d, dtype, transposed, seed)[0]
+    _, k, v = _inputs(b, hq, hkv, num_cache + n, d, dtype, transposed, seed + 1)
+    return q, k, v
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("causal,bidir", MASKS, ids=MASK_IDS)
+@_NEEDS_TRITON
+def test_triton_cache_schedules(schedule, causal, bidir):
+    """A short-term cache on Triton against the reference, each backward schedule forced: 19 cache keys (more than
+    one tile, the last one partial), rows with a full, a partial and an empty cache, ragged rows (one with memory
+    slots only), GQA, transposed inputs; gradients into padding cache keys exactly 0."""
+    layout = _cache_layout_on(2, 3, [13, 4, 0], causal, bidir, 19, [19, 5, 0])
+    with _triton_module().backward_schedule(schedule):
+        check_backend("triton", *_cache_kv_inputs(3, 2, 1, 19, 19, 16, torch.float32, True, seed=31), layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@_NEEDS_TRITON
+def test_triton_cache_half_precision(dtype):
+    """fp16 and bf16 through the same kernels: a cache whose first row starts mid-tile, a head dim below its tile."""
+    layout = _cache_layout_on(2, 2, [10, 3], True, True, 24, [21, 24])
+    check_backend("triton", *_cache_kv_inputs(2, 2, 1, 15, 24, 24, dtype, seed=32), layout)
+
+
+@st.composite
+def _triton_cache_cases(draw):
+    num_read, num_write = draw(st.sampled_from([0, 1, 3])), draw(st.sampled_from([0, 1, 3]))
+    n = draw(st.integers(max(1, num_read + num_write), 24))
+    b = draw(st.integers(1, 2))
+    num_cache = draw(st.sampled_from([1, 3, 16, 21]))
+    cache_lens = draw(st.none() | st.lists(st.sampled_from([0, num_cache]) | st.integers(0, num_cache), min_size=b,
+                                           max_size=b))
+    causal = draw(st.booleans())
+    hkv = draw(st.integers(1, 2))
+    return dict(b=b, hq=hkv * draw(st.integers(1, 2)), hkv=hkv, n=n, d=draw(st.sampled_from([16, 24])),
+                layout=(num_read, num_write,
+                        draw(st.lists(st.integers(0, n - num_read - num_write), min_size=b, max_size=b)), causal,
+                        causal and draw(st.booleans()), num_cache, cache_lens),
+                dtype=draw(st.sampled_from([torch.float32, torch.float16])), transposed=draw(st.booleans()),
+                seed=draw(st.integers(0, 2 ** 16)), schedule=draw(st.sampled_from(SCHEDULES)))
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_triton_cache_cases())
+@_NEEDS_TRITON
+def test_triton_cache_random_layouts(case):
+    """Random cache layouts on Triton against the reference: caches of 1 to 21 keys, empty, full and partial rows,
+    ragged segments, the three masks, GQA, fp32 and fp16, any backward schedule."""
+    with _triton_module().backward_schedule(case["schedule"]):
+        check_backend("triton", *_cache_kv_inputs(case["b"], case["hq"], case["hkv"], case["n"],
+                                                  case["layout"][5], case["d"], case["dtype"], case["transposed"],
+                                                  case["seed"]), _cache_layout_on(*case["layout"]))
+
+
+@_NEEDS_TRITON
+def test_triton_cache_of_zero_and_empty_caches():
+    """``num_cache=0`` (with cache_lens) runs the plain kernels: outputs and gradients bit for bit the plain
+    layout's. A cache with no real entry in any row gives the plain layout's results over the segment's keys and
+    exactly zero gradients into the cache."""
+    for causal, bidir in MASKS:
+        plain = _layout(2, 2, [9, 1], causal, bidir)
+        zero = SegmentLayout(2, 2, plain.seq_lens, causal, bidir, num_cache=0,
+                             cache_lens=torch.zeros(2, dtype=torch.int32, device=DEVICE))
+        empty = SegmentLayout(2, 2, plain.seq_lens, causal, bidir, num_cache=5,
+                              cache_lens=torch.zeros(2, dtype=torch.int32, device=DEVICE))
+        q, k, v = _inputs(2, 2, 2, 14, 16, torch.float32, seed=13)
+        dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(14)).to(DEVICE) * _valid_rows(plain, 14)
+
+        def run(layout, k, v):
+            out = memory_attention(q, k, v, layout, backend="triton")
+            return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+        want = run(plain, k, v)
+        for got, w in zip(run(zero, k, v), want):
+            assert torch.equal(got, w)
+        k5, v5 = (torch.cat([torch.randn(2, 2, 5, 16, device=DEVICE), x.detach()], 2).requires_grad_() for x in (k, v))
+        out, dq, dk, dv = run(empty, k5, v5)
+        valid = _valid_rows(plain, 14)
+        torch.testing.assert_close(torch.where(valid, out, 0), torch.where(valid, want[0], 0))
+        torch.testing.assert_close(dq, want[1])
+        for got, w in ((dk, want[2]), (dv, want[3])):
+            assert torch.all(got[:, :, :5] == 0)
+            torch.testing.assert_close(got[:, :, 5:], w)
+
+
+@pytest.mark.parametrize("loads", ["pointer", "tma"])
+@_NEEDS_TRITON
+def test_triton_cache_stored_schedule_reads_only_written_ds(loads, monkeypatch):
+    """The stored schedule with a cache keeps dS blocks of ``[CP + NP, NP]`` (the cache's rows first); they start as
+    NaN and the dK/dV and dQ kernels get different tiles, so a dQ read of an entry the dK/dV kernel did not write
+    would show. Pointer loads and TMA descriptors (forced; the cache kernels really take them)."""
+    from rmt_fast.ops import launch
+
+    att = _triton_module()
+    tiles = {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 32}, "dq_stored": {"BLOCK_M": 32, "BLOCK_N": 16}}
+    default = att._launch_config
+    monkeypatch.setattr(att, "_launch_config", lambda kernel, d, dtype, long_rows=False: {
+        **default(kernel, d, dtype, long_rows), **tiles.get(kernel, {})})
+    shapes = []
+
+    def new_ds(q, rows, np_, key_rows=None):
+        shapes.append((rows, key_rows, np_))
+        return torch.full((rows, key_rows or np_, np_), float("nan"), dtype=q.dtype, device=q.device)
+
+    monkeypatch.setattr(att, "_new_ds", new_ds)
+    layout = _cache_layout_on(2, 3, [14, 5, 0], True, True, 21, [21, 9, 0])
+    inputs = _cache_kv_inputs(3, 2, 1, 21, 21, 16, torch.float32, seed=41)
+    with att.row_loads(loads), att.backward_schedule("stored"):
+        check_backend("triton", *inputs, layout)
+        with launch.recording() as calls:
+            q, k, v = (x.detach() for x in inputs)
+            lens, cache_lens = layout.seq_lens_int32, layout.cache_lens_int32
+            out, lse = att.forward(q, k, v, lens, 2, 3, True, True, 0.25, 21, cache_lens)
+            att.backward(out, q, k, v, out, lse, lens, 2, 3, True, True, 0.25, 21, cache_lens)
+    assert shapes[0] == (6, 128 + 128, 128)  # one chunk of 3 (b, kv head) pairs of 2 query heads; CP + NP rows
+    names = {fn.__name__ for fn, _grid, _args, _meta in calls}
+    assert names == {"_fwd_cache_kernel", "_bwd_delta_kernel", "_bwd_dkdv_cache_kernel", "_bwd_dq_stored_cache_kernel"}
+    with_rows = [(args, meta) for _fn, _grid, args, meta in calls if "TMA" in meta]
+    assert all(meta["TMA"] == (loads == "tma") for _args, meta in with_rows)
+
+
+@_NEEDS_TRITON
+def test_triton_cache_custom_op_registration():
+    """The custom ops with a cache (num_cache, cache_lens): schema, fake tensors, autograd, AOT tracing."""
+    q, k, v = _cache_kv_inputs(2, 2, 1, 12, 5, 16, torch.float32, transposed=True, seed=6)
+    seq_lens = torch.tensor([6, 3], dtype=torch.int32, device=DEVICE)
+    cache_lens = torch.tensor([5, 2], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(fused_attention, (q, k, v, seq_lens, 2, 2, True, True, 0.25, "triton", 5, cache_lens),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+@_NEEDS_TRITON
+def test_triton_cache_fullgraph_compile():
+    """torch.compile traces a cache layout built inside the function through the custom op, with the eager results
+    and gradients."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(q, k, v, lens, cache_lens):
+        layout = SegmentLayout(2, 2, lens, causal=True, memory_bidirectional=True, num_cache=6, cache_lens=cache_lens)
+        return memory_attention(q, k, v, layout, backend="triton")
+
+    q, k, v = _cache_kv_inputs(2, 2, 1, 14, 6, 16, torch.float32, seed=8)
+    lens, cache_lens = torch.tensor([10, 3], device=DEVICE), torch.tensor([6, 2], device=DEVICE)
+    out = torch.compile(f, fullgraph=True, backend=record)(q, k, v, lens, cache_lens)
+    ops = {node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert torch.ops.rmt_fast.memory_attention.default in ops
+    want = f(q, k, v, lens, cache_lens)
+    valid = _valid_rows(SegmentLayout(2, 2, lens, causal=True), 14)
+    torch.testing.assert_close(torch.where(valid, out, 0), torch.where(valid, want, 0))
+    grads = torch.autograd.grad(out, (q, k, v), valid.expand_as(out).float())
+    for g, w in zip(grads, torch.autograd.grad(want, (q, k, v), valid.expand_as(out).float())):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_triton_cache_in_cuda_graph():
+    """A cache layout on Triton captured in a CUDA graph (no host synchronisation in the launch path): each replay
+    equals the eager outputs and gradients, also after new inputs and cache lengths are copied into the captured
+    buffers."""
+    layout = _cache_layout_on(2, 2, [40, 9], True, True, 24, [24, 7])
+    q, k, v = _cache_kv_inputs(2, 4, 2, 48, 24, 64, torch.bfloat16, seed=9)
+    dout = torch.randn_like(q)
+
+    def step():
+        out = memory_attention(q, k, v, layout, backend="triton")
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (compiles)
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    for new_lens in ([24, 7], [0, 24]):
+        with torch.no_grad():
+            for x in (q, k, v, dout):
+                x.copy_(torch.randn_like(x))
+            layout.cache_lens_int32.copy_(torch.tensor(new_lens, device=DEVICE))
+        graph.replay()
+        want = step()
+        for g, w in zip(static, want):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -25,15 +25,17 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90_and_fits_shared_memory()
              for arch in (80, 90)}
     outputs = {arch: p.communicate(timeout=1500)[0] for arch, p in procs.items()}
     kernels = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_fused_kernel", "_bwd_delta_kernel",
-               "_bwd_dq_stored_kernel", "_rms_norm_kernel", "_rotary_kernel", "_silu_mul_kernel",
-               "_gather_memory_kernel", "_place_memory_kernel", "_cross_entropy_rows")
+               "_bwd_dq_stored_kernel", "_fwd_cache_kernel", "_bwd_dq_cache_kernel", "_bwd_dkdv_cache_kernel",
+               "_bwd_fused_cache_kernel", "_bwd_dq_stored_cache_kernel", "_rms_norm_kernel", "_rotary_kernel",
+               "_silu_mul_kernel", "_gather_memory_kernel", "_place_memory_kernel", "_cross_entropy_rows")
     for arch, out in outputs.items():
         assert procs[arch].returncode == 0, out[-4000:]
         assert "FAIL" not in out and "compiled and fit" in out, out[-4000:]
         for name in kernels:
             assert f"sm_{arch} ok   {name}" in out, f"{name} not compiled for sm_{arch}"
     # the TMA row-load variants (tensor descriptors) compile for sm_90 only, and there for every kernel that has one
-    with_tma = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_dq_stored_kernel")
+    with_tma = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_dq_stored_kernel", "_fwd_cache_kernel",
+                "_bwd_dq_cache_kernel", "_bwd_dkdv_cache_kernel", "_bwd_dq_stored_cache_kernel")
     tma_lines = [line for line in outputs[90].splitlines() if "TMA=True" in line]
     for name in with_tma:
         assert any(line.startswith(f"sm_90 ok   {name}") for line in tma_lines), f"{name}: no TMA variant compiled"

@@ -114,6 +114,20 @@ def record_launches() -> list[KernelLaunch]:
                 handoff.place_forward(memory, e(2, 40, 64, dtype=dtype), 0, writes)
             for write_grad in (False, True):
                 lce.cross_entropy_rows(e(4, 1000, dtype=dtype), torch.zeros(4, dtype=torch.int64), -100, write_grad)
+        # The short-term cache's kernels (a key prefix of 20 rows, ragged lengths): the D64 and D128 half-precision
+        # tiles, every schedule at D64, the fused backward at D128 and the TMA variants. The mask flags change only
+        # the segment's code, which the launches above compile. (fp32 compiles take several times longer: left out.)
+        for dtype, d, loads, schedules in ((torch.bfloat16, 64, "pointer", attention.SCHEDULES),
+                                           (torch.float16, 128, "pointer", ("fused",)),
+                                           (torch.bfloat16, 128, "tma", ("split", "stored"))):
+            q, k = e(2, 4, 48, d, dtype=dtype), e(2, 2, 20 + 48, d, dtype=dtype)
+            lens, cache_lens = torch.full((2,), 16, dtype=torch.int32), torch.full((2,), 12, dtype=torch.int32)
+            args = (lens, 8, 8, True, True, d ** -0.5, 20, cache_lens)
+            with attention.row_loads(loads):
+                out, lse = attention.forward(q, k, k, *args)
+                for schedule in schedules:
+                    with attention.backward_schedule(schedule):
+                        attention.backward(out, q, k, k, out, lse, *args)
     with launch.recording() as hopper_calls:  # the long-row tiles (N >= LONG_ROWS; sm_90+ only), both row loads
         n = attention.LONG_ROWS
         for dtype in (torch.float16, torch.bfloat16):
@@ -124,6 +138,13 @@ def record_launches() -> list[KernelLaunch]:
                     with attention.row_loads(loads), attention.backward_schedule("stored"):
                         out, lse = attention.forward(q, kv, kv, lens, 8, 8, True, False, d ** -0.5)
                         attention.backward(out, q, kv, kv, out, lse, lens, 8, 8, True, False, d ** -0.5)
+        # the cache kernels' long-row tiles with TMA loads (the forward's take the most shared memory)
+        q, kv = e(1, 2, n, 128, dtype=torch.bfloat16), e(1, 1, 64 + n, 128, dtype=torch.bfloat16)
+        args = (torch.full((1,), n - 16, dtype=torch.int32), 8, 8, True, False, 128 ** -0.5, 64,
+                torch.full((1,), 40, dtype=torch.int32))
+        with attention.row_loads("tma"), attention.backward_schedule("stored"):
+            out, lse = attention.forward(q, kv, kv, *args)
+            attention.backward(out, q, kv, kv, out, lse, *args)
     seen, out = set(), []
     for hopper, (fn, _grid, args, meta) in [(False, c) for c in calls] + [(True, c) for c in hopper_calls]:
         options = tuple((k, meta[k]) for k in ("num_warps", "num_stages") if k in meta)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import types
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -41,16 +42,24 @@ def check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, backend: str) -> None:
         raise ValueError(f"the head dim must be in [1, {MAX_HEAD_DIM}] for backend={backend!r}, got {q.shape[-1]}")
 
 
+def _cache_args(num_cache: int, cache_lens: Tensor | None) -> tuple:
+    """The kernels' trailing cache arguments: none without a short-term cache (what "cuda" takes)."""
+    return (num_cache, cache_lens) if num_cache else ()
+
+
 @torch.library.custom_op("rmt_fast::memory_attention", mutates_args=())
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor, num_read: int, num_write: int, causal: bool,
-                    bidirectional: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+                    bidirectional: bool, scale: float, backend: str, num_cache: int = 0,
+                    cache_lens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Memory attention on the fused kernels of ``backend`` ("triton" | "cuda"), inputs already checked.
 
-    q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]`` of q's dtype; seq_lens: ``[B]`` int32 on q's device.
-    Returns ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)``; lse (base-2 log-sum-exp of each query's
-    scores) is kept for the backward.
+    q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, num_cache + N, D]`` of q's dtype; seq_lens: ``[B]`` int32 on q's device.
+    With ``num_cache > 0`` (Triton only) the first ``num_cache`` keys are the short-term cache, ``cache_lens`` ``[B]``
+    int32 on q's device its real entries per row (None: all). Returns ``(out [B, Hq, N, D] in q's dtype,
+    lse [B, Hq, N] fp32)``; lse (base-2 log-sum-exp of each query's scores) is kept for the backward.
     """
-    return kernels(backend).forward(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale)
+    return kernels(backend).forward(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale,
+                                    *_cache_args(num_cache, cache_lens))
 
 
 def _like(x: Tensor, backend: str) -> Tensor:
@@ -59,36 +68,39 @@ def _like(x: Tensor, backend: str) -> Tensor:
 
 
 @fused_attention.register_fake
-def _(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale, backend):
+def _(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale, backend, num_cache=0, cache_lens=None):
     return _like(q, backend), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("rmt_fast::memory_attention_backward", mutates_args=())
 def fused_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                              seq_lens: Tensor, num_read: int, num_write: int, causal: bool, bidirectional: bool,
-                             scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                             scale: float, backend: str, num_cache: int = 0,
+                             cache_lens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`fused_attention` for the output gradient ``dout`` ``[B, Hq, N, D]``."""
     return kernels(backend).backward(dout, q, k, v, out, lse, seq_lens, num_read, num_write, causal, bidirectional,
-                                     scale)
+                                     scale, *_cache_args(num_cache, cache_lens))
 
 
 @fused_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, backend):
+def _(dout, q, k, v, out, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, backend, num_cache=0,
+      cache_lens=None):
     return _like(q, backend), _like(k, backend), _like(v, backend)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seq_lens, *mask_args = inputs
+    q, k, v, seq_lens, *mask_args, cache_lens = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, seq_lens)
-    ctx.mask_args = mask_args
+    ctx.save_for_backward(q, k, v, out, lse, seq_lens, cache_lens)
+    ctx.mask_args = mask_args  # (num_read, num_write, causal, bidirectional, scale, backend, num_cache)
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zeros tensor for lse's (absent) gradient
 
 
 def _backward(ctx, dout, _dlse):
-    dq, dk, dv = fused_attention_backward(dout, *ctx.saved_tensors, *ctx.mask_args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    *saved, cache_lens = ctx.saved_tensors
+    dq, dk, dv = fused_attention_backward(dout, *saved, *ctx.mask_args, cache_lens)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 fused_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -102,6 +114,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, seq_lens, mask_args):
+        # mask_args: (num_read, num_write, causal, bidirectional, scale[, num_cache, cache_lens], backend)
         *args, backend = mask_args
         out, lse = kernels(backend).forward(q, k, v, seq_lens, *args)
         ctx.save_for_backward(q, k, v, out, lse, seq_lens)
@@ -116,7 +129,8 @@ class _EagerAttention(torch.autograd.Function):
 
 
 def fused_memory_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor, num_read: int, num_write: int,
-                           causal: bool, bidirectional: bool, scale: float, backend: str) -> Tensor:
+                           causal: bool, bidirectional: bool, scale: float, backend: str, num_cache: int = 0,
+                           cache_lens: Tensor | None = None) -> Tensor:
     """The output of :func:`fused_attention` (same arguments).
 
     Under ``torch.compile`` this is the custom op, which the compiler traces; eagerly the same kernels and the same
@@ -124,7 +138,11 @@ def fused_memory_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor, nu
     (``register_autograd``) add tens of microseconds of Python per call.
     """
     if torch.compiler.is_compiling():
-        return fused_attention(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale, backend)[0]
+        return fused_attention(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale, backend,
+                               num_cache, cache_lens)[0]
+    if num_cache:
+        return _EagerAttention.apply(q, k, v, seq_lens, (num_read, num_write, causal, bidirectional, scale, num_cache,
+                                                         cache_lens, backend))
     return _EagerAttention.apply(q, k, v, seq_lens, (num_read, num_write, causal, bidirectional, scale, backend))
 
 
@@ -137,9 +155,10 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
     ``[B, Hq, N, D]`` in q's dtype. Outputs at padding positions (``>= layout.valid_lens[b]``) are unspecified;
     valid outputs never depend on padded k/v.
 
-    A layout with a short-term cache runs on the reference or, with "auto" on a GPU, on SDPA with the layout's
-    boolean mask, until the Triton and CUDA kernels follow the spec's cache prefix: "triton", "cuda" and "sdpa"
-    raise ValueError for it.
+    A layout with a short-term cache runs on "reference" and "triton"; "auto" takes Triton on a GPU where it
+    takes Triton for other layouts (see :mod:`rmt_fast.ops.backends`), else SDPA with the layout's boolean mask on a
+    GPU and the reference on the CPU. "cuda" (whose kernels do not implement the cache) and "sdpa" raise ValueError
+    for it.
 
     No host synchronisation on the fused paths ("sdpa", "triton", "cuda"): ``valid_lens <= N`` is the caller's
     promise there (the kernels clamp to N); only the reference checks it.
@@ -151,10 +170,10 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
                          f"no short-term cache), got layout causal={layout.causal}, memory_bidirectional="
                          f"{layout.memory_bidirectional}, dense={layout.dense}, num_cache={layout.num_cache}")
     impl = resolve_backend(backend, q.device)
-    if layout.num_cache and impl != "reference":
+    if layout.num_cache and impl == "cuda":
         if backend != "auto":
             raise ValueError(f"backend={backend!r} does not implement the short-term cache (layout.num_cache="
-                             f"{layout.num_cache}) yet; use backend='reference' or 'auto'")
+                             f"{layout.num_cache}); use backend='triton', 'reference' or 'auto'")
         check_attention_inputs(q, k, v, layout)
         return memory_attention_sdpa_masked(q, k, v, layout, scale)
     if impl == "reference":
@@ -165,5 +184,11 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
     seq_lens = layout.seq_lens_int32
     if seq_lens.device != q.device:  # a layout built on another device: copied on every call
         seq_lens = seq_lens.to(q.device)
+    if layout.num_cache:
+        cache_lens = layout.cache_lens_int32
+        if cache_lens.device != q.device:
+            cache_lens = cache_lens.to(q.device)
+        return fused_memory_attention(q, k, v, seq_lens, layout.num_read, layout.num_write, layout.causal,
+                                      layout.bidirectional, scale, impl, layout.num_cache, cache_lens)
     return fused_memory_attention(q, k, v, seq_lens, layout.num_read, layout.num_write, layout.causal,
                                   layout.bidirectional, scale, impl)

@@ -128,6 +128,22 @@ class SegmentLayout:
         return cached
 
     @property
+    def cache_lens_int32(self) -> torch.Tensor:
+        """``cache_lens`` as a contiguous int32 tensor on its device (where it is None: all ``num_cache``, on
+        ``seq_lens``' device), made once per layout, like :attr:`seq_lens_int32` (the fused kernels read it)."""
+        cached = self.__dict__.get("_cache_lens_int32")
+        if cached is None:
+            c = self.cache_lens
+            if c is None:
+                cached = torch.full(self.seq_lens.shape, self.num_cache, dtype=torch.int32, device=self.seq_lens.device)
+            elif c.dtype == torch.int32 and c.is_contiguous():
+                cached = c
+            else:
+                cached = c.to(torch.int32).contiguous()
+            object.__setattr__(self, "_cache_lens_int32", cached)
+        return cached
+
+    @property
     def cache_start(self) -> torch.Tensor | int:
         """``[B, 1, 1]`` first real cache key of each row (``num_cache - cache_lens``; 0 without cache_lens)."""
         if self.cache_lens is None:

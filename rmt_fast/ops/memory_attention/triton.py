@@ -26,6 +26,15 @@ backward, without its atomics. On a GPU the chunks alternate between two streams
 "split" (the rest): ``_bwd_dq_kernel`` (stores delta) then ``_bwd_dkdv_kernel`` (reads it): seven matmuls, no
 quadratic memory.
 
+Short-term cache (``num_cache > 0``: keys ``[B, Hkv, num_cache + N, D]``, the cache's first; see ``mask_rule``): the
+entry points launch the ``*_cache_kernel`` twin of each kernel, the same program body with the constexpr ``CACHE``
+set (the plain kernels pass ``CACHE=False``, which leaves their code as it is without the cache). The cache and the
+segment reach the kernels as separate views of k/v (and of dk/dv), so the segment's code is the plain one. Each
+query tile first visits the cache's key tiles that hold real keys, ``[cache_start, num_cache)`` with
+``cache_start = num_cache - cache_lens[b]`` read on the device (``_cache_range``; ``_cache_allowed`` masks the edge
+tiles); the first ``cdiv(num_cache, BLOCK_N)`` key tiles of each dK/dV grid row are the cache's, seen by every
+valid query; the stored schedule's dS blocks gain ``CP`` rows (``num_cache`` rounded up to 128) in front.
+
 Row loads: on sm_90+ the forward and the stored/split backward of large problems load Q/K/V/O/dO rows (and dS tiles)
 through host-side TMA tensor descriptors (``TMA=True``: the Hopper tensor memory accelerator does the address
 arithmetic and the bounds; see ``_use_tma``), elsewhere through pointer arithmetic. One code path: ``_rows`` takes
@@ -78,6 +87,35 @@ def _allowed(i, j, valid, num_read, write_start, CAUSAL: tl.constexpr, BIDIR: tl
             rule = rule | ((i < num_read) & (j < num_read)) | ((i >= write_start) & (j >= write_start))
         ok = ok & rule
     return ok
+
+
+@triton.jit
+def _cache_allowed(j, cache_start, num_cache):
+    """May a query attend short-term cache key ``j`` (its index in the cache prefix ``[0, num_cache)``): the cache
+    part of ``mask_rule``, the row's real cache keys ``[cache_start, num_cache)``. Query validity is not checked,
+    as in ``_allowed``."""
+    return (j >= cache_start) & (j < num_cache)
+
+
+@triton.jit
+def _cache_start(CACHE_LENS, b, num_cache):
+    """Row b's first real cache key: ``num_cache - cache_lens[b]``, the length clamped to ``[0, num_cache]``."""
+    cache_len = tl.minimum(tl.maximum(tl.load(CACHE_LENS + b).to(tl.int32), 0), num_cache)
+    return num_cache - cache_len
+
+
+@triton.jit
+def _cache_range(m0, valid, cache_start, num_cache, BLOCK_N: tl.constexpr):
+    """For the query tile starting at ``m0``: ``(lo, full_lo, full_hi, hi)`` over the cache keys. Key tiles (from
+    0 in steps of BLOCK_N) in ``[lo, full_lo)`` and ``[full_hi, hi)`` need the mask (they hold ``cache_start`` or
+    ``num_cache``), those in ``[full_lo, full_hi)`` hold real cache keys only. All are 0 when the tile holds no
+    valid query or the row has no cache key."""
+    lo = (cache_start // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.cdiv(cache_start, BLOCK_N) * BLOCK_N, num_cache)
+    full_hi = tl.maximum((num_cache // BLOCK_N) * BLOCK_N, full_lo)
+    none = (m0 >= valid) | (cache_start >= num_cache)
+    return (tl.where(none, 0, lo), tl.where(none, 0, full_lo), tl.where(none, 0, full_hi),
+            tl.where(none, 0, num_cache))
 
 
 @triton.jit
@@ -191,18 +229,23 @@ def _rows(src, b, h, r0, stride_n, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d, lo, hi, N, valid,
-               num_read, write_start, qk_scale,
+               num_read, write_start, cache_start, num_cache, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               TMA: tl.constexpr):
+               CACHE_KEYS: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Key tiles ``[lo, hi)`` of ``k_src``/``v_src`` (N rows) into the online softmax: the segment's keys, or with
+    ``CACHE_KEYS`` the short-term cache's (N is then ``num_cache``, and the mask ``_cache_allowed``)."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _rows(k_src, b, hk, n0, stride_kn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)
         v = _rows(v_src, b, hk, n0, stride_vn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], valid, num_read, write_start, CAUSAL, BIDIR),
-                         s, float("-inf"))
+            if CACHE_KEYS:
+                ok = _cache_allowed(offs_n[None, :], cache_start, num_cache)
+            else:
+                ok = _allowed(offs_m[:, None], offs_n[None, :], valid, num_read, write_start, CAUSAL, BIDIR)
+            s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no allowed key so far keeps m = -inf; shift by 0 instead so that no inf - inf appears.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -214,15 +257,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_vn, offs
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["num_read", "num_write"])
-def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
-                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                H, GROUPS, N, num_read, num_write, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                TMA: tl.constexpr):
-    # Grid (B*H, query tiles), the last query tiles first (``_query_tile``).
+@triton.jit
+def _fwd_program(Q, K, V, O, LSE, SEQ_LENS, KC, VC, CACHE_LENS,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                 H, GROUPS, N, num_read, num_write, num_cache, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 TMA: tl.constexpr, CACHE: tl.constexpr):
+    """One query tile of a (b, q head) of a (B*H, query tiles) grid, the last query tiles first
+    (``_query_tile``). K/V hold the segment's keys; with ``CACHE`` also KC/VC, the short-term cache's (same
+    strides, ``num_cache`` rows; ``CACHE_LENS`` real ones per row, the last), which every valid query sees."""
     bh, b, h, hk, pid_m = _query_tile(H, GROUPS, 0)
     write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
 
@@ -238,13 +283,30 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CACHE:
+        cache_start = _cache_start(CACHE_LENS, b, num_cache)
+        kc_src = _src(KC, b, hk, stride_kb, stride_kh, TMA)
+        vc_src = _src(VC, b, hk, stride_vb, stride_vh, TMA)
+        lo, full_lo, full_hi, hi = _cache_range(m0, valid, cache_start, num_cache, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kc_src, vc_src, b, hk, stride_kn, stride_vn, offs_m, offs_d,
+                                   lo, full_lo, num_cache, valid, num_read, write_start, cache_start, num_cache,
+                                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, True, CAUSAL, BIDIR, UPCAST,
+                                   DOT_PRECISION, TMA)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kc_src, vc_src, b, hk, stride_kn, stride_vn, offs_m, offs_d,
+                                   full_lo, full_hi, num_cache, valid, num_read, write_start, cache_start, num_cache,
+                                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, True, CAUSAL, BIDIR, UPCAST,
+                                   DOT_PRECISION, TMA)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kc_src, vc_src, b, hk, stride_kn, stride_vn, offs_m, offs_d,
+                                   full_hi, hi, num_cache, valid, num_read, write_start, cache_start, num_cache,
+                                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, True, CAUSAL, BIDIR, UPCAST,
+                                   DOT_PRECISION, TMA)
     full_end, end = _key_range(m0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d,
-                               0, full_end, N, valid, num_read, write_start, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
+                               0, full_end, N, valid, num_read, write_start, 0, 0, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d,
-                               full_end, end, N, valid, num_read, write_start, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
+                               full_end, end, N, valid, num_read, write_start, 0, 0, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
 
     row_ok = (offs_m < valid) & (l_i > 0.0)
     l_safe = tl.where(row_ok, l_i, 1.0)
@@ -253,6 +315,36 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
     o_ptrs = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+
+
+@triton.jit(do_not_specialize=["num_read", "num_write"])
+def _fwd_kernel(Q, K, V, O, LSE, SEQ_LENS,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                H, GROUPS, N, num_read, num_write, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                TMA: tl.constexpr):
+    # Grid (B*H, query tiles); no short-term cache.
+    _fwd_program(Q, K, V, O, LSE, SEQ_LENS, K, V, SEQ_LENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                 stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                 H, GROUPS, N, num_read, num_write, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR,
+                 UPCAST, DOT_PRECISION, TMA, False)
+
+
+@triton.jit(do_not_specialize=["num_read", "num_write", "num_cache"])
+def _fwd_cache_kernel(Q, K, V, O, LSE, SEQ_LENS, KC, VC, CACHE_LENS,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                      H, GROUPS, N, num_read, num_write, num_cache, qk_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      TMA: tl.constexpr):
+    # Grid (B*H, query tiles); K/V the segment's keys, KC/VC the short-term cache's (see _fwd_program).
+    _fwd_program(Q, K, V, O, LSE, SEQ_LENS, KC, VC, CACHE_LENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                 stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                 H, GROUPS, N, num_read, num_write, num_cache, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
+                 BIDIR, UPCAST, DOT_PRECISION, TMA, True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,7 +358,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, lse_base, delta_ba
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr,
-                    ds_src, ds_row, n0, NP, STORE_DS: tl.constexpr):
+                    ds_src, ds_row, n0, NP, STORE_DS: tl.constexpr, CACHE_KEYS: tl.constexpr, cache_start,
+                    num_cache):
+    """Query tiles ``[lo, hi)`` into dK/dV of one key tile (rows ``offs_n``): a segment key tile, or with
+    ``CACHE_KEYS`` a tile of the short-term cache (mask ``_cache_allowed``). With ``STORE_DS`` each dS^T tile goes
+    to ``ds_src`` (key rows ``offs_n``, or at TMA coordinate ``n0``)."""
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q = _rows(q_src, b, h, m0, stride_qn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, TMA)
@@ -282,12 +378,15 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, lse_base, delta_ba
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
-            p_t = tl.where(_allowed(offs_m[None, :], offs_n[:, None], valid, num_read, write_start, CAUSAL, BIDIR),
-                           p_t, 0.0)
+            if CACHE_KEYS:
+                ok = _cache_allowed(offs_n[:, None], cache_start, num_cache)
+            else:
+                ok = _allowed(offs_m[None, :], offs_n[:, None], valid, num_read, write_start, CAUSAL, BIDIR)
+            p_t = tl.where(ok, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        if STORE_DS:  # for the dQ kernel of the "stored" schedule: dS^T, key-major, NP x NP per (b, q head)
+        if STORE_DS:  # for the dQ kernel of the "stored" schedule: dS^T, key-major, per (b, q head)
             if TMA:
                 tile = ds_t.to(ds_src.dtype).reshape(1, ds_t.shape[0], ds_t.shape[1])
                 ds_src.store([ds_row.to(tl.int32), n0, m0], tile)
@@ -299,24 +398,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, lse_base, delta_ba
 
 
 @triton.jit
-def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS,
-                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                      stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
-                      stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, NP, DS_ROW0, num_read, num_write,
-                      scale, qk_scale,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr, STORE_DS: tl.constexpr):
-    """dK/dV of key tile ``pid_n`` of (b, kv head) ``bhk``: loops over the query heads of the GQA group and the query
-    tiles that can see the key tile. ``DELTA_FROM_O``: compute delta = rowsum(dO * O) per query tile instead of
-    reading it from DELTA. ``STORE_DS``: also write each dS^T tile to DS (``[heads, NP, NP]``, key-major; row
-    ``b * Hq + h - DS_ROW0`` for (b, q head h): a buffer that holds a chunk of the heads)."""
-    b = bhk // H_KV
-    hk = bhk % H_KV
-    write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
-
-    n0 = pid_n * BLOCK_N
+def _bwd_dkdv_tile(n0, b, hk, write_start, valid, Q, K, V, O, DO, LSE, DELTA, DK, DV, DS,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                   stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                   stride_dvb, stride_dvh, stride_dvn, H, GROUPS, N, NP, CP, DS_ROW0, num_read, scale, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr, STORE_DS: tl.constexpr, CACHE: tl.constexpr):
+    """dK/dV of the segment key tile starting at ``n0`` of (b, kv head hk) (see ``_bwd_dkdv_program``). With
+    ``CACHE`` the dS blocks start with ``CP`` rows of cache keys: the segment's rows follow them."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     b64 = b.to(tl.int64)
@@ -327,6 +418,9 @@ def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, DS, SEQ_LE
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     start, full_start, end = _query_range(n0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
+    ds_n0 = n0
+    if CACHE:
+        ds_n0 = n0 + CP
     for g in range(GROUPS):
         h = hk * GROUPS + g
         h64 = h.to(tl.int64)
@@ -337,17 +431,20 @@ def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, DS, SEQ_LE
         ds_row = bh - DS_ROW0
         ds_src = DS  # a TMA descriptor [heads, NP, NP] with TMA, else the pointer to (b, h)'s NP x NP block
         if not TMA:
-            ds_src = DS + ds_row * NP * NP
+            if CACHE:  # blocks of (CP + NP) x NP, the segment's rows after the cache's
+                ds_src = DS + ds_row * (CP + NP) * NP + CP * NP
+            else:
+                ds_src = DS + ds_row * NP * NP
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, LSE + bh * N, DELTA + bh * N,
                                  stride_qn, stride_don, stride_on, offs_n, offs_d, start, full_start,
                                  N, valid, num_read, write_start, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True,
-                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_src, ds_row, n0,
-                                 NP, STORE_DS)
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_src, ds_row, ds_n0,
+                                 NP, STORE_DS, False, 0, 0)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, LSE + bh * N, DELTA + bh * N,
                                  stride_qn, stride_don, stride_on, offs_n, offs_d, full_start, end,
                                  N, valid, num_read, write_start, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False,
-                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_src, ds_row, n0,
-                                 NP, STORE_DS)
+                                 CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_src, ds_row, ds_n0,
+                                 NP, STORE_DS, False, 0, 0)
     dk = dk * scale
     store_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -357,11 +454,115 @@ def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, DS, SEQ_LE
 
 
 @triton.jit
+def _bwd_dkdv_cache_tile(n0, b, hk, valid, cache_start, num_cache, Q, KC, VC, O, DO, LSE, DELTA, DKC, DVC, DS,
+                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                         stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                         stride_dvb, stride_dvh, stride_dvn, H, GROUPS, N, NP, CP, DS_ROW0, scale, qk_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr, STORE_DS: tl.constexpr):
+    """dK/dV of the short-term cache's key tile starting at ``n0`` of (b, kv head hk): every valid query sees its
+    real keys ``[cache_start, num_cache)``, so it loops over all query tiles of the row, masked only where the
+    tile also holds padding keys (below ``cache_start`` or past ``num_cache``). A tile without a real key writes
+    zeros. dS^T tiles go to the first ``CP`` rows of each (b, q head)'s dS block."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    k = _rows(_src(KC, b, hk, stride_kb, stride_kh, TMA), b, hk, n0, stride_kn, num_cache, offs_d, HEAD_DIM,
+              BLOCK_D, BLOCK_N, UPCAST, TMA)
+    v = _rows(_src(VC, b, hk, stride_vb, stride_vh, TMA), b, hk, n0, stride_vn, num_cache, offs_d, HEAD_DIM,
+              BLOCK_D, BLOCK_N, UPCAST, TMA)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    end = tl.where(n0 + BLOCK_N > cache_start, valid, 0)  # padding keys only: no query
+    full = (n0 >= cache_start) & (n0 + BLOCK_N <= num_cache)
+    masked_end = tl.where(full, 0, end)
+    full_end = tl.where(full, end, 0)
+    for g in range(GROUPS):
+        h = hk * GROUPS + g
+        bh = b64 * H + h.to(tl.int64)
+        q_src = _src(Q, b, h, stride_qb, stride_qh, TMA)
+        do_src = _src(DO, b, h, stride_dob, stride_doh, TMA)
+        o_src = _src(O, b, h, stride_ob, stride_oh, TMA)
+        ds_row = bh - DS_ROW0
+        ds_src = DS
+        if not TMA:
+            ds_src = DS + ds_row * (CP + NP) * NP
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, LSE + bh * N, DELTA + bh * N,
+                                 stride_qn, stride_don, stride_on, offs_n, offs_d, 0, masked_end,
+                                 N, valid, 0, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True,
+                                 False, False, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_src, ds_row, n0,
+                                 NP, STORE_DS, True, cache_start, num_cache)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, o_src, b, h, LSE + bh * N, DELTA + bh * N,
+                                 stride_qn, stride_don, stride_on, offs_n, offs_d, 0, full_end,
+                                 N, valid, 0, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False,
+                                 False, False, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA, ds_src, ds_row, n0,
+                                 NP, STORE_DS, True, cache_start, num_cache)
+    dk = dk * scale
+    store_mask = (offs_n[:, None] < num_cache) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DKC + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DKC.dtype.element_ty), mask=store_mask)
+    tl.store(DVC + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DVC.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _bwd_dkdv_program(bhk, pid_n, Q, K, V, O, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS, KC, VC, DKC, DVC, CACHE_LENS,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                      stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                      stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, NP, DS_ROW0, num_read, num_write,
+                      num_cache, CP, scale, qk_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      DELTA_FROM_O: tl.constexpr, TMA: tl.constexpr, STORE_DS: tl.constexpr, CACHE: tl.constexpr):
+    """dK/dV of key tile ``pid_n`` of (b, kv head) ``bhk``: loops over the query heads of the GQA group and the query
+    tiles that can see the key tile. ``DELTA_FROM_O``: compute delta = rowsum(dO * O) per query tile instead of
+    reading it from DELTA. ``STORE_DS``: also write each dS^T tile to DS (``[heads, NP, NP]``, key-major; row
+    ``b * Hq + h - DS_ROW0`` for (b, q head h): a buffer that holds a chunk of the heads). With ``CACHE`` the first
+    ``cdiv(num_cache, BLOCK_N)`` key tiles are the short-term cache's (KC/VC into DKC/DVC, the strides of K/V and
+    DK/DV; dS blocks ``[CP + NP, NP]``, the cache's rows first), the rest the segment's."""
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
+    if CACHE:
+        cache_tiles = tl.cdiv(num_cache, BLOCK_N)
+        if pid_n < cache_tiles:
+            _bwd_dkdv_cache_tile(pid_n * BLOCK_N, b, hk, valid, _cache_start(CACHE_LENS, b, num_cache), num_cache,
+                                 Q, KC, VC, O, DO, LSE, DELTA, DKC, DVC, DS,
+                                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                                 stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                                 stride_dvb, stride_dvh, stride_dvn, H, GROUPS, N, NP, CP, DS_ROW0, scale, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA,
+                                 STORE_DS)
+        else:
+            _bwd_dkdv_tile((pid_n - cache_tiles) * BLOCK_N, b, hk, write_start, valid, Q, K, V, O, DO, LSE, DELTA,
+                           DK, DV, DS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                           stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                           stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                           stride_dvb, stride_dvh, stride_dvn, H, GROUPS, N, NP, CP, DS_ROW0, num_read, scale,
+                           qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION,
+                           DELTA_FROM_O, TMA, STORE_DS, True)
+    else:
+        _bwd_dkdv_tile(pid_n * BLOCK_N, b, hk, write_start, valid, Q, K, V, O, DO, LSE, DELTA, DK, DV, DS,
+                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                       stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                       stride_dvb, stride_dvh, stride_dvn, H, GROUPS, N, NP, 0, DS_ROW0, num_read, scale, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, DELTA_FROM_O, TMA,
+                       STORE_DS, False)
+
+
+@triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d, lo, hi, N,
-                  valid, num_read, write_start, qk_scale,
+                  valid, num_read, write_start, cache_start, num_cache, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  TMA: tl.constexpr):
+                  CACHE_KEYS: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Key tiles ``[lo, hi)`` of ``k_src``/``v_src`` (N rows) into dQ: the segment's keys, or with ``CACHE_KEYS``
+    the short-term cache's (N is then ``num_cache``, and the mask ``_cache_allowed``)."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _rows(k_src, b, hk, n0, stride_kn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)
@@ -369,8 +570,11 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], valid, num_read, write_start, CAUSAL, BIDIR),
-                         p, 0.0)
+            if CACHE_KEYS:
+                ok = _cache_allowed(offs_n[None, :], cache_start, num_cache)
+            else:
+                ok = _allowed(offs_m[:, None], offs_n[None, :], valid, num_read, write_start, CAUSAL, BIDIR)
+            p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -378,16 +582,17 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_
 
 
 @triton.jit
-def _bwd_dq_program(bh, pid_m, Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
+def _bwd_dq_program(bh, pid_m, Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS, KC, VC, CACHE_LENS,
                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                     stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-                    H, GROUPS, N, num_read, num_write, scale, qk_scale,
+                    H, GROUPS, N, num_read, num_write, num_cache, scale, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    STORE_DELTA: tl.constexpr, TMA: tl.constexpr):
+                    STORE_DELTA: tl.constexpr, TMA: tl.constexpr, CACHE: tl.constexpr):
     """dQ of query tile ``pid_m`` of (b, q head) ``bh``; delta = rowsum(dO * O) of its rows computed here (and
-    stored into DELTA with ``STORE_DELTA``, for a dK/dV kernel that runs after this one)."""
+    stored into DELTA with ``STORE_DELTA``, for a dK/dV kernel that runs after this one). With ``CACHE`` also over
+    the short-term cache's keys KC/VC (the strides of K/V)."""
     b = bh // H
     h = bh % H
     hk = h // GROUPS
@@ -412,13 +617,27 @@ def _bwd_dq_program(bh, pid_m, Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
     v_src = _src(V, b, hk, stride_vb, stride_vh, TMA)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CACHE:
+        cache_start = _cache_start(CACHE_LENS, b, num_cache)
+        kc_src = _src(KC, b, hk, stride_kb, stride_kh, TMA)
+        vc_src = _src(VC, b, hk, stride_vb, stride_vh, TMA)
+        lo, full_lo, full_hi, hi = _cache_range(m0, valid, cache_start, num_cache, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, kc_src, vc_src, b, hk, stride_kn, stride_vn, offs_m, offs_d, lo,
+                           full_lo, num_cache, valid, num_read, write_start, cache_start, num_cache, qk_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, True, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, kc_src, vc_src, b, hk, stride_kn, stride_vn, offs_m, offs_d,
+                           full_lo, full_hi, num_cache, valid, num_read, write_start, cache_start, num_cache, qk_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, False, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, kc_src, vc_src, b, hk, stride_kn, stride_vn, offs_m, offs_d,
+                           full_hi, hi, num_cache, valid, num_read, write_start, cache_start, num_cache, qk_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, True, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
     full_end, end = _key_range(m0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d, 0, full_end,
-                       N, valid, num_read, write_start, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
+                       N, valid, num_read, write_start, 0, 0, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_vn, offs_m, offs_d, full_end,
-                       end, N, valid, num_read, write_start, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
+                       end, N, valid, num_read, write_start, 0, 0, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
     dq = dq * scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
@@ -436,11 +655,29 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS,
     # Grid (B*H, query tiles), the last query tiles first: under the causal mask they have the most keys, so the
     # long programs start in the first wave and the short ones fill the tail.
     _bwd_dq_program(tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1), Q, K, V, O, DO, LSE, DELTA, DQ,
-                    SEQ_LENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                    SEQ_LENS, K, V, SEQ_LENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                     stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-                    H, GROUPS, N, num_read, num_write, scale, qk_scale,
-                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True, TMA)
+                    H, GROUPS, N, num_read, num_write, 0, scale, qk_scale,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True, TMA, False)
+
+
+@triton.jit(do_not_specialize=["num_read", "num_write", "num_cache"])
+def _bwd_dq_cache_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, SEQ_LENS, KC, VC, CACHE_LENS,
+                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                         stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                         H, GROUPS, N, num_read, num_write, num_cache, scale, qk_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         TMA: tl.constexpr):
+    # _bwd_dq_kernel with the short-term cache's keys KC/VC (see _bwd_dq_program).
+    _bwd_dq_program(tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1), Q, K, V, O, DO, LSE, DELTA, DQ,
+                    SEQ_LENS, KC, VC, CACHE_LENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                    H, GROUPS, N, num_read, num_write, num_cache, scale, qk_scale,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True, TMA, True)
 
 
 @triton.jit(do_not_specialize=["PAIR0", "num_read", "num_write"])
@@ -456,11 +693,32 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS,
     # (the most queries under the causal mask) start first. Reads the delta stored by the kernel before it (O is not
     # needed: its strides are passed as 0); with STORE_DS writes dS, row 0 of DS being (b, q head) PAIR0 * GROUPS.
     _bwd_dkdv_program(PAIR0 + tl.program_id(0), tl.program_id(1), Q, K, V, Q, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS,
-                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      K, V, DK, DV, SEQ_LENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, 0, 0, 0, stride_dob, stride_doh, stride_don,
                       stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                      H, H_KV, GROUPS, N, NP, PAIR0 * GROUPS, num_read, num_write, scale, qk_scale,
-                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False, TMA, STORE_DS)
+                      H, H_KV, GROUPS, N, NP, PAIR0 * GROUPS, num_read, num_write, 0, 0, scale, qk_scale,
+                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False, TMA, STORE_DS,
+                      False)
+
+
+@triton.jit(do_not_specialize=["PAIR0", "num_read", "num_write", "num_cache", "CP"])
+def _bwd_dkdv_cache_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS, KC, VC, DKC, DVC, CACHE_LENS,
+                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                           stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                           stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                           H, H_KV, GROUPS, N, NP, PAIR0, num_read, num_write, num_cache, CP, scale, qk_scale,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, STORE_DS: tl.constexpr):
+    # _bwd_dkdv_kernel with the short-term cache: its key tiles (KC/VC into DKC/DVC) come first in each row of the
+    # grid, then the segment's (see _bwd_dkdv_program); with STORE_DS the dS blocks are [CP + NP, NP].
+    _bwd_dkdv_program(PAIR0 + tl.program_id(0), tl.program_id(1), Q, K, V, Q, DO, LSE, DELTA, DK, DV, DS, SEQ_LENS,
+                      KC, VC, DKC, DVC, CACHE_LENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, 0, 0, 0, stride_dob, stride_doh, stride_don,
+                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                      H, H_KV, GROUPS, N, NP, PAIR0 * GROUPS, num_read, num_write, num_cache, CP, scale, qk_scale,
+                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False, TMA, STORE_DS,
+                      True)
 
 
 @triton.jit
@@ -481,35 +739,43 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob,
 
 @triton.jit
 def _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, ds_row, stride_kn, NP, m0, offs_m, offs_d, lo, hi, N, valid,
-                         num_read, write_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr,
-                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+                         num_read, write_start, cache_start, num_cache, ds_key0, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                         CACHE_KEYS: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Key tiles ``[lo, hi)`` of ``k_src`` (N rows) and their stored dS^T tiles into dQ: the segment's keys, or with
+    ``CACHE_KEYS`` the short-term cache's (N is then ``num_cache``). ``ds_key0``: the TMA row coordinate of key 0 in
+    the dS block (``ds_src`` points at it otherwise)."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _rows(k_src, b, hk, n0, stride_kn, N, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, TMA)
         if TMA:
-            ds_t = ds_src.load([ds_row, n0, m0]).reshape(BLOCK_N, BLOCK_M)
+            ds_t = ds_src.load([ds_row, n0 + ds_key0, m0]).reshape(BLOCK_N, BLOCK_M)
         else:
             ds_t = tl.load(ds_src + offs_n[:, None].to(tl.int64) * NP + offs_m[None, :])
         if UPCAST:
             ds_t = ds_t.to(tl.float32)
         if MASKED:  # pairs that are not allowed were never written
-            ds_t = tl.where(_allowed(offs_m[None, :], offs_n[:, None], valid, num_read, write_start, CAUSAL, BIDIR),
-                            ds_t, 0.0)
+            if CACHE_KEYS:
+                ok = _cache_allowed(offs_n[:, None], cache_start, num_cache)
+            else:
+                ok = _allowed(offs_m[None, :], offs_n[:, None], valid, num_read, write_start, CAUSAL, BIDIR)
+            ds_t = tl.where(ok, ds_t, 0.0)
         dq += tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 
-@triton.jit(do_not_specialize=["BH0", "num_read", "num_write"])
-def _bwd_dq_stored_kernel(K, DS, DQ, SEQ_LENS, stride_kb, stride_kh, stride_kn, stride_dqb, stride_dqh, stride_dqn,
-                          H, GROUPS, N, NP, BH0, num_read, num_write, scale,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
-    # Grid (heads, query tiles) from (b, q head) BH0 on (row 0 of DS), the last query tiles first: dQ = dS K * scale
-    # from the dS^T tiles the dK/dV kernel stored. Only the allowed pairs of valid queries were stored: masked tiles
-    # select them, and rows past ``valid`` (which may have read unwritten memory) are zeroed at the end; every row
-    # of dQ depends on its own row of dS only.
+@triton.jit
+def _bwd_dq_stored_program(K, DS, DQ, SEQ_LENS, KC, CACHE_LENS, stride_kb, stride_kh, stride_kn, stride_dqb,
+                           stride_dqh, stride_dqn, H, GROUPS, N, NP, BH0, num_read, num_write, num_cache, CP, scale,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, CACHE: tl.constexpr):
+    """Grid (heads, query tiles) from (b, q head) BH0 on (row 0 of DS), the last query tiles first: dQ = dS K * scale
+    from the dS^T tiles the dK/dV kernel stored. Only the allowed pairs of valid queries were stored: masked tiles
+    select them, and rows past ``valid`` (which may have read unwritten memory) are zeroed at the end; every row
+    of dQ depends on its own row of dS only. With ``CACHE`` also the short-term cache's keys KC (the strides of K),
+    whose dS^T rows come first in each (b, q head)'s ``[CP + NP, NP]`` block."""
     bh, b, h, hk, pid_m = _query_tile(H, GROUPS, BH0)
     write_start, valid = _row_bounds(SEQ_LENS, b, N, num_read, num_write)
     m0 = pid_m * BLOCK_M
@@ -518,19 +784,98 @@ def _bwd_dq_stored_kernel(K, DS, DQ, SEQ_LENS, stride_kb, stride_kh, stride_kn, 
     k_src = _src(K, b, hk, stride_kb, stride_kh, TMA)
     ds_row = bh - BH0
     ds_src = DS
-    if not TMA:
-        ds_src = DS + ds_row.to(tl.int64) * NP * NP
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CACHE:
+        cache_start = _cache_start(CACHE_LENS, b, num_cache)
+        kc_src = _src(KC, b, hk, stride_kb, stride_kh, TMA)
+        if not TMA:
+            ds_src = DS + ds_row.to(tl.int64) * (CP + NP) * NP
+        lo, full_lo, full_hi, hi = _cache_range(m0, valid, cache_start, num_cache, BLOCK_N)
+        dq = _bwd_dq_stored_inner(dq, kc_src, ds_src, b, hk, ds_row, stride_kn, NP, m0, offs_m, offs_d, lo, full_lo,
+                                  num_cache, valid, num_read, write_start, cache_start, num_cache, 0, HEAD_DIM,
+                                  BLOCK_D, BLOCK_M, BLOCK_N, True, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
+        dq = _bwd_dq_stored_inner(dq, kc_src, ds_src, b, hk, ds_row, stride_kn, NP, m0, offs_m, offs_d, full_lo,
+                                  full_hi, num_cache, valid, num_read, write_start, cache_start, num_cache, 0,
+                                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, True, CAUSAL, BIDIR, UPCAST,
+                                  DOT_PRECISION, TMA)
+        dq = _bwd_dq_stored_inner(dq, kc_src, ds_src, b, hk, ds_row, stride_kn, NP, m0, offs_m, offs_d, full_hi, hi,
+                                  num_cache, valid, num_read, write_start, cache_start, num_cache, 0, HEAD_DIM,
+                                  BLOCK_D, BLOCK_M, BLOCK_N, True, True, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
+        if not TMA:
+            ds_src = ds_src + CP * NP
+        ds_key0 = CP
+    else:
+        if not TMA:
+            ds_src = DS + ds_row.to(tl.int64) * NP * NP
+        ds_key0 = 0
     full_end, end = _key_range(m0, valid, num_read, write_start, BLOCK_M, BLOCK_N, CAUSAL, BIDIR)
     dq = _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, ds_row, stride_kn, NP, m0, offs_m, offs_d, 0, full_end, N,
-                              valid, num_read, write_start, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, BIDIR,
-                              UPCAST, DOT_PRECISION, TMA)
+                              valid, num_read, write_start, 0, 0, ds_key0, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False,
+                              False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
     dq = _bwd_dq_stored_inner(dq, k_src, ds_src, b, hk, ds_row, stride_kn, NP, m0, offs_m, offs_d, full_end, end, N,
-                              valid, num_read, write_start, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, BIDIR,
-                              UPCAST, DOT_PRECISION, TMA)
+                              valid, num_read, write_start, 0, 0, ds_key0, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True,
+                              False, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA)
     dq = tl.where(offs_m[:, None] < valid, dq * scale, 0.0)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqn
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit(do_not_specialize=["BH0", "num_read", "num_write"])
+def _bwd_dq_stored_kernel(K, DS, DQ, SEQ_LENS, stride_kb, stride_kh, stride_kn, stride_dqb, stride_dqh, stride_dqn,
+                          H, GROUPS, N, NP, BH0, num_read, num_write, scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    # See _bwd_dq_stored_program; no short-term cache.
+    _bwd_dq_stored_program(K, DS, DQ, SEQ_LENS, K, SEQ_LENS, stride_kb, stride_kh, stride_kn, stride_dqb, stride_dqh,
+                           stride_dqn, H, GROUPS, N, NP, BH0, num_read, num_write, 0, 0, scale, HEAD_DIM, BLOCK_D,
+                           BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA, False)
+
+
+@triton.jit(do_not_specialize=["BH0", "num_read", "num_write", "num_cache", "CP"])
+def _bwd_dq_stored_cache_kernel(K, DS, DQ, SEQ_LENS, KC, CACHE_LENS, stride_kb, stride_kh, stride_kn, stride_dqb,
+                                stride_dqh, stride_dqn, H, GROUPS, N, NP, BH0, num_read, num_write, num_cache, CP,
+                                scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, BIDIR: tl.constexpr,
+                                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    # See _bwd_dq_stored_program; with the short-term cache's keys KC.
+    _bwd_dq_stored_program(K, DS, DQ, SEQ_LENS, KC, CACHE_LENS, stride_kb, stride_kh, stride_kn, stride_dqb,
+                           stride_dqh, stride_dqn, H, GROUPS, N, NP, BH0, num_read, num_write, num_cache, CP, scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, TMA, True)
+
+
+@triton.jit
+def _bwd_fused_program(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS, KC, VC, DKC, DVC, CACHE_LENS,
+                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                       stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                       stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                       H, H_KV, GROUPS, N, KV_PROGRAMS, KV_TILES, Q_TILES, num_read, num_write, num_cache, scale,
+                       qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M1: tl.constexpr,
+                       BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+                       CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       CACHE: tl.constexpr):
+    """One launch for the whole backward (1-D grid): the first KV_PROGRAMS programs are dK/dV programs (first key
+    tiles first; KV_TILES per (b, kv head), with ``CACHE`` the short-term cache's first), the rest dQ programs (last
+    query tiles first). Neither reads the other's output: both compute delta from O themselves."""
+    pid = tl.program_id(0)
+    if pid < KV_PROGRAMS:
+        _bwd_dkdv_program(pid // KV_TILES, pid % KV_TILES, Q, K, V, O, DO, LSE, LSE, DK, DV, LSE, SEQ_LENS,
+                          KC, VC, DKC, DVC, CACHE_LENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                          stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                          stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                          stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, 0, 0, num_read, num_write,
+                          num_cache, 0, scale, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, BIDIR, UPCAST,
+                          DOT_PRECISION, True, False, False, CACHE)
+    else:
+        j = pid - KV_PROGRAMS
+        _bwd_dq_program(j // Q_TILES, Q_TILES - 1 - j % Q_TILES, Q, K, V, O, DO, LSE, LSE, DQ, SEQ_LENS, KC, VC,
+                        CACHE_LENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                        stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                        H, GROUPS, N, num_read, num_write, num_cache, scale, qk_scale,
+                        HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False, False,
+                        CACHE)
 
 
 @triton.jit(do_not_specialize=["num_read", "num_write"])
@@ -543,26 +888,37 @@ def _bwd_fused_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M1: tl.constexpr,
                       BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
                       CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # One launch for the whole backward (1-D grid): the first KV_PROGRAMS programs are dK/dV programs (first key
-    # tiles first), the rest dQ programs (last query tiles first). Neither reads the other's output: both compute
-    # delta from O themselves.
-    pid = tl.program_id(0)
-    if pid < KV_PROGRAMS:
-        _bwd_dkdv_program(pid // KV_TILES, pid % KV_TILES, Q, K, V, O, DO, LSE, LSE, DK, DV, LSE, SEQ_LENS,
-                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                          stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                          stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
-                          stride_dvb, stride_dvh, stride_dvn, H, H_KV, GROUPS, N, 0, 0, num_read, num_write, scale,
-                          qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, True,
-                          False, False)
-    else:
-        j = pid - KV_PROGRAMS
-        _bwd_dq_program(j // Q_TILES, Q_TILES - 1 - j % Q_TILES, Q, K, V, O, DO, LSE, LSE, DQ, SEQ_LENS,
-                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                        stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-                        H, GROUPS, N, num_read, num_write, scale, qk_scale,
-                        HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, BIDIR, UPCAST, DOT_PRECISION, False, False)
+    # See _bwd_fused_program; no short-term cache.
+    _bwd_fused_program(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS, K, V, DK, DV, SEQ_LENS,
+                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                       stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                       stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                       H, H_KV, GROUPS, N, KV_PROGRAMS, KV_TILES, Q_TILES, num_read, num_write, 0, scale, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, CAUSAL, BIDIR, UPCAST,
+                       DOT_PRECISION, False)
+
+
+@triton.jit(do_not_specialize=["num_read", "num_write", "num_cache"])
+def _bwd_fused_cache_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS, KC, VC, DKC, DVC, CACHE_LENS,
+                            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                            stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                            stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                            stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                            H, H_KV, GROUPS, N, KV_PROGRAMS, KV_TILES, Q_TILES, num_read, num_write, num_cache, scale,
+                            qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M1: tl.constexpr,
+                            BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+                            CAUSAL: tl.constexpr, BIDIR: tl.constexpr, UPCAST: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr):
+    # See _bwd_fused_program; with the short-term cache (KC/VC into DKC/DVC).
+    _bwd_fused_program(Q, K, V, O, DO, LSE, DQ, DK, DV, SEQ_LENS, KC, VC, DKC, DVC, CACHE_LENS,
+                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                       stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                       stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                       H, H_KV, GROUPS, N, KV_PROGRAMS, KV_TILES, Q_TILES, num_read, num_write, num_cache, scale,
+                       qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, CAUSAL, BIDIR, UPCAST,
+                       DOT_PRECISION, True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -618,8 +974,9 @@ LONG_ROWS = 4096
 
 SCHEDULES = ("split", "fused", "stored")
 _schedule_override: str | None = None
-# Below this much work (B * Hq * N * N * D) the backward takes one launch ("fused"): at such sizes an eager call is
-# host-bound, and the launch saved is worth more than the GPU time the fused kernel spends recomputing delta.
+# Below this much work (B * Hq * N * (num_cache + N) * D) the backward takes one launch ("fused"): at such sizes an
+# eager call is host-bound, and the launch saved is worth more than the GPU time the fused kernel spends recomputing
+# delta.
 FUSED_MAX_WORK = 8 * 2 ** 30
 _NP_ROUND = 128
 
@@ -747,32 +1104,36 @@ def _padded_rows(n: int) -> int:
     return _cdiv(n, _NP_ROUND) * _NP_ROUND
 
 
-def _group_bytes(groups: int, n: int, dtype: torch.dtype) -> int:
-    """The stored schedule's dS bytes for one (b, kv head): its GQA group of ``groups`` query heads."""
-    return groups * _padded_rows(n) ** 2 * dtype.itemsize
+def _group_bytes(groups: int, n: int, dtype: torch.dtype, num_cache: int = 0) -> int:
+    """The stored schedule's dS bytes for one (b, kv head): its GQA group of ``groups`` query heads (with a
+    short-term cache each head's block has ``_padded_rows(num_cache)`` more key rows)."""
+    np_ = _padded_rows(n)
+    return groups * (_padded_rows(num_cache) + np_) * np_ * dtype.itemsize
 
 
-def _chunk_sizes(pairs: int, groups: int, n: int, dtype: torch.dtype, budget: int, min_chunks: int = 1) -> list[int]:
+def _chunk_sizes(pairs: int, groups: int, n: int, dtype: torch.dtype, budget: int, min_chunks: int = 1,
+                 num_cache: int = 0) -> list[int]:
     """(b, kv head) pairs of each chunk of the stored schedule: the fewest chunks (at least ``min_chunks``, at most
     one per pair) whose dS fits ``budget`` bytes each, balanced (sizes differ by at most one, larger first)."""
-    chunks = max(min_chunks, _cdiv(pairs, max(1, budget // _group_bytes(groups, n, dtype))))
+    chunks = max(min_chunks, _cdiv(pairs, max(1, budget // _group_bytes(groups, n, dtype, num_cache))))
     chunks = min(chunks, pairs)
     return [pairs // chunks + (i < pairs % chunks) for i in range(chunks)]
 
 
 def _stored_plan(pairs: int, groups: int, n: int, dtype: torch.dtype, streams: int,
-                 stored: StoredBackward) -> tuple[list[int], int]:
+                 stored: StoredBackward, num_cache: int = 0) -> tuple[list[int], int]:
     """``(pairs of each chunk, streams)`` of the stored schedule for ``pairs`` (b, kv head) pairs on at most
     ``streams`` streams. With two streams each holds one dS slot of half the ``stored.max_bytes`` budget, and there
     are at least ``stored.min_chunks`` chunks (two at least); one stream when there is a single pair or one GQA group
     does not fit half the budget."""
     budget = stored.max_bytes
-    if streams > 1 and pairs > 1 and 2 * _group_bytes(groups, n, dtype) <= budget:
-        return _chunk_sizes(pairs, groups, n, dtype, budget // 2, max(2, stored.min_chunks)), 2
-    return _chunk_sizes(pairs, groups, n, dtype, budget), 1
+    if streams > 1 and pairs > 1 and 2 * _group_bytes(groups, n, dtype, num_cache) <= budget:
+        return _chunk_sizes(pairs, groups, n, dtype, budget // 2, max(2, stored.min_chunks), num_cache), 2
+    return _chunk_sizes(pairs, groups, n, dtype, budget, 1, num_cache), 1
 
 
-def _schedule(b: int, h: int, h_kv: int, n: int, d: int, dtype: torch.dtype, stored: StoredBackward) -> str:
+def _schedule(b: int, h: int, h_kv: int, n: int, d: int, dtype: torch.dtype, stored: StoredBackward,
+              num_cache: int = 0) -> str:
     """How the backward runs: "fused" (one launch; dK/dV and dQ programs side by side, each computing delta),
     "stored" (delta; dK/dV writing dS; dQ from dS) or "split" (a dQ kernel that stores delta, then a dK/dV kernel
     that reads it). All are deterministic and agree with the reference to rounding; they differ in launches (host
@@ -780,13 +1141,14 @@ def _schedule(b: int, h: int, h_kv: int, n: int, d: int, dtype: torch.dtype, sto
     D128 with thousands of rows; there "stored" (five matmuls per tile pair) is faster than "split" (seven) for
     ``NP^2`` elements of transient memory per head (RESULTS.md "2026-11-29: a one-launch attention backward",
     "2026-11-29: TMA row loads"). Hence: "fused" up to FUSED_MAX_WORK, "stored" (its heads in chunks of at most
-    ``stored.max_bytes`` of dS) while one GQA group of heads fits that budget, else "split"."""
+    ``stored.max_bytes`` of dS) while one GQA group of heads fits that budget, else "split". The work of a layout
+    with a short-term cache counts its ``num_cache`` keys too: ``B * Hq * N * (num_cache + N) * D``."""
     name = _schedule_override
     if name is None:
-        if b * h * n * n * d <= FUSED_MAX_WORK:
+        if b * h * n * (n + num_cache) * d <= FUSED_MAX_WORK:
             name = "fused"
         else:
-            name = "stored" if _group_bytes(h // h_kv, n, dtype) <= stored.max_bytes else "split"
+            name = "stored" if _group_bytes(h // h_kv, n, dtype, num_cache) <= stored.max_bytes else "split"
     return name
 
 
@@ -824,9 +1186,9 @@ def _tma_aligned(x: torch.Tensor) -> bool:
 
 def _use_tma(work: int, *xs: torch.Tensor) -> bool:
     """Load rows through TMA descriptors: forced by :func:`row_loads`, or ("auto") on a GPU of compute capability
-    9.0+ when ``work`` (B * Hq * N * N * D) is above FUSED_MAX_WORK. Either way only when every tensor's base
-    address and (batch, head, row) strides are 16-byte aligned (a TMA requirement), and never again after a TMA
-    launch failed (``_tma_off``). Timings with and without: RESULTS.md "2026-11-29: TMA row loads"."""
+    9.0+ when ``work`` (B * Hq * N * (num_cache + N) * D) is above FUSED_MAX_WORK. Either way only when every
+    tensor's base address and (batch, head, row) strides are 16-byte aligned (a TMA requirement), and never again
+    after a TMA launch failed (``_tma_off``). Timings with and without: RESULTS.md "2026-11-29: TMA row loads"."""
     mode = _loads_override or "auto"
     if mode == "pointer" or TensorDescriptor is None or _tma_failed is not None:
         return False
@@ -899,6 +1261,12 @@ _bwd_dkdv = Launcher(_bwd_dkdv_kernel)
 _bwd_fused = Launcher(_bwd_fused_kernel)
 _bwd_delta = Launcher(_bwd_delta_kernel)
 _bwd_dq_stored = Launcher(_bwd_dq_stored_kernel)
+# the same with a short-term cache
+_fwd_cache = Launcher(_fwd_cache_kernel)
+_bwd_dq_cache = Launcher(_bwd_dq_cache_kernel)
+_bwd_dkdv_cache = Launcher(_bwd_dkdv_cache_kernel)
+_bwd_fused_cache = Launcher(_bwd_fused_cache_kernel)
+_bwd_dq_stored_cache = Launcher(_bwd_dq_stored_cache_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -906,30 +1274,56 @@ _bwd_dq_stored = Launcher(_bwd_dq_stored_kernel)
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _segment(x: torch.Tensor, num_cache: int) -> torch.Tensor:
+    """The segment's rows of keys (or their gradient) ``[B, H, num_cache + N, D]``: the last N, a view."""
+    return x.narrow(2, num_cache, x.shape[2] - num_cache)
+
+
+def _cache_prefix(x: torch.Tensor, num_cache: int) -> torch.Tensor:
+    """The short-term cache's rows of keys (or their gradient): the first ``num_cache``, a view."""
+    return x.narrow(2, 0, num_cache)
+
+
+def _full_cache_lens(cache_lens: torch.Tensor | None, b: int, num_cache: int, device) -> torch.Tensor:
+    return torch.full((b,), num_cache, dtype=torch.int32, device=device) if cache_lens is None else cache_lens
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, num_read: int,
-            num_write: int, causal: bool, bidirectional: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q ``[B, Hq, N, D]``, k/v ``[B, Hkv, N, D]`` (one dtype, any strides), seq_lens ``[B]`` int32/int64.
+            num_write: int, causal: bool, bidirectional: bool, scale: float, num_cache: int = 0,
+            cache_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q ``[B, Hq, N, D]``, k/v ``[B, Hkv, num_cache + N, D]`` (one dtype, any strides), seq_lens ``[B]``
+    int32/int64. With ``num_cache > 0`` the first ``num_cache`` keys of each row are its short-term cache, of which
+    the last ``cache_lens[b]`` (``[B]`` int32/int64; None: all) are real, seen by every valid query (``mask_rule``).
 
     Returns ``(out, lse)``: out ``[B, Hq, N, D]`` like q (dtype and memory layout; zeros at padding queries),
     lse ``[B, Hq, N]`` fp32, the base-2 log-sum-exp (``+inf`` at padding queries). No host synchronisation:
-    ``valid[b]`` is clamped to N, not checked.
+    ``valid[b]`` is clamped to N and ``cache_lens[b]`` to ``[0, num_cache]``, not checked.
     """
     q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
     b, h, n, d = q.shape
     o = torch.empty_like(q)
     lse = q.new_empty((b, h, n), dtype=torch.float32)
+    if num_cache:
+        cache_lens = _full_cache_lens(cache_lens, b, num_cache, q.device)
+    work = b * h * n * (n + num_cache) * d
     key = None
-    if q.is_cuda and _loads_override is None and b * h * n * n * d <= FUSED_MAX_WORK:
+    if q.is_cuda and _loads_override is None and work <= FUSED_MAX_WORK:
         key = ("fwd", q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, seq_lens.dtype,
                num_read, num_write, causal, bidirectional, scale)
-        plan = _plans.get(key)
-        if plan and plan(q, k, v, o, lse, seq_lens):
+        if num_cache:
+            key += (cache_lens.dtype,)
+            plan = _plans.get(key)
+            done = plan and plan(q, _segment(k, num_cache), _segment(v, num_cache), o, lse, seq_lens, k, v, cache_lens)
+        else:
+            plan = _plans.get(key)
+            done = plan and plan(q, k, v, o, lse, seq_lens)
+        if done:
             return o, lse
         if plan is not None:  # a plan that declined this call, or none to be had: nothing to remember
             key = None
     cfg = _launch_config("fwd", d, q.dtype, _long_rows(q))
-    _with_tma_fallback(_forward, _use_tma(b * h * n * n * d, q, k, v),
-                       q, k, v, o, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, cfg, key)
+    _with_tma_fallback(_forward, _use_tma(work, q, k, v), q, k, v, o, lse, seq_lens, num_read, num_write, causal,
+                       bidirectional, scale, num_cache, cache_lens, cfg, key)
     return o, lse
 
 
@@ -951,24 +1345,35 @@ def _with_tma_fallback(run, tma: bool, *args) -> None:
     run(*args, tma=False)
 
 
-def _forward(q, k, v, o, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, cfg, plan_key,
-             tma: bool) -> None:
+def _forward(q, k, v, o, lse, seq_lens, num_read, num_write, causal, bidirectional, scale, num_cache, cache_lens, cfg,
+             plan_key, tma: bool) -> None:
     b, h, n, _ = q.shape
     m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     grid = (b * h, _cdiv(n, m))
-    args = (_arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), o, lse, seq_lens, *_strides(q, k, v, o),
-            h, h // k.shape[1], n, num_read, num_write, scale * _LOG2E)
     meta = dict(CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg)
-    _fwd(grid, *args, **meta)
+    if num_cache:
+        launcher = _fwd_cache
+        args = (_arg(q, tma, m, bd), _arg(_segment(k, num_cache), tma, nn, bd),
+                _arg(_segment(v, num_cache), tma, nn, bd), o, lse, seq_lens,
+                _arg(_cache_prefix(k, num_cache), tma, nn, bd), _arg(_cache_prefix(v, num_cache), tma, nn, bd),
+                cache_lens, *_strides(q, k, v, o), h, h // k.shape[1], n, num_read, num_write, num_cache,
+                scale * _LOG2E)
+    else:
+        launcher = _fwd
+        args = (_arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), o, lse, seq_lens,
+                *_strides(q, k, v, o), h, h // k.shape[1], n, num_read, num_write, scale * _LOG2E)
+    launcher(grid, *args, **meta)
     if plan_key is not None and not tma:
-        _remember(plan_key, _fwd, grid, args, meta)
+        _remember(plan_key, launcher, grid, args, meta)
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, seq_lens: torch.Tensor, num_read: int, num_write: int, causal: bool,
-             bidirectional: bool, scale: float, stored: StoredBackward | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dq, dk, dv)`` shaped, typed and laid out like q, k, v; exactly 0 at padding positions.
+             bidirectional: bool, scale: float, num_cache: int = 0, cache_lens: torch.Tensor | None = None,
+             stored: StoredBackward | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` shaped, typed and laid out like q, k, v (k/v ``[B, Hkv, num_cache + N, D]``, the
+    short-term cache's keys first, as in :func:`forward`); exactly 0 at padding positions (padding cache keys
+    included).
 
     One launch ("fused") for small problems; "stored" (delta, dK/dV writing dS, dQ from dS) or "split" (dQ, which
     also writes ``delta = rowsum(dO * O)``, then dK/dV) otherwise: see :func:`_schedule`. ``stored``: the stored
@@ -980,85 +1385,129 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     b, h, n, d = q.shape
     h_kv = k.shape[1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if num_cache:
+        cache_lens = _full_cache_lens(cache_lens, b, num_cache, q.device)
+    work = b * h * n * (n + num_cache) * d
     key = None
-    if q.is_cuda and _schedule_override is None and b * h * n * n * d <= FUSED_MAX_WORK:
+    if q.is_cuda and _schedule_override is None and work <= FUSED_MAX_WORK:
         key = ("bwd", q.shape, k.shape, q.stride(), k.stride(), v.stride(), out.stride(), do.stride(), q.dtype,
                k.dtype, v.dtype, out.dtype, do.dtype, lse.dtype, seq_lens.dtype, num_read, num_write, causal,
                bidirectional, scale)
-        plan = _plans.get(key)
-        if plan and plan(q, k, v, out, do, lse, dq, dk, dv, seq_lens):
+        if num_cache:
+            key += (cache_lens.dtype,)
+            plan = _plans.get(key)
+            done = plan and plan(q, _segment(k, num_cache), _segment(v, num_cache), out, do, lse, dq,
+                                 _segment(dk, num_cache), _segment(dv, num_cache), seq_lens, k, v, dk, dv, cache_lens)
+        else:
+            plan = _plans.get(key)
+            done = plan and plan(q, k, v, out, do, lse, dq, dk, dv, seq_lens)
+        if done:
             return dq, dk, dv
         if plan is not None:  # a plan that declined this call, or none to be had: nothing to remember
             key = None
-    schedule = _schedule(b, h, h_kv, n, d, q.dtype, stored)
+    schedule = _schedule(b, h, h_kv, n, d, q.dtype, stored, num_cache)
     if schedule == "fused":
         cfg = _launch_config("fused", d, q.dtype)
-        kv_tiles, q_tiles = _cdiv(n, cfg["BLOCK_N1"]), _cdiv(n, cfg["BLOCK_M2"])
+        kv_tiles, q_tiles = _cdiv(n, cfg["BLOCK_N1"]) + _cdiv(num_cache, cfg["BLOCK_N1"]), _cdiv(n, cfg["BLOCK_M2"])
         kv_programs = b * h_kv * kv_tiles
         grid = (kv_programs + b * h * q_tiles,)
-        args = (q, k, v, out, do, lse, dq, dk, dv, seq_lens, *_strides(q, k, v, out, do, dq, dk, dv),
-                h, h_kv, h // h_kv, n, kv_programs, kv_tiles, q_tiles, num_read, num_write, scale, scale * _LOG2E)
+        strides = _strides(q, k, v, out, do, dq, dk, dv)
+        if num_cache:
+            launcher = _bwd_fused_cache
+            args = (q, _segment(k, num_cache), _segment(v, num_cache), out, do, lse, dq, _segment(dk, num_cache),
+                    _segment(dv, num_cache), seq_lens, k, v, dk, dv, cache_lens, *strides, h, h_kv, h // h_kv, n,
+                    kv_programs, kv_tiles, q_tiles, num_read, num_write, num_cache, scale, scale * _LOG2E)
+        else:
+            launcher = _bwd_fused
+            args = (q, k, v, out, do, lse, dq, dk, dv, seq_lens, *strides, h, h_kv, h // h_kv, n, kv_programs,
+                    kv_tiles, q_tiles, num_read, num_write, scale, scale * _LOG2E)
         meta = dict(CAUSAL=causal, BIDIR=bidirectional, **cfg)
-        _bwd_fused(grid, *args, **meta)
+        launcher(grid, *args, **meta)
         if key is not None:
-            _remember(key, _bwd_fused, grid, args, meta)
+            _remember(key, launcher, grid, args, meta)
         return dq, dk, dv
     run = _backward_split
     if schedule == "stored":
         groups = h // h_kv
-        chunks, streams = _stored_plan(b * h_kv, groups, n, q.dtype, _stored_streams(q, stored), stored)
+        chunks, streams = _stored_plan(b * h_kv, groups, n, q.dtype, _stored_streams(q, stored), stored, num_cache)
         try:
-            ds = _new_ds(q, streams * chunks[0] * groups, _padded_rows(n))
+            np_ = _padded_rows(n)
+            rows = streams * chunks[0] * groups
+            if num_cache:
+                ds = _new_ds(q, rows, np_, _padded_rows(num_cache) + np_)
+            else:
+                ds = _new_ds(q, rows, np_)
             run = functools.partial(_backward_stored, ds=ds, chunks=chunks, streams=streams)
         except torch.OutOfMemoryError:  # no room for dS: the split schedule needs none
             pass
-    _with_tma_fallback(run, _use_tma(b * h * n * n * d, q, k, v, out, do),
-                       q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional, scale)
+    _with_tma_fallback(run, _use_tma(work, q, k, v, out, do), q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read,
+                       num_write, causal, bidirectional, scale, num_cache, cache_lens)
     return dq, dk, dv
 
 
-def _new_ds(q: torch.Tensor, rows: int, np_: int) -> torch.Tensor:
-    """The stored schedule's dS^T buffer ``[rows, NP, NP]`` in q's dtype, one ``NP x NP`` block per query head of a
-    chunk (uninitialised: only the pairs the dQ kernel reads unmasked are written)."""
-    return q.new_empty((rows, np_, np_))
+def _new_ds(q: torch.Tensor, rows: int, np_: int, key_rows: int | None = None) -> torch.Tensor:
+    """The stored schedule's dS^T buffer ``[rows, key_rows, NP]`` (``key_rows`` default NP; with a short-term cache
+    ``CP + NP``) in q's dtype, one block per query head of a chunk (uninitialised: only the pairs the dQ kernel reads
+    unmasked are written)."""
+    return q.new_empty((rows, np_ if key_rows is None else key_rows, np_))
 
 
 def _backward_split(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional,
-                    scale, tma: bool) -> None:
+                    scale, num_cache, cache_lens, tma: bool) -> None:
     """The "split" schedule: dQ (which stores delta), then dK/dV (which reads it)."""
     b, h, n, d = q.shape
     h_kv = k.shape[1]
     delta = torch.empty_like(lse)
     cfg = _launch_config("dq", d, q.dtype)
     m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]  # q/o/dO: a query tile, k/v: key tiles
-    _bwd_dq((b * h, _cdiv(n, m)),
-            _arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(out, tma, m, bd),
-            _arg(do, tma, m, bd), lse, delta, dq, seq_lens, *_strides(q, k, v, out, do, dq),
-            h, h // h_kv, n, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, TMA=tma,
-            **cfg)
+    meta = dict(CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg)
+    if num_cache:
+        _bwd_dq_cache((b * h, _cdiv(n, m)),
+                      _arg(q, tma, m, bd), _arg(_segment(k, num_cache), tma, nn, bd),
+                      _arg(_segment(v, num_cache), tma, nn, bd), _arg(out, tma, m, bd), _arg(do, tma, m, bd), lse,
+                      delta, dq, seq_lens, _arg(_cache_prefix(k, num_cache), tma, nn, bd),
+                      _arg(_cache_prefix(v, num_cache), tma, nn, bd), cache_lens, *_strides(q, k, v, out, do, dq),
+                      h, h // h_kv, n, num_read, num_write, num_cache, scale, scale * _LOG2E, **meta)
+    else:
+        _bwd_dq((b * h, _cdiv(n, m)),
+                _arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(out, tma, m, bd),
+                _arg(do, tma, m, bd), lse, delta, dq, seq_lens, *_strides(q, k, v, out, do, dq),
+                h, h // h_kv, n, num_read, num_write, scale, scale * _LOG2E, **meta)
     cfg = _launch_config("dkdv", d, q.dtype)
     m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]  # k/v: a key tile, q/dO: query tiles
-    _bwd_dkdv((b * h_kv, _cdiv(n, nn)),
-              _arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd),
-              lse, delta, dk, dv, delta, seq_lens, *_strides(q, k, v, do, dk, dv),
-              h, h_kv, h // h_kv, n, 0, 0, num_read, num_write, scale, scale * _LOG2E, CAUSAL=causal,
-              BIDIR=bidirectional, TMA=tma, STORE_DS=False, **cfg)
+    meta = dict(CAUSAL=causal, BIDIR=bidirectional, TMA=tma, STORE_DS=False, **cfg)
+    if num_cache:
+        _bwd_dkdv_cache((b * h_kv, _cdiv(num_cache, nn) + _cdiv(n, nn)),
+                        _arg(q, tma, m, bd), _arg(_segment(k, num_cache), tma, nn, bd),
+                        _arg(_segment(v, num_cache), tma, nn, bd), _arg(do, tma, m, bd), lse, delta,
+                        _segment(dk, num_cache), _segment(dv, num_cache), delta, seq_lens,
+                        _arg(_cache_prefix(k, num_cache), tma, nn, bd), _arg(_cache_prefix(v, num_cache), tma, nn, bd),
+                        dk, dv, cache_lens, *_strides(q, k, v, do, dk, dv), h, h_kv, h // h_kv, n, 0, 0, num_read,
+                        num_write, num_cache, 0, scale, scale * _LOG2E, **meta)
+    else:
+        _bwd_dkdv((b * h_kv, _cdiv(n, nn)),
+                  _arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd),
+                  lse, delta, dk, dv, delta, seq_lens, *_strides(q, k, v, do, dk, dv),
+                  h, h_kv, h // h_kv, n, 0, 0, num_read, num_write, scale, scale * _LOG2E, **meta)
 
 
 def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_write, causal, bidirectional,
-                     scale, tma: bool, ds: torch.Tensor, chunks: list[int], streams: int = 1) -> None:
+                     scale, num_cache, cache_lens, tma: bool, ds: torch.Tensor, chunks: list[int],
+                     streams: int = 1) -> None:
     """The "stored" schedule: delta, then per chunk of (b, kv head) pairs (``chunks``: their sizes) dK/dV (which also
     writes every dS tile it computes into its stream's slot of ``ds``, ``[chunk's query heads, NP, NP]`` in q's
-    dtype, NP = N rounded up to 128) and dQ = dS K from the stored tiles: five matmuls per tile pair instead of the
-    split schedule's seven, for ``NP * NP`` elements of transient memory per query head of a slot (freed on return;
-    at most ``StoredBackward.max_bytes``, see :func:`_stored_plan`). With ``streams`` 2 chunk i runs on stream
-    i % 2. Each chunk is two launches of their own kernels (not one kernel running a chunk's dK/dV programs beside
-    the previous chunk's dQ programs), so each kernel keeps its own registers and shared memory (RESULTS.md
-    "2026-11-29: the stored backward in chunks of heads")."""
+    dtype, NP = N rounded up to 128; with a short-term cache ``[heads, CP + NP, NP]``, its ``CP = num_cache``
+    rounded up to 128 key rows first) and dQ = dS K from the stored tiles: five matmuls per tile pair instead of the
+    split schedule's seven, for ``NP * NP`` (``(CP + NP) * NP``) elements of transient memory per query head of a
+    slot (freed on return; at most ``StoredBackward.max_bytes``, see :func:`_stored_plan`). With ``streams`` 2 chunk
+    i runs on stream i % 2. Each chunk is two launches of their own kernels (not one kernel running a chunk's dK/dV
+    programs beside the previous chunk's dQ programs), so each kernel keeps its own registers and shared memory
+    (RESULTS.md "2026-11-29: the stored backward in chunks of heads")."""
     b, h, n, d = q.shape
     h_kv = k.shape[1]
     groups = h // h_kv
     np_ = ds.shape[-1]
+    cp = ds.shape[-2] - np_
     delta = torch.empty_like(lse)
     block_d = max(16, triton.next_power_of_2(d))
     rows = 16 if _INTERPRET else 64
@@ -1066,24 +1515,41 @@ def _backward_stored(q, k, v, out, do, lse, dq, dk, dv, seq_lens, num_read, num_
                HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
     cfg = _launch_config("dkdv", d, q.dtype)
     cfg_dq = _launch_config("dq_stored", d, q.dtype, _long_rows(q))
-    if any(np_ % cfg_[key] for cfg_ in (cfg, cfg_dq) for key in ("BLOCK_M", "BLOCK_N")):
-        raise ValueError(f"stored schedule: tiles must divide {np_} (dS is read and written without masks)")
+    if any(np_ % cfg_[key] or cp % cfg_[key] for cfg_ in (cfg, cfg_dq) for key in ("BLOCK_M", "BLOCK_N")):
+        raise ValueError(f"stored schedule: tiles must divide {np_} and {cp} (dS is read and written without masks)")
     m, nn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     m_dq, nn_dq = cfg_dq["BLOCK_M"], cfg_dq["BLOCK_N"]
     slots = ds.chunk(streams)  # one dS slot per stream; the other arguments are shared
-    head = (_arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd), lse, delta, dk, dv)
-    tail = (seq_lens, *_strides(q, k, v, do, dk, dv), h, h_kv, groups, n, np_)
+    if num_cache:
+        dkdv_launch, dq_launch = _bwd_dkdv_cache, _bwd_dq_stored_cache
+        ks, vs = _segment(k, num_cache), _segment(v, num_cache)
+        head = (_arg(q, tma, m, bd), _arg(ks, tma, nn, bd), _arg(vs, tma, nn, bd), _arg(do, tma, m, bd), lse, delta,
+                _segment(dk, num_cache), _segment(dv, num_cache))
+        tail = (seq_lens, _arg(_cache_prefix(k, num_cache), tma, nn, bd),
+                _arg(_cache_prefix(v, num_cache), tma, nn, bd), dk, dv, cache_lens, *_strides(q, k, v, do, dk, dv),
+                h, h_kv, groups, n, np_)
+        k_dq = _arg(ks, tma, nn_dq, bd)
+        tail_dq = (dq, seq_lens, _arg(_cache_prefix(k, num_cache), tma, nn_dq, bd), cache_lens, *_strides(k, dq), h,
+                   groups, n, np_)
+        cache_args = (num_cache, cp)
+    else:
+        dkdv_launch, dq_launch = _bwd_dkdv, _bwd_dq_stored
+        head = (_arg(q, tma, m, bd), _arg(k, tma, nn, bd), _arg(v, tma, nn, bd), _arg(do, tma, m, bd), lse, delta, dk,
+                dv)
+        tail = (seq_lens, *_strides(q, k, v, do, dk, dv), h, h_kv, groups, n, np_)
+        k_dq, tail_dq = _arg(k, tma, nn_dq, bd), (dq, seq_lens, *_strides(k, dq), h, groups, n, np_)
+        cache_args = ()
     dkdv_args = [(*head, _arg(slot, tma, nn, m), *tail) for slot in slots]
-    k_dq, tail_dq = _arg(k, tma, nn_dq, bd), (dq, seq_lens, *_strides(k, dq), h, groups, n, np_)
     dq_args = [(k_dq, _arg(slot, tma, nn_dq, m_dq), *tail_dq) for slot in slots]
+    kv_tiles = _cdiv(num_cache, nn) + _cdiv(n, nn)
     with _Streams(q.device, streams) as on_stream:
         # Chunk i runs on stream i % streams through that stream's slot; within a stream each dQ launch reads its
         # slot before the next dK/dV launch writes it.
         pair0 = 0
         for i, pairs in enumerate(chunks):
             with on_stream(i % streams):
-                _bwd_dkdv((pairs, _cdiv(n, nn)), *dkdv_args[i % streams], pair0, num_read, num_write, scale,
-                          scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, TMA=tma, STORE_DS=True, **cfg)
-                _bwd_dq_stored((pairs * groups, _cdiv(n, m_dq)), *dq_args[i % streams], pair0 * groups, num_read,
-                               num_write, scale, CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg_dq)
+                dkdv_launch((pairs, kv_tiles), *dkdv_args[i % streams], pair0, num_read, num_write, *cache_args,
+                            scale, scale * _LOG2E, CAUSAL=causal, BIDIR=bidirectional, TMA=tma, STORE_DS=True, **cfg)
+                dq_launch((pairs * groups, _cdiv(n, m_dq)), *dq_args[i % streams], pair0 * groups, num_read,
+                          num_write, *cache_args, scale, CAUSAL=causal, BIDIR=bidirectional, TMA=tma, **cfg_dq)
             pair0 += pairs
