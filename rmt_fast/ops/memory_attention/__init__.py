@@ -155,10 +155,9 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
     ``[B, Hq, N, D]`` in q's dtype. Outputs at padding positions (``>= layout.valid_lens[b]``) are unspecified;
     valid outputs never depend on padded k/v.
 
-    A layout with a short-term cache runs on "reference" and "triton"; "auto" takes Triton on a GPU where it
-    takes Triton for other layouts (see :mod:`rmt_fast.ops.backends`), else SDPA with the layout's boolean mask on a
-    GPU and the reference on the CPU. "cuda" (whose kernels do not implement the cache) and "sdpa" raise ValueError
-    for it.
+    A layout with a short-term cache runs on "reference" and "triton" (tested against the reference through
+    Triton's interpreter, not yet on a GPU); "auto" takes SDPA with the layout's boolean mask on a GPU (and what it
+    takes for other layouts on the CPU). "cuda" (whose kernels do not implement the cache) and "sdpa" raise ValueError for it.
 
     No host synchronisation on the fused paths ("sdpa", "triton", "cuda"): ``valid_lens <= N`` is the caller's
     promise there (the kernels clamp to N); only the reference checks it.
@@ -170,10 +169,11 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
                          f"no short-term cache), got layout causal={layout.causal}, memory_bidirectional="
                          f"{layout.memory_bidirectional}, dense={layout.dense}, num_cache={layout.num_cache}")
     impl = resolve_backend(backend, q.device)
-    if layout.num_cache and impl == "cuda":
+    if layout.num_cache and impl != "reference" and ((backend == "auto" and q.is_cuda) or impl == "cuda"):
         if backend != "auto":
             raise ValueError(f"backend={backend!r} does not implement the short-term cache (layout.num_cache="
                              f"{layout.num_cache}); use backend='triton', 'reference' or 'auto'")
+        # "auto" keeps the cache on SDPA until the Triton cache kernels have been checked on a GPU
         check_attention_inputs(q, k, v, layout)
         return memory_attention_sdpa_masked(q, k, v, layout, scale)
     if impl == "reference":
