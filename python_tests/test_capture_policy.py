@@ -264,3 +264,23 @@ def test_module_modes():
     model[1].train()
     modes.add(graphs_mod.module_modes(model))
     assert len(modes) == 3 and graphs_mod.module_modes(model.eval()) == 0
+
+
+def test_segment_captures_grow_their_token_columns():
+    """A segment capture serves every call length up to its capacity; a longer call re-captures at twice the old
+    capacity (or the call's columns, if more), replacing the old capture."""
+    cache = CaptureCache(budget_bytes=10_000)
+    made = []
+
+    def make(capacity):
+        made.append(capacity)
+        c = Stub(10)
+        c.capacity = capacity
+        return c
+
+    dev = torch.device("cpu")
+    first = cache.sized(("inference", 1), 40, make, dev, 1, "x")
+    assert cache.sized(("inference", 1), 32, make, dev, 1, "x") is first and made == [40]
+    cache.sized(("inference", 1), 48, make, dev, 1, "x")
+    cache.sized(("inference", 1), 400, make, dev, 1, "x")
+    assert made == [40, 80, 400] and len(cache) == 1

@@ -200,20 +200,14 @@ def _segment_training_graphs(runner, memory, plan, targets, want_output, dense):
     """The runner's captured training graphs for this call's shape (captured on first use), or None when capture
     is impossible (one warning; the eager sweeps run instead)."""
     b, tc = plan.content.shape
-    key = ("segment training", b, want_output, targets is not None, memory.dtype, memory.device,
-           autocast_state(memory.device.type), dense, trainable_ids(runner.adapter.model),
-           module_modes(runner.adapter.model))
-    cache = runner.captures
-    graphs = cache.get(key)
-    if graphs is None or graphs.content.shape[1] < tc:
-        capacity = max(tc, 2 * graphs.content.shape[1] if graphs is not None else tc)
-        cache.discard(key)
-        graphs = cache.build(key, lambda: SegmentTrainingGraphs(runner, b, capacity, memory, want_output, targets,
-                                                                plan.content.dtype, autocast_state(memory.device.type),
-                                                                dense),
-                             memory.device, b, "the training step")
-        if graphs is None:
-            return None
+    autocast = autocast_state(memory.device.type)
+    key = ("segment training", b, want_output, targets is not None, memory.dtype, memory.device, autocast, dense,
+           trainable_ids(runner.adapter.model), module_modes(runner.adapter.model))
+    graphs = runner.captures.sized(key, tc, lambda capacity: SegmentTrainingGraphs(
+        runner, b, capacity, memory, want_output, targets, plan.content.dtype, autocast, dense), memory.device, b,
+        "the training step")
+    if graphs is None:
+        return None
     graphs.load(plan.content, targets)
     return graphs
 

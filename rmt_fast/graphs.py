@@ -252,6 +252,17 @@ class CaptureCache:
         self.unit_bytes[key[0]] = max(self.unit_bytes.get(key[0], 0), c.pool_bytes / max(units, 1))
         return c
 
+    def sized(self, key, columns: int, make, device: torch.device, units: int, what: str):
+        """The capture kept under ``key`` if its static buffers hold ``columns`` token columns; else a new one from
+        ``make(capacity)`` at ``max(columns, 2 x the old capacity)`` (see :meth:`build`), or None. For the segment
+        captures, which serve every call length of their shape."""
+        c = self.get(key)
+        if c is not None and c.capacity >= columns:
+            return c
+        capacity = max(columns, 2 * c.capacity if c is not None else columns)
+        self.discard(key)
+        return self.build(key, lambda: make(capacity), device, units, what)
+
     def discard(self, key) -> None:
         self.entries.pop(key, None)
 
@@ -336,15 +347,9 @@ def _inference_capture(runner, memory, plan, want_output: bool, has_targets: boo
     b, tc = plan.content.shape
     key = ("inference", b, want_output, has_targets, memory.dtype, memory.device, autocast_state(memory.device.type),
            dense, module_modes(runner.adapter.model))
-    cache = runner.captures
-    c = cache.get(key)
-    if c is not None and c.capacity >= tc:
-        return c
-    capacity = max(tc, 2 * c.capacity if c is not None else tc)
-    cache.discard(key)
-    return cache.build(key, lambda: SegmentInferenceGraphs(runner, b, capacity, memory, want_output, has_targets,
-                                                           plan.content.dtype, dense),
-                       memory.device, b, "the inference step")
+    return runner.captures.sized(key, tc, lambda capacity: SegmentInferenceGraphs(
+        runner, b, capacity, memory, want_output, has_targets, plan.content.dtype, dense), memory.device, b,
+        "the inference step")
 
 
 def run_inference_graphs(runner, memory, plan, targets, params, want_output: bool, total_len: int, progress=None):
@@ -413,7 +418,7 @@ class SegmentTrainingGraphs:
                  targets: torch.Tensor | None, content_dtype, autocast: tuple, dense: bool = False):
         self.runner, self.want_output, self.autocast, self.dense = weak_runner(runner), want_output, autocast, dense
         dev = memory.device
-        self.width = runner.config.segment_size
+        self.width, self.capacity = runner.config.segment_size, capacity
         self.content = torch.zeros(b, capacity, dtype=content_dtype, device=dev)
         self.targets = None if targets is None else torch.full((b, capacity), -100, dtype=torch.long, device=dev)
         self.params = torch.zeros(5, b, dtype=torch.long, device=dev)
