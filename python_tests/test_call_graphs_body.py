@@ -33,6 +33,9 @@ class EagerCallGraphs(graphs_mod.CallGraphs):
         self.params_of.make()
         self.parameters = self.params_of.parameters
         self.owner, self.pool_bytes = None, 0
+        self.cache_in = None
+        if runner.config.num_cache_tokens:  # the warm-up makes the short-term cache's static buffers
+            self.params_of.run(self._forward_body)
         EagerCallGraphs.made.append(self)
 
 
@@ -55,6 +58,8 @@ def _bert():
     (_gpt2, dict(num_mem_tokens=3, segment_size=8), "lm"),
     (_gpt2, dict(num_mem_tokens=3, segment_size=8, keep_logits=False, bptt_depth=2), "lm"),
     (_bert, dict(num_mem_tokens=3, segment_size=10, cls_token_id=CLS, sep_token_id=SEP, pad_token_id=PAD), "cls"),
+    (_gpt2, dict(num_mem_tokens=3, segment_size=8, num_cache_tokens=3), "lm"),
+    (_gpt2, dict(num_mem_tokens=3, segment_size=8, num_cache_tokens=5, bptt_depth=1), "lm"),
 ])
 def test_call_capture_body_equals_eager(monkeypatch, make, kw, labels):
     torch.manual_seed(0)
@@ -73,12 +78,19 @@ def test_call_capture_body_equals_eager(monkeypatch, make, kw, labels):
             monkeypatch.setattr(graphs_mod, "CallGraphs", EagerCallGraphs)
             monkeypatch.setattr(graphs_mod, "_GraphedCall", EagerApply)
             monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+            monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
             rmt.runner.captures.budget_bytes = 1 << 40
             rmt(ids, labels=y)  # the shape's first call runs eagerly
         out = rmt(ids, labels=y)
+        cont = None
+        if kw.get("num_cache_tokens"):  # a call continuing the memory and short-term cache of the last one
+            cont = rmt(ids, labels=y, memory=out.memory.detach(), short_term_cache=out.short_term_cache.detach())
         if graphs:
             monkeypatch.undo()
-            assert rmt.executor_counts() == {"full-BPTT eager": 1, "full-BPTT captured": 1}
+            want = {"full-BPTT eager": 1, "full-BPTT captured": 1}
+            if cont is not None:
+                want["full-BPTT graphed"] = 1
+            assert rmt.executor_counts() == want
             (cg,) = EagerCallGraphs.made
             leaves = [cg.mem_in, *cg.params_of.aliases]
             names = ["memory", *cg.params_of.names]
@@ -88,8 +100,15 @@ def test_call_capture_body_equals_eager(monkeypatch, make, kw, labels):
         grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
         grads = {n: None if g is None else (g.sum(0) if n == "memory" and g.dim() == 3 else g)
                  for n, g in zip(names, grads)}
-        runs[graphs] = (out, grads)
-    (eager, g_eager), (body, g_body) = runs[False], runs[True]
+        runs[graphs] = (out, grads, cont)
+    (eager, g_eager, cont_eager), (body, g_body, cont_body) = runs[False], runs[True]
+    if cont_eager is not None:
+        for got, want in ((body, eager), (cont_body, cont_eager)):
+            torch.testing.assert_close(got.loss, want.loss, atol=1e-6, rtol=1e-5)
+            for g, w in zip((*got.short_term_cache.keys, *got.short_term_cache.values),
+                            (*want.short_term_cache.keys, *want.short_term_cache.values)):
+                torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+            assert torch.equal(got.short_term_cache.lens, want.short_term_cache.lens)
     torch.testing.assert_close(body.loss, eager.loss, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(body.memory, eager.memory, atol=1e-6, rtol=1e-5)
     if eager.logits is not None:

@@ -26,6 +26,7 @@ class FakeCapture:
         self.pending = False
         self.parameters = []
         self.structure = None
+        self.num_outputs = self.cache_layers = 0
         FakeCapture.made.append(g_total)
 
     def available(self):

@@ -415,3 +415,48 @@ def test_train_and_eval_switched_between_calls(ckpt):
     rmt(ids, labels=ids).loss.backward()  # the train-mode captures again
     counts = rmt.executor_counts()
     assert counts.get("inference graphed", 0) >= 4, counts
+
+
+@pytest.mark.parametrize("make,kw", [
+    (gpt2, dict(num_mem_tokens=3, segment_size=16, num_cache_tokens=8)),
+    (llama, dict(num_mem_tokens=4, segment_size=16, num_cache_tokens=16, bptt_depth=2)),
+])
+def test_short_term_cache_graphed_equals_eager(make, kw):
+    """The short-term cache (num_cache_tokens) through every capture kind: full-BPTT call graphs and the two-sweep
+    step graphs over 3 optimizer steps (losses and gradients against eager full BPTT), then inference under no_grad
+    (logits, memory and the cache left behind, continued by a second call) against the eager model."""
+    base = _no_dropout(make)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    torch.manual_seed(1)
+    ids = tokens(2, 5 * kw["segment_size"]).cuda()
+    results = {}
+    for mode in ("full", "step", "graphed"):
+        model = _no_dropout(make)
+        model.load_state_dict(state)
+        results[mode] = _train_grads(model.cuda(), ids, ids, None, mode, steps=3, **kw)
+    l_full, g_full = results["full"]
+    for mode in ("step", "graphed"):
+        l_mode, g_mode = results[mode]
+        torch.testing.assert_close(l_mode, l_full, atol=1e-5, rtol=1e-5)
+        assert g_mode.keys() == g_full.keys()
+        for n in g_full:
+            torch.testing.assert_close(g_mode[n], g_full[n], atol=2e-5, rtol=1e-3, msg=lambda m: f"{mode} {n}: {m}")
+    outs = {}
+    for graphs in (False, "auto"):
+        model = _no_dropout(make)
+        model.load_state_dict(state)
+        rmt = rmt_fast.wrap(model.cuda(), cuda_graphs=graphs, **kw).cuda().eval()
+        mask = torch.ones_like(ids)
+        mask[1, 3 * kw["segment_size"] + 5:] = 0  # a shorter second row: the ragged step capture too
+        with torch.no_grad():
+            first = rmt(ids, attention_mask=mask)
+            second = rmt(ids[:, :40], memory=first.memory, short_term_cache=first.short_term_cache)
+        outs[graphs] = (first, second, rmt.executor_counts())
+    assert outs["auto"][2] == {"inference graphed": 2}
+    for got, want in zip(outs["auto"][:2], outs[False][:2]):
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.memory, want.memory, atol=1e-4, rtol=1e-4)
+        for g, w in zip((*got.short_term_cache.keys, *got.short_term_cache.values),
+                        (*want.short_term_cache.keys, *want.short_term_cache.values)):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        assert torch.equal(got.short_term_cache.lens, want.short_term_cache.lens)

@@ -218,7 +218,7 @@ def test_bad_values_raise():
     for value, err in [(-1, ValueError), (7, ValueError), (True, TypeError), (2.0, TypeError)]:
         with pytest.raises(err, match="num_cache_tokens"):
             rmt_fast.wrap(model, num_mem_tokens=2, segment_size=6, num_cache_tokens=value)
-    for kw in [{"backend": "sdpa"}, {"backend": "cuda"}, {"cuda_graphs": True}]:
+    for kw in [{"backend": "sdpa"}, {"backend": "cuda"}]:
         with pytest.raises(ValueError, match="num_cache_tokens"):
             rmt_fast.wrap(model, num_mem_tokens=2, segment_size=6, num_cache_tokens=2, **kw)
     with pytest.raises(ValueError, match="num_cache_tokens.*decoder"):

@@ -81,7 +81,7 @@ class _TwoSweep(torch.autograd.Function):
 
         def step(g, memory, cache):
             if sweep.graphs is not None:
-                return sweep.graphs[g].forward(memory, sweep.params[g])
+                return sweep.graphs[g].forward(memory, sweep.params[g], cache)
             return r.step(memory, sweep.plan.content, sweep.targets, sweep.params[g], sweep.widths[g],
                           sweep.want_output and sweep.records[g], False, sweep.dense[g], cache)
 
@@ -129,11 +129,13 @@ class _TwoSweep(torch.autograd.Function):
             cut = r.config.cuts_memory_before(g, g_total)
             if sweep.graphs is not None:
                 _set_rng_state(states[g].device, sweep.rng[g])
-                grad_in = sweep.graphs[g].backward(states[g], sweep.params[g], grad_memory, grad_loss, seg_grads)
+                grad_in, grad_cache_in = sweep.graphs[g].backward(states[g], sweep.params[g], grad_memory,
+                                                                  grad_loss, seg_grads, sweep.caches[g], grad_cache)
                 if g == 0:
                     grad_first = grad_in
                 else:
                     grad_memory = None if cut else grad_in
+                    grad_cache = None if cut else grad_cache_in
                 continue
             mem_in = states[g].detach().requires_grad_(not cut and (g > 0 or ctx.needs_input_grad[1]))
             cache_in = sweep.caches[g]

@@ -25,7 +25,7 @@ class RMTConfig:
         num_cache_tokens: the short-term cache (decoders): every segment also attends the keys and values, in every
             layer, of the previous segment's last ``num_cache_tokens`` tokens (Transformer-XL style, beside the
             memory; gradients cross it where they cross the memory, see ``bptt_depth``); 0 (default): plain RMT.
-            At most ``segment_size``; runs eagerly on the reference attention (docs/short_term_cache.md).
+            At most ``segment_size``; the CUDA graphs carry it (docs/short_term_cache.md).
         segment_alignment: "left" (last segment short) or "right" (first segment short).
         backend: "auto" | "reference" | "sdpa" | "triton" | "cuda" for memory attention and the handoff (speed
             only). "sdpa" needs plain layouts: a decoder without ``memory_bidirectional``, or encoder batches whose
@@ -83,9 +83,8 @@ class RMTConfig:
 
     @property
     def graphs_enabled(self) -> bool:
-        """Whether CUDA graphs may be used (True or "auto", without a short-term cache, which the captures do not
-        carry yet); they are only ever used on CUDA tensors."""
-        return self.cuda_graphs is not False and not self.num_cache_tokens
+        """Whether CUDA graphs may be used (True or "auto"); they are only ever used on CUDA tensors."""
+        return self.cuda_graphs is not False
 
     def validate(self) -> None:
         scheme_class(self.mode)  # raises for an unknown mode
@@ -141,9 +140,6 @@ class RMTConfig:
         if self.backend not in ("auto", "reference", "triton"):
             raise ValueError(f"num_cache_tokens={k} runs on backend='auto', 'triton' or 'reference' only ('sdpa' and "
                              f"the CUDA extension's kernels do not implement the cache), got backend={self.backend!r}")
-        if self.cuda_graphs is True:
-            raise ValueError(f"num_cache_tokens={k} runs eagerly (the CUDA graphs do not carry the cache yet): use "
-                             f"cuda_graphs='auto' or False, got cuda_graphs=True")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

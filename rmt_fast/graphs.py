@@ -31,6 +31,7 @@ import torch
 
 from .loop import forward_segments
 from .schemes import P_GATHER
+from .short_term_cache import ShortTermCache
 
 
 def autocast_state(device_type: str) -> tuple:
@@ -91,6 +92,15 @@ def capture(graph: torch.cuda.CUDAGraph, pool=None):
     finally:
         if enabled:
             gc.enable()
+
+
+def record(body, pool=None) -> tuple:
+    """Capture ``body()`` into a new CUDA graph (under :func:`capture`, in ``pool`` if given); returns ``(graph,
+    what body returned)``: the static tensors that every replay of the graph rewrites."""
+    graph = torch.cuda.CUDAGraph()
+    with capture(graph, pool):
+        result = body()
+    return graph, result
 
 
 def warm_up(device: torch.device, body, iterations: int = 2) -> None:
@@ -314,26 +324,30 @@ class SegmentInferenceGraphs:
         dev = memory.device
         self.capacity, self.dense = capacity, dense
         self.autocast = autocast_state(dev.type)
-        self.graph = torch.cuda.CUDAGraph()
         self.content = torch.zeros(b, capacity, dtype=content_dtype, device=dev)
         self.targets = torch.full((b, capacity), -100, dtype=torch.long, device=dev) if has_targets else None
         self.params = torch.zeros(5, b, dtype=torch.long, device=dev)
         self.params[P_GATHER] = -1  # warm-up and capture run with every row idle: memory stays as it is
         self.memory = memory.detach().clone()
+        self.cache = None  # the short-term cache in and out (num_cache_tokens): made by the first warm-up step
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
         self.count = torch.zeros((), dtype=torch.long, device=dev)
         warm_up(dev, lambda: self._body(want_output))
         meter = _PoolMeter(dev)
-        with capture(self.graph):
-            self.output = self._body(want_output)  # static tensors written by every replay, or None
+        # output: static tensors written by every replay, or None
+        self.graph, self.output = record(lambda: self._body(want_output))
         self.pool_bytes = meter.bytes()
 
     def _body(self, want_output: bool):
         r = self.runner
         with captured_autocast(self.autocast):
             res = r.step(self.memory, self.content, self.targets, self.params, r.config.segment_size, want_output,
-                         False, self.dense)
+                         False, self.dense, self.cache)
         self.memory.copy_(res.memory)
+        if res.cache is not None:
+            if self.cache is None:
+                self.cache = static_cache(res.cache)
+            copy_cache(self.cache, res.cache)
         self.loss_sum.add_(res.loss_sum)
         self.count.add_(res.count)
         return res.output
@@ -352,10 +366,37 @@ def _inference_capture(runner, memory, plan, want_output: bool, has_targets: boo
         "the inference step")
 
 
-def run_inference_graphs(runner, memory, plan, targets, params, want_output: bool, total_len: int, progress=None):
+def static_cache(like: ShortTermCache) -> ShortTermCache:
+    """Static buffers shaped as the short-term cache ``like``, holding an empty cache (no real entries)."""
+    return ShortTermCache(tuple(torch.zeros_like(k) for k in like.keys),
+                          tuple(torch.zeros_like(v) for v in like.values), torch.zeros_like(like.lens))
+
+
+def copy_cache(dst: ShortTermCache, src: ShortTermCache | None) -> None:
+    """Write the short-term cache ``src`` into the static buffers ``dst`` (None: an empty cache, as a first segment
+    sees it: zero keys and values, no real entries)."""
+    with torch.no_grad():
+        if src is None:
+            for t in (*dst.keys, *dst.values, dst.lens):
+                t.zero_()
+            return
+        for d, t in zip((*dst.keys, *dst.values, dst.lens), (*src.keys, *src.values, src.lens)):
+            d.copy_(t)
+
+
+def clone_cache(cache: ShortTermCache | None) -> ShortTermCache | None:
+    if cache is None:
+        return None
+    return ShortTermCache(tuple(k.clone() for k in cache.keys), tuple(v.clone() for v in cache.values),
+                          cache.lens.clone())
+
+
+def run_inference_graphs(runner, memory, plan, targets, params, want_output: bool, total_len: int, progress=None,
+                         cache: ShortTermCache | None = None):
     """Replay the captured step over every segment; returns the eager runner's result dict, or None when this shape
     cannot be captured (the caller then runs eagerly). Segments whose rows are all full replay a capture with the
-    plain-layout kernels (one host read of the segment lengths per call)."""
+    plain-layout kernels (one host read of the segment lengths per call). ``cache``: the short-term cache entering
+    the first segment (None: none); the captures carry it from segment to segment in static buffers."""
     full = (plan.lens == runner.config.segment_size).all(1).tolist()
     variants = {}
     for dense in set(full):
@@ -373,10 +414,14 @@ def run_inference_graphs(runner, memory, plan, targets, params, want_output: boo
     g_total = plan.num_segments
     rng = range(g_total) if progress is None else progress(range(g_total))
     current = memory
+    current_cache = cache  # the short-term cache the next segment reads (None: empty)
     for g in rng:
         c = variants[full[g]]
         if c.memory is not current:
             c.memory.copy_(current)
+        if c.cache is not current_cache:
+            copy_cache(c.cache, current_cache)
+            current_cache = c.cache
         c.params.copy_(params[g])
         c.graph.replay()
         current = c.memory
@@ -384,18 +429,18 @@ def run_inference_graphs(runner, memory, plan, targets, params, want_output: boo
             record.add(params[g], c.output)  # copies out of the static buffers before the next replay
     cs = list(variants.values())
     return dict(memory=current.clone(), loss_sum=sum(c.loss_sum for c in cs), count=sum(c.count for c in cs),
-                output=record.result(), hidden=None)
+                output=record.result(), hidden=None, cache=clone_cache(current_cache))
 
 
 class SegmentOutputs(NamedTuple):
     """What a replayed training segment gives back, with the fields of ``rmt_fast.recurrence.StepResult`` that the
-    segment loop reads (captures carry no short-term cache)."""
+    segment loop reads."""
 
     memory: torch.Tensor
     loss_sum: torch.Tensor
     count: torch.Tensor
     output: object
-    cache: None = None
+    cache: ShortTermCache | None = None  # the short-term cache the segment leaves (num_cache_tokens)
 
 
 class SegmentTrainingGraphs:
@@ -428,16 +473,16 @@ class SegmentTrainingGraphs:
         self.grad_memory = torch.zeros_like(self.memory)  # backward: d(new memory), in
         self.grad_mem_in = torch.zeros_like(self.memory)  # backward: d(memory in), out
         self.grad_loss = torch.zeros((), dtype=torch.float32, device=dev)
+        # the short-term cache (num_cache_tokens), made by the first warm-up forward: in and out of the forward
+        # (written in place), the backward's leaves, d(new cache) in and d(cache in) out, keys then values
+        self.cache = self.cache_leaf = self.grad_cache = self.grad_cache_in = None
         self.parameters = [p for p in runner.adapter.model.parameters() if p.requires_grad]
         self.accum = [torch.zeros_like(p) for p in self.parameters]
-        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         warm_up(dev, lambda: (self._forward_body(), self._backward_body()))
         meter = _PoolMeter(dev)
-        with capture(self.fwd):
-            self.loss, self.count, self.output = self._forward_body()
+        self.fwd, (self.loss, self.count, self.output) = record(self._forward_body)
         self.grad_outputs = [torch.zeros_like(t) for t in flat_outputs(self.output)]
-        with capture(self.bwd):
-            self._backward_body()
+        self.bwd, _ = record(self._backward_body)
         self.pool_bytes = meter.bytes()
         for t in self.accum:
             t.zero_()
@@ -452,15 +497,32 @@ class SegmentTrainingGraphs:
     def _forward_body(self):
         with torch.no_grad(), self._autocast():
             res = self.runner.step(self.memory, self.content, self.targets, self.params, self.width,
-                                   self.want_output, False, self.dense)
+                                   self.want_output, False, self.dense, self.cache)
             self.memory.copy_(res.memory)
+            if res.cache is not None:
+                if self.cache is None:
+                    self._make_cache_buffers(res.cache)
+                copy_cache(self.cache, res.cache)
         return res.loss_sum, res.count, res.output
+
+    def _make_cache_buffers(self, like: ShortTermCache) -> None:
+        self.cache = static_cache(like)
+        leaf = static_cache(like)
+        self.cache_leaf = ShortTermCache(tuple(t.requires_grad_(True) for t in leaf.keys),
+                                         tuple(t.requires_grad_(True) for t in leaf.values), leaf.lens)
+        self.grad_cache = [torch.zeros_like(t) for t in (*like.keys, *like.values)]
+        self.grad_cache_in = [torch.zeros_like(t) for t in (*like.keys, *like.values)]
 
     def _backward_body(self):
         with torch.enable_grad(), self._autocast():
             res = self.runner.step(self.mem_in, self.content, self.targets, self.params, self.width,
-                                   self.want_output, False, self.dense)
+                                   self.want_output, False, self.dense, self.cache_leaf)
         outs, grads = [], []
+        if res.cache is not None:
+            for out, grad in zip((*res.cache.keys, *res.cache.values), self.grad_cache):
+                if out.requires_grad:
+                    outs.append(out)
+                    grads.append(grad)
         if res.memory.requires_grad:
             outs.append(res.memory)
             grads.append(self.grad_memory)
@@ -472,9 +534,12 @@ class SegmentTrainingGraphs:
             if out.requires_grad:
                 outs.append(out)
                 grads.append(grad)
-        got = torch.autograd.grad(outs, [self.mem_in] + self.parameters, grads, allow_unused=True)
+        cache_leaves = [] if self.cache_leaf is None else [*self.cache_leaf.keys, *self.cache_leaf.values]
+        got = torch.autograd.grad(outs, [self.mem_in] + cache_leaves + self.parameters, grads, allow_unused=True)
         _copy_or_zero(self.grad_mem_in, got[0])
-        for acc, g in zip(self.accum, got[1:]):
+        for buf, g in zip(self.grad_cache_in or (), got[1:1 + len(cache_leaves)]):
+            _copy_or_zero(buf, g)
+        for acc, g in zip(self.accum, got[1 + len(cache_leaves):]):
             if g is not None:
                 acc.add_(g)
 
@@ -486,20 +551,30 @@ class SegmentTrainingGraphs:
             self.targets.fill_(-100)
             self.targets[:, :tc].copy_(targets)
 
-    def forward(self, memory: torch.Tensor, params: torch.Tensor) -> SegmentOutputs:
-        """One segment without autograd (fresh tensors)."""
+    def forward(self, memory: torch.Tensor, params: torch.Tensor, cache: ShortTermCache | None = None) -> SegmentOutputs:
+        """One segment without autograd (fresh tensors); ``cache``: the short-term cache entering it (None: empty)."""
         self.memory.copy_(memory)
         self.params.copy_(params)
+        if self.cache is not None:
+            copy_cache(self.cache, cache)
         self.fwd.replay()
         output = None if self.output is None else tuple(t.clone() for t in flat_outputs(self.output))
         if output is not None and not isinstance(self.output, tuple):
             output = output[0]
-        return SegmentOutputs(self.memory.clone(), self.loss.clone(), self.count.clone(), output)
+        return SegmentOutputs(self.memory.clone(), self.loss.clone(), self.count.clone(), output,
+                              clone_cache(self.cache))
 
-    def backward(self, memory_in: torch.Tensor, params: torch.Tensor, grad_memory, grad_loss, grad_outputs):
-        """Backpropagate one segment; returns d(memory in) (a fresh tensor). None gradients count as zeros."""
+    def backward(self, memory_in: torch.Tensor, params: torch.Tensor, grad_memory, grad_loss, grad_outputs,
+                 cache_in: ShortTermCache | None = None, grad_cache=None) -> tuple:
+        """Backpropagate one segment that read ``cache_in`` (None: an empty short-term cache) and whose new cache
+        gets ``grad_cache`` (keys then values; None: zeros); returns (d(memory in), d(cache in) as a list of keys
+        then values, or None without a cache), fresh tensors. None gradients count as zeros."""
         with torch.no_grad():
             self.mem_in.copy_(memory_in)
+        if self.cache_leaf is not None:
+            copy_cache(self.cache_leaf, cache_in)
+            for buf, g in zip(self.grad_cache, grad_cache or [None] * len(self.grad_cache)):
+                _copy_or_zero(buf, g)
         self.params.copy_(params)
         _copy_or_zero(self.grad_memory, grad_memory)
         _copy_or_zero(self.grad_loss, grad_loss)
@@ -509,7 +584,8 @@ class SegmentTrainingGraphs:
             for buf in self.grad_outputs:
                 buf.zero_()
         self.bwd.replay()
-        return self.grad_mem_in.clone()
+        grad_cache_in = None if self.grad_cache_in is None else [t.clone() for t in self.grad_cache_in]
+        return self.grad_mem_in.clone(), grad_cache_in
 
     def finish(self) -> list:
         """The parameter gradients accumulated since the last call (fresh tensors, in the order of
@@ -584,10 +660,11 @@ class CallGraphs:
         self.params = torch.zeros(g_total, 5, b, dtype=torch.long, device=dev)
         self.params[:, P_GATHER] = -1
         self.mem_in = memory.detach().clone().requires_grad_(True)
+        self.cache_in = None  # the short-term cache entering the call (num_cache_tokens): made by the warm-up
         self.params_of = ParameterAliases(runner.adapter.model)
         self.parameters = self.params_of.parameters
         self.owner = None
-        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+
         def forward_backward():
             outs = self.params_of.run(self._forward_body)
             self.grad_outs = [torch.zeros_like(t) for t in outs if t.requires_grad]
@@ -599,28 +676,36 @@ class CallGraphs:
         warm_up(dev, forward_backward)
         self.params_of.make()
         meter = _PoolMeter(dev)
-        with capture(self.fwd):
-            self.outs = self.params_of.run(self._forward_body)
-        with capture(self.bwd, pool=self.fwd.pool()):
-            self.grads = self._backward_body(self.outs)
+        self.fwd, self.outs = record(lambda: self.params_of.run(self._forward_body))
+        self.bwd, self.grads = record(lambda: self._backward_body(self.outs), pool=self.fwd.pool())
         self.pool_bytes = meter.bytes()  # the private pool the two graphs share
 
     def _forward_body(self) -> list:
-        """[memory out, loss sum, count, *recorded output tensors]"""
+        """[memory out, loss sum, count, *recorded output tensors, *short-term cache (keys, values, lens)]: with
+        ``num_cache_tokens`` the call reads the cache in ``cache_in`` (no gradient flows into it) and returns the one
+        its last segment leaves."""
         r = self.runner
         record = ConcatRecord() if r.scheme.output_per_segment else r.scheme.new_record(None, 0)
 
         def step(g, memory, cache):
-            return r.step(memory, self.content, self.targets, self.params[g], self.width, self.want_output, False, True)
+            return r.step(memory, self.content, self.targets, self.params[g], self.width, self.want_output, False, True,
+                          cache)
 
         def collect(g, res):
             if res.output is not None:
                 record.add(self.params[g], res.output)
 
         with torch.enable_grad(), captured_autocast(self.autocast):
-            memory, _, loss_sum, count = forward_segments(r, self.mem_in, self.g_total, step, collect)
+            memory, cache, loss_sum, count = forward_segments(r, self.mem_in, self.g_total, step, collect,
+                                                              self.cache_in)
             self.structure = None if record.result() is None else isinstance(record.result(), tuple)
-        return [memory, loss_sum, count, *flat_outputs(record.result())]
+        if cache is not None and self.cache_in is None:  # the first warm-up run: the cache's shapes are known now
+            self.cache_in = static_cache(cache)
+        output = flat_outputs(record.result())
+        self.num_outputs = len(output)
+        self.cache_layers = 0 if cache is None else len(cache.keys)
+        tail = () if cache is None else (*cache.keys, *cache.values, cache.lens)
+        return [memory, loss_sum, count, *output, *tail]
 
     def _backward_body(self, outs):
         diff = [t for t in outs if t.requires_grad]
@@ -630,8 +715,10 @@ class CallGraphs:
         """False while the last replayed call still waits for its backward (its activations are in the pool)."""
         return self.owner is None or self.owner() is None
 
-    def load(self, memory, plan, targets, params) -> None:
+    def load(self, memory, plan, targets, params, cache: ShortTermCache | None = None) -> None:
         tc = plan.content.shape[1]
+        if self.cache_in is not None:
+            copy_cache(self.cache_in, cache)
         self.content.zero_()
         self.content[:, :tc].copy_(plan.content)
         if targets is not None:
@@ -650,7 +737,7 @@ class _GraphedCall(torch.autograd.Function):
         ctx.owner = _Owner()
         graphs.owner = weakref.ref(ctx.owner)
         outs = [t.clone() for t in graphs.outs]
-        ctx.mark_non_differentiable(outs[2])
+        ctx.mark_non_differentiable(*(t for t in outs if not t.is_floating_point()))  # the count, the cache's lens
         return tuple(outs)
 
     @staticmethod
@@ -673,10 +760,12 @@ _PENDING = ("a full-BPTT training call was made while an earlier call still wait
             "evicted to make room); call backward() before the next forward to keep replaying CUDA graphs")
 
 
-def run_call_graphs(runner, memory, plan, targets, params, want_output: bool, lens_host: list) -> dict | None:
+def run_call_graphs(runner, memory, plan, targets, params, want_output: bool, lens_host: list,
+                    cache: ShortTermCache | None = None) -> dict | None:
     """Full-BPTT training of one call through :class:`CallGraphs`; returns the eager runner's result dict, or
     None when this call runs eagerly (first sight of its shape, a ragged segment, a pending earlier call, a failed
-    capture). ``lens_host``: ``plan.lens`` as lists (read once by the caller)."""
+    capture). ``lens_host``: ``plan.lens`` as lists (read once by the caller); ``cache``: the short-term cache
+    entering the call (None: empty; its gradient is not taken)."""
     if any(min(row) != runner.config.segment_size for row in lens_host):
         # A ragged segment (padding, or a length that is not a multiple of segment_size): eager. Such captures
         # failed on an H200 before ParameterAliases fixed the failure seen with full segments; not re-tried since.
@@ -685,13 +774,13 @@ def run_call_graphs(runner, memory, plan, targets, params, want_output: bool, le
     autocast = autocast_state(memory.device.type)
     key = ("call", b, g_total, want_output, targets is not None, memory.dtype, memory.device, autocast,
            runner.config.bptt_depth, trainable_ids(runner.adapter.model), module_modes(runner.adapter.model))
-    cache = runner.captures
-    graphs = cache.get(key)
+    captures = runner.captures
+    graphs = captures.get(key)
     captured = graphs is None
     if graphs is None:
         # capture a shape from its second call on (one-off shapes don't pay for a capture), at most
         # 1 + MAX_RECAPTURES times (each time evicted by other shapes)
-        seen = cache.seen
+        seen = captures.seen
         seen[key] = seen.get(key, 0) + 1
         while len(seen) > 64:
             seen.pop(next(iter(seen)))
@@ -700,22 +789,28 @@ def run_call_graphs(runner, memory, plan, targets, params, want_output: bool, le
                             f"captured {MAX_RECAPTURES} times, each time evicted by other call shapes: they run "
                             "eagerly from now on (the captures of all shapes do not fit the capture memory; raise it "
                             "with rmt.set_capture_memory(bytes), see rmt.executor_counts())")
-        if seen[key] < 2 or seen[key] > 1 + MAX_RECAPTURES or key in cache.failed:
+        if seen[key] < 2 or seen[key] > 1 + MAX_RECAPTURES or key in captures.failed:
             return None
-        graphs = cache.build(key, lambda: CallGraphs(runner, b, g_total, memory, want_output, targets,
+        graphs = captures.build(key, lambda: CallGraphs(runner, b, g_total, memory, want_output, targets,
                                                      plan.content.dtype, autocast),
                              memory.device, b * g_total, "the training call")
         if graphs is None:
-            if key not in cache.failed:
+            if key not in captures.failed:
                 warn_eager_once(runner, "pending", _PENDING)  # the captures that would make room wait for backward
             return None
     if not graphs.available():
         warn_eager_once(runner, "pending", _PENDING)
         return None
-    graphs.load(memory, plan, targets, params)
+    graphs.load(memory, plan, targets, params, cache)
     runner.calls["full-BPTT captured" if captured else "full-BPTT graphed"] += 1
     outs = _GraphedCall.apply(graphs, memory, *graphs.parameters)
+    n, layers = graphs.num_outputs, graphs.cache_layers
+    flat = outs[3:3 + n]
     output = None
     if graphs.structure is not None:
-        output = tuple(outs[3:]) if graphs.structure else outs[3]
-    return dict(memory=outs[0], loss_sum=outs[1], count=outs[2], output=output, hidden=None)
+        output = tuple(flat) if graphs.structure else flat[0]
+    cache = None
+    if layers:
+        kv = outs[3 + n:]
+        cache = ShortTermCache(tuple(kv[:layers]), tuple(kv[layers:2 * layers]), kv[2 * layers])
+    return dict(memory=outs[0], loss_sum=outs[1], count=outs[2], output=output, hidden=None, cache=cache)

@@ -145,7 +145,7 @@ class SegmentRunner:
         if cfg.graphs_enabled and memory.is_cuda and not torch.is_grad_enabled() and not output_hidden_states:
             from .graphs import run_inference_graphs
 
-            res = run_inference_graphs(self, memory, plan, targets, params, want_output, total_len, progress)
+            res = run_inference_graphs(self, memory, plan, targets, params, want_output, total_len, progress, cache)
             if res is not None:
                 self.calls["inference graphed"] += 1
                 return res
@@ -162,11 +162,17 @@ class SegmentRunner:
                 and not fsdp_modules(self.adapter.model)):  # FSDP2 swaps parameters in and out around its modules
             # Per-token outputs (a decoder's logits) are captured only where every input column is a content token:
             # with every segment full too (run_call_graphs' condition), the record is the segments side by side.
-            from .graphs import run_call_graphs
+            from .graphs import run_call_graphs, warn_eager_once
 
-            res = run_call_graphs(self, memory, plan, targets, params, want_output, lens_host)
-            if res is not None:
-                return res
+            if cache is not None and any(t.requires_grad for t in (*cache.keys, *cache.values)):
+                warn_eager_once(self, "cache with gradient", "a full-BPTT training call that continues a previous "
+                                "call's short-term cache with its gradient runs eagerly (a captured call ends its "
+                                "graph at its inputs); pass short_term_cache=out.short_term_cache.detach() to "
+                                "replay CUDA graphs")
+            else:
+                res = run_call_graphs(self, memory, plan, targets, params, want_output, lens_host, cache)
+                if res is not None:
+                    return res
         self.calls["full-BPTT eager" if graded else "inference eager"] += 1
         return self.run_eager(memory, plan, targets, params, want_output, output_hidden_states, total_len,
                               lens_host, progress, cache)
