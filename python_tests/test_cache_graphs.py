@@ -156,3 +156,21 @@ def test_two_sweep_cache_gradient_reaches_earlier_segments(monkeypatch, depth):
     assert rmt.executor_counts() == {"two-sweep graphed": 1}
     reached = g[ids[0, :6]].abs().sum()  # segment 1's tokens
     assert reached > 0 if depth is None else reached == 0
+
+
+def test_full_bptt_call_continuing_a_cache_with_its_gradient_runs_eagerly(monkeypatch):
+    """A training call whose incoming short-term cache still carries the previous call's graph cannot be a captured
+    call (a capture ends its graph at its inputs): it runs eagerly with one warning naming the fix, and its gradient
+    reaches the previous call's parameters."""
+    model = gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    rmt = rmt_fast.wrap(model, num_mem_tokens=2, segment_size=6, num_cache_tokens=3, fused_kernels=False).train()
+    ids = tokens(2, 12)
+    first = rmt(ids, labels=ids)  # eager (a CPU tensor)
+    _stand_in(monkeypatch, rmt)
+    monkeypatch.setattr(graphs_mod, "run_call_graphs", lambda *a, **k: pytest.fail("captured"))
+    with pytest.warns(RuntimeWarning, match=r"short_term_cache=out.short_term_cache.detach\(\)"):
+        second = rmt(ids, labels=ids, short_term_cache=first.short_term_cache)
+    monkeypatch.undo()
+    assert rmt.executor_counts() == {"full-BPTT eager": 2}
+    (g,) = torch.autograd.grad(second.loss, rmt.memory)
+    assert g.abs().sum() > 0
