@@ -11,6 +11,10 @@ Parts (``--parts``, default all):
   p3   BERT-base B=8 training with segment checkpointing at 1, 16, 256 segments: peak memory; throughput vs
        the reference loop without checkpointing.
   p6   MiniLM-L6 evaluation of 4096 x 499 tokens at B=64 (time and peak memory).
+  cache  the short-term cache: GPT-2 small (random init), B=4, 16 x 512 tokens, m=16, bf16 autocast, `wrap` defaults
+       with num_cache_tokens k in {0, 128, 512} (--cache-sizes) on each attention backend of --cache-backends:
+       inference under no_grad and training steps (forward + backward), tokens/s and the ratio to k=0 on the same
+       backend, peak memory, the executors that ran (CUDA graphs or eager).
 Writes CSV and PNG under --out and, with --append-results, a section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -282,7 +286,55 @@ def p6(args, rows):
                      tok_per_s=b * n_seg * 499 / t, peak_gib=p))
 
 
-PARTS = {"p1": p1, "p1b": p1b, "p10": p10, "p2": p2, "p3": p3, "p6": p6}
+def cache(args, rows):
+    """Issue "short-term context": what the cache costs beside its extra keys (target: k=512 at >= 0.85x the
+    tokens/s of k=0, inference and training, at 512-token segments)."""
+    from transformers import GPT2LMHeadModel
+
+    dev = args.device
+    b, n_seg, seg, m = 4, size(args, 16, 3), size(args, 512, 32), 16
+    sizes = [int(k) for k in args.cache_sizes.split(",")]
+    if args.smoke:
+        sizes = sorted({min(k, seg) for k in sizes})
+    model = GPT2LMHeadModel(gpt2_config(args)).to(dev)
+    ids = torch.randint(0, model.config.vocab_size, (b, n_seg * seg), device=dev)
+    tokens = b * n_seg * seg
+    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
+    base = {}
+    for backend in args.cache_backends.split(","):
+        for k in sizes:
+            rmt = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg, num_cache_tokens=k, backend=backend)
+            rmt.to(dev)
+
+            def infer():
+                with torch.no_grad(), amp:
+                    rmt(ids, labels=ids)
+
+            def train():
+                with amp:
+                    loss = rmt(ids, labels=ids).loss
+                loss.backward()
+
+            for mode, fn in (("eval", infer), ("train", train)):
+                rmt.train(mode == "train")
+                rmt.runner.calls.clear()  # executor_counts() of this mode's calls only
+                peak = peak_gib(fn)
+                t = timeit(fn, warmup=2, reps=size(args, 5, 1))
+                model.zero_grad(set_to_none=True)
+                if k == 0:
+                    base[(backend, mode)] = t
+                t0 = base.get((backend, mode))
+                rows.append(dict(part="cache", mode=mode, path=f"k={k} backend={backend}", segments=n_seg,
+                                 seconds=t, tok_per_s=tokens / t, vs_k0=None if t0 is None else t0 / t,
+                                 peak_gib=peak, executors=" ".join(f"{e}:{c}" for e, c in
+                                                                   sorted(rmt.executor_counts().items()))))
+                print(rows[-1], flush=True)
+            del rmt
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+PARTS = {"p1": p1, "p1b": p1b, "p10": p10, "p2": p2, "p3": p3, "p6": p6, "cache": cache}
 
 
 def plot(rows, path):
@@ -299,6 +351,14 @@ def plot(rows, path):
         ax.set_title("GPT-2 small RMT inference, B=4, 16 x 512 tokens, m=16, bf16")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
+    cache_rows = [r for r in rows if r["part"] == "cache" and r.get("tok_per_s")]
+    if cache_rows:
+        fig, ax = plt.subplots(figsize=(8, 0.9 + 0.3 * len(cache_rows)))
+        ax.barh([f"{r['path']} {r['mode']}" for r in cache_rows], [r["tok_per_s"] / 1e3 for r in cache_rows])
+        ax.set_xlabel("k tokens / s (higher is better)")
+        ax.set_title("GPT-2 small RMT with a short-term cache of k tokens, B=4, 16 x 512, m=16", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path.replace(".png", "_cache.png"), dpi=120)
     p2_rows = [r for r in rows if r["part"] == "p2" and r.get("seconds") == r.get("seconds")]  # not NaN
     if p2_rows:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -315,7 +375,7 @@ def plot(rows, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="p1,p1b,p10,p2,p3,p6", help="comma-separated subset of " + ",".join(PARTS))
+    ap.add_argument("--parts", default="p1,p1b,p10,p2,p3,p6,cache", help="comma-separated subset of " + ",".join(PARTS))
     ap.add_argument("--out", default="benchmarks/results", help="directory for CSV and PNG")
     ap.add_argument("--append-results", default=None, help="append a section to this RESULTS.md")
     ap.add_argument("--p2-full-max", type=int, default=262144, help="largest length to run full attention at")
@@ -323,6 +383,8 @@ def main(argv=None):
                     "1048576)")
     ap.add_argument("--compile", action="store_true", help="p2: also time the backbone under torch.compile")
     ap.add_argument("--p6-segments", type=int, default=4096)
+    ap.add_argument("--cache-sizes", default="0,128,512", help="cache: num_cache_tokens values (0 first: the base)")
+    ap.add_argument("--cache-backends", default="auto,triton", help="cache: attention backends")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, times nothing")
     args = ap.parse_args(argv)
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -342,7 +404,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         write_csv(os.path.join(args.out, "e2e.csv"), rows)  # after every part: a cut-off run keeps its figures
     plot(rows, os.path.join(args.out, "e2e.png"))
-    cols = ["part", "mode", "path", "segments", "tokens", "seconds", "tok_per_s", "vs_reference", "vs_bound",
+    cols = ["part", "mode", "path", "segments", "tokens", "seconds", "tok_per_s", "vs_k0", "executors", "vs_reference", "vs_bound",
             "vs_rmt", "vs_full_attention", "max_abs_diff", "max_abs_diff_1seg", "peak_gib", "peak_vs_1seg", "throughput_vs_reference"]
     table = markdown_table(rows, cols)
     if args.append_results:
