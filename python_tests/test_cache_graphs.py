@@ -174,3 +174,31 @@ def test_full_bptt_call_continuing_a_cache_with_its_gradient_runs_eagerly(monkey
     assert rmt.executor_counts() == {"full-BPTT eager": 2}
     (g,) = torch.autograd.grad(second.loss, rmt.memory)
     assert g.abs().sum() > 0
+
+
+def test_two_sweep_steps_continue_a_detached_cache(monkeypatch):
+    """The graphed two-sweep schedule continuing a previous call's memory and detached short-term cache: the first
+    segment's capture loads that cache (not an empty one), as the eager sweeps read it."""
+    eager, graphed = _pair("gpt2", num_mem_tokens=2, segment_size=6, num_cache_tokens=3, checkpoint_segments=True)
+    ids = tokens(2, 24)
+    results = {}
+    for name, rmt in (("eager", eager), ("graphed", graphed)):
+        rmt.train()
+        with torch.no_grad():
+            first = rmt(ids[:, :12])
+        if rmt is graphed:
+            _stand_in(monkeypatch, rmt)
+        out = rmt(ids[:, 12:], labels=ids[:, 12:], memory=first.memory, short_term_cache=first.short_term_cache)
+        grads = torch.autograd.grad(out.loss, [rmt.memory, *rmt.model.parameters()], allow_unused=True)
+        if rmt is graphed:
+            monkeypatch.undo()
+        results[name] = (out, grads)
+    assert graphed.executor_counts() == {"inference eager": 1, "two-sweep graphed": 1}
+    (want, g_want), (got, g_got) = results["eager"], results["graphed"]
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-6, rtol=1e-5)
+    _assert_cache_close(got.short_term_cache, want.short_term_cache)
+    for g, w in zip(g_got, g_want):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)

@@ -8,6 +8,7 @@ from transformers import (DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM, Mistr
                           Qwen3Config, Qwen3ForCausalLM)
 
 import rmt_fast
+from rmt_fast.short_term_cache import ShortTermCache
 from checkpointing import grads_with_and_without_checkpointing
 from models import CLS, PAD, SEP, VOCAB, bert_cls, gpt2, llama, tokens
 
@@ -297,3 +298,40 @@ def test_generate_with_padded_rows_equals_each_row_alone():
     alone_a = rmt.generate(a, max_new_tokens=9, do_sample=False, eos_token_id=[])
     alone_b = rmt.generate(b, max_new_tokens=9, do_sample=False, eos_token_id=[])
     assert torch.equal(both[0, 12:], alone_a[0, 12:]) and torch.equal(both[1, 12:], alone_b[0, 7:])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_training_call_continues_a_detached_cache(family):
+    """A training call that continues the previous call's memory and (detached) short-term cache: the two-sweep
+    schedule (checkpoint_segments=True) gives full BPTT's loss, logits, cache and gradients; a cache that still
+    carries the previous call's graph is refused by the two-sweep schedule (full BPTT takes it, gradient included)."""
+    torch.manual_seed(0)
+    model = DECODERS[family]()
+    ids = tokens(2, 22)
+    results = {}
+    for ckpt in (False, True):
+        rmt = rmt_fast.wrap(model, num_mem_tokens=2, segment_size=6, num_cache_tokens=3, checkpoint_segments=ckpt)
+        rmt.memory.data.copy_(torch.linspace(-1, 1, rmt.memory.numel()).view_as(rmt.memory) * 0.02)
+        first = rmt(ids[:, :12], labels=ids[:, :12])
+        out = rmt(ids[:, 12:], labels=ids[:, 12:], memory=first.memory.detach(),
+                  short_term_cache=first.short_term_cache.detach())
+        params = [rmt.memory, *model.parameters()]
+        grads = torch.autograd.grad(out.loss + out.logits.square().mean(), params, allow_unused=True)
+        results[ckpt] = (out, grads)
+        if ckpt:  # (the two-sweep schedule's own cache comes detached: one with a graph is made here)
+            c = first.short_term_cache
+            graded = ShortTermCache(tuple(k.clone().requires_grad_() for k in c.keys),
+                                    tuple(v.clone().requires_grad_() for v in c.values), c.lens)
+            with pytest.raises(ValueError, match=r"short_term_cache=out.short_term_cache.detach\(\)"):
+                rmt(ids[:, 12:], labels=ids[:, 12:], short_term_cache=graded)
+    (want, g_want), (got, g_got) = results[False], results[True]
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=1e-5)
+    for g, w in zip((*got.short_term_cache.keys, *got.short_term_cache.values),
+                    (*want.short_term_cache.keys, *want.short_term_cache.values)):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    for g, w in zip(g_got, g_want):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, atol=2e-6, rtol=1e-4)

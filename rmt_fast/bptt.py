@@ -55,6 +55,7 @@ class _Sweep:
     graphs: list | None = None  # per segment, the rmt_fast.graphs.SegmentTrainingGraphs that replays it; None: eager
     structure: list | None = None  # per recorded segment: number of tensors in its output (tuple or single)
     rng: list | None = None
+    cache_in: object = None  # the short-term cache entering the first segment (a previous call's, detached; or None)
     caches: list | None = None  # per segment, the short-term cache entering it (None: none)
     cache_out: object = None  # the short-term cache the last segment leaves (detached)
     rng_after: object = None
@@ -92,7 +93,7 @@ class _TwoSweep(torch.autograd.Function):
                 outputs.extend(flat)
 
         memory, cache, loss_sum, count = forward_segments(r, memory, sweep.plan.num_segments, step, collect,
-                                                          before=before, progress=sweep.progress)
+                                                          sweep.cache_in, before=before, progress=sweep.progress)
         sweep.structure = structure
         sweep.cache_out = None if cache is None else cache.detach()
         if sweep.rng is not None:
@@ -267,8 +268,10 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
         torch.set_rng_state(state)
 
 
-def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, total_len: int, progress=None) -> dict:
-    """The recurrence with the two-sweep schedule; returns what :meth:`SegmentRunner.run_eager` returns."""
+def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, total_len: int, progress=None,
+                  cache: ShortTermCache | None = None) -> dict:
+    """The recurrence with the two-sweep schedule; returns what :meth:`SegmentRunner.run_eager` returns. ``cache``:
+    the short-term cache entering the first segment (a previous call's; no gradient flows back into it)."""
     lens_host = plan.lens.tolist()  # one host sync for all segments
     widths = [max(row) for row in lens_host]
     dense = [min(row) == w for row, w in zip(lens_host, widths)]
@@ -279,7 +282,7 @@ def run_two_sweep(runner, memory, plan, targets, params, want_output: bool, tota
     sharded = {id(p) for m in fsdp for p in m.parameters()}
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in sharded]
     sweep = _Sweep(runner, plan, named, targets, params, widths, dense, records, want_output, progress,
-                   fsdp_states=_fsdp_states(fsdp))
+                   fsdp_states=_fsdp_states(fsdp), cache_in=None if cache is None else cache.detach())
     if runner.config.graphs_enabled and memory.is_cuda and not fsdp:
         # Segments whose rows are all full replay captures with the plain-layout kernels. A capture records its
         # per-token outputs (a decoder's logits with keep_logits=True) at the full segment width; the record places

@@ -150,11 +150,11 @@ class SegmentRunner:
                 self.calls["inference graphed"] += 1
                 return res
         if cfg.checkpoint_segments and torch.is_grad_enabled() and not output_hidden_states:
-            if cache is not None:
-                raise ValueError("short_term_cache: continuing from a previous call's cache is not supported by the "
-                                 "two-sweep schedule (checkpoint_segments=True) while training; run it under "
-                                 "torch.no_grad() or with checkpoint_segments=False")
-            return run_two_sweep(self, memory, plan, targets, params, want_output, total_len, progress)
+            if cache is not None and any(t.requires_grad for t in (*cache.keys, *cache.values)):
+                raise ValueError("short_term_cache: the two-sweep schedule (checkpoint_segments=True) does not take "
+                                 "gradients back into a previous call's cache while training; pass "
+                                 "short_term_cache=out.short_term_cache.detach(), or use checkpoint_segments=False")
+            return run_two_sweep(self, memory, plan, targets, params, want_output, total_len, progress, cache)
         graded = torch.is_grad_enabled()
         lens_host = plan.lens.tolist()  # one host sync for all segments
         if (cfg.graphs_enabled and memory.is_cuda and graded and not output_hidden_states
