@@ -384,13 +384,6 @@ def copy_cache(dst: ShortTermCache, src: ShortTermCache | None) -> None:
             d.copy_(t)
 
 
-def clone_cache(cache: ShortTermCache | None) -> ShortTermCache | None:
-    if cache is None:
-        return None
-    return ShortTermCache(tuple(k.clone() for k in cache.keys), tuple(v.clone() for v in cache.values),
-                          cache.lens.clone())
-
-
 def run_inference_graphs(runner, memory, plan, targets, params, want_output: bool, total_len: int, progress=None,
                          cache: ShortTermCache | None = None):
     """Replay the captured step over every segment; returns the eager runner's result dict, or None when this shape
@@ -429,7 +422,7 @@ def run_inference_graphs(runner, memory, plan, targets, params, want_output: boo
             record.add(params[g], c.output)  # copies out of the static buffers before the next replay
     cs = list(variants.values())
     return dict(memory=current.clone(), loss_sum=sum(c.loss_sum for c in cs), count=sum(c.count for c in cs),
-                output=record.result(), hidden=None, cache=clone_cache(current_cache))
+                output=record.result(), hidden=None, cache=None if current_cache is None else current_cache.clone())
 
 
 class SegmentOutputs(NamedTuple):
@@ -562,7 +555,7 @@ class SegmentTrainingGraphs:
         if output is not None and not isinstance(self.output, tuple):
             output = output[0]
         return SegmentOutputs(self.memory.clone(), self.loss.clone(), self.count.clone(), output,
-                              clone_cache(self.cache))
+                              None if self.cache is None else self.cache.clone())
 
     def backward(self, memory_in: torch.Tensor, params: torch.Tensor, grad_memory, grad_loss, grad_outputs,
                  cache_in: ShortTermCache | None = None, grad_cache=None) -> tuple:

@@ -32,6 +32,11 @@ class ShortTermCache(NamedTuple):
         return ShortTermCache(tuple(k.detach() for k in self.keys), tuple(v.detach() for v in self.values),
                               self.lens)
 
+    def clone(self) -> ShortTermCache:
+        """A copy with its own storage (a replayed CUDA graph overwrites its static cache buffers)."""
+        return ShortTermCache(tuple(k.clone() for k in self.keys), tuple(v.clone() for v in self.values),
+                              self.lens.clone())
+
 
 def shift_rotary_keys(rotary_emb: torch.nn.Module, keys: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate rotary-embedded ``keys`` ``[B, H, C, D]`` by ``shift[b]`` more positions (fp32 angles), as the
