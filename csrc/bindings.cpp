@@ -49,18 +49,23 @@ struct AttentionCall {
   rmt_fast::DType dtype;
   rmt_fast::AttentionDims dims;
   rmt_fast::SegmentMask mask;
-  Tensor seq_lens;  // keeps the int32 copy alive while the kernels are enqueued
+  Tensor seq_lens;    // keep the int32 copies alive while the kernels are enqueued
+  Tensor cache_lens;  // undefined without per-row cache lengths
 };
 
+// k/v hold num_cache short-term cache positions before the segment's N (see SegmentMask).
 AttentionCall attention_call(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seq_lens,
-                             int64_t num_read, int64_t num_write, bool causal, bool memory_bidirectional) {
+                             int64_t num_read, int64_t num_write, bool causal, bool memory_bidirectional,
+                             int64_t num_cache, const std::optional<Tensor>& cache_lens) {
   check_cuda(q, q, "q");
   check_cuda(k, q, "k");
   check_cuda(v, q, "v");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D [B, H, N, D]");
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3), "k/v shape ",
-              k.sizes(), " does not match q ", q.sizes(), " in B, N or D");
+  TORCH_CHECK(num_cache >= 0 && num_cache <= INT32_MAX - q.size(2), "num_cache must be >= 0, got ", num_cache);
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) + num_cache && k.size(3) == q.size(3),
+              "k/v shape ", k.sizes(), " does not match q ", q.sizes(), " in B, N (+ num_cache=", num_cache,
+              ") or D");
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "q heads (", q.size(1),
               ") must be a multiple of k/v heads (", k.size(1), ")");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
@@ -77,17 +82,24 @@ AttentionCall attention_call(const Tensor& q, const Tensor& k, const Tensor& v, 
   call.dims = {static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
                static_cast<int>(q.size(2)), static_cast<int>(q.size(3))};
   call.seq_lens = index_tensor(seq_lens, q, "seq_lens", q.size(0));
+  const int32_t* cache_lens_ptr = nullptr;
+  if (cache_lens.has_value() && num_cache > 0) {
+    call.cache_lens = index_tensor(*cache_lens, q, "cache_lens", q.size(0));
+    cache_lens_ptr = call.cache_lens.data_ptr<int32_t>();
+  }
   call.mask = {call.seq_lens.data_ptr<int32_t>(), static_cast<int>(num_read), static_cast<int>(num_write), causal,
-               memory_bidirectional};
+               memory_bidirectional, static_cast<int>(num_cache), cache_lens_ptr};
   return call;
 }
 
 // Returns (out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32, base-2, for the backward).
 std::vector<Tensor> memory_attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                          const Tensor& seq_lens, int64_t num_read, int64_t num_write, bool causal,
-                                         bool memory_bidirectional, double scale) {
+                                         bool memory_bidirectional, double scale, int64_t num_cache,
+                                         const std::optional<Tensor>& cache_lens) {
   const Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  AttentionCall call = attention_call(q, k, v, seq_lens, num_read, num_write, causal, memory_bidirectional);
+  AttentionCall call = attention_call(q, k, v, seq_lens, num_read, num_write, causal, memory_bidirectional,
+                                      num_cache, cache_lens);
   const c10::cuda::CUDAGuard guard(q.device());
   Tensor out = at::empty(q.sizes(), q.options());
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
@@ -103,9 +115,11 @@ std::vector<Tensor> memory_attention_fwd(const Tensor& q_in, const Tensor& k_in,
 std::vector<Tensor> memory_attention_bwd(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
                                          const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
                                          const Tensor& seq_lens, int64_t num_read, int64_t num_write, bool causal,
-                                         bool memory_bidirectional, double scale) {
+                                         bool memory_bidirectional, double scale, int64_t num_cache,
+                                         const std::optional<Tensor>& cache_lens) {
   const Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  AttentionCall call = attention_call(q, k, v, seq_lens, num_read, num_write, causal, memory_bidirectional);
+  AttentionCall call = attention_call(q, k, v, seq_lens, num_read, num_write, causal, memory_bidirectional,
+                                      num_cache, cache_lens);
   check_cuda(dout_in, q, "dout");
   check_cuda(out_in, q, "out");
   check_cuda(lse_in, q, "lse");
@@ -260,11 +274,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rmt_fast CUDA kernels (sm_61+): memory attention and segment handoff";
   m.def("memory_attention_fwd", &memory_attention_fwd, "memory attention forward -> (out, lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("seq_lens"), py::arg("num_read"), py::arg("num_write"),
-        py::arg("causal"), py::arg("memory_bidirectional"), py::arg("scale"));
+        py::arg("causal"), py::arg("memory_bidirectional"), py::arg("scale"), py::arg("num_cache") = 0,
+        py::arg("cache_lens") = py::none());
   m.def("memory_attention_bwd", &memory_attention_bwd, "memory attention backward -> (dq, dk, dv)",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("seq_lens"), py::arg("num_read"), py::arg("num_write"), py::arg("causal"),
-        py::arg("memory_bidirectional"), py::arg("scale"));
+        py::arg("memory_bidirectional"), py::arg("scale"), py::arg("num_cache") = 0,
+        py::arg("cache_lens") = py::none());
   m.def("gather_memory_fwd", &gather_memory_fwd, "segment handoff, gather half -> new_memory", py::arg("hidden"),
         py::arg("memory"), py::arg("gather_offsets"));
   m.def("gather_memory_bwd", &gather_memory_bwd, "gather half backward -> (grad_hidden, grad_memory)",

@@ -9,6 +9,10 @@
 //            to it with warp shuffles.
 // The streamed tile is stored transposed with an XOR swizzle (see swizzle()) so both access patterns are
 // free of bank conflicts without padding. Streamed tiles the mask fully excludes are never visited.
+//
+// Keys are indexed over [cache | segment]: with a short-term cache (mask.num_cache > 0) k/v hold num_cache
+// cache positions before the segment's N, so key j >= num_cache is segment position j - num_cache; without a
+// cache the key and segment indices are the same.
 #include <math_constants.h>
 
 #include <type_traits>
@@ -36,23 +40,45 @@ static_assert((2 * kRowTile + 2 * kStreamTile) * kMaxHeadDim * sizeof(float) <= 
 __device__ __forceinline__ int swizzle(int d, int p) { return d * kStreamTile + (p ^ (d & (kStreamTile - 1))); }
 
 // One batch row's mask and the tile bounds it implies. allowed() restates mask_rule of
-// rmt_fast/ops/memory_attention/spec.py, the specification.
+// rmt_fast/ops/memory_attention/spec.py, the specification. Query indices are segment positions; key indices
+// run over [cache | segment] (see above).
 struct RowMask {
-  int valid;        // positions < valid are real
+  int valid;        // segment positions < valid are real
   int num_read;     // read block [0, num_read)
   int write_start;  // write block [write_start, valid)
   bool causal;
   bool bidirectional;
+  int cache;        // cache keys in front of the segment's keys
+  int cache_start;  // the row's real cache keys: [cache_start, cache), visible to every real query
 
   __device__ bool allowed(int i, int j) const {
+    if (j < cache) return i < valid && j >= cache_start;
+    return segment_allowed(i, j - cache);
+  }
+
+  // One past the last real key.
+  __device__ int key_valid() const { return cache + valid; }
+
+  // The first key any query may attend.
+  __device__ int key_begin() const { return cache_start; }
+
+  // One past the last key any query in [q_first, q_last] may attend (q_last < valid).
+  __device__ int key_end(int q_first, int q_last) const { return cache + segment_key_end(q_first, q_last); }
+
+  // The first query that may attend any key in [k_first, k_last] (cache_start <= k_last < key_valid()).
+  __device__ int query_begin(int k_first, int k_last) const {
+    if (k_first < cache) return 0;
+    return segment_query_begin(k_first - cache, k_last - cache);
+  }
+
+  __device__ bool segment_allowed(int i, int j) const {
     if (i >= valid || j >= valid) return false;
     if (!causal || j <= i) return true;
     if (!bidirectional) return false;
     return (i < num_read && j < num_read) || (i >= write_start && j >= write_start);
   }
 
-  // One past the last key any query in [q_first, q_last] may attend (q_last < valid).
-  __device__ int key_end(int q_first, int q_last) const {
+  __device__ int segment_key_end(int q_first, int q_last) const {
     if (!causal) return valid;
     int end = q_last + 1;
     if (bidirectional) {
@@ -62,8 +88,7 @@ struct RowMask {
     return min(end, valid);
   }
 
-  // The first query that may attend any key in [k_first, k_last] (k_last < valid).
-  __device__ int query_begin(int k_first, int k_last) const {
+  __device__ int segment_query_begin(int k_first, int k_last) const {
     if (!causal) return 0;
     int begin = k_first;
     if (bidirectional) {
@@ -81,6 +106,8 @@ __device__ __forceinline__ RowMask row_mask(const SegmentMask& m, int b, int seq
   r.valid = min(max(r.write_start + m.num_write, 0), seq);
   r.causal = m.causal;
   r.bidirectional = m.memory_bidirectional;
+  r.cache = m.num_cache;
+  r.cache_start = m.cache_lens == nullptr ? 0 : m.num_cache - min(max(m.cache_lens[b], 0), m.num_cache);
   return r;
 }
 
@@ -182,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdParams
     load_rows<T, DP, kRowTile>(q_s, q, p.q_strides.n, q0, mk.valid, head_dim, p.scale * kLog2e);
     const int k_end = mk.key_end(q0, min(q0 + kRowTile, mk.valid) - 1);
     const bool active = row0 < mk.valid;
-    for (int k0 = 0; k0 < k_end; k0 += kStreamTile) {
+    for (int k0 = mk.key_begin(); k0 < k_end; k0 += kStreamTile) {
       __syncthreads();  // the previous tile has been consumed
       load_stream_tile<T, DP>(k_s, k, p.k_strides.n, k0, k_end, head_dim);
       load_rows<T, DP, kStreamTile>(v_s, v, p.v_strides.n, k0, k_end, head_dim, 1.f);
@@ -272,8 +299,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Bwd
   if (lane == 0) p.delta[row] = acc;
 }
 
-// grid (key tiles, Hkv, B). Each block owns 16 keys and streams, for every query head of its group, the
-// queries that can see them. dS = P * (dP - delta); dV = P^T dO; dK = scale * dS^T Q.
+// grid (key tiles over [cache | segment], Hkv, B). Each block owns 16 keys and streams, for every query head of
+// its group, the queries that can see them. dS = P * (dP - delta); dV = P^T dO; dK = scale * dS^T Q.
 template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdParams<T> p) {
   constexpr int kSlices = DP / kWarpSize;
@@ -285,6 +312,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdP
   const int b = blockIdx.z, hk = blockIdx.y;
   const int k0 = blockIdx.x * kRowTile;  // causal: low key tiles have the most queries, so they go first
   const int seq = p.dims.seq, head_dim = p.dims.head_dim;
+  const int seq_kv = p.mask.num_cache + seq;
   const int groups = p.dims.heads_q / p.dims.heads_kv;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const RowMask mk = row_mask(p.mask, b, seq);
@@ -297,14 +325,15 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdP
     for (int t = 0; t < kSlices; ++t) dk[r][t] = dv[r][t] = 0.f;
   }
 
-  if (k0 < mk.valid) {
+  const int key_valid = mk.key_valid();
+  if (k0 < key_valid && k0 + kRowTile > mk.key_begin() && mk.valid > 0) {
     const T* k = p.k + b * p.k_strides.b + hk * p.k_strides.h;
     const T* v = p.v + b * p.v_strides.b + hk * p.v_strides.h;
-    load_rows<T, DP, kRowTile>(k_s, k, p.k_strides.n, k0, mk.valid, head_dim, p.scale * kLog2e);
-    load_rows<T, DP, kRowTile>(v_s, v, p.v_strides.n, k0, mk.valid, head_dim, 1.f);
-    const int q_begin = mk.query_begin(k0, min(k0 + kRowTile, mk.valid) - 1);
+    load_rows<T, DP, kRowTile>(k_s, k, p.k_strides.n, k0, key_valid, head_dim, p.scale * kLog2e);
+    load_rows<T, DP, kRowTile>(v_s, v, p.v_strides.n, k0, key_valid, head_dim, 1.f);
+    const int q_begin = mk.query_begin(k0, min(k0 + kRowTile, key_valid) - 1);
     const int q_end = mk.valid;
-    const bool active = key0 < mk.valid;
+    const bool active = key0 < key_valid;
 
     for (int g = 0; g < groups; ++g) {
       const int h = hk * groups + g;
@@ -376,11 +405,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdP
   }
 
   // Every key of the tile is written: keys no query sees (padding included) get zeros.
-  const int64_t rows = (static_cast<int64_t>(b) * p.dims.heads_kv + hk) * seq;
+  const int64_t rows = (static_cast<int64_t>(b) * p.dims.heads_kv + hk) * seq_kv;
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const int j = key0 + r;
-    if (j >= seq) break;
+    if (j >= seq_kv) break;
 #pragma unroll
     for (int t = 0; t < kSlices; ++t) {
       const int d = lane + t * kWarpSize;
@@ -435,7 +464,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdPar
     const int k_end = mk.key_end(q0, min(q0 + kRowTile, mk.valid) - 1);
     const bool active = row0 < mk.valid;
 
-    for (int k0 = 0; k0 < k_end; k0 += kStreamTile) {
+    for (int k0 = mk.key_begin(); k0 < k_end; k0 += kStreamTile) {
       __syncthreads();
       load_stream_tile<T, DP>(k_s, k, p.k_strides.n, k0, k_end, head_dim);
       load_stream_tile<T, DP>(v_s, v, p.v_strides.n, k0, k_end, head_dim);
@@ -506,9 +535,10 @@ cudaError_t with_padded_head_dim(int head_dim, F&& f) {
   return f(std::integral_constant<int, 128>{});
 }
 
-cudaError_t check_dims(const AttentionDims& d) {
+cudaError_t check_dims(const AttentionDims& d, const SegmentMask& m) {
   if (d.batch < 0 || d.seq < 0 || d.heads_q < 1 || d.heads_kv < 1 || d.heads_q % d.heads_kv != 0 ||
-      d.head_dim < 1 || d.head_dim > kMaxHeadDim || d.batch > 65535 || d.heads_q > 65535)
+      d.head_dim < 1 || d.head_dim > kMaxHeadDim || d.batch > 65535 || d.heads_q > 65535 || m.num_cache < 0 ||
+      m.num_cache > INT32_MAX - d.seq)
     return cudaErrorInvalidValue;
   return cudaSuccess;
 }
@@ -528,7 +558,7 @@ cudaError_t backward_typed(const BwdParams<T>& p, cudaStream_t stream) {
   attention_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const dim3 grid_kv(ceil_div(p.dims.seq, kRowTile), p.dims.heads_kv, p.dims.batch);
+  const dim3 grid_kv(ceil_div(p.mask.num_cache + p.dims.seq, kRowTile), p.dims.heads_kv, p.dims.batch);
   const dim3 grid_q(ceil_div(p.dims.seq, kRowTile), p.dims.heads_q, p.dims.batch);
   return with_padded_head_dim(p.dims.head_dim, [&](auto dp) {
     attention_bwd_dkdv_kernel<T, decltype(dp)::value><<<grid_kv, kThreads, 0, stream>>>(p);
@@ -546,7 +576,7 @@ cudaError_t memory_attention_forward(DType dtype, const void* q, Strides3 q_stri
                                      Strides3 k_strides, const void* v, Strides3 v_strides, void* out,
                                      float* lse, AttentionDims dims, SegmentMask mask, float scale,
                                      cudaStream_t stream) {
-  if (cudaError_t err = detail::check_dims(dims); err != cudaSuccess) return err;
+  if (cudaError_t err = detail::check_dims(dims, mask); err != cudaSuccess) return err;
   if (dims.batch == 0 || dims.seq == 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32:
@@ -571,7 +601,7 @@ cudaError_t memory_attention_backward(DType dtype, const void* dout, Strides3 do
                                       Strides3 v_strides, const void* out, const float* lse, float* delta,
                                       void* dq, void* dk, void* dv, AttentionDims dims, SegmentMask mask,
                                       float scale, cudaStream_t stream) {
-  if (cudaError_t err = detail::check_dims(dims); err != cudaSuccess) return err;
+  if (cudaError_t err = detail::check_dims(dims, mask); err != cudaSuccess) return err;
   if (dims.batch == 0 || dims.seq == 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32:

@@ -17,12 +17,18 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // holds num_read read slots, seq_lens[b] tokens, num_write write slots; valid[b] = num_read + seq_lens[b] +
 // num_write (clamped to [0, seq]). Query i may attend key j (both < valid[b]) when !causal, or j <= i, or
 // (memory_bidirectional) both lie in [0, num_read) or both lie in [num_read + seq_lens[b], valid[b]).
+// With a short-term cache (num_cache > 0) the keys are [cache (num_cache) | segment (N)]: key j >= num_cache is
+// segment position j - num_cache under the rule above, and the row's real cache keys, the last cache_lens[b]
+// (clamped to [0, num_cache]) of the prefix, are visible to every query < valid[b]. num_cache = 0 (the default
+// of an aggregate initialiser that stops after memory_bidirectional) is the rule above, unchanged.
 struct SegmentMask {
   const int32_t* seq_lens;  // [batch], device memory
   int num_read;
   int num_write;
   bool causal;
   bool memory_bidirectional;
+  int num_cache;              // cache keys in front of the segment's keys, >= 0
+  const int32_t* cache_lens;  // [batch] real cache keys per row, device memory; null: all num_cache
 };
 
 struct AttentionDims {
@@ -41,7 +47,7 @@ struct Strides3 {
 };
 
 // O = softmax(scale * Q K^T + mask) V in fp32 math.
-// q [B, Hq, N, D], k/v [B, Hkv, N, D] of `dtype` (kFloat32 or kFloat16), strided.
+// q [B, Hq, N, D], k/v [B, Hkv, num_cache + N, D] of `dtype` (kFloat32 or kFloat16), strided.
 // out: contiguous [B, Hq, N, D] of `dtype`; rows at or past valid[b] are written as zeros.
 // lse: contiguous [B, Hq, N] fp32, the row log-sum-exp of the *base-2* scores (scale * log2(e) * q.k),
 // +inf for padding rows; only memory_attention_backward reads it.
@@ -51,8 +57,9 @@ cudaError_t memory_attention_forward(DType dtype, const void* q, Strides3 q_stri
                                      cudaStream_t stream);
 
 // Gradients of memory_attention_forward. dout is strided like q; out and lse are the forward's outputs.
-// delta: fp32 workspace of B * Hq * N elements. dq [B, Hq, N, D], dk/dv [B, Hkv, N, D]: contiguous, of
-// `dtype`, fully written (zeros for padding rows; padded keys get zero dk/dv). Deterministic (no atomics).
+// delta: fp32 workspace of B * Hq * N elements. dq [B, Hq, N, D], dk/dv [B, Hkv, num_cache + N, D]: contiguous,
+// of `dtype`, fully written (zeros for padding rows; keys no query attends, padding and cache padding included,
+// get zero dk/dv). Deterministic (no atomics).
 cudaError_t memory_attention_backward(DType dtype, const void* dout, Strides3 dout_strides, const void* q,
                                       Strides3 q_strides, const void* k, Strides3 k_strides, const void* v,
                                       Strides3 v_strides, const void* out, const float* lse, float* delta,

@@ -37,7 +37,14 @@ struct DeviceBuffer {
   }
 };
 
-bool allowed(const SegmentMask& m, const std::vector<int32_t>& lens, int b, int seq, int i, int j) {
+// Key j indexes [cache (m.num_cache) | segment (seq)].
+bool allowed(const SegmentMask& m, const std::vector<int32_t>& lens, const std::vector<int32_t>& cache_lens, int b,
+             int seq, int i, int j) {
+  if (j < m.num_cache) {
+    const int valid = std::min(m.num_read + lens[b] + m.num_write, seq);
+    return i < valid && j >= m.num_cache - cache_lens[b];
+  }
+  j -= m.num_cache;
   const int write_start = m.num_read + lens[b];
   const int valid = std::min(write_start + m.num_write, seq);
   if (i >= valid || j >= valid) return false;
@@ -52,28 +59,31 @@ double max_abs_diff(const std::vector<float>& got, const std::vector<double>& wa
   return worst;
 }
 
-bool attention_case(bool causal, bool bidirectional) {
+// num_cache > 0: a short-term cache of num_cache keys, full in row 0 and with 3 real keys in row 1.
+bool attention_case(bool causal, bool bidirectional, int num_cache = 0) {
   const AttentionDims dims{2, 4, 2, 45, 40};
   const int B = dims.batch, Hq = dims.heads_q, Hkv = dims.heads_kv, N = dims.seq, D = dims.head_dim;
+  const int C = num_cache, NK = C + N;
   const int groups = Hq / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   std::vector<int32_t> lens = {N - 6, 17};
-  std::mt19937 rng(causal * 2 + bidirectional);
+  const std::vector<int32_t> cache_lens = {C, std::min(C, 3)};
+  std::mt19937 rng(causal * 2 + bidirectional + 4 * C);
   std::normal_distribution<float> normal;
   auto randn = [&](size_t n) {
     std::vector<float> v(n);
     for (auto& x : v) x = normal(rng);
     return v;
   };
-  const size_t nq = static_cast<size_t>(B) * Hq * N * D, nk = static_cast<size_t>(B) * Hkv * N * D;
+  const size_t nq = static_cast<size_t>(B) * Hq * N * D, nk = static_cast<size_t>(B) * Hkv * NK * D;
   const std::vector<float> q = randn(nq), k = randn(nk), v = randn(nk), dout = randn(nq);
 
-  DeviceBuffer<int32_t> d_lens(lens);
-  const SegmentMask mask{d_lens.ptr, 3, 3, causal, bidirectional};
+  DeviceBuffer<int32_t> d_lens(lens), d_cache_lens(cache_lens);
+  const SegmentMask mask{d_lens.ptr, 3, 3, causal, bidirectional, C, C ? d_cache_lens.ptr : nullptr};
   DeviceBuffer<float> d_q(q), d_k(k), d_v(v), d_dout(dout), d_out(nq), d_dq(nq), d_dk(nk), d_dv(nk);
   DeviceBuffer<float> d_lse(static_cast<size_t>(B) * Hq * N), d_delta(static_cast<size_t>(B) * Hq * N);
   const rmt_fast::Strides3 sq{static_cast<int64_t>(Hq) * N * D, static_cast<int64_t>(N) * D, D};
-  const rmt_fast::Strides3 sk{static_cast<int64_t>(Hkv) * N * D, static_cast<int64_t>(N) * D, D};
+  const rmt_fast::Strides3 sk{static_cast<int64_t>(Hkv) * NK * D, static_cast<int64_t>(NK) * D, D};
   if (!ok(rmt_fast::memory_attention_forward(rmt_fast::DType::kFloat32, d_q.ptr, sq, d_k.ptr, sk, d_v.ptr, sk,
                                              d_out.ptr, d_lse.ptr, dims, mask, scale, nullptr),
           "forward launch") ||
@@ -90,12 +100,12 @@ bool attention_case(bool causal, bool bidirectional) {
     for (int h = 0; h < Hq; ++h) {
       const int hk = h / groups;
       auto at_q = [&](int i, int d) { return ((static_cast<size_t>(b) * Hq + h) * N + i) * D + d; };
-      auto at_k = [&](int j, int d) { return ((static_cast<size_t>(b) * Hkv + hk) * N + j) * D + d; };
+      auto at_k = [&](int j, int d) { return ((static_cast<size_t>(b) * Hkv + hk) * NK + j) * D + d; };
       for (int i = 0; i < N; ++i) {
-        std::vector<double> p(N, 0), dp(N, 0);
+        std::vector<double> p(NK, 0), dp(NK, 0);
         double mx = -INFINITY;
-        for (int j = 0; j < N; ++j) {
-          if (!allowed(host_mask, lens, b, N, i, j)) continue;
+        for (int j = 0; j < NK; ++j) {
+          if (!allowed(host_mask, lens, cache_lens, b, N, i, j)) continue;
           double s = 0;
           for (int d = 0; d < D; ++d) s += static_cast<double>(q[at_q(i, d)]) * k[at_k(j, d)];
           p[j] = s * scale;
@@ -103,12 +113,12 @@ bool attention_case(bool causal, bool bidirectional) {
         }
         if (mx == -INFINITY) continue;  // padding row: zero output and gradients
         double sum = 0;
-        for (int j = 0; j < N; ++j) {
-          p[j] = allowed(host_mask, lens, b, N, i, j) ? std::exp(p[j] - mx) : 0.0;
+        for (int j = 0; j < NK; ++j) {
+          p[j] = allowed(host_mask, lens, cache_lens, b, N, i, j) ? std::exp(p[j] - mx) : 0.0;
           sum += p[j];
         }
         double delta = 0;
-        for (int j = 0; j < N; ++j) {
+        for (int j = 0; j < NK; ++j) {
           p[j] /= sum;
           for (int d = 0; d < D; ++d) {
             out[at_q(i, d)] += p[j] * v[at_k(j, d)];
@@ -116,7 +126,7 @@ bool attention_case(bool causal, bool bidirectional) {
           }
           delta += p[j] * dp[j];
         }
-        for (int j = 0; j < N; ++j) {
+        for (int j = 0; j < NK; ++j) {
           const double ds = p[j] * (dp[j] - delta) * scale;
           for (int d = 0; d < D; ++d) {
             dq[at_q(i, d)] += ds * k[at_k(j, d)];
@@ -132,8 +142,8 @@ bool attention_case(bool causal, bool bidirectional) {
   bool pass = true;
   for (int t = 0; t < 4; ++t) {
     if (!(errs[t] < 2e-3)) {
-      std::printf("FAIL: attention causal=%d bidirectional=%d %s max abs err %.3g\n", causal, bidirectional,
-                  names[t], errs[t]);
+      std::printf("FAIL: attention causal=%d bidirectional=%d num_cache=%d %s max abs err %.3g\n", causal,
+                  bidirectional, C, names[t], errs[t]);
       pass = false;
     }
   }
@@ -218,6 +228,8 @@ int main() {
   pass &= attention_case(false, false);
   pass &= attention_case(true, false);
   pass &= attention_case(true, true);
+  pass &= attention_case(false, false, 21);  // a cache over one key tile
+  pass &= attention_case(true, true, 37);    // row 1's real cache keys in the second tile
   pass &= handoff_case(16);
   pass &= handoff_case(5);
   std::printf("%s: rmt_fast kernel smoke test\n", pass ? "PASS" : "FAIL");

@@ -202,14 +202,13 @@ def test_reference_with_cache_is_attention_over_cache_and_segment(case, groups):
 
 @pytest.mark.parametrize("backend", ["auto", *ALL])
 def test_cache_backends(backend):
-    """The reference, Triton and "auto" compute a cache layout; "cuda" (whose kernels do not follow the cache
-    prefix) and "sdpa" refuse it."""
+    """The reference, Triton, CUDA and "auto" compute a cache layout; "sdpa" refuses it."""
     layout = SegmentLayout(2, 2, torch.tensor([6, 3], device=DEVICE), True, num_cache=3,
                            cache_lens=torch.tensor([3, 1], device=DEVICE))
     assert not layout.is_plain
     q = torch.randn(2, 2, 10, 8, device=DEVICE)
     kv = torch.randn(2, 2, 13, 8, device=DEVICE)
-    if backend in ("reference", "auto", "triton"):
+    if backend != "sdpa":
         torch.testing.assert_close(memory_attention(q, kv, kv, layout, backend=backend),
                                    memory_attention_ref(q, kv, kv, layout))
     else:
@@ -773,7 +772,7 @@ def test_triton_backward_schedule_choice():
             pass
 
 
-# ---- the short-term cache on Triton -------------------------------------------------------------------------------
+# ---- the short-term cache on the fused kernels ---------------------------------------------------------------------
 
 
 def _cache_layout_on(r, w, lens, causal, bidir, num_cache, cache_lens):
@@ -801,12 +800,26 @@ def test_triton_cache_schedules(schedule, causal, bidir):
         check_backend("triton", *_cache_kv_inputs(3, 2, 1, 19, 19, 16, torch.float32, True, seed=31), layout)
 
 
+@pytest.mark.parametrize("causal,bidir", MASKS, ids=MASK_IDS)
+@pytest.mark.parametrize("d", [16, 80])
+@CUDA.marks[0]
+def test_cuda_cache_layouts(causal, bidir, d):
+    """A short-term cache on the CUDA kernels against the reference: 19 cache keys (one key tile and a part) with
+    rows holding a full, a partial and an empty cache, ragged rows (one with memory slots only), GQA, transposed
+    inputs; then 37 cache keys whose real part starts in the third key tile, over a segment longer than one query
+    tile. Gradients into padding cache keys exactly 0."""
+    layout = _cache_layout_on(2, 3, [13, 4, 0], causal, bidir, 19, [19, 5, 0])
+    check_backend("cuda", *_cache_kv_inputs(3, 2, 1, 19, 19, d, torch.float32, True, seed=33), layout)
+    layout = _cache_layout_on(3, 3, [40, 27], causal, bidir, 37, [37, 4])
+    check_backend("cuda", *_cache_kv_inputs(2, 4, 2, 47, 37, d, torch.float32, seed=34), layout)
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@_NEEDS_TRITON
-def test_triton_cache_half_precision(dtype):
+def test_fused_cache_half_precision(backend, dtype):
     """fp16 and bf16 through the same kernels: a cache whose first row starts mid-tile, a head dim below its tile."""
     layout = _cache_layout_on(2, 2, [10, 3], True, True, 24, [21, 24])
-    check_backend("triton", *_cache_kv_inputs(2, 2, 1, 15, 24, 24, dtype, seed=32), layout)
+    check_backend(backend, *_cache_kv_inputs(2, 2, 1, 15, 24, 24, dtype, seed=32), layout)
 
 
 @st.composite
@@ -827,20 +840,22 @@ def _triton_cache_cases(draw):
                 seed=draw(st.integers(0, 2 ** 16)), schedule=draw(st.sampled_from(SCHEDULES)))
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(case=_triton_cache_cases())
-@_NEEDS_TRITON
-def test_triton_cache_random_layouts(case):
-    """Random cache layouts on Triton against the reference: caches of 1 to 21 keys, empty, full and partial rows,
-    ragged segments, the three masks, GQA, fp32 and fp16, any backward schedule."""
-    with _triton_module().backward_schedule(case["schedule"]):
-        check_backend("triton", *_cache_kv_inputs(case["b"], case["hq"], case["hkv"], case["n"],
-                                                  case["layout"][5], case["d"], case["dtype"], case["transposed"],
-                                                  case["seed"]), _cache_layout_on(*case["layout"]))
+def test_fused_cache_random_layouts(backend, case):
+    """Random cache layouts on the fused kernels against the reference: caches of 1 to 21 keys, empty, full and
+    partial rows, ragged segments, the three masks, GQA, fp32 and fp16, any Triton backward schedule."""
+    schedule = (_triton_module().backward_schedule(case["schedule"]) if backend == "triton"
+                else contextlib.nullcontext())
+    with schedule:
+        check_backend(backend, *_cache_kv_inputs(case["b"], case["hq"], case["hkv"], case["n"],
+                                                 case["layout"][5], case["d"], case["dtype"], case["transposed"],
+                                                 case["seed"]), _cache_layout_on(*case["layout"]))
 
 
-@_NEEDS_TRITON
-def test_triton_cache_of_zero_and_empty_caches():
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_cache_of_zero_and_empty_caches(backend):
     """``num_cache=0`` (with cache_lens) runs the plain kernels: outputs and gradients bit for bit the plain
     layout's. A cache with no real entry in any row gives the plain layout's results over the segment's keys and
     exactly zero gradients into the cache."""
@@ -854,7 +869,7 @@ def test_triton_cache_of_zero_and_empty_caches():
         dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(14)).to(DEVICE) * _valid_rows(plain, 14)
 
         def run(layout, k, v):
-            out = memory_attention(q, k, v, layout, backend="triton")
+            out = memory_attention(q, k, v, layout, backend=backend)
             return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
         want = run(plain, k, v)
@@ -906,13 +921,13 @@ def test_triton_cache_stored_schedule_reads_only_written_ds(loads, monkeypatch):
     assert all(meta["TMA"] == (loads == "tma") for _args, meta in with_rows)
 
 
-@_NEEDS_TRITON
-def test_triton_cache_custom_op_registration():
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_cache_custom_op_registration(backend):
     """The custom ops with a cache (num_cache, cache_lens): schema, fake tensors, autograd, AOT tracing."""
     q, k, v = _cache_kv_inputs(2, 2, 1, 12, 5, 16, torch.float32, transposed=True, seed=6)
     seq_lens = torch.tensor([6, 3], dtype=torch.int32, device=DEVICE)
     cache_lens = torch.tensor([5, 2], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(fused_attention, (q, k, v, seq_lens, 2, 2, True, True, 0.25, "triton", 5, cache_lens),
+    torch.library.opcheck(fused_attention, (q, k, v, seq_lens, 2, 2, True, True, 0.25, backend, 5, cache_lens),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))
 
@@ -944,9 +959,10 @@ def test_triton_cache_fullgraph_compile():
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_triton_cache_in_cuda_graph():
-    """A cache layout on Triton captured in a CUDA graph (no host synchronisation in the launch path): each replay
+def test_fused_cache_in_cuda_graph(backend):
+    """A cache layout on the fused kernels captured in a CUDA graph (no host synchronisation in the launch path): each replay
     equals the eager outputs and gradients, also after new inputs and cache lengths are copied into the captured
     buffers."""
     layout = _cache_layout_on(2, 2, [40, 9], True, True, 24, [24, 7])
@@ -954,7 +970,7 @@ def test_triton_cache_in_cuda_graph():
     dout = torch.randn_like(q)
 
     def step():
-        out = memory_attention(q, k, v, layout, backend="triton")
+        out = memory_attention(q, k, v, layout, backend=backend)
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
     side = torch.cuda.Stream()

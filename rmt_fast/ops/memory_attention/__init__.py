@@ -43,7 +43,7 @@ def check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, backend: str) -> None:
 
 
 def _cache_args(num_cache: int, cache_lens: Tensor | None) -> tuple:
-    """The kernels' trailing cache arguments: none without a short-term cache (what "cuda" takes)."""
+    """The kernels' trailing cache arguments: none without a short-term cache (the kernels' defaults)."""
     return (num_cache, cache_lens) if num_cache else ()
 
 
@@ -54,7 +54,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor, num_read:
     """Memory attention on the fused kernels of ``backend`` ("triton" | "cuda"), inputs already checked.
 
     q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, num_cache + N, D]`` of q's dtype; seq_lens: ``[B]`` int32 on q's device.
-    With ``num_cache > 0`` (Triton only) the first ``num_cache`` keys are the short-term cache, ``cache_lens`` ``[B]``
+    With ``num_cache > 0`` the first ``num_cache`` keys are the short-term cache, ``cache_lens`` ``[B]``
     int32 on q's device its real entries per row (None: all). Returns ``(out [B, Hq, N, D] in q's dtype,
     lse [B, Hq, N] fp32)``; lse (base-2 log-sum-exp of each query's scores) is kept for the backward.
     """
@@ -155,9 +155,9 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
     ``[B, Hq, N, D]`` in q's dtype. Outputs at padding positions (``>= layout.valid_lens[b]``) are unspecified;
     valid outputs never depend on padded k/v.
 
-    A layout with a short-term cache runs on "reference" and "triton" (tested against the reference through
-    Triton's interpreter, not yet on a GPU); "auto" takes SDPA with the layout's boolean mask on a GPU (and what it
-    takes for other layouts on the CPU). "cuda" (whose kernels do not implement the cache) and "sdpa" raise ValueError for it.
+    A layout with a short-term cache runs on "reference", "triton" and "cuda"; "auto" takes SDPA with the layout's
+    boolean mask on a GPU (and what it takes for other layouts on the CPU) until the fused cache kernels are
+    measured there; "sdpa" raises ValueError for it.
 
     No host synchronisation on the fused paths ("sdpa", "triton", "cuda"): ``valid_lens <= N`` is the caller's
     promise there (the kernels clamp to N); only the reference checks it.
@@ -169,11 +169,8 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
                          f"no short-term cache), got layout causal={layout.causal}, memory_bidirectional="
                          f"{layout.memory_bidirectional}, dense={layout.dense}, num_cache={layout.num_cache}")
     impl = resolve_backend(backend, q.device)
-    if layout.num_cache and impl != "reference" and ((backend == "auto" and q.is_cuda) or impl == "cuda"):
-        if backend != "auto":
-            raise ValueError(f"backend={backend!r} does not implement the short-term cache (layout.num_cache="
-                             f"{layout.num_cache}); use backend='triton', 'reference' or 'auto'")
-        # "auto" keeps the cache on SDPA until the Triton cache kernels have been checked on a GPU
+    if layout.num_cache and backend == "auto" and q.is_cuda and impl != "reference":
+        # "auto" keeps the cache on SDPA until the fused cache kernels have been checked and measured on a GPU
         check_attention_inputs(q, k, v, layout)
         return memory_attention_sdpa_masked(q, k, v, layout, scale)
     if impl == "reference":
