@@ -9,6 +9,11 @@ Compares, forward and forward+backward, under the RMT decoder mask (16 read + 16
 - ``cuda``: the ``rmt_fast._C`` kernel, fp16 inputs (only when the extension is built and has the op);
 - ``sdpa_causal``: SDPA ``is_causal=True`` without memory semantics: the ceiling to aim for.
 
+``--cache-sizes 0 128 512`` adds a short-term cache of k keys in front of each segment's keys (issue 29's
+``num_cache_tokens``: keys ``[cache | segment]``, every cached key visible to every valid query; with ``--ragged``
+each row keeps a random [k/2, k] of them); ``sdpa_causal`` stays on the segment's own keys (the k = 0 ceiling), and
+the table's "time / k=0" column divides each method's time by its own at k = 0.
+
 Masks (SDPA's tensor, Flex's block mask) are built once, outside the timed region; ours needs none.
 Before timing, ours (and the CUDA kernel) are checked against the reference (max abs error of O, dQ, dK, dV).
 
@@ -75,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype (the cuda kernel: fp16)")
     p.add_argument("--bidirectional", choices=["both", "off", "on"], default="both",
                    help="memory_bidirectional mask variants to run (default: both)")
+    p.add_argument("--cache-sizes", nargs="+", type=int, default=[0], metavar="K",
+                   help="short-term cache keys in front of each segment (0: none; default: 0)")
     p.add_argument("--ragged", action="store_true",
                    help="random token counts per row in [L/2, L] instead of full rows (padding at the end)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
@@ -103,6 +110,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.graph_rounds < 1:
         p.error(f"--graph-rounds must be at least 1, got {args.graph_rounds}")
+    if any(k < 0 for k in args.cache_sizes):
+        p.error(f"--cache-sizes must be >= 0, got {args.cache_sizes}")
     return args
 
 
@@ -120,9 +129,9 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 
 class Problem:
-    """Inputs, layout and the per-method callables for one (shape, mask variant)."""
+    """Inputs, layout and the per-method callables for one (shape, mask variant, cache size)."""
 
-    def __init__(self, args, shape, bidir, torch):
+    def __init__(self, args, shape, bidir, torch, num_cache: int = 0):
         import torch.nn.functional as F
 
         from rmt_fast.ops import SegmentLayout
@@ -131,7 +140,7 @@ class Problem:
         b, h, n, d = shape
         if h % args.gqa:
             raise SystemExit(f"--gqa {args.gqa} does not divide {h} heads")
-        self.shape, self.bidir = shape, bidir
+        self.shape, self.bidir, self.num_cache = shape, bidir, num_cache
         self.h_kv = h // args.gqa
         dev = "cuda"
         dtype = getattr(torch, DTYPES[args.dtype])
@@ -143,16 +152,20 @@ class Problem:
             lens = torch.randint(tokens // 2, tokens + 1, (b,), device=dev, generator=gen)
         else:
             lens = torch.full((b,), tokens, device=dev)
+        cache_lens = None
+        if num_cache and args.ragged:
+            cache_lens = torch.randint(num_cache // 2, num_cache + 1, (b,), device=dev, generator=gen)
         self.layout = SegmentLayout(args.num_read, args.num_write, lens.to(torch.int32), causal=True,
-                                    memory_bidirectional=bidir)
+                                    memory_bidirectional=bidir, num_cache=num_cache, cache_lens=cache_lens)
         self.scale = d ** -0.5
 
         def rand(*s):
             return torch.randn(*s, device=dev, dtype=dtype, generator=gen).requires_grad_(True)
 
-        self.q, self.k, self.v = rand(b, h, n, d), rand(b, self.h_kv, n, d), rand(b, self.h_kv, n, d)
+        nk = num_cache + n
+        self.q, self.k, self.v = rand(b, h, n, d), rand(b, self.h_kv, nk, d), rand(b, self.h_kv, nk, d)
         self.do = torch.randn(b, h, n, d, device=dev, dtype=dtype, generator=gen)
-        self.allowed = self.layout.allowed(n)  # [B, N, N]
+        self.allowed = self.layout.allowed(n)  # [B, N, num_cache + N]
         self.pairs = int(self.allowed.sum())
         self.causal_pairs = b * n * (n + 1) // 2
         self.gqa = h != self.h_kv
@@ -163,8 +176,9 @@ class Problem:
             "reference": lambda q, k, v: _ref(q, k, v, lay, scale),
             "sdpa_mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed4, scale=scale,
                                                                         enable_gqa=gqa),
-            "sdpa_causal": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                                          enable_gqa=gqa),
+            # the segment's own keys: the k = 0 ceiling
+            "sdpa_causal": lambda q, k, v: F.scaled_dot_product_attention(q, k[:, :, num_cache:], v[:, :, num_cache:],
+                                                                          is_causal=True, scale=scale, enable_gqa=gqa),
             "triton": lambda q, k, v: _triton(q, k, v, lay, scale),
         }
         for method in VARIANTS:
@@ -188,12 +202,13 @@ class Problem:
 
         lens = self.layout.seq_lens
         valid, write_start = lens + (r + w), lens + r
-        bidir = self.bidir
+        bidir, c = self.bidir, self.num_cache
+        cache_start = c - (self.layout.cache_lens if self.layout.cache_lens is not None else torch.full_like(lens, c))
 
         def mask_mod(bi, hi, qi, ki):
-            return mask_rule(qi, ki, valid[bi], r, write_start[bi], True, bidir)
+            return mask_rule(qi, ki, valid[bi], r, write_start[bi], True, bidir, c, cache_start[bi])
 
-        block_mask = create_block_mask(mask_mod, b, None, n, n, device="cuda")
+        block_mask = create_block_mask(mask_mod, b, None, n, c + n, device="cuda")
         flex = _compiled_flex(torch, flex_attention)
         scale, gqa = self.scale, self.gqa
         self.fns["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
@@ -277,7 +292,8 @@ def _triton(q, k, v, layout, scale):
 
 
 def max_errors(prob: Problem, method: str) -> dict[str, float]:
-    """Max abs error of O, dQ, dK, dV against the reference, at valid query positions (O) and everywhere (grads)."""
+    """Max abs error of O, dQ, dK, dV against the reference, at valid query positions (O) and everywhere (grads);
+    ``pad_dkdv``: the largest dK/dV at keys no valid query attends (must be 0)."""
     torch = prob.torch
     (q, k, v), do = prob.inputs(method)
     with prob.context(method):
@@ -290,8 +306,8 @@ def max_errors(prob: Problem, method: str) -> dict[str, float]:
     errs = {"o": float(((out.float() - ref.float()) * valid).abs().max())}
     for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
         errs[name] = float((g.float() - rg.float()).abs().max())
-    pad = ~valid
-    errs["pad_dkdv"] = float(max((grads[1] * pad).abs().max(), (grads[2] * pad).abs().max()))
+    unseen = ~prob.allowed.any(1)[:, None, :, None]  # [B, 1, num_cache + N, 1]
+    errs["pad_dkdv"] = float(max((grads[1] * unseen).abs().max(), (grads[2] * unseen).abs().max()))
     return errs
 
 
@@ -395,10 +411,12 @@ def tflops(pairs: int, h: int, d: int, ms: float, factor: int) -> float:
 
 
 def build_rows(results):
-    """One row per (shape, variant, method, pass) with speedups against the other methods of the same problem."""
+    """One row per (shape, variant, cache size, method, pass) with speedups against the other methods of the same
+    problem, and the time against the same method without a cache (``time_vs_k0``)."""
     rows = []
     for key, per_method in results.items():
-        shape_txt, bidir = key
+        shape_txt, bidir, cache = key
+        plain = results.get((shape_txt, bidir, 0), {})
         for pass_name, col in (("fwd", 0), ("fwd+bwd", 1)):
             ms_of = {m: r["ms"][col] for m, r in per_method.items()}
             for method, r in per_method.items():
@@ -408,24 +426,25 @@ def build_rows(results):
                     return ms_of[other] / ms if other in ms_of else float("nan")
 
                 rows.append({
-                    "shape": shape_txt, "bidirectional": bidir, "method": method, "pass": pass_name,
+                    "shape": shape_txt, "bidirectional": bidir, "cache": cache, "method": method, "pass": pass_name,
                     "ms": ms, "tflops": r["tflops"][col],
                     "speedup_vs_sdpa_mask": ratio("sdpa_mask"), "speedup_vs_flex": ratio("flex"),
                     "time_vs_sdpa_causal": ms / ms_of["sdpa_causal"] if "sdpa_causal" in ms_of else float("nan"),
+                    "time_vs_k0": ms / plain[method]["ms"][col] if method in plain else float("nan"),
                     "max_err": r.get("err", ""),
                 })
     return rows
 
 
 def format_table(rows) -> str:
-    head = ["shape", "bidir", "pass", "method", "ms", "TFLOP/s", "x vs sdpa+mask", "x vs flex", "time / causal",
-            "max err"]
+    head = ["shape", "bidir", "k", "pass", "method", "ms", "TFLOP/s", "x vs sdpa+mask", "x vs flex", "time / causal",
+            "time / k=0", "max err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["shape"], "on" if r["bidirectional"] else "off", r["pass"], r["method"], f"{r['ms']:.3f}",
-            f"{r['tflops']:.1f}", _fmt(r["speedup_vs_sdpa_mask"]), _fmt(r["speedup_vs_flex"]),
-            _fmt(r["time_vs_sdpa_causal"]), f"{r['max_err']:.2g}" if r["max_err"] != "" else "",
+            r["shape"], "on" if r["bidirectional"] else "off", str(r["cache"]), r["pass"], r["method"],
+            f"{r['ms']:.3f}", f"{r['tflops']:.1f}", _fmt(r["speedup_vs_sdpa_mask"]), _fmt(r["speedup_vs_flex"]),
+            _fmt(r["time_vs_sdpa_causal"]), _fmt(r["time_vs_k0"]), f"{r['max_err']:.2g}" if r["max_err"] != "" else "",
         ]) + " |")
     return "\n".join(lines)
 
@@ -447,17 +466,18 @@ def plot(rows, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys((r["shape"], r["bidirectional"]) for r in rows))
+    groups = list(dict.fromkeys((r["shape"], r["bidirectional"], r["cache"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(6 + 2.2 * len(groups), 4.5))
     width = 0.8 / len(methods)
     for ax, pass_name in zip(axes, ("fwd", "fwd+bwd")):
         for i, method in enumerate(methods):
-            ms = [next((r["ms"] for r in rows if (r["shape"], r["bidirectional"]) == g and r["method"] == method
-                        and r["pass"] == pass_name), float("nan")) for g in groups]
+            ms = [next((r["ms"] for r in rows if (r["shape"], r["bidirectional"], r["cache"]) == g
+                        and r["method"] == method and r["pass"] == pass_name), float("nan")) for g in groups]
             ax.bar([x + i * width for x in range(len(groups))], ms, width, label=method)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
-        ax.set_xticklabels([f"{s}\nbidir {'on' if b else 'off'}" for s, b in groups], fontsize=8)
+        ax.set_xticklabels([f"{s}\nbidir {'on' if b else 'off'}" + (f"\nk={c}" if c else "") for s, b, c in groups],
+                           fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("ms (median, log scale)")
         ax.set_title(f"memory attention, {pass_name}")
@@ -619,16 +639,17 @@ def main(argv=None):
 
 
 def run(args, torch):
-    """Time the methods at every shape and mask variant; write the CSV/PNG (and the RESULTS section)."""
+    """Time the methods at every shape, mask variant and cache size; write the CSV/PNG (and the RESULTS section)."""
 
     variants = {"both": (False, True), "off": (False,), "on": (True,)}[args.bidirectional]
     results, notes = {}, []
     for shape_txt in args.shapes:
         shape = parse_shape(shape_txt)
         b, h, n, d = shape
-        for bidir in variants:
-            prob = Problem(args, shape, bidir, torch)
-            key = (shape_txt, bidir)
+        for bidir, cache in ((bd, c) for bd in variants for c in args.cache_sizes):
+            prob = Problem(args, shape, bidir, torch, cache)
+            key = (shape_txt, bidir, cache)
+            label = f"{shape_txt} bidir={bidir}" + (f" k={cache}" if cache else "")
             results[key] = {}
             errs, timed = {}, []
             for method in args.methods:
@@ -642,19 +663,19 @@ def run(args, torch):
                 if method in ("triton", "cuda", *VARIANTS):
                     e = max_errors(prob, method)
                     errs[method] = max(e["o"], e["dq"], e["dk"], e["dv"])
-                    print(f"[check] {shape_txt} bidir={bidir} {method}: "
+                    print(f"[check] {label} {method}: "
                           + " ".join(f"{kk}={vv:.3g}" for kk, vv in e.items()))
                     if not math.isfinite(errs[method]) or e["pad_dkdv"] != 0.0:
-                        notes.append(f"{method} at {shape_txt} bidir={bidir}: bad check {e}")
+                        notes.append(f"{method} at {label}: bad check {e}")
                 timed.append(method)
             if args.graph:
                 times, samples, failed = time_graphs(prob, timed, args)
                 for method, why in failed.items():
-                    note = f"{method} at {shape_txt} bidir={bidir} not timed: {why}"
+                    note = f"{method} at {label} not timed: {why}"
                     notes.append(note.splitlines()[0][:200])
                     print(notes[-1])
                 for method, (_fwd, fwd_bwd) in samples.items():
-                    print(f"  {shape_txt} bidir={bidir} {method:12s} fwd+bwd per round: "
+                    print(f"  {label} {method:12s} fwd+bwd per round: "
                           + " ".join(f"{x:.3f}" for x in fwd_bwd) + " ms")
             else:
                 times = time_eager(prob, timed, args)
@@ -665,7 +686,7 @@ def run(args, torch):
                     "tflops": (tflops(pairs, h, d, fwd, 4), tflops(pairs, h, d, fwd_bwd, 14)),
                     "err": errs[method],
                 }
-                print(f"  {shape_txt} bidir={bidir} {method:12s} fwd {fwd:8.3f} ms  fwd+bwd {fwd_bwd:8.3f} ms",
+                print(f"  {label} {method:12s} fwd {fwd:8.3f} ms  fwd+bwd {fwd_bwd:8.3f} ms",
                       flush=True)
             del prob
             torch.cuda.empty_cache()

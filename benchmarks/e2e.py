@@ -31,6 +31,7 @@ from common import append_results, markdown_table, peak_gib, sync, timeit, write
 
 import rmt_fast  # noqa: E402
 from rmt_fast.experiments.official import official_decoder, official_encoder  # noqa: E402
+from rmt_fast.ops import cuda as cuda_ext  # noqa: E402
 
 
 def graphed_bare(model, x):
@@ -302,6 +303,9 @@ def cache(args, rows):
     amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
     base = {}
     for backend in args.cache_backends.split(","):
+        if backend == "cuda" and not cuda_ext.has_op("memory_attention"):
+            print(f"cache: backend=cuda skipped: {cuda_ext.why_not() or 'rmt_fast._C has no memory_attention op'}")
+            continue
         for k in sizes:
             rmt = rmt_fast.wrap(model, num_mem_tokens=m, segment_size=seg, num_cache_tokens=k, backend=backend)
             rmt.to(dev)
@@ -384,7 +388,8 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="p2: also time the backbone under torch.compile")
     ap.add_argument("--p6-segments", type=int, default=4096)
     ap.add_argument("--cache-sizes", default="0,128,512", help="cache: num_cache_tokens values (0 first: the base)")
-    ap.add_argument("--cache-backends", default="auto,triton", help="cache: attention backends")
+    ap.add_argument("--cache-backends", default="auto,triton,cuda",
+                    help="cache: attention backends (cuda: where rmt_fast._C is built)")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, times nothing")
     args = ap.parse_args(argv)
     args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -30,3 +30,26 @@ def test_parse_args(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--graph-rounds", "0"])
     assert "--graph-rounds must be at least 1" in capsys.readouterr().err
+
+
+def test_cache_sizes_rows(bench, capsys):
+    """--cache-sizes: rows per cache size, each method's time divided by its own time at k = 0."""
+    args = bench.parse_args(["--cache-sizes", "0", "128", "512"])
+    assert args.cache_sizes == [0, 128, 512]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cache-sizes", "-1"])
+    assert "--cache-sizes must be >= 0" in capsys.readouterr().err
+    results = {("8x12x544x64", False, k): {m: {"ms": (ms, 3 * ms), "tflops": (1.0, 1.0), "err": ""}
+                                            for m, ms in (("triton", 1.0 + k / 512), ("sdpa_causal", 0.5))}
+               for k in (0, 512)}
+    rows = bench.build_rows(results)
+    at = {(r["cache"], r["method"], r["pass"]): r for r in rows}
+    assert len(rows) == 8
+    assert at[512, "triton", "fwd"]["time_vs_k0"] == 2.0 and at[512, "triton", "fwd+bwd"]["time_vs_k0"] == 2.0
+    assert at[0, "triton", "fwd"]["time_vs_k0"] == 1.0
+    assert at[512, "triton", "fwd"]["time_vs_sdpa_causal"] == 4.0
+    table = bench.format_table(rows).splitlines()
+    assert "| k |" in table[0] and "time / k=0" in table[0]
+    assert any("| 512 | fwd | triton | 2.000 |" in line and "| 2.00 |" in line for line in table)
+    no_plain = bench.build_rows({("1x1x64x16", True, 128): results[("8x12x544x64", False, 512)]})
+    assert all(r["time_vs_k0"] != r["time_vs_k0"] for r in no_plain)  # NaN without a k = 0 run

@@ -219,9 +219,11 @@ def test_bad_values_raise():
     for value, err in [(-1, ValueError), (7, ValueError), (True, TypeError), (2.0, TypeError)]:
         with pytest.raises(err, match="num_cache_tokens"):
             rmt_fast.wrap(model, num_mem_tokens=2, segment_size=6, num_cache_tokens=value)
-    for kw in [{"backend": "sdpa"}, {"backend": "cuda"}]:
-        with pytest.raises(ValueError, match="num_cache_tokens"):
-            rmt_fast.wrap(model, num_mem_tokens=2, segment_size=6, num_cache_tokens=2, **kw)
+    with pytest.raises(ValueError, match="num_cache_tokens.*sdpa"):
+        rmt_fast.wrap(model, num_mem_tokens=2, segment_size=6, num_cache_tokens=2, backend="sdpa")
+    for backend in ("auto", "reference", "triton", "cuda"):  # every backend with a fused or reference cache path
+        wrapped = rmt_fast.wrap(model, num_mem_tokens=2, segment_size=6, num_cache_tokens=2, backend=backend)
+        assert wrapped.rmt_config.backend == backend
     with pytest.raises(ValueError, match="num_cache_tokens.*decoder"):
         rmt_fast.wrap(bert_cls(), num_mem_tokens=2, segment_size=6, num_cache_tokens=2, cls_token_id=CLS,
                       sep_token_id=SEP)

@@ -137,9 +137,9 @@ class RMTConfig:
         if k > self.segment_size:
             raise ValueError(f"num_cache_tokens must be <= segment_size={self.segment_size} (the cache holds tokens "
                              f"of the previous segment), got {k}")
-        if self.backend not in ("auto", "reference", "triton"):
-            raise ValueError(f"num_cache_tokens={k} runs on backend='auto', 'triton' or 'reference' only ('sdpa' and "
-                             f"the CUDA extension's kernels do not implement the cache), got backend={self.backend!r}")
+        if self.backend == "sdpa":
+            raise ValueError(f"num_cache_tokens={k} runs on backend='auto', 'triton', 'cuda' or 'reference' ('sdpa' "
+                             f"takes plain layouts only, and a cache layout is not plain), got backend='sdpa'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
