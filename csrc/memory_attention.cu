@@ -19,6 +19,7 @@
 
 #include "common.cuh"
 #include "rmt_fast_kernels.h"
+#include "row_mask.cuh"
 
 namespace rmt_fast {
 namespace detail {
@@ -39,76 +40,9 @@ static_assert((2 * kRowTile + 2 * kStreamTile) * kMaxHeadDim * sizeof(float) <= 
 // reading d = lane + 32t at a fixed p, both hit 32 distinct banks.
 __device__ __forceinline__ int swizzle(int d, int p) { return d * kStreamTile + (p ^ (d & (kStreamTile - 1))); }
 
-// One batch row's mask and the tile bounds it implies. allowed() restates mask_rule of
-// rmt_fast/ops/memory_attention/spec.py, the specification. Query indices are segment positions; key indices
-// run over [cache | segment] (see above).
-struct RowMask {
-  int valid;        // segment positions < valid are real
-  int num_read;     // read block [0, num_read)
-  int write_start;  // write block [write_start, valid)
-  bool causal;
-  bool bidirectional;
-  int cache;        // cache keys in front of the segment's keys
-  int cache_start;  // the row's real cache keys: [cache_start, cache), visible to every real query
-
-  __device__ bool allowed(int i, int j) const {
-    if (j < cache) return i < valid && j >= cache_start;
-    return segment_allowed(i, j - cache);
-  }
-
-  // One past the last real key.
-  __device__ int key_valid() const { return cache + valid; }
-
-  // The first key any query may attend.
-  __device__ int key_begin() const { return cache_start; }
-
-  // One past the last key any query in [q_first, q_last] may attend (q_last < valid).
-  __device__ int key_end(int q_first, int q_last) const { return cache + segment_key_end(q_first, q_last); }
-
-  // The first query that may attend any key in [k_first, k_last] (cache_start <= k_last < key_valid()).
-  __device__ int query_begin(int k_first, int k_last) const {
-    if (k_first < cache) return 0;
-    return segment_query_begin(k_first - cache, k_last - cache);
-  }
-
-  __device__ bool segment_allowed(int i, int j) const {
-    if (i >= valid || j >= valid) return false;
-    if (!causal || j <= i) return true;
-    if (!bidirectional) return false;
-    return (i < num_read && j < num_read) || (i >= write_start && j >= write_start);
-  }
-
-  __device__ int segment_key_end(int q_first, int q_last) const {
-    if (!causal) return valid;
-    int end = q_last + 1;
-    if (bidirectional) {
-      if (q_last >= write_start) end = valid;
-      else if (q_first < num_read) end = max(end, num_read);
-    }
-    return min(end, valid);
-  }
-
-  __device__ int segment_query_begin(int k_first, int k_last) const {
-    if (!causal) return 0;
-    int begin = k_first;
-    if (bidirectional) {
-      if (k_first < num_read) begin = 0;
-      if (k_last >= write_start) begin = min(begin, write_start);
-    }
-    return begin;
-  }
-};
-
 __device__ __forceinline__ RowMask row_mask(const SegmentMask& m, int b, int seq) {
-  RowMask r;
-  r.num_read = m.num_read;
-  r.write_start = m.num_read + m.seq_lens[b];
-  r.valid = min(max(r.write_start + m.num_write, 0), seq);
-  r.causal = m.causal;
-  r.bidirectional = m.memory_bidirectional;
-  r.cache = m.num_cache;
-  r.cache_start = m.cache_lens == nullptr ? 0 : m.num_cache - min(max(m.cache_lens[b], 0), m.num_cache);
-  return r;
+  return RowMask::make(m.num_read, m.num_write, m.seq_lens[b], seq, m.causal, m.memory_bidirectional, m.num_cache,
+                       m.cache_lens == nullptr ? m.num_cache : m.cache_lens[b]);
 }
 
 // rows x DP floats of positions [first, first + rows) of a [N, D] slice (row stride `stride`), times `mul`;
@@ -326,7 +260,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdP
   }
 
   const int key_valid = mk.key_valid();
-  if (k0 < key_valid && k0 + kRowTile > mk.key_begin() && mk.valid > 0) {
+  if (mk.key_tile_live(k0, kRowTile)) {
     const T* k = p.k + b * p.k_strides.b + hk * p.k_strides.h;
     const T* v = p.v + b * p.v_strides.b + hk * p.v_strides.h;
     load_rows<T, DP, kRowTile>(k_s, k, p.k_strides.n, k0, key_valid, head_dim, p.scale * kLog2e);

@@ -1048,3 +1048,30 @@ def test_fullgraph_compile(backend):
         torch.testing.assert_close(g, w)
     aot = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, lens)
     torch.testing.assert_close(torch.where(valid, aot, 0), torch.where(valid, want, 0))
+
+
+# ---- the CUDA kernels' tile bounds, on the host ------------------------------------------------------------------
+
+
+def test_cuda_row_mask_tile_bounds(tmp_path):
+    """csrc/tests/row_mask_bounds.cu: the tile bounds the CUDA kernels take from RowMask (csrc/row_mask.cuh) cover
+    every allowed (query, key) pair of every small layout, with and without a short-term cache, and stay in range.
+    Compiled by nvcc and run on the host: no GPU needed, only nvcc."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from rmt_fast.ops import cuda as cuda_ext
+
+    nvcc = cuda_ext.find_nvcc() or shutil.which("nvcc", path="/usr/local/cuda-13.0/bin")
+    if nvcc is None:
+        pytest.skip("no nvcc")
+    csrc = Path(__file__).resolve().parents[2] / "csrc"
+    exe = tmp_path / "row_mask_bounds"
+    build = subprocess.run([nvcc, "-std=c++17", "-O2", "-I", str(csrc), str(csrc / "tests" / "row_mask_bounds.cu"),
+                            "-o", str(exe)], capture_output=True, text=True, timeout=600)
+    if build.returncode and "unsupported" in build.stderr.lower():  # a host compiler this nvcc does not take
+        pytest.skip(f"nvcc cannot build host code here: {build.stderr.strip().splitlines()[-1]}")
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.startswith("PASS"), run.stdout
