@@ -268,6 +268,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdP
     const int q_begin = mk.query_begin(k0, min(k0 + kRowTile, key_valid) - 1);
     const int q_end = mk.valid;
     const bool active = key0 < key_valid;
+    int first_query[kRowsPerWarp];  // key key0 + r is attended by the queries [first_query[r], valid)
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) first_query[r] = mk.first_query(key0 + r);
 
     for (int g = 0; g < groups; ++g) {
       const int h = hk * groups + g;
@@ -310,7 +313,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdP
         float prob[kRowsPerWarp], dscore[kRowsPerWarp];
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r) {
-          prob[r] = (in_range && mk.allowed(i, key0 + r)) ? exp2f(s[r] - lse_i) : 0.f;
+          prob[r] = (in_range && i >= first_query[r]) ? exp2f(s[r] - lse_i) : 0.f;
           dscore[r] = prob[r] * (dp[r] - delta_i);
         }
 

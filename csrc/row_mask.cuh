@@ -59,6 +59,20 @@ struct RowMask {
     return valid > 0 && k0 < key_valid() && k0 + rows > key_begin();
   }
 
+  // The first query that may attend key j, or valid when none may: the queries that may attend one key are always
+  // the run [first_query(j), valid), so the dK/dV kernel tests a pair with two integers per key.
+  RMT_FAST_HD int first_query(int j) const {
+    if (j < cache) return j >= cache_start ? 0 : valid;
+    j -= cache;
+    if (j >= valid) return valid;
+    if (!causal) return 0;
+    if (bidirectional) {
+      if (j < num_read) return 0;
+      if (j >= write_start) return write_start;
+    }
+    return j;
+  }
+
   // The first query that may attend any key in [k_first, k_last] (cache_start <= k_last < key_valid()).
   RMT_FAST_HD int query_begin(int k_first, int k_last) const {
     if (k_first < cache) return 0;

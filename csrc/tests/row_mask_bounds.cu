@@ -1,6 +1,7 @@
 // Host check of the tile bounds the memory-attention kernels take from RowMask (csrc/row_mask.cuh): over every
 // small layout (read/write slots, row length, segment width, cache size and real cache keys, the three masks),
-//   - allowed() equals the specification's rule (mask_rule of rmt_fast/ops/memory_attention/spec.py, restated);
+//   - allowed(), and the query run [first_query(j), valid) of each key, equal the specification's rule (mask_rule
+//     of rmt_fast/ops/memory_attention/spec.py, restated);
 //   - forward / dQ: every key a query of a 16-query tile may attend lies in [key_begin(), key_end(tile)), the keys
 //     the tile streams, which lie inside [0, cache + seq);
 //   - dK/dV: a 16-key tile that is not key_tile_live() has no query that may attend it, and every query that may
@@ -38,10 +39,12 @@ void fail(const char* what, const RowMask& m, int seq, int a, int b) {
 void check(const RowMask& m, int seq) {
   const int keys = m.cache + seq;
   for (int i = 0; i < seq; ++i)
-    for (int j = 0; j < keys; ++j)
-      if (m.allowed(i, j) != spec_allowed(i, j, m.valid, m.num_read, m.write_start, m.causal, m.bidirectional,
-                                          m.cache, m.cache_start))
-        fail("allowed() differs from the spec", m, seq, i, j);
+    for (int j = 0; j < keys + kTile; ++j) {  // keys past the tensor too: the last dK/dV tile may overhang
+      const bool want = spec_allowed(i, j, m.valid, m.num_read, m.write_start, m.causal, m.bidirectional, m.cache,
+                                     m.cache_start);
+      if (j < keys && m.allowed(i, j) != want) fail("allowed() differs from the spec", m, seq, i, j);
+      if ((i >= m.first_query(j) && i < m.valid) != want) fail("first_query() differs from the spec", m, seq, i, j);
+    }
   // forward and dQ: query tiles, the kernels skip those at or past valid
   for (int q0 = 0; q0 < seq; q0 += kTile) {
     if (q0 >= m.valid) {
