@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -270,3 +271,29 @@ def test_train_under_torchrun_two_cpu_processes(tmp_path):
     assert r.stdout.count("trained stages") == 1 and r.stdout.count("segments      tokens") == 1
     assert json.loads((out / "eval" / "results.json").read_text())["samples"]["2"] == 4
     assert json.loads((out / "train_summary.json").read_text())["trained_segments"] == 2
+
+
+def test_bad_arguments_are_one_line_naming_the_option(capsys):
+    """An argparse error is one line that names the option and where the options are listed; a bad --lengths
+    (eval, train's --eval-lengths, --stage-lengths) is reported as such before anything runs."""
+    for argv, option in ((["eval", "ckpt", "--lengths", "abc"], "--lengths"),
+                         (["eval", "ckpt", "--stage-lengths", "1-x"], "--stage-lengths"),
+                         (["train", "--out-dir", "x", "--eval-lengths", "0-4"], "--eval-lengths")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "usage:" not in err
+        assert f"argument {option}: " in err and f"rmt-fast {argv[0]} --help" in err
+    with pytest.raises(SystemExit):
+        main(["eval"])
+    err = capsys.readouterr().err
+    assert "required: checkpoint" in err and "usage:" not in err
+
+
+def test_bench_knows_every_benchmark_script(capsys):
+    """`rmt-fast bench --list` names every script of benchmarks/ that times something."""
+    assert main(["bench", "--list"]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    scripts = {p.stem for p in (Path(ROOT) / "benchmarks").glob("*.py")} - {"common"}
+    assert listed == scripts

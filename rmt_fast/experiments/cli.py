@@ -22,7 +22,7 @@ import typing
 
 __all__ = ["main", "build_parser", "demo_config", "run_demo", "add_config_arguments", "DEMO"]
 
-BENCHMARKS = ("attention", "handoff", "e2e")
+BENCHMARKS = ("attention", "attention_host", "handoff", "e2e", "train")
 
 #: the demo, the same on every machine (the README's "Set up and run" states these numbers; a test checks them)
 DEMO = {"task": "memorize", "backbone": "tiny-bert", "tokenizer": "word", "hidden_size": 128, "num_layers": 2,
@@ -143,10 +143,29 @@ def _debug_flag(p: argparse.ArgumentParser, top: bool = False) -> None:
                    help="on an error, show the traceback")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line: what is wrong and where the options are listed (not the whole usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+def _lengths(text: str) -> str:
+    """An argparse type: a lengths spec that :func:`~rmt_fast.experiments.evaluate.parse_lengths` takes, so a bad one
+    is reported with the option's name."""
+    from .evaluate import parse_lengths
+
+    try:
+        parse_lengths(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("lengths: ")) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .trainer import TrainConfig
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="rmt-fast", description="Recurrent Memory Transformer: memory tasks, curriculum training, long-input "
         "evaluation, FLOP estimates and benchmarks.", formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 1)[1])
@@ -173,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--nproc_per_node=N it trains with DistributedDataParallel. Checkpoints go to OUT/stage-*seg/ "
                        "and OUT/checkpoint-last/ (--resume continues from it). The options are the fields of "
                        "rmt_fast.experiments.trainer.TrainConfig.")
-    t.add_argument("--eval-lengths", default=None,
+    t.add_argument("--eval-lengths", default=None, type=_lengths,
                    help="after training, evaluate at these segment counts (e.g. 1,2,4,8) into OUT/eval")
     add_config_arguments(t, TrainConfig, required=("out_dir",))
     _debug_flag(t)
@@ -185,12 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "samples, same accuracies), else 1,2,4,...,4096 segments (up to 4096 x 499 = 2,043,904 "
                        "tokens for MiniLM) and 128 samples.")
     e.add_argument("checkpoint", help="training run directory or stage checkpoint")
-    e.add_argument("--lengths", default=None, help="segment counts: 1,2,4 or a power-of-two range 1-4096 (default: "
+    e.add_argument("--lengths", default=None, type=_lengths, help="segment counts: 1,2,4 or a power-of-two range 1-4096 (default: "
                    "the run's own, else 1-4096)")
     e.add_argument("--samples", type=int, default=None, help="samples per length (default: the run's own, else 128)")
     e.add_argument("--batch-size", type=int, default=None, help="(default: the run's own, else 32)")
     e.add_argument("--stages", action="store_true", help="also evaluate every curriculum stage (heatmap)")
-    e.add_argument("--stage-lengths", default=None, help="lengths for the stage heatmap (default: --lengths)")
+    e.add_argument("--stage-lengths", default=None, type=_lengths, help="lengths for the stage heatmap (default: --lengths)")
     e.add_argument("--stage-samples", type=int, default=None, help="samples per length for the heatmap")
     e.add_argument("--split", default=None, choices=("valid", "test"), help="(default: the run's own, else test)")
     e.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/eval)")
@@ -211,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tokens", default=None, help="token counts, e.g. 8192,64000,2048000 (default: the figure's)")
     _debug_flag(f)
 
-    b = sub.add_parser("bench", help="run the scripts in benchmarks/ (attention, handoff, e2e)",
+    b = sub.add_parser("bench", help=f"run the scripts in benchmarks/ ({', '.join(BENCHMARKS)})",
                        description="Run benchmark scripts from the source tree's benchmarks/ folder with this "
                        "python, one after another, each with --out OUT. Arguments after -- go to every script, e.g. "
                        "'rmt-fast bench e2e -- --parts p1'. The benchmarks need a CUDA GPU.")
@@ -313,7 +332,7 @@ def _cmd_bench(a) -> int:
     found = [n for n in BENCHMARKS if os.path.isfile(os.path.join(d, f"{n}.py"))]
     if a.list:
         for n in BENCHMARKS:
-            print(f"{n:<10} {'found' if n in found else 'missing'}  {os.path.join(d, n + '.py')}")
+            print(f"{n:<15} {'found' if n in found else 'missing'}  {os.path.join(d, n + '.py')}")
         return 0
     names = a.names or found
     bad = [n for n in names if n not in BENCHMARKS]

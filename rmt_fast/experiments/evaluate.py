@@ -36,19 +36,23 @@ DEFAULT_LENGTHS = tuple(2 ** i for i in range(13))
 def parse_lengths(spec) -> list[int]:
     """"1,2,4" or "1-4096" (powers of two from a to b) or a list -> sorted unique ints >= 1."""
     if isinstance(spec, str):
-        spec = spec.strip()
-        if "-" in spec and "," not in spec:
-            a, b = (int(x) for x in spec.split("-"))
-            if a < 1 or b < a:
-                raise ValueError(f"lengths: bad range {spec!r}")
-            out, x = [], a
-            while x <= b:
-                out.append(x)
-                x *= 2
-            if out[-1] != b:
-                out.append(b)
-            return out
-        spec = [int(x) for x in spec.split(",") if x.strip()]
+        text = spec.strip()
+        try:
+            if "-" in text and "," not in text:
+                a, b = (int(x) for x in text.split("-"))
+                if a < 1 or b < a:
+                    raise ValueError(f"lengths: bad range {spec!r} (a-b with 1 <= a <= b)")
+                out, x = [], a
+                while x <= b:
+                    out.append(x)
+                    x *= 2
+                return out if out[-1] == b else out + [b]
+            spec = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError as e:
+            if str(e).startswith("lengths:"):
+                raise
+            raise ValueError(f"lengths: expected segment counts such as 1,2,4 or a power-of-two range such as "
+                             f"1-4096, got {spec!r}") from None
     out = sorted({int(x) for x in spec})
     if not out or out[0] < 1:
         raise ValueError(f"lengths: expected segment counts >= 1, got {spec!r}")
