@@ -43,6 +43,21 @@ def test_state_dict_of_tied_model_saves_with_safetensors_and_loads_strictly(tmp_
     torch.testing.assert_close(other(ids).logits, rmt(ids).logits)
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["save_pretrained", "trainer_file"])
+def test_loaded_model_is_in_eval_mode_throughout(tmp_path, flat):
+    """from_pretrained returns the wrapper and every module in eval mode (as transformers does), whichever mode the
+    saved model was in; train() turns them all back."""
+    rmt = rmt_fast.wrap(gpt2(), num_mem_tokens=2, segment_size=6).train()
+    if flat:
+        save_file(rmt.state_dict(), tmp_path / "model.safetensors")
+    else:
+        rmt.save_pretrained(tmp_path)
+    loaded = rmt_fast.from_pretrained(tmp_path)
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    loaded.train()
+    assert all(m.training for m in loaded.modules())
+
+
 def test_untied_model_keeps_both_matrices():
     rmt = rmt_fast.wrap(gpt2(tie_word_embeddings=False), num_mem_tokens=2, segment_size=6)
     sd = rmt.state_dict()

@@ -245,7 +245,8 @@ def _load_state_dict_file(rmt_class, path: str, model_class, backbone_kwargs: di
 
 def _build(rmt_class, model, config: RMTConfig, memory: torch.Tensor, memory_source: str, config_source: str):
     """The ``rmt_class`` (RecurrentMemoryModel) over ``model`` (a backbone or PeftModel), after checking the memory
-    and the config against the backbone."""
+    and the config against the backbone; in eval mode, wrapper and backbone alike (as transformers'
+    ``from_pretrained`` returns a model; ``.train()`` before training)."""
     base = backbone_of(model)
     try:
         adapter = make_adapter(base, config.mode)
@@ -260,7 +261,7 @@ def _build(rmt_class, model, config: RMTConfig, memory: torch.Tensor, memory_sou
         raise ValueError(f"{memory_source}: memory has shape {tuple(memory.shape)}, expected {want} "
                          f"(num_mem_tokens={config.num_mem_tokens} of the config, hidden size {emb.shape[1]} of "
                          f"the backbone)")
-    return rmt_class(model, config, adapter, memory=memory.to(device=emb.device, dtype=emb.dtype))
+    return rmt_class(model, config, adapter, memory=memory.to(device=emb.device, dtype=emb.dtype)).eval()
 
 
 def _adapter_dirs(directory: str) -> list[tuple[str, str]]:
