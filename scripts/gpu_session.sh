@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One GPU run: build the extension, run the test suite on the GPU, then the chosen benchmarks.
-# usage: scripts/gpu_session.sh "<stages>"   stages: build|pipinstall tests attention handoff e2e[:parts] train[:parts]
+# usage: scripts/gpu_session.sh "<stages>"
+#   stages: build|pipinstall smoke tests attention handoff e2e[:parts] train[:parts]
+#   smoke: csrc/tests/kernel_smoke.cpp and row_mask_bounds.cu built with nvcc for this GPU and run (torch-free)
+#   ATTENTION_ARGS: more arguments of benchmarks/attention.py, e.g. "--cache-sizes 0 128 512 --shapes 4x12x544x64"
 # e.g. the training executors after changes to graphs.py / bptt.py, without building the extension:
 #   RMT_FAST_NO_EXT=1 TESTS="python_tests/test_gpu_training.py python_tests/test_gpu.py" \
 #     bash scripts/gpu_session.sh "tests train:curriculum"
@@ -28,10 +31,19 @@ for st in $stages; do
       # the documented install: builds rmt_fast._C into site-packages
       python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1; echo "pip install rc=$? ($(( $(date +%s) - t0 )) s)"
       (cd /tmp && python3 -c "import rmt_fast, rmt_fast.ops.cuda as c; print('installed', rmt_fast.__file__, 'cuda ext available:', c.available())") ;;
+    smoke)
+      arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+      nvcc -std=c++17 -O3 --use_fast_math -Icsrc -gencode "arch=compute_$arch,code=sm_$arch" \
+        csrc/tests/kernel_smoke.cpp csrc/memory_attention.cu csrc/segment_handoff.cu -x cu -o "$OUT/kernel_smoke" \
+        > "$OUT/smoke_build.log" 2>&1 || { echo "smoke build failed"; tail -5 "$OUT/smoke_build.log"; }
+      [ -x "$OUT/kernel_smoke" ] && "$OUT/kernel_smoke"
+      nvcc -std=c++17 -O2 -Icsrc csrc/tests/row_mask_bounds.cu -o "$OUT/row_mask_bounds" && "$OUT/row_mask_bounds"
+      rm -f "$OUT/kernel_smoke" "$OUT/row_mask_bounds" ;;
     tests)
       python3 -P -m pytest ${TESTS:-python_tests} -q -p no:cacheprovider --timeout=300 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
     attention)
-      python3 benchmarks/attention.py --out "$OUT" --append-results "$OUT/RESULTS_part.md" 2>&1 | tail -40 ;;
+      python3 benchmarks/attention.py --out "$OUT" --append-results "$OUT/RESULTS_part.md" ${ATTENTION_ARGS:-} 2>&1 \
+        | tail -40 ;;
     handoff)
       python3 benchmarks/handoff.py --out "$OUT" --append-results "$OUT/RESULTS_part.md" 2>&1 | tail -20 ;;
     e2e*)
