@@ -321,7 +321,7 @@ def from_pretrained(directory, model_class=None, **backbone_kwargs) -> Recurrent
     model_class: the transformers class of the backbone (default: the class it was saved from). backbone_kwargs
     go to its ``from_pretrained`` (e.g. ``dtype``, ``device_map``); for a Trainer directory only ``dtype``.
     The model comes back in eval mode, as transformers' ``from_pretrained`` returns one (``.train()`` before
-    training). A PEFT backbone comes back as a PeftModel with trainable adapters. Raises ValueError naming the file when a
-    file is missing, corrupt or does not match the config or the backbone.
+    training). A PEFT backbone comes back as a PeftModel with trainable adapters. Raises ValueError naming the file
+    when a file is missing, corrupt or does not match the config or the backbone.
     """
     return persistence.load(RecurrentMemoryModel, directory, model_class, backbone_kwargs)

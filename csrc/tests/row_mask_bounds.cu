@@ -57,7 +57,8 @@ void check(const RowMask& m, int seq) {
     if (begin < 0 || end > keys) fail("a query tile streams keys out of range", m, seq, begin, end);
     for (int i = q0; i < q0 + kTile && i < seq; ++i)
       for (int j = 0; j < keys; ++j)
-        if (m.allowed(i, j) && (j < begin || j >= end)) fail("a query tile does not stream an allowed key", m, seq, i, j);
+        if (m.allowed(i, j) && (j < begin || j >= end))
+          fail("a query tile does not stream an allowed key", m, seq, i, j);
   }
   // dK/dV: key tiles over [cache | segment]
   for (int k0 = 0; k0 < keys; k0 += kTile) {

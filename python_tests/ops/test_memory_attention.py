@@ -962,9 +962,9 @@ def test_triton_cache_fullgraph_compile():
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_fused_cache_in_cuda_graph(backend):
-    """A cache layout on the fused kernels captured in a CUDA graph (no host synchronisation in the launch path): each replay
-    equals the eager outputs and gradients, also after new inputs and cache lengths are copied into the captured
-    buffers."""
+    """A cache layout on the fused kernels captured in a CUDA graph (no host synchronisation in the launch path):
+    each replay equals the eager outputs and gradients, also after new inputs and cache lengths are copied into the
+    captured buffers."""
     layout = _cache_layout_on(2, 2, [40, 9], True, True, 24, [24, 7])
     q, k, v = _cache_kv_inputs(2, 4, 2, 48, 24, 64, torch.bfloat16, seed=9)
     dout = torch.randn_like(q)

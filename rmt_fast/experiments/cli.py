@@ -204,12 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "samples, same accuracies), else 1,2,4,...,4096 segments (up to 4096 x 499 = 2,043,904 "
                        "tokens for MiniLM) and 128 samples.")
     e.add_argument("checkpoint", help="training run directory or stage checkpoint")
-    e.add_argument("--lengths", default=None, type=_lengths, help="segment counts: 1,2,4 or a power-of-two range 1-4096 (default: "
-                   "the run's own, else 1-4096)")
+    e.add_argument("--lengths", default=None, type=_lengths,
+                   help="segment counts: 1,2,4 or a power-of-two range 1-4096 (default: the run's own, else 1-4096)")
     e.add_argument("--samples", type=int, default=None, help="samples per length (default: the run's own, else 128)")
     e.add_argument("--batch-size", type=int, default=None, help="(default: the run's own, else 32)")
     e.add_argument("--stages", action="store_true", help="also evaluate every curriculum stage (heatmap)")
-    e.add_argument("--stage-lengths", default=None, type=_lengths, help="lengths for the stage heatmap (default: --lengths)")
+    e.add_argument("--stage-lengths", default=None, type=_lengths,
+                   help="lengths for the stage heatmap (default: --lengths)")
     e.add_argument("--stage-samples", type=int, default=None, help="samples per length for the heatmap")
     e.add_argument("--split", default=None, choices=("valid", "test"), help="(default: the run's own, else test)")
     e.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/eval)")
