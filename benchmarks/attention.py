@@ -203,7 +203,7 @@ class Problem:
         lens = self.layout.seq_lens
         valid, write_start = lens + (r + w), lens + r
         bidir, c = self.bidir, self.num_cache
-        cache_start = c - (self.layout.cache_lens if self.layout.cache_lens is not None else torch.full_like(lens, c))
+        cache_start = torch.as_tensor(self.layout.cache_start, device=lens.device).reshape(-1).expand(b)
 
         def mask_mod(bi, hi, qi, ki):
             return mask_rule(qi, ki, valid[bi], r, write_start[bi], True, bidir, c, cache_start[bi])

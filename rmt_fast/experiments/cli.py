@@ -150,16 +150,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
-def _lengths(text: str) -> str:
-    """An argparse type: a lengths spec that :func:`~rmt_fast.experiments.evaluate.parse_lengths` takes, so a bad one
-    is reported with the option's name."""
+def _lengths(text: str) -> list[int]:
+    """An argparse type: the segment counts of :func:`~rmt_fast.experiments.evaluate.parse_lengths`, so a bad spec is
+    reported with the option's name."""
     from .evaluate import parse_lengths
 
     try:
-        parse_lengths(text)
+        return parse_lengths(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("lengths: ")) from None
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,22 +37,19 @@ def parse_lengths(spec) -> list[int]:
     """"1,2,4" or "1-4096" (powers of two from a to b) or a list -> sorted unique ints >= 1."""
     if isinstance(spec, str):
         text = spec.strip()
+        ranged = "-" in text and "," not in text
         try:
-            if "-" in text and "," not in text:
-                a, b = (int(x) for x in text.split("-"))
-                if a < 1 or b < a:
-                    raise ValueError(f"lengths: bad range {spec!r} (a-b with 1 <= a <= b)")
-                out, x = [], a
-                while x <= b:
-                    out.append(x)
-                    x *= 2
-                return out if out[-1] == b else out + [b]
-            spec = [int(x) for x in text.split(",") if x.strip()]
-        except ValueError as e:
-            if str(e).startswith("lengths:"):
-                raise
+            numbers = [int(x) for x in text.split("-" if ranged else ",") if x.strip() or ranged]
+        except ValueError:
             raise ValueError(f"lengths: expected segment counts such as 1,2,4 or a power-of-two range such as "
                              f"1-4096, got {spec!r}") from None
+        if ranged:
+            if len(numbers) != 2 or not 1 <= numbers[0] <= numbers[1]:
+                raise ValueError(f"lengths: bad range {spec!r} (a-b with 1 <= a <= b)")
+            a, b = numbers
+            out = [a << i for i in range((b // a).bit_length())]
+            return out if out[-1] == b else out + [b]
+        spec = numbers
     out = sorted({int(x) for x in spec})
     if not out or out[0] < 1:
         raise ValueError(f"lengths: expected segment counts >= 1, got {spec!r}")

@@ -42,11 +42,6 @@ def check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, backend: str) -> None:
         raise ValueError(f"the head dim must be in [1, {MAX_HEAD_DIM}] for backend={backend!r}, got {q.shape[-1]}")
 
 
-def _cache_args(num_cache: int, cache_lens: Tensor | None) -> tuple:
-    """The kernels' trailing cache arguments: none without a short-term cache (the kernels' defaults)."""
-    return (num_cache, cache_lens) if num_cache else ()
-
-
 @torch.library.custom_op("rmt_fast::memory_attention", mutates_args=())
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor, num_read: int, num_write: int, causal: bool,
                     bidirectional: bool, scale: float, backend: str, num_cache: int = 0,
@@ -59,7 +54,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor, num_read:
     lse [B, Hq, N] fp32)``; lse (base-2 log-sum-exp of each query's scores) is kept for the backward.
     """
     return kernels(backend).forward(q, k, v, seq_lens, num_read, num_write, causal, bidirectional, scale,
-                                    *_cache_args(num_cache, cache_lens))
+                                    num_cache, cache_lens)
 
 
 def _like(x: Tensor, backend: str) -> Tensor:
@@ -79,7 +74,7 @@ def fused_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                              cache_lens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`fused_attention` for the output gradient ``dout`` ``[B, Hq, N, D]``."""
     return kernels(backend).backward(dout, q, k, v, out, lse, seq_lens, num_read, num_write, causal, bidirectional,
-                                     scale, *_cache_args(num_cache, cache_lens))
+                                     scale, num_cache, cache_lens)
 
 
 @fused_attention_backward.register_fake
