@@ -41,6 +41,39 @@ def test_held_out_split_is_by_document(script):
     paths = {p for p, _ in train}
     assert held and not paths & {p for p, _ in held}
     assert all(200 <= len(ids) <= 256 for _, ids in train + held)
+    assert 0.05 < len(held) / (len(held) + len(train)) < 0.15
+
+
+def _tree(root, files):
+    for rel, size in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x = 1\n" * (size // 6))
+
+
+def test_documents_join_small_packages(script, tmp_path):
+    _tree(tmp_path, {"a.py": 600, "small/__init__.py": 60, "small/m.py": 600, "small/sub/n.py": 600,
+                     "big/__init__.py": 60, "big/p.py": 3000, "big/q.py": 600, "big/inner/__init__.py": 60,
+                     "big/inner/r.py": 600, "plain/s.py": 600, "notes.txt": 600,
+                     "site-packages/t.py": 600, "small/__pycache__/m.py": 600})
+    docs = dict(script.documents(str(tmp_path), 2000))
+    assert list(docs) == ["a.py", "big/__init__.py", "big/inner/", "big/p.py", "big/q.py", "plain/s.py", "small/"]
+    assert [os.path.relpath(f, tmp_path) for f in docs["small/"]] == ["small/__init__.py", "small/m.py",
+                                                                       "small/sub/n.py"]
+
+
+def test_corpus_joins_files_and_holds_out_by_length(script, tmp_path):
+    from rmt_fast.experiments.backbones import load_tokenizer
+
+    sizes = {f"m{i:02d}.py": 300 + 60 * i for i in range(20)}
+    _tree(tmp_path, {**sizes, "pkg/__init__.py": 60, "pkg/b.py": 600})
+    train, held = script.corpus(load_tokenizer("tiny-gpt2"), 50, 10_000, 5, root=str(tmp_path))
+    docs = dict(train + held)
+    assert len(docs) == 21 and len(held) == 4  # 1 in 5 by length: the 3rd, 8th, 13th and 18th longest
+    order = sorted(docs, key=lambda p: (-len(docs[p]), p))
+    assert [p for p, _ in held] == [order[i] for i in (2, 7, 12, 17)]
+    text = load_tokenizer("tiny-gpt2").decode(docs["pkg/"])  # a word tokenizer: "# file : [UNK] / b . py"
+    assert text.startswith("# file :") and text.count("# file :") == 2 and "/ b . py x = 1" in text
 
 
 @pytest.mark.parametrize("args,msg", [(["--variants", "rmt,nope"], "unknown"), (["--cache", "600"], "--cache"),

@@ -1,10 +1,13 @@
 """Long-document language modelling on real text: does the memory (and the short-term cache) help a pretrained LM?
 
 Corpus: the source files of the Python standard library installed on the machine (text nobody here wrote,
-available offline), each file one document, tokenized by the backbone's tokenizer; documents with at least
-``--min-doc-tokens`` tokens are kept and cut to ``--doc-tokens``. A document is held out when the CRC32 of its
-path relative to the library is divisible by ``--heldout-every`` (the split is by document and the same on every
-machine with the same Python).
+available offline). A package of at most ``--package-bytes`` bytes of source is one document (its files joined in
+path order, so a document refers to itself across files); any other file is a document of its own. Documents are
+tokenized by the backbone's tokenizer; those with at least ``--min-doc-tokens`` tokens are kept and cut to
+``--doc-tokens``. One in ``--heldout-every`` documents in order of length is held out (the split is by document,
+every length is in both parts, and it is the same on every machine with the same Python and tokenizer); the
+``--eval-docs`` longest held-out documents are evaluated, so each position block averages over the same documents
+as long as they reach it (the CSV counts the tokens of every block).
 
 Variants, each evaluated on the held-out documents as the mean negative log-likelihood of every token by
 ``--block``-token block of position (up to ``--doc-tokens``), reported as perplexity:
@@ -38,7 +41,6 @@ import math
 import os
 import sys
 import time
-import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,8 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--cache", type=int, default=512, help="short-term cache tokens of rmt_cache, cache_alone")
     p.add_argument("--doc-tokens", type=int, default=65536, help="documents cut to this many tokens (%(default)s)")
     p.add_argument("--min-doc-tokens", type=int, default=16384, help="shorter documents are dropped (%(default)s)")
-    p.add_argument("--heldout-every", type=int, default=10, help="1 in N documents is held out (%(default)s)")
-    p.add_argument("--eval-docs", type=int, default=16, help="held-out documents evaluated at most (%(default)s)")
+    p.add_argument("--package-bytes", type=int, default=2 ** 20,
+                   help="a package of at most this many bytes of source is one document (%(default)s)")
+    p.add_argument("--heldout-every", type=int, default=5, help="1 in N documents is held out (%(default)s)")
+    p.add_argument("--eval-docs", type=int, default=16,
+                   help="the longest N held-out documents are evaluated (%(default)s)")
     p.add_argument("--block", type=int, default=512, help="tokens per reported position block (%(default)s)")
     p.add_argument("--stages", default="1,2,4,8", help="curriculum: segments per training window (%(default)s)")
     p.add_argument("--steps-per-stage", type=int, default=250, help="(%(default)s)")
@@ -81,8 +86,8 @@ def parse_args(argv=None):
     a.stages = [int(s) for s in a.stages.split(",") if s]
     if not a.stages or min(a.stages) < 1:
         p.error("--stages: a comma list of segment counts >= 1")
-    for name in ("segment", "doc_tokens", "min_doc_tokens", "heldout_every", "eval_docs", "block", "batch",
-                 "eval_chunk"):
+    for name in ("segment", "doc_tokens", "min_doc_tokens", "package_bytes", "heldout_every", "eval_docs", "block",
+                 "batch", "eval_chunk"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.mem < 0 or a.cache < 0 or a.cache > a.segment:
@@ -91,26 +96,66 @@ def parse_args(argv=None):
 
 
 # ---- corpus -----------------------------------------------------------------------------------------------
-def corpus(tok, min_tokens: int, max_tokens: int, heldout_every: int) -> tuple[list, list]:
-    """(train, held-out) lists of ``(relative path, token ids)`` from the standard library's .py files."""
+def documents(root: str, max_package_bytes: int) -> list:
+    """``[(relative path, [files])]``: the documents of the source tree ``root``, in a fixed order.
+
+    A package (a directory with ``__init__.py``) whose .py files hold at most ``max_package_bytes`` bytes in all is
+    one document: its files in sorted path order, so that a document holds code that refers to itself across
+    files. Any other .py file is a document of its own; larger packages are split the same way one level down.
+    ``site-packages`` and ``__pycache__`` are skipped.
+    """
+    def py_files(d):
+        out = []
+        for dirpath, dirnames, filenames in os.walk(d):
+            dirnames[:] = sorted(x for x in dirnames if x not in ("site-packages", "__pycache__"))
+            out += [os.path.join(dirpath, n) for n in sorted(filenames) if n.endswith(".py")]
+        return out
+
+    docs = []
+
+    def visit(d):
+        names = sorted(os.listdir(d))
+        if d != root and "__init__.py" in names:
+            files = py_files(d)
+            if sum(os.path.getsize(f) for f in files) <= max_package_bytes:
+                docs.append((os.path.relpath(d, root) + "/", files))
+                return
+        for n in names:
+            path = os.path.join(d, n)
+            if n.endswith(".py") and os.path.isfile(path):
+                docs.append((os.path.relpath(path, root), [path]))
+            elif os.path.isdir(path) and n not in ("site-packages", "__pycache__"):
+                visit(path)
+
+    visit(root)
+    return docs
+
+
+def corpus(tok, min_tokens: int, max_tokens: int, heldout_every: int, max_package_bytes: int = 2 ** 20,
+           root: str | None = None) -> tuple[list, list]:
+    """(train, held-out) lists of ``(relative path, token ids)`` from the .py sources under ``root`` (default: the
+    installed standard library), one per :func:`documents` entry; a package's files are joined, each after a
+    ``# file: <path>`` line. Documents of fewer than ``min_tokens`` tokens are dropped, longer ones keep their first
+    ``max_tokens``. Held out is one in ``heldout_every`` documents in order of length (longest first, then path):
+    every length is represented in both parts, and the split is by document."""
     import sysconfig
 
-    root = sysconfig.get_paths()["stdlib"]
-    train, held = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
-        for name in sorted(filenames):
-            if not name.endswith(".py"):
-                continue
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            if os.path.getsize(path) < min_tokens:  # fewer bytes than the tokens wanted: too short
-                continue
-            with open(path, encoding="utf-8", errors="replace") as f:
-                ids = _encode(tok, f.read())
-            if len(ids) < min_tokens:
-                continue
-            (held if zlib.crc32(rel.encode()) % heldout_every == 0 else train).append((rel, ids[:max_tokens]))
+    root = root or sysconfig.get_paths()["stdlib"]
+    kept = []
+    for rel, files in documents(root, max_package_bytes):
+        if sum(os.path.getsize(f) for f in files) < min_tokens:  # fewer bytes than the tokens wanted: too short
+            continue
+        parts = []
+        for f in files:
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                parts.append(f"# file: {os.path.relpath(f, root)}\n" + fh.read() if len(files) > 1 else fh.read())
+        ids = _encode(tok, "\n".join(parts)[:32 * max_tokens])  # no token spans 32 characters
+        if len(ids) < min_tokens:
+            continue
+        kept.append((rel, ids[:max_tokens]))
+    kept.sort(key=lambda d: (-len(d[1]), d[0]))
+    held = [d for i, d in enumerate(kept) if i % heldout_every == heldout_every // 2]
+    train = [d for i, d in enumerate(kept) if i % heldout_every != heldout_every // 2]
     return train, held
 
 
@@ -232,7 +277,7 @@ def main(argv=None) -> int:
     base, tok, _ = load_backbone(a.backbone, seed=a.seed, max_positions=max(4 * a.segment, 2 * a.mem + a.segment))
     base = base.to(device).eval()
     t0 = time.time()
-    train_docs, held = corpus(tok, a.min_doc_tokens, a.doc_tokens, a.heldout_every)
+    train_docs, held = corpus(tok, a.min_doc_tokens, a.doc_tokens, a.heldout_every, a.package_bytes)
     held = held[:a.eval_docs]
     print(f"corpus: {len(train_docs)} training and {len(held)} held-out documents of {a.min_doc_tokens}-"
           f"{a.doc_tokens} tokens ({time.time() - t0:.0f}s); backbone {a.backbone} on {device}", flush=True)
