@@ -82,3 +82,19 @@ def test_bad_arguments(script, args, msg, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--out", "x", *args])
     assert msg in capsys.readouterr().err
+
+
+def test_variants_of_separate_runs_are_collected(script, tmp_path, capsys):
+    assert script.main(["--out", str(tmp_path), "--smoke", "--variants", "cache_alone,segment_alone"]) == 0
+    assert script.main(["--out", str(tmp_path), "--smoke", "--variants", "rmt"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["variants"]) == ["segment_alone", "rmt", "cache_alone"]
+    env = summary["variants"]["rmt"]["environment"]
+    assert env["device"] == "cpu"
+    assert env["command"].endswith(f"long_document_lm.py --out {tmp_path} --smoke --variants rmt")
+    with open(tmp_path / "ppl_by_position.csv", newline="") as f:
+        assert {r["variant"] for r in csv.DictReader(f)} == {"segment_alone", "rmt", "cache_alone"}
+    # another block size: the earlier variants are not comparable and are left out, with a word on stderr
+    assert script.main(["--out", str(tmp_path), "--smoke", "--variants", "rmt", "--block", "64"]) == 0
+    assert list(json.loads((tmp_path / "summary.json").read_text())["variants"]) == ["rmt"]
+    assert "left out" in capsys.readouterr().err

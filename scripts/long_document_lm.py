@@ -25,8 +25,11 @@ held-out document through the model in calls of ``--eval-chunk`` segments, each 
 memory and short-term cache (``forward(memory=..., short_term_cache=...)``), so 64k-token documents run with flat
 memory.
 
-Writes OUT/ppl_by_position.csv (variant, block, first token, tokens, nll, ppl), OUT/ppl_by_position.png,
-OUT/summary.json (mean perplexity per variant over position ranges, training seconds, settings) and prints a table.
+Each variant writes OUT/variants/<variant>.json (its blocks, training and evaluation seconds, date, GPU, versions,
+command); then OUT/ppl_by_position.csv (variant, block, first token, tokens, nll, ppl), OUT/ppl_by_position.png and
+OUT/summary.json (mean perplexity per variant over position ranges) are made from every variant in OUT/variants run
+on the same backbone, segment, blocks and documents, so variants may be run in separate calls (``--variants``)
+into one OUT.
 
     python scripts/long_document_lm.py --out runs/lm                       # SmolLM2-135M, 64k-token documents
     python scripts/long_document_lm.py --out /tmp/lm --smoke                # tiny random GPT-2 on the CPU, < 1 min
@@ -73,12 +76,14 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak lr (%(default)s)")
     p.add_argument("--eval-chunk", type=int, default=16, help="segments per evaluation call (%(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="tiny random GPT-2 and short documents: checks the pipeline")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny random GPT-2 and short documents: checks the pipeline (options given still apply)")
     a = p.parse_args(argv)
     if a.smoke:
-        a.backbone, a.segment, a.mem, a.cache = "tiny-gpt2", 16, 2, 8
-        a.doc_tokens, a.min_doc_tokens, a.eval_docs, a.block = 256, 200, 2, 32
-        a.stages, a.steps_per_stage, a.batch, a.eval_chunk = "1,2", 3, 2, 4
+        p.set_defaults(backbone="tiny-gpt2", segment=16, mem=2, cache=8, doc_tokens=256, min_doc_tokens=200,
+                       eval_docs=2, block=32, stages="1,2", steps_per_stage=3, batch=2, eval_chunk=4)
+        a = p.parse_args(argv)
+    a.command = "python scripts/long_document_lm.py " + " ".join(sys.argv[1:] if argv is None else argv)
     a.variants = [v for v in a.variants.split(",") if v]
     bad = [v for v in a.variants if v not in VARIANTS]
     if bad:
@@ -284,10 +289,10 @@ def main(argv=None) -> int:
     if not train_docs or not held:
         print("no documents long enough: lower --min-doc-tokens", file=sys.stderr)
         return 2
-    os.makedirs(a.out, exist_ok=True)
+    os.makedirs(os.path.join(a.out, "variants"), exist_ok=True)
     settings = {"rmt": (a.mem, 0), "rmt_cache": (a.mem, a.cache), "cache_alone": (0, a.cache)}
-    rows, summary = [], {"settings": {k: v for k, v in vars(a).items()}, "variants": {},
-                         "documents": {"train": len(train_docs), "held_out": [p for p, _ in held]}}
+    same = {"backbone": a.backbone, "segment": a.segment, "doc_tokens": a.doc_tokens, "block": a.block,
+            "held_out": [p for p, _ in held]}  # what makes variants of separate runs comparable
     for variant in a.variants:
         print(f"=== {variant}", flush=True)
         info = {}
@@ -295,39 +300,71 @@ def main(argv=None) -> int:
             mem, cache = settings[variant]
             model, seconds, losses = fine_tune(a, base, train_docs, device, mem, cache)
             info.update(train_seconds=round(seconds, 1), stage_losses=losses, num_mem_tokens=mem,
-                        num_cache_tokens=cache)
+                        num_cache_tokens=cache, stages=a.stages, steps_per_stage=a.steps_per_stage, batch=a.batch,
+                        lr=a.lr)
         else:
             model = base
+        t1 = time.time()
         per_block: dict = {}
         for _, ids in held:
             for b, s, count, mean in by_block(token_nll(a, variant, model, ids, device), a.block):
                 acc = per_block.setdefault((b, s), [0, 0.0])
                 acc[0] += count
                 acc[1] += mean * count
-        for (b, s), (count, total) in sorted(per_block.items()):
-            nll = total / count
-            rows.append(dict(variant=variant, block=b, first_token=s, tokens=count, nll=round(nll, 5),
-                             ppl=round(math.exp(nll), 4)))
+        info["eval_seconds"] = round(time.time() - t1, 1)
+        rows = [dict(variant=variant, block=b, first_token=s, tokens=count, nll=round(total / count, 5),
+                     ppl=round(math.exp(total / count), 4)) for (b, s), (count, total) in sorted(per_block.items())]
         for lo, hi in RANGES:
             sel = [(c, t) for (b, s), (c, t) in per_block.items() if lo <= s < hi]
             if sel:
                 info[f"ppl_{lo}_{hi}"] = round(math.exp(sum(t for _, t in sel) / sum(c for c, _ in sel)), 4)
-        summary["variants"][variant] = info
+        with open(os.path.join(a.out, "variants", f"{variant}.json"), "w") as f:
+            json.dump({"same": same, "info": info, "environment": environment(device, a.command), "rows": rows}, f,
+                      indent=1)
         print(f"  {info}", flush=True)
         if model is not base:
             del model
-    with open(os.path.join(a.out, "ppl_by_position.csv"), "w", newline="") as f:
+    return collect(a.out, same, {"settings": {k: v for k, v in vars(a).items()},
+                                 "documents": {"train": len(train_docs), "held_out": same["held_out"]}}, a)
+
+
+def environment(device, command: str) -> dict:
+    """When, where and with what a variant ran (for the results' README)."""
+    import torch
+    import transformers
+
+    return {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda" else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+            "command": command}
+
+
+def collect(out: str, same: dict, summary: dict, a) -> int:
+    """CSV, summary and PNG from every ``OUT/variants/*.json`` run with the same backbone, segment, documents and
+    blocks (this run's and earlier ones': variants may be run in separate calls with ``--variants``)."""
+    rows, summary["variants"] = [], {}
+    for variant in VARIANTS:
+        path = os.path.join(out, "variants", f"{variant}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            rec = json.load(f)
+        if rec["same"] != same:
+            print(f"  {path}: another backbone, segment, block or document set; left out", file=sys.stderr)
+            continue
+        rows += rec["rows"]
+        summary["variants"][variant] = {**rec["info"], "environment": rec["environment"]}
+    with open(os.path.join(out, "ppl_by_position.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    with open(os.path.join(a.out, "summary.json"), "w") as f:
+    with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot(rows, os.path.join(a.out, "ppl_by_position.png"), a)
+    plot(rows, os.path.join(out, "ppl_by_position.png"), a)
     print(f"{'variant':14s} " + " ".join(f"{f'ppl {lo}-{hi}':>16s}" for lo, hi in RANGES) + f" {'train s':>8s}")
     for v, info in summary["variants"].items():
         print(f"{v:14s} " + " ".join(f"{info.get(f'ppl_{lo}_{hi}', float('nan')):16.3f}" for lo, hi in RANGES)
               + f" {info.get('train_seconds', 0):8.0f}")
-    print(f"wrote {a.out}/ppl_by_position.csv, ppl_by_position.png, summary.json")
+    print(f"wrote {out}/ppl_by_position.csv, ppl_by_position.png, summary.json")
     return 0
 
 

@@ -20,7 +20,7 @@ case "${1:-}" in
   pack)
     [[ $# -eq 2 ]] || { echo "usage: $0 pack DIR" >&2; exit 2; }
     dir=$2
-    src=$("$PY" -c "from rmt_fast.experiments.backbones import smollm2_gguf; import os; print(os.path.join(*smollm2_gguf()))")
+    src=$("$PY" -c "import os; from rmt_fast.experiments.backbones import smollm2_gguf as g; print(os.path.join(*g()))")
     rm -rf "$dir/smollm2-a" "$dir/smollm2-b"
     mkdir -p "$dir/smollm2-a" "$dir/smollm2-b"
     size=$(stat -c %s "$src")
