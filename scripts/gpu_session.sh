@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One GPU run: build the extension, run the test suite on the GPU, then the chosen benchmarks.
 # usage: scripts/gpu_session.sh "<stages>"
-#   stages: build|pipinstall smoke tests attention handoff e2e[:parts] train[:parts]
+#   stages: build|pipinstall smoke tests attention handoff e2e[:parts] train[:parts] lm
 #   smoke: csrc/tests/kernel_smoke.cpp and row_mask_bounds.cu built with nvcc for this GPU and run (torch-free)
 #   ATTENTION_ARGS: more arguments of benchmarks/attention.py, e.g. "--cache-sizes 0 128 512 --shapes 4x12x544x64"
+#   lm: scripts/long_document_lm.py --out runs/lm $LM_ARGS with SmolLM2 joined by scripts/smollm2_carry.sh from
+#       .device/smollm2-a and -b (carried by this call and an earlier one on the same machine); the variants
+#       done so far stay in runs/lm, the files come back in $OUT/lm
 # e.g. the training executors after changes to graphs.py / bptt.py, without building the extension:
 #   RMT_FAST_NO_EXT=1 TESTS="python_tests/test_gpu_training.py python_tests/test_gpu.py" \
 #     bash scripts/gpu_session.sh "tests train:curriculum"
@@ -49,6 +52,13 @@ for st in $stages; do
     e2e*)
       parts=${st#e2e}; parts=${parts#:}
       python3 benchmarks/e2e.py ${parts:+--parts $parts} --out "$OUT" --append-results "$OUT/RESULTS_part.md" 2>&1 | tail -40 ;;
+    lm)
+      if env_lines=$(bash scripts/smollm2_carry.sh gather .device runs/smollm2); then
+        eval "$env_lines"
+        python3 scripts/long_document_lm.py --out runs/lm ${LM_ARGS:-} 2>&1 | tee "$OUT/lm.log" | grep -v "it/s]" | tail -30
+        mkdir -p "$OUT/lm" && cp runs/lm/summary.json runs/lm/ppl_by_position.* "$OUT/lm/" 2>/dev/null
+        tar -C runs/lm -cf "$OUT/lm/variants.tar" variants
+      fi ;;
     train*)
       parts=${st#train}; parts=${parts#:}
       python3 benchmarks/train.py ${parts:+--parts $parts} --out "$OUT" 2>&1 | tee "$OUT/train.log" | tail -30 ;;
