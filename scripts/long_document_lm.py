@@ -107,7 +107,7 @@ def documents(root: str, max_package_bytes: int) -> list:
     A package (a directory with ``__init__.py``) whose .py files hold at most ``max_package_bytes`` bytes in all is
     one document: its files in sorted path order, so that a document holds code that refers to itself across
     files. Any other .py file is a document of its own; larger packages are split the same way one level down.
-    ``site-packages`` and ``__pycache__`` are skipped.
+    ``site-packages``, ``__pycache__`` and linked directories are skipped.
     """
     def py_files(d):
         out = []
@@ -129,7 +129,7 @@ def documents(root: str, max_package_bytes: int) -> list:
             path = os.path.join(d, n)
             if n.endswith(".py") and os.path.isfile(path):
                 docs.append((os.path.relpath(path, root), [path]))
-            elif os.path.isdir(path) and n not in ("site-packages", "__pycache__"):
+            elif os.path.isdir(path) and not os.path.islink(path) and n not in ("site-packages", "__pycache__"):
                 visit(path)
 
     visit(root)
