@@ -98,3 +98,29 @@ def test_variants_of_separate_runs_are_collected(script, tmp_path, capsys):
     assert script.main(["--out", str(tmp_path), "--smoke", "--variants", "rmt", "--block", "64"]) == 0
     assert list(json.loads((tmp_path / "summary.json").read_text())["variants"]) == ["rmt"]
     assert "left out" in capsys.readouterr().err
+
+
+def test_scratch_backbone_is_pretrained_once_and_read_back(script, tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--smoke", "--backbone", "gpt2-scratch", "--tokenizer", "word", "--shape", "1x64",
+            "--pretrain-steps", "4", "--pretrain-context", "64", "--pretrain-batch", "2"]
+    assert script.main(args + ["--variants", "full_context,rmt_cache"]) == 0
+    bases = [p for p in tmp_path.iterdir() if p.name.startswith("base-1x64-ctx64-steps4")]
+    assert len(bases) == 1
+    record = json.loads((bases[0] / "pretraining.json").read_text())
+    assert record["steps"] == 4 and math.isfinite(record["final_loss"])
+    capsys.readouterr()
+    assert script.main(args + ["--variants", "segment_alone"]) == 0
+    assert "read from" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["variants"]) == ["segment_alone", "full_context", "rmt_cache"]
+    with open(tmp_path / "ppl_by_position.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["variant"] == "full_context"]
+    assert len(rows) == 2  # 64 positions: the first two 32-token blocks
+
+
+@pytest.mark.parametrize("args,msg", [(["--shape", "12"], "--shape"), (["--shape", "2x100"], "--shape"),
+                                      (["--pretrain-steps", "0"], "--pretrain-steps")])
+def test_bad_scratch_arguments(script, args, msg, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--out", "x", *args])
+    assert msg in capsys.readouterr().err

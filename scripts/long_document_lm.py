@@ -19,6 +19,11 @@ Variants, each evaluated on the held-out documents as the mean negative log-like
   rmt_cache       the same with num_cache_tokens=--cache (the previous segment's last tokens in every layer)
   cache_alone     num_mem_tokens=0, num_cache_tokens=--cache, fine-tuned the same way
 
+Backbones: SmolLM2-135M (rotary positions; the default), or ``gpt2-scratch``: GPT-2's architecture (absolute
+positions) at ``--shape``, with SmolLM2's tokenizer, pretrained here on the training documents for
+``--pretrain-steps`` steps of ``--pretrain-context``-token windows (no pretrained GPT-2 is available offline); that
+model is then the base of every variant, and its context is ``--pretrain-context``.
+
 Fine-tuning: the curriculum ``--stages`` (segments per training window), ``--steps-per-stage`` AdamW steps each, on
 windows drawn at random from the training documents, batch ``--batch``, bf16 autocast on CUDA. Evaluation runs each
 held-out document through the model in calls of ``--eval-chunk`` segments, each continuing from the last call's
@@ -32,6 +37,7 @@ on the same backbone, segment, blocks and documents, so variants may be run in s
 into one OUT.
 
     python scripts/long_document_lm.py --out runs/lm                       # SmolLM2-135M, 64k-token documents
+    python scripts/long_document_lm.py --out runs/lm-gpt2 --backbone gpt2-scratch   # GPT-2 small's shape
     python scripts/long_document_lm.py --out /tmp/lm --smoke                # tiny random GPT-2 on the CPU, < 1 min
 """
 from __future__ import annotations
@@ -50,6 +56,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 VARIANTS = ("segment_alone", "full_context", "rmt", "rmt_cache", "cache_alone")
+SCRATCH = "gpt2-scratch"  # GPT-2's architecture (absolute positions), pretrained here on the training documents
 RANGES = ((0, 8192), (8192, 65536))  # summary.json: mean perplexity over these token positions
 
 
@@ -57,7 +64,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--backbone", default="smollm2", help="a decoder of rmt_fast.experiments.backbones (%(default)s)")
+    p.add_argument("--backbone", default="smollm2",
+                   help=f"a decoder of rmt_fast.experiments.backbones, or {SCRATCH!r} (%(default)s)")
+    p.add_argument("--shape", default="12x768", help=f"{SCRATCH}: layers x width (heads of 64) (%(default)s)")
+    p.add_argument("--pretrain-steps", type=int, default=3000, help=f"{SCRATCH}: pretraining steps (%(default)s)")
+    p.add_argument("--pretrain-context", type=int, default=1024,
+                   help=f"{SCRATCH}: positions of the model and tokens per pretraining window (%(default)s)")
+    p.add_argument("--pretrain-batch", type=int, default=16, help=f"{SCRATCH}: windows per step (%(default)s)")
+    p.add_argument("--pretrain-lr", type=float, default=6e-4, help=f"{SCRATCH}: peak lr, cosine decay (%(default)s)")
+    p.add_argument("--tokenizer", default="smollm2", choices=("smollm2", "word"),
+                   help=f"{SCRATCH}: SmolLM2's byte-level BPE or the tiny models' word tokenizer (%(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of %(default)s")
     p.add_argument("--segment", type=int, default=512, help="tokens per segment (%(default)s)")
     p.add_argument("--mem", type=int, default=16, help="memory tokens of rmt and rmt_cache (%(default)s)")
@@ -93,6 +109,15 @@ def parse_args(argv=None):
         p.error("--stages: a comma list of segment counts >= 1")
     for name in ("segment", "doc_tokens", "min_doc_tokens", "package_bytes", "heldout_every", "eval_docs", "block",
                  "batch", "eval_chunk"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        a.layers, a.width = (int(x) for x in a.shape.lower().split("x"))
+    except ValueError:
+        p.error(f"--shape: LAYERSxWIDTH, e.g. 12x768, got {a.shape!r}")
+    if a.layers < 1 or a.width < 64 or a.width % 64:
+        p.error("--shape: at least 1 layer and a width that is a multiple of 64")
+    for name in ("pretrain_steps", "pretrain_context", "pretrain_batch"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.mem < 0 or a.cache < 0 or a.cache > a.segment:
@@ -176,6 +201,66 @@ def _autocast(device):
     import torch
 
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def scratch_backbone(a, tok, train_docs, device):
+    """The ``gpt2-scratch`` backbone: GPT-2's architecture at ``--shape`` with ``--pretrain-context`` absolute
+    positions, pretrained on random windows of the training documents (AdamW, warm-up then cosine decay, bf16
+    autocast on CUDA). Kept in OUT/base-<settings>/ and read back from there by later runs with the same
+    settings. Returns (model, the pretraining record)."""
+    import numpy as np
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    key = (f"{a.layers}x{a.width}-ctx{a.pretrain_context}-steps{a.pretrain_steps}-b{a.pretrain_batch}"
+           f"-lr{a.pretrain_lr:g}-{a.tokenizer}-seed{a.seed}")
+    folder = os.path.join(a.out, f"base-{key}")
+    record_path = os.path.join(folder, "pretraining.json")
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        print(f"pretrained {SCRATCH} read from {folder} ({record['seconds']:.0f}s of pretraining, final loss "
+              f"{record['final_loss']:.3f})", flush=True)
+        return GPT2LMHeadModel.from_pretrained(folder), record
+    eos = tok.eos_token_id if getattr(tok, "eos_token_id", None) is not None else tok.sep_token_id
+    cfg = GPT2Config(n_layer=a.layers, n_embd=a.width, n_head=a.width // 64, vocab_size=len(tok),
+                     n_positions=a.pretrain_context, bos_token_id=eos, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                     attn_pdrop=0.0)  # memory_attention has no attention-probability dropout: none in pretraining
+    model = GPT2LMHeadModel(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=a.pretrain_lr, weight_decay=0.1, betas=(0.9, 0.95))
+    rng = np.random.default_rng(a.seed + 1)
+    usable = [ids for _, ids in train_docs if len(ids) >= a.pretrain_context]
+    warmup = max(1, a.pretrain_steps // 20)
+    losses, t0 = [], time.time()
+    for step in range(a.pretrain_steps):
+        lr = a.pretrain_lr * (step + 1) / warmup if step < warmup else \
+            a.pretrain_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, a.pretrain_steps - warmup))))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        rows = []
+        for _ in range(a.pretrain_batch):
+            ids = usable[int(rng.integers(len(usable)))]
+            start = int(rng.integers(0, len(ids) - a.pretrain_context + 1))
+            rows.append(ids[start:start + a.pretrain_context])
+        x = torch.tensor(rows, device=device)
+        with _autocast(device):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if (step + 1) % max(1, a.pretrain_steps // 10) == 0:
+            print(f"  pretraining {step + 1}/{a.pretrain_steps}: loss {np.mean(losses[-50:]):.3f}, "
+                  f"{time.time() - t0:.0f}s", flush=True)
+    record = {"shape": a.shape, "context": a.pretrain_context, "steps": a.pretrain_steps, "batch": a.pretrain_batch,
+              "lr": a.pretrain_lr, "tokenizer": a.tokenizer, "seconds": round(time.time() - t0, 1),
+              "final_loss": round(float(np.mean(losses[-50:])), 4),
+              "loss_every_50": [round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)]}
+    model.eval().save_pretrained(folder)
+    with open(record_path, "w") as f:
+        json.dump(record, f, indent=1)
+    return model, record
 
 
 def fine_tune(a, base, train_docs, device, mem: int, cache: int):
@@ -272,15 +357,18 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
 
-    from rmt_fast.experiments.backbones import backbone_kind, load_backbone
+    from rmt_fast.experiments.backbones import backbone_kind, load_backbone, load_tokenizer
 
-    if backbone_kind(a.backbone) != "decoder":
+    if a.backbone != SCRATCH and backbone_kind(a.backbone) != "decoder":
         print(f"--backbone {a.backbone!r} is not a decoder", file=sys.stderr)
         return 2
     torch.manual_seed(a.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base, tok, _ = load_backbone(a.backbone, seed=a.seed, max_positions=max(4 * a.segment, 2 * a.mem + a.segment))
-    base = base.to(device).eval()
+    if a.backbone == SCRATCH:
+        base, tok = None, load_tokenizer("smollm2" if a.tokenizer == "smollm2" else "tiny-gpt2")
+    else:
+        base, tok, _ = load_backbone(a.backbone, seed=a.seed,
+                                     max_positions=max(4 * a.segment, 2 * a.mem + a.segment))
     t0 = time.time()
     train_docs, held = corpus(tok, a.min_doc_tokens, a.doc_tokens, a.heldout_every, a.package_bytes)
     held = held[:a.eval_docs]
@@ -289,10 +377,13 @@ def main(argv=None) -> int:
     if not train_docs or not held:
         print("no documents long enough: lower --min-doc-tokens", file=sys.stderr)
         return 2
-    os.makedirs(os.path.join(a.out, "variants"), exist_ok=True)
-    settings = {"rmt": (a.mem, 0), "rmt_cache": (a.mem, a.cache), "cache_alone": (0, a.cache)}
     same = {"backbone": a.backbone, "segment": a.segment, "doc_tokens": a.doc_tokens, "block": a.block,
             "held_out": [p for p, _ in held]}  # what makes variants of separate runs comparable
+    if base is None:
+        base, same["pretraining"] = scratch_backbone(a, tok, train_docs, device)
+    base = base.to(device).eval()
+    os.makedirs(os.path.join(a.out, "variants"), exist_ok=True)
+    settings = {"rmt": (a.mem, 0), "rmt_cache": (a.mem, a.cache), "cache_alone": (0, a.cache)}
     for variant in a.variants:
         print(f"=== {variant}", flush=True)
         info = {}
