@@ -145,3 +145,46 @@ def test_train_same_axis_reaches_the_reasoning_config_only():
     assert mod.task_config(a, "reasoning").train_same_axis == 0.67
     assert mod.task_config(a, "memorize").train_same_axis is None
     assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").train_same_axis is None
+
+
+@pytest.mark.slow
+def test_reasoning_one_segment_length_warmup(tmp_path):
+    """--warmup-lengths: each config trains on shorter segments first, each phase from the last one's weights, and
+    the history keeps every phase with its segment size."""
+    script = os.path.join(ROOT, "scripts", "reasoning_one_segment.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--smoke", "--steps", "4", "--eval-every", "2",
+                        "--test-samples", "16", "--config", "a:lr=1e-3", "--warmup-lengths", "24,28",
+                        "--warmup-steps", "2", "--warmup-threshold", "1.01"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads((tmp_path / "diagnosis.json").read_text())["configs"]["a"]
+    assert [(h["segment_size"], h["step"]) for h in d["history"]] == [(24, 2), (28, 4), (32, 6), (32, 8)]
+    assert [w["segment_size"] for w in d["warmup"]] == [24, 28]
+    assert d["config"]["init_from"] == str(tmp_path / "a" / "warmup-28" / "checkpoint-last")
+    with open(tmp_path / "a" / "warmup-28" / "train_config.json") as f:
+        assert json.load(f)["init_from"] == str(tmp_path / "a" / "warmup-24" / "checkpoint-last")
+    assert d["test"]["all"]["samples"] == 16
+
+
+@pytest.mark.parametrize("lengths", ["48,abc", "600", "0"])
+def test_reasoning_one_segment_bad_warmup_lengths(lengths, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("r1", os.path.join(ROOT, "scripts", "reasoning_one_segment.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--out", "/tmp/x", "--warmup-lengths", lengths])
+    assert "--warmup-lengths" in capsys.readouterr().err
+
+
+def test_init_from_reaches_the_task_configs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_h200", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = mod.parse_args(["--out", "/tmp/x", "--init-from", "/tmp/r1/a/checkpoint-last"])
+    assert mod.task_config(a, "reasoning").init_from == "/tmp/r1/a/checkpoint-last"
+    assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").init_from is None

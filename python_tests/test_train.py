@@ -497,3 +497,23 @@ def test_capture_memory_is_a_share_of_the_gpu():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="capture_memory"):
             TrainConfig(capture_memory=bad).validate()
+
+
+def test_init_from_starts_from_a_saved_model_of_another_segment_size(tmp_path):
+    first = train(tiny(tmp_path / "a", max_segments=1))
+    saved = tmp_path / "a" / "checkpoint-last"
+    trainer = tr.Trainer(tiny(tmp_path / "b", segment_size=2 * SEG, init_from=str(saved))).build()
+    want = {k: v for k, v in first.model.state_dict().items() if not k.endswith("_extra_state")}  # (the config)
+    got = trainer.rmt.state_dict()
+    assert set(want) <= set(got) and len(want) > 10
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    assert trainer.rmt.rmt_config.segment_size == 2 * SEG  # the run's own segment size, the saved weights
+    fresh = tr.Trainer(tiny(tmp_path / "c", segment_size=2 * SEG)).build().rmt.state_dict()
+    assert any(not torch.equal(fresh[k], want[k]) for k in want)  # the saved weights, not the backbone's own
+    with open(tmp_path / "b" / "train_config.json") as f:
+        assert json.load(f)["init_from"] == str(saved)
+    with pytest.raises(ValueError, match="init_from: .* is not a saved RMT"):
+        tr.Trainer(tiny(tmp_path / "d", init_from=str(tmp_path))).build()
+    with pytest.raises(ValueError, match="does not match the model"):
+        tr.Trainer(tiny(tmp_path / "e", num_mem_tokens=3, init_from=str(saved))).build()

@@ -74,12 +74,28 @@ def parse_args(argv=None):
     p.add_argument("--test-samples", type=int, default=1024, help="(%(default)s)")
     p.add_argument("--backbone", default="minilm", help="(%(default)s)")
     p.add_argument("--segment-size", type=int, default=499, help="(%(default)s)")
+    p.add_argument("--warmup-lengths", default="",
+                   help="comma list of shorter segment sizes each config trains on first, in order, each phase "
+                        "starting from the last one's weights (a length curriculum inside the one segment), e.g. "
+                        "48,128,256; then --steps at --segment-size")
+    p.add_argument("--warmup-steps", type=int, default=1500, help="steps at most per warm-up length (%(default)s)")
+    p.add_argument("--warmup-threshold", type=float, default=0.95,
+                   help="validation accuracy that ends a warm-up length early (%(default)s)")
     p.add_argument("--max-train-time", type=float, default=None,
                    help="seconds of training per config at most (checked at validations)")
     p.add_argument("--jobs", type=int, default=None, help="concurrent configs (default: all on CUDA, 1 on the CPU)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a worker process: run this one config
     p.add_argument("--smoke", action="store_true", help="tiny-bert on the CPU, a few steps: checks the pipeline")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    try:
+        a.warmup_lengths = [int(x) for x in a.warmup_lengths.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--warmup-lengths: a comma list of segment sizes, got {a.warmup_lengths!r}")
+    if any(n < 1 or n >= a.segment_size for n in a.warmup_lengths):
+        p.error(f"--warmup-lengths: each in [1, --segment-size), got {a.warmup_lengths}")
+    if a.warmup_steps < 1:
+        p.error("--warmup-steps must be >= 1")
+    return a
 
 
 def test_breakdown(rmt, tokenizer, cfg, samples: int, batch_size: int = 256) -> dict:
@@ -137,12 +153,28 @@ def run_one(a, name: str, overrides: dict) -> dict:
         base.update(backbone="tiny-bert", num_mem_tokens=2, segment_size=32, eval_samples=16, eval_batch_size=16,
                     batch_size=8, lr=1e-3, device="cpu")
     base.update(overrides)
-    cfg = TrainConfig(**base)
     t0 = time.time()
+    history, warmup, offset = [], [], 0
+    for length in a.warmup_lengths:  # the length curriculum: each phase starts from the last one's weights
+        left = None if a.max_train_time is None else max(1.0, a.max_train_time - (time.time() - t0))
+        cfg = TrainConfig(**{**base, "segment_size": length, "max_steps_per_stage": a.warmup_steps,
+                             "min_steps_per_stage": 0, "threshold": a.warmup_threshold,
+                             "warmup_steps": max(1, a.warmup_steps // 10), "max_time_s": left,
+                             "out_dir": os.path.join(a.out, name, f"warmup-{length}")})
+        res = train(cfg)
+        history += [{**h, "step": h["step"] + offset, "segment_size": length} for h in res.history]
+        offset += res.history[-1]["step"] if res.history else 0
+        warmup.append({"segment_size": length, "steps": res.history[-1]["step"] if res.history else 0,
+                       "val_accuracy": res.history[-1]["val_accuracy"] if res.history else None})
+        base["init_from"] = os.path.join(cfg.out_dir, "checkpoint-last")
+    if a.max_train_time is not None:
+        base["max_time_s"] = max(1.0, a.max_train_time - (time.time() - t0))
+    cfg = TrainConfig(**base)
     res = train(cfg)
+    history += [{**h, "step": h["step"] + offset, "segment_size": cfg.segment_size} for h in res.history]
     seconds = time.time() - t0
     doc = {"name": name, "overrides": overrides, "config": cfg.to_dict(), "train_seconds": round(seconds, 1),
-           "history": res.history,
+           "warmup": warmup, "history": history,
            "test": test_breakdown(res.model, res.tokenizer, cfg, a.test_samples if not a.smoke else 16)}
     with open(os.path.join(a.out, name, "diagnosis.json"), "w") as f:
         json.dump(doc, f, indent=2, default=str)
@@ -155,7 +187,9 @@ def table(docs: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for d in docs:
         t = d["test"]
-        best = max((h["val_accuracy"] for h in d["history"]), default=float("nan"))
+        size = d["config"]["segment_size"]  # the warm-up lengths' validations are not this length's
+        best = max((h["val_accuracy"] for h in d["history"] if h.get("segment_size", size) == size),
+                   default=float("nan"))
         lines.append(f"{d['name']:<14}" + "".join(f"{100 * t[k]['accuracy']:>19.1f}%" if k in t else f"{'-':>20}"
                                                   for k in keys)
                      + f"{100 * best:>9.1f}%{100 * t['prediction_in_facts']:>9.1f}%{d['train_seconds']:>7.0f}")

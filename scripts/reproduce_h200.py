@@ -99,6 +99,10 @@ def parse_args(argv=None):
     p.add_argument("--train-same-axis", type=float, default=None, metavar="P",
                    help="reasoning: the probability that a TRAINING sample's two facts lie on one axis (default: the "
                    "task's own 1/3; validation and test keep it); other tasks ignore it")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start the tasks' runs from a saved RMT instead of the pretrained backbone (m=10; e.g. a "
+                   "one-segment reasoning model of scripts/reasoning_one_segment.py: OUT/<config>/checkpoint-last); "
+                   "a resumed run ignores it")
     p.add_argument("--estimate-only", action="store_true", help="print the time estimate and exit")
     p.add_argument("--dry-run", "--smoke", dest="dry_run", action="store_true",
                    help="tiny CPU configuration (tiny-bert, 32-token segments, a few steps, lengths 1-4): checks the "
@@ -143,7 +147,8 @@ def task_config(a, task: str):
                            out_dir=os.path.join(a.out, task), resume=a.resume or bool(a.resume_from),
                            progress=a.progress, validate_at_multiple=a.validate_at_multiple,
                            validate_max_segments=a.validate_max_segments, pause_after_s=a.pause_after,
-                           stage_eval_lengths="1-2" if a.stage_eval else None, stage_eval_samples=8)
+                           stage_eval_lengths="1-2" if a.stage_eval else None, stage_eval_samples=8,
+                           init_from=a.init_from)
     from rmt_fast.experiments.trainer import build_schedule
 
     stages = build_schedule(1, a.max_segments)
@@ -160,7 +165,7 @@ def task_config(a, task: str):
                        stage_eval_lengths=f"1-{a.heatmap_max}" if a.stage_eval else None,
                        stage_eval_samples=a.heatmap_samples, checkpoint_segments=a.checkpoint_segments,
                        capture_memory=a.capture_memory,
-                       train_same_axis=a.train_same_axis if task == "reasoning" else None)
+                       train_same_axis=a.train_same_axis if task == "reasoning" else None, init_from=a.init_from)
 
 
 def run_task(a, task: str) -> dict:

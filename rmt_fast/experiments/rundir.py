@@ -139,7 +139,10 @@ def load_weights_into(rmt, directory: str) -> None:
     from ..model import from_pretrained
 
     src = from_pretrained(directory)
-    missing, unexpected = rmt.load_state_dict(src.state_dict(), strict=False)
+    try:
+        missing, unexpected = rmt.load_state_dict(src.state_dict(), strict=False)
+    except RuntimeError as e:  # shapes differ (another width, vocabulary or number of memory tokens)
+        raise ValueError(f"checkpoint {directory!r} does not match the model: {e}") from e
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
         raise ValueError(f"checkpoint {directory!r} does not match the model: missing {missing}, "
                          f"unexpected {unexpected}")

@@ -135,6 +135,10 @@ class TrainConfig:
     babi_path: str | None = _arg(None, "bAbI file or en/ directory for the facts", MODEL)
     train_same_axis: float | None = _arg(None, "reasoning: the probability that a TRAINING sample's two facts lie on one "
                                          "axis (default: the task's own 1/3; validation and tests keep it)", MODEL)
+    init_from: str | None = _arg(None, "start from the weights of a saved RMT (a run's checkpoint-last/ or "
+                                 "stage-*seg/, or save_pretrained output) instead of the pretrained backbone: same "
+                                 "backbone and memory tokens, any segment_size (e.g. a model trained on shorter "
+                                 "segments)", MODEL)
     out_dir: str | None = _arg(None, "output directory (checkpoints, logs)", RUN, flags=("--out",))
     resume: bool = _arg(False, "continue from OUT/checkpoint-last", RUN)
     save_every: int = _arg(0, "also checkpoint every N steps (0: at stage ends only)", RUN)
@@ -406,6 +410,10 @@ class Trainer:
         self.rmt, self.tokenizer, self.kind = build_model(cfg, self.device)
         if cfg.resume and self.last_dir and os.path.isfile(os.path.join(self.last_dir, STATE_FILE)):
             self._restore()
+        elif cfg.init_from is not None:
+            if not os.path.isfile(os.path.join(cfg.init_from, "rmt_config.json")):
+                raise ValueError(f"init_from: {cfg.init_from!r} is not a saved RMT (no rmt_config.json in it)")
+            load_weights_into(self.rmt, cfg.init_from)
         if self.is_main and self.out:
             if self.resume_state is None:
                 self._remove_previous_run()
