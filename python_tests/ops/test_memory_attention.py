@@ -164,7 +164,8 @@ def test_cache_of_zero_is_the_plain_layout():
     """num_cache=0 (with or without cache_lens) is today's layout: the same mask, plainness and outputs."""
     for causal, bidir in MASKS:
         plain = _layout(2, 2, [5, 1], causal, bidir)
-        zero = SegmentLayout(2, 2, torch.tensor([5, 1]), causal, bidir, num_cache=0, cache_lens=torch.tensor([0, 0]))
+        zero = SegmentLayout(2, 2, torch.tensor([5, 1], device=DEVICE), causal, bidir, num_cache=0,
+                             cache_lens=torch.tensor([0, 0], device=DEVICE))
         assert torch.equal(plain.allowed(10), zero.allowed(10)) and plain.is_plain == zero.is_plain
         q, k, v = _inputs(2, 2, 2, 10, 8, torch.float32, seed=11)
         assert torch.equal(memory_attention(q, k, v, plain), memory_attention(q, k, v, zero))
@@ -208,9 +209,10 @@ def test_cache_backends(backend):
     assert not layout.is_plain
     q = torch.randn(2, 2, 10, 8, device=DEVICE)
     kv = torch.randn(2, 2, 13, 8, device=DEVICE)
-    if backend != "sdpa":
-        torch.testing.assert_close(memory_attention(q, kv, kv, layout, backend=backend),
-                                   memory_attention_ref(q, kv, kv, layout))
+    if backend != "sdpa":  # outputs at padding queries are unspecified ("auto" on a GPU: masked SDPA gives others)
+        valid = _valid_rows(layout, 10)
+        torch.testing.assert_close(memory_attention(q, kv, kv, layout, backend=backend).masked_fill(~valid, 0),
+                                   memory_attention_ref(q, kv, kv, layout).masked_fill(~valid, 0))
     else:
         with pytest.raises(ValueError, match="backend"):
             memory_attention(q, kv, kv, layout, backend=backend)
@@ -914,7 +916,9 @@ def test_triton_cache_stored_schedule_reads_only_written_ds(loads, monkeypatch):
             lens, cache_lens = layout.seq_lens_int32, layout.cache_lens_int32
             out, lse = att.forward(q, k, v, lens, 2, 3, True, True, 0.25, 21, cache_lens)
             att.backward(out, q, k, v, out, lse, lens, 2, 3, True, True, 0.25, 21, cache_lens)
-    assert shapes[0] == (6, 128 + 128, 128)  # one chunk of 3 (b, kv head) pairs of 2 query heads; CP + NP rows
+    # whole groups of 2 query heads (how many (b, kv head) pairs a chunk and its streams hold depends on the GPU;
+    # under the interpreter: one chunk of all 3); CP + NP key rows
+    assert shapes[0][0] % 2 == 0 and 2 <= shapes[0][0] <= 16 and shapes[0][1:] == (128 + 128, 128)
     names = {fn.__name__ for fn, _grid, _args, _meta in calls}
     assert names == {"_fwd_cache_kernel", "_bwd_delta_kernel", "_bwd_dkdv_cache_kernel", "_bwd_dq_stored_cache_kernel"}
     with_rows = [(args, meta) for _fn, _grid, args, meta in calls if "TMA" in meta]
