@@ -165,7 +165,7 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
                          f"{layout.memory_bidirectional}, dense={layout.dense}, num_cache={layout.num_cache}")
     impl = resolve_backend(backend, q.device)
     if layout.num_cache and backend == "auto" and q.is_cuda and impl != "reference":
-        # "auto" keeps the cache on SDPA until the fused cache kernels have been checked and measured on a GPU
+        # "auto" keeps the cache on SDPA until the fused cache kernels' speed is measured on a GPU
         check_attention_inputs(q, k, v, layout)
         return memory_attention_sdpa_masked(q, k, v, layout, scale)
     if impl == "reference":
