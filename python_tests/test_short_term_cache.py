@@ -238,6 +238,27 @@ def test_bad_values_raise():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_ragged_batch_continues_as_each_row_alone(family):
+    """A shorter row's idle segments keep its cache, as they keep its memory: a second call continuing a ragged
+    batch gives each row what continuing it alone gives."""
+    torch.manual_seed(0)
+    rmt = rmt_fast.wrap(DECODERS[family](), num_mem_tokens=2, segment_size=5, num_cache_tokens=4).eval()
+    ids, more = tokens(2, 17), tokens(2, 7)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # row 1: 8 tokens (segments of 5 and 3, then two idle segments)
+    with torch.no_grad():
+        first = rmt(ids, attention_mask=mask)
+        second = rmt(more, memory=first.memory, short_term_cache=first.short_term_cache)
+        assert first.short_term_cache.lens.tolist() == [2, 3]  # each row's last segment: 2 and 3 tokens
+        for row in range(2):
+            keep = mask[row].bool()
+            alone = rmt(ids[row:row + 1, keep])
+            then = rmt(more[row:row + 1], memory=alone.memory, short_term_cache=alone.short_term_cache)
+            torch.testing.assert_close(second.logits[row], then.logits[0], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(second.memory[row], then.memory[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_a_call_continues_from_the_previous_calls_cache(family):
     """Two calls, the second from the first's memory and short-term cache, equal one call over the joined input
     when the first ends on a segment boundary (here after two segments)."""

@@ -22,7 +22,8 @@ KeyShift = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class ShortTermCache(NamedTuple):
     """What one segment leaves to the next: per attention layer ``keys[l]``, ``values[l]`` ``[B, Hkv, C, D]`` of the
     segment's last ``C`` token positions, and ``lens`` ``[B]``: how many of them are real tokens (the last
-    ``lens[b]`` of the ``C``; a row with fewer tokens than ``C`` leaves fewer)."""
+    ``lens[b]`` of the ``C``; a row with fewer tokens than ``C`` leaves fewer; a row with none in the segment keeps
+    the cache it had)."""
 
     keys: tuple
     values: tuple
@@ -78,12 +79,19 @@ class SegmentCache:
         new_k, new_v = key.gather(2, idx), value.gather(2, idx)
         if self.shift_keys is not None:
             new_k = self.shift_keys(new_k, -end)
-        self.keys[layer], self.values[layer] = new_k, new_v
-        self.lens = layout.seq_lens.clamp(max=c)
+        lens = layout.seq_lens.clamp(max=c)
         if self.past is None:
             past_k, past_v = key.new_zeros(b, h, c, d), value.new_zeros(b, h, c, d)
         else:
             past_k, past_v = self.past.keys[layer], self.past.values[layer]
+            # a row with no token in this segment (a shorter row's idle segments) keeps what it had, as its memory
+            # does: positions are per segment, so the kept keys still end right before the next segment
+            idle = layout.seq_lens.to(key.device) == 0
+            new_k = torch.where(idle.view(-1, 1, 1, 1), past_k, new_k)
+            new_v = torch.where(idle.view(-1, 1, 1, 1), past_v, new_v)
+            lens = torch.where(idle.to(lens.device), self.past.lens.to(lens.device), lens)
+        self.keys[layer], self.values[layer] = new_k, new_v
+        self.lens = lens
         return torch.cat([past_k, key], 2), torch.cat([past_v, value], 2)
 
     def result(self) -> ShortTermCache:
