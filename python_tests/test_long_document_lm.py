@@ -26,6 +26,7 @@ def test_smoke_every_variant(script, tmp_path):
     for name, info in summary["variants"].items():
         assert math.isfinite(info["ppl_0_8192"]) and info["ppl_0_8192"] > 1, name
     assert {k for k in summary["variants"]["rmt_cache"]} >= {"train_seconds", "stage_losses", "num_cache_tokens"}
+    assert summary["variants"]["rmt"]["stage_steps"] == [3, 3]
     with open(tmp_path / "ppl_by_position.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     # 256-token documents in 32-token blocks: 8 blocks per variant (full_context: within its 64 positions)
@@ -77,7 +78,7 @@ def test_corpus_joins_files_and_holds_out_by_length(script, tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [(["--variants", "rmt,nope"], "unknown"), (["--cache", "600"], "--cache"),
-                                      (["--stages", "0"], "--stages")])
+                                      (["--stages", "0"], "--stages"), (["--train-seconds", "-1"], "--train-seconds")])
 def test_bad_arguments(script, args, msg, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--out", "x", *args])
@@ -124,3 +125,10 @@ def test_bad_scratch_arguments(script, args, msg, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--out", "x", *args])
     assert msg in capsys.readouterr().err
+
+
+def test_train_seconds_cut_the_stages(script, tmp_path):
+    assert script.main(["--out", str(tmp_path), "--smoke", "--variants", "rmt", "--steps-per-stage", "1000",
+                        "--train-seconds", "1e-9"]) == 0
+    info = json.loads((tmp_path / "summary.json").read_text())["variants"]["rmt"]
+    assert info["stage_steps"] == [1, 1] and len(info["stage_losses"]) == 2

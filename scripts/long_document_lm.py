@@ -24,8 +24,9 @@ positions) at ``--shape``, with SmolLM2's tokenizer, pretrained here on the trai
 ``--pretrain-steps`` steps of ``--pretrain-context``-token windows (no pretrained GPT-2 is available offline); that
 model is then the base of every variant, and its context is ``--pretrain-context``.
 
-Fine-tuning: the curriculum ``--stages`` (segments per training window), ``--steps-per-stage`` AdamW steps each, on
-windows drawn at random from the training documents, batch ``--batch``, bf16 autocast on CUDA. Evaluation runs each
+Fine-tuning: the curriculum ``--stages`` (segments per training window), ``--steps-per-stage`` AdamW steps each (or
+fewer: ``--train-seconds`` per variant, split evenly over the stages), on windows drawn at random from the training
+documents, batch ``--batch``, bf16 autocast on CUDA. Evaluation runs each
 held-out document through the model in calls of ``--eval-chunk`` segments, each continuing from the last call's
 memory and short-term cache (``forward(memory=..., short_term_cache=...)``), so 64k-token documents run with flat
 memory.
@@ -89,6 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--stages", default="1,2,4,8", help="curriculum: segments per training window (%(default)s)")
     p.add_argument("--steps-per-stage", type=int, default=250, help="(%(default)s)")
     p.add_argument("--batch", type=int, default=8, help="training windows per step (%(default)s)")
+    p.add_argument("--train-seconds", type=float, default=0,
+                   help="fine-tuning time per variant, split evenly over the stages (0: no limit) (%(default)s)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak lr (%(default)s)")
     p.add_argument("--eval-chunk", type=int, default=16, help="segments per evaluation call (%(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -117,7 +120,9 @@ def parse_args(argv=None):
         p.error(f"--shape: LAYERSxWIDTH, e.g. 12x768, got {a.shape!r}")
     if a.layers < 1 or a.width < 64 or a.width % 64:
         p.error("--shape: at least 1 layer and a width that is a multiple of 64")
-    for name in ("pretrain_steps", "pretrain_context", "pretrain_batch"):
+    if a.train_seconds < 0:
+        p.error("--train-seconds must be >= 0")
+    for name in ("pretrain_steps", "pretrain_context", "pretrain_batch", "steps_per_stage"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.mem < 0 or a.cache < 0 or a.cache > a.segment:
@@ -264,7 +269,9 @@ def scratch_backbone(a, tok, train_docs, device):
 
 
 def fine_tune(a, base, train_docs, device, mem: int, cache: int):
-    """rmt_fast.wrap(a copy of ``base``) trained with the curriculum; returns (rmt, seconds, final losses)."""
+    """rmt_fast.wrap(a copy of ``base``) trained with the curriculum; returns (rmt, seconds, per-stage losses (mean of
+    the stage's last 20 steps), per-stage steps). ``--train-seconds`` splits a time budget evenly over the stages: a
+    stage ends at its steps or its share, whichever comes first."""
     import numpy as np
     import torch
 
@@ -275,15 +282,17 @@ def fine_tune(a, base, train_docs, device, mem: int, cache: int):
     opt = torch.optim.AdamW(rmt.parameters(), lr=a.lr, weight_decay=0.0)
     rng = np.random.default_rng(a.seed)
     lengths = [len(ids) for _, ids in train_docs]
-    losses = []
+    share = a.train_seconds / len(a.stages) if a.train_seconds else None
+    losses, steps_done = [], []
     t0 = time.time()
     for n in a.stages:
         width = n * a.segment
         usable = [i for i, length in enumerate(lengths) if length >= width]
         if not usable:
             raise ValueError(f"no training document has {width} tokens (stage of {n} segments)")
-        for step in range(a.steps_per_stage):
-            lr = a.lr * min(1.0, (step + 1) / max(1, a.steps_per_stage // 10))
+        t_stage, recent, step = time.time(), [], 0
+        for step in range(1, a.steps_per_stage + 1):
+            lr = a.lr * min(1.0, step / max(1, a.steps_per_stage // 10))
             for group in opt.param_groups:
                 group["lr"] = lr
             rows = []
@@ -298,11 +307,14 @@ def fine_tune(a, base, train_docs, device, mem: int, cache: int):
             torch.nn.utils.clip_grad_norm_(rmt.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if step == a.steps_per_stage - 1:
-                losses.append(round(float(loss.detach()), 4))
-        print(f"  stage of {n} segments: loss {losses[-1]:.3f} after {a.steps_per_stage} steps, "
+            recent = (recent + [loss.detach()])[-20:]
+            if share is not None and time.time() - t_stage > share:
+                break
+        losses.append(round(float(torch.stack(recent).float().mean()), 4))
+        steps_done.append(step)
+        print(f"  stage of {n} segments: loss {losses[-1]:.3f} (last 20 steps) after {step} steps, "
               f"{time.time() - t0:.0f}s", flush=True)
-    return rmt.eval(), time.time() - t0, losses
+    return rmt.eval(), time.time() - t0, losses, steps_done
 
 
 def token_nll(a, variant: str, model, ids, device):
@@ -389,10 +401,9 @@ def main(argv=None) -> int:
         info = {}
         if variant in settings:
             mem, cache = settings[variant]
-            model, seconds, losses = fine_tune(a, base, train_docs, device, mem, cache)
-            info.update(train_seconds=round(seconds, 1), stage_losses=losses, num_mem_tokens=mem,
-                        num_cache_tokens=cache, stages=a.stages, steps_per_stage=a.steps_per_stage, batch=a.batch,
-                        lr=a.lr)
+            model, seconds, losses, steps_done = fine_tune(a, base, train_docs, device, mem, cache)
+            info.update(train_seconds=round(seconds, 1), stage_losses=losses, stage_steps=steps_done,
+                        num_mem_tokens=mem, num_cache_tokens=cache, stages=a.stages, batch=a.batch, lr=a.lr)
         else:
             model = base
         t1 = time.time()
