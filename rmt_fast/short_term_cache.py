@@ -60,7 +60,8 @@ class SegmentCache:
         self.past, self.size, self.shift_keys = past, size, shift_keys
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self.lens: torch.Tensor | None = None
+        self.lens: torch.Tensor | None = None  # set by the first layer: the same for every layer
+        self.idle: torch.Tensor | None = None  # [B, 1, 1, 1]: rows without a token in this segment
 
     def layout(self, layout: SegmentLayout) -> SegmentLayout:
         """``layout`` with the cache as its key prefix (``num_cache = C``, the past's real lengths)."""
@@ -79,19 +80,20 @@ class SegmentCache:
         new_k, new_v = key.gather(2, idx), value.gather(2, idx)
         if self.shift_keys is not None:
             new_k = self.shift_keys(new_k, -end)
-        lens = layout.seq_lens.clamp(max=c)
         if self.past is None:
             past_k, past_v = key.new_zeros(b, h, c, d), value.new_zeros(b, h, c, d)
+            if self.lens is None:
+                self.lens = layout.seq_lens.clamp(max=c)
         else:
             past_k, past_v = self.past.keys[layer], self.past.values[layer]
             # a row with no token in this segment (a shorter row's idle segments) keeps what it had, as its memory
             # does: positions are per segment, so the kept keys still end right before the next segment
-            idle = layout.seq_lens.to(key.device) == 0
-            new_k = torch.where(idle.view(-1, 1, 1, 1), past_k, new_k)
-            new_v = torch.where(idle.view(-1, 1, 1, 1), past_v, new_v)
-            lens = torch.where(idle.to(lens.device), self.past.lens.to(lens.device), lens)
+            if self.lens is None:  # once per segment: every layer has the same rows idle
+                self.idle = (layout.seq_lens.to(key.device) == 0).view(-1, 1, 1, 1)
+                self.lens = torch.where(layout.seq_lens == 0, self.past.lens, layout.seq_lens.clamp(max=c))
+            new_k = torch.where(self.idle, past_k, new_k)
+            new_v = torch.where(self.idle, past_v, new_v)
         self.keys[layer], self.values[layer] = new_k, new_v
-        self.lens = lens
         return torch.cat([past_k, key], 2), torch.cat([past_v, value], 2)
 
     def result(self) -> ShortTermCache:

@@ -203,9 +203,38 @@ def _encode(tok, text: str) -> list:
 
 # ---- models -----------------------------------------------------------------------------------------------
 def _autocast(device):
+    from rmt_fast.experiments.runtime import autocast_ctx
+
+    return autocast_ctx(device, bf16=True)
+
+
+def random_windows(rng, docs: list, width: int, batch: int, device):
+    """``[batch, width]`` token ids: windows at random places of random documents of ``docs`` (id lists of at least
+    ``width`` tokens)."""
     import torch
 
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    rows = []
+    for _ in range(batch):
+        ids = docs[int(rng.integers(len(docs)))]
+        start = int(rng.integers(0, len(ids) - width + 1))
+        rows.append(ids[start:start + width])
+    return torch.tensor(rows, device=device)
+
+
+def train_step(model, opt, lr: float, x, device):
+    """One AdamW step of ``model`` on the language-modelling loss of ``x`` (bf16 autocast on CUDA, gradients clipped
+    to norm 1); returns the loss, detached (no host read)."""
+    import torch
+
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with _autocast(device):
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def scratch_backbone(a, tok, train_docs, device):
@@ -240,24 +269,12 @@ def scratch_backbone(a, tok, train_docs, device):
     for step in range(a.pretrain_steps):
         lr = a.pretrain_lr * (step + 1) / warmup if step < warmup else \
             a.pretrain_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, a.pretrain_steps - warmup))))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        rows = []
-        for _ in range(a.pretrain_batch):
-            ids = usable[int(rng.integers(len(usable)))]
-            start = int(rng.integers(0, len(ids) - a.pretrain_context + 1))
-            rows.append(ids[start:start + a.pretrain_context])
-        x = torch.tensor(rows, device=device)
-        with _autocast(device):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        x = random_windows(rng, usable, a.pretrain_context, a.pretrain_batch, device)
+        losses.append(train_step(model, opt, lr, x, device))
         if (step + 1) % max(1, a.pretrain_steps // 10) == 0:
-            print(f"  pretraining {step + 1}/{a.pretrain_steps}: loss {np.mean(losses[-50:]):.3f}, "
+            print(f"  pretraining {step + 1}/{a.pretrain_steps}: loss {float(torch.stack(losses[-50:]).mean()):.3f}, "
                   f"{time.time() - t0:.0f}s", flush=True)
+    losses = torch.stack(losses).float().cpu().numpy()
     record = {"shape": a.shape, "context": a.pretrain_context, "steps": a.pretrain_steps, "batch": a.pretrain_batch,
               "lr": a.pretrain_lr, "tokenizer": a.tokenizer, "seconds": round(time.time() - t0, 1),
               "final_loss": round(float(np.mean(losses[-50:])), 4),
@@ -281,33 +298,19 @@ def fine_tune(a, base, train_docs, device, mem: int, cache: int):
                         keep_logits=False).to(device).train()
     opt = torch.optim.AdamW(rmt.parameters(), lr=a.lr, weight_decay=0.0)
     rng = np.random.default_rng(a.seed)
-    lengths = [len(ids) for _, ids in train_docs]
     share = a.train_seconds / len(a.stages) if a.train_seconds else None
     losses, steps_done = [], []
     t0 = time.time()
     for n in a.stages:
         width = n * a.segment
-        usable = [i for i, length in enumerate(lengths) if length >= width]
+        usable = [ids for _, ids in train_docs if len(ids) >= width]
         if not usable:
             raise ValueError(f"no training document has {width} tokens (stage of {n} segments)")
         t_stage, recent, step = time.time(), [], 0
         for step in range(1, a.steps_per_stage + 1):
             lr = a.lr * min(1.0, step / max(1, a.steps_per_stage // 10))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            rows = []
-            for _ in range(a.batch):
-                i = usable[int(rng.integers(len(usable)))]
-                start = int(rng.integers(0, lengths[i] - width + 1))
-                rows.append(train_docs[i][1][start:start + width])
-            ids = torch.tensor(rows, device=device)
-            with _autocast(device):
-                loss = rmt(ids, labels=ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(rmt.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            recent = (recent + [loss.detach()])[-20:]
+            x = random_windows(rng, usable, width, a.batch, device)
+            recent = (recent + [train_step(rmt, opt, lr, x, device)])[-20:]
             if share is not None and time.time() - t_stage > share:
                 break
         losses.append(round(float(torch.stack(recent).float().mean()), 4))

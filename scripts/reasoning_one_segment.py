@@ -163,9 +163,9 @@ def run_one(a, name: str, overrides: dict) -> dict:
                              "out_dir": os.path.join(a.out, name, f"warmup-{length}")})
         res = train(cfg)
         history += [{**h, "step": h["step"] + offset, "segment_size": length} for h in res.history]
-        offset += res.history[-1]["step"] if res.history else 0
-        warmup.append({"segment_size": length, "steps": res.history[-1]["step"] if res.history else 0,
-                       "val_accuracy": res.history[-1]["val_accuracy"] if res.history else None})
+        last = res.history[-1] if res.history else {"step": 0, "val_accuracy": None}
+        offset += last["step"]
+        warmup.append({"segment_size": length, "steps": last["step"], "val_accuracy": last["val_accuracy"]})
         base["init_from"] = os.path.join(cfg.out_dir, "checkpoint-last")
     if a.max_train_time is not None:
         base["max_time_s"] = max(1.0, a.max_train_time - (time.time() - t0))

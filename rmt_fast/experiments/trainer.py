@@ -411,9 +411,10 @@ class Trainer:
         if cfg.resume and self.last_dir and os.path.isfile(os.path.join(self.last_dir, STATE_FILE)):
             self._restore()
         elif cfg.init_from is not None:
-            if not os.path.isfile(os.path.join(cfg.init_from, "rmt_config.json")):
-                raise ValueError(f"init_from: {cfg.init_from!r} is not a saved RMT (no rmt_config.json in it)")
-            load_weights_into(self.rmt, cfg.init_from)
+            try:
+                load_weights_into(self.rmt, cfg.init_from)
+            except ValueError as e:  # from_pretrained's or the shape check's reason, under the field's name
+                raise ValueError(f"init_from: {cfg.init_from!r} is not a saved RMT of this model: {e}") from e
         if self.is_main and self.out:
             if self.resume_state is None:
                 self._remove_previous_run()
