@@ -188,3 +188,32 @@ def test_init_from_reaches_the_task_configs():
     a = mod.parse_args(["--out", "/tmp/x", "--init-from", "/tmp/r1/a/checkpoint-last"])
     assert mod.task_config(a, "reasoning").init_from == "/tmp/r1/a/checkpoint-last"
     assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").init_from is None
+
+
+def _reproduce_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_h200", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_schedule_reaches_the_task_configs_and_the_estimate():
+    mod = _reproduce_module()
+    a = mod.parse_args(["--out", "/tmp/x", "--schedule", "6,8", "--max-steps-per-stage", "100", "--train-time", "0"])
+    cfg = mod.task_config(a, "reasoning")
+    assert cfg.stages() == [6, 8] and cfg.max_segments == 8
+    one = mod.estimate(mod.parse_args(["--out", "/tmp/x", "--schedule", "6", "--max-steps-per-stage", "100",
+                                       "--train-time", "0"]))
+    assert 0 < one["train_s"] < mod.estimate(a)["train_s"]
+    default = mod.task_config(mod.parse_args(["--out", "/tmp/x", "--max-segments", "4"]), "reasoning")
+    assert default.stages() == [1, 2, 3, 4] and default.schedule is None
+
+
+@pytest.mark.parametrize("schedule", ["6,4", "0", "6,x", ","])
+def test_bad_schedule_is_refused_naming_the_flag(schedule, capsys):
+    mod = _reproduce_module()
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--out", "/tmp/x", "--schedule", schedule])
+    assert "--schedule" in capsys.readouterr().err

@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tasks", default="memorize,detect_memorize,reasoning", help="comma-separated (%(default)s)")
     p.add_argument("--max-segments", type=int, default=5, help="last curriculum stage (%(default)s)")
+    p.add_argument("--schedule", default=None, metavar="N,N,...",
+                   help="the curriculum's stages as increasing segment counts, e.g. 6 or 6,8 (overrides 1..--max-segments; "
+                   "with --init-from, a run that goes on training a curriculum's model at its last lengths)")
     p.add_argument("--train-time", type=float, default=300.0,
                    help="training time per task in seconds, split evenly over the stages; 0: no limit (%(default)s)")
     p.add_argument("--max-steps-per-stage", type=int, default=400, help="(%(default)s)")
@@ -111,7 +114,15 @@ def parse_args(argv=None):
     p.add_argument("--collect", nargs="+", default=None, metavar="TASK_DIR",
                    help="train nothing: read TASK_DIR/results.json of each task evaluated by an earlier run (the task "
                    "is the folder's name) and write OUT/results.json, results.csv and accuracy.png for them together")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.schedule is not None:
+        from rmt_fast.experiments.trainer import build_schedule
+
+        try:
+            a.schedule = build_schedule(schedule=a.schedule)
+        except ValueError as e:
+            p.error(f"--schedule {a.schedule!r}: {e}")
+    return a
 
 
 def collect(dirs) -> dict:
@@ -151,9 +162,10 @@ def task_config(a, task: str):
                            init_from=a.init_from)
     from rmt_fast.experiments.trainer import build_schedule
 
-    stages = build_schedule(1, a.max_segments)
+    stages = build_schedule(1, a.max_segments, schedule=a.schedule)
     warmup = a.warmup_steps if a.warmup_steps is not None else min(50, a.max_steps_per_stage // 10 or 1)
-    return TrainConfig(task=task, backbone=a.backbone, num_mem_tokens=10, segment_size=499, max_segments=a.max_segments,
+    return TrainConfig(task=task, backbone=a.backbone, num_mem_tokens=10, segment_size=499, max_segments=stages[-1],
+                       schedule=stages if a.schedule is not None else None,
                        max_steps_per_stage=a.max_steps_per_stage, eval_every=a.eval_every, eval_samples=128,
                        eval_batch_size=128, batch_size=a.batch_size, lr=a.lr or TASK_LR[task],
                        warmup_steps=warmup, threshold=a.threshold, mix_prob=a.mix_prob,
@@ -241,7 +253,7 @@ def estimate(a) -> dict:
     from rmt_fast.experiments.evaluate import parse_lengths
     from rmt_fast.experiments.trainer import build_schedule, expected_segments
 
-    stages = build_schedule(1, a.max_segments)
+    stages = build_schedule(1, a.max_segments, schedule=a.schedule)
     k = max(1, a.validate_at_multiple)
     train_s = sum(a.max_steps_per_stage * expected_segments(n, a.mix_prob) * TRAIN_S_PER_SEGMENT_STEP
                   * a.batch_size / 32 for n in stages)
