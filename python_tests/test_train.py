@@ -515,5 +515,16 @@ def test_init_from_starts_from_a_saved_model_of_another_segment_size(tmp_path):
         assert json.load(f)["init_from"] == str(saved)
     with pytest.raises(ValueError, match="init_from: .* is not a saved RMT"):
         tr.Trainer(tiny(tmp_path / "d", init_from=str(tmp_path))).build()
+    # a resumed run keeps the origin it started from, in its config and its records
+    train(tiny(tmp_path / "b", segment_size=2 * SEG, init_from=str(saved), max_segments=1))
+    resumed = tr.Trainer(tiny(tmp_path / "b", segment_size=2 * SEG, max_segments=2, resume=True,
+                              tokenizer="word")).build()
+    assert resumed.cfg.init_from == str(saved)
+    with open(tmp_path / "b" / "train_config.json") as f:
+        assert json.load(f)["init_from"] == str(saved)
+    with pytest.warns(UserWarning, match="init_from=.* is ignored; the run being resumed started from"):
+        other = tr.Trainer(tiny(tmp_path / "b", segment_size=2 * SEG, max_segments=2, resume=True, tokenizer="word",
+                                init_from=str(tmp_path / "elsewhere"))).build()
+    assert other.cfg.init_from == str(saved)
     with pytest.raises(ValueError, match="does not match the model"):
         tr.Trainer(tiny(tmp_path / "e", num_mem_tokens=3, init_from=str(saved))).build()

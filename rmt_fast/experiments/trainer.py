@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -445,6 +446,12 @@ class Trainer:
             if key in saved_cfg and saved_cfg[key] != getattr(self.cfg, key):
                 raise ValueError(f"resume: checkpoint was trained with {key}={saved_cfg[key]!r}, "
                                  f"this run has {key}={getattr(self.cfg, key)!r}")
+        origin = saved_cfg.get("init_from")
+        if origin != self.cfg.init_from:  # the run started from its own init_from; records keep that one
+            if self.cfg.init_from is not None and self.is_main:
+                warnings.warn(f"resume: init_from={self.cfg.init_from!r} is ignored; the run being resumed "
+                              f"started from {origin!r}", stacklevel=3)
+            self.cfg.init_from = origin
         load_weights_into(self.rmt, self.last_dir)
         self.resume_state = state
         self.stage_index = int(state["stage_index"])
