@@ -209,7 +209,7 @@ def test_cache_backends(backend):
     assert not layout.is_plain
     q = torch.randn(2, 2, 10, 8, device=DEVICE)
     kv = torch.randn(2, 2, 13, 8, device=DEVICE)
-    if backend != "sdpa":  # outputs at padding queries are unspecified ("auto" on a GPU: masked SDPA gives others)
+    if backend != "sdpa":  # outputs at padding queries are unspecified (and differ between the backends)
         valid = _valid_rows(layout, 10)
         torch.testing.assert_close(memory_attention(q, kv, kv, layout, backend=backend).masked_fill(~valid, 0),
                                    memory_attention_ref(q, kv, kv, layout).masked_fill(~valid, 0))
@@ -223,8 +223,9 @@ def test_cache_backends(backend):
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(case=_cache_cases(), groups=st.sampled_from([1, 2]))
 def test_masked_sdpa_equals_the_reference_on_any_layout(case, groups):
-    """What "auto" runs on a GPU for a cache layout (SDPA with the layout's boolean mask), on any layout with or
-    without a cache: the reference's outputs at valid queries, finite outputs everywhere, and its gradients."""
+    """What "auto" runs for a cache layout on a GPU with neither Triton nor the CUDA extension (SDPA with the
+    layout's boolean mask), on any layout with or without a cache: the reference's outputs at valid queries, finite
+    outputs everywhere, and its gradients."""
     from rmt_fast.ops.memory_attention.sdpa import memory_attention_sdpa_masked
 
     layout, q, k, v = _cache_inputs(case, groups)

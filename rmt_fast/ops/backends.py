@@ -7,9 +7,9 @@
 - "cuda": the compiled ``rmt_fast._C`` extension (prebuilt, or built on first use), sm_61+.
 - "auto": "sdpa" for plain layouts (every device); otherwise "reference" on the CPU, and on a GPU "triton"
   (sm_80+ with triton importable), else "cuda" (extension built), else "reference" with one warning.
-  A layout with a short-term cache runs SDPA with the layout's boolean mask on a GPU (the Triton cache kernels are
-  tested through Triton's interpreter only so far; backend="triton" runs them) and takes the same choice as other
-  layouts on the CPU.
+  A layout with a short-term cache takes the same choice, except that on a GPU where it would be "reference",
+  SDPA with the layout's boolean mask runs instead (measured end to end on an H100, the fused Triton cache kernel
+  is faster than masked SDPA: benchmarks/RESULTS.md, "Short-term cache").
 
 An explicit backend that cannot run raises ValueError.
 """

@@ -150,9 +150,9 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
     ``[B, Hq, N, D]`` in q's dtype. Outputs at padding positions (``>= layout.valid_lens[b]``) are unspecified;
     valid outputs never depend on padded k/v.
 
-    A layout with a short-term cache runs on "reference", "triton" and "cuda"; "auto" takes SDPA with the layout's
-    boolean mask on a GPU (and what it takes for other layouts on the CPU) until the fused cache kernels are
-    measured there; "sdpa" raises ValueError for it.
+    A layout with a short-term cache runs on "reference", "triton" and "cuda"; "auto" takes what it takes for other
+    non-plain layouts (Triton on sm_80+ GPUs, else the CUDA extension), and on a GPU with neither, SDPA with the
+    layout's boolean mask rather than the reference; "sdpa" raises ValueError for it.
 
     No host synchronisation on the fused paths ("sdpa", "triton", "cuda"): ``valid_lens <= N`` is the caller's
     promise there (the kernels clamp to N); only the reference checks it.
@@ -164,8 +164,9 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sca
                          f"no short-term cache), got layout causal={layout.causal}, memory_bidirectional="
                          f"{layout.memory_bidirectional}, dense={layout.dense}, num_cache={layout.num_cache}")
     impl = resolve_backend(backend, q.device)
-    if layout.num_cache and backend == "auto" and q.is_cuda and impl != "reference":
-        # "auto" keeps the cache on SDPA until the fused cache kernels' speed is measured on a GPU
+    if layout.num_cache and backend == "auto" and q.is_cuda and impl == "reference":
+        # no fused kernel on this GPU: PyTorch's masked SDPA beats the reference (end to end the fused Triton cache
+        # kernel beats masked SDPA, whose mask is built per call: benchmarks/RESULTS.md, "Short-term cache")
         check_attention_inputs(q, k, v, layout)
         return memory_attention_sdpa_masked(q, k, v, layout, scale)
     if impl == "reference":
