@@ -95,3 +95,49 @@ def test_backbone_from_transfer_when_the_backbone_folder_did_not_travel(tmp_path
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         shutil.rmtree(os.path.join(t, "tokenizer"))
         backbone_from_transfer(t, str(tmp_path / "nowhere"))
+
+
+def test_init_from_a_transfer_copy_writes_the_missing_backbone_folder(tmp_path):
+    """scripts/reproduce_h200.py --init-from COPY --schedule N on a machine that holds the transfer copy but not the
+    --backbone folder (both together would not fit the transfer): the folder is written from the copy and the new
+    run starts from the copy's weights."""
+    import importlib.util
+
+    from rmt_fast.experiments.backbones import load_backbone
+
+    model, tok, _ = load_backbone("tiny-bert", hidden_size=32, num_layers=2, seed=0)
+    backbone = tmp_path / "backbone"
+    model.save_pretrained(backbone)
+    tok.save_pretrained(backbone)
+    train(tiny(tmp_path / "run1", backbone=str(backbone), num_mem_tokens=10, schedule=[1], max_steps_per_stage=2,
+               eval_every=2, tokenizer="auto"))
+    from rmt_fast.model import from_pretrained
+    last = str(tmp_path / "run1" / LAST_CHECKPOINT)
+    marked = from_pretrained(last)  # memory set to a value no fresh model has
+    names = [n for n, _ in marked.named_parameters() if not n.startswith("model.")]
+    assert names
+    with torch.no_grad():
+        for n, p in marked.named_parameters():
+            if n in names:
+                p.fill_(0.25)
+    marked.save_pretrained(last)
+    t = save_transfer_copy(last, str(tmp_path / "carry" / "memorize"))
+    shutil.rmtree(backbone)
+    spec = importlib.util.spec_from_file_location("reproduce_h200", os.path.join(ROOT, "scripts", "reproduce_h200.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = ["--out", str(tmp_path / "out"), "--tasks", "memorize", "--backbone", str(backbone), "--schedule", "2",
+            "--max-steps-per-stage", "1", "--eval-every", "1", "--train-time", "0", "--batch-size", "2",
+            "--skip-eval", "--no-progress", "--init-from", t]
+    assert mod.main(args) == 0
+    assert os.path.isfile(backbone / "config.json")  # written from the copy
+    with open(tmp_path / "out" / "memorize" / "train_config.json") as f:
+        saved = json.load(f)
+    assert saved["init_from"] == t and saved["schedule"] == [2]
+    after = dict(from_pretrained(str(tmp_path / "out" / "memorize" / LAST_CHECKPOINT)).named_parameters())
+    for n in names:  # one step (lr 1e-4) away from the copy's memory
+        assert (after[n].float() - 0.25).abs().max() < 0.01, n
+    shutil.rmtree(backbone)
+    shutil.rmtree(os.path.join(t, "tokenizer"))
+    with pytest.raises(ValueError, match="--backbone .* cannot be written from --init-from"):
+        mod.main(args)

@@ -104,8 +104,9 @@ def parse_args(argv=None):
                    "task's own 1/3; validation and test keep it); other tasks ignore it")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start the tasks' runs from a saved RMT instead of the pretrained backbone (m=10; e.g. a "
-                   "one-segment reasoning model of scripts/reasoning_one_segment.py: OUT/<config>/checkpoint-last); "
-                   "a resumed run ignores it")
+                   "one-segment reasoning model of scripts/reasoning_one_segment.py: OUT/<config>/checkpoint-last, "
+                   "or an unpacked transfer copy); a resumed run ignores it. When the --backbone folder is missing "
+                   "it is written from DIR (which then needs the tokenizer/ a transfer copy holds)")
     p.add_argument("--estimate-only", action="store_true", help="print the time estimate and exit")
     p.add_argument("--dry-run", "--smoke", dest="dry_run", action="store_true",
                    help="tiny CPU configuration (tiny-bert, 32-token segments, a few steps, lengths 1-4): checks the "
@@ -190,16 +191,28 @@ def run_task(a, task: str) -> dict:
 
     t0 = time.time()
     cfg = task_config(a, task)
+
+    def backbone_from(copy: str, what: str) -> None:
+        # the backbone folder did not travel (the copy alone fills the transfer): its architecture and tokenizer
+        # come from the copy (the weights too, which the copy's own replace again when the run starts)
+        if cfg.backbone not in BACKBONES and not os.path.exists(cfg.backbone):
+            print(f"=== {task}: no backbone folder {cfg.backbone}: written from {what} {copy}", flush=True)
+            try:
+                backbone_from_transfer(copy, cfg.backbone)
+            except (FileNotFoundError, OSError, ValueError) as e:
+                raise ValueError(f"--backbone {cfg.backbone!r} does not exist and cannot be written from {what} "
+                                 f"{copy!r}: {e}") from e
+
+    resuming = a.resume
     if a.resume_from:
         src = os.path.join(a.resume_from, task)
         if os.path.isdir(src):
             print(f"=== {task}: resuming from the transfer copy {src}", flush=True)
             install_transfer_copy(src, cfg.out_dir)
-            if cfg.backbone not in BACKBONES and not os.path.exists(cfg.backbone):
-                # the backbone folder did not travel (the copy alone fills the transfer): its architecture and
-                # tokenizer come from the copy
-                print(f"=== {task}: no backbone folder {cfg.backbone}: written from the transfer copy", flush=True)
-                backbone_from_transfer(src, cfg.backbone)
+            backbone_from(src, "the transfer copy")
+            resuming = True
+    if a.init_from and not (resuming and os.path.isfile(os.path.join(cfg.out_dir, LAST_CHECKPOINT, "state.json"))):
+        backbone_from(a.init_from, "--init-from")
     print(f"=== {task}: {cfg.backbone}, m={cfg.num_mem_tokens}, {cfg.segment_size}-token segments, curriculum "
           f"{cfg.stages()}, lr {cfg.lr}, batch {cfg.batch_size}, at most {cfg.max_steps_per_stage} steps and "
           f"{cfg.max_stage_time_s or 0:.0f} s per stage", flush=True)
