@@ -154,7 +154,8 @@ def task_config(a, task: str):
     if a.dry_run:
         # 32 tokens: the reasoning facts + question fit in one segment (built-in word tokenizer)
         return TrainConfig(task=task, backbone="tiny-bert", num_mem_tokens=2, segment_size=32, hidden_size=32,
-                           max_segments=2, max_steps_per_stage=3, eval_every=3, eval_samples=8, eval_batch_size=8,
+                           max_segments=a.schedule[-1] if a.schedule else 2, schedule=a.schedule,
+                           max_steps_per_stage=3, eval_every=3, eval_samples=8, eval_batch_size=8,
                            batch_size=4, lr=1e-3, warmup_steps=1, threshold=1.01, device="cpu", seed=a.seed,
                            out_dir=os.path.join(a.out, task), resume=a.resume or bool(a.resume_from),
                            progress=a.progress, validate_at_multiple=a.validate_at_multiple,
