@@ -217,3 +217,20 @@ def test_bad_schedule_is_refused_naming_the_flag(schedule, capsys):
     with pytest.raises(SystemExit):
         mod.parse_args(["--out", "/tmp/x", "--schedule", schedule])
     assert "--schedule" in capsys.readouterr().err
+
+
+def test_train_facts_early_reaches_detect_and_reasoning_configs():
+    mod = _reproduce_module()
+    a = mod.parse_args(["--out", "/tmp/x", "--train-facts-early", "0.5"])
+    assert mod.task_config(a, "reasoning").train_facts_early == 0.5
+    assert mod.task_config(a, "detect_memorize").train_facts_early == 0.5
+    assert mod.task_config(a, "memorize").train_facts_early is None
+    assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").train_facts_early is None
+
+
+@pytest.mark.parametrize("flag", ["--train-facts-early", "--train-same-axis"])
+def test_training_mix_probabilities_are_checked_naming_the_flag(flag, capsys):
+    mod = _reproduce_module()
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--out", "/tmp/x", flag, "1.5"])
+    assert flag in capsys.readouterr().err

@@ -505,3 +505,49 @@ def test_same_axis_default_stream_unchanged_and_errors(char_tok):
         make_task("reasoning", char_tok, 1, 128, same_axis=1.5)
     with pytest.raises(ValueError, match="same_axis"):
         F.qa4_example(np.random.default_rng(0), same_axis=-0.1)
+
+
+def _fact_ends(ds, sample):
+    return [int(p) + len(ds._tok[f]) for p, f in zip(sample["fact_positions"], sample["facts"])]
+
+
+@pytest.mark.parametrize("task", ["reasoning", "detect_memorize"])
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("tok", ["char_tok", "word_tok"])
+def test_facts_early_puts_every_fact_before_the_last_segment(request, tok, task, n):
+    seg = 128
+    ds = make_task(task, request.getfixturevalue(tok), n, seg, length=60, facts_early=1.0)
+    for i in range(60):
+        s = ds[i]
+        ends = _fact_ends(ds, s)
+        assert max(ends) <= (n - 1) * seg, (i, ends)
+        if tok == "word_tok":  # no fact cut by a segment boundary (with the character tokenizer's long noise
+            # sentences the task's own placement cannot always avoid a cut either)
+            for p, e in zip(s["fact_positions"].tolist(), ends):
+                assert p // seg == (e - 1) // seg
+        ids = s["input_ids"].tolist()
+        for p, f in zip(s["fact_positions"].tolist(), s["facts"]):
+            assert ids[p:p + len(ds._tok[f])] == ds._tok[f].tolist()
+        assert s["question_position"] == n * seg - len(ds._tok[s["question"]])
+    if task == "reasoning":
+        for i in range(60):
+            s = ds[i]
+            assert _solve_qa4(s["facts"], s["question"]) == {s["answer"]}
+
+
+def test_facts_early_mix_and_what_it_leaves_alone(char_tok):
+    seg, n = 128, 2
+    base = make_task("reasoning", char_tok, n, seg, length=400)
+    half = make_task("reasoning", char_tok, n, seg, length=400, facts_early=0.5)
+    early = [max(_fact_ends(d, d[i])) <= (n - 1) * seg for d in (base, half) for i in range(400)]
+    p_base, p_half = sum(early[:400]) / 400, sum(early[400:]) / 400
+    assert 0.1 < p_base < 0.9  # the task's own placement: sometimes both facts in the first of two segments
+    assert abs(p_half - (0.5 + 0.5 * p_base)) < 0.1
+    one = make_task("reasoning", char_tok, 1, seg, length=20, facts_early=1.0)  # one segment: no "before"
+    plain = make_task("reasoning", char_tok, 1, seg, length=20)
+    assert all(torch.equal(one[i]["input_ids"], plain[i]["input_ids"]) for i in range(20))
+    with pytest.raises(ValueError, match="facts_early"):
+        make_task("memorize", char_tok, 2, seg, facts_early=0.5)
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match="facts_early"):
+            make_task("reasoning", char_tok, 2, seg, facts_early=bad)

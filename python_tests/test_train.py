@@ -481,6 +481,23 @@ def test_train_same_axis_changes_training_samples_only(tmp_path):
         tiny(task="reasoning", train_same_axis=2.0).validate()
 
 
+@pytest.mark.parametrize("task", ["reasoning", "detect_memorize"])
+def test_train_facts_early_changes_training_samples_only(task):
+    seg = 32
+    trainer = tr.Trainer(tiny(None, task=task, segment_size=seg, train_facts_early=1.0, eval_samples=40)).build()
+
+    def early(ds):
+        return sum(max(int(p) + len(ds._tok[f]) for p, f in zip(ds[i]["fact_positions"], ds[i]["facts"]))
+                   <= seg for i in range(40)) / 40
+
+    assert trainer.dataset(2, "train").facts_early == 1.0 and early(trainer.dataset(2, "train")) == 1.0
+    assert trainer.dataset(2, "valid").facts_early is None and early(trainer.dataset(2, "valid")) < 0.9
+    with pytest.raises(ValueError, match="train_facts_early"):
+        tiny(train_facts_early=0.5).validate()  # memorize
+    with pytest.raises(ValueError, match="train_facts_early"):
+        tiny(task=task, train_facts_early=-1.0).validate()
+
+
 def test_history_counts_the_training_calls_by_executor(tmp_path):
     """Each validation record holds the training calls since the previous one by executor (on the CPU: eager full
     BPTT, or the two-sweep schedule when asked), and each stage record their sum over the stage."""

@@ -102,6 +102,10 @@ def parse_args(argv=None):
     p.add_argument("--train-same-axis", type=float, default=None, metavar="P",
                    help="reasoning: the probability that a TRAINING sample's two facts lie on one axis (default: the "
                    "task's own 1/3; validation and test keep it); other tasks ignore it")
+    p.add_argument("--train-facts-early", type=float, default=None, metavar="P",
+                   help="detect_memorize, reasoning: the probability that every fact of a TRAINING sample lies before "
+                   "its last segment, where only the memory carries it (default: the task's own placement; "
+                   "validation and test keep it); memorize ignores it")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start the tasks' runs from a saved RMT instead of the pretrained backbone (m=10; e.g. a "
                    "one-segment reasoning model of scripts/reasoning_one_segment.py: OUT/<config>/checkpoint-last, "
@@ -116,6 +120,9 @@ def parse_args(argv=None):
                    help="train nothing: read TASK_DIR/results.json of each task evaluated by an earlier run (the task "
                    "is the folder's name) and write OUT/results.json, results.csv and accuracy.png for them together")
     a = p.parse_args(argv)
+    for flag, v in (("--train-same-axis", a.train_same_axis), ("--train-facts-early", a.train_facts_early)):
+        if v is not None and not 0 <= v <= 1:
+            p.error(f"{flag}: a probability in [0, 1], got {v}")
     if a.schedule is not None:
         from rmt_fast.experiments.trainer import build_schedule
 
@@ -179,7 +186,8 @@ def task_config(a, task: str):
                        stage_eval_lengths=f"1-{a.heatmap_max}" if a.stage_eval else None,
                        stage_eval_samples=a.heatmap_samples, checkpoint_segments=a.checkpoint_segments,
                        capture_memory=a.capture_memory,
-                       train_same_axis=a.train_same_axis if task == "reasoning" else None, init_from=a.init_from)
+                       train_same_axis=a.train_same_axis if task == "reasoning" else None,
+                       train_facts_early=a.train_facts_early if task != "memorize" else None, init_from=a.init_from)
 
 
 def run_task(a, task: str) -> dict:

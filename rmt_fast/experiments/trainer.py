@@ -136,6 +136,10 @@ class TrainConfig:
     babi_path: str | None = _arg(None, "bAbI file or en/ directory for the facts", MODEL)
     train_same_axis: float | None = _arg(None, "reasoning: the probability that a TRAINING sample's two facts lie on one "
                                          "axis (default: the task's own 1/3; validation and tests keep it)", MODEL)
+    train_facts_early: float | None = _arg(None, "detect_memorize, reasoning: the probability that every fact of a "
+                                           "TRAINING sample lies before its last segment, where only the memory can "
+                                           "carry it (default: the task's own placement, anywhere; validation and "
+                                           "tests keep it)", MODEL)
     init_from: str | None = _arg(None, "start from the weights of a saved RMT (a run's checkpoint-last/ or "
                                  "stage-*seg/, or save_pretrained output) instead of the pretrained backbone: same "
                                  "backbone and memory tokens, any segment_size (e.g. a model trained on shorter "
@@ -190,6 +194,9 @@ class TrainConfig:
         if self.train_same_axis is not None and (self.task != "reasoning" or not 0 <= self.train_same_axis <= 1):
             raise ValueError("train_same_axis: a probability in [0, 1], for the reasoning task only; got "
                              f"{self.train_same_axis!r} for task {self.task!r}")
+        if self.train_facts_early is not None and (self.task == "memorize" or not 0 <= self.train_facts_early <= 1):
+            raise ValueError("train_facts_early: a probability in [0, 1], for detect_memorize and reasoning (memorize "
+                             f"puts its facts first); got {self.train_facts_early!r} for task {self.task!r}")
         if self.capture_memory is not None and not 0 <= self.capture_memory <= 1:
             raise ValueError(f"capture_memory must be a share of the GPU's memory in [0, 1], got {self.capture_memory}")
         if self.validate_at_multiple < 1:
@@ -483,7 +490,8 @@ class Trainer:
                                            noise=cfg.noise, babi_path=cfg.babi_path,
                                            for_decoder=(self.kind == "decoder"),
                                            length=cfg.eval_samples if split == "valid" else None,
-                                           same_axis=cfg.train_same_axis if split == "train" else None)
+                                           same_axis=cfg.train_same_axis if split == "train" else None,
+                                           facts_early=cfg.train_facts_early if split == "train" else None)
         return self.datasets[key]
 
     # ---- the curriculum ------------------------------------------------------------------------------

@@ -135,7 +135,8 @@ class MemoryTaskDataset(Dataset):
 
     def __init__(self, task: str, tokenizer, num_segments: int, segment_size: int, split: str = "train",
                  seed: int = 0, noise=None, babi_path=None, for_decoder: bool = False,
-                 length: Optional[int] = None, same_axis: Optional[float] = None):
+                 length: Optional[int] = None, same_axis: Optional[float] = None,
+                 facts_early: Optional[float] = None):
         # ---- argument validation -------------------------------------------------------------
         if not isinstance(task, str) or task not in TASKS:
             raise ValueError(f"task (name): unknown task {task!r}; choose one of {list(TASKS)}")
@@ -162,6 +163,13 @@ class MemoryTaskDataset(Dataset):
             if isinstance(same_axis, bool) or not isinstance(same_axis, (int, float)) or not 0 <= same_axis <= 1:
                 raise ValueError(f"same_axis must be None or a probability in [0, 1], got {same_axis!r}")
         self.same_axis = None if same_axis is None else float(same_axis)
+        if facts_early is not None:
+            if task == "memorize":
+                raise ValueError("facts_early: memorize puts its facts first; only detect_memorize and reasoning "
+                                 "place them at random")
+            if isinstance(facts_early, bool) or not isinstance(facts_early, (int, float)) or not 0 <= facts_early <= 1:
+                raise ValueError(f"facts_early must be None or a probability in [0, 1], got {facts_early!r}")
+        self.facts_early = None if facts_early is None else float(facts_early)
 
         self.task, self.split, self.seed = task, split, int(seed)
         self.num_segments, self.segment_size = int(num_segments), int(segment_size)
@@ -277,9 +285,16 @@ class MemoryTaskDataset(Dataset):
         if self.task == "memorize":
             where = np.zeros(len(fact_ids), dtype=np.int64)    # all facts first, in order
         else:                                                  # uniform boundaries, story order kept
-            where = np.sort(bounds[rng.integers(0, len(bounds), size=len(fact_ids))])
+            choices = bounds
+            if self.facts_early is not None and self.num_segments > 1 and rng.random() < self.facts_early:
+                # every fact ends before the last segment (the question's): at noise offsets up to this limit
+                limit = (self.num_segments - 1) * self.segment_size - sum(len(f) for f in fact_ids)
+                early = bounds[bounds <= limit]
+                if len(early):
+                    choices = early
+            where = np.sort(choices[rng.integers(0, len(choices), size=len(fact_ids))])
             if self.num_segments > 1:
-                where = self._unsplit(where, bounds, [len(f) for f in fact_ids])
+                where = self._unsplit(where, choices, [len(f) for f in fact_ids])
 
         pieces, fact_pos, cur, out_len = [], [], 0, 0
         for f, w in zip(fact_ids, where):
@@ -321,7 +336,8 @@ class MemoryTaskDataset(Dataset):
 
 def make_task(name: str, tokenizer, num_segments: int, segment_size: int, split: str = "train",
               seed: int = 0, noise=None, babi_path=None, for_decoder: bool = False,
-              length: Optional[int] = None, same_axis: Optional[float] = None) -> MemoryTaskDataset:
+              length: Optional[int] = None, same_axis: Optional[float] = None,
+              facts_early: Optional[float] = None) -> MemoryTaskDataset:
     """Build one of the RMT paper's synthetic memory tasks as a map-style torch Dataset.
 
     Args:
@@ -341,6 +357,9 @@ def make_task(name: str, tokenizer, num_segments: int, segment_size: int, split:
         length: ``len(dataset)``; default 10**6 for train, 1000 for valid/test.
         same_axis: reasoning only: the probability that both facts lie on one axis (None: the task's own 1/3; see
             :func:`~rmt_fast.experiments.tasks.facts.qa4_question_kind`), for training mixes.
+        facts_early: detect_memorize and reasoning: the probability that every fact of a sample lies before its
+            last segment (the one holding the question), so that only the memory can carry them (None: facts
+            anywhere, the task's own placement); for training mixes. One-segment samples ignore it.
 
     Returns:
         :class:`MemoryTaskDataset`; ``ds[i]["input_ids"]`` is ``LongTensor [n * segment_size]`` and
@@ -349,7 +368,7 @@ def make_task(name: str, tokenizer, num_segments: int, segment_size: int, split:
     """
     return MemoryTaskDataset(name, tokenizer, num_segments, segment_size, split=split, seed=seed,
                              noise=noise, babi_path=babi_path, for_decoder=for_decoder, length=length,
-                             same_axis=same_axis)
+                             same_axis=same_axis, facts_early=facts_early)
 
 
 def collate(batch: Sequence[Dict[str, object]]) -> Dict[str, object]:
