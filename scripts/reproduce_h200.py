@@ -53,8 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="memorize,detect_memorize,reasoning", help="comma-separated (%(default)s)")
     p.add_argument("--max-segments", type=int, default=5, help="last curriculum stage (%(default)s)")
     p.add_argument("--schedule", default=None, metavar="N,N,...",
-                   help="the curriculum's stages as increasing segment counts, e.g. 6 or 6,8 (overrides 1..--max-segments; "
-                   "with --init-from, a run that goes on training a curriculum's model at its last lengths)")
+                   help="the curriculum's stages as increasing segment counts, e.g. 6 or 6,8 (overrides "
+                   "1..--max-segments; with --init-from, a run that goes on training a curriculum's model at its "
+                   "last lengths)")
     p.add_argument("--train-time", type=float, default=300.0,
                    help="training time per task in seconds, split evenly over the stages; 0: no limit (%(default)s)")
     p.add_argument("--max-steps-per-stage", type=int, default=400, help="(%(default)s)")
