@@ -62,6 +62,8 @@ class SegmentCache:
         self.values: dict[int, torch.Tensor] = {}
         self.lens: torch.Tensor | None = None  # set by the first layer: the same for every layer
         self.idle: torch.Tensor | None = None  # [B, 1, 1, 1]: rows without a token in this segment
+        self.end: torch.Tensor | None = None  # [B]: one past each row's last token (set by the first layer)
+        self.rows: torch.Tensor | None = None  # [B, 1, C, 1]: the positions each row records
 
     def layout(self, layout: SegmentLayout) -> SegmentLayout:
         """``layout`` with the cache as its key prefix (``num_cache = C``, the past's real lengths)."""
@@ -74,12 +76,13 @@ class SegmentCache:
         next segment, their keys moved so that they end right before its position 0 (rotary families)."""
         b, h, _, d = key.shape
         c = self.size
-        end = layout.num_read + layout.seq_lens.to(key.device)  # one past each row's last token
-        idx = (end.view(-1, 1) - c + torch.arange(c, device=key.device)).clamp(min=0)
-        idx = idx.view(b, 1, c, 1).expand(b, h, c, d)
+        if self.end is None:  # once per segment: every layer records the same positions
+            self.end = layout.num_read + layout.seq_lens.to(key.device)
+            self.rows = (self.end.view(-1, 1) - c + torch.arange(c, device=key.device)).clamp(min=0).view(b, 1, c, 1)
+        idx = self.rows.expand(b, h, c, d)
         new_k, new_v = key.gather(2, idx), value.gather(2, idx)
         if self.shift_keys is not None:
-            new_k = self.shift_keys(new_k, -end)
+            new_k = self.shift_keys(new_k, -self.end)
         if self.past is None:
             past_k, past_v = key.new_zeros(b, h, c, d), value.new_zeros(b, h, c, d)
             if self.lens is None:
