@@ -60,10 +60,11 @@ class SegmentCache:
         self.past, self.size, self.shift_keys = past, size, shift_keys
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self.lens: torch.Tensor | None = None  # set by the first layer: the same for every layer
-        self.idle: torch.Tensor | None = None  # [B, 1, 1, 1]: rows without a token in this segment
-        self.end: torch.Tensor | None = None  # [B]: one past each row's last token (set by the first layer)
-        self.rows: torch.Tensor | None = None  # [B, 1, C, 1]: the positions each row records
+        # set by the first layer (:meth:`_plan`), the same for every layer
+        self.lens: torch.Tensor | None = None
+        self.end: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None
 
     def layout(self, layout: SegmentLayout) -> SegmentLayout:
         """``layout`` with the cache as its key prefix (``num_cache = C``, the past's real lengths)."""
@@ -77,27 +78,38 @@ class SegmentCache:
         b, h, _, d = key.shape
         c = self.size
         if self.end is None:  # once per segment: every layer records the same positions
-            self.end = layout.num_read + layout.seq_lens.to(key.device)
-            self.rows = (self.end.view(-1, 1) - c + torch.arange(c, device=key.device)).clamp(min=0).view(b, 1, c, 1)
-        idx = self.rows.expand(b, h, c, d)
-        new_k, new_v = key.gather(2, idx), value.gather(2, idx)
-        if self.shift_keys is not None:
-            new_k = self.shift_keys(new_k, -self.end)
+            self._plan(layout, key.device)
         if self.past is None:
             past_k, past_v = key.new_zeros(b, h, c, d), value.new_zeros(b, h, c, d)
-            if self.lens is None:
-                self.lens = layout.seq_lens.clamp(max=c)
         else:
             past_k, past_v = self.past.keys[layer], self.past.values[layer]
-            # a row with no token in this segment (a shorter row's idle segments) keeps what it had, as its memory
-            # does: positions are per segment, so the kept keys still end right before the next segment
-            if self.lens is None:  # once per segment: every layer has the same rows idle
-                self.idle = (layout.seq_lens.to(key.device) == 0).view(-1, 1, 1, 1)
-                self.lens = torch.where(layout.seq_lens == 0, self.past.lens, layout.seq_lens.clamp(max=c))
-            new_k = torch.where(self.idle, past_k, new_k)
-            new_v = torch.where(self.idle, past_v, new_v)
+        full_k, full_v = torch.cat([past_k, key], 2), torch.cat([past_v, value], 2)
+        idx = self.rows.expand(b, h, c, d)
+        new_k, new_v = full_k.gather(2, idx), full_v.gather(2, idx)
+        if self.shift_keys is not None:
+            new_k = self.shift_keys(new_k, self.shift)
         self.keys[layer], self.values[layer] = new_k, new_v
-        return torch.cat([past_k, key], 2), torch.cat([past_v, value], 2)
+        return full_k, full_v
+
+    def _plan(self, layout: SegmentLayout, device) -> None:
+        """What every layer of this segment records: ``rows`` ``[B, 1, C, 1]``, positions in ``[cache | segment]``
+        (the segment's last ``C`` token positions; a row with no token in this segment -- a shorter row's idle
+        segments -- keeps its cache, as it keeps its memory: positions are per segment, so the kept keys still end
+        right before the next segment), ``shift`` ``[B]`` (how far the recorded keys move: to end right before the
+        next segment's position 0; 0 for kept ones) and ``lens``."""
+        c = self.size
+        seq_lens = layout.seq_lens.to(device)
+        self.end = layout.num_read + seq_lens  # one past each row's last token
+        rows = c + (self.end.view(-1, 1) - c + torch.arange(c, device=device)).clamp(min=0)
+        self.shift = -self.end
+        if self.past is None:
+            self.lens = layout.seq_lens.clamp(max=c)
+        else:
+            idle = seq_lens == 0
+            rows = torch.where(idle.view(-1, 1), torch.arange(c, device=device), rows)
+            self.shift = torch.where(idle, 0, self.shift)
+            self.lens = torch.where(layout.seq_lens == 0, self.past.lens, layout.seq_lens.clamp(max=c))
+        self.rows = rows.view(-1, 1, c, 1)
 
     def result(self) -> ShortTermCache:
         """The cache the next segment reads (every layer's recorded keys and values)."""
