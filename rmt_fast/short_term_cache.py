@@ -62,7 +62,6 @@ class SegmentCache:
         self.values: dict[int, torch.Tensor] = {}
         # set by the first layer (:meth:`_plan`), the same for every layer
         self.lens: torch.Tensor | None = None
-        self.end: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None
         self.shift: torch.Tensor | None = None
 
@@ -77,7 +76,7 @@ class SegmentCache:
         next segment, their keys moved so that they end right before its position 0 (rotary families)."""
         b, h, _, d = key.shape
         c = self.size
-        if self.end is None:  # once per segment: every layer records the same positions
+        if self.rows is None:  # once per segment: every layer records the same positions
             self._plan(layout, key.device)
         if self.past is None:
             past_k, past_v = key.new_zeros(b, h, c, d), value.new_zeros(b, h, c, d)
@@ -99,9 +98,9 @@ class SegmentCache:
         next segment's position 0; 0 for kept ones) and ``lens``."""
         c = self.size
         seq_lens = layout.seq_lens.to(device)
-        self.end = layout.num_read + seq_lens  # one past each row's last token
-        rows = c + (self.end.view(-1, 1) - c + torch.arange(c, device=device)).clamp(min=0)
-        self.shift = -self.end
+        end = layout.num_read + seq_lens  # one past each row's last token
+        rows = c + (end.view(-1, 1) - c + torch.arange(c, device=device)).clamp(min=0)
+        self.shift = -end
         if self.past is None:
             self.lens = layout.seq_lens.clamp(max=c)
         else:

@@ -111,7 +111,7 @@ def parse_args(argv=None):
     if not a.stages or min(a.stages) < 1:
         p.error("--stages: a comma list of segment counts >= 1")
     for name in ("segment", "doc_tokens", "min_doc_tokens", "package_bytes", "heldout_every", "eval_docs", "block",
-                 "batch", "eval_chunk"):
+                 "batch", "eval_chunk", "pretrain_steps", "pretrain_context", "pretrain_batch", "steps_per_stage"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
@@ -122,9 +122,6 @@ def parse_args(argv=None):
         p.error("--shape: at least 1 layer and a width that is a multiple of 64")
     if a.train_seconds < 0:
         p.error("--train-seconds must be >= 0")
-    for name in ("pretrain_steps", "pretrain_context", "pretrain_batch", "steps_per_stage"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.mem < 0 or a.cache < 0 or a.cache > a.segment:
         p.error("--mem must be >= 0 and --cache in [0, --segment]")
     return a
@@ -202,12 +199,6 @@ def _encode(tok, text: str) -> list:
 
 
 # ---- models -----------------------------------------------------------------------------------------------
-def _autocast(device):
-    from rmt_fast.experiments.runtime import autocast_ctx
-
-    return autocast_ctx(device, bf16=True)
-
-
 def random_windows(rng, docs: list, width: int, batch: int, device):
     """``[batch, width]`` token ids: windows at random places of random documents of ``docs`` (id lists of at least
     ``width`` tokens)."""
@@ -226,9 +217,11 @@ def train_step(model, opt, lr: float, x, device):
     to norm 1); returns the loss, detached (no host read)."""
     import torch
 
+    from rmt_fast.experiments.runtime import autocast_ctx
+
     for group in opt.param_groups:
         group["lr"] = lr
-    with _autocast(device):
+    with autocast_ctx(device, bf16=True):
         loss = model(input_ids=x, labels=x).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -327,10 +320,12 @@ def token_nll(a, variant: str, model, ids, device):
     import torch
     import torch.nn.functional as F
 
+    from rmt_fast.experiments.runtime import autocast_ctx
+
     x = torch.tensor([ids], device=device)
     L = x.shape[1]
     nll = torch.full((L,), float("nan"))
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast_ctx(device, bf16=True):
         if variant == "segment_alone":
             for s in range(0, L, a.segment):
                 seg = x[:, s:s + a.segment]

@@ -30,8 +30,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a saved reasoning RMT (checkpoint-last/, a stage or a transfer "
-                   "copy) with its tokenizer in MODEL/tokenizer or MODEL/../tokenizer")
+    p.add_argument("--model", required=True, help="a saved reasoning RMT: a run, its checkpoint-last/ or a stage, "
+                   "or a transfer copy (read by rmt_fast.experiments.rundir.load_checkpoint)")
     p.add_argument("--lengths", default="2,4", help="segments per input, comma list (%(default)s)")
     p.add_argument("--samples", type=int, default=256, help="test samples per length (%(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="(%(default)s)")
@@ -56,26 +56,26 @@ def placement(fact_positions, fact_lengths, num_segments: int, segment_size: int
     return ("none", "one", "both")[min(inside, 2)] + " in last"
 
 
-def breakdown(rmt, tokenizer, num_segments: int, samples: int, batch_size: int) -> dict:
+def breakdown(rmt, tokenizer, num_segments: int, samples: int, batch_size: int, seed: int = 0) -> dict:
     import torch
 
+    from rmt_fast.experiments.evaluate import predict_correct
     from rmt_fast.experiments.tasks import collate, make_task
     from rmt_fast.experiments.tasks import facts as F
 
     seg = rmt.rmt_config.segment_size
-    ds = make_task("reasoning", tokenizer, num_segments, seg, split="test", seed=0, length=samples)
+    ds = make_task("reasoning", tokenizer, num_segments, seg, split="test", seed=seed, length=samples)
     counts = collections.defaultdict(lambda: [0, 0])
     rmt.eval()
     for start in range(0, samples, batch_size):
         items = [ds[i] for i in range(start, min(samples, start + batch_size))]
         batch = collate(items)
         with torch.no_grad():
-            pred = rmt(input_ids=batch["input_ids"].to(rmt.device)).logits.argmax(-1).tolist()
-        for item, p in zip(items, pred):
+            right = predict_correct(rmt, batch["input_ids"], batch["labels"], rmt.rmt_config.mode).tolist()
+        for item, ok in zip(items, right):
             kind = F.qa4_question_kind(item["facts"], item["question"])
             where = placement(item["fact_positions"].tolist(), [len(ds._tok[f]) for f in item["facts"]],
                               num_segments, seg)
-            ok = p == int(item["labels"])
             for key in ("all", f"facts {where}", f"role={kind['role']}", f"axes={kind['axes']}",
                         f"{kind['role']}+axes={kind['axes']}, facts {where}"):
                 counts[key][0] += ok
@@ -85,23 +85,19 @@ def breakdown(rmt, tokenizer, num_segments: int, samples: int, batch_size: int) 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    import torch
+    from rmt_fast.experiments.rundir import load_checkpoint
 
-    from rmt_fast.experiments.tasks import load_saved_tokenizer
-    from rmt_fast.model import from_pretrained
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    tok_dir = next((d for d in (os.path.join(a.model, "tokenizer"), os.path.join(a.model, "..", "tokenizer"))
-                    if os.path.isdir(d)), None)
-    if tok_dir is None:
-        print(f"--model {a.model!r}: no tokenizer/ in it or beside it", file=sys.stderr)
+    try:
+        rmt, tokenizer, _, tcfg = load_checkpoint(a.model, a.device)
+    except (ValueError, OSError) as e:
+        print(f"--model {a.model!r}: {e}", file=sys.stderr)
         return 2
-    rmt = from_pretrained(a.model).float().to(device)
-    tokenizer = load_saved_tokenizer(tok_dir)
+    rmt = rmt.float()  # fp32 (a transfer copy's backbone is bf16)
+    device = rmt.device
     doc = {"model": a.model, "device": str(device), "samples": a.samples, "lengths": {}}
     for n in a.lengths:
         t0 = time.time()
-        res = breakdown(rmt, tokenizer, n, a.samples, a.batch_size)
+        res = breakdown(rmt, tokenizer, n, a.samples, a.batch_size, seed=tcfg.get("seed", 0))
         doc["lengths"][str(n)] = res
         print(f"{n} segments ({time.time() - t0:.0f} s)")
         for key, r in res.items():

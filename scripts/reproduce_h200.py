@@ -213,15 +213,13 @@ def run_task(a, task: str) -> dict:
                 raise ValueError(f"--backbone {cfg.backbone!r} does not exist and cannot be written from {what} "
                                  f"{copy!r}: {e}") from e
 
-    resuming = a.resume
     if a.resume_from:
         src = os.path.join(a.resume_from, task)
         if os.path.isdir(src):
             print(f"=== {task}: resuming from the transfer copy {src}", flush=True)
             install_transfer_copy(src, cfg.out_dir)
             backbone_from(src, "the transfer copy")
-            resuming = True
-    if a.init_from and not (resuming and os.path.isfile(os.path.join(cfg.out_dir, LAST_CHECKPOINT, "state.json"))):
+    if a.init_from and not (cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, LAST_CHECKPOINT, "state.json"))):
         backbone_from(a.init_from, "--init-from")
     print(f"=== {task}: {cfg.backbone}, m={cfg.num_mem_tokens}, {cfg.segment_size}-token segments, curriculum "
           f"{cfg.stages()}, lr {cfg.lr}, batch {cfg.batch_size}, at most {cfg.max_steps_per_stage} steps and "
