@@ -97,6 +97,26 @@ def test_backbone_from_transfer_when_the_backbone_folder_did_not_travel(tmp_path
         backbone_from_transfer(t, str(tmp_path / "nowhere"))
 
 
+def test_backbone_folder_without_tokenizer_files_is_refused(tmp_path):
+    """A backbone folder holding weights but no tokenizer files (e.g. a transfer copy's backbone/, whose tokenizer
+    lies beside it) is refused by name: transformers would build an empty-vocabulary tokenizer that reads every word
+    as [UNK], and a run from it would train on nothing."""
+    from rmt_fast.experiments.backbones import load_backbone, load_tokenizer
+
+    model, tok, _ = load_backbone("tiny-bert", hidden_size=32, num_layers=2, seed=0, tokenizer="minilm")
+    folder = tmp_path / "backbone"
+    model.save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"backbone: .*holds no tokenizer files"):
+        load_tokenizer(str(folder))
+    with pytest.raises(ValueError, match=r"backbone: .*holds no tokenizer files"):
+        load_backbone(str(folder))
+    tok.save_pretrained(folder)
+    loaded = load_tokenizer(str(folder))
+    text = "The kitchen is north of the garden."
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    assert loaded.unk_token_id not in loaded(text)["input_ids"]
+
+
 def test_init_from_a_transfer_copy_writes_the_missing_backbone_folder(tmp_path):
     """scripts/reproduce_h200.py --init-from COPY --schedule N on a machine that holds the transfer copy but not the
     --backbone folder (both together would not fit the transfer): the folder is written from the copy and the new

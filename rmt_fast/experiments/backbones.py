@@ -141,7 +141,18 @@ def load_tokenizer(name: str, tokenizer: str = "auto"):
             tok.pad_token = tok.eos_token
         return tok
     backbone_kind(name)  # raises for unknown names
+    from .tasks import SAVED_TOKENIZER_FILE, load_saved_tokenizer
+
+    if os.path.isfile(os.path.join(name, SAVED_TOKENIZER_FILE)):  # a tiny backbone's word/char tokenizer
+        return load_saved_tokenizer(name)
     tok = AutoTokenizer.from_pretrained(name)
+    if len(tok) <= len(set(tok.all_special_tokens)):
+        # a folder with config.json and weights but no tokenizer files: transformers builds the config's tokenizer
+        # class with an empty vocabulary, which reads every word as the unknown token
+        raise ValueError(f"backbone: {name!r} holds no tokenizer files (tokenizer.json, vocab.txt, ...): the "
+                         f"tokenizer built from it has only its {len(tok)} special tokens and would read every word "
+                         "as unknown. Save the tokenizer into that folder (tokenizer.save_pretrained); a transfer "
+                         "copy keeps it in tokenizer/ beside backbone/")
     if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None) is not None:
         tok.pad_token = tok.eos_token
     return tok

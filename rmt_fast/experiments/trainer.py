@@ -696,6 +696,10 @@ class Trainer:
         rec["stage_metric"] = metric
         rec["time_s"] = round(time.time() - self.t_start, 3)
         self.history.append(rec)
+        if self.is_main and not self.cfg.progress:  # no bar to show it: one line per validation for the log
+            more = f", at {nk} segments {rec['val_accuracy_multiple']:.3f}" if nk != n else ""
+            print(f"stage {stage_index + 1}/{len(self.stages)} ({n} segments) step {step}: loss {rec['loss']:.4f}, "
+                  f"val accuracy {acc:.3f}{more} ({rec['time_s']:.0f}s)", flush=True)
         return metric
 
     def multiple_segments(self, n: int) -> int:

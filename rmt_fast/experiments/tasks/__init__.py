@@ -12,7 +12,8 @@ from .facts import (ANSWERS, DIRECTIONS, NAMES, OPPOSITE, PLACES, VERBS, Example
                     read_babi)
 from .noise import (HFDatasetNoise, NoiseSource, PydocNoise, SentencesNoise, TaskFileNotFoundError,
                     TextFilesNoise, TokenPool, clean_text, split_sentences)
-from .tokenization import CharTokenizer, WordTokenizer, encode_batch, load_saved_tokenizer, piece_prefix
+from .tokenization import (SAVED_TOKENIZER_FILE, CharTokenizer, WordTokenizer, encode_batch, load_saved_tokenizer,
+                           piece_prefix)
 
 __all__ = [
     "TASKS", "SPLITS", "ANSWERS", "NAMES", "VERBS", "PLACES", "DIRECTIONS", "OPPOSITE",
