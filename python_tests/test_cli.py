@@ -111,7 +111,8 @@ def test_train_then_eval_cli(tmp_path, capsys):
     assert rc == 0 and "trained stages" in text
     # without a progress bar every validation is one line of the log
     logged = [ln for ln in text.splitlines() if " step 2: loss " in ln]
-    assert [ln.split(" (")[0] for ln in logged] == ["stage 1/2", "stage 2/2"] and all("val accuracy" in ln for ln in logged)
+    assert [ln.split(" (")[0] for ln in logged] == ["stage 1/2", "stage 2/2"]
+    assert all("val accuracy" in ln for ln in logged)
     assert json.loads((out / "eval" / "results.json").read_text())["accuracy"].keys() == {"1", "2"}
     # resume: nothing left to do, same stages
     rc, text = run_main(["train", "--out", str(out), "--backbone", "tiny-bert", "--hidden-size", "32", "-m", "2",
