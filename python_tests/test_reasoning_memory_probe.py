@@ -1,0 +1,75 @@
+"""scripts/reasoning_memory_probe.py: linear probes of what a reasoning RMT's memory holds about the facts."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from rmt_fast.experiments.trainer import train
+
+from test_train import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("reasoning_memory_probe",
+                                                  os.path.join(ROOT, "scripts", "reasoning_memory_probe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_targets_are_relative_to_the_hub_whatever_the_fact_order():
+    from rmt_fast.experiments.tasks.facts import PLACES
+
+    mod = _module()
+    facts = ["The kitchen is north of the garden.", "The garden is east of the office."]
+    t = mod.targets(facts)
+    assert t == mod.targets(facts[::-1])
+    assert t["hub"] == PLACES.index("garden")
+    assert t["north of hub"] == PLACES.index("kitchen")
+    assert t["west of hub"] == PLACES.index("office")  # "garden east of office": the office lies west of it
+    assert t["south of hub"] == t["east of hub"] == len(PLACES)  # nothing there
+    assert [p for p in PLACES if t[f"place:{p}"]] == ["garden", "kitchen", "office"]
+
+
+def test_probe_reads_a_linear_code_and_not_noise():
+    mod = _module()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 20, generator=g)
+    y = (x[:, 3] > 0).long() + 2 * (x[:, 7] > 0).long()  # 4 classes, linear in two features
+    r = mod.fit_probe(x[:400], y[:400], x[400:], y[400:], classes=4)
+    assert r["test_accuracy"] > 0.9 and r["chance"] < 0.4
+    noise = torch.randint(0, 4, (600,), generator=g)
+    r = mod.fit_probe(x[:400], noise[:400], x[400:], noise[400:], classes=4)
+    assert r["test_accuracy"] < 0.45
+
+
+def test_probe_of_a_saved_run(tmp_path, capsys):
+    mod = _module()
+    train(tiny(tmp_path / "run", task="reasoning", segment_size=32, schedule=[1], max_steps_per_stage=1,
+               eval_every=1))
+    out = tmp_path / "p.json"
+    assert mod.main(["--model", str(tmp_path / "run" / "checkpoint-last"), "--segments", "2", "--train", "24",
+                     "--test", "8", "--batch-size", "16", "--device", "cpu", "--out", str(out)]) == 0
+    doc = json.load(open(out))
+    assert set(doc["probes"]) == {*(f"place:{p}" for p in ("bathroom", "bedroom", "garden", "hallway", "kitchen",
+                                                            "office")),
+                                  "hub", "north of hub", "south of hub", "east of hub", "west of hub"}
+    for row in doc["probes"].values():
+        for f in ("memory", "tokens"):
+            assert 0 <= row[f]["test_accuracy"] <= 1 and 0 < row[f]["chance"] <= 1
+    assert "north of hub" in capsys.readouterr().out
+    memorize = tmp_path / "mem"
+    train(tiny(memorize, schedule=[1], max_steps_per_stage=1, eval_every=1))
+    assert mod.main(["--model", str(memorize / "checkpoint-last"), "--out", str(tmp_path / "x.json")]) == 2
+    assert "reasoning" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--segments", "1"], ["--train", "3"], ["--test", "0"]])
+def test_bad_arguments_name_the_option(bad, capsys):
+    with pytest.raises(SystemExit):
+        _module().parse_args(["--model", "m", "--out", "o", *bad])
+    assert bad[0] in capsys.readouterr().err
