@@ -135,6 +135,32 @@ def test_reasoning_one_segment_smoke(tmp_path):
     assert "role=hub" in r.stdout
 
 
+@pytest.mark.slow
+def test_reasoning_one_segment_as_a_memory_stage(tmp_path):
+    """--segments 2: every config trains on two segments (facts-early mix and init_from as config keys), the test
+    is split by where the facts lie, and the memory entering the last segment is probed."""
+    script = os.path.join(ROOT, "scripts", "reasoning_one_segment.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, script, "--out", str(tmp_path / "one"), "--smoke", "--steps", "2",
+                        "--eval-every", "2", "--test-samples", "16", "--config", "a:lr=1e-3"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    start = str(tmp_path / "one" / "a" / "checkpoint-last")
+    r = subprocess.run([sys.executable, script, "--out", str(tmp_path / "two"), "--smoke", "--steps", "2",
+                        "--eval-every", "2", "--test-samples", "16", "--segments", "2", "--probe-samples", "30",
+                        "--config", f"early:lr=1e-3,train_facts_early=1.0,init_from={start}"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads((tmp_path / "two" / "diagnosis.json").read_text())["configs"]["early"]
+    assert d["config"]["schedule"] == [2] and d["config"]["train_facts_early"] == 1.0
+    assert d["config"]["init_from"] == start
+    test = d["test"]
+    assert sum(v["samples"] for k, v in test.items() if k.startswith("facts ")) == test["all"]["samples"] == 16
+    assert set(d["probe"]) == {"hub", "north of hub", "south of hub", "east of hub", "west of hub"}
+    assert all(0 <= p["test_accuracy"] <= 1 for p in d["probe"].values())
+    assert "dir probe" in r.stdout and "hub+facts none in last" in r.stdout
+
+
 def test_train_same_axis_reaches_the_reasoning_config_only():
     import importlib.util
 

@@ -70,9 +70,9 @@ def targets(facts) -> dict:
     return out
 
 
-def features(rmt, tokenizer, num_segments: int, samples: int, batch_size: int, seed: int):
-    """(memory features [S, m*d], token-mean features [S, d], targets list) for ``samples`` training-split samples
-    with every fact before the last segment."""
+def features(rmt, tokenizer, num_segments: int, samples: int, batch_size: int, seed: int, tokens: bool = True):
+    """(memory features [S, m*d], token-mean features [S, d] (None when not ``tokens``), targets list) for
+    ``samples`` training-split samples with every fact before the last segment."""
     import torch
 
     from rmt_fast.experiments.tasks import collate, make_task
@@ -90,14 +90,15 @@ def features(rmt, tokenizer, num_segments: int, samples: int, batch_size: int, s
             m = rmt(input_ids=ids, return_logits=False).memory
             # what the backbone itself makes of the fact-bearing text: last-layer states, averaged over tokens
             hs = []
-            for s in range(num_segments - 1):
+            for s in range(num_segments - 1 if tokens else 0):
                 x = ids[:, s * seg:(s + 1) * seg]
                 h = backbone(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True)
                 hs.append(h.hidden_states[-1].float().mean(1))
         mem.append(m.float().flatten(1).cpu())
-        tok.append(torch.stack(hs, 1).mean(1).cpu())
+        if tokens:
+            tok.append(torch.stack(hs, 1).mean(1).cpu())
         tg.extend(targets(it["facts"]) for it in items)
-    return torch.cat(mem), torch.cat(tok), tg
+    return torch.cat(mem), (torch.cat(tok) if tokens else None), tg
 
 
 def fit_probe(xtr, ytr, xte, yte, classes: int, steps: int = 300) -> dict:

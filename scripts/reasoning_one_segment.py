@@ -15,6 +15,12 @@ the question asks (facts.qa4_question_kind):
 A model that only learned "the place that shares a fact with the question's place" is right on every leaf and on
 half of the hub questions: about 67% overall. ``num_mem_tokens=0`` is the plain classifier (no memory tokens).
 
+``--segments N`` (N >= 2) asks the same of one memory stage: every config trains on N segments (a config may start
+from a saved model, ``init_from=DIR``, and mix in samples with every fact before the question's segment,
+``train_facts_early=P``); the test is split also by where the facts lie (``facts both/one/none in last``, as
+scripts/reasoning_breakdown.py), and linear probes of the memory entering the last segment
+(scripts/reasoning_memory_probe.py: the place in each direction of the hub) say what the memory holds.
+
 Writes OUT/diagnosis.json (config, validation history, test accuracy by kind, seconds per config), OUT/curves.png
 (training loss and validation accuracy of every config) and prints a table. On CUDA the configs run as concurrent
 processes (``--jobs``, default: all at once); each process also writes OUT/<NAME>/diagnosis.json.
@@ -22,6 +28,8 @@ processes (``--jobs``, default: all at once); each process also writes OUT/<NAME
     python scripts/reasoning_one_segment.py --out runs/r1 --steps 6000 \\
         --config base:lr=1e-4 --config plain:lr=1e-4,num_mem_tokens=0 --config slow:lr=5e-5
     python scripts/reasoning_one_segment.py --out /tmp/r1 --smoke      # tiny CPU run of the same pipeline
+    python scripts/reasoning_one_segment.py --out runs/r2 --segments 2 --segment-size 48 --steps 4000 \
+        --config m10:init_from=COPY,train_facts_early=1.0,train_same_axis=0.67   # the memory, 2 short segments
 """
 from __future__ import annotations
 
@@ -74,6 +82,12 @@ def parse_args(argv=None):
     p.add_argument("--test-samples", type=int, default=1024, help="(%(default)s)")
     p.add_argument("--backbone", default="minilm", help="(%(default)s)")
     p.add_argument("--segment-size", type=int, default=499, help="(%(default)s)")
+    p.add_argument("--segments", type=int, default=1,
+                   help="segments per training and test sample (%(default)s); >= 2: a memory stage, with the test "
+                        "split by where the facts lie and probes of the memory")
+    p.add_argument("--probe-samples", type=int, default=1500,
+                   help="--segments >= 2: samples the memory probes are fitted on (and a third as many scored) "
+                        "(%(default)s; 0: no probes)")
     p.add_argument("--warmup-lengths", default="",
                    help="comma list of shorter segment sizes each config trains on first, in order, each phase "
                         "starting from the last one's weights (a length curriculum inside the one segment), e.g. "
@@ -95,18 +109,35 @@ def parse_args(argv=None):
         p.error(f"--warmup-lengths: each in [1, --segment-size), got {a.warmup_lengths}")
     if a.warmup_steps < 1:
         p.error("--warmup-steps must be >= 1")
+    if a.segments < 1:
+        p.error(f"--segments must be >= 1, got {a.segments}")
+    if a.probe_samples < 0 or 0 < a.probe_samples < 30:
+        p.error(f"--probe-samples: 0 (no probes) or >= 30, got {a.probe_samples}")
     return a
 
 
-def test_breakdown(rmt, tokenizer, cfg, samples: int, batch_size: int = 256) -> dict:
+def _script(name: str):
+    """A module of this folder's scripts (reasoning_breakdown, reasoning_memory_probe)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_breakdown(rmt, tokenizer, cfg, samples: int, batch_size: int = 256, num_segments: int = 1) -> dict:
     """Test accuracy overall and by question kind (role, relation, form), and how often the prediction is a place
-    of the facts / the question's own place."""
+    of the facts / the question's own place. On several segments also by where the facts lie."""
     import torch
     from rmt_fast.experiments.runtime import autocast_ctx
     from rmt_fast.experiments.tasks import collate, make_task
     from rmt_fast.experiments.tasks import facts as F
 
-    ds = make_task("reasoning", tokenizer, 1, cfg.segment_size, split="test", seed=cfg.seed, length=samples)
+    ds = make_task("reasoning", tokenizer, num_segments, cfg.segment_size, split="test", seed=cfg.seed,
+                   length=samples)
+    placement = _script("reasoning_breakdown").placement if num_segments > 1 else None
     counts = collections.defaultdict(lambda: [0, 0])
     in_facts = own_place = 0
     wrong, top_probability = [], []
@@ -128,8 +159,13 @@ def test_breakdown(rmt, tokenizer, cfg, samples: int, batch_size: int = 256) -> 
             guess = ds.answers[p]
             in_facts += any(f" {guess} " in f" {f[:-1]} " for f in item["facts"])
             own_place += f" {guess} " in f" {item['question'][:-1]} "
-            for key in ("all", f"role={kind['role']}", f"relation={kind['relation']}", f"form={kind['form']}",
-                        f"{kind['role']}+{kind['relation']}", f"axes={kind['axes']}", f"{kind['role']}+axes={kind['axes']}"):
+            keys = ["all", f"role={kind['role']}", f"relation={kind['relation']}", f"form={kind['form']}",
+                    f"{kind['role']}+{kind['relation']}", f"axes={kind['axes']}", f"{kind['role']}+axes={kind['axes']}"]
+            if placement is not None:
+                where = placement(item["fact_positions"].tolist(), [len(ds._tok[f]) for f in item["facts"]],
+                                  num_segments, cfg.segment_size)
+                keys += [f"facts {where}", f"{kind['role']}+facts {where}"]
+            for key in keys:
                 counts[key][0] += ok
                 counts[key][1] += 1
     out = {k: {"accuracy": c / n, "samples": n} for k, (c, n) in sorted(counts.items())}
@@ -145,7 +181,7 @@ def run_one(a, name: str, overrides: dict) -> dict:
     from rmt_fast.experiments.trainer import TrainConfig, train
 
     base = dict(task="reasoning", backbone=a.backbone, num_mem_tokens=10, segment_size=a.segment_size,
-                max_segments=1, max_steps_per_stage=a.steps, min_steps_per_stage=a.steps, eval_every=a.eval_every,
+                schedule=[a.segments], max_steps_per_stage=a.steps, min_steps_per_stage=a.steps, eval_every=a.eval_every,
                 eval_samples=a.eval_samples, eval_batch_size=256, batch_size=32, lr=1e-4,
                 warmup_steps=max(1, a.steps // 10), threshold=1.01, out_dir=os.path.join(a.out, name),
                 progress=False, save_stages=False, max_time_s=a.max_train_time)
@@ -175,24 +211,53 @@ def run_one(a, name: str, overrides: dict) -> dict:
     seconds = time.time() - t0
     doc = {"name": name, "overrides": overrides, "config": cfg.to_dict(), "train_seconds": round(seconds, 1),
            "warmup": warmup, "history": history,
-           "test": test_breakdown(res.model, res.tokenizer, cfg, a.test_samples if not a.smoke else 16)}
+           "test": test_breakdown(res.model, res.tokenizer, cfg, a.test_samples if not a.smoke else 16,
+                                  num_segments=a.segments)}
+    if a.segments > 1 and a.probe_samples:
+        doc["probe"] = memory_probes(res.model, res.tokenizer, cfg, a.segments, a.probe_samples)
     with open(os.path.join(a.out, name, "diagnosis.json"), "w") as f:
         json.dump(doc, f, indent=2, default=str)
     return doc
 
 
+def memory_probes(rmt, tokenizer, cfg, num_segments: int, samples: int) -> dict:
+    """Test accuracy of linear probes of the memory entering the last segment (scripts/reasoning_memory_probe.py):
+    the place in each direction of the hub (what a hub question needs) and the hub itself."""
+    import torch
+
+    probe = _script("reasoning_memory_probe")
+    rmt = rmt.float().eval()
+    test = max(10, samples // 3)
+    mem, _, tg = probe.features(rmt, tokenizer, num_segments, samples + test, 64, cfg.seed, tokens=False)
+    out = {}
+    for name in ("hub", "north of hub", "south of hub", "east of hub", "west of hub"):
+        y = torch.tensor([t[name] for t in tg])
+        out[name] = probe.fit_probe(mem[:samples], y[:samples], mem[samples:], y[samples:],
+                                    6 if name == "hub" else 7)
+    return out
+
+
 def table(docs: list[dict]) -> str:
     keys = ["all", "role=leaf", "role=hub", "hub+axes=same", "hub+axes=different", "hub+stated", "hub+converse"]
-    head = f"{'config':<14}" + "".join(f"{k:>20}" for k in keys) + f"{'best val':>10}{'in facts':>10}{'sec':>7}"
+    if any("probe" in d or "facts none in last" in d["test"] for d in docs):  # memory stages
+        keys = ["all", "role=leaf", "role=hub", "hub+axes=same", "hub+facts none in last", "hub+facts one in last"]
+    probed = any("probe" in d for d in docs)
+    head = (f"{'config':<14}" + "".join(f"{k:>24}" for k in keys) + (f"{'dir probe':>10}" if probed else "")
+            + f"{'best val':>10}{'in facts':>10}{'sec':>7}")
     lines = [head, "-" * len(head)]
     for d in docs:
         t = d["test"]
         size = d["config"]["segment_size"]  # the warm-up lengths' validations are not this length's
         best = max((h["val_accuracy"] for h in d["history"] if h.get("segment_size", size) == size),
                    default=float("nan"))
-        lines.append(f"{d['name']:<14}" + "".join(f"{100 * t[k]['accuracy']:>19.1f}%" if k in t else f"{'-':>20}"
+        probe = ""
+        if probed:  # the direction probes' mean test accuracy (what a hub question needs from the memory)
+            dirs = [d["probe"][f"{x} of hub"]["test_accuracy"] for x in ("north", "south", "east", "west")
+                    if "probe" in d]
+            probe = f"{100 * sum(dirs) / len(dirs):>9.1f}%" if dirs else f"{'-':>10}"
+        lines.append(f"{d['name']:<14}" + "".join(f"{100 * t[k]['accuracy']:>23.1f}%" if k in t else f"{'-':>24}"
                                                   for k in keys)
-                     + f"{100 * best:>9.1f}%{100 * t['prediction_in_facts']:>9.1f}%{d['train_seconds']:>7.0f}")
+                     + probe + f"{100 * best:>9.1f}%{100 * t['prediction_in_facts']:>9.1f}%{d['train_seconds']:>7.0f}")
     return "\n".join(lines)
 
 
@@ -240,7 +305,8 @@ def main(argv=None) -> int:
     from rmt_fast.experiments.plots import plot_curves
 
     plot_curves(os.path.join(a.out, "curves.png"), {n: d["history"] for n, d in docs.items()},
-                title=f"reasoning on one segment: {docs[next(iter(docs))]['config']['segment_size']} tokens, "
+                title=f"reasoning on {a.segments} segment{'s' if a.segments > 1 else ''} of "
+                      f"{docs[next(iter(docs))]['config']['segment_size']} tokens, "
                       f"{docs[next(iter(docs))]['config']['backbone']}, {a.steps} steps per config")
     with open(os.path.join(a.out, "diagnosis.json"), "w") as f:
         json.dump({"steps": a.steps, "configs": docs}, f, indent=2, default=str)
