@@ -28,7 +28,7 @@ processes (``--jobs``, default: all at once); each process also writes OUT/<NAME
     python scripts/reasoning_one_segment.py --out runs/r1 --steps 6000 \\
         --config base:lr=1e-4 --config plain:lr=1e-4,num_mem_tokens=0 --config slow:lr=5e-5
     python scripts/reasoning_one_segment.py --out /tmp/r1 --smoke      # tiny CPU run of the same pipeline
-    python scripts/reasoning_one_segment.py --out runs/r2 --segments 2 --segment-size 48 --steps 4000 \
+    python scripts/reasoning_one_segment.py --out runs/r2 --segments 2 --segment-size 48 --steps 4000 \\
         --config m10:init_from=COPY,train_facts_early=1.0,train_same_axis=0.67   # the memory, 2 short segments
 """
 from __future__ import annotations
@@ -181,8 +181,8 @@ def run_one(a, name: str, overrides: dict) -> dict:
     from rmt_fast.experiments.trainer import TrainConfig, train
 
     base = dict(task="reasoning", backbone=a.backbone, num_mem_tokens=10, segment_size=a.segment_size,
-                schedule=[a.segments], max_steps_per_stage=a.steps, min_steps_per_stage=a.steps, eval_every=a.eval_every,
-                eval_samples=a.eval_samples, eval_batch_size=256, batch_size=32, lr=1e-4,
+                schedule=[a.segments], max_steps_per_stage=a.steps, min_steps_per_stage=a.steps,
+                eval_every=a.eval_every, eval_samples=a.eval_samples, eval_batch_size=256, batch_size=32, lr=1e-4,
                 warmup_steps=max(1, a.steps // 10), threshold=1.01, out_dir=os.path.join(a.out, name),
                 progress=False, save_stages=False, max_time_s=a.max_train_time)
     if a.smoke:
