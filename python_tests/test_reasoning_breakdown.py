@@ -1,23 +1,16 @@
 """scripts/reasoning_breakdown.py: test accuracy of a trained reasoning RMT by question kind and fact placement."""
-import importlib.util
 import json
-import os
 
 import pytest
 
 from rmt_fast.experiments.trainer import train
 
+import bench_scripts
 from test_train import tiny
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("reasoning_breakdown",
-                                                  os.path.join(ROOT, "scripts", "reasoning_breakdown.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_scripts.load_script("reasoning_breakdown")
 
 
 def test_placement_counts_the_facts_that_end_in_the_last_segment():

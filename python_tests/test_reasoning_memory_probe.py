@@ -1,24 +1,17 @@
 """scripts/reasoning_memory_probe.py: linear probes of what a reasoning RMT's memory holds about the facts."""
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
 from rmt_fast.experiments.trainer import train
 
+import bench_scripts
 from test_train import tiny
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("reasoning_memory_probe",
-                                                  os.path.join(ROOT, "scripts", "reasoning_memory_probe.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_scripts.load_script("reasoning_memory_probe")
 
 
 def test_targets_are_relative_to_the_hub_whatever_the_fact_order():
@@ -33,6 +26,8 @@ def test_targets_are_relative_to_the_hub_whatever_the_fact_order():
     assert t["west of hub"] == PLACES.index("office")  # "garden east of office": the office lies west of it
     assert t["south of hub"] == t["east of hub"] == len(PLACES)  # nothing there
     assert [p for p in PLACES if t[f"place:{p}"]] == ["garden", "kitchen", "office"]
+    assert all(0 <= v < mod.num_classes(k) for k, v in t.items())
+    assert (mod.num_classes("place:garden"), mod.num_classes("hub"), mod.num_classes("west of hub")) == (2, 6, 7)
 
 
 def test_probe_reads_a_linear_code_and_not_noise():

@@ -70,6 +70,16 @@ def targets(facts) -> dict:
     return out
 
 
+def num_classes(target: str) -> int:
+    """Classes of a target of :func:`targets`: 2 (a place named or not), 6 (the hub: a place), 7 (a direction of
+    the hub: a place or none)."""
+    from rmt_fast.experiments.tasks import facts as F
+
+    if target.startswith("place:"):
+        return 2
+    return len(F.PLACES) + (target != "hub")
+
+
 def features(rmt, tokenizer, num_segments: int, samples: int, batch_size: int, seed: int, tokens: bool = True):
     """(memory features [S, m*d], token-mean features [S, d] (None when not ``tokens``), targets list) for
     ``samples`` training-split samples with every fact before the last segment."""
@@ -163,7 +173,7 @@ def main(argv=None) -> int:
     print(f"{'target':<16} {'classes':>7} {'chance':>7} {'memory':>7} {'tokens':>7}")
     for name in tg[0]:
         y = torch.tensor([t[name] for t in tg])
-        classes = 2 if name.startswith("place:") else (6 if name == "hub" else 7)
+        classes = num_classes(name)
         row = {}
         for fname, x in (("memory", mem), ("tokens", tok)):
             row[fname] = fit_probe(x[:a.train], y[:a.train], x[a.train:], y[a.train:], classes)

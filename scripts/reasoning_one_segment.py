@@ -232,8 +232,7 @@ def memory_probes(rmt, tokenizer, cfg, num_segments: int, samples: int) -> dict:
     out = {}
     for name in ("hub", "north of hub", "south of hub", "east of hub", "west of hub"):
         y = torch.tensor([t[name] for t in tg])
-        out[name] = probe.fit_probe(mem[:samples], y[:samples], mem[samples:], y[samples:],
-                                    6 if name == "hub" else 7)
+        out[name] = probe.fit_probe(mem[:samples], y[:samples], mem[samples:], y[samples:], probe.num_classes(name))
     return out
 
 
