@@ -87,6 +87,8 @@ def features(rmt, tokenizer, num_segments: int, samples: int, batch_size: int, s
 
     from rmt_fast.experiments.tasks import collate, make_task
 
+    if rmt.rmt_config.num_mem_tokens < 1:
+        raise ValueError("model: num_mem_tokens is 0, so there is no memory to probe")
     seg = rmt.rmt_config.segment_size
     ds = make_task("reasoning", tokenizer, num_segments, seg, split="train", seed=seed + 7919, length=samples,
                    facts_early=1.0)

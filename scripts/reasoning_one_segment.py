@@ -213,7 +213,7 @@ def run_one(a, name: str, overrides: dict) -> dict:
            "warmup": warmup, "history": history,
            "test": test_breakdown(res.model, res.tokenizer, cfg, a.test_samples if not a.smoke else 16,
                                   num_segments=a.segments)}
-    if a.segments > 1 and a.probe_samples:
+    if a.segments > 1 and a.probe_samples and cfg.num_mem_tokens > 0:  # with m=0 there is no memory to probe
         doc["probe"] = memory_probes(res.model, res.tokenizer, cfg, a.segments, a.probe_samples)
     with open(os.path.join(a.out, name, "diagnosis.json"), "w") as f:
         json.dump(doc, f, indent=2, default=str)
