@@ -177,6 +177,16 @@ def test_breakdown(rmt, tokenizer, cfg, samples: int, batch_size: int = 256, num
     return out
 
 
+def _eager():
+    """A context in which torch.compile'd modules run eagerly (torch.compiler.set_stance "force_eager")."""
+    import contextlib
+
+    import torch
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def run_one(a, name: str, overrides: dict) -> dict:
     from rmt_fast.experiments.trainer import TrainConfig, train
 
@@ -209,12 +219,16 @@ def run_one(a, name: str, overrides: dict) -> dict:
     res = train(cfg)
     history += [{**h, "step": h["step"] + offset, "segment_size": cfg.segment_size} for h in res.history]
     seconds = time.time() - t0
-    doc = {"name": name, "overrides": overrides, "config": cfg.to_dict(), "train_seconds": round(seconds, 1),
-           "warmup": warmup, "history": history,
-           "test": test_breakdown(res.model, res.tokenizer, cfg, a.test_samples if not a.smoke else 16,
-                                  num_segments=a.segments)}
-    if a.segments > 1 and a.probe_samples and cfg.num_mem_tokens > 0:  # with m=0 there is no memory to probe
-        doc["probe"] = memory_probes(res.model, res.tokenizer, cfg, a.segments, a.probe_samples)
+    # The test and the probes run the compiled backbone eagerly: their batch shapes and the probes' fp32 model would
+    # each be a new inductor compile (minutes with several processes compiling at once).
+    with _eager():
+        doc = {"name": name, "overrides": overrides, "config": cfg.to_dict(), "train_seconds": round(seconds, 1),
+               "warmup": warmup, "history": history,
+               "test": test_breakdown(res.model, res.tokenizer, cfg, a.test_samples if not a.smoke else 16,
+                                      num_segments=a.segments)}
+        if a.segments > 1 and a.probe_samples and cfg.num_mem_tokens > 0:  # with m=0 there is no memory to probe
+            doc["probe"] = memory_probes(res.model, res.tokenizer, cfg, a.segments, a.probe_samples)
+    doc["test_seconds"] = round(time.time() - t0 - seconds, 1)
     with open(os.path.join(a.out, name, "diagnosis.json"), "w") as f:
         json.dump(doc, f, indent=2, default=str)
     return doc
