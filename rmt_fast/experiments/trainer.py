@@ -117,6 +117,12 @@ class TrainConfig:
     mix_prob: float = _arg(0.0, "probability that a batch has a random length 1..n instead of the stage's n "
                            "(0: the paper's fixed length per stage)", CURRICULUM)
     reset_optimizer: bool = _arg(False, "fresh AdamW state at every stage", OPTIM)
+    reconstruction_coef: float = _arg(0.0, "encoders: weight of the memory reconstruction loss (each memory rebuilds "
+                                      "masked tokens of the segment that wrote it; "
+                                      "rmt_fast.experiments.reconstruction) added to the answer's loss on stages "
+                                      "of >= 2 segments (0: off)", OPTIM)
+    reconstruction_mask_prob: float = _arg(0.15, "share of a segment's tokens masked for the reconstruction loss",
+                                           OPTIM)
     seed: int = _arg(0, "seed of the initialisation and of the samples", OPTIM)
     device: str = _arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N", RUN)
     bf16: bool = _arg(True, "no bf16 autocast on CUDA", RUN, flags=("--no-bf16",))
@@ -197,6 +203,10 @@ class TrainConfig:
         if self.train_facts_early is not None and (self.task == "memorize" or not 0 <= self.train_facts_early <= 1):
             raise ValueError("train_facts_early: a probability in [0, 1], for detect_memorize and reasoning (memorize "
                              f"puts its facts first); got {self.train_facts_early!r} for task {self.task!r}")
+        if isinstance(self.reconstruction_coef, bool) or not self.reconstruction_coef >= 0:
+            raise ValueError(f"reconstruction_coef must be a number >= 0 (0: off), got {self.reconstruction_coef!r}")
+        if not 0 < self.reconstruction_mask_prob <= 1:
+            raise ValueError(f"reconstruction_mask_prob must be in (0, 1], got {self.reconstruction_mask_prob!r}")
         if self.capture_memory is not None and not 0 <= self.capture_memory <= 1:
             raise ValueError(f"capture_memory must be a share of the GPU's memory in [0, 1], got {self.capture_memory}")
         if self.validate_at_multiple < 1:
@@ -340,6 +350,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
     return rmt.to(device), tok, kind
 
 
+RECONSTRUCTION_FILE = "reconstruction_head.pt"  # checkpoint-last/: the reconstruction head (for --resume)
 FULL_BPTT_MAX_SEGMENTS = 8  # "auto" on CUDA: stages up to this many segments train with graphed full BPTT
 
 
@@ -410,6 +421,7 @@ class Trainer:
         self.segment_steps = 0  # segments trained by this process (sum over steps), and the seconds they took
         self.segment_step_seconds = 0.0
         self.paused = False
+        self.rec_head = None  # the reconstruction loss's head (build)
 
     # ---- setup ---------------------------------------------------------------------------------------
     def build(self) -> "Trainer":
@@ -430,6 +442,7 @@ class Trainer:
             atomic_json(os.path.join(self.out, CONFIG_FILE), cfg.to_dict())
             save_tokenizer(self.tokenizer, self.out)
         self.model = self.rmt
+        self.rec_head = self._reconstruction_head()
         if self.world > 1:  # either schedule: the gradients reach DDP once per backward
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -444,6 +457,28 @@ class Trainer:
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps_per_stage // 10)
         self.warmup = max(1, min(warmup, cfg.max_steps_per_stage))
         return self
+
+    def _reconstruction_head(self):
+        """The reconstruction loss's head (None when reconstruction_coef is 0), restored on resume."""
+        cfg = self.cfg
+        if not cfg.reconstruction_coef:
+            return None
+        if self.kind != "encoder":
+            raise ValueError(f"reconstruction_coef: the reconstruction loss is for encoder backbones; "
+                             f"{cfg.backbone!r} is a {self.kind}")
+        if self.world > 1:
+            raise ValueError("reconstruction_coef: the reconstruction loss runs one call per segment, which "
+                             "DistributedDataParallel does not take in one step; train it in one process")
+        if getattr(self.tokenizer, "mask_token_id", None) is None:
+            raise ValueError("reconstruction_coef: the tokenizer has no mask token")
+        from .reconstruction import ReconstructionHead
+
+        head = ReconstructionHead(self.rmt.model.get_input_embeddings()).to(self.device)
+        path = os.path.join(self.last_dir, RECONSTRUCTION_FILE) if self.last_dir else None
+        if self.resume_state is not None and path and os.path.isfile(path):
+            head.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        self.rec_sum, self.rec_steps = None, 0
+        return head
 
     def _restore(self) -> None:
         with open(os.path.join(self.last_dir, STATE_FILE)) as f:
@@ -479,7 +514,10 @@ class Trainer:
 
     def _new_optimizer(self):
         cfg = self.cfg
-        return torch.optim.AdamW(self.rmt.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
+        params = list(self.rmt.parameters())
+        if getattr(self, "rec_head", None) is not None:
+            params += list(self.rec_head.parameters())
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
                                  fused=self.device.type == "cuda")
 
     def dataset(self, n: int, split: str):
@@ -652,11 +690,22 @@ class Trainer:
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         with autocast_ctx(self.device, cfg.bf16):
-            loss = self.model(input_ids=ids, labels=labels, return_logits=False).loss
+            if self.rec_head is not None and n_batch > 1:
+                from .reconstruction import reconstruction_step_loss
+
+                gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+                total, loss, rec = reconstruction_step_loss(
+                    self.model, self.rmt, self.rec_head, ids, labels, cfg.segment_size, self.tokenizer.mask_token_id,
+                    cfg.reconstruction_mask_prob, cfg.reconstruction_coef, gen)
+                self.rec_sum = rec.detach().float() if self.rec_sum is None else self.rec_sum + rec.detach().float()
+                self.rec_steps += 1
+            else:
+                total = loss = self.model(input_ids=ids, labels=labels, return_logits=False).loss
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if cfg.grad_clip and cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.rmt.parameters(), cfg.grad_clip)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         self.optimizer.step()
         scheduler.step()
         self.global_step += 1
@@ -687,6 +736,9 @@ class Trainer:
                "executors": executors,
                # what the CUDA-graph captures keep in their memory pools (training calls and inference steps)
                "capture_pool_mib": round(self.rmt.runner.captures.held() / 2 ** 20, 1)}
+        if self.rec_head is not None and self.rec_steps:  # the reconstruction loss's mean since the last record
+            rec["reconstruction_loss"] = float((self.rec_sum / self.rec_steps).item())
+            self.rec_sum, self.rec_steps = None, 0
         metric = acc
         nk = self.multiple_segments(n)
         if nk != n:
@@ -698,6 +750,7 @@ class Trainer:
         self.history.append(rec)
         if self.is_main and not self.cfg.progress:  # no bar to show it: one line per validation for the log
             more = f", at {nk} segments {rec['val_accuracy_multiple']:.3f}" if nk != n else ""
+            more += f", reconstruction loss {rec['reconstruction_loss']:.4f}" if "reconstruction_loss" in rec else ""
             print(f"stage {stage_index + 1}/{len(self.stages)} ({n} segments) step {step}: loss {rec['loss']:.4f}, "
                   f"val accuracy {acc:.3f}{more} ({rec['time_s']:.0f}s)", flush=True)
         return metric
@@ -742,6 +795,8 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             self.rmt.save_pretrained(tmp)
             torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            if self.rec_head is not None:
+                torch.save(self.rec_head.state_dict(), os.path.join(tmp, RECONSTRUCTION_FILE))
             if scheduler is not None:
                 torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             atomic_json(os.path.join(tmp, STATE_FILE), st)

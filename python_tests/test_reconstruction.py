@@ -1,0 +1,119 @@
+"""The memory reconstruction loss (rmt_fast.experiments.reconstruction): one call per segment equals one call over all
+of them, the masked-token loss reaches the memory's write side, the trainer's option, its head saved for resume."""
+import os
+
+import pytest
+import torch
+
+import rmt_fast.experiments.trainer as tr
+from rmt_fast.experiments.reconstruction import ReconstructionHead, mask_tokens, reconstruction_step_loss
+from rmt_fast.experiments.tasks import collate
+from rmt_fast.experiments.trainer import TrainConfig, train
+
+SEG = 32
+
+
+def tiny(tmp_path=None, **kw):
+    base = dict(task="reasoning", backbone="tiny-bert", tokenizer="word", hidden_size=32, num_mem_tokens=3, segment_size=SEG,
+                schedule=[2], max_steps_per_stage=4, eval_every=2, eval_samples=8, eval_batch_size=8, batch_size=4,
+                lr=1e-3, device="cpu", progress=False, save_stages=False, reconstruction_coef=0.5,
+                out_dir=str(tmp_path) if tmp_path is not None else None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _batch(trainer, n):
+    data = trainer.dataset(n, "train")
+    b = collate([data[i] for i in range(4)])
+    return b["input_ids"], b["labels"]
+
+
+def test_mask_tokens():
+    ids = torch.arange(1000, 1000 + 6 * 50).view(6, 50)
+    g = torch.Generator().manual_seed(0)
+    masked, targets = mask_tokens(ids, 4, 0.2, g)
+    chosen = masked == 4
+    assert torch.equal(chosen, targets != -100)
+    assert torch.equal(targets[chosen], ids[chosen]) and torch.equal(masked[~chosen], ids[~chosen])
+    assert 0.1 < chosen.float().mean() < 0.3
+    masked, _ = mask_tokens(ids, 4, 1e-6, torch.Generator().manual_seed(1))
+    assert ((masked == 4).sum(1) == 1).all()  # at least one per row
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="prob"):
+            mask_tokens(ids, 4, bad)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_answer_loss_and_gradients_equal_one_call_over_all_segments(n):
+    """reconstruction_step_loss runs one call per segment; its answer loss and the gradients it gives (coef 0) must
+    be those of one call over the whole input (full BPTT through the memory handoffs)."""
+    torch.manual_seed(0)
+    trainer = tr.Trainer(tiny(schedule=[n])).build()
+    rmt, head = trainer.rmt, trainer.rec_head
+    ids, labels = _batch(trainer, n)
+    whole = rmt(input_ids=ids, labels=labels, return_logits=False).loss
+    whole.backward()
+    want = {k: p.grad.clone() for k, p in rmt.named_parameters() if p.grad is not None}
+    rmt.zero_grad(set_to_none=True)
+    total, answer, rec = reconstruction_step_loss(rmt, rmt, head, ids, labels, SEG, trainer.tokenizer.mask_token_id,
+                                                  0.15, 0.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(answer, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-6)
+    assert rec.item() > 0
+    total.backward()
+    got = {k: p.grad for k, p in rmt.named_parameters() if p.grad is not None}
+    assert set(got) == set(want) and "memory" in got
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_reconstruction_loss_reaches_the_write_side():
+    """The masked-token loss alone gives gradients to the head, to the initial memory (through the first segment's
+    write) and to the backbone; the head's decoder is the backbone's own embedding matrix (tied)."""
+    torch.manual_seed(0)
+    trainer = tr.Trainer(tiny()).build()
+    rmt, head = trainer.rmt, trainer.rec_head
+    assert head._embeddings[0].weight is rmt.model.get_input_embeddings().weight
+    assert not any(p is rmt.model.get_input_embeddings().weight for p in head.parameters())
+    ids, labels = _batch(trainer, 2)
+    _, _, rec = reconstruction_step_loss(rmt, rmt, head, ids, labels, SEG, trainer.tokenizer.mask_token_id, 0.3,
+                                         1.0, torch.Generator().manual_seed(0))
+    rec.backward()
+    assert rmt.memory.grad is not None and rmt.memory.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    with pytest.raises(ValueError, match="n >= 2 whole segments"):
+        reconstruction_step_loss(rmt, rmt, head, ids[:, :SEG], labels, SEG, 4, 0.3, 1.0)
+
+
+def test_head_shapes():
+    emb = torch.nn.Embedding(50, 8)
+    head = ReconstructionHead(emb)
+    assert head(torch.randn(2, 5, 8)).shape == (2, 5, 50)
+    assert {n for n, _ in head.named_parameters()} == {"transform.0.weight", "transform.0.bias", "transform.2.weight",
+                                                         "transform.2.bias", "bias"}
+
+
+def test_trainer_records_the_reconstruction_loss_and_resumes_its_head(tmp_path):
+    res = train(tiny(tmp_path, schedule=[1, 2], eval_every=2, max_steps_per_stage=4))
+    one, two = [h for h in res.history if h["num_segments"] == 1], [h for h in res.history if h["num_segments"] == 2]
+    assert one and two
+    assert all("reconstruction_loss" not in h for h in one)  # one segment writes no memory that is read
+    assert all(h["reconstruction_loss"] > 0 for h in two)
+    path = os.path.join(tmp_path, "checkpoint-last", tr.RECONSTRUCTION_FILE)
+    saved = torch.load(path, weights_only=True)
+    trainer = tr.Trainer(tiny(tmp_path, schedule=[1, 2], eval_every=2, max_steps_per_stage=4, resume=True)).build()
+    for k, v in trainer.rec_head.state_dict().items():
+        torch.testing.assert_close(v, saved[k], msg=k)
+    assert any(p is trainer.rec_head.bias for g in trainer.optimizer.param_groups for p in g["params"])
+
+
+def test_reconstruction_options_are_checked():
+    for bad in (-0.1, True):
+        with pytest.raises(ValueError, match="reconstruction_coef"):
+            tiny(reconstruction_coef=bad).validate()
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="reconstruction_mask_prob"):
+            tiny(reconstruction_mask_prob=bad).validate()
+    with pytest.raises(ValueError, match="reconstruction_coef: .*encoder"):
+        tr.Trainer(tiny(backbone="tiny-gpt2")).build()
+    assert tr.Trainer(tiny(reconstruction_coef=0.0)).build().rec_head is None

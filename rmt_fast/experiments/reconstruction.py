@@ -1,0 +1,81 @@
+"""Memory reconstruction: an auxiliary loss that asks each memory to rebuild masked tokens of the segment it was
+written from (encoder backbones).
+
+On a memory task the answer's loss reaches the write side of the memory only through the read side: a hub question
+of the reasoning task ("What is north of the hub?") asks the memory for a place *and* its direction, but while the
+read side does not yet look for a direction, the gradient on the memory asks for both candidate places alike, and the
+write side keeps the places only (benchmarks/results/reproduction/README.md). The reconstruction loss gives the write
+side a signal of its own: after segment k wrote memory M_k, segment k is run again with a share of its tokens
+replaced by the tokenizer's mask token and M_k as its memory, and a small head predicts the masked tokens from the
+last-layer states. A masked direction word between two visible places is known from the memory alone.
+
+``loss = answer loss + coef * mean over the segments before the last of (masked-token cross-entropy)``
+
+The recurrence runs as one call per segment (full BPTT through the memory handoffs, as one call over all of them),
+so that every written memory is at hand; the reconstruction passes add one backbone pass per segment but the last.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+__all__ = ["ReconstructionHead", "mask_tokens", "reconstruction_step_loss"]
+
+
+class ReconstructionHead(nn.Module):
+    """Last-layer states ``[..., d]`` -> vocabulary logits: dense, GELU, LayerNorm, then the backbone's input
+    embedding matrix (tied, not owned: it is the backbone's parameter) plus a bias of its own."""
+
+    def __init__(self, embeddings: nn.Embedding):
+        super().__init__()
+        vocab, d = embeddings.weight.shape
+        self.transform = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
+        self.bias = nn.Parameter(torch.zeros(vocab))
+        self._embeddings = (embeddings,)  # a tuple: not registered as a submodule, so not saved or optimised twice
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        w = self._embeddings[0].weight
+        return self.transform(h.to(self.bias.dtype)) @ w.t().to(self.bias.dtype) + self.bias
+
+
+def mask_tokens(ids: torch.Tensor, mask_token_id: int, prob: float, generator: torch.Generator | None = None):
+    """``(masked ids, targets)``: each token is replaced by ``mask_token_id`` with probability ``prob`` (at least one
+    per row); ``targets`` holds the original id there and -100 elsewhere."""
+    if not 0 < prob <= 1:
+        raise ValueError(f"prob must be in (0, 1], got {prob}")
+    u = torch.rand(ids.shape, generator=generator, device="cpu").to(ids.device)
+    chosen = u < prob
+    chosen[torch.arange(ids.shape[0], device=ids.device), u.argmin(1)] = True  # at least one per row
+    masked = torch.where(chosen, torch.full_like(ids, mask_token_id), ids)
+    targets = torch.where(chosen, ids, torch.full_like(ids, -100))
+    return masked, targets
+
+
+def reconstruction_step_loss(model, rmt, head: ReconstructionHead, ids: torch.Tensor, labels: torch.Tensor,
+                             segment_size: int, mask_token_id: int, prob: float, coef: float,
+                             generator: torch.Generator | None = None):
+    """``(total loss, answer loss, reconstruction loss)`` of one batch ``ids [B, n * segment_size]`` (every row
+    exactly n segments, as the memory tasks make them), ``labels [B]``.
+
+    ``model`` is what the trainer calls (the RMT), ``rmt`` the RMT itself (for its layout: the token states of a
+    segment sit after ``[CLS]``, the m memory slots and ``[SEP]``)."""
+    b, t = ids.shape
+    n = t // segment_size
+    if n < 2 or n * segment_size != t:
+        raise ValueError(f"ids: the reconstruction loss needs rows of n >= 2 whole segments of {segment_size} tokens, "
+                         f"got length {t}")
+    first = rmt.rmt_config.num_mem_tokens + 2  # [CLS] memory [SEP]
+    memory, rec = None, []
+    for k in range(n - 1):
+        seg = ids[:, k * segment_size:(k + 1) * segment_size]
+        memory = model(input_ids=seg, memory=memory, return_logits=False).memory
+        masked, targets = mask_tokens(seg, mask_token_id, prob, generator)
+        h = model(input_ids=masked, memory=memory).last_hidden_state[:, first:first + segment_size]
+        logits = head(h)
+        rec.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-100))
+    answer = model(input_ids=ids[:, (n - 1) * segment_size:], memory=memory, labels=labels,
+                   return_logits=False).loss
+    rec_loss = torch.stack(rec).mean()
+    return answer + coef * rec_loss, answer, rec_loss
