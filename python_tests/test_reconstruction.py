@@ -43,7 +43,7 @@ def test_mask_tokens():
             mask_tokens(ids, 4, bad)
 
 
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [1, 2, 3])
 def test_answer_loss_and_gradients_equal_one_call_over_all_segments(n):
     """reconstruction_step_loss runs one call per segment; its answer loss and the gradients it gives (coef 0) must
     be those of one call over the whole input (full BPTT through the memory handoffs)."""
@@ -81,8 +81,8 @@ def test_reconstruction_loss_reaches_the_write_side():
     rec.backward()
     assert rmt.memory.grad is not None and rmt.memory.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
-    with pytest.raises(ValueError, match="n >= 2 whole segments"):
-        reconstruction_step_loss(rmt, rmt, head, ids[:, :SEG], labels, SEG, 4, 0.3, 1.0)
+    with pytest.raises(ValueError, match="whole segments"):
+        reconstruction_step_loss(rmt, rmt, head, ids[:, :SEG + 3], labels, SEG, 4, 0.3, 1.0)
 
 
 def test_head_shapes():
@@ -97,8 +97,7 @@ def test_trainer_records_the_reconstruction_loss_and_resumes_its_head(tmp_path):
     res = train(tiny(tmp_path, schedule=[1, 2], eval_every=2, max_steps_per_stage=4))
     one, two = [h for h in res.history if h["num_segments"] == 1], [h for h in res.history if h["num_segments"] == 2]
     assert one and two
-    assert all("reconstruction_loss" not in h for h in one)  # one segment writes no memory that is read
-    assert all(h["reconstruction_loss"] > 0 for h in two)
+    assert all(h["reconstruction_loss"] > 0 for h in one + two)  # one segment's memory rebuilds it too
     path = os.path.join(tmp_path, "checkpoint-last", tr.RECONSTRUCTION_FILE)
     saved = torch.load(path, weights_only=True)
     trainer = tr.Trainer(tiny(tmp_path, schedule=[1, 2], eval_every=2, max_steps_per_stage=4, resume=True)).build()

@@ -9,10 +9,10 @@ side a signal of its own: after segment k wrote memory M_k, segment k is run aga
 replaced by the tokenizer's mask token and M_k as its memory, and a small head predicts the masked tokens from the
 last-layer states. A masked direction word between two visible places is known from the memory alone.
 
-``loss = answer loss + coef * mean over the segments before the last of (masked-token cross-entropy)``
+``loss = answer loss + coef * mean over the segments of (masked-token cross-entropy)``
 
 The recurrence runs as one call per segment (full BPTT through the memory handoffs, as one call over all of them),
-so that every written memory is at hand; the reconstruction passes add one backbone pass per segment but the last.
+so that every written memory is at hand; the reconstruction passes add one backbone pass per segment.
 """
 from __future__ import annotations
 
@@ -56,26 +56,27 @@ def reconstruction_step_loss(model, rmt, head: ReconstructionHead, ids: torch.Te
                              segment_size: int, mask_token_id: int, prob: float, coef: float,
                              generator: torch.Generator | None = None):
     """``(total loss, answer loss, reconstruction loss)`` of one batch ``ids [B, n * segment_size]`` (every row
-    exactly n segments, as the memory tasks make them), ``labels [B]``.
+    exactly n >= 1 segments, as the memory tasks make them), ``labels [B]``. Every segment's memory, the last one's
+    too, rebuilds that segment's masked tokens (so a one-segment stage trains the write side as well).
 
     ``model`` is what the trainer calls (the RMT), ``rmt`` the RMT itself (for its layout: the token states of a
     segment sit after ``[CLS]``, the m memory slots and ``[SEP]``)."""
     b, t = ids.shape
     n = t // segment_size
-    if n < 2 or n * segment_size != t:
-        raise ValueError(f"ids: the reconstruction loss needs rows of n >= 2 whole segments of {segment_size} tokens, "
+    if n < 1 or n * segment_size != t:
+        raise ValueError(f"ids: the reconstruction loss needs rows of whole segments of {segment_size} tokens, "
                          f"got length {t}")
     first = rmt.rmt_config.num_mem_tokens + 2  # [CLS] memory [SEP]
-    memory, rec = None, []
-    for k in range(n - 1):
+    memory, rec, answer = None, [], None
+    for k in range(n):
         seg = ids[:, k * segment_size:(k + 1) * segment_size]
-        memory = model(input_ids=seg, memory=memory, return_logits=False).memory
+        last = k == n - 1
+        out = model(input_ids=seg, memory=memory, labels=labels if last else None, return_logits=False)
+        memory, answer = out.memory, (out.loss if last else None)
         masked, targets = mask_tokens(seg, mask_token_id, prob, generator)
         h = model(input_ids=masked, memory=memory).last_hidden_state[:, first:first + segment_size]
         logits = head(h)
         rec.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=-100))
-    answer = model(input_ids=ids[:, (n - 1) * segment_size:], memory=memory, labels=labels,
-                   return_logits=False).loss
     rec_loss = torch.stack(rec).mean()
     return answer + coef * rec_loss, answer, rec_loss

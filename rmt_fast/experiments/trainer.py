@@ -119,8 +119,8 @@ class TrainConfig:
     reset_optimizer: bool = _arg(False, "fresh AdamW state at every stage", OPTIM)
     reconstruction_coef: float = _arg(0.0, "encoders: weight of the memory reconstruction loss (each memory rebuilds "
                                       "masked tokens of the segment that wrote it; "
-                                      "rmt_fast.experiments.reconstruction) added to the answer's loss on stages "
-                                      "of >= 2 segments (0: off)", OPTIM)
+                                      "rmt_fast.experiments.reconstruction) added to the answer's loss (0: off)",
+                                      OPTIM)
     reconstruction_mask_prob: float = _arg(0.15, "share of a segment's tokens masked for the reconstruction loss",
                                            OPTIM)
     seed: int = _arg(0, "seed of the initialisation and of the samples", OPTIM)
@@ -690,7 +690,7 @@ class Trainer:
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         with autocast_ctx(self.device, cfg.bf16):
-            if self.rec_head is not None and n_batch > 1:
+            if self.rec_head is not None:
                 from .reconstruction import reconstruction_step_loss
 
                 gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
