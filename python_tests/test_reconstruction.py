@@ -43,28 +43,35 @@ def test_mask_tokens():
             mask_tokens(ids, 4, bad)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_answer_loss_and_gradients_equal_one_call_over_all_segments(n):
+def test_answer_loss_and_gradients_equal_one_call_over_all_segments(n, device):
     """reconstruction_step_loss runs one call per segment; its answer loss and the gradients it gives (coef 0) must
-    be those of one call over the whole input (full BPTT through the memory handoffs)."""
+    be those of one call over the whole input (full BPTT through the memory handoffs). On a GPU the calls take the
+    library's default executors (CUDA graphs where they apply), fp32."""
     torch.manual_seed(0)
-    trainer = tr.Trainer(tiny(schedule=[n])).build()
+    trainer = tr.Trainer(tiny(schedule=[n], device=device, torch_compile="off", bf16=False)).build()
     rmt, head = trainer.rmt, trainer.rec_head
-    ids, labels = _batch(trainer, n)
+    ids, labels = (x.to(trainer.device) for x in _batch(trainer, n))
     whole = rmt(input_ids=ids, labels=labels, return_logits=False).loss
     whole.backward()
     want = {k: p.grad.clone() for k, p in rmt.named_parameters() if p.grad is not None}
-    rmt.zero_grad(set_to_none=True)
-    total, answer, rec = reconstruction_step_loss(rmt, rmt, head, ids, labels, SEG, trainer.tokenizer.mask_token_id,
-                                                  0.15, 0.0, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(answer, whole, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-6)
-    assert rec.item() > 0
-    total.backward()
-    got = {k: p.grad for k, p in rmt.named_parameters() if p.grad is not None}
-    assert set(got) == set(want) and "memory" in got
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+    for _ in range(3 if device == "cuda" else 1):  # on a GPU: eager, then captured, then replayed calls
+        rmt.zero_grad(set_to_none=True)
+        total, answer, rec = reconstruction_step_loss(rmt, rmt, head, ids, labels, SEG,
+                                                      trainer.tokenizer.mask_token_id, 0.15, 0.0,
+                                                      torch.Generator().manual_seed(0))
+        torch.testing.assert_close(answer, whole, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-6)
+        assert rec.item() > 0
+        total.backward()
+        got = {k: p.grad for k, p in rmt.named_parameters() if p.grad is not None}
+        assert set(got) == set(want) and "memory" in got
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_reconstruction_loss_reaches_the_write_side():
