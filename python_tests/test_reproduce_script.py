@@ -260,3 +260,13 @@ def test_training_mix_probabilities_are_checked_naming_the_flag(flag, capsys):
     with pytest.raises(SystemExit):
         mod.parse_args(["--out", "/tmp/x", flag, "1.5"])
     assert flag in capsys.readouterr().err
+
+
+def test_reconstruction_options_reach_the_task_configs():
+    mod = _reproduce_module()
+    a = mod.parse_args(["--out", "/tmp/x", "--reconstruction-coef", "0.5", "--reconstruction-mask-prob", "0.3"])
+    cfg = mod.task_config(a, "reasoning")
+    assert (cfg.reconstruction_coef, cfg.reconstruction_mask_prob) == (0.5, 0.3)
+    cfg.validate()
+    off = mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning")
+    assert (off.reconstruction_coef, off.reconstruction_mask_prob) == (0.0, 0.15)

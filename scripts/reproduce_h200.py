@@ -107,6 +107,11 @@ def parse_args(argv=None):
                    help="detect_memorize, reasoning: the probability that every fact of a TRAINING sample lies before "
                    "its last segment, where only the memory carries it (default: the task's own placement; "
                    "validation and test keep it); memorize ignores it")
+    p.add_argument("--reconstruction-coef", type=float, default=0.0, metavar="W",
+                   help="weight of the memory reconstruction loss (each memory rebuilds masked tokens of the segment "
+                   "that wrote it; rmt_fast.experiments.reconstruction) (%(default)s: off)")
+    p.add_argument("--reconstruction-mask-prob", type=float, default=0.15, metavar="P",
+                   help="share of a segment's tokens masked for it (%(default)s)")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start the tasks' runs from a saved RMT instead of the pretrained backbone (m=10; e.g. a "
                    "one-segment reasoning model of scripts/reasoning_one_segment.py: OUT/<config>/checkpoint-last, "
@@ -188,7 +193,9 @@ def task_config(a, task: str):
                        stage_eval_samples=a.heatmap_samples, checkpoint_segments=a.checkpoint_segments,
                        capture_memory=a.capture_memory,
                        train_same_axis=a.train_same_axis if task == "reasoning" else None,
-                       train_facts_early=a.train_facts_early if task != "memorize" else None, init_from=a.init_from)
+                       train_facts_early=a.train_facts_early if task != "memorize" else None, init_from=a.init_from,
+                       reconstruction_coef=a.reconstruction_coef,
+                       reconstruction_mask_prob=a.reconstruction_mask_prob)
 
 
 def run_task(a, task: str) -> dict:
