@@ -1,22 +1,17 @@
 """scripts/long_document_lm.py --smoke on the CPU: the corpus split, every variant trained and evaluated, the files."""
 import csv
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import bench_scripts
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("long_document_lm", os.path.join(ROOT, "scripts",
-                                                                                   "long_document_lm.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_scripts.load_script("long_document_lm")
 
 
 def test_smoke_every_variant(script, tmp_path):

@@ -61,7 +61,7 @@ def test_answer_loss_and_gradients_equal_one_call_over_all_segments(n, device):
     want = {k: p.grad.clone() for k, p in rmt.named_parameters() if p.grad is not None}
     for _ in range(3 if device == "cuda" else 1):  # on a GPU: eager, then captured, then replayed calls
         rmt.zero_grad(set_to_none=True)
-        total, answer, rec = reconstruction_step_loss(rmt, rmt, head, ids, labels, SEG,
+        total, answer, rec = reconstruction_step_loss(rmt, head, ids, labels, SEG,
                                                       trainer.tokenizer.mask_token_id, 0.15, 0.0,
                                                       torch.Generator().manual_seed(0))
         torch.testing.assert_close(answer, whole, rtol=1e-5, atol=1e-6)
@@ -83,13 +83,13 @@ def test_reconstruction_loss_reaches_the_write_side():
     assert head._embeddings[0].weight is rmt.model.get_input_embeddings().weight
     assert not any(p is rmt.model.get_input_embeddings().weight for p in head.parameters())
     ids, labels = _batch(trainer, 2)
-    _, _, rec = reconstruction_step_loss(rmt, rmt, head, ids, labels, SEG, trainer.tokenizer.mask_token_id, 0.3,
+    _, _, rec = reconstruction_step_loss(rmt, head, ids, labels, SEG, trainer.tokenizer.mask_token_id, 0.3,
                                          1.0, torch.Generator().manual_seed(0))
     rec.backward()
     assert rmt.memory.grad is not None and rmt.memory.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
     with pytest.raises(ValueError, match="whole segments"):
-        reconstruction_step_loss(rmt, rmt, head, ids[:, :SEG + 3], labels, SEG, 4, 0.3, 1.0)
+        reconstruction_step_loss(rmt, head, ids[:, :SEG + 3], labels, SEG, 4, 0.3, 1.0)
 
 
 def test_head_shapes():

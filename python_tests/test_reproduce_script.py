@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import bench_scripts
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "reproduce_h200.py")
 
@@ -162,11 +164,7 @@ def test_reasoning_one_segment_as_a_memory_stage(tmp_path):
 
 
 def test_train_same_axis_reaches_the_reasoning_config_only():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("reproduce_h200", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _reproduce_module()
     a = mod.parse_args(["--out", "/tmp/x", "--train-same-axis", "0.67"])
     assert mod.task_config(a, "reasoning").train_same_axis == 0.67
     assert mod.task_config(a, "memorize").train_same_axis is None
@@ -195,34 +193,21 @@ def test_reasoning_one_segment_length_warmup(tmp_path):
 
 @pytest.mark.parametrize("lengths", ["48,abc", "600", "0"])
 def test_reasoning_one_segment_bad_warmup_lengths(lengths, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("r1", os.path.join(ROOT, "scripts", "reasoning_one_segment.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_scripts.load_script("reasoning_one_segment")
     with pytest.raises(SystemExit):
         mod.parse_args(["--out", "/tmp/x", "--warmup-lengths", lengths])
     assert "--warmup-lengths" in capsys.readouterr().err
 
 
 def test_init_from_reaches_the_task_configs():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("reproduce_h200", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _reproduce_module()
     a = mod.parse_args(["--out", "/tmp/x", "--init-from", "/tmp/r1/a/checkpoint-last"])
     assert mod.task_config(a, "reasoning").init_from == "/tmp/r1/a/checkpoint-last"
     assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").init_from is None
 
 
 def _reproduce_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("reproduce_h200", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_scripts.load_script("reproduce_h200")
 
 
 def test_schedule_reaches_the_task_configs_and_the_estimate():

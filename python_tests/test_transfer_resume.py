@@ -13,6 +13,7 @@ from rmt_fast.experiments.rundir import (LAST_CHECKPOINT, TRANSFER_FILE, install
                                          stage_dirs)
 from rmt_fast.experiments.trainer import train
 
+import bench_scripts
 from test_train import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,8 +122,6 @@ def test_init_from_a_transfer_copy_writes_the_missing_backbone_folder(tmp_path):
     """scripts/reproduce_h200.py --init-from COPY --schedule N on a machine that holds the transfer copy but not the
     --backbone folder (both together would not fit the transfer): the folder is written from the copy and the new
     run starts from the copy's weights."""
-    import importlib.util
-
     from rmt_fast.experiments.backbones import load_backbone
 
     model, tok, _ = load_backbone("tiny-bert", hidden_size=32, num_layers=2, seed=0)
@@ -143,9 +142,7 @@ def test_init_from_a_transfer_copy_writes_the_missing_backbone_folder(tmp_path):
     marked.save_pretrained(last)
     t = save_transfer_copy(last, str(tmp_path / "carry" / "memorize"))
     shutil.rmtree(backbone)
-    spec = importlib.util.spec_from_file_location("reproduce_h200", os.path.join(ROOT, "scripts", "reproduce_h200.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_scripts.load_script("reproduce_h200")
     args = ["--out", str(tmp_path / "out"), "--tasks", "memorize", "--backbone", str(backbone), "--schedule", "2",
             "--max-steps-per-stage", "1", "--eval-every", "1", "--train-time", "0", "--batch-size", "2",
             "--skip-eval", "--no-progress", "--init-from", t]

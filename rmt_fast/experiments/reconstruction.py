@@ -52,30 +52,27 @@ def mask_tokens(ids: torch.Tensor, mask_token_id: int, prob: float, generator: t
     return masked, targets
 
 
-def reconstruction_step_loss(model, rmt, head: ReconstructionHead, ids: torch.Tensor, labels: torch.Tensor,
+def reconstruction_step_loss(rmt, head: ReconstructionHead, ids: torch.Tensor, labels: torch.Tensor,
                              segment_size: int, mask_token_id: int, prob: float, coef: float,
                              generator: torch.Generator | None = None):
     """``(total loss, answer loss, reconstruction loss)`` of one batch ``ids [B, n * segment_size]`` (every row
     exactly n >= 1 segments, as the memory tasks make them), ``labels [B]``. Every segment's memory, the last one's
-    too, rebuilds that segment's masked tokens (so a one-segment stage trains the write side as well).
-
-    ``model`` is what the trainer calls (the RMT), ``rmt`` the RMT itself (for its layout: the token states of a
-    segment sit after ``[CLS]``, the m memory slots and ``[SEP]``)."""
+    too, rebuilds that segment's masked tokens (so a one-segment stage trains the write side as well). The token
+    states of a segment are where the RMT's layout puts them (``scheme.token_span``)."""
     b, t = ids.shape
     n = t // segment_size
     if n < 1 or n * segment_size != t:
         raise ValueError(f"ids: the reconstruction loss needs rows of whole segments of {segment_size} tokens, "
                          f"got length {t}")
-    first = rmt.rmt_config.num_mem_tokens + 2  # [CLS] memory [SEP]
+    span = rmt.runner.scheme.token_span(segment_size)
     memory, rec, answer = None, [], None
     for k in range(n):
         seg = ids[:, k * segment_size:(k + 1) * segment_size]
         last = k == n - 1
-        out = model(input_ids=seg, memory=memory, labels=labels if last else None, return_logits=False)
+        out = rmt(input_ids=seg, memory=memory, labels=labels if last else None, return_logits=False)
         memory, answer = out.memory, (out.loss if last else None)
         masked, targets = mask_tokens(seg, mask_token_id, prob, generator)
-        h = model(input_ids=masked, memory=memory).last_hidden_state[:, first:first + segment_size]
-        logits = head(h)
+        logits = head(rmt(input_ids=masked, memory=memory).last_hidden_state[:, span])
         rec.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=-100))
     rec_loss = torch.stack(rec).mean()

@@ -422,6 +422,7 @@ class Trainer:
         self.segment_step_seconds = 0.0
         self.paused = False
         self.rec_head = None  # the reconstruction loss's head (build)
+        self.rec_sum, self.rec_steps = None, 0  # its loss summed since the last validation record
 
     # ---- setup ---------------------------------------------------------------------------------------
     def build(self) -> "Trainer":
@@ -477,7 +478,6 @@ class Trainer:
         path = os.path.join(self.last_dir, RECONSTRUCTION_FILE) if self.last_dir else None
         if self.resume_state is not None and path and os.path.isfile(path):
             head.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
-        self.rec_sum, self.rec_steps = None, 0
         return head
 
     def _restore(self) -> None:
@@ -515,7 +515,7 @@ class Trainer:
     def _new_optimizer(self):
         cfg = self.cfg
         params = list(self.rmt.parameters())
-        if getattr(self, "rec_head", None) is not None:
+        if self.rec_head is not None:
             params += list(self.rec_head.parameters())
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
                                  fused=self.device.type == "cuda")
@@ -694,8 +694,8 @@ class Trainer:
                 from .reconstruction import reconstruction_step_loss
 
                 gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-                total, loss, rec = reconstruction_step_loss(
-                    self.model, self.rmt, self.rec_head, ids, labels, cfg.segment_size, self.tokenizer.mask_token_id,
+                total, loss, rec = reconstruction_step_loss(  # one process only (build refuses DDP)
+                    self.rmt, self.rec_head, ids, labels, cfg.segment_size, self.tokenizer.mask_token_id,
                     cfg.reconstruction_mask_prob, cfg.reconstruction_coef, gen)
                 self.rec_sum = rec.detach().float() if self.rec_sum is None else self.rec_sum + rec.detach().float()
                 self.rec_steps += 1
