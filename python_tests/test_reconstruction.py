@@ -51,11 +51,13 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_answer_loss_and_gradients_equal_one_call_over_all_segments(n, device):
     """reconstruction_step_loss runs one call per segment; its answer loss and the gradients it gives (coef 0) must
     be those of one call over the whole input (full BPTT through the memory handoffs). On a GPU the calls take the
-    library's default executors (CUDA graphs where they apply), fp32."""
+    library's default executors for the whole call (CUDA graphs where they apply) and eager ones for the chained
+    per-segment calls, fp32."""
     torch.manual_seed(0)
     trainer = tr.Trainer(tiny(schedule=[n], device=device, torch_compile="off", bf16=False)).build()
     rmt, head = trainer.rmt, trainer.rec_head
     ids, labels = (x.to(trainer.device) for x in _batch(trainer, n))
+    assert rmt.rmt_config.cuda_graphs == "auto"  # the per-segment calls switch graphs off for their duration only
     whole = rmt(input_ids=ids, labels=labels, return_logits=False).loss
     whole.backward()
     want = {k: p.grad.clone() for k, p in rmt.named_parameters() if p.grad is not None}
@@ -66,7 +68,7 @@ def test_answer_loss_and_gradients_equal_one_call_over_all_segments(n, device):
                                                       torch.Generator().manual_seed(0))
         torch.testing.assert_close(answer, whole, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-6)
-        assert rec.item() > 0
+        assert rec.item() > 0 and rmt.rmt_config.cuda_graphs == "auto"
         total.backward()
         got = {k: p.grad for k, p in rmt.named_parameters() if p.grad is not None}
         assert set(got) == set(want) and "memory" in got
@@ -123,3 +125,32 @@ def test_reconstruction_options_are_checked():
     with pytest.raises(ValueError, match="reconstruction_coef: .*encoder"):
         tr.Trainer(tiny(backbone="tiny-gpt2")).build()
     assert tr.Trainer(tiny(reconstruction_coef=0.0)).build().rec_head is None
+
+
+@CUDA
+@pytest.mark.parametrize("extra_call", [False, True])
+def test_chained_graded_calls_with_cuda_graphs_equal_one_call(extra_call):
+    """The library's default executors (CUDA graphs) on chained training calls, one backward for all: segment 1,
+    then segment 2 from its memory with the labels (and, with ``extra_call``, one more call from the memory segment
+    2 wrote, its output in the loss times 0) equal one call over both segments, loss and gradients, fp32. Run three
+    times: eager, captured, replayed."""
+    torch.manual_seed(0)
+    trainer = tr.Trainer(tiny(schedule=[2], device="cuda", torch_compile="off", bf16=False)).build()
+    rmt = trainer.rmt
+    ids, labels = (x.to(trainer.device) for x in _batch(trainer, 2))
+    whole = rmt(input_ids=ids, labels=labels, return_logits=False).loss
+    whole.backward()
+    want = {k: p.grad.clone() for k, p in rmt.named_parameters() if p.grad is not None}
+    for _ in range(3):
+        rmt.zero_grad(set_to_none=True)
+        first = rmt(input_ids=ids[:, :SEG], return_logits=False)
+        out = rmt(input_ids=ids[:, SEG:], memory=first.memory, labels=labels, return_logits=False)
+        loss = out.loss
+        if extra_call:
+            loss = loss + 0.0 * rmt(input_ids=ids[:, SEG:], memory=out.memory).last_hidden_state.float().sum()
+        torch.testing.assert_close(out.loss, whole, rtol=1e-5, atol=1e-6)
+        loss.backward()
+        got = {k: p.grad for k, p in rmt.named_parameters() if p.grad is not None}
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)

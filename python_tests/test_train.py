@@ -98,6 +98,10 @@ def test_patience_and_time_limit(monkeypatch, capsys):
     assert [s["steps"] for s in res.stages] == [3, 3]
     res = train(tiny(None, eval_every=1, max_steps_per_stage=50, max_time_s=0.0))
     assert len(res.stages) == 1 and res.stages[0]["reason"] == "time"
+    # between validations too: the limit ends the stage after the step that passed it, with a validation record
+    res = train(tiny(None, eval_every=40, max_steps_per_stage=50, max_time_s=0.0))
+    assert len(res.stages) == 1 and res.stages[0]["reason"] == "time" and res.stages[0]["steps"] == 1
+    assert [h["step"] for h in res.history] == [1]
     # the progress line says what ended the stage
     res = train(tiny(None, eval_every=1, max_steps_per_stage=2, min_steps_per_stage=2, schedule=[1], progress=True))
     assert res.stages[0]["reason"] == "fixed_steps"

@@ -12,7 +12,8 @@ last-layer states. A masked direction word between two visible places is known f
 ``loss = answer loss + coef * mean over the segments of (masked-token cross-entropy)``
 
 The recurrence runs as one call per segment (full BPTT through the memory handoffs, as one call over all of them),
-so that every written memory is at hand; the reconstruction passes add one backbone pass per segment.
+so that every written memory is at hand; the reconstruction passes add one backbone pass per segment. These calls
+run eagerly (``cuda_graphs`` off for their duration): each feeds the next before the one backward.
 """
 from __future__ import annotations
 
@@ -65,6 +66,15 @@ def reconstruction_step_loss(rmt, head: ReconstructionHead, ids: torch.Tensor, l
         raise ValueError(f"ids: the reconstruction loss needs rows of whole segments of {segment_size} tokens, "
                          f"got length {t}")
     span = rmt.runner.scheme.token_span(segment_size)
+    config = rmt.rmt_config
+    graphs, config.cuda_graphs = config.cuda_graphs, False
+    try:
+        return _chained_loss(rmt, head, ids, labels, segment_size, n, span, mask_token_id, prob, coef, generator)
+    finally:
+        config.cuda_graphs = graphs
+
+
+def _chained_loss(rmt, head, ids, labels, segment_size, n, span, mask_token_id, prob, coef, generator):
     memory, rec, answer = None, [], None
     for k in range(n):
         seg = ids[:, k * segment_size:(k + 1) * segment_size]
