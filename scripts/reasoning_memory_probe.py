@@ -115,15 +115,16 @@ def features(rmt, tokenizer, num_segments: int, samples: int, batch_size: int, s
 
 def fit_probe(xtr, ytr, xte, yte, classes: int, steps: int = 300) -> dict:
     """Multinomial logistic regression on standardised features; the L2 penalty is picked on the last fifth of
-    the training samples, then the probe is refitted on all of them. Returns test accuracy and chance."""
+    the training samples, then the probe is refitted on all of them; it runs where the features are (a GPU fits in
+    seconds what a shared CPU fits in minutes). Returns test accuracy and chance."""
     import torch
 
     mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
     xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
 
     def fit(x, y, lam):
-        w = torch.zeros(x.shape[1], classes, requires_grad=True)
-        b = torch.zeros(classes, requires_grad=True)
+        w = torch.zeros(x.shape[1], classes, device=x.device, requires_grad=True)
+        b = torch.zeros(classes, device=x.device, requires_grad=True)
         opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
 
         def closure():
@@ -143,7 +144,7 @@ def fit_probe(xtr, ytr, xte, yte, classes: int, steps: int = 300) -> dict:
     scores = [acc(fit(xtr[:cut], ytr[:cut], lam), xtr[cut:], ytr[cut:]) for lam in lams]
     lam = lams[max(range(len(lams)), key=scores.__getitem__)]
     test = acc(fit(xtr, ytr, lam), xte, yte)
-    chance = float(torch.bincount(yte, minlength=classes).max()) / len(yte)
+    chance = float(torch.bincount(yte.cpu(), minlength=classes).max()) / len(yte)
     return {"test_accuracy": test, "chance": chance, "l2": lam}
 
 

@@ -221,16 +221,23 @@ def run_one(a, name: str, overrides: dict) -> dict:
     seconds = time.time() - t0
     # The test and the probes run the compiled backbone eagerly: their batch shapes and the probes' fp32 model would
     # each be a new inductor compile (minutes with several processes compiling at once).
+    path = os.path.join(a.out, name, "diagnosis.json")
+
+    def write(doc):  # after the test and again after the probes: a run cut short keeps what it finished
+        doc["test_seconds"] = round(time.time() - t0 - seconds, 1)
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2, default=str)
+        print(f"{name}: {path} written ({doc['test_seconds']:.0f}s after training)", flush=True)
+
     with _eager():
         doc = {"name": name, "overrides": overrides, "config": cfg.to_dict(), "train_seconds": round(seconds, 1),
                "warmup": warmup, "history": history,
                "test": test_breakdown(res.model, res.tokenizer, cfg, a.test_samples if not a.smoke else 16,
                                       num_segments=a.segments)}
+        write(doc)
         if a.segments > 1 and a.probe_samples and cfg.num_mem_tokens > 0:  # with m=0 there is no memory to probe
             doc["probe"] = memory_probes(res.model, res.tokenizer, cfg, a.segments, a.probe_samples)
-    doc["test_seconds"] = round(time.time() - t0 - seconds, 1)
-    with open(os.path.join(a.out, name, "diagnosis.json"), "w") as f:
-        json.dump(doc, f, indent=2, default=str)
+            write(doc)
     return doc
 
 
@@ -244,8 +251,9 @@ def memory_probes(rmt, tokenizer, cfg, num_segments: int, samples: int) -> dict:
     test = max(10, samples // 3)
     mem, _, tg = probe.features(rmt, tokenizer, num_segments, samples + test, 64, cfg.seed, tokens=False)
     out = {}
+    mem = mem.to(rmt.device)  # the probes are fitted on the model's device
     for name in ("hub", "north of hub", "south of hub", "east of hub", "west of hub"):
-        y = torch.tensor([t[name] for t in tg])
+        y = torch.tensor([t[name] for t in tg], device=rmt.device)
         out[name] = probe.fit_probe(mem[:samples], y[:samples], mem[samples:], y[samples:], probe.num_classes(name))
     return out
 
@@ -299,8 +307,10 @@ def main(argv=None) -> int:
                 name = pending.pop(0)
                 os.makedirs(os.path.join(a.out, name), exist_ok=True)
                 log = open(os.path.join(a.out, name, "log.txt"), "w")
-                running[name] = (subprocess.Popen(argv_base + ["--only", name], stdout=log, stderr=subprocess.STDOUT),
-                                 log)
+                env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))  # the CPU is shared too
+                running[name] = (subprocess.Popen(argv_base + ["--only", name], stdout=log, stderr=subprocess.STDOUT,
+                                                  env=env), log)
             time.sleep(2)
             for name, (proc, log) in list(running.items()):
                 if proc.poll() is not None:
