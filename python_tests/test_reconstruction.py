@@ -76,6 +76,50 @@ def test_answer_loss_and_gradients_equal_one_call_over_all_segments(n, device):
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def _reference_losses(rmt, head, ids, labels, n, mask_id, prob, seed, last):
+    """The definition, one call per pass: segment k from memory M_(k-1), then its masked copy from M_k."""
+    import torch.nn.functional as F
+    from rmt_fast.experiments.reconstruction import mask_tokens
+
+    gen = torch.Generator().manual_seed(seed)
+    segs = [ids[:, k * SEG:(k + 1) * SEG] for k in range(n)]
+    masks = [mask_tokens(s, mask_id, prob, gen) for s in segs]
+    memory, rec = None, []
+    for k in range(n):
+        out = rmt(input_ids=segs[k], memory=memory, labels=labels if k == n - 1 else None, return_logits=False)
+        memory = out.memory
+        if k < n - 1 or last:
+            h = rmt(input_ids=masks[k][0], memory=memory).last_hidden_state
+            logits = head(h[:, rmt.runner.scheme.token_span(SEG)])
+            rec.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), masks[k][1].reshape(-1)))
+    return out.loss, (torch.stack(rec).mean() if rec else out.loss.new_zeros(()))
+
+
+@pytest.mark.parametrize("last", [True, False])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_paired_calls_equal_one_call_per_pass(n, last):
+    """The masked pass of segment k shares a call with segment k+1 (both read M_k): losses and gradients (coef 1)
+    equal one call per pass; ``last=False`` leaves the last segment's memory out (none at all for one segment)."""
+    torch.manual_seed(0)
+    trainer = tr.Trainer(tiny(schedule=[n], torch_compile="off", bf16=False)).build()
+    rmt, head = trainer.rmt.eval(), trainer.rec_head  # no dropout: the two orders must see the same network
+    ids, labels = _batch(trainer, n)
+    mask_id = trainer.tokenizer.mask_token_id
+    params = [p for p in (*rmt.parameters(), *head.parameters()) if p.requires_grad]
+    answer_ref, rec_ref = _reference_losses(rmt, head, ids, labels, n, mask_id, 0.3, 5, last)
+    want = torch.autograd.grad(answer_ref + 0.7 * rec_ref, params, allow_unused=True)
+    total, answer, rec = reconstruction_step_loss(rmt, head, ids, labels, SEG, mask_id, 0.3, 0.7,
+                                                  torch.Generator().manual_seed(5), last=last)
+    torch.testing.assert_close(answer, answer_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rec, rec_ref, rtol=1e-5, atol=1e-6)
+    assert (rec.item() == 0) == (n == 1 and not last)
+    got = torch.autograd.grad(total, params, allow_unused=True)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
 def test_reconstruction_loss_reaches_the_write_side():
     """The masked-token loss alone gives gradients to the head, to the initial memory (through the first segment's
     write) and to the backbone; the head's decoder is the backbone's own embedding matrix (tied)."""
@@ -92,6 +136,8 @@ def test_reconstruction_loss_reaches_the_write_side():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
     with pytest.raises(ValueError, match="whole segments"):
         reconstruction_step_loss(rmt, head, ids[:, :SEG + 3], labels, SEG, 4, 0.3, 1.0)
+    with pytest.raises(ValueError, match="labels"):
+        reconstruction_step_loss(rmt, head, ids, labels[:2], SEG, 4, 0.3, 1.0)
 
 
 def test_head_shapes():
@@ -113,6 +159,9 @@ def test_trainer_records_the_reconstruction_loss_and_resumes_its_head(tmp_path):
     for k, v in trainer.rec_head.state_dict().items():
         torch.testing.assert_close(v, saved[k], msg=k)
     assert any(p is trainer.rec_head.bias for g in trainer.optimizer.param_groups for p in g["params"])
+    # reconstruction_last=False: only memories a later segment reads are rebuilt (none on one segment)
+    res = train(tiny(None, schedule=[1, 2], eval_every=2, max_steps_per_stage=2, reconstruction_last=False))
+    assert [h["reconstruction_loss"] > 0 for h in res.history] == [False, True]
 
 
 def test_reconstruction_options_are_checked():

@@ -12,8 +12,9 @@ last-layer states. A masked direction word between two visible places is known f
 ``loss = answer loss + coef * mean over the segments of (masked-token cross-entropy)``
 
 The recurrence runs as one call per segment (full BPTT through the memory handoffs, as one call over all of them),
-so that every written memory is at hand; the reconstruction passes add one backbone pass per segment. These calls
-run eagerly (``cuda_graphs`` off for their duration): each feeds the next before the one backward.
+so that every written memory is at hand; the reconstruction passes add one backbone pass per segment, each batched
+with the next segment's pass (the two read the same memory). These calls run eagerly (``cuda_graphs`` off for their
+duration): each feeds the next before the one backward.
 """
 from __future__ import annotations
 
@@ -55,35 +56,62 @@ def mask_tokens(ids: torch.Tensor, mask_token_id: int, prob: float, generator: t
 
 def reconstruction_step_loss(rmt, head: ReconstructionHead, ids: torch.Tensor, labels: torch.Tensor,
                              segment_size: int, mask_token_id: int, prob: float, coef: float,
-                             generator: torch.Generator | None = None):
+                             generator: torch.Generator | None = None, last: bool = True):
     """``(total loss, answer loss, reconstruction loss)`` of one batch ``ids [B, n * segment_size]`` (every row
-    exactly n >= 1 segments, as the memory tasks make them), ``labels [B]``. Every segment's memory, the last one's
-    too, rebuilds that segment's masked tokens (so a one-segment stage trains the write side as well). The token
-    states of a segment are where the RMT's layout puts them (``scheme.token_span``)."""
+    exactly n >= 1 segments, as the memory tasks make them), ``labels [B]``. Every segment's memory rebuilds that
+    segment's masked tokens; ``last=False`` leaves out the last segment's (which no later segment reads; a
+    one-segment batch then has a reconstruction loss of 0). The token states of a segment are where the RMT's layout
+    puts them (``scheme.token_span``).
+
+    The passes run as ``n + 1`` calls (``n`` with ``last=False``): the masked pass of segment k reads the memory
+    that segment k+1 reads too, so the two share one call of twice the batch."""
     b, t = ids.shape
     n = t // segment_size
     if n < 1 or n * segment_size != t:
         raise ValueError(f"ids: the reconstruction loss needs rows of whole segments of {segment_size} tokens, "
                          f"got length {t}")
-    span = rmt.runner.scheme.token_span(segment_size)
+    if labels.shape != (b,):
+        raise ValueError(f"labels: one class per row ({b},) expected, got {tuple(labels.shape)}")
     config = rmt.rmt_config
     graphs, config.cuda_graphs = config.cuda_graphs, False
     try:
-        return _chained_loss(rmt, head, ids, labels, segment_size, n, span, mask_token_id, prob, coef, generator)
+        return _chained_loss(rmt, head, ids, labels, segment_size, n, mask_token_id, prob, coef, generator, last)
     finally:
         config.cuda_graphs = graphs
 
 
-def _chained_loss(rmt, head, ids, labels, segment_size, n, span, mask_token_id, prob, coef, generator):
-    memory, rec, answer = None, [], None
-    for k in range(n):
-        seg = ids[:, k * segment_size:(k + 1) * segment_size]
-        last = k == n - 1
-        out = rmt(input_ids=seg, memory=memory, labels=labels if last else None, return_logits=False)
-        memory, answer = out.memory, (out.loss if last else None)
-        masked, targets = mask_tokens(seg, mask_token_id, prob, generator)
-        logits = head(rmt(input_ids=masked, memory=memory).last_hidden_state[:, span])
-        rec.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=-100))
-    rec_loss = torch.stack(rec).mean()
+def _chained_loss(rmt, head, ids, labels, segment_size, n, mask_token_id, prob, coef, generator, last):
+    b = ids.shape[0]
+    span = rmt.runner.scheme.token_span(segment_size)
+    segments = [ids[:, k * segment_size:(k + 1) * segment_size] for k in range(n)]
+    masked = [mask_tokens(seg, mask_token_id, prob, generator) for seg in segments]
+    rec, memory, answer_logits = [], None, None
+
+    def reconstruct(states, k):  # states [B, N, d] of segment k's masked pass
+        logits = head(states[:, span])
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), masked[k][1].reshape(-1), ignore_index=-100)
+
+    for k in range(n + 1):
+        rows, mem = [], []
+        if k < n:  # segment k from the memory segment k-1 wrote
+            rows.append(segments[k])
+            mem.append(memory)
+        if k > 0 and (k < n or last):  # the masked pass of segment k-1, from the same memory
+            rows.append(masked[k - 1][0])
+            mem.append(memory)
+        if not rows:
+            break
+        if memory is None:
+            mem = None
+        else:
+            mem = torch.cat(mem) if len(mem) > 1 else mem[0]
+        out = rmt(input_ids=torch.cat(rows) if len(rows) > 1 else rows[0], memory=mem, return_logits=False)
+        if k < n:
+            memory = out.memory[:b]
+            if k == n - 1:
+                answer_logits = out.logits[:b]
+        if k > 0 and (k < n or last):
+            rec.append(reconstruct(out.last_hidden_state[-b:], k - 1))
+    answer = rmt.adapter.classification_loss(answer_logits, labels, None)
+    rec_loss = torch.stack(rec).mean() if rec else answer.new_zeros(())
     return answer + coef * rec_loss, answer, rec_loss

@@ -123,6 +123,9 @@ class TrainConfig:
                                       OPTIM)
     reconstruction_mask_prob: float = _arg(0.15, "share of a segment's tokens masked for the reconstruction loss",
                                            OPTIM)
+    reconstruction_last: bool = _arg(True, "the last segment's memory is not reconstructed (only memories that a "
+                                     "later segment reads; one pass fewer per step)", OPTIM,
+                                     flags=("--no-reconstruction-last",))
     seed: int = _arg(0, "seed of the initialisation and of the samples", OPTIM)
     device: str = _arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N", RUN)
     bf16: bool = _arg(True, "no bf16 autocast on CUDA", RUN, flags=("--no-bf16",))
@@ -702,7 +705,7 @@ class Trainer:
                 gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
                 total, loss, rec = reconstruction_step_loss(  # one process only (build refuses DDP)
                     self.rmt, self.rec_head, ids, labels, cfg.segment_size, self.tokenizer.mask_token_id,
-                    cfg.reconstruction_mask_prob, cfg.reconstruction_coef, gen)
+                    cfg.reconstruction_mask_prob, cfg.reconstruction_coef, gen, last=cfg.reconstruction_last)
                 self.rec_sum = rec.detach().float() if self.rec_sum is None else self.rec_sum + rec.detach().float()
                 self.rec_steps += 1
             else:
