@@ -87,9 +87,11 @@ def _chained_loss(rmt, head, ids, labels, segment_size, n, mask_token_id, prob, 
     masked = [mask_tokens(seg, mask_token_id, prob, generator) for seg in segments]
     rec, memory, answer_logits = [], None, None
 
-    def reconstruct(states, k):  # states [B, N, d] of segment k's masked pass
-        logits = head(states[:, span])
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), masked[k][1].reshape(-1), ignore_index=-100)
+    def reconstruct(states, k):  # states [B, N, d] of segment k's masked pass; the head reads masked positions only
+        targets = masked[k][1]
+        chosen = targets != -100
+        logits = head(states[:, span][chosen])
+        return F.cross_entropy(logits.float(), targets[chosen])
 
     for k in range(n + 1):
         rows, mem = [], []
