@@ -249,9 +249,10 @@ def test_training_mix_probabilities_are_checked_naming_the_flag(flag, capsys):
 
 def test_reconstruction_options_reach_the_task_configs():
     mod = _reproduce_module()
-    a = mod.parse_args(["--out", "/tmp/x", "--reconstruction-coef", "0.5", "--reconstruction-mask-prob", "0.3"])
+    a = mod.parse_args(["--out", "/tmp/x", "--reconstruction-coef", "0.5", "--reconstruction-mask-prob", "0.3",
+                        "--no-reconstruction-last"])
     cfg = mod.task_config(a, "reasoning")
-    assert (cfg.reconstruction_coef, cfg.reconstruction_mask_prob) == (0.5, 0.3)
+    assert (cfg.reconstruction_coef, cfg.reconstruction_mask_prob, cfg.reconstruction_last) == (0.5, 0.3, False)
     cfg.validate()
     off = mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning")
-    assert (off.reconstruction_coef, off.reconstruction_mask_prob) == (0.0, 0.15)
+    assert (off.reconstruction_coef, off.reconstruction_mask_prob, off.reconstruction_last) == (0.0, 0.15, True)

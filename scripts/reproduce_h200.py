@@ -112,6 +112,8 @@ def parse_args(argv=None):
                    "that wrote it; rmt_fast.experiments.reconstruction) (%(default)s: off)")
     p.add_argument("--reconstruction-mask-prob", type=float, default=0.15, metavar="P",
                    help="share of a segment's tokens masked for it (%(default)s)")
+    p.add_argument("--no-reconstruction-last", dest="reconstruction_last", action="store_false",
+                   help="the last segment's memory is not reconstructed (only memories a later segment reads)")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start the tasks' runs from a saved RMT instead of the pretrained backbone (m=10; e.g. a "
                    "one-segment reasoning model of scripts/reasoning_one_segment.py: OUT/<config>/checkpoint-last, "
@@ -195,7 +197,8 @@ def task_config(a, task: str):
                        train_same_axis=a.train_same_axis if task == "reasoning" else None,
                        train_facts_early=a.train_facts_early if task != "memorize" else None, init_from=a.init_from,
                        reconstruction_coef=a.reconstruction_coef,
-                       reconstruction_mask_prob=a.reconstruction_mask_prob)
+                       reconstruction_mask_prob=a.reconstruction_mask_prob,
+                       reconstruction_last=a.reconstruction_last)
 
 
 def run_task(a, task: str) -> dict:
