@@ -94,25 +94,19 @@ def _chained_loss(rmt, head, ids, labels, segment_size, n, mask_token_id, prob, 
         return F.cross_entropy(logits.float(), targets[chosen])
 
     for k in range(n + 1):
-        rows, mem = [], []
-        if k < n:  # segment k from the memory segment k-1 wrote
-            rows.append(segments[k])
-            mem.append(memory)
-        if k > 0 and (k < n or last):  # the masked pass of segment k-1, from the same memory
+        rows = [segments[k]] if k < n else []  # segment k, from the memory segment k-1 wrote
+        rebuild = k > 0 and (k < n or last)
+        if rebuild:  # the masked copy of segment k-1, from the same memory
             rows.append(masked[k - 1][0])
-            mem.append(memory)
         if not rows:
             break
-        if memory is None:
-            mem = None
-        else:
-            mem = torch.cat(mem) if len(mem) > 1 else mem[0]
-        out = rmt(input_ids=torch.cat(rows) if len(rows) > 1 else rows[0], memory=mem, return_logits=False)
+        mem = None if memory is None else torch.cat([memory] * len(rows))
+        out = rmt(input_ids=torch.cat(rows), memory=mem, return_logits=False)
         if k < n:
             memory = out.memory[:b]
             if k == n - 1:
                 answer_logits = out.logits[:b]
-        if k > 0 and (k < n or last):
+        if rebuild:
             rec.append(reconstruct(out.last_hidden_state[-b:], k - 1))
     answer = rmt.adapter.classification_loss(answer_logits, labels, None)
     rec_loss = torch.stack(rec).mean() if rec else answer.new_zeros(())
