@@ -631,21 +631,19 @@ class Trainer:
             step += 1
             bar.update(1)
             metric = None
-            if step % cfg.eval_every == 0 or step >= cfg.max_steps_per_stage:
+            # in one process the time limit is read after every step and a step past it validates now (a slow step
+            # must not run on to the next validation); under torchrun it is read at validations (one collective)
+            out_of_time = (cfg.max_time_s is not None and self.world == 1
+                           and time.time() - self.t_start > cfg.max_time_s)
+            if step % cfg.eval_every == 0 or step >= cfg.max_steps_per_stage or out_of_time:
                 metric = self.log_validation(stage_index, n, step, loss_sum / loss_steps, scheduler)
                 loss_sum, loss_steps = None, 0
                 acc = self.history[-1]["val_accuracy"]
                 bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}", val_acc=f"{acc:.3f}")
             reason = tracker.update(step, metric)
-            # the time limit: checked every step in one process (a slow step must not run on to the next
-            # validation), at validations under torchrun (one collective per check); the stop validates first
-            if (reason is None and cfg.max_time_s is not None and (metric is not None or self.world == 1)
-                    and self._any_rank(time.time() - self.t_start > cfg.max_time_s)):
-                if metric is None:
-                    self.log_validation(stage_index, n, step, loss_sum / loss_steps, scheduler)
-                    loss_sum, loss_steps = None, 0
-                    acc = self.history[-1]["val_accuracy"]
-                reason, stop_all = "time", True
+            if metric is not None and reason is None and cfg.max_time_s is not None:
+                if self._any_rank(time.time() - self.t_start > cfg.max_time_s):
+                    reason, stop_all = "time", True
             if metric is not None and reason is None and cfg.max_stage_time_s is not None:
                 if self._any_rank(time.time() - self.t_stage > cfg.max_stage_time_s):
                     reason = "stage_time"
