@@ -12,6 +12,7 @@ loop). Cases: ``<decoder|encoder>-<full|two_sweep>`` (full BPTT or ``checkpoint_
 Every optimizer is plain SGD with a constant learning rate, so the engines agree with one process to rounding.
 ``cuda`` (single and ddp only): each rank on its own GPU (NCCL), where the segments replay as CUDA graphs.
 """
+import gc
 import os
 import sys
 
@@ -181,6 +182,11 @@ def main(out_dir: str, engines: str, cases: str = "", device: str = "cpu") -> No
             if rank == 0:
                 torch.save(res, os.path.join(out_dir, f"{engine}-{case}.pt"))
     if torch.distributed.is_initialized():
+        # the engines' objects (DDP reducers, FSDP states) hold the gloo group: free them while the interpreter is
+        # alive, and let every rank reach the teardown before the group goes
+        res = None
+        gc.collect()
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
