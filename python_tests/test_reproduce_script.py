@@ -256,3 +256,11 @@ def test_reconstruction_options_reach_the_task_configs():
     cfg.validate()
     off = mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning")
     assert (off.reconstruction_coef, off.reconstruction_mask_prob, off.reconstruction_last) == (0.0, 0.15, True)
+    assert off.distill_coef == 0.0
+
+
+def test_distillation_option_reaches_the_task_configs():
+    mod = _reproduce_module()
+    cfg = mod.task_config(mod.parse_args(["--out", "/tmp/x", "--distill-coef", "2"]), "reasoning")
+    assert cfg.distill_coef == 2.0
+    cfg.validate()

@@ -114,6 +114,10 @@ def parse_args(argv=None):
                    help="share of a segment's tokens masked for it (%(default)s)")
     p.add_argument("--no-reconstruction-last", dest="reconstruction_last", action="store_false",
                    help="the last segment's memory is not reconstructed (only memories a later segment reads)")
+    p.add_argument("--distill-coef", type=float, default=0.0, metavar="W",
+                   help="weight of the context distillation loss (the last segment's states, read through the memory, "
+                   "match the model's own on the whole row as one segment; rmt_fast.experiments.distillation; rows "
+                   "must fit the backbone's positions) (%(default)s: off)")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start the tasks' runs from a saved RMT instead of the pretrained backbone (m=10; e.g. a "
                    "one-segment reasoning model of scripts/reasoning_one_segment.py: OUT/<config>/checkpoint-last, "
@@ -198,7 +202,7 @@ def task_config(a, task: str):
                        train_facts_early=a.train_facts_early if task != "memorize" else None, init_from=a.init_from,
                        reconstruction_coef=a.reconstruction_coef,
                        reconstruction_mask_prob=a.reconstruction_mask_prob,
-                       reconstruction_last=a.reconstruction_last)
+                       reconstruction_last=a.reconstruction_last, distill_coef=a.distill_coef)
 
 
 def run_task(a, task: str) -> dict:

@@ -126,6 +126,10 @@ class TrainConfig:
     reconstruction_last: bool = _arg(True, "the last segment's memory is not reconstructed (only memories that a "
                                      "later segment reads; one pass fewer per step)", OPTIM,
                                      flags=("--no-reconstruction-last",))
+    distill_coef: float = _arg(0.0, "encoders: weight of the context distillation loss (the last segment's token "
+                               "states, read through the memory, match the same model's states on the whole row as "
+                               "one segment, layer by layer; rmt_fast.experiments.distillation) added to the answer's "
+                               "loss (0: off; not with reconstruction_coef)", OPTIM)
     seed: int = _arg(0, "seed of the initialisation and of the samples", OPTIM)
     device: str = _arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N", RUN)
     bf16: bool = _arg(True, "no bf16 autocast on CUDA", RUN, flags=("--no-bf16",))
@@ -210,6 +214,10 @@ class TrainConfig:
             raise ValueError(f"reconstruction_coef must be a number >= 0 (0: off), got {self.reconstruction_coef!r}")
         if not 0 < self.reconstruction_mask_prob <= 1:
             raise ValueError(f"reconstruction_mask_prob must be in (0, 1], got {self.reconstruction_mask_prob!r}")
+        if isinstance(self.distill_coef, bool) or not self.distill_coef >= 0:
+            raise ValueError(f"distill_coef must be a number >= 0 (0: off), got {self.distill_coef!r}")
+        if self.distill_coef and self.reconstruction_coef:
+            raise ValueError("distill_coef and reconstruction_coef: one auxiliary loss at a time; set one of them to 0")
         if self.capture_memory is not None and not 0 <= self.capture_memory <= 1:
             raise ValueError(f"capture_memory must be a share of the GPU's memory in [0, 1], got {self.capture_memory}")
         if self.validate_at_multiple < 1:
@@ -425,7 +433,8 @@ class Trainer:
         self.segment_step_seconds = 0.0
         self.paused = False
         self.rec_head = None  # the reconstruction loss's head (build)
-        self.rec_sum, self.rec_steps = None, 0  # its loss summed since the last validation record
+        self.aux_sum, self.aux_steps = None, 0  # the auxiliary loss (reconstruction or distillation) since the last
+        # validation record
 
     # ---- setup ---------------------------------------------------------------------------------------
     def build(self) -> "Trainer":
@@ -447,6 +456,7 @@ class Trainer:
             save_tokenizer(self.tokenizer, self.out)
         self.model = self.rmt
         self.rec_head = self._reconstruction_head()
+        self._check_distillation()
         if self.world > 1:  # either schedule: the gradients reach DDP once per backward
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -482,6 +492,18 @@ class Trainer:
         if self.resume_state is not None and path and os.path.isfile(path):
             head.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
         return head
+
+    def _check_distillation(self) -> None:
+        """distill_coef's conditions: an encoder backbone, and every stage's rows fit the teacher's one segment."""
+        cfg = self.cfg
+        if not cfg.distill_coef:
+            return
+        if self.kind != "encoder":
+            raise ValueError(f"distill_coef: the distillation loss is for encoder backbones; {cfg.backbone!r} is a "
+                             f"{self.kind}")
+        from .distillation import check_distillation_fits
+
+        check_distillation_fits(self.rmt, cfg.segment_size, max(self.stages))
 
     def _restore(self) -> None:
         with open(os.path.join(self.last_dir, STATE_FILE)) as f:
@@ -704,8 +726,13 @@ class Trainer:
                 total, loss, rec = reconstruction_step_loss(  # one process only (build refuses DDP)
                     self.rmt, self.rec_head, ids, labels, cfg.segment_size, self.tokenizer.mask_token_id,
                     cfg.reconstruction_mask_prob, cfg.reconstruction_coef, gen, last=cfg.reconstruction_last)
-                self.rec_sum = rec.detach().float() if self.rec_sum is None else self.rec_sum + rec.detach().float()
-                self.rec_steps += 1
+                self._add_aux(rec)
+            elif cfg.distill_coef:
+                from .distillation import distillation_step_loss
+
+                total, loss, aux = distillation_step_loss(self.rmt, ids, labels, cfg.segment_size, cfg.distill_coef,
+                                                          model=self.model)
+                self._add_aux(aux)
             else:
                 total = loss = self.model(input_ids=ids, labels=labels, return_logits=False).loss
         self.optimizer.zero_grad(set_to_none=True)
@@ -717,6 +744,11 @@ class Trainer:
         scheduler.step()
         self.global_step += 1
         return loss.detach()
+
+    def _add_aux(self, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.aux_sum = value if self.aux_sum is None else self.aux_sum + value
+        self.aux_steps += 1
 
     def validate(self, n: int) -> float:
         """Validation accuracy at ``n`` segments (all ranks together)."""
@@ -743,9 +775,10 @@ class Trainer:
                "executors": executors,
                # what the CUDA-graph captures keep in their memory pools (training calls and inference steps)
                "capture_pool_mib": round(self.rmt.runner.captures.held() / 2 ** 20, 1)}
-        if self.rec_head is not None and self.rec_steps:  # the reconstruction loss's mean since the last record
-            rec["reconstruction_loss"] = float((self.rec_sum / self.rec_steps).item())
-            self.rec_sum, self.rec_steps = None, 0
+        if self.aux_steps:  # the auxiliary loss's mean since the last record
+            name = "reconstruction_loss" if self.rec_head is not None else "distillation_loss"
+            rec[name] = float((self.aux_sum / self.aux_steps).item())
+            self.aux_sum, self.aux_steps = None, 0
         metric = acc
         nk = self.multiple_segments(n)
         if nk != n:
@@ -757,7 +790,8 @@ class Trainer:
         self.history.append(rec)
         if self.is_main and not self.cfg.progress:  # no bar to show it: one line per validation for the log
             more = f", at {nk} segments {rec['val_accuracy_multiple']:.3f}" if nk != n else ""
-            more += f", reconstruction loss {rec['reconstruction_loss']:.4f}" if "reconstruction_loss" in rec else ""
+            for name in ("reconstruction_loss", "distillation_loss"):
+                more += f", {name.replace('_', ' ')} {rec[name]:.4f}" if name in rec else ""
             print(f"stage {stage_index + 1}/{len(self.stages)} ({n} segments) step {step}: loss {rec['loss']:.4f}, "
                   f"val accuracy {acc:.3f}{more} ({rec['time_s']:.0f}s)", flush=True)
         return metric

@@ -1,0 +1,123 @@
+"""Context distillation (rmt_fast.experiments.distillation): the teacher is the model on the whole row as one segment,
+the student's answer loss and gradients are a plain training call's, the distillation loss reaches the memory's write
+side, the trainer's option and its checks."""
+import pytest
+import torch
+
+import rmt_fast
+import rmt_fast.experiments.trainer as tr
+from rmt_fast.experiments.distillation import distillation_step_loss, teacher_states
+from rmt_fast.experiments.tasks import collate
+from rmt_fast.experiments.trainer import TrainConfig, train
+
+SEG = 32
+
+
+def tiny(tmp_path=None, **kw):
+    base = dict(task="reasoning", backbone="tiny-bert", tokenizer="word", hidden_size=32, num_mem_tokens=3,
+                segment_size=SEG, schedule=[2], max_steps_per_stage=4, eval_every=2, eval_samples=8, eval_batch_size=8,
+                batch_size=4, lr=1e-3, device="cpu", progress=False, save_stages=False, distill_coef=0.5,
+                torch_compile="off", bf16=False, out_dir=str(tmp_path) if tmp_path is not None else None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _batch(trainer, n, rows=4):
+    data = trainer.dataset(n, "train")
+    b = collate([data[i] for i in range(rows)])
+    return b["input_ids"], b["labels"]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_teacher_is_the_model_on_one_segment(n):
+    """The teacher's states are those of an RMT of the same weights whose segment is the whole row (built apart with
+    rmt_fast.wrap), at the row's last SEG tokens, every layer; the call leaves the model as it found it (segment size,
+    CUDA-graph setting, training mode), also when it fails."""
+    torch.manual_seed(0)
+    trainer = tr.Trainer(tiny(schedule=[n])).build()
+    rmt = trainer.rmt
+    ids, _ = _batch(trainer, n)
+    t = ids.shape[1]
+    got = teacher_states(rmt, ids, SEG)
+    assert rmt.rmt_config.segment_size == SEG and rmt.rmt_config.cuda_graphs == "auto" and rmt.training
+    one = rmt_fast.wrap(rmt.model, num_mem_tokens=3, segment_size=t, tokenizer=trainer.tokenizer,
+                        keep_logits=False).eval()
+    with torch.no_grad():
+        one.memory.copy_(rmt.memory)
+        want = one(input_ids=ids, output_hidden_states=True).hidden_states
+    span = one.runner.scheme.token_span(t)
+    assert len(got) == len(want) == rmt.model.config.num_hidden_layers + 1
+    for g, w in zip(got, want):
+        assert g.shape == (ids.shape[0], SEG, 32) and not g.requires_grad
+        torch.testing.assert_close(g, w[:, span][:, -SEG:], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="input_ids"):  # a call that fails inside restores the model too
+        teacher_states(rmt, ids.float(), SEG)
+    assert rmt.rmt_config.segment_size == SEG and rmt.rmt_config.cuda_graphs == "auto" and rmt.training
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_answer_loss_and_gradients_are_a_plain_calls(n):
+    """With coef 0 the total is the answer loss of one plain training call over all segments, with its gradients;
+    on one segment (no dropout) the student sees what the teacher sees: the distillation loss is 0."""
+    torch.manual_seed(0)
+    trainer = tr.Trainer(tiny(schedule=[n])).build()
+    rmt = trainer.rmt.eval()  # no dropout
+    ids, labels = _batch(trainer, n)
+    params = [p for p in rmt.parameters() if p.requires_grad]
+    plain = rmt(input_ids=ids, labels=labels, return_logits=False).loss
+    want = torch.autograd.grad(plain, params, allow_unused=True)
+    total, answer, distill = distillation_step_loss(rmt, ids, labels, SEG, 0.0)
+    torch.testing.assert_close(answer, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total, plain, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(total, params, allow_unused=True)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    if n == 1:
+        assert abs(distill.item()) < 1e-5
+    else:
+        assert distill.item() > 1e-3
+
+
+def test_distillation_loss_reaches_the_write_side():
+    """The distillation loss alone gives a gradient to the embeddings of words that occur only in the first of two
+    segments: the teacher has no gradient, so it comes through the memory that segment wrote."""
+    torch.manual_seed(0)
+    trainer = tr.Trainer(tiny()).build()
+    rmt = trainer.rmt
+    ids, labels = _batch(trainer, 2, rows=8)
+    first, second = set(ids[:, :SEG].flatten().tolist()), set(ids[:, SEG:].flatten().tolist())
+    only_first = sorted(first - second - {trainer.tokenizer.pad_token_id})
+    assert only_first
+    _, _, distill = distillation_step_loss(rmt, ids, labels, SEG, 1.0)
+    distill.backward()
+    emb = rmt.model.get_input_embeddings().weight.grad
+    assert emb[only_first].abs().sum(1).gt(0).all()
+    assert rmt.memory.grad is not None and rmt.memory.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="whole segments"):
+        distillation_step_loss(rmt, ids[:, :SEG + 3], labels, SEG, 1.0)
+    with pytest.raises(ValueError, match="labels"):
+        distillation_step_loss(rmt, ids, labels[:2], SEG, 1.0)
+
+
+def test_trainer_records_the_distillation_loss():
+    res = train(tiny(schedule=[1, 2], eval_every=2, max_steps_per_stage=4))
+    one, two = [h for h in res.history if h["num_segments"] == 1], [h for h in res.history if h["num_segments"] == 2]
+    assert one and two and all("reconstruction_loss" not in h for h in one + two)
+    assert all(h["distillation_loss"] < 1e-5 for h in one)  # tiny-bert has no dropout: one segment is the teacher
+    assert all(h["distillation_loss"] > 1e-3 for h in two)
+
+
+def test_distillation_options_are_checked():
+    for bad in (-0.1, True):
+        with pytest.raises(ValueError, match="distill_coef"):
+            tiny(distill_coef=bad).validate()
+    with pytest.raises(ValueError, match="distill_coef and reconstruction_coef"):
+        tiny(reconstruction_coef=0.5).validate()
+    with pytest.raises(ValueError, match="distill_coef: .*encoder"):
+        tr.Trainer(tiny(backbone="tiny-gpt2")).build()
+    # the teacher's one segment must fit the backbone's positions (tiny-bert: 512): 6 x 100 tokens do not
+    with pytest.raises(ValueError, match="distill_coef: .*positions"):
+        tr.Trainer(tiny(segment_size=100, schedule=[2, 6])).build()
+    tr.Trainer(tiny(segment_size=100, schedule=[2, 4])).build()

@@ -1,0 +1,99 @@
+"""Context distillation: an auxiliary loss that asks the last segment's token states, read through the memory, to be
+what they are when the whole input is one segment (encoder backbones).
+
+On a memory task the answer's loss reaches the memory's write side only through its read side, and a question whose
+answer needs a relation between two remembered facts ("What is north of the hub?") gives a gradient that asks for
+both candidate places alike while the read side does not yet look for a direction (see
+benchmarks/results/reproduction/README.md). Distillation gives both sides a dense target instead: the same model,
+run without gradient on the whole row as ONE segment (the teacher: every fact visible to the question's tokens),
+yields per-layer states of the last segment's tokens; the recurrent run (the student: the earlier segments only
+through the memory) is asked to match them, layer by layer, in direction (``1 - cosine``). In the teacher, the
+question's "north" attends to the fact that names the place north of the hub already in the first layers, so the
+target tells the memory what to carry without waiting for the read side.
+
+``loss = answer loss + coef * mean over layers 1..L and the last segment's tokens of (1 - cos(student, teacher))``
+
+The teacher is the student's own weights (no copy, no gradient, dropout off), so the target follows the model as
+it learns. Its segment is the whole row plus the layout's slots, so rows must fit the backbone's positions. Both
+calls run eagerly (per-layer states are not recorded by the CUDA-graph executors); the student's call is the
+library's own, full BPTT over every segment, so DDP takes it as it takes a plain training call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["check_distillation_fits", "distillation_step_loss"]
+
+
+def _max_positions(rmt) -> int | None:
+    return getattr(getattr(rmt.model, "config", None), "max_position_embeddings", None)
+
+
+def check_distillation_fits(rmt, segment_size: int, num_segments: int) -> None:
+    """Raise a ValueError naming ``distill_coef`` when a row of ``num_segments`` segments does not fit the backbone's
+    positions as one segment (the teacher's)."""
+    limit = _max_positions(rmt)
+    need = num_segments * segment_size + rmt.runner.scheme.slots(rmt.rmt_config.num_mem_tokens)
+    if limit is not None and need > limit:
+        raise ValueError(f"distill_coef: the teacher reads a row of {num_segments} segments of {segment_size} tokens "
+                         f"as one segment of {need} positions (with memory and special tokens); the backbone has "
+                         f"{limit}. Use shorter segments or fewer segments per stage")
+
+
+class _OneSegment:
+    """The RMT reads each row as one segment of ``length`` tokens, eagerly, in eval mode, for the duration."""
+
+    def __init__(self, rmt, length: int):
+        self.rmt, self.length = rmt, length
+
+    def __enter__(self):
+        cfg = self.rmt.rmt_config
+        self.saved = (cfg.segment_size, cfg.cuda_graphs, self.rmt.training)
+        cfg.segment_size, cfg.cuda_graphs = self.length, False
+        self.rmt.eval()
+        return self
+
+    def __exit__(self, *exc):
+        cfg = self.rmt.rmt_config
+        cfg.segment_size, cfg.cuda_graphs, training = self.saved
+        self.rmt.train(training)
+        return False
+
+
+def teacher_states(rmt, ids: torch.Tensor, segment_size: int) -> tuple:
+    """Per-layer states (embeddings first) of the last ``segment_size`` tokens of each row of ``ids [B, T]`` when
+    the whole row is one segment: ``L + 1`` tensors ``[B, segment_size, d]``, without gradient."""
+    t = ids.shape[1]
+    check_distillation_fits(rmt, segment_size, t // segment_size)
+    scheme = rmt.runner.scheme
+    span = scheme.token_span(t)
+    last = slice(span.stop - segment_size, span.stop)
+    with torch.no_grad(), _OneSegment(rmt, t):
+        hidden = rmt(input_ids=ids, output_hidden_states=True, return_logits=False).hidden_states
+    return tuple(h[:, last] for h in hidden)
+
+
+def distillation_step_loss(rmt, ids: torch.Tensor, labels: torch.Tensor, segment_size: int, coef: float,
+                           model=None):
+    """``(total loss, answer loss, distillation loss)`` of one batch ``ids [B, n * segment_size]`` (every row exactly
+    n >= 1 segments, as the memory tasks make them), ``labels [B]``. ``model``: what runs the student (the RMT, or
+    the DDP module around it; default ``rmt``). With one segment the student sees what the teacher sees, and the
+    distillation loss measures only dropout and position differences (0 without dropout)."""
+    b, t = ids.shape
+    n = t // segment_size
+    if n < 1 or n * segment_size != t:
+        raise ValueError(f"ids: the distillation loss needs rows of whole segments of {segment_size} tokens, "
+                         f"got length {t}")
+    if labels.shape != (b,):
+        raise ValueError(f"labels: one class per row ({b},) expected, got {tuple(labels.shape)}")
+    target = teacher_states(rmt, ids, segment_size)
+    out = (model or rmt)(input_ids=ids, labels=labels, output_hidden_states=True, return_logits=False)
+    span = rmt.runner.scheme.token_span(segment_size)
+    student = [h[:, span] for h in out.hidden_states]
+    if len(student) != len(target):
+        raise RuntimeError(f"distillation: the student has {len(student)} layer states, the teacher {len(target)}")
+    per_layer = [(1 - F.cosine_similarity(s.float(), q.float(), dim=-1)).mean()
+                 for s, q in zip(student[1:], target[1:])]  # layer 0 is the token embeddings: equal but positions
+    distill = torch.stack(per_layer).mean()
+    return out.loss + coef * distill, out.loss, distill
