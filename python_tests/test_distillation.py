@@ -55,29 +55,36 @@ def test_teacher_is_the_model_on_one_segment(n):
     assert rmt.rmt_config.segment_size == SEG and rmt.rmt_config.cuda_graphs == "auto" and rmt.training
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_answer_loss_and_gradients_are_a_plain_calls(n):
+def test_answer_loss_and_gradients_are_a_plain_calls(n, device):
     """With coef 0 the total is the answer loss of one plain training call over all segments, with its gradients;
-    on one segment (no dropout) the student sees what the teacher sees: the distillation loss is 0."""
+    on one segment (no dropout) the student sees what the teacher sees: the distillation loss is 0. On a GPU the
+    plain calls take the library's default executors (CUDA graphs from the second call on), fp32; three rounds."""
     torch.manual_seed(0)
-    trainer = tr.Trainer(tiny(schedule=[n])).build()
+    trainer = tr.Trainer(tiny(schedule=[n], device=device)).build()
     rmt = trainer.rmt.eval()  # no dropout
-    ids, labels = _batch(trainer, n)
+    ids, labels = (x.to(trainer.device) for x in _batch(trainer, n))
     params = [p for p in rmt.parameters() if p.requires_grad]
-    plain = rmt(input_ids=ids, labels=labels, return_logits=False).loss
-    want = torch.autograd.grad(plain, params, allow_unused=True)
-    total, answer, distill = distillation_step_loss(rmt, ids, labels, SEG, 0.0)
-    torch.testing.assert_close(answer, plain, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(total, plain, rtol=1e-5, atol=1e-6)
-    got = torch.autograd.grad(total, params, allow_unused=True)
-    for g, w in zip(got, want):
-        assert (g is None) == (w is None)
-        if g is not None:
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
-    if n == 1:
-        assert abs(distill.item()) < 1e-5
-    else:
-        assert distill.item() > 1e-3
+    for _ in range(3 if device == "cuda" else 1):
+        plain = rmt(input_ids=ids, labels=labels, return_logits=False).loss
+        want = torch.autograd.grad(plain, params, allow_unused=True)
+        total, answer, distill = distillation_step_loss(rmt, ids, labels, SEG, 0.0)
+        torch.testing.assert_close(answer, plain, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(total, plain, rtol=1e-5, atol=1e-6)
+        got = torch.autograd.grad(total, params, allow_unused=True)
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)
+            if g is not None:
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        if n == 1:
+            assert abs(distill.item()) < 1e-5
+        else:
+            assert distill.item() > 1e-3
+        assert rmt.rmt_config.cuda_graphs == "auto" and rmt.rmt_config.segment_size == SEG
 
 
 def test_distillation_loss_reaches_the_write_side():

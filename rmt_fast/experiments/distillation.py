@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reconstruction import whole_segments
+
 __all__ = ["check_distillation_fits", "distillation_step_loss"]
 
 
@@ -80,13 +82,7 @@ def distillation_step_loss(rmt, ids: torch.Tensor, labels: torch.Tensor, segment
     n >= 1 segments, as the memory tasks make them), ``labels [B]``. ``model``: what runs the student (the RMT, or
     the DDP module around it; default ``rmt``). With one segment the student sees what the teacher sees, and the
     distillation loss measures only dropout and position differences (0 without dropout)."""
-    b, t = ids.shape
-    n = t // segment_size
-    if n < 1 or n * segment_size != t:
-        raise ValueError(f"ids: the distillation loss needs rows of whole segments of {segment_size} tokens, "
-                         f"got length {t}")
-    if labels.shape != (b,):
-        raise ValueError(f"labels: one class per row ({b},) expected, got {tuple(labels.shape)}")
+    whole_segments(ids, labels, segment_size, "the distillation loss")
     target = teacher_states(rmt, ids, segment_size)
     out = (model or rmt)(input_ids=ids, labels=labels, output_hidden_states=True, return_logits=False)
     span = rmt.runner.scheme.token_span(segment_size)

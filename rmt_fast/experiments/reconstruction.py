@@ -22,7 +22,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["ReconstructionHead", "mask_tokens", "reconstruction_step_loss"]
+__all__ = ["ReconstructionHead", "mask_tokens", "reconstruction_step_loss", "whole_segments"]
 
 
 class ReconstructionHead(nn.Module):
@@ -54,6 +54,18 @@ def mask_tokens(ids: torch.Tensor, mask_token_id: int, prob: float, generator: t
     return masked, targets
 
 
+def whole_segments(ids: torch.Tensor, labels: torch.Tensor, segment_size: int, what: str) -> int:
+    """The number of segments n >= 1 of ``ids [B, n * segment_size]``; a ValueError naming ``ids`` or ``labels``
+    (one class per row) when the batch is not one of whole segments, as the memory tasks make them."""
+    b, t = ids.shape
+    n = t // segment_size
+    if n < 1 or n * segment_size != t:
+        raise ValueError(f"ids: {what} needs rows of whole segments of {segment_size} tokens, got length {t}")
+    if labels.shape != (b,):
+        raise ValueError(f"labels: one class per row ({b},) expected, got {tuple(labels.shape)}")
+    return n
+
+
 def reconstruction_step_loss(rmt, head: ReconstructionHead, ids: torch.Tensor, labels: torch.Tensor,
                              segment_size: int, mask_token_id: int, prob: float, coef: float,
                              generator: torch.Generator | None = None, last: bool = True):
@@ -65,13 +77,7 @@ def reconstruction_step_loss(rmt, head: ReconstructionHead, ids: torch.Tensor, l
 
     The passes run as ``n + 1`` calls (``n`` with ``last=False``): the masked pass of segment k reads the memory
     that segment k+1 reads too, so the two share one call of twice the batch."""
-    b, t = ids.shape
-    n = t // segment_size
-    if n < 1 or n * segment_size != t:
-        raise ValueError(f"ids: the reconstruction loss needs rows of whole segments of {segment_size} tokens, "
-                         f"got length {t}")
-    if labels.shape != (b,):
-        raise ValueError(f"labels: one class per row ({b},) expected, got {tuple(labels.shape)}")
+    n = whole_segments(ids, labels, segment_size, "the reconstruction loss")
     config = rmt.rmt_config
     graphs, config.cuda_graphs = config.cuda_graphs, False
     try:
