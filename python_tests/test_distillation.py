@@ -58,12 +58,14 @@ def test_teacher_is_the_model_on_one_segment(n):
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
+@pytest.mark.parametrize("layers", ["all", "last"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_answer_loss_and_gradients_are_a_plain_calls(n, device):
+def test_answer_loss_and_gradients_are_a_plain_calls(n, device, layers):
     """With coef 0 the total is the answer loss of one plain training call over all segments, with its gradients;
     on one segment (no dropout) the student sees what the teacher sees: the distillation loss is 0. On a GPU the
-    plain calls take the library's default executors (CUDA graphs from the second call on), fp32; three rounds."""
+    plain calls take the library's default executors (CUDA graphs from the second call on), fp32; three rounds (with
+    ``layers="last"`` the student's own call is graphed too)."""
     torch.manual_seed(0)
     trainer = tr.Trainer(tiny(schedule=[n], device=device)).build()
     rmt = trainer.rmt.eval()  # no dropout
@@ -72,7 +74,7 @@ def test_answer_loss_and_gradients_are_a_plain_calls(n, device):
     for _ in range(3 if device == "cuda" else 1):
         plain = rmt(input_ids=ids, labels=labels, return_logits=False).loss
         want = torch.autograd.grad(plain, params, allow_unused=True)
-        total, answer, distill = distillation_step_loss(rmt, ids, labels, SEG, 0.0)
+        total, answer, distill = distillation_step_loss(rmt, ids, labels, SEG, 0.0, layers=layers)
         torch.testing.assert_close(answer, plain, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(total, plain, rtol=1e-5, atol=1e-6)
         got = torch.autograd.grad(total, params, allow_unused=True)
@@ -85,6 +87,26 @@ def test_answer_loss_and_gradients_are_a_plain_calls(n, device):
         else:
             assert distill.item() > 1e-3
         assert rmt.rmt_config.cuda_graphs == "auto" and rmt.rmt_config.segment_size == SEG
+
+
+def test_last_layer_is_the_last_of_all():
+    """``layers="last"`` is the last layer's term of ``layers="all"``: the teacher's last state is the same tensor,
+    and the loss is 1 - cosine there (checked against the per-layer states of an eager call)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    trainer = tr.Trainer(tiny()).build()
+    rmt = trainer.rmt.eval()
+    ids, labels = _batch(trainer, 2)
+    every, last = teacher_states(rmt, ids, SEG, "all"), teacher_states(rmt, ids, SEG, "last")
+    assert len(last) == 1
+    torch.testing.assert_close(last[0], every[-1], rtol=1e-5, atol=1e-6)
+    student = rmt(input_ids=ids, output_hidden_states=True).hidden_states[-1][:, rmt.runner.scheme.token_span(SEG)]
+    want = (1 - F.cosine_similarity(student, every[-1], dim=-1)).mean()
+    _, _, got = distillation_step_loss(rmt, ids, labels, SEG, 1.0, layers="last")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="layers"):
+        distillation_step_loss(rmt, ids, labels, SEG, 1.0, layers="first")
 
 
 def test_distillation_loss_reaches_the_write_side():
@@ -108,8 +130,9 @@ def test_distillation_loss_reaches_the_write_side():
         distillation_step_loss(rmt, ids, labels[:2], SEG, 1.0)
 
 
-def test_trainer_records_the_distillation_loss():
-    res = train(tiny(schedule=[1, 2], eval_every=2, max_steps_per_stage=4))
+@pytest.mark.parametrize("layers", ["all", "last"])
+def test_trainer_records_the_distillation_loss(layers):
+    res = train(tiny(schedule=[1, 2], eval_every=2, max_steps_per_stage=4, distill_layers=layers))
     one, two = [h for h in res.history if h["num_segments"] == 1], [h for h in res.history if h["num_segments"] == 2]
     assert one and two and all("reconstruction_loss" not in h for h in one + two)
     assert all(h["distillation_loss"] < 1e-5 for h in one)  # tiny-bert has no dropout: one segment is the teacher
@@ -120,6 +143,8 @@ def test_distillation_options_are_checked():
     for bad in (-0.1, True):
         with pytest.raises(ValueError, match="distill_coef"):
             tiny(distill_coef=bad).validate()
+    with pytest.raises(ValueError, match="distill_layers"):
+        tiny(distill_layers="first").validate()
     with pytest.raises(ValueError, match="distill_coef and reconstruction_coef"):
         tiny(reconstruction_coef=0.5).validate()
     with pytest.raises(ValueError, match="distill_coef: .*encoder"):

@@ -261,6 +261,8 @@ def test_reconstruction_options_reach_the_task_configs():
 
 def test_distillation_option_reaches_the_task_configs():
     mod = _reproduce_module()
-    cfg = mod.task_config(mod.parse_args(["--out", "/tmp/x", "--distill-coef", "2"]), "reasoning")
-    assert cfg.distill_coef == 2.0
+    cfg = mod.task_config(mod.parse_args(["--out", "/tmp/x", "--distill-coef", "2", "--distill-layers", "last"]),
+                          "reasoning")
+    assert (cfg.distill_coef, cfg.distill_layers) == (2.0, "last")
     cfg.validate()
+    assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").distill_layers == "all"

@@ -118,6 +118,9 @@ def parse_args(argv=None):
                    help="weight of the context distillation loss (the last segment's states, read through the memory, "
                    "match the model's own on the whole row as one segment; rmt_fast.experiments.distillation; rows "
                    "must fit the backbone's positions) (%(default)s: off)")
+    p.add_argument("--distill-layers", choices=("all", "last"), default="all",
+                   help="layers it compares: all (the training call runs eagerly) or last (the training call keeps "
+                   "CUDA graphs) (%(default)s)")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start the tasks' runs from a saved RMT instead of the pretrained backbone (m=10; e.g. a "
                    "one-segment reasoning model of scripts/reasoning_one_segment.py: OUT/<config>/checkpoint-last, "
@@ -202,7 +205,8 @@ def task_config(a, task: str):
                        train_facts_early=a.train_facts_early if task != "memorize" else None, init_from=a.init_from,
                        reconstruction_coef=a.reconstruction_coef,
                        reconstruction_mask_prob=a.reconstruction_mask_prob,
-                       reconstruction_last=a.reconstruction_last, distill_coef=a.distill_coef)
+                       reconstruction_last=a.reconstruction_last, distill_coef=a.distill_coef,
+                       distill_layers=a.distill_layers)
 
 
 def run_task(a, task: str) -> dict:

@@ -13,10 +13,14 @@ target tells the memory what to carry without waiting for the read side.
 
 ``loss = answer loss + coef * mean over layers 1..L and the last segment's tokens of (1 - cos(student, teacher))``
 
+``layers="last"`` compares the last layer only: the student's call then records no per-layer states and runs on the
+library's default executors (CUDA graphs on a GPU), as a plain training call does.
+
 The teacher is the student's own weights (no copy, no gradient, dropout off), so the target follows the model as
-it learns. Its segment is the whole row plus the layout's slots, so rows must fit the backbone's positions. Both
-calls run eagerly (per-layer states are not recorded by the CUDA-graph executors); the student's call is the
-library's own, full BPTT over every segment, so DDP takes it as it takes a plain training call.
+it learns. Its segment is the whole row plus the layout's slots, so rows must fit the backbone's positions; it runs
+eagerly. With ``layers="all"`` the student's call runs eagerly too (the CUDA-graph executors record the last layer
+only); either way it is the library's own call, full BPTT over every segment, so DDP takes it as it takes a plain
+training call.
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ import torch.nn.functional as F
 
 from .reconstruction import whole_segments
 
-__all__ = ["check_distillation_fits", "distillation_step_loss"]
+__all__ = ["LAYERS", "check_distillation_fits", "distillation_step_loss", "teacher_states"]
+
+LAYERS = ("all", "last")  # which layers' states are compared
 
 
 def _max_positions(rmt) -> int | None:
@@ -63,34 +69,45 @@ class _OneSegment:
         return False
 
 
-def teacher_states(rmt, ids: torch.Tensor, segment_size: int) -> tuple:
-    """Per-layer states (embeddings first) of the last ``segment_size`` tokens of each row of ``ids [B, T]`` when
-    the whole row is one segment: ``L + 1`` tensors ``[B, segment_size, d]``, without gradient."""
+def _check_layers(layers: str) -> None:
+    if layers not in LAYERS:
+        raise ValueError(f"layers: one of {', '.join(LAYERS)}, got {layers!r}")
+
+
+def teacher_states(rmt, ids: torch.Tensor, segment_size: int, layers: str = "all") -> tuple:
+    """States of the last ``segment_size`` tokens of each row of ``ids [B, T]`` when the whole row is one segment,
+    without gradient: ``layers="all"``: ``L + 1`` tensors ``[B, segment_size, d]``, embeddings first; ``"last"``:
+    the last layer's alone (a tuple of one)."""
+    _check_layers(layers)
     t = ids.shape[1]
     check_distillation_fits(rmt, segment_size, t // segment_size)
     scheme = rmt.runner.scheme
     span = scheme.token_span(t)
     last = slice(span.stop - segment_size, span.stop)
     with torch.no_grad(), _OneSegment(rmt, t):
-        hidden = rmt(input_ids=ids, output_hidden_states=True, return_logits=False).hidden_states
+        out = rmt(input_ids=ids, output_hidden_states=layers == "all", return_logits=False)
+    hidden = out.hidden_states if layers == "all" else (out.last_hidden_state,)
     return tuple(h[:, last] for h in hidden)
 
 
 def distillation_step_loss(rmt, ids: torch.Tensor, labels: torch.Tensor, segment_size: int, coef: float,
-                           model=None):
+                           model=None, layers: str = "all"):
     """``(total loss, answer loss, distillation loss)`` of one batch ``ids [B, n * segment_size]`` (every row exactly
     n >= 1 segments, as the memory tasks make them), ``labels [B]``. ``model``: what runs the student (the RMT, or
-    the DDP module around it; default ``rmt``). With one segment the student sees what the teacher sees, and the
+    the DDP module around it; default ``rmt``); ``layers``: "all" (1..L) or "last". With one segment the student sees what the teacher sees, and the
     distillation loss measures only the student's dropout (0 without dropout); with more, the last segment's tokens
     also sit at other positions in the teacher's segment than in the student's."""
+    _check_layers(layers)
     whole_segments(ids, labels, segment_size, "the distillation loss")
-    target = teacher_states(rmt, ids, segment_size)
-    out = (model or rmt)(input_ids=ids, labels=labels, output_hidden_states=True, return_logits=False)
+    target = teacher_states(rmt, ids, segment_size, layers)
+    every = layers == "all"
+    out = (model or rmt)(input_ids=ids, labels=labels, output_hidden_states=every, return_logits=False)
     span = rmt.runner.scheme.token_span(segment_size)
-    student = [h[:, span] for h in out.hidden_states]
+    student = [h[:, span] for h in (out.hidden_states if every else (out.last_hidden_state,))]
     if len(student) != len(target):
         raise RuntimeError(f"distillation: the student has {len(student)} layer states, the teacher {len(target)}")
-    per_layer = [(1 - F.cosine_similarity(s.float(), q.float(), dim=-1)).mean()
-                 for s, q in zip(student[1:], target[1:])]  # layer 0 is the token embeddings: equal but positions
+    if every:  # layer 0 is the token embeddings: equal but for the positions
+        student, target = student[1:], target[1:]
+    per_layer = [(1 - F.cosine_similarity(s.float(), q.float(), dim=-1)).mean() for s, q in zip(student, target)]
     distill = torch.stack(per_layer).mean()
     return out.loss + coef * distill, out.loss, distill

@@ -39,6 +39,7 @@ import torch
 
 from ..ops import BACKENDS
 from .backbones import BACKBONES, TOKENIZERS, load_backbone, positions_per_segment, resolve_tokenizer
+from .distillation import LAYERS as DISTILL_LAYERS
 from .evaluate import dataset_accuracy
 from .rundir import (CONFIG_FILE, LAST_CHECKPOINT, STATE_FILE, SUMMARY_FILE, atomic_json, load_weights_into,
                      save_tokenizer, stage_dir, stage_dirs)
@@ -130,6 +131,9 @@ class TrainConfig:
                                "states, read through the memory, match the same model's states on the whole row as "
                                "one segment, layer by layer; rmt_fast.experiments.distillation) added to the answer's "
                                "loss (0: off; not with reconstruction_coef)", OPTIM)
+    distill_layers: str = _arg("all", "layers the distillation compares: all (1..L; the training call runs eagerly) | "
+                               "last (the training call keeps the library's executors: CUDA graphs on a GPU)", OPTIM,
+                               choices=DISTILL_LAYERS)
     seed: int = _arg(0, "seed of the initialisation and of the samples", OPTIM)
     device: str = _arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N", RUN)
     bf16: bool = _arg(True, "no bf16 autocast on CUDA", RUN, flags=("--no-bf16",))
@@ -216,6 +220,8 @@ class TrainConfig:
             raise ValueError(f"reconstruction_mask_prob must be in (0, 1], got {self.reconstruction_mask_prob!r}")
         if isinstance(self.distill_coef, bool) or not self.distill_coef >= 0:
             raise ValueError(f"distill_coef must be a number >= 0 (0: off), got {self.distill_coef!r}")
+        if self.distill_layers not in DISTILL_LAYERS:
+            raise ValueError(f"distill_layers must be one of {', '.join(DISTILL_LAYERS)}, got {self.distill_layers!r}")
         if self.distill_coef and self.reconstruction_coef:
             raise ValueError("distill_coef and reconstruction_coef: one auxiliary loss at a time; set one of them to 0")
         if self.capture_memory is not None and not 0 <= self.capture_memory <= 1:
@@ -731,7 +737,7 @@ class Trainer:
                 from .distillation import distillation_step_loss
 
                 total, loss, aux = distillation_step_loss(self.rmt, ids, labels, cfg.segment_size, cfg.distill_coef,
-                                                          model=self.model)
+                                                          model=self.model, layers=cfg.distill_layers)
                 self._add_aux(aux)
             else:
                 total = loss = self.model(input_ids=ids, labels=labels, return_logits=False).loss
