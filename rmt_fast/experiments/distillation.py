@@ -94,9 +94,10 @@ def distillation_step_loss(rmt, ids: torch.Tensor, labels: torch.Tensor, segment
                            model=None, layers: str = "all"):
     """``(total loss, answer loss, distillation loss)`` of one batch ``ids [B, n * segment_size]`` (every row exactly
     n >= 1 segments, as the memory tasks make them), ``labels [B]``. ``model``: what runs the student (the RMT, or
-    the DDP module around it; default ``rmt``); ``layers``: "all" (1..L) or "last". With one segment the student sees what the teacher sees, and the
-    distillation loss measures only the student's dropout (0 without dropout); with more, the last segment's tokens
-    also sit at other positions in the teacher's segment than in the student's."""
+    the DDP module around it; default ``rmt``); ``layers``: "all" (1..L) or "last". With one segment the student
+    sees what the teacher sees, and the distillation loss measures only the student's dropout (0 without dropout);
+    with more, the last segment's tokens also sit at other positions in the teacher's segment than in the
+    student's."""
     _check_layers(layers)
     whole_segments(ids, labels, segment_size, "the distillation loss")
     target = teacher_states(rmt, ids, segment_size, layers)
