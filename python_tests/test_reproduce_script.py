@@ -261,8 +261,9 @@ def test_reconstruction_options_reach_the_task_configs():
 
 def test_distillation_option_reaches_the_task_configs():
     mod = _reproduce_module()
-    cfg = mod.task_config(mod.parse_args(["--out", "/tmp/x", "--distill-coef", "2", "--distill-layers", "last"]),
-                          "reasoning")
-    assert (cfg.distill_coef, cfg.distill_layers) == (2.0, "last")
+    cfg = mod.task_config(mod.parse_args(["--out", "/tmp/x", "--distill-coef", "2", "--distill-layers", "last",
+                                          "--distill-order", "natural"]), "reasoning")
+    assert (cfg.distill_coef, cfg.distill_layers, cfg.distill_order) == (2.0, "last", "natural")
     cfg.validate()
-    assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").distill_layers == "all"
+    off = mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning")
+    assert (off.distill_layers, off.distill_order) == ("all", "last_first")

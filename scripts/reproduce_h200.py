@@ -121,6 +121,9 @@ def parse_args(argv=None):
     p.add_argument("--distill-layers", choices=("all", "last"), default="all",
                    help="layers it compares: all (the training call runs eagerly) or last (the training call keeps "
                    "CUDA graphs) (%(default)s)")
+    p.add_argument("--distill-order", choices=("last_first", "natural"), default="last_first",
+                   help="the teacher's segment: the last segment's tokens first, at the student's positions, or the "
+                   "row as it is (%(default)s)")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start the tasks' runs from a saved RMT instead of the pretrained backbone (m=10; e.g. a "
                    "one-segment reasoning model of scripts/reasoning_one_segment.py: OUT/<config>/checkpoint-last, "
@@ -206,7 +209,7 @@ def task_config(a, task: str):
                        reconstruction_coef=a.reconstruction_coef,
                        reconstruction_mask_prob=a.reconstruction_mask_prob,
                        reconstruction_last=a.reconstruction_last, distill_coef=a.distill_coef,
-                       distill_layers=a.distill_layers)
+                       distill_layers=a.distill_layers, distill_order=a.distill_order)
 
 
 def run_task(a, task: str) -> dict:

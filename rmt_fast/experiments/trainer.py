@@ -39,7 +39,7 @@ import torch
 
 from ..ops import BACKENDS
 from .backbones import BACKBONES, TOKENIZERS, load_backbone, positions_per_segment, resolve_tokenizer
-from .distillation import LAYERS as DISTILL_LAYERS
+from .distillation import LAYERS as DISTILL_LAYERS, ORDERS as DISTILL_ORDERS
 from .evaluate import dataset_accuracy
 from .rundir import (CONFIG_FILE, LAST_CHECKPOINT, STATE_FILE, SUMMARY_FILE, atomic_json, load_weights_into,
                      save_tokenizer, stage_dir, stage_dirs)
@@ -134,6 +134,9 @@ class TrainConfig:
     distill_layers: str = _arg("all", "layers the distillation compares: all (1..L; the training call runs eagerly) | "
                                "last (the training call keeps the library's executors: CUDA graphs on a GPU)", OPTIM,
                                choices=DISTILL_LAYERS)
+    distill_order: str = _arg("last_first", "the distillation teacher's segment: last_first (the last segment's tokens "
+                              "first, at the student's positions, then the rest of the row) | natural (the row as it "
+                              "is)", OPTIM, choices=DISTILL_ORDERS)
     seed: int = _arg(0, "seed of the initialisation and of the samples", OPTIM)
     device: str = _arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N", RUN)
     bf16: bool = _arg(True, "no bf16 autocast on CUDA", RUN, flags=("--no-bf16",))
@@ -222,6 +225,8 @@ class TrainConfig:
             raise ValueError(f"distill_coef must be a number >= 0 (0: off), got {self.distill_coef!r}")
         if self.distill_layers not in DISTILL_LAYERS:
             raise ValueError(f"distill_layers must be one of {', '.join(DISTILL_LAYERS)}, got {self.distill_layers!r}")
+        if self.distill_order not in DISTILL_ORDERS:
+            raise ValueError(f"distill_order must be one of {', '.join(DISTILL_ORDERS)}, got {self.distill_order!r}")
         if self.distill_coef and self.reconstruction_coef:
             raise ValueError("distill_coef and reconstruction_coef: one auxiliary loss at a time; set one of them to 0")
         if self.capture_memory is not None and not 0 <= self.capture_memory <= 1:
@@ -737,7 +742,8 @@ class Trainer:
                 from .distillation import distillation_step_loss
 
                 total, loss, aux = distillation_step_loss(self.rmt, ids, labels, cfg.segment_size, cfg.distill_coef,
-                                                          model=self.model, layers=cfg.distill_layers)
+                                                          model=self.model, layers=cfg.distill_layers,
+                                                          order=cfg.distill_order)
                 self._add_aux(aux)
             else:
                 total = loss = self.model(input_ids=ids, labels=labels, return_logits=False).loss
