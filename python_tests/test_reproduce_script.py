@@ -2,6 +2,7 @@
 output directory, per-task heatmap PNGs, the time estimate."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -267,3 +268,18 @@ def test_distillation_option_reaches_the_task_configs():
     cfg.validate()
     off = mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning")
     assert (off.distill_layers, off.distill_order) == ("all", "last_first")
+
+
+def test_distillation_choices_are_the_librarys(capsys):
+    """The script restates the choices (its --help imports no torch): they must be the library's, no more, no less
+    (argparse's refusal lists them)."""
+    from rmt_fast.experiments.distillation import LAYERS, ORDERS
+
+    mod = _reproduce_module()
+    for flag, allowed in (("--distill-layers", LAYERS), ("--distill-order", ORDERS)):
+        for value in allowed:
+            mod.parse_args(["--out", "/tmp/x", flag, value])
+        with pytest.raises(SystemExit):
+            mod.parse_args(["--out", "/tmp/x", flag, "nothing"])
+        listed = capsys.readouterr().err.rsplit("choose from", 1)[1]
+        assert sorted(re.findall(r"'([a-z_]+)'", listed)) == sorted(allowed), listed

@@ -40,6 +40,7 @@ import torch
 from ..ops import BACKENDS
 from .backbones import BACKBONES, TOKENIZERS, load_backbone, positions_per_segment, resolve_tokenizer
 from .distillation import LAYERS as DISTILL_LAYERS, ORDERS as DISTILL_ORDERS
+from .distillation import check_distillation_fits, distillation_step_loss
 from .evaluate import dataset_accuracy
 from .rundir import (CONFIG_FILE, LAST_CHECKPOINT, STATE_FILE, SUMMARY_FILE, atomic_json, load_weights_into,
                      save_tokenizer, stage_dir, stage_dirs)
@@ -512,8 +513,6 @@ class Trainer:
         if self.kind != "encoder":
             raise ValueError(f"distill_coef: the distillation loss is for encoder backbones; {cfg.backbone!r} is a "
                              f"{self.kind}")
-        from .distillation import check_distillation_fits
-
         check_distillation_fits(self.rmt, cfg.segment_size, max(self.stages))
 
     def _restore(self) -> None:
@@ -739,8 +738,6 @@ class Trainer:
                     cfg.reconstruction_mask_prob, cfg.reconstruction_coef, gen, last=cfg.reconstruction_last)
                 self._add_aux(rec)
             elif cfg.distill_coef:
-                from .distillation import distillation_step_loss
-
                 total, loss, aux = distillation_step_loss(self.rmt, ids, labels, cfg.segment_size, cfg.distill_coef,
                                                           model=self.model, layers=cfg.distill_layers,
                                                           order=cfg.distill_order)
