@@ -240,7 +240,15 @@ def test_train_facts_early_reaches_detect_and_reasoning_configs():
     assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").train_facts_early is None
 
 
-@pytest.mark.parametrize("flag", ["--train-facts-early", "--train-same-axis"])
+def test_train_hub_share_reaches_the_reasoning_config_only():
+    mod = _reproduce_module()
+    a = mod.parse_args(["--out", "/tmp/x", "--train-hub-share", "0.9"])
+    assert mod.task_config(a, "reasoning").train_hub_share == 0.9
+    assert mod.task_config(a, "detect_memorize").train_hub_share is None
+    assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").train_hub_share is None
+
+
+@pytest.mark.parametrize("flag", ["--train-facts-early", "--train-same-axis", "--train-hub-share"])
 def test_training_mix_probabilities_are_checked_naming_the_flag(flag, capsys):
     mod = _reproduce_module()
     with pytest.raises(SystemExit):

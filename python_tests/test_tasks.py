@@ -507,6 +507,39 @@ def test_same_axis_default_stream_unchanged_and_errors(char_tok):
         F.qa4_example(np.random.default_rng(0), same_axis=-0.1)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.7, 1.0])
+@pytest.mark.parametrize("same_axis", [None, 0.0, 1.0])
+def test_hub_share_mix(char_tok, p, same_axis):
+    rng = np.random.default_rng(2)
+    examples = [F.qa4_example(rng, same_axis=same_axis, hub_share=p) for _ in range(1500)]
+    kinds = [F.qa4_question_kind(e.facts, e.question) for e in examples]
+    same = 1 / 3 if same_axis is None else same_axis
+    assert abs(sum(k["axes"] == "same" for k in kinds) / 1500 - same) < 0.04  # the draws do not disturb each other
+    # facts on one axis have hub questions only; the others ask about the hub with probability p
+    assert all(k["role"] == "hub" for k in kinds if k["axes"] == "same")
+    two_axes = [k for k in kinds if k["axes"] == "different"]
+    if two_axes:
+        assert abs(sum(k["role"] == "hub" for k in two_axes) / len(two_axes) - p) < 0.05
+    for e in examples:  # every question still has its one answer
+        assert _solve_qa4(e.facts, e.question) == {e.answer}
+    ds = make_task("reasoning", char_tok, 1, 128, length=200, same_axis=same_axis, hub_share=p)
+    hub = [F.qa4_question_kind(s["facts"], s["question"])["role"] == "hub" for s in (ds[i] for i in range(200))]
+    assert abs(sum(hub) / 200 - (same + (1 - same) * p)) < 0.1
+
+
+def test_hub_share_default_stream_unchanged_and_errors(char_tok):
+    a = make_task("reasoning", char_tok, 1, 128, length=20)
+    b = make_task("reasoning", char_tok, 1, 128, length=20, hub_share=None)
+    assert all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(20))
+    with pytest.raises(ValueError, match="hub_share"):
+        make_task("detect_memorize", char_tok, 1, 128, hub_share=0.5)
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match="hub_share"):
+            make_task("reasoning", char_tok, 1, 128, hub_share=bad)
+    with pytest.raises(ValueError, match="hub_share"):
+        F.qa4_example(np.random.default_rng(0), hub_share=2.0)
+
+
 def _fact_ends(ds, sample):
     return [int(p) + len(ds._tok[f]) for p, f in zip(sample["fact_positions"], sample["facts"])]
 

@@ -485,6 +485,22 @@ def test_train_same_axis_changes_training_samples_only(tmp_path):
         tiny(task="reasoning", train_same_axis=2.0).validate()
 
 
+def test_train_hub_share_changes_training_samples_only():
+    cfg = tiny(None, task="reasoning", segment_size=32, train_hub_share=1.0, eval_samples=60)
+    trainer = tr.Trainer(cfg).build()
+    from rmt_fast.experiments.tasks import facts as F
+
+    def share(ds):
+        return sum(F.qa4_question_kind(ds[i]["facts"], ds[i]["question"])["role"] == "hub" for i in range(60)) / 60
+
+    assert trainer.dataset(2, "train").hub_share == 1.0 and share(trainer.dataset(2, "train")) == 1.0
+    assert trainer.dataset(2, "valid").hub_share is None and share(trainer.dataset(2, "valid")) < 0.9
+    with pytest.raises(ValueError, match="train_hub_share"):
+        tiny(task="detect_memorize", train_hub_share=0.5).validate()
+    with pytest.raises(ValueError, match="train_hub_share"):
+        tiny(task="reasoning", train_hub_share=1.5).validate()
+
+
 @pytest.mark.parametrize("task", ["reasoning", "detect_memorize"])
 def test_train_facts_early_changes_training_samples_only(task):
     seg = 32

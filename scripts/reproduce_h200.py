@@ -107,6 +107,10 @@ def parse_args(argv=None):
                    help="detect_memorize, reasoning: the probability that every fact of a TRAINING sample lies before "
                    "its last segment, where only the memory carries it (default: the task's own placement; "
                    "validation and test keep it); memorize ignores it")
+    p.add_argument("--train-hub-share", type=float, default=None, metavar="P",
+                   help="reasoning: the probability that a TRAINING question asks about the hub, the place both facts "
+                   "name, whose answer needs a fact's direction (default: the task's own, about 1/2; validation and "
+                   "test keep it); other tasks ignore it")
     p.add_argument("--reconstruction-coef", type=float, default=0.0, metavar="W",
                    help="weight of the memory reconstruction loss (each memory rebuilds masked tokens of the segment "
                    "that wrote it; rmt_fast.experiments.reconstruction) (%(default)s: off)")
@@ -138,7 +142,8 @@ def parse_args(argv=None):
                    help="train nothing: read TASK_DIR/results.json of each task evaluated by an earlier run (the task "
                    "is the folder's name) and write OUT/results.json, results.csv and accuracy.png for them together")
     a = p.parse_args(argv)
-    for flag, v in (("--train-same-axis", a.train_same_axis), ("--train-facts-early", a.train_facts_early)):
+    for flag, v in (("--train-same-axis", a.train_same_axis), ("--train-facts-early", a.train_facts_early),
+                    ("--train-hub-share", a.train_hub_share)):
         if v is not None and not 0 <= v <= 1:
             p.error(f"{flag}: a probability in [0, 1], got {v}")
     if a.schedule is not None:
@@ -205,7 +210,8 @@ def task_config(a, task: str):
                        stage_eval_samples=a.heatmap_samples, checkpoint_segments=a.checkpoint_segments,
                        capture_memory=a.capture_memory,
                        train_same_axis=a.train_same_axis if task == "reasoning" else None,
-                       train_facts_early=a.train_facts_early if task != "memorize" else None, init_from=a.init_from,
+                       train_facts_early=a.train_facts_early if task != "memorize" else None,
+                       train_hub_share=a.train_hub_share if task == "reasoning" else None, init_from=a.init_from,
                        reconstruction_coef=a.reconstruction_coef,
                        reconstruction_mask_prob=a.reconstruction_mask_prob,
                        reconstruction_last=a.reconstruction_last, distill_coef=a.distill_coef,

@@ -161,6 +161,9 @@ class TrainConfig:
                                            "TRAINING sample lies before its last segment, where only the memory can "
                                            "carry it (default: the task's own placement, anywhere; validation and "
                                            "tests keep it)", MODEL)
+    train_hub_share: float | None = _arg(None, "reasoning: the probability that a TRAINING question asks about the "
+                                         "hub, the place both facts name, whose answer needs a fact's direction "
+                                         "(default: the task's own, about 1/2; validation and tests keep it)", MODEL)
     init_from: str | None = _arg(None, "start from the weights of a saved RMT (a run's checkpoint-last/ or "
                                  "stage-*seg/, or save_pretrained output) instead of the pretrained backbone: same "
                                  "backbone and memory tokens, any segment_size (e.g. a model trained on shorter "
@@ -218,6 +221,9 @@ class TrainConfig:
         if self.train_facts_early is not None and (self.task == "memorize" or not 0 <= self.train_facts_early <= 1):
             raise ValueError("train_facts_early: a probability in [0, 1], for detect_memorize and reasoning (memorize "
                              f"puts its facts first); got {self.train_facts_early!r} for task {self.task!r}")
+        if self.train_hub_share is not None and (self.task != "reasoning" or not 0 <= self.train_hub_share <= 1):
+            raise ValueError("train_hub_share: a probability in [0, 1], for the reasoning task only; got "
+                             f"{self.train_hub_share!r} for task {self.task!r}")
         if isinstance(self.reconstruction_coef, bool) or not self.reconstruction_coef >= 0:
             raise ValueError(f"reconstruction_coef must be a number >= 0 (0: off), got {self.reconstruction_coef!r}")
         if not 0 < self.reconstruction_mask_prob <= 1:
@@ -564,7 +570,8 @@ class Trainer:
                                            for_decoder=(self.kind == "decoder"),
                                            length=cfg.eval_samples if split == "valid" else None,
                                            same_axis=cfg.train_same_axis if split == "train" else None,
-                                           facts_early=cfg.train_facts_early if split == "train" else None)
+                                           facts_early=cfg.train_facts_early if split == "train" else None,
+                                           hub_share=cfg.train_hub_share if split == "train" else None)
         return self.datasets[key]
 
     # ---- the curriculum ------------------------------------------------------------------------------

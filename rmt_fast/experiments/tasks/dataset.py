@@ -136,7 +136,7 @@ class MemoryTaskDataset(Dataset):
     def __init__(self, task: str, tokenizer, num_segments: int, segment_size: int, split: str = "train",
                  seed: int = 0, noise=None, babi_path=None, for_decoder: bool = False,
                  length: Optional[int] = None, same_axis: Optional[float] = None,
-                 facts_early: Optional[float] = None):
+                 facts_early: Optional[float] = None, hub_share: Optional[float] = None):
         # ---- argument validation -------------------------------------------------------------
         if not isinstance(task, str) or task not in TASKS:
             raise ValueError(f"task (name): unknown task {task!r}; choose one of {list(TASKS)}")
@@ -163,6 +163,12 @@ class MemoryTaskDataset(Dataset):
             if isinstance(same_axis, bool) or not isinstance(same_axis, (int, float)) or not 0 <= same_axis <= 1:
                 raise ValueError(f"same_axis must be None or a probability in [0, 1], got {same_axis!r}")
         self.same_axis = None if same_axis is None else float(same_axis)
+        if hub_share is not None:
+            if task != "reasoning" or babi_path is not None:
+                raise ValueError("hub_share: only for the generated reasoning task (task='reasoning', no babi_path)")
+            if isinstance(hub_share, bool) or not isinstance(hub_share, (int, float)) or not 0 <= hub_share <= 1:
+                raise ValueError(f"hub_share must be None or a probability in [0, 1], got {hub_share!r}")
+        self.hub_share = None if hub_share is None else float(hub_share)
         if facts_early is not None:
             if task == "memorize":
                 raise ValueError("facts_early: memorize puts its facts first; only detect_memorize and reasoning "
@@ -246,7 +252,7 @@ class MemoryTaskDataset(Dataset):
         rng = self.rng(i) if rng is None else rng
         if self.examples is not None:
             return self.examples[int(self._order[int(i) % len(self.examples)])]
-        return F.qa4_example(rng, self.same_axis) if self.task == "reasoning" else F.qa1_example(rng)
+        return F.qa4_example(rng, self.same_axis, self.hub_share) if self.task == "reasoning" else F.qa1_example(rng)
 
     def _unsplit(self, where: np.ndarray, bounds: np.ndarray, lens: Sequence[int]) -> np.ndarray:
         """Move facts that a segment boundary would cut to the nearest sentence boundary (in story order) where
@@ -337,7 +343,7 @@ class MemoryTaskDataset(Dataset):
 def make_task(name: str, tokenizer, num_segments: int, segment_size: int, split: str = "train",
               seed: int = 0, noise=None, babi_path=None, for_decoder: bool = False,
               length: Optional[int] = None, same_axis: Optional[float] = None,
-              facts_early: Optional[float] = None) -> MemoryTaskDataset:
+              facts_early: Optional[float] = None, hub_share: Optional[float] = None) -> MemoryTaskDataset:
     """Build one of the RMT paper's synthetic memory tasks as a map-style torch Dataset.
 
     Args:
@@ -360,6 +366,10 @@ def make_task(name: str, tokenizer, num_segments: int, segment_size: int, split:
         facts_early: detect_memorize and reasoning: the probability that every fact of a sample lies before its
             last segment (the one holding the question), so that only the memory can carry them (None: facts
             anywhere, the task's own placement); for training mixes. One-segment samples ignore it.
+        hub_share: reasoning only: the probability that the question asks about the hub, the place both facts
+            name, whose answer needs a fact's direction, not only its places (None: the task's own, about half;
+            see :func:`~rmt_fast.experiments.tasks.facts.qa4_question_kind`), for training mixes. Facts on one axis
+            have hub questions only.
 
     Returns:
         :class:`MemoryTaskDataset`; ``ds[i]["input_ids"]`` is ``LongTensor [n * segment_size]`` and
@@ -368,7 +378,7 @@ def make_task(name: str, tokenizer, num_segments: int, segment_size: int, split:
     """
     return MemoryTaskDataset(name, tokenizer, num_segments, segment_size, split=split, seed=seed,
                              noise=noise, babi_path=babi_path, for_decoder=for_decoder, length=length,
-                             same_axis=same_axis, facts_early=facts_early)
+                             same_axis=same_axis, facts_early=facts_early, hub_share=hub_share)
 
 
 def collate(batch: Sequence[Dict[str, object]]) -> Dict[str, object]:

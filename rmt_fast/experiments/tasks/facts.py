@@ -166,6 +166,17 @@ def qa4_candidates(facts: Sequence[Tuple[str, str, str]]) -> List[Tuple[str, str
     return out
 
 
+def _question_place(question: str) -> str:
+    """The place a QA4 question asks about ("What is north of the X?", "What is the X north of?" -> X)."""
+    m = _Q_DIR_OF.match(question)
+    if m:
+        return m.group(2)
+    m = _Q_X_DIR_OF.match(question)
+    if m:
+        return m.group(1)
+    raise ValueError(f"not a QA4 question: {question!r}")
+
+
 def qa4_question_kind(facts: Sequence[str], question: str) -> Dict[str, str]:
     """What a QA4 question asks of its facts, for error analysis:
 
@@ -199,7 +210,7 @@ def qa4_question_kind(facts: Sequence[str], question: str) -> Dict[str, str]:
             "axes": "same" if same else "different"}
 
 
-def qa4_example(rng: np.random.Generator, same_axis: float | None = None) -> Example:
+def qa4_example(rng: np.random.Generator, same_axis: float | None = None, hub_share: float | None = None) -> Example:
     """Two facts relating two places to a shared third one (in different directions) + a question.
 
     The fact order and the orientation of each fact ("A north of B" vs "B south of A") are random; the
@@ -208,8 +219,14 @@ def qa4_example(rng: np.random.Generator, same_axis: float | None = None) -> Exa
     same_axis: None draws the two directions uniformly (distinct), which puts both facts on one axis (see
     :func:`qa4_question_kind`) in 1/3 of the examples; a probability draws that case with this probability instead
     (for training mixes; other random draws follow, so the examples differ from the default stream).
+    hub_share: None draws the question uniformly over the candidates (about half ask about the hub, see
+    :func:`qa4_question_kind`); a probability asks about the hub with this probability instead, uniformly over
+    the hub (or, otherwise, the leaf) candidates (for training mixes; one more random draw). Facts on one axis have
+    no unambiguous leaf question, so those examples ask about the hub whatever ``hub_share`` is.
     """
     hub, a, c = (PLACES[int(k)] for k in rng.choice(len(PLACES), size=3, replace=False))
+    if hub_share is not None and not 0.0 <= hub_share <= 1.0:
+        raise ValueError(f"hub_share must be None or a probability in [0, 1], got {hub_share}")
     if same_axis is None:
         d1, d2 = (DIRECTIONS[int(k)] for k in rng.choice(len(DIRECTIONS), size=2, replace=False))
     else:
@@ -231,6 +248,10 @@ def qa4_example(rng: np.random.Generator, same_axis: float | None = None) -> Exa
     if rng.integers(2):
         triples.reverse()
     cands = qa4_candidates(triples)
+    if hub_share is not None:  # the hub is the place both facts name
+        on_hub = [qa for qa in cands if _question_place(qa[0]) == hub]
+        on_leaf = [qa for qa in cands if qa not in on_hub]
+        cands = on_hub if rng.random() < hub_share or not on_leaf else on_leaf
     q, ans = cands[int(rng.integers(len(cands)))]
     return Example(tuple(qa4_fact(*t) for t in triples), q, ans)
 
