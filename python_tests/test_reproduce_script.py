@@ -240,6 +240,15 @@ def test_train_facts_early_reaches_detect_and_reasoning_configs():
     assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").train_facts_early is None
 
 
+def test_fact_placement_reaches_detect_and_reasoning_configs():
+    mod = _reproduce_module()
+    a = mod.parse_args(["--out", "/tmp/x", "--fact-placement", "segment_start"])
+    assert mod.task_config(a, "reasoning").fact_placement == "segment_start"
+    assert mod.task_config(a, "detect_memorize").fact_placement == "segment_start"
+    assert mod.task_config(a, "memorize").fact_placement == "anywhere"
+    assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").fact_placement == "anywhere"
+
+
 def test_train_hub_share_reaches_the_reasoning_config_only():
     mod = _reproduce_module()
     a = mod.parse_args(["--out", "/tmp/x", "--train-hub-share", "0.9"])
@@ -282,9 +291,10 @@ def test_distillation_choices_are_the_librarys(capsys):
     """The script restates the choices (its --help imports no torch): they must be the library's, no more, no less
     (argparse's refusal lists them)."""
     from rmt_fast.experiments.distillation import LAYERS, ORDERS
+    from rmt_fast.experiments.tasks import PLACEMENTS
 
     mod = _reproduce_module()
-    for flag, allowed in (("--distill-layers", LAYERS), ("--distill-order", ORDERS)):
+    for flag, allowed in (("--distill-layers", LAYERS), ("--distill-order", ORDERS), ("--fact-placement", PLACEMENTS)):
         for value in allowed:
             mod.parse_args(["--out", "/tmp/x", flag, value])
         with pytest.raises(SystemExit):

@@ -540,6 +540,48 @@ def test_hub_share_default_stream_unchanged_and_errors(char_tok):
         F.qa4_example(np.random.default_rng(0), hub_share=2.0)
 
 
+@pytest.mark.parametrize("task", ["reasoning", "detect_memorize"])
+@pytest.mark.parametrize("n,facts_early", [(1, None), (3, None), (4, 1.0), (5, 0.5)])
+def test_segment_start_placement(char_tok, task, n, facts_early):
+    seg = 128
+    ds = make_task(task, char_tok, n, seg, length=150, fact_placement="segment_start", facts_early=facts_early)
+    assert ds.fact_placement == "segment_start"
+    segments_used, early = set(), 0
+    for i in range(150):
+        s = ds[i]
+        assert s["input_ids"].shape == (n * seg,)
+        pos, lens = s["fact_positions"].tolist(), [len(ds._tok[f]) for f in s["facts"]]
+        for j, (p, m) in enumerate(zip(pos, lens)):
+            # at a segment's start, or right after the previous fact in the same segment
+            assert p % seg == 0 or (j and pos[j - 1] + lens[j - 1] == p and pos[j - 1] // seg == p // seg), (pos, lens)
+            assert p // seg == (p + m - 1) // seg  # not cut by a boundary
+            assert s["input_ids"][p:p + m].tolist() == ds._tok[s["facts"][j]].tolist()  # the fact's own tokens
+            segments_used.add(p // seg)
+        assert pos == sorted(pos) and max(p + m for p, m in zip(pos, lens)) <= s["question_position"]
+        early += max(p + m for p, m in zip(pos, lens)) <= (n - 1) * seg
+    assert segments_used == set(range(n if facts_early != 1.0 else n - 1))  # every allowed segment is drawn
+    if facts_early == 1.0:
+        assert early == 150
+    # the same index gives the same sample; the default placement's stream is another one
+    assert torch.equal(ds[7]["input_ids"], make_task(task, char_tok, n, seg, length=150, fact_placement="segment_start",
+                                                     facts_early=facts_early)[7]["input_ids"])
+
+
+def test_fact_placement_default_stream_unchanged_and_errors(char_tok):
+    a = make_task("reasoning", char_tok, 3, 128, length=20)
+    b = make_task("reasoning", char_tok, 3, 128, length=20, fact_placement="anywhere")
+    assert all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(20))
+    with pytest.raises(ValueError, match="fact_placement"):
+        make_task("memorize", char_tok, 2, 128, fact_placement="segment_start")
+    for bad in ("start", None, 1):
+        with pytest.raises(ValueError, match="fact_placement"):
+            make_task("reasoning", char_tok, 2, 128, fact_placement=bad)
+    # a 40-character segment holds one fact (about 35 characters) but not two, nor a fact and the question
+    short = make_task("reasoning", char_tok, 4, 40, length=20, fact_placement="segment_start")
+    with pytest.raises(ValueError, match="segment_size=40"):
+        [short[i] for i in range(20)]
+
+
 def _fact_ends(ds, sample):
     return [int(p) + len(ds._tok[f]) for p, f in zip(sample["fact_positions"], sample["facts"])]
 

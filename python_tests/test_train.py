@@ -485,6 +485,31 @@ def test_train_same_axis_changes_training_samples_only(tmp_path):
         tiny(task="reasoning", train_same_axis=2.0).validate()
 
 
+def test_fact_placement_reaches_every_split_and_the_stage_evaluation(monkeypatch):
+    cfg = tiny(None, task="reasoning", segment_size=32, fact_placement="segment_start", eval_samples=20)
+    trainer = tr.Trainer(cfg).build()
+    for split in ("train", "valid", "test"):
+        ds = trainer.dataset(2, split)
+        assert ds.fact_placement == "segment_start"
+        assert all(int(ds[i]["fact_positions"][0]) % 32 == 0 for i in range(20))
+    from rmt_fast.experiments import evaluate, tasks
+
+    seen, real = [], tasks.make_task
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("fact_placement"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "make_task", spy)  # evaluate_lengths imports it when called
+    evaluate.evaluate_lengths(trainer.rmt, trainer.tokenizer, trainer.kind, "reasoning", [1], 4, 4,
+                              progress=False, fact_placement="segment_start")
+    assert seen == ["segment_start"]
+    with pytest.raises(ValueError, match="fact_placement"):
+        tiny(fact_placement="segment_start").validate()  # memorize
+    with pytest.raises(ValueError, match="fact_placement"):
+        tiny(task="reasoning", fact_placement="middle").validate()
+
+
 def test_train_hub_share_changes_training_samples_only():
     cfg = tiny(None, task="reasoning", segment_size=32, train_hub_share=1.0, eval_samples=60)
     trainer = tr.Trainer(cfg).build()

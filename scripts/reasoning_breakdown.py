@@ -56,7 +56,8 @@ def placement(fact_positions, fact_lengths, num_segments: int, segment_size: int
     return ("none", "one", "both")[min(inside, 2)] + " in last"
 
 
-def breakdown(rmt, tokenizer, num_segments: int, samples: int, batch_size: int, seed: int = 0) -> dict:
+def breakdown(rmt, tokenizer, num_segments: int, samples: int, batch_size: int, seed: int = 0,
+              fact_placement: str = "anywhere") -> dict:
     import torch
 
     from rmt_fast.experiments.evaluate import predict_correct
@@ -64,7 +65,8 @@ def breakdown(rmt, tokenizer, num_segments: int, samples: int, batch_size: int, 
     from rmt_fast.experiments.tasks import facts as F
 
     seg = rmt.rmt_config.segment_size
-    ds = make_task("reasoning", tokenizer, num_segments, seg, split="test", seed=seed, length=samples)
+    ds = make_task("reasoning", tokenizer, num_segments, seg, split="test", seed=seed, length=samples,
+                   fact_placement=fact_placement)
     counts = collections.defaultdict(lambda: [0, 0])
     rmt.eval()
     for start in range(0, samples, batch_size):
@@ -97,7 +99,8 @@ def main(argv=None) -> int:
     doc = {"model": a.model, "device": str(device), "samples": a.samples, "lengths": {}}
     for n in a.lengths:
         t0 = time.time()
-        res = breakdown(rmt, tokenizer, n, a.samples, a.batch_size, seed=tcfg.get("seed", 0))
+        res = breakdown(rmt, tokenizer, n, a.samples, a.batch_size, seed=tcfg.get("seed", 0),
+                        fact_placement=tcfg.get("fact_placement") or "anywhere")
         doc["lengths"][str(n)] = res
         print(f"{n} segments ({time.time() - t0:.0f} s)")
         for key, r in res.items():

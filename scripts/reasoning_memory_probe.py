@@ -80,9 +80,10 @@ def num_classes(target: str) -> int:
     return len(F.PLACES) + (target != "hub")
 
 
-def features(rmt, tokenizer, num_segments: int, samples: int, batch_size: int, seed: int, tokens: bool = True):
+def features(rmt, tokenizer, num_segments: int, samples: int, batch_size: int, seed: int, tokens: bool = True,
+             fact_placement: str = "anywhere"):
     """(memory features [S, m*d], token-mean features [S, d] (None when not ``tokens``), targets list) for
-    ``samples`` training-split samples with every fact before the last segment."""
+    ``samples`` training-split samples with every fact before the last segment, placed as ``fact_placement``."""
     import torch
 
     from rmt_fast.experiments.tasks import collate, make_task
@@ -91,7 +92,7 @@ def features(rmt, tokenizer, num_segments: int, samples: int, batch_size: int, s
         raise ValueError("model: num_mem_tokens is 0, so there is no memory to probe")
     seg = rmt.rmt_config.segment_size
     ds = make_task("reasoning", tokenizer, num_segments, seg, split="train", seed=seed + 7919, length=samples,
-                   facts_early=1.0)
+                   facts_early=1.0, fact_placement=fact_placement)
     mem, tok, tg = [], [], []
     device = rmt.device
     backbone = rmt.model
@@ -167,7 +168,8 @@ def main(argv=None) -> int:
         return 2
     rmt = rmt.float().eval()
     t0 = time.time()
-    mem, tok, tg = features(rmt, tokenizer, a.segments, a.train + a.test, a.batch_size, tcfg.get("seed", 0))
+    mem, tok, tg = features(rmt, tokenizer, a.segments, a.train + a.test, a.batch_size, tcfg.get("seed", 0),
+                            fact_placement=tcfg.get("fact_placement") or "anywhere")
     print(f"features of {a.train + a.test} samples in {time.time() - t0:.0f} s "
           f"(memory {tuple(mem.shape[1:])}, token mean {tuple(tok.shape[1:])})")
     doc = {"model": a.model, "segments": a.segments, "train": a.train, "test": a.test,

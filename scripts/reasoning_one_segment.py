@@ -136,7 +136,7 @@ def test_breakdown(rmt, tokenizer, cfg, samples: int, batch_size: int = 256, num
     from rmt_fast.experiments.tasks import facts as F
 
     ds = make_task("reasoning", tokenizer, num_segments, cfg.segment_size, split="test", seed=cfg.seed,
-                   length=samples)
+                   length=samples, fact_placement=cfg.fact_placement)
     placement = _script("reasoning_breakdown").placement if num_segments > 1 else None
     counts = collections.defaultdict(lambda: [0, 0])
     in_facts = own_place = 0
@@ -249,7 +249,8 @@ def memory_probes(rmt, tokenizer, cfg, num_segments: int, samples: int) -> dict:
     probe = _script("reasoning_memory_probe")
     rmt = rmt.float().eval()
     test = max(10, samples // 3)
-    mem, _, tg = probe.features(rmt, tokenizer, num_segments, samples + test, 64, cfg.seed, tokens=False)
+    mem, _, tg = probe.features(rmt, tokenizer, num_segments, samples + test, 64, cfg.seed, tokens=False,
+                                fact_placement=cfg.fact_placement)
     out = {}
     mem = mem.to(rmt.device)  # the probes are fitted on the model's device
     for name in ("hub", "north of hub", "south of hub", "east of hub", "west of hub"):

@@ -107,6 +107,11 @@ def parse_args(argv=None):
                    help="detect_memorize, reasoning: the probability that every fact of a TRAINING sample lies before "
                    "its last segment, where only the memory carries it (default: the task's own placement; "
                    "validation and test keep it); memorize ignores it")
+    p.add_argument("--fact-placement", choices=("anywhere", "segment_start"), default="anywhere",
+                   help="detect_memorize, reasoning: where the facts lie in training, validation and test: anywhere "
+                   "(at noise-sentence boundaries, the paper's text) or segment_start (each at the start of a "
+                   "randomly chosen segment, the official reasoning script's placement) (%(default)s); memorize "
+                   "ignores it")
     p.add_argument("--train-hub-share", type=float, default=None, metavar="P",
                    help="reasoning: the probability that a TRAINING question asks about the hub, the place both facts "
                    "name, whose answer needs a fact's direction (default: the task's own, about 1/2; validation and "
@@ -212,6 +217,7 @@ def task_config(a, task: str):
                        train_same_axis=a.train_same_axis if task == "reasoning" else None,
                        train_facts_early=a.train_facts_early if task != "memorize" else None,
                        train_hub_share=a.train_hub_share if task == "reasoning" else None, init_from=a.init_from,
+                       fact_placement=a.fact_placement if task != "memorize" else "anywhere",
                        reconstruction_coef=a.reconstruction_coef,
                        reconstruction_mask_prob=a.reconstruction_mask_prob,
                        reconstruction_last=a.reconstruction_last, distill_coef=a.distill_coef,

@@ -156,8 +156,11 @@ def dataset_accuracy(rmt, dataset, kind: str, indices, batch_size: int, device=N
 def evaluate_lengths(rmt, tokenizer, kind: str, task: str = "memorize", lengths=DEFAULT_LENGTHS,
                      num_samples: int = 128, batch_size: int = 32, seed: int = 0, split: str = "test",
                      noise=None, babi_path=None, bf16: bool = True, progress: bool = True,
-                     rank: int = 0, world: int = 1, desc: str = "", chunk_segments: int | None = 256) -> dict:
+                     rank: int = 0, world: int = 1, desc: str = "", chunk_segments: int | None = 256,
+                     fact_placement: str = "anywhere") -> dict:
     """Accuracy at each length (segments of ``rmt.rmt_config.segment_size`` tokens).
+
+    fact_placement: where the facts lie (``rmt_fast.experiments.tasks.PLACEMENTS``), as the model was trained.
 
     The input stays on the CPU and goes to the device ``chunk_segments`` segments at a time (memory carried), so
     peak device memory is flat in the length. Returns ``{segments: {"accuracy", "ci95", "correct", "samples",
@@ -177,7 +180,7 @@ def evaluate_lengths(rmt, tokenizer, kind: str, task: str = "memorize", lengths=
     first = batch_size * world  # the samples of every rank's first batch
     for n in lengths:
         ds = make_task(task, tokenizer, n, s, split=split, seed=seed, noise=noise, babi_path=babi_path,
-                       for_decoder=(kind == "decoder"), length=num_samples)
+                       for_decoder=(kind == "decoder"), length=num_samples, fact_placement=fact_placement)
         nb = -(-len(range(rank, num_samples, world)) // batch_size)
 
         def bar(b, n=n, nb=nb):
@@ -235,8 +238,9 @@ def evaluate_run(path: str, lengths=None, num_samples: int | None = None, batch_
     task = tcfg.get("task", "memorize")
     seed = tcfg.get("seed", 0)
     noise, babi = tcfg.get("noise"), tcfg.get("babi_path")
+    placement = tcfg.get("fact_placement") or "anywhere"  # the training run's (configs written before it: anywhere)
     final = evaluate_lengths(model, tokenizer, kind, task, lengths, num_samples, batch_size, seed, split, noise, babi,
-                             bf16, progress, desc="[final] ")
+                             bf16, progress, desc="[final] ", fact_placement=placement)
     if train_info is None and path and os.path.isfile(os.path.join(path, SUMMARY_FILE)):
         with open(os.path.join(path, SUMMARY_FILE)) as f:
             summ = json.load(f)
@@ -254,7 +258,8 @@ def evaluate_run(path: str, lengths=None, num_samples: int | None = None, batch_
         for n_train, p in sd:
             rmt_s, tok_s, kind_s, _ = load_checkpoint(p, model.device)
             res = evaluate_lengths(rmt_s, tok_s, kind_s, task, s_lengths, stage_samples or num_samples, batch_size,
-                                   seed, split, noise, babi, bf16, progress, desc=f"[trained {n_train}] ")
+                                   seed, split, noise, babi, bf16, progress, desc=f"[trained {n_train}] ",
+                                   fact_placement=placement)
             rows.append([res[n]["accuracy"] for n in s_lengths])
             del rmt_s
         heat = {"train_segments": [n for n, _ in sd], "eval_segments": s_lengths, "accuracy": rows}

@@ -45,7 +45,7 @@ from .evaluate import dataset_accuracy
 from .rundir import (CONFIG_FILE, LAST_CHECKPOINT, STATE_FILE, SUMMARY_FILE, atomic_json, load_weights_into,
                      save_tokenizer, stage_dir, stage_dirs)
 from .runtime import autocast_ctx, dist_info, init_distributed, resolve_device, seed_everything
-from .tasks import TASKS, collate, make_task
+from .tasks import PLACEMENTS, TASKS, collate, make_task
 
 __all__ = ["TrainConfig", "TrainResult", "StageTracker", "Trainer", "build_schedule", "build_model", "train",
            "expected_segments", "STAGE_REASONS"]
@@ -161,6 +161,10 @@ class TrainConfig:
                                            "TRAINING sample lies before its last segment, where only the memory can "
                                            "carry it (default: the task's own placement, anywhere; validation and "
                                            "tests keep it)", MODEL)
+    fact_placement: str = _arg("anywhere", "detect_memorize, reasoning: where the facts lie in EVERY split (training, "
+                               "validation, tests): anywhere (at noise-sentence boundaries, the paper's text) | "
+                               "segment_start (each at the start of a randomly chosen segment, the official "
+                               "reasoning script's placement)", MODEL, choices=PLACEMENTS)
     train_hub_share: float | None = _arg(None, "reasoning: the probability that a TRAINING question asks about the "
                                          "hub, the place both facts name, whose answer needs a fact's direction "
                                          "(default: the task's own, about 1/2; validation and tests keep it)", MODEL)
@@ -221,6 +225,9 @@ class TrainConfig:
         if self.train_facts_early is not None and (self.task == "memorize" or not 0 <= self.train_facts_early <= 1):
             raise ValueError("train_facts_early: a probability in [0, 1], for detect_memorize and reasoning (memorize "
                              f"puts its facts first); got {self.train_facts_early!r} for task {self.task!r}")
+        if self.fact_placement not in PLACEMENTS or (self.fact_placement != "anywhere" and self.task == "memorize"):
+            raise ValueError(f"fact_placement: one of {list(PLACEMENTS)} for detect_memorize and reasoning (memorize "
+                             f"puts its fact first); got {self.fact_placement!r} for task {self.task!r}")
         if self.train_hub_share is not None and (self.task != "reasoning" or not 0 <= self.train_hub_share <= 1):
             raise ValueError("train_hub_share: a probability in [0, 1], for the reasoning task only; got "
                              f"{self.train_hub_share!r} for task {self.task!r}")
@@ -571,7 +578,8 @@ class Trainer:
                                            length=cfg.eval_samples if split == "valid" else None,
                                            same_axis=cfg.train_same_axis if split == "train" else None,
                                            facts_early=cfg.train_facts_early if split == "train" else None,
-                                           hub_share=cfg.train_hub_share if split == "train" else None)
+                                           hub_share=cfg.train_hub_share if split == "train" else None,
+                                           fact_placement=cfg.fact_placement)
         return self.datasets[key]
 
     # ---- the curriculum ------------------------------------------------------------------------------
@@ -720,7 +728,8 @@ class Trainer:
         cfg = self.cfg
         res = evaluate_lengths(self.rmt, self.tokenizer, self.kind, cfg.task, cfg.stage_eval_lengths,
                                cfg.stage_eval_samples, cfg.eval_batch_size, cfg.seed, "test", cfg.noise, cfg.babi_path,
-                               cfg.bf16, progress=False, rank=self.rank, world=self.world)
+                               cfg.bf16, progress=False, rank=self.rank, world=self.world,
+                               fact_placement=cfg.fact_placement)
         return {str(n): r["accuracy"] for n, r in res.items()}
 
     def step(self, n: int, scheduler) -> torch.Tensor:

@@ -7,7 +7,7 @@ Quick start::
     ds = make_task("detect_memorize", WordTokenizer(), num_segments=4, segment_size=32)
     batch = collate([ds[0], ds[1]])      # input_ids [2, 128], labels [2] (index into ds.answers)
 """
-from .dataset import SPLITS, TASKS, MemoryTaskDataset, collate, default_noise, make_task
+from .dataset import PLACEMENTS, SPLITS, TASKS, MemoryTaskDataset, collate, default_noise, make_task
 from .facts import (ANSWERS, DIRECTIONS, NAMES, OPPOSITE, PLACES, VERBS, Example, answer_qa4,
                     read_babi)
 from .noise import (HFDatasetNoise, NoiseSource, PydocNoise, SentencesNoise, TaskFileNotFoundError,
@@ -16,7 +16,7 @@ from .tokenization import (SAVED_TOKENIZER_FILE, CharTokenizer, WordTokenizer, e
                            piece_prefix)
 
 __all__ = [
-    "TASKS", "SPLITS", "ANSWERS", "NAMES", "VERBS", "PLACES", "DIRECTIONS", "OPPOSITE",
+    "TASKS", "SPLITS", "PLACEMENTS", "ANSWERS", "NAMES", "VERBS", "PLACES", "DIRECTIONS", "OPPOSITE",
     "make_task", "collate", "MemoryTaskDataset", "default_noise", "Example", "read_babi", "answer_qa4",
     "NoiseSource", "PydocNoise", "TextFilesNoise", "HFDatasetNoise", "SentencesNoise", "TokenPool",
     "TaskFileNotFoundError", "clean_text", "split_sentences",

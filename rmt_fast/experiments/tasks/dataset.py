@@ -38,10 +38,14 @@ from .noise import (HFDatasetNoise, NoiseSource, PydocNoise, TaskFileNotFoundErr
                     TextFilesNoise, TokenPool)
 from .tokenization import encode_batch, piece_prefix
 
-__all__ = ["TASKS", "SPLITS", "MemoryTaskDataset", "make_task", "collate", "default_noise"]
+__all__ = ["TASKS", "SPLITS", "PLACEMENTS", "MemoryTaskDataset", "make_task", "collate", "default_noise"]
 
 TASKS = ("memorize", "detect_memorize", "reasoning")
 SPLITS = ("train", "valid", "test")
+#: where detect_memorize and reasoning put their facts: "anywhere" (at noise-sentence boundaries, uniformly: the
+#: paper's text) or "segment_start" (each fact at the start of a randomly chosen segment: the official reasoning
+#: script); memorize always puts its fact first
+PLACEMENTS = ("anywhere", "segment_start")
 _DEFAULT_LENGTH = {"train": 10 ** 6, "valid": 1000, "test": 1000}
 _IGNORE = -100
 
@@ -136,7 +140,8 @@ class MemoryTaskDataset(Dataset):
     def __init__(self, task: str, tokenizer, num_segments: int, segment_size: int, split: str = "train",
                  seed: int = 0, noise=None, babi_path=None, for_decoder: bool = False,
                  length: Optional[int] = None, same_axis: Optional[float] = None,
-                 facts_early: Optional[float] = None, hub_share: Optional[float] = None):
+                 facts_early: Optional[float] = None, hub_share: Optional[float] = None,
+                 fact_placement: str = "anywhere"):
         # ---- argument validation -------------------------------------------------------------
         if not isinstance(task, str) or task not in TASKS:
             raise ValueError(f"task (name): unknown task {task!r}; choose one of {list(TASKS)}")
@@ -169,6 +174,12 @@ class MemoryTaskDataset(Dataset):
             if isinstance(hub_share, bool) or not isinstance(hub_share, (int, float)) or not 0 <= hub_share <= 1:
                 raise ValueError(f"hub_share must be None or a probability in [0, 1], got {hub_share!r}")
         self.hub_share = None if hub_share is None else float(hub_share)
+        if not isinstance(fact_placement, str) or fact_placement not in PLACEMENTS:
+            raise ValueError(f"fact_placement: one of {list(PLACEMENTS)}, got {fact_placement!r}")
+        if fact_placement != "anywhere" and task == "memorize":
+            raise ValueError("fact_placement: memorize puts its fact first; only detect_memorize and reasoning take "
+                             f"{fact_placement!r}")
+        self.fact_placement = fact_placement
         if facts_early is not None:
             if task == "memorize":
                 raise ValueError("facts_early: memorize puts its facts first; only detect_memorize and reasoning "
@@ -271,6 +282,30 @@ class MemoryTaskDataset(Dataset):
             lo, off = int(where[j]), off + n
         return where
 
+    def _segment_starts(self, rng: np.random.Generator, lens: Sequence[int], tail: int, budget: int) -> np.ndarray:
+        """Noise offsets that put each fact at the start of a randomly chosen segment (uniform, with replacement;
+        sorted, so the story order is kept; facts drawn into one segment follow each other from its start). With
+        ``facts_early`` drawn, the segments are chosen among those before the last one (the question's)."""
+        n, seg = self.num_segments, self.segment_size
+        pool = n
+        if self.facts_early is not None and n > 1 and rng.random() < self.facts_early:
+            pool = n - 1
+        segs = np.sort(rng.integers(0, pool, size=len(lens)))
+        where, before = np.zeros(len(lens), dtype=np.int64), 0  # before: fact tokens in earlier segments
+        for j, s in enumerate(segs):
+            if j and segs[j - 1] == s:
+                where[j] = where[j - 1]
+            else:
+                before = sum(lens[:j])
+                where[j] = s * seg - before
+        for s in np.unique(segs):  # what one segment has to hold: its facts, and the question in the last one
+            need = sum(lens[j] for j in range(len(lens)) if segs[j] == s) + (tail if s == n - 1 else 0)
+            if need > seg:
+                raise ValueError(f"fact_placement='segment_start': a segment of segment_size={seg} tokens cannot "
+                                 f"hold its facts{' and the question' if s == n - 1 else ''} ({need} tokens)")
+        assert int(where[-1]) <= budget, (where, budget)
+        return where
+
     def __getitem__(self, i: int) -> Dict[str, object]:
         if isinstance(i, (torch.Tensor, np.integer)):
             i = int(i)
@@ -290,6 +325,8 @@ class MemoryTaskDataset(Dataset):
         noise, bounds = self.pool.sample(rng, budget)          # [budget], [k + 1]
         if self.task == "memorize":
             where = np.zeros(len(fact_ids), dtype=np.int64)    # all facts first, in order
+        elif self.fact_placement == "segment_start":
+            where = self._segment_starts(rng, [len(f) for f in fact_ids], len(q_ids) + len(a_ids), budget)
         else:                                                  # uniform boundaries, story order kept
             choices = bounds
             if self.facts_early is not None and self.num_segments > 1 and rng.random() < self.facts_early:
@@ -343,7 +380,8 @@ class MemoryTaskDataset(Dataset):
 def make_task(name: str, tokenizer, num_segments: int, segment_size: int, split: str = "train",
               seed: int = 0, noise=None, babi_path=None, for_decoder: bool = False,
               length: Optional[int] = None, same_axis: Optional[float] = None,
-              facts_early: Optional[float] = None, hub_share: Optional[float] = None) -> MemoryTaskDataset:
+              facts_early: Optional[float] = None, hub_share: Optional[float] = None,
+              fact_placement: str = "anywhere") -> MemoryTaskDataset:
     """Build one of the RMT paper's synthetic memory tasks as a map-style torch Dataset.
 
     Args:
@@ -370,6 +408,10 @@ def make_task(name: str, tokenizer, num_segments: int, segment_size: int, split:
             name, whose answer needs a fact's direction, not only its places (None: the task's own, about half;
             see :func:`~rmt_fast.experiments.tasks.facts.qa4_question_kind`), for training mixes. Facts on one axis
             have hub questions only.
+        fact_placement: detect_memorize and reasoning, every split: ``"anywhere"`` (default; at noise-sentence
+            boundaries, uniformly, as the paper describes) or ``"segment_start"`` (each fact at the start of a
+            randomly chosen segment, facts drawn into one segment one after the other: the official reasoning
+            script's placement). See :data:`PLACEMENTS`.
 
     Returns:
         :class:`MemoryTaskDataset`; ``ds[i]["input_ids"]`` is ``LongTensor [n * segment_size]`` and
@@ -378,7 +420,8 @@ def make_task(name: str, tokenizer, num_segments: int, segment_size: int, split:
     """
     return MemoryTaskDataset(name, tokenizer, num_segments, segment_size, split=split, seed=seed,
                              noise=noise, babi_path=babi_path, for_decoder=for_decoder, length=length,
-                             same_axis=same_axis, facts_early=facts_early, hub_share=hub_share)
+                             same_axis=same_axis, facts_early=facts_early, hub_share=hub_share,
+                             fact_placement=fact_placement)
 
 
 def collate(batch: Sequence[Dict[str, object]]) -> Dict[str, object]:
