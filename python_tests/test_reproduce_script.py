@@ -164,12 +164,14 @@ def test_reasoning_one_segment_as_a_memory_stage(tmp_path):
     assert "dir probe" in r.stdout and "hub+facts none in last" in r.stdout
 
 
-def test_train_same_axis_reaches_the_reasoning_config_only():
+@pytest.mark.parametrize("option", ["train_same_axis", "train_hub_share"])
+def test_reasoning_mix_options_reach_the_reasoning_config_only(option):
     mod = _reproduce_module()
-    a = mod.parse_args(["--out", "/tmp/x", "--train-same-axis", "0.67"])
-    assert mod.task_config(a, "reasoning").train_same_axis == 0.67
-    assert mod.task_config(a, "memorize").train_same_axis is None
-    assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").train_same_axis is None
+    a = mod.parse_args(["--out", "/tmp/x", "--" + option.replace("_", "-"), "0.67"])
+    assert getattr(mod.task_config(a, "reasoning"), option) == 0.67
+    assert getattr(mod.task_config(a, "memorize"), option) is None
+    assert getattr(mod.task_config(a, "detect_memorize"), option) is None
+    assert getattr(mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning"), option) is None
 
 
 @pytest.mark.slow
@@ -247,14 +249,6 @@ def test_fact_placement_reaches_detect_and_reasoning_configs():
     assert mod.task_config(a, "detect_memorize").fact_placement == "segment_start"
     assert mod.task_config(a, "memorize").fact_placement == "anywhere"
     assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").fact_placement == "anywhere"
-
-
-def test_train_hub_share_reaches_the_reasoning_config_only():
-    mod = _reproduce_module()
-    a = mod.parse_args(["--out", "/tmp/x", "--train-hub-share", "0.9"])
-    assert mod.task_config(a, "reasoning").train_hub_share == 0.9
-    assert mod.task_config(a, "detect_memorize").train_hub_share is None
-    assert mod.task_config(mod.parse_args(["--out", "/tmp/x"]), "reasoning").train_hub_share is None
 
 
 @pytest.mark.parametrize("flag", ["--train-facts-early", "--train-same-axis", "--train-hub-share"])

@@ -495,16 +495,19 @@ def test_same_axis_mix(char_tok, p):
     assert abs(sum(same) / 200 - p) < 0.1
 
 
-def test_same_axis_default_stream_unchanged_and_errors(char_tok):
+@pytest.mark.parametrize("option", ["same_axis", "hub_share"])
+def test_mix_option_default_stream_unchanged_and_errors(char_tok, option):
     a = make_task("reasoning", char_tok, 1, 128, length=20)
-    b = make_task("reasoning", char_tok, 1, 128, length=20, same_axis=None)
+    b = make_task("reasoning", char_tok, 1, 128, length=20, **{option: None})
     assert all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(20))
-    with pytest.raises(ValueError, match="same_axis"):
-        make_task("memorize", char_tok, 1, 128, same_axis=0.5)
-    with pytest.raises(ValueError, match="same_axis"):
-        make_task("reasoning", char_tok, 1, 128, same_axis=1.5)
-    with pytest.raises(ValueError, match="same_axis"):
-        F.qa4_example(np.random.default_rng(0), same_axis=-0.1)
+    for task in ("memorize", "detect_memorize"):
+        with pytest.raises(ValueError, match=option):
+            make_task(task, char_tok, 1, 128, **{option: 0.5})
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match=option):
+            make_task("reasoning", char_tok, 1, 128, **{option: bad})
+    with pytest.raises(ValueError, match=option):
+        F.qa4_example(np.random.default_rng(0), **{option: -0.1})
 
 
 @pytest.mark.parametrize("p", [0.0, 0.7, 1.0])
@@ -525,19 +528,6 @@ def test_hub_share_mix(char_tok, p, same_axis):
     ds = make_task("reasoning", char_tok, 1, 128, length=200, same_axis=same_axis, hub_share=p)
     hub = [F.qa4_question_kind(s["facts"], s["question"])["role"] == "hub" for s in (ds[i] for i in range(200))]
     assert abs(sum(hub) / 200 - (same + (1 - same) * p)) < 0.1
-
-
-def test_hub_share_default_stream_unchanged_and_errors(char_tok):
-    a = make_task("reasoning", char_tok, 1, 128, length=20)
-    b = make_task("reasoning", char_tok, 1, 128, length=20, hub_share=None)
-    assert all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(20))
-    with pytest.raises(ValueError, match="hub_share"):
-        make_task("detect_memorize", char_tok, 1, 128, hub_share=0.5)
-    for bad in (1.5, -0.1, True):
-        with pytest.raises(ValueError, match="hub_share"):
-            make_task("reasoning", char_tok, 1, 128, hub_share=bad)
-    with pytest.raises(ValueError, match="hub_share"):
-        F.qa4_example(np.random.default_rng(0), hub_share=2.0)
 
 
 @pytest.mark.parametrize("task", ["reasoning", "detect_memorize"])

@@ -162,17 +162,14 @@ class MemoryTaskDataset(Dataset):
             raise ValueError(f"length must be a positive int, got {length!r}")
         if not isinstance(for_decoder, bool):
             raise TypeError(f"for_decoder must be a bool, got {type(for_decoder).__name__}")
-        if same_axis is not None:
+        for name, p in (("same_axis", same_axis), ("hub_share", hub_share)):  # the generated QA4 mix's options
+            if p is None:
+                continue
             if task != "reasoning" or babi_path is not None:
-                raise ValueError("same_axis: only for the generated reasoning task (task='reasoning', no babi_path)")
-            if isinstance(same_axis, bool) or not isinstance(same_axis, (int, float)) or not 0 <= same_axis <= 1:
-                raise ValueError(f"same_axis must be None or a probability in [0, 1], got {same_axis!r}")
+                raise ValueError(f"{name}: only for the generated reasoning task (task='reasoning', no babi_path)")
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise ValueError(f"{name} must be None or a probability in [0, 1], got {p!r}")
         self.same_axis = None if same_axis is None else float(same_axis)
-        if hub_share is not None:
-            if task != "reasoning" or babi_path is not None:
-                raise ValueError("hub_share: only for the generated reasoning task (task='reasoning', no babi_path)")
-            if isinstance(hub_share, bool) or not isinstance(hub_share, (int, float)) or not 0 <= hub_share <= 1:
-                raise ValueError(f"hub_share must be None or a probability in [0, 1], got {hub_share!r}")
         self.hub_share = None if hub_share is None else float(hub_share)
         if not isinstance(fact_placement, str) or fact_placement not in PLACEMENTS:
             raise ValueError(f"fact_placement: one of {list(PLACEMENTS)}, got {fact_placement!r}")
