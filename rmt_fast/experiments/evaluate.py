@@ -266,7 +266,7 @@ def evaluate_run(path: str, lengths=None, num_samples: int | None = None, batch_
     config = {"task": task, "backbone": tcfg.get("backbone"), "tokenizer": tcfg.get("tokenizer"),
               "segment_size": model.rmt_config.segment_size, "num_mem_tokens": model.rmt_config.num_mem_tokens,
               "kind": kind, "lengths": lengths, "num_samples": num_samples, "batch_size": batch_size, "split": split,
-              "seed": seed, "device": str(model.device), "train_config": tcfg}
+              "seed": seed, "fact_placement": placement, "device": str(model.device), "train_config": tcfg}
     return write_results(out_dir, final, config=config, train=train_info, heatmap=heat)
 
 
