@@ -288,13 +288,9 @@ class MemoryTaskDataset(Dataset):
         if self.facts_early is not None and n > 1 and rng.random() < self.facts_early:
             pool = n - 1
         segs = np.sort(rng.integers(0, pool, size=len(lens)))
-        where, before = np.zeros(len(lens), dtype=np.int64), 0  # before: fact tokens in earlier segments
-        for j, s in enumerate(segs):
-            if j and segs[j - 1] == s:
-                where[j] = where[j - 1]
-            else:
-                before = sum(lens[:j])
-                where[j] = s * seg - before
+        where = np.zeros(len(lens), dtype=np.int64)
+        for j, s in enumerate(segs):  # a noise offset: the segment's start less the fact tokens before it
+            where[j] = where[j - 1] if j and segs[j - 1] == s else s * seg - sum(lens[:j])
         for s in np.unique(segs):  # what one segment has to hold: its facts, and the question in the last one
             need = sum(lens[j] for j in range(len(lens)) if segs[j] == s) + (tail if s == n - 1 else 0)
             if need > seg:
