@@ -151,7 +151,8 @@ def test_reasoning_one_segment_as_a_memory_stage(tmp_path):
     start = str(tmp_path / "one" / "a" / "checkpoint-last")
     r = subprocess.run([sys.executable, script, "--out", str(tmp_path / "two"), "--smoke", "--steps", "2",
                         "--eval-every", "2", "--test-samples", "16", "--segments", "2", "--probe-samples", "30",
-                        "--config", f"early:lr=1e-3,train_facts_early=1.0,init_from={start}"],
+                        "--config", f"early:lr=1e-3,train_facts_early=1.0,init_from={start}",
+                        "--config", "ss:lr=1e-3,fact_placement=segment_start,train_hub_share=1.0"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads((tmp_path / "two" / "diagnosis.json").read_text())["configs"]["early"]
@@ -162,6 +163,10 @@ def test_reasoning_one_segment_as_a_memory_stage(tmp_path):
     assert set(d["probe"]) == {"hub", "north of hub", "south of hub", "east of hub", "west of hub"}
     assert all(0 <= p["test_accuracy"] <= 1 for p in d["probe"].values())
     assert "dir probe" in r.stdout and "hub+facts none in last" in r.stdout
+    # the official placement and a hub-only mix run through training, the test split and the probes
+    ss = json.loads((tmp_path / "two" / "diagnosis.json").read_text())["configs"]["ss"]
+    assert ss["config"]["fact_placement"] == "segment_start" and ss["config"]["train_hub_share"] == 1.0
+    assert ss["test"]["all"]["samples"] == 16 and set(ss["probe"]) == set(d["probe"])
 
 
 @pytest.mark.parametrize("option", ["train_same_axis", "train_hub_share"])
