@@ -206,6 +206,11 @@ class TrainConfig:
             raise ValueError(f"torch_compile must be 'auto', 'on' or 'off', got {self.torch_compile!r}")
         if self.task not in TASKS:
             raise ValueError(f"task: unknown task {self.task!r}; choose one of {list(TASKS)}")
+        for f in dataclasses.fields(self):  # every field with choices (the command line's) takes one of them
+            allowed = f.metadata.get("choices")
+            if allowed is not None and getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name} must be one of {', '.join(map(str, allowed))}, got "
+                                 f"{getattr(self, f.name)!r}")
         for name in ("num_mem_tokens", "segment_size", "max_steps_per_stage", "eval_every", "eval_samples",
                      "eval_batch_size", "batch_size"):
             v = getattr(self, name)
@@ -219,28 +224,23 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.mix_prob <= 1.0:
             raise ValueError(f"mix_prob must be in [0, 1], got {self.mix_prob}")
-        if self.train_same_axis is not None and (self.task != "reasoning" or not 0 <= self.train_same_axis <= 1):
-            raise ValueError("train_same_axis: a probability in [0, 1], for the reasoning task only; got "
-                             f"{self.train_same_axis!r} for task {self.task!r}")
+        for name in ("train_same_axis", "train_hub_share"):  # the generated QA4 mix's options
+            v = getattr(self, name)
+            if v is not None and (self.task != "reasoning" or not 0 <= v <= 1):
+                raise ValueError(f"{name}: a probability in [0, 1], for the reasoning task only; got {v!r} for task "
+                                 f"{self.task!r}")
         if self.train_facts_early is not None and (self.task == "memorize" or not 0 <= self.train_facts_early <= 1):
             raise ValueError("train_facts_early: a probability in [0, 1], for detect_memorize and reasoning (memorize "
                              f"puts its facts first); got {self.train_facts_early!r} for task {self.task!r}")
-        if self.fact_placement not in PLACEMENTS or (self.fact_placement != "anywhere" and self.task == "memorize"):
-            raise ValueError(f"fact_placement: one of {list(PLACEMENTS)} for detect_memorize and reasoning (memorize "
-                             f"puts its fact first); got {self.fact_placement!r} for task {self.task!r}")
-        if self.train_hub_share is not None and (self.task != "reasoning" or not 0 <= self.train_hub_share <= 1):
-            raise ValueError("train_hub_share: a probability in [0, 1], for the reasoning task only; got "
-                             f"{self.train_hub_share!r} for task {self.task!r}")
+        if self.fact_placement != "anywhere" and self.task == "memorize":
+            raise ValueError(f"fact_placement: memorize puts its fact first; {self.fact_placement!r} is for "
+                             "detect_memorize and reasoning")
         if isinstance(self.reconstruction_coef, bool) or not self.reconstruction_coef >= 0:
             raise ValueError(f"reconstruction_coef must be a number >= 0 (0: off), got {self.reconstruction_coef!r}")
         if not 0 < self.reconstruction_mask_prob <= 1:
             raise ValueError(f"reconstruction_mask_prob must be in (0, 1], got {self.reconstruction_mask_prob!r}")
         if isinstance(self.distill_coef, bool) or not self.distill_coef >= 0:
             raise ValueError(f"distill_coef must be a number >= 0 (0: off), got {self.distill_coef!r}")
-        if self.distill_layers not in DISTILL_LAYERS:
-            raise ValueError(f"distill_layers must be one of {', '.join(DISTILL_LAYERS)}, got {self.distill_layers!r}")
-        if self.distill_order not in DISTILL_ORDERS:
-            raise ValueError(f"distill_order must be one of {', '.join(DISTILL_ORDERS)}, got {self.distill_order!r}")
         if self.distill_coef and self.reconstruction_coef:
             raise ValueError("distill_coef and reconstruction_coef: one auxiliary loss at a time; set one of them to 0")
         if self.capture_memory is not None and not 0 <= self.capture_memory <= 1:
