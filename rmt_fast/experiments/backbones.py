@@ -158,6 +158,22 @@ def load_tokenizer(name: str, tokenizer: str = "auto"):
     return tok
 
 
+def _plain_weights(model):
+    """A model loaded from a GGUF file, marked as an ordinary one.
+
+    transformers de-quantizes GGUF tensors into ordinary float parameters on load but keeps the GGUF quantizer on the
+    model, so ``save_pretrained`` refuses ("quantized with gguf and is not serializable") and training code treats it
+    as quantized. The weights are plain floats: the marks go.
+    """
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
 def load_backbone(name: str, *, num_labels: int = 6, max_positions: int = 512, tokenizer: str = "auto",
                   hidden_size: int = 64, num_layers: int = 2, seed: int | None = None, dtype=None):
     """Build backbone ``name``; returns ``(model, tokenizer, kind)`` with kind "encoder" or "decoder".
@@ -185,7 +201,7 @@ def load_backbone(name: str, *, num_labels: int = 6, max_positions: int = 512, t
         from transformers import AutoModelForCausalLM
 
         d, f = smollm2_gguf()
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype or torch.float32)
+        model = _plain_weights(AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype or torch.float32))
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
     elif name == "tiny-bert":
