@@ -300,3 +300,34 @@ def test_distillation_choices_are_the_librarys(capsys):
             mod.parse_args(["--out", "/tmp/x", flag, "nothing"])
         listed = capsys.readouterr().err.rsplit("choose from", 1)[1]
         assert sorted(re.findall(r"'([a-z_]+)'", listed)) == sorted(allowed), listed
+
+
+@pytest.mark.parametrize("segments", [1, 2])
+def test_reasoning_breakdown_of_a_decoder(segments):
+    """A decoder's test: each row's prediction is the answer whose first token scores highest at the position
+    before the row's answer, as a single-row call gives it."""
+    import torch
+
+    from rmt_fast.experiments.tasks import make_task
+    from rmt_fast.experiments.trainer import TrainConfig, build_model
+
+    mod = bench_scripts.load_script("reasoning_one_segment")
+    cfg = TrainConfig(task="reasoning", backbone="tiny-gpt2", num_mem_tokens=2, segment_size=40, device="cpu",
+                      schedule=[segments], hidden_size=32)
+    torch.manual_seed(0)
+    rmt, tok, kind = build_model(cfg, torch.device("cpu"))
+    assert kind == "decoder"
+    out = mod.test_breakdown(rmt, tok, cfg, 12, batch_size=5, num_segments=segments)
+    ds = make_task("reasoning", tok, segments, 40, split="test", seed=cfg.seed, length=12, for_decoder=True)
+    first = [ids[0] for ids in ds.answer_token_ids]
+    right = 0
+    for i in range(12):
+        item = ds[i]
+        with torch.no_grad():
+            logits = rmt(input_ids=item["input_ids"][None], return_logits=True).logits[0]
+        at = len(item["input_ids"]) - len(item["answer_ids"]) - 1
+        right += int(logits[at, first].argmax()) == ds.answers.index(item["answer"])
+    assert out["all"]["samples"] == 12 and 0 < right < 12, right  # some right, some wrong: the rows are told apart
+    assert out["all"]["accuracy"] == pytest.approx(right / 12)
+    assert len(out["wrong_samples"]) == 12 - right
+    assert all(w["prediction"] in ds.answers for w in out["wrong_samples"])

@@ -129,14 +129,25 @@ def _script(name: str):
 
 def test_breakdown(rmt, tokenizer, cfg, samples: int, batch_size: int = 256, num_segments: int = 1) -> dict:
     """Test accuracy overall and by question kind (role, relation, form), and how often the prediction is a place
-    of the facts / the question's own place. On several segments also by where the facts lie."""
+    of the facts / the question's own place. On several segments also by where the facts lie.
+
+    Encoder: the class logits. Decoder: the answers' first tokens scored at the answer's position (the next-token
+    logits there, restricted to those tokens), so the prediction is always one of the answers."""
     import torch
+    from rmt_fast.experiments.backbones import backbone_kind
     from rmt_fast.experiments.runtime import autocast_ctx
     from rmt_fast.experiments.tasks import collate, make_task
     from rmt_fast.experiments.tasks import facts as F
 
+    decoder = backbone_kind(cfg.backbone) == "decoder"
     ds = make_task("reasoning", tokenizer, num_segments, cfg.segment_size, split="test", seed=cfg.seed,
-                   length=samples, fact_placement=cfg.fact_placement)
+                   length=samples, fact_placement=cfg.fact_placement, for_decoder=decoder)
+    if decoder:
+        first = [int(ids[0]) for ids in ds.answer_token_ids]
+        if len(set(first)) != len(first):
+            raise ValueError(f"backbone: the answers' first tokens are not distinct with this tokenizer ({first})")
+        first = torch.tensor(first)
+        batch_size = min(batch_size, 64)  # the logits are [B, length, vocabulary]
     placement = _script("reasoning_breakdown").placement if num_segments > 1 else None
     counts = collections.defaultdict(lambda: [0, 0])
     in_facts = own_place = 0
@@ -146,16 +157,22 @@ def test_breakdown(rmt, tokenizer, cfg, samples: int, batch_size: int = 256, num
         items = [ds[i] for i in range(start, min(samples, start + batch_size))]
         batch = collate(items)
         with torch.no_grad(), autocast_ctx(rmt.device, cfg.bf16):
-            prob = rmt(input_ids=batch["input_ids"].to(rmt.device)).logits.float().softmax(-1).cpu()
+            logits = rmt(input_ids=batch["input_ids"].to(rmt.device), return_logits=True).logits.float()
+        if decoder:  # the next-token logits before each row's answer, over the answers' first tokens
+            at = torch.tensor([len(it["input_ids"]) - len(it["answer_ids"]) - 1 for it in items],
+                              device=logits.device)
+            logits = logits[torch.arange(len(items), device=logits.device), at][:, first.to(logits.device)]
+        prob = logits.softmax(-1).cpu()
         pred = prob.argmax(-1)
         for item, p, pr in zip(items, pred.tolist(), prob):
+            label = ds.answers.index(item["answer"])
             kind = F.qa4_question_kind(item["facts"], item["question"])
-            ok = p == int(item["labels"])
+            ok = p == label
             top_probability.append(float(pr.max()))
             if not ok and len(wrong) < 100:
                 wrong.append({"facts": item["facts"], "question": item["question"], "answer": item["answer"],
                               "prediction": ds.answers[p], "probability": round(float(pr[p]), 4),
-                              "answer_probability": round(float(pr[int(item["labels"])]), 4), **kind})
+                              "answer_probability": round(float(pr[label]), 4), **kind})
             guess = ds.answers[p]
             in_facts += any(f" {guess} " in f" {f[:-1]} " for f in item["facts"])
             own_place += f" {guess} " in f" {item['question'][:-1]} "
