@@ -68,3 +68,35 @@ def test_bad_arguments_name_the_option(bad, capsys):
     with pytest.raises(SystemExit):
         _module().parse_args(["--model", "m", "--out", "o", *bad])
     assert bad[0] in capsys.readouterr().err
+
+
+def test_direction_layer_probe(tmp_path):
+    """scripts/direction_layer_probe.py: the place token it probes is the place, a decoder's place token has not
+    seen the direction (its state does not change with it), and the JSON has a row per layer."""
+    import json
+
+    import torch
+
+    mod = bench_scripts.load_script("direction_layer_probe")
+    model, tok, kind = mod.load("tiny-gpt2", 0)
+    fact = "The kitchen is north of the garden."
+    ids = tok(fact, add_special_tokens=False)["input_ids"]
+    k = mod.place_token(tok, ids, "kitchen")
+    assert tok.decode(ids[k:k + 1]).strip() == "kitchen"
+    with pytest.raises(ValueError, match="office"):
+        mod.place_token(tok, ids, "office")
+    # causal: the state at the place is the same whatever direction follows
+    other = tok("The kitchen is south of the garden.", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        h1 = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, k]
+        h2 = model(input_ids=torch.tensor([other]), output_hidden_states=True).hidden_states[-1][0, k]
+    torch.testing.assert_close(h1, h2)
+    out = tmp_path / "probe.json"
+    assert mod.main(["--backbones", "tiny-bert,tiny-gpt2", "--samples", "24", "--batch-size", "10",
+                     "--segment-size", "40", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    for name in ("tiny-bert", "tiny-gpt2"):
+        rows = doc["backbones"][name]["layers"]
+        assert [r["layer"] for r in rows] == [0, 1, 2]  # embeddings + the tiny models' two layers
+        assert all(0 <= r[w]["test_accuracy"] <= 1 for r in rows for w in ("leaf", "end", "end_pair"))
+        assert doc["backbones"][name]["facts_fitted"] + doc["backbones"][name]["facts_scored"] == 48
