@@ -100,3 +100,4 @@ def test_direction_layer_probe(tmp_path):
         assert [r["layer"] for r in rows] == [0, 1, 2]  # embeddings + the tiny models' two layers
         assert all(0 <= r[w]["test_accuracy"] <= 1 for r in rows for w in ("leaf", "end", "end_pair"))
         assert doc["backbones"][name]["facts_fitted"] + doc["backbones"][name]["facts_scored"] == 48
+    assert (tmp_path / "probe.png").read_bytes()[:4] == b"\x89PNG"

@@ -15,7 +15,7 @@ that state would need to answer a hub question: the direction bound to its place
 
 Two facts per sample, split by sample into fitting and scoring sets. A layer where the direction is linearly there
 at the place's own token is a layer a memory token could copy a bound (place, direction) pair from. Writes OUT
-(JSON) and prints the table.
+(JSON), a PNG beside it (the probes against relative depth) and prints the table.
 
     python scripts/direction_layer_probe.py --backbones minilm,smollm2,random-minilm --out probe.json
 """
@@ -107,6 +107,36 @@ def features(model, tokenizer, kind: str, samples: int, segment_size: int, batch
     return torch.stack(leaf, 1), torch.stack(end, 1), torch.tensor(label), torch.tensor(pair), torch.tensor(owner)
 
 
+def plot(path: str, doc: dict) -> str:
+    """Probe accuracy against relative depth (layer / layers), one colour per backbone: the direction at the place
+    token (dashed) and the (place, direction) pair at the full stop (solid), chance dotted."""
+    from rmt_fast.experiments.plots import _figure
+
+    fig = _figure((8, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (name, b) in enumerate(doc["backbones"].items()):
+        rows = b["layers"]
+        depth = [r["layer"] / (len(rows) - 1) for r in rows]
+        c = f"C{i}"
+        ax.plot(depth, [100 * r["end_pair"]["test_accuracy"] for r in rows], color=c, marker=".",
+                label=f"{name}: (place, direction) at the full stop")
+        if b["kind"] == "encoder":  # a decoder's place token has not seen its direction
+            ax.plot(depth, [100 * r["leaf"]["test_accuracy"] for r in rows], color=c, ls="--",
+                    label=f"{name}: direction at the place")
+    chance = next(iter(doc["backbones"].values()))["layers"][0]
+    ax.axhline(100 * chance["leaf"]["chance"], color="grey", ls=":", lw=1, label="chance (direction)")
+    ax.axhline(100 * chance["end_pair"]["chance"], color="black", ls=":", lw=1, label="chance (pair)")
+    ax.set_xlabel("relative depth (layer / layers; 0 = embeddings, 1 = the last layer, the memory's)")
+    ax.set_ylabel("probe test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("A fact's direction bound to its place, per layer, before training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     import importlib.util
@@ -145,7 +175,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(doc, f, indent=2)
-    print(f"written: {a.out}")
+    png = plot(os.path.splitext(a.out)[0] + ".png", doc)
+    print(f"written: {a.out}, {png}")
     return 0
 
 
