@@ -134,12 +134,11 @@ def test_breakdown(rmt, tokenizer, cfg, samples: int, batch_size: int = 256, num
     Encoder: the class logits. Decoder: the answers' first tokens scored at the answer's position (the next-token
     logits there, restricted to those tokens), so the prediction is always one of the answers."""
     import torch
-    from rmt_fast.experiments.backbones import backbone_kind
     from rmt_fast.experiments.runtime import autocast_ctx
     from rmt_fast.experiments.tasks import collate, make_task
     from rmt_fast.experiments.tasks import facts as F
 
-    decoder = backbone_kind(cfg.backbone) == "decoder"
+    decoder = rmt.rmt_config.mode == "decoder"  # the model says what it is
     ds = make_task("reasoning", tokenizer, num_segments, cfg.segment_size, split="test", seed=cfg.seed,
                    length=samples, fact_placement=cfg.fact_placement, for_decoder=decoder)
     if decoder:
